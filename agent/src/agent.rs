@@ -1,0 +1,312 @@
+//! The agent's main loop: wires the store, engine, reporter and MQTT session
+//! together and routes what arrives.
+
+use crate::deploy::{Deployer, Ended};
+use crate::fetch::{Cancel, FetchConfig, Fetcher};
+use crate::mqtt::{Backoff, SessionConfig, publisher};
+use crate::reconcile::{Decision, Reconciler, Source};
+use crate::serve::Engine;
+use crate::status::{Outgoing, Reporter};
+use crate::store::Store;
+use outpost_protocol::topics::TopicKind;
+use outpost_protocol::{
+    Deployment, ErrorCode, ErrorInfo, InferError, InferRequest, Outcome, Phase, ProtocolError, Topics,
+};
+use rumqttc::{AsyncClient, Event, Packet, QoS};
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::mpsc;
+
+/// Everything `outpost run` needs.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub device: String,
+    pub groups: Vec<String>,
+    pub data_dir: PathBuf,
+    pub topics: Topics,
+    pub session: SessionConfig,
+    pub fetch: FetchConfig,
+    pub workers: usize,
+    pub max_queue: usize,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("data dir {dir}: {source}")]
+    DataDir { dir: PathBuf, source: std::io::Error },
+}
+
+enum Job {
+    Deploy(Source, Box<Deployment>, Cancel),
+    Undeploy,
+}
+
+/// Runs the agent until `shutdown` completes.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), AgentError> {
+    let store = Arc::new(
+        Store::open(&config.data_dir).map_err(|source| AgentError::DataDir { dir: config.data_dir.clone(), source })?,
+    );
+    let (out_tx, out_rx) = mpsc::unbounded_channel::<Outgoing>();
+    let reporter = Arc::new(Reporter::new(&config.device, config.topics.clone(), out_tx, store.clone()));
+    let engine = Arc::new(Engine::new(config.workers, config.max_queue));
+    let deployer = Arc::new(Deployer {
+        store: store.clone(),
+        fetcher: Fetcher::new(config.fetch.clone()),
+        engine: engine.clone(),
+        reporter: reporter.clone(),
+    });
+
+    // Serve what was active before the restart, before touching the network.
+    let mut reconciler = Reconciler::new();
+    let restored = {
+        let d = deployer.clone();
+        tokio::task::spawn_blocking(move || d.restore()).await.ok().flatten()
+    };
+    if let Some((source, d)) = restored {
+        reconciler.restore(source, d);
+    }
+
+    let opts = crate::mqtt::options(&config.session, &config.topics, &config.device);
+    let (client, mut eventloop) = AsyncClient::new(opts, 1024);
+    tokio::spawn(publisher(client.clone(), out_rx, config.session.max_packet_size));
+
+    let current_cancel: Arc<Mutex<Option<Cancel>>> = Arc::new(Mutex::new(None));
+    let (job_tx, job_rx) = mpsc::unbounded_channel::<Job>();
+    tokio::spawn(deploy_worker(job_rx, deployer.clone(), reporter.clone(), engine.clone()));
+
+    let mut subscriptions = vec![config.topics.device_desired(&config.device), config.topics.infer(&config.device)];
+    subscriptions.extend(config.groups.iter().map(|g| config.topics.group_desired(g)));
+
+    let mut backoff = Backoff::new();
+    let mut reconnects: u64 = 0;
+    let mut connected_once = false;
+    tokio::pin!(shutdown);
+    loop {
+        let event = tokio::select! {
+            _ = &mut shutdown => break,
+            e = eventloop.poll() => e,
+        };
+        match event {
+            Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                backoff.reset();
+                if connected_once {
+                    reconnects += 1;
+                }
+                connected_once = true;
+                tracing::info!(broker = %format!("{}:{}", config.session.broker.host, config.session.broker.port), reconnects, "connected");
+                // A clean session has no subscriptions: subscribe on every ConnAck.
+                if !ack.session_present {
+                    for t in &subscriptions {
+                        if let Err(e) = client.try_subscribe(t.clone(), QoS::AtLeastOnce) {
+                            tracing::error!(topic = %t, error = %e, "subscribe failed");
+                        }
+                    }
+                }
+                reporter.send(Outgoing {
+                    topic: config.topics.availability(&config.device),
+                    payload: b"online".to_vec(),
+                    retain: true,
+                    reliable: true,
+                });
+                reporter.publish_state();
+            }
+            Ok(Event::Incoming(Packet::Publish(p))) => match config.topics.classify(&p.topic) {
+                Some(TopicKind::DeviceDesired(d)) if d == config.device => {
+                    on_desired(&mut reconciler, Source::Device, &p.payload, &reporter, &job_tx, &current_cancel);
+                }
+                Some(TopicKind::GroupDesired(g)) => {
+                    if let Some(i) = config.groups.iter().position(|x| x == g) {
+                        on_desired(&mut reconciler, Source::Group(i), &p.payload, &reporter, &job_tx, &current_cancel);
+                    }
+                }
+                Some(TopicKind::Infer(d)) if d == config.device => {
+                    let (engine, reporter, topics, device) =
+                        (engine.clone(), reporter.clone(), config.topics.clone(), config.device.clone());
+                    tokio::spawn(async move { on_infer(&engine, &reporter, &topics, &device, &p.payload).await });
+                }
+                _ => tracing::debug!(topic = %p.topic, "ignored message"),
+            },
+            Ok(_) => {}
+            Err(e) => {
+                let delay = backoff.next_delay();
+                tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "MQTT connection lost");
+                tokio::select! {
+                    _ = &mut shutdown => break,
+                    _ = tokio::time::sleep(delay) => {}
+                }
+            }
+        }
+    }
+
+    // Say goodbye: retained `offline`, then a clean disconnect (which
+    // suppresses the Last Will), bounded so a dead broker cannot hold us.
+    if let Some(c) = current_cancel.lock().unwrap_or_else(|p| p.into_inner()).take() {
+        c.cancel();
+    }
+    let _ = client.try_publish(config.topics.availability(&config.device), QoS::AtLeastOnce, true, "offline");
+    let _ = client.try_disconnect();
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        while let Ok(ev) = eventloop.poll().await {
+            if let Event::Outgoing(rumqttc::Outgoing::Disconnect) = ev {
+                break;
+            }
+        }
+    })
+    .await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+fn on_desired(
+    reconciler: &mut Reconciler,
+    source: Source,
+    payload: &[u8],
+    reporter: &Reporter,
+    jobs: &mpsc::UnboundedSender<Job>,
+    current: &Mutex<Option<Cancel>>,
+) {
+    let parsed = if payload.is_empty() { None } else { Some(Deployment::from_json(payload)) };
+    match reconciler.on_message(source, parsed) {
+        Decision::Deploy(d) => {
+            let cancel = Cancel::default();
+            if let Some(old) = current.lock().unwrap_or_else(|p| p.into_inner()).replace(cancel.clone()) {
+                old.cancel();
+            }
+            reporter.event(&d, Phase::Received, None, None, Some(format!("{}@{}", d.model.name, d.model.version)));
+            let _ = jobs.send(Job::Deploy(source, Box::new(d), cancel));
+        }
+        Decision::Undeploy => {
+            if let Some(old) = current.lock().unwrap_or_else(|p| p.into_inner()).take() {
+                old.cancel();
+            }
+            let _ = jobs.send(Job::Undeploy);
+        }
+        Decision::Unchanged(d) => reporter.event(&d, Phase::Unchanged, None, None, Some("already applied".into())),
+        Decision::Stale { deployment, newest } => reporter.event(
+            &deployment,
+            Phase::Failed,
+            None,
+            Some(ErrorInfo::new(
+                ErrorCode::StaleRevision,
+                format!(
+                    "revision {} is not newer than revision {newest} already received from this topic",
+                    deployment.revision
+                ),
+            )),
+            None,
+        ),
+        Decision::Shadowed(d) => reporter.event(
+            &d,
+            Phase::Unchanged,
+            None,
+            None,
+            Some("shadowed by a desired state of higher precedence (device topic or an earlier group)".into()),
+        ),
+        Decision::Invalid(e) => invalid_desired(reporter, payload, &e),
+        Decision::Nothing => {}
+    }
+}
+
+/// A desired message that is not a valid deployment: report it under the id
+/// it claims (if any), change nothing.
+fn invalid_desired(reporter: &Reporter, payload: &[u8], e: &ProtocolError) {
+    #[derive(serde::Deserialize)]
+    struct Claimed {
+        deployment_id: Option<serde_json::Value>,
+        revision: Option<serde_json::Value>,
+    }
+    let claimed: Option<Claimed> = serde_json::from_slice(payload).ok();
+    let id = claimed.as_ref().and_then(|c| c.deployment_id.as_ref()).and_then(|v| v.as_str()).unwrap_or("").to_string();
+    let rev = claimed.as_ref().and_then(|c| c.revision.as_ref()).and_then(|v| v.as_u64()).unwrap_or(0);
+    reporter.event_for(
+        &id,
+        rev,
+        Phase::Failed,
+        None,
+        Some(e.info()),
+        Some("desired state refused; the active model keeps serving".into()),
+    );
+}
+
+async fn deploy_worker(
+    mut rx: mpsc::UnboundedReceiver<Job>,
+    deployer: Arc<Deployer>,
+    reporter: Arc<Reporter>,
+    engine: Arc<Engine>,
+) {
+    while let Some(mut job) = rx.recv().await {
+        // Latest wins: jobs queued behind this one supersede it before it starts.
+        while let Ok(newer) = rx.try_recv() {
+            if let Job::Deploy(_, d, _) = &job {
+                reporter.event(
+                    d,
+                    Phase::Superseded,
+                    None,
+                    None,
+                    Some("a newer desired state arrived before it started".into()),
+                );
+            }
+            job = newer;
+        }
+        match job {
+            Job::Deploy(source, d, cancel) => {
+                let dep = deployer.clone();
+                let result = tokio::task::spawn_blocking(move || dep.run(source, &d, &cancel)).await;
+                match result {
+                    Ok(Ended::Active(m)) => {
+                        tracing::info!(model = %m.name, version = %m.version, "active")
+                    }
+                    Ok(Ended::Failed(_)) | Ok(Ended::Superseded) => {}
+                    Err(e) => {
+                        tracing::error!(error = %e, "deployment task panicked; the active model keeps serving")
+                    }
+                }
+            }
+            Job::Undeploy => {
+                let old = engine.swap(None);
+                let record = reporter.record();
+                if let Some(active) = record.active {
+                    let d = active.deployment;
+                    reporter.event(
+                        &d,
+                        Phase::Undeployed,
+                        None,
+                        None,
+                        Some("desired state withdrawn: no model serves".into()),
+                    );
+                    reporter.set_outcome(&d, Outcome::Undeployed, None, Some(None));
+                } else {
+                    reporter.publish_state();
+                }
+                drop(old);
+            }
+        }
+    }
+}
+
+async fn on_infer(engine: &Engine, reporter: &Reporter, topics: &Topics, device: &str, payload: &[u8]) {
+    let reply_to = InferRequest::salvage_reply_to(payload).filter(|t| valid_reply_topic(t));
+    let topic = reply_to.unwrap_or_else(|| topics.predictions(device));
+    let body = match InferRequest::from_json(payload) {
+        Err(e) => serde_json::to_vec(&InferError {
+            id: InferRequest::salvage_id(payload),
+            error: e.to_string(),
+            code: e.code,
+        }),
+        Ok(req) => {
+            let id = req.id.clone();
+            match engine.infer(req).await {
+                Ok(resp) => serde_json::to_vec(&resp),
+                Err(f) => serde_json::to_vec(&InferError { id, error: f.message, code: f.code }),
+            }
+        }
+    };
+    reporter.send(Outgoing { topic, payload: body.unwrap_or_default(), retain: false, reliable: true });
+}
+
+/// A reply topic must be publishable: no wildcards, not empty.
+fn valid_reply_topic(t: &str) -> bool {
+    !t.is_empty() && t.len() <= 1024 && !t.contains(['+', '#', '\0'])
+}

@@ -1,0 +1,212 @@
+//! One deployment, start to finish: manifest → files → version → load →
+//! golden sample → swap. Runs on a blocking thread; reports every phase.
+//! Any failure leaves the model already serving untouched.
+
+use crate::engine::Model;
+use crate::fetch::{Cancel, FetchError, Fetcher, MAX_MANIFEST_BYTES, Wanted, file_url};
+use crate::reconcile::Source;
+use crate::serve::Engine;
+use crate::status::{ActiveRecord, Reporter, now_rfc3339};
+use crate::store::Store;
+use outpost_protocol::{Deployment, ErrorCode, ErrorInfo, Manifest, Outcome, Phase, Progress};
+use std::fs::File;
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Minimum time between two `downloading` progress events.
+const PROGRESS_INTERVAL: Duration = Duration::from_millis(500);
+
+#[derive(Debug)]
+pub struct Deployer {
+    pub store: Arc<Store>,
+    pub fetcher: Fetcher,
+    pub engine: Arc<Engine>,
+    pub reporter: Arc<Reporter>,
+}
+
+/// How a deployment ended.
+#[derive(Debug)]
+pub enum Ended {
+    Active(Arc<Model>),
+    Failed(ErrorInfo),
+    Superseded,
+}
+
+impl Deployer {
+    /// Runs a deployment and reports its outcome (events + state).
+    pub fn run(&self, source: Source, d: &Deployment, cancel: &Cancel) -> Ended {
+        let started = Instant::now();
+        let ended = match self.prepare(d, cancel) {
+            Ok(model) => {
+                if cancel.is_cancelled() {
+                    Ended::Superseded
+                } else {
+                    self.engine.swap(Some(model.clone()));
+                    let detail = format!(
+                        "{}@{} serving (deployed in {:.2}s)",
+                        model.name,
+                        model.version,
+                        started.elapsed().as_secs_f64()
+                    );
+                    self.reporter.event(d, Phase::Active, None, None, Some(detail));
+                    let record = ActiveRecord { source, deployment: d.clone(), since: now_rfc3339() };
+                    self.reporter.set_outcome(d, Outcome::Active, None, Some(Some(record)));
+                    Ended::Active(model)
+                }
+            }
+            Err(FetchError::Cancelled) => Ended::Superseded,
+            Err(FetchError::Failed(e)) => {
+                self.reporter.event(d, Phase::Failed, None, Some(e.clone()), None);
+                self.reporter.set_outcome(d, Outcome::Failed, Some(e.clone()), None);
+                Ended::Failed(e)
+            }
+        };
+        if matches!(ended, Ended::Superseded) {
+            self.reporter.event(d, Phase::Superseded, None, None, Some("a newer desired state arrived".into()));
+            self.reporter.set_outcome(d, Outcome::Superseded, None, None);
+        }
+        ended
+    }
+
+    /// Everything up to (not including) the swap.
+    fn prepare(&self, d: &Deployment, cancel: &Cancel) -> Result<Arc<Model>, FetchError> {
+        let sha = &d.model.manifest_sha256;
+        let (dir, manifest) = match self.store.verify_version(sha) {
+            Ok((dir, manifest, _)) => {
+                self.reporter.event(
+                    d,
+                    Phase::Verifying,
+                    None,
+                    None,
+                    Some("version already in the store: no download".into()),
+                );
+                (dir, manifest)
+            }
+            Err(_) => self.download(d, cancel)?,
+        };
+        if cancel.is_cancelled() {
+            return Err(FetchError::Cancelled);
+        }
+        if manifest.name != d.model.name || manifest.version != d.model.version {
+            return Err(ErrorInfo::new(
+                ErrorCode::InvalidManifest,
+                format!(
+                    "the manifest is {}@{}, the deployment names {}@{}",
+                    manifest.name, manifest.version, d.model.name, d.model.version
+                ),
+            )
+            .into());
+        }
+        self.reporter.event(d, Phase::Loading, None, None, Some(manifest.model.file.clone()));
+        let t = Instant::now();
+        let model = Model::load(&dir, &manifest, sha)?;
+        let load_detail = format!(
+            "loaded in {} ms{}",
+            t.elapsed().as_millis(),
+            model.load_notes.iter().map(|n| format!("; {n}")).collect::<String>()
+        );
+        if cancel.is_cancelled() {
+            return Err(FetchError::Cancelled);
+        }
+        self.reporter.event(d, Phase::Validating, None, None, Some(load_detail));
+        let verdict = model.validate(&dir, &manifest)?;
+        tracing::info!(model = %manifest.name, version = %manifest.version, "{verdict}");
+        Ok(Arc::new(model))
+    }
+
+    fn download(&self, d: &Deployment, cancel: &Cancel) -> Result<(PathBuf, Manifest), FetchError> {
+        let bytes = self.fetcher.fetch_bytes(
+            &d.model.manifest_url,
+            "manifest.json",
+            &d.model.manifest_sha256,
+            MAX_MANIFEST_BYTES,
+            cancel,
+        )?;
+        let manifest =
+            Manifest::from_json(&bytes).map_err(|e| ErrorInfo::new(e.code, format!("manifest.json: {e}")))?;
+        let total = manifest.total_size();
+        let missing: Vec<_> = manifest.files.iter().filter(|f| !self.store.has_blob(&f.sha256, f.size)).collect();
+        let to_fetch: u64 = missing.iter().map(|f| f.size).sum();
+        let reused = manifest.files.len() - missing.len();
+        let detail = format!(
+            "{} file(s), {} bytes to fetch{}",
+            missing.len(),
+            to_fetch,
+            if reused > 0 { format!(", {reused} already stored") } else { String::new() }
+        );
+        self.reporter.event(d, Phase::Downloading, Some(Progress { bytes: 0, total: to_fetch }), None, Some(detail));
+        let mut done: u64 = 0;
+        let mut last_report = Instant::now();
+        for f in missing {
+            let url = file_url(&d.model.manifest_url, &f.path, f.url.as_deref())?;
+            let tmp = self.store.tmp_path("blob");
+            let tmp_for_sink = tmp.clone();
+            let mut sink = move || -> std::io::Result<Box<dyn Write>> {
+                Ok(Box::new(std::io::BufWriter::new(File::create(&tmp_for_sink)?)))
+            };
+            let base = done;
+            let mut progress = |n: u64| {
+                if last_report.elapsed() >= PROGRESS_INTERVAL {
+                    last_report = Instant::now();
+                    self.reporter.event(
+                        d,
+                        Phase::Downloading,
+                        Some(Progress { bytes: base + n, total: to_fetch }),
+                        None,
+                        None,
+                    );
+                }
+            };
+            let result = self.fetcher.fetch_file(
+                &Wanted { url: &url, what: &f.path, sha256: &f.sha256, size: f.size },
+                &mut sink,
+                cancel,
+                &mut progress,
+            );
+            if let Err(e) = result {
+                let _ = std::fs::remove_file(&tmp);
+                return Err(e);
+            }
+            self.store.commit_blob(&tmp, &f.sha256)?;
+            done += f.size;
+        }
+        if to_fetch > 0 {
+            self.reporter.event(d, Phase::Downloading, Some(Progress { bytes: done, total: to_fetch }), None, None);
+        }
+        self.reporter.event(
+            d,
+            Phase::Verifying,
+            None,
+            None,
+            Some(format!("{} file(s), {total} bytes, sha256 verified", manifest.files.len())),
+        );
+        let dir = self.store.materialize(&manifest, &bytes, &d.model.manifest_sha256)?;
+        Ok((dir, manifest))
+    }
+
+    /// Loads the last active version from the store at start-up, before and
+    /// without any network, re-verifying its files first.
+    pub fn restore(&self) -> Option<(Source, Deployment)> {
+        let record = self.reporter.record();
+        let active = record.active?;
+        let sha = &active.deployment.model.manifest_sha256;
+        let loaded = self
+            .store
+            .verify_version(sha)
+            .and_then(|(dir, manifest, _)| Model::load(&dir, &manifest, sha).map(|m| (m, dir, manifest)))
+            .and_then(|(m, dir, manifest)| m.validate(&dir, &manifest).map(|_| m));
+        match loaded {
+            Ok(model) => {
+                tracing::info!(model = %model.name, version = %model.version, "serving the last active version from the store");
+                self.engine.swap(Some(Arc::new(model)));
+                Some((active.source, active.deployment))
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "the stored active version cannot serve; waiting for a deployment");
+                None
+            }
+        }
+    }
+}

@@ -1,0 +1,720 @@
+//! Scoring engine: loads an ONNX model with tract, checks it reproduces its
+//! golden sample, and runs Open Inference Protocol requests against it.
+//!
+//! A [`Model`] is immutable once loaded: its optimised plan is `Send + Sync`
+//! and `run()` builds fresh state per call, so many worker threads share one
+//! model without a lock. The [`crate::serve::Engine`] swaps models atomically.
+
+use outpost_protocol::infer::{OutData, TensorData};
+use outpost_protocol::{Datatype, ErrorCode, ErrorInfo, InferRequest, InferResponse, Manifest, TensorOut};
+use outpost_protocol::{Postprocess, Preprocess};
+use std::path::Path;
+use std::sync::Arc;
+use tract_onnx::prelude::*;
+use tract_onnx::tract_hir::infer::Factoid;
+
+/// An error an inference request gets: `bad_input` for what the client got
+/// wrong (the message says what was expected), `internal` for a model failure.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{message}")]
+pub struct InferFailure {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+impl InferFailure {
+    fn bad_input(message: impl Into<String>) -> Self {
+        InferFailure { code: ErrorCode::BadInput, message: message.into() }
+    }
+}
+
+/// Why a model could not be made to serve: `model_load_failed`,
+/// `validation_failed` or `invalid_manifest`.
+pub type LoadError = ErrorInfo;
+
+fn load_failed(message: impl Into<String>) -> LoadError {
+    ErrorInfo::new(ErrorCode::ModelLoadFailed, message)
+}
+
+#[derive(Debug)]
+struct InputSlot {
+    name: String,
+    datatype: Datatype,
+    /// Per dimension: `Some(n)` fixed, `None` any size.
+    dims: Vec<Option<usize>>,
+    preprocess: Option<Preprocess>,
+}
+
+#[derive(Debug)]
+struct OutputSlot {
+    name: String,
+    /// Index among the plan's outputs.
+    index: usize,
+    postprocess: Option<Postprocess>,
+    labels: Option<Vec<String>>,
+}
+
+/// A loaded, optimised model ready to serve.
+#[derive(Debug)]
+pub struct Model {
+    pub name: String,
+    pub version: String,
+    /// Identifies the exact bundle (the manifest's sha256).
+    pub manifest_sha256: String,
+    plan: Arc<TypedRunnableModel>,
+    inputs: Vec<InputSlot>,
+    outputs: Vec<OutputSlot>,
+    /// How loading went, for the log and events (e.g. "value_info ignored").
+    pub load_notes: Vec<String>,
+}
+
+/// What `register` reads from a model file: names, element types and shapes
+/// (-1 for a dynamic dimension) of its inputs and outputs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Signature {
+    pub inputs: Vec<(String, Datatype, Vec<i64>)>,
+    pub outputs: Vec<(String, Datatype, Vec<i64>)>,
+}
+
+pub fn datatype_of(dt: DatumType) -> Option<Datatype> {
+    Some(match dt {
+        DatumType::Bool => Datatype::Bool,
+        DatumType::U8 => Datatype::Uint8,
+        DatumType::U16 => Datatype::Uint16,
+        DatumType::U32 => Datatype::Uint32,
+        DatumType::U64 => Datatype::Uint64,
+        DatumType::I8 => Datatype::Int8,
+        DatumType::I16 => Datatype::Int16,
+        DatumType::I32 => Datatype::Int32,
+        DatumType::I64 => Datatype::Int64,
+        DatumType::F16 => Datatype::Fp16,
+        DatumType::F32 => Datatype::Fp32,
+        DatumType::F64 => Datatype::Fp64,
+        _ => return None,
+    })
+}
+
+fn datum_of(d: Datatype) -> DatumType {
+    match d {
+        Datatype::Bool => DatumType::Bool,
+        Datatype::Uint8 => DatumType::U8,
+        Datatype::Uint16 => DatumType::U16,
+        Datatype::Uint32 => DatumType::U32,
+        Datatype::Uint64 => DatumType::U64,
+        Datatype::Int8 => DatumType::I8,
+        Datatype::Int16 => DatumType::I16,
+        Datatype::Int32 => DatumType::I32,
+        Datatype::Int64 => DatumType::I64,
+        Datatype::Fp16 => DatumType::F16,
+        Datatype::Fp32 => DatumType::F32,
+        Datatype::Fp64 => DatumType::F64,
+    }
+}
+
+/// Renders a shape for messages: `[N, 64]`, `-1` shown as `N` for the first
+/// dimension and `?` elsewhere.
+pub fn shape_text(dims: &[Option<usize>]) -> String {
+    let parts: Vec<String> = dims
+        .iter()
+        .enumerate()
+        .map(|(i, d)| match d {
+            Some(n) => n.to_string(),
+            None if i == 0 => "N".into(),
+            None => "?".into(),
+        })
+        .collect();
+    format!("[{}]", parts.join(", "))
+}
+
+/// The ONNX graph input names, in order, and their declared facts.
+fn graph_inputs(model: &InferenceModel) -> TractResult<Vec<(String, InferenceFact)>> {
+    model
+        .input_outlets()?
+        .iter()
+        .enumerate()
+        .map(|(i, o)| Ok((model.node(o.node).name.clone(), model.input_fact(i)?.clone())))
+        .collect()
+}
+
+fn graph_output_names(model: &InferenceModel) -> TractResult<Vec<String>> {
+    model
+        .output_outlets()?
+        .iter()
+        .map(|o| Ok(model.outlet_label(*o).map(str::to_string).unwrap_or_else(|| model.node(o.node).name.clone())))
+        .collect()
+}
+
+fn parse_onnx(path: &Path, ignore_value_info: bool) -> TractResult<InferenceModel> {
+    tract_onnx::onnx().with_ignore_value_info(ignore_value_info).model_for_path(path)
+}
+
+/// Reads a model's signature (for `register`). `fixed` gives concrete shapes
+/// for inputs whose dimensions are dynamic (`--shape input=1,3,320,320`).
+pub fn read_signature(path: &Path, fixed: &[(String, Vec<i64>)]) -> Result<Signature, LoadError> {
+    let file = path.display();
+    let mut model = parse_onnx(path, false).map_err(|e| load_failed(format!("{file}: cannot parse ONNX: {e:#}")))?;
+    let mut inputs = Vec::new();
+    let declared = graph_inputs(&model).map_err(|e| load_failed(format!("{file}: {e:#}")))?;
+    for (i, (name, fact)) in declared.iter().enumerate() {
+        let dt = fact
+            .datum_type
+            .concretize()
+            .ok_or_else(|| load_failed(format!("{file}: input '{name}' has no element type")))?;
+        let datatype = datatype_of(dt).ok_or_else(|| {
+            load_failed(format!("{file}: input '{name}' has type {dt:?}, which Outpost cannot serve"))
+        })?;
+        let shape: Vec<i64> = match fixed.iter().find(|(n, _)| n == name) {
+            Some((_, s)) => s.clone(),
+            None => {
+                let dims =
+                    fact.shape.dims().map(|d| d.concretize().and_then(|d| d.to_i64().ok()).unwrap_or(-1)).collect();
+                if !fact.shape.is_open() {
+                    dims
+                } else {
+                    return Err(load_failed(format!("{file}: input '{name}' has an unknown rank: give its shape")));
+                }
+            }
+        };
+        if fixed.iter().any(|(n, _)| n == name) {
+            let dims: TVec<TDim> = shape
+                .iter()
+                .map(|d| if *d < 0 { model.symbols.sym("N").to_dim() } else { (*d as usize).to_dim() })
+                .collect();
+            model.set_input_fact(i, InferenceFact::dt_shape(dt, dims)).map_err(|e| load_failed(format!("{e:#}")))?;
+        }
+        inputs.push((name.clone(), datatype, shape));
+    }
+    for (n, _) in fixed {
+        if !inputs.iter().any(|(name, _, _)| name == n) {
+            let names: Vec<&str> = inputs.iter().map(|(n, _, _)| n.as_str()).collect();
+            return Err(load_failed(format!("--shape names input '{n}', but the model's inputs are {names:?}")));
+        }
+    }
+    let names = graph_output_names(&model).map_err(|e| load_failed(format!("{e:#}")))?;
+    let typed = match model.clone().into_typed() {
+        Ok(t) => t,
+        Err(first) => {
+            let mut retry = parse_onnx(path, true).map_err(|e| load_failed(format!("{e:#}")))?;
+            for (i, (_, _, shape)) in inputs.iter().enumerate() {
+                let dt = model.input_fact(i).ok().and_then(|f| f.datum_type.concretize()).unwrap_or(DatumType::F32);
+                let dims: TVec<TDim> = shape
+                    .iter()
+                    .map(|d| if *d < 0 { retry.symbols.sym("N").to_dim() } else { (*d as usize).to_dim() })
+                    .collect();
+                retry
+                    .set_input_fact(i, InferenceFact::dt_shape(dt, dims))
+                    .map_err(|e| load_failed(format!("{e:#}")))?;
+            }
+            retry.into_typed().map_err(|_| load_failed(format!("{file}: cannot type the model: {first:#}")))?
+        }
+    };
+    let mut outputs = Vec::new();
+    for (i, name) in names.into_iter().enumerate() {
+        let fact = typed.output_fact(i).map_err(|e| load_failed(format!("{e:#}")))?;
+        let datatype = datatype_of(fact.datum_type).ok_or_else(|| {
+            load_failed(format!("{file}: output '{name}' has type {:?}, which Outpost cannot serve", fact.datum_type))
+        })?;
+        let shape = fact.shape.iter().map(|d| d.to_i64().unwrap_or(-1)).collect();
+        outputs.push((name, datatype, shape));
+    }
+    Ok(Signature { inputs, outputs })
+}
+
+impl Model {
+    /// Loads the model of a verified bundle in `dir` and readies it to serve.
+    /// Does not run the golden sample: see [`Model::validate`].
+    pub fn load(dir: &Path, manifest: &Manifest, manifest_sha256: &str) -> Result<Model, LoadError> {
+        let file = &manifest.model.file;
+        let path = dir.join(file);
+        let mut notes = Vec::new();
+        let first = build_plan(&path, manifest, false);
+        let (plan, outputs_named) = match first {
+            Ok(p) => p,
+            Err(first_err) => {
+                // Third-party exports often carry value_info shapes that clash with
+                // concrete inputs ("Impossible to unify ..."); they load without it.
+                match build_plan(&path, manifest, true) {
+                    Ok(p) => {
+                        notes.push(format!(
+                            "loaded with the file's value_info ignored (it clashed: {})",
+                            first_err.message
+                        ));
+                        p
+                    }
+                    Err(_) => return Err(first_err),
+                }
+            }
+        };
+        let inputs = manifest
+            .model
+            .inputs
+            .iter()
+            .map(|t| InputSlot {
+                name: t.name.clone(),
+                datatype: t.datatype,
+                dims: t.shape.iter().map(|d| usize::try_from(*d).ok()).collect(),
+                preprocess: t.preprocess.clone(),
+            })
+            .collect();
+        let mut outputs = Vec::new();
+        for spec in &manifest.model.outputs {
+            let index = outputs_named.iter().position(|n| n == &spec.name).ok_or_else(|| {
+                ErrorInfo::new(
+                    ErrorCode::InvalidManifest,
+                    format!(
+                        "{file}: manifest output '{}' is not an output of the model, which has {outputs_named:?}",
+                        spec.name
+                    ),
+                )
+            })?;
+            let labels = match spec.postprocess.as_ref().and_then(|p| p.labels.as_ref()) {
+                Some(l) => {
+                    let text = std::fs::read_to_string(dir.join(l)).map_err(|e| {
+                        ErrorInfo::new(ErrorCode::InvalidManifest, format!("{l}: cannot read labels: {e}"))
+                    })?;
+                    Some(text.lines().map(|s| s.trim_end_matches('\r').to_string()).collect())
+                }
+                None => None,
+            };
+            outputs.push(OutputSlot { name: spec.name.clone(), index, postprocess: spec.postprocess.clone(), labels });
+        }
+        Ok(Model {
+            name: manifest.name.clone(),
+            version: manifest.version.clone(),
+            manifest_sha256: manifest_sha256.to_string(),
+            plan,
+            inputs,
+            outputs,
+            load_notes: notes,
+        })
+    }
+
+    /// Runs the golden sample of the bundle in `dir` and compares every
+    /// expected output within the manifest's tolerance; outputs must be finite.
+    pub fn validate(&self, dir: &Path, manifest: &Manifest) -> Result<String, ErrorInfo> {
+        let Some(v) = &manifest.validation else {
+            return Ok("no golden sample in the manifest: validation skipped".into());
+        };
+        let invalid = |m: String| ErrorInfo::new(ErrorCode::InvalidManifest, m);
+        let input = std::fs::read(dir.join(&v.input)).map_err(|e| invalid(format!("{}: {e}", v.input)))?;
+        let request = InferRequest::from_json(&input)
+            .map_err(|e| invalid(format!("{}: not an inference request: {e}", v.input)))?;
+        let expected_bytes =
+            std::fs::read(dir.join(&v.expected)).map_err(|e| invalid(format!("{}: {e}", v.expected)))?;
+        let expected: ExpectedOutputs = serde_json::from_slice(&expected_bytes)
+            .map_err(|e| invalid(format!("{}: expected {{\"outputs\": [...]}}: {e}", v.expected)))?;
+        let response = self.infer(&request).map_err(|e| {
+            ErrorInfo::new(ErrorCode::ValidationFailed, format!("golden sample {} does not run: {e}", v.input))
+        })?;
+        compare_outputs(&expected.outputs, &response.outputs, v.tolerance)
+            .map_err(|m| ErrorInfo::new(ErrorCode::ValidationFailed, m))
+    }
+
+    /// Runs one request: checks names, types and shapes against the model,
+    /// pre-processes, runs, post-processes.
+    pub fn infer(&self, req: &InferRequest) -> Result<InferResponse, InferFailure> {
+        for t in &req.inputs {
+            if !self.inputs.iter().any(|s| s.name == t.name) {
+                let names: Vec<&str> = self.inputs.iter().map(|s| s.name.as_str()).collect();
+                return Err(InferFailure::bad_input(format!(
+                    "unknown input '{}': the model's inputs are {names:?}",
+                    t.name
+                )));
+            }
+        }
+        let mut values = TVec::new();
+        for slot in &self.inputs {
+            let t = req.inputs.iter().find(|t| t.name == slot.name).ok_or_else(|| {
+                InferFailure::bad_input(format!(
+                    "missing input '{}' ({} {})",
+                    slot.name,
+                    slot.datatype,
+                    shape_text(&slot.dims)
+                ))
+            })?;
+            values.push(to_tensor(slot, t)?.into_tvalue());
+        }
+        let requested: Option<Vec<&str>> = req.outputs.as_ref().map(|o| o.iter().map(|r| r.name.as_str()).collect());
+        if let Some(names) = &requested {
+            for n in names {
+                if !self.outputs.iter().any(|o| o.name == *n || format!("{}_top_k", o.name) == *n) {
+                    let have: Vec<&str> = self.outputs.iter().map(|o| o.name.as_str()).collect();
+                    return Err(InferFailure::bad_input(format!(
+                        "unknown output '{n}': the model's outputs are {have:?}"
+                    )));
+                }
+            }
+        }
+        let results = self
+            .plan
+            .run(values)
+            .map_err(|e| InferFailure { code: ErrorCode::Internal, message: format!("model run failed: {e:#}") })?;
+        let mut outputs = Vec::new();
+        for slot in &self.outputs {
+            let value = results.get(slot.index).ok_or_else(|| InferFailure {
+                code: ErrorCode::Internal,
+                message: "model returned too few outputs".into(),
+            })?;
+            let (mut out, rows_cols) = from_tensor(&slot.name, value)?;
+            if let Some(post) = &slot.postprocess {
+                if post.softmax {
+                    softmax_rows(&mut out.data, rows_cols.1);
+                }
+                if let Some(k) = post.top_k
+                    && let Some(top) = top_k(slot, &out, rows_cols, k)
+                {
+                    let want_top = requested.as_ref().is_none_or(|n| n.contains(&top.name.as_str()));
+                    let want_main = requested.as_ref().is_none_or(|n| n.contains(&slot.name.as_str()));
+                    if want_main {
+                        outputs.push(out);
+                    }
+                    if want_top {
+                        outputs.push(top);
+                    }
+                    continue;
+                }
+            }
+            if requested.as_ref().is_none_or(|n| n.contains(&slot.name.as_str())) {
+                outputs.push(out);
+            }
+        }
+        Ok(InferResponse {
+            id: req.id.clone(),
+            model_name: self.name.clone(),
+            model_version: self.version.clone(),
+            outputs,
+            parameters: None,
+        })
+    }
+
+    /// Input metadata as `(name, datatype, shape with -1 for dynamic)`.
+    pub fn input_signature(&self) -> Vec<(String, Datatype, Vec<i64>)> {
+        self.inputs
+            .iter()
+            .map(|s| (s.name.clone(), s.datatype, s.dims.iter().map(|d| d.map_or(-1, |n| n as i64)).collect()))
+            .collect()
+    }
+}
+
+/// The expected-outputs file of a golden sample.
+#[derive(Debug, serde::Deserialize, serde::Serialize)]
+pub struct ExpectedOutputs {
+    pub outputs: Vec<TensorOut>,
+}
+
+/// Compares expected with actual outputs; the error names the worst element.
+pub fn compare_outputs(expected: &[TensorOut], actual: &[TensorOut], tolerance: f64) -> Result<String, String> {
+    let mut worst_overall = 0.0f64;
+    for e in expected {
+        let a = actual
+            .iter()
+            .find(|a| a.name == e.name)
+            .ok_or_else(|| format!("expected output '{}' was not produced", e.name))?;
+        if a.shape != e.shape {
+            return Err(format!("output '{}': expected shape {:?}, got {:?}", e.name, e.shape, a.shape));
+        }
+        match (&e.data, &a.data) {
+            (OutData::Strings(x), OutData::Strings(y)) => {
+                if let Some(i) = (0..x.len()).find(|i| x.get(*i) != y.get(*i)) {
+                    return Err(format!(
+                        "output '{}' element {i}: expected {:?}, got {:?}",
+                        e.name,
+                        x.get(i),
+                        y.get(i)
+                    ));
+                }
+            }
+            (OutData::Numbers(x), OutData::Numbers(y)) => {
+                if x.len() != y.len() {
+                    return Err(format!("output '{}': expected {} values, got {}", e.name, x.len(), y.len()));
+                }
+                let mut worst: Option<(usize, f64, f64, f64)> = None;
+                for i in 0..y.len() {
+                    let (ev, av) = (x.get_f64(i).unwrap_or(f64::NAN), y.get_f64(i).unwrap_or(f64::NAN));
+                    if !av.is_finite() {
+                        return Err(format!(
+                            "output '{}' element {i} is {av}, not a finite number (expected {ev})",
+                            e.name
+                        ));
+                    }
+                    let d = (ev - av).abs();
+                    if worst.is_none_or(|w| d > w.3) {
+                        worst = Some((i, ev, av, d));
+                    }
+                }
+                if let Some((i, ev, av, d)) = worst {
+                    if d > tolerance || d.is_nan() {
+                        return Err(format!(
+                            "output '{}' element {i}: expected {ev}, got {av} (|difference| {d:.3e} > tolerance {tolerance})",
+                            e.name
+                        ));
+                    }
+                    worst_overall = worst_overall.max(d);
+                }
+            }
+            _ => {
+                return Err(format!("output '{}': expected {}, got {}", e.name, kind(&e.data), kind(&a.data)));
+            }
+        }
+    }
+    Ok(format!(
+        "golden sample reproduced: {} output(s), largest difference {worst_overall:.3e} (tolerance {tolerance})",
+        expected.len()
+    ))
+}
+
+fn kind(d: &OutData) -> &'static str {
+    match d {
+        OutData::Numbers(_) => "numbers",
+        OutData::Strings(_) => "strings",
+    }
+}
+
+/// Parses, types and optimises the model with input facts from the manifest.
+fn build_plan(
+    path: &Path,
+    manifest: &Manifest,
+    ignore_value_info: bool,
+) -> Result<(Arc<TypedRunnableModel>, Vec<String>), LoadError> {
+    let file = &manifest.model.file;
+    let mut model =
+        parse_onnx(path, ignore_value_info).map_err(|e| load_failed(format!("{file}: cannot parse ONNX: {e:#}")))?;
+    let declared = graph_inputs(&model).map_err(|e| load_failed(format!("{file}: {e:#}")))?;
+    let declared_names: Vec<&str> = declared.iter().map(|(n, _)| n.as_str()).collect();
+    if declared.len() != manifest.model.inputs.len()
+        || manifest.model.inputs.iter().any(|t| !declared_names.contains(&t.name.as_str()))
+    {
+        let listed: Vec<&str> = manifest.model.inputs.iter().map(|t| t.name.as_str()).collect();
+        return Err(ErrorInfo::new(
+            ErrorCode::InvalidManifest,
+            format!("{file}: the manifest lists inputs {listed:?}, the model has {declared_names:?}"),
+        ));
+    }
+    for (i, (name, fact)) in declared.iter().enumerate() {
+        let Some(spec) = manifest.model.inputs.iter().find(|t| &t.name == name) else {
+            continue;
+        };
+        let model_dims: Vec<Option<TDim>> = if fact.shape.is_open() {
+            vec![None; spec.shape.len()]
+        } else {
+            fact.shape.dims().map(|d| d.concretize()).collect()
+        };
+        if model_dims.len() != spec.shape.len() {
+            return Err(ErrorInfo::new(
+                ErrorCode::InvalidManifest,
+                format!(
+                    "{file}: input '{name}' has rank {} in the model, {} in the manifest",
+                    model_dims.len(),
+                    spec.shape.len()
+                ),
+            ));
+        }
+        let mut dims: TVec<TDim> = TVec::new();
+        for (j, (m, d)) in model_dims.iter().zip(&spec.shape).enumerate() {
+            let dim = match (usize::try_from(*d), m) {
+                (Ok(n), _) => n.to_dim(),
+                // Keep the model's own symbol (e.g. "batch") so inputs that share it stay tied.
+                (Err(_), Some(sym)) if sym.to_i64().is_err() => sym.clone(),
+                (Err(_), _) if j == 0 => model.symbols.sym("N").to_dim(),
+                (Err(_), _) => model.symbols.sym(&format!("outpost_{i}_{j}")).to_dim(),
+            };
+            dims.push(dim);
+        }
+        model
+            .set_input_fact(i, InferenceFact::dt_shape(datum_of(spec.datatype), dims))
+            .map_err(|e| load_failed(format!("{file}: input '{name}': {e:#}")))?;
+    }
+    let names = graph_output_names(&model).map_err(|e| load_failed(format!("{file}: {e:#}")))?;
+    let optimized = model
+        .into_optimized()
+        .map_err(|e| load_failed(format!("{file}: cannot type and optimise the model: {e:#}")))?;
+    let plan = optimized.into_runnable().map_err(|e| load_failed(format!("{file}: cannot plan the model: {e:#}")))?;
+    Ok((plan, names))
+}
+
+fn to_tensor(slot: &InputSlot, t: &outpost_protocol::TensorIn) -> Result<Tensor, InferFailure> {
+    let name = &slot.name;
+    if t.datatype != slot.datatype {
+        return Err(InferFailure::bad_input(format!(
+            "input '{name}': expected datatype {}, got {}",
+            slot.datatype, t.datatype
+        )));
+    }
+    let shape_ok = t.shape.len() == slot.dims.len()
+        && t.shape.iter().zip(&slot.dims).all(|(g, e)| e.is_none_or(|e| *g as usize == e));
+    if !shape_ok {
+        return Err(InferFailure::bad_input(format!(
+            "input '{name}': expected shape {}, got {:?}",
+            shape_text(&slot.dims),
+            t.shape
+        )));
+    }
+    let shape: Vec<usize> = t.shape.iter().map(|d| *d as usize).collect();
+    let count = shape.iter().try_fold(1usize, |a, d| a.checked_mul(*d)).unwrap_or(usize::MAX);
+    if count != t.data.len() {
+        return Err(InferFailure::bad_input(format!(
+            "input '{name}': shape {:?} needs {count} values, got {}",
+            t.shape,
+            t.data.len()
+        )));
+    }
+    let bad =
+        |what: &str| InferFailure::bad_input(format!("input '{name}': expected {} data, got {what}", slot.datatype));
+    let dt = slot.datatype;
+    let tensor = if dt.is_float() {
+        let mut v = match &t.data {
+            TensorData::Bool(_) => return Err(bad("booleans")),
+            other => other.to_f64_vec(),
+        };
+        if let Some(p) = &slot.preprocess {
+            preprocess(&mut v, &shape, p);
+        }
+        match dt {
+            Datatype::Fp64 => Tensor::from_shape(&shape, &v),
+            _ => {
+                let f: Vec<f32> = v.iter().map(|x| *x as f32).collect();
+                let t = Tensor::from_shape(&shape, &f);
+                if dt == Datatype::Fp16 {
+                    t.and_then(|t| t.cast_to_dt(DatumType::F16).map(|c| c.into_owned()))
+                } else {
+                    t
+                }
+            }
+        }
+    } else if dt == Datatype::Bool {
+        match &t.data {
+            TensorData::Bool(b) => Tensor::from_shape(&shape, b),
+            TensorData::I64(i) if i.iter().all(|x| *x == 0 || *x == 1) => {
+                let b: Vec<bool> = i.iter().map(|x| *x == 1).collect();
+                Tensor::from_shape(&shape, &b)
+            }
+            _ => return Err(bad("values other than true/false")),
+        }
+    } else {
+        let ints: Vec<i64> = match &t.data {
+            TensorData::I64(i) => i.clone(),
+            TensorData::U64(u) => u.iter().map(|x| *x as i64).collect(),
+            TensorData::Bool(_) => return Err(bad("booleans")),
+            TensorData::F32(_) | TensorData::F64(_) => {
+                let f = t.data.to_f64_vec();
+                if let Some(x) = f.iter().find(|x| x.fract() != 0.0 || !x.is_finite()) {
+                    return Err(bad(&format!("a non-integer value {x}")));
+                }
+                f.iter().map(|x| *x as i64).collect()
+            }
+        };
+        let (lo, hi): (i64, i64) = match dt {
+            Datatype::Uint8 => (0, u8::MAX as i64),
+            Datatype::Uint16 => (0, u16::MAX as i64),
+            Datatype::Uint32 => (0, u32::MAX as i64),
+            Datatype::Uint64 => (0, i64::MAX),
+            Datatype::Int8 => (i8::MIN as i64, i8::MAX as i64),
+            Datatype::Int16 => (i16::MIN as i64, i16::MAX as i64),
+            Datatype::Int32 => (i32::MIN as i64, i32::MAX as i64),
+            _ => (i64::MIN, i64::MAX),
+        };
+        if let Some((i, x)) = ints.iter().enumerate().find(|(_, x)| **x < lo || **x > hi) {
+            return Err(InferFailure::bad_input(format!(
+                "input '{name}' element {i}: {x} is out of range for {dt} ({lo}..={hi})"
+            )));
+        }
+        Tensor::from_shape(&shape, &ints).and_then(|t| t.cast_to_dt(datum_of(dt)).map(|c| c.into_owned()))
+    };
+    tensor.map_err(|e| InferFailure { code: ErrorCode::Internal, message: format!("input '{name}': {e:#}") })
+}
+
+/// `x * scale`, then `(x - mean) / std`, per channel (dimension 1) when the
+/// lists are as long as that dimension, else with their first value.
+fn preprocess(v: &mut [f64], shape: &[usize], p: &Preprocess) {
+    if let Some(s) = p.scale {
+        v.iter_mut().for_each(|x| *x *= s);
+    }
+    if p.mean.is_none() && p.std.is_none() {
+        return;
+    }
+    let channels = shape.get(1).copied().unwrap_or(1).max(1);
+    let inner: usize = shape.iter().skip(2).product::<usize>().max(1);
+    let pick = |list: &Option<Vec<f64>>, c: usize, default: f64| match list {
+        Some(l) if l.len() == channels => l[c],
+        Some(l) => l.first().copied().unwrap_or(default),
+        None => default,
+    };
+    for (i, x) in v.iter_mut().enumerate() {
+        let c = if shape.len() >= 2 { (i / inner) % channels } else { 0 };
+        *x = (*x - pick(&p.mean, c, 0.0)) / pick(&p.std, c, 1.0);
+    }
+}
+
+/// Converts a model output; also returns (rows, last-axis length) for post-processing.
+fn from_tensor(name: &str, value: &TValue) -> Result<(TensorOut, (usize, usize)), InferFailure> {
+    let shape: Vec<usize> = value.shape().to_vec();
+    let cols = shape.last().copied().unwrap_or(1).max(1);
+    let rows = value.len() / cols;
+    let internal =
+        |e: TractError| InferFailure { code: ErrorCode::Internal, message: format!("output '{name}': {e:#}") };
+    let dt = value.datum_type();
+    let (data, datatype) = match dt {
+        DatumType::F32 => (TensorData::F32(plain::<f32>(value).map_err(internal)?), "FP32"),
+        DatumType::F64 => (TensorData::F64(plain::<f64>(value).map_err(internal)?), "FP64"),
+        DatumType::F16 => {
+            let c = value.cast_to::<f32>().map_err(internal)?;
+            (TensorData::F32(plain::<f32>(&c).map_err(internal)?), "FP32")
+        }
+        DatumType::Bool => (TensorData::Bool(plain::<bool>(value).map_err(internal)?), "BOOL"),
+        DatumType::U64 => (TensorData::U64(plain::<u64>(value).map_err(internal)?), "UINT64"),
+        other => {
+            let c = value.cast_to::<i64>().map_err(internal)?;
+            let label = datatype_of(other).map_or("INT64", Datatype::as_str);
+            (TensorData::I64(plain::<i64>(&c).map_err(internal)?), label)
+        }
+    };
+    Ok((
+        TensorOut { name: name.to_string(), shape, datatype: datatype.to_string(), data: OutData::Numbers(data) },
+        (rows, cols),
+    ))
+}
+
+fn plain<D: Datum + Clone>(t: &Tensor) -> TractResult<Vec<D>> {
+    Ok(t.try_as_plain_ram()?.as_slice::<D>()?.to_vec())
+}
+
+fn softmax_rows(data: &mut OutData, cols: usize) {
+    let OutData::Numbers(TensorData::F32(v)) = data else {
+        return;
+    };
+    for row in v.chunks_mut(cols) {
+        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut sum = 0.0;
+        for x in row.iter_mut() {
+            *x = (*x - max).exp();
+            sum += *x;
+        }
+        row.iter_mut().for_each(|x| *x /= sum);
+    }
+}
+
+/// The k best classes per row, as labels when the bundle has a labels file,
+/// else as class indices.
+fn top_k(slot: &OutputSlot, out: &TensorOut, (rows, cols): (usize, usize), k: usize) -> Option<TensorOut> {
+    let OutData::Numbers(data) = &out.data else {
+        return None;
+    };
+    let k = k.min(cols);
+    let mut labels = Vec::with_capacity(rows * k);
+    let mut indices = Vec::with_capacity(rows * k);
+    for r in 0..rows {
+        let mut idx: Vec<usize> = (0..cols).collect();
+        let val = |i: usize| data.get_f64(r * cols + i).unwrap_or(f64::NEG_INFINITY);
+        idx.sort_by(|a, b| val(*b).total_cmp(&val(*a)));
+        for &i in idx.iter().take(k) {
+            indices.push(i as i64);
+            labels.push(slot.labels.as_ref().and_then(|l| l.get(i).cloned()).unwrap_or_else(|| i.to_string()));
+        }
+    }
+    let (data, datatype) = if slot.labels.is_some() {
+        (OutData::Strings(labels), "BYTES")
+    } else {
+        (OutData::Numbers(TensorData::I64(indices)), "INT64")
+    };
+    Some(TensorOut { name: format!("{}_top_k", slot.name), shape: vec![rows, k], datatype: datatype.into(), data })
+}

@@ -1,0 +1,45 @@
+//! The Outpost device agent.
+//!
+//! Map of the crate (one module per job, in the order a deployment meets them):
+//! - [`mqtt`]: broker URL, session options, reconnect backoff, the publisher task.
+//! - [`reconcile`]: desired vs actual, a pure decision function.
+//! - [`fetch`]: streaming downloads with sha256, size caps, timeouts and retries.
+//! - [`store`]: content-addressed blobs and versions, crash-safe writes.
+//! - [`engine`]: tract model loading, golden-sample validation, inference.
+//! - [`serve`]: the active model behind an atomic swap, a bounded worker pool.
+//! - [`deploy`]: one deployment from manifest to swap.
+//! - [`status`]: events, retained state and what survives a restart.
+//! - [`agent`]: the main loop that wires them together.
+
+pub mod agent;
+pub mod deploy;
+pub mod engine;
+pub mod fetch;
+pub mod mqtt;
+pub mod reconcile;
+pub mod serve;
+pub mod status;
+pub mod store;
+
+pub use agent::{Config, run};
+
+/// A number in [0, 1) for backoff jitter. Not for cryptography: it only has
+/// to differ between devices and attempts.
+pub fn jitter() -> f64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static STATE: AtomicU64 = AtomicU64::new(0);
+    let mut x = STATE.load(Ordering::Relaxed);
+    if x == 0 {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(1);
+        x = t ^ (u64::from(std::process::id()) << 32) | 1;
+    }
+    // xorshift64*
+    x ^= x >> 12;
+    x ^= x << 25;
+    x ^= x >> 27;
+    STATE.store(x, Ordering::Relaxed);
+    (x.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 11) as f64 / (1u64 << 53) as f64
+}

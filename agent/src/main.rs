@@ -1,0 +1,178 @@
+//! `outpost`: the device daemon.
+
+use clap::{Parser, Subcommand};
+use outpost_agent::fetch::FetchConfig;
+use outpost_agent::mqtt::{BrokerUrl, SessionConfig};
+use outpost_agent::serve::{DEFAULT_MAX_QUEUE, DEFAULT_WORKERS};
+use outpost_protocol::Topics;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+/// Exit code for a usage or configuration error (sysexits EX_USAGE).
+const EXIT_USAGE: u8 = 64;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "outpost",
+    version,
+    about = "Deploys ONNX models to this device from MQTT desired state and serves them"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the agent until SIGINT or SIGTERM.
+    Run(RunArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct RunArgs {
+    /// MQTT broker, mqtt://HOST[:PORT].
+    #[arg(long)]
+    broker: BrokerUrl,
+    /// This device's id: [A-Za-z0-9_.-]{1,64}.
+    #[arg(long)]
+    device: String,
+    /// Where models and state are stored.
+    #[arg(long)]
+    data_dir: PathBuf,
+    /// A group this device belongs to; repeat for several (the first listed wins).
+    #[arg(long = "group")]
+    groups: Vec<String>,
+    /// Topic prefix.
+    #[arg(long, default_value = outpost_protocol::topics::DEFAULT_PREFIX)]
+    topic_prefix: String,
+    /// MQTT keep-alive in seconds; the broker reports the device offline after ~1.5x this.
+    #[arg(long, default_value_t = 15)]
+    keep_alive: u64,
+    /// Largest MQTT packet sent or received, in bytes.
+    #[arg(long, default_value_t = 4 * 1024 * 1024)]
+    max_packet_size: usize,
+    /// Inference worker threads.
+    #[arg(long, default_value_t = DEFAULT_WORKERS)]
+    workers: usize,
+    /// Requests that may wait for a worker before new ones get `overloaded`.
+    #[arg(long, default_value_t = DEFAULT_MAX_QUEUE)]
+    max_queue: usize,
+    /// Download attempts per file before a deployment fails.
+    #[arg(long, default_value_t = 4)]
+    download_attempts: u32,
+    /// Seconds without a byte before a download counts as stalled.
+    #[arg(long, default_value_t = 30)]
+    stall_timeout: u64,
+    /// Log as JSON lines instead of text.
+    #[arg(long)]
+    log_json: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let code = if e.use_stderr() { EXIT_USAGE } else { 0 };
+            let _ = e.print();
+            return ExitCode::from(code);
+        }
+    };
+    let Command::Run(args) = cli.command;
+    init_logging(args.log_json);
+    if let Err(msg) = check(&args) {
+        eprintln!("outpost: {msg}");
+        return ExitCode::from(EXIT_USAGE);
+    }
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let config = outpost_agent::Config {
+        device: args.device.clone(),
+        groups: args.groups.clone(),
+        data_dir: args.data_dir.clone(),
+        topics: Topics::new(args.topic_prefix.clone()),
+        session: SessionConfig {
+            broker: args.broker.clone(),
+            client_id: format!("outpost-{}", args.device),
+            keep_alive: Duration::from_secs(args.keep_alive),
+            max_packet_size: args.max_packet_size,
+        },
+        fetch: FetchConfig {
+            attempts: args.download_attempts,
+            stall_timeout: Duration::from_secs(args.stall_timeout),
+            ..FetchConfig::default()
+        },
+        workers: args.workers,
+        max_queue: args.max_queue,
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("outpost: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(outpost_agent::run(config, shutdown_signal())) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("outpost: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn check(a: &RunArgs) -> Result<(), String> {
+    outpost_protocol::topics::validate_name("--device", &a.device).map_err(|e| e.to_string())?;
+    for g in &a.groups {
+        outpost_protocol::topics::validate_name("--group", g).map_err(|e| e.to_string())?;
+    }
+    if a.topic_prefix.is_empty() || a.topic_prefix.contains(['+', '#']) || a.topic_prefix.ends_with('/') {
+        return Err(format!(
+            "--topic-prefix: expected a topic without wildcards or trailing '/', found '{}'",
+            a.topic_prefix
+        ));
+    }
+    if !(5..=3600).contains(&a.keep_alive) {
+        return Err(format!("--keep-alive: expected 5 to 3600 seconds, found {}", a.keep_alive));
+    }
+    if !(1..=256).contains(&a.workers) {
+        return Err(format!("--workers: expected 1 to 256, found {}", a.workers));
+    }
+    if a.max_packet_size < 64 * 1024 || a.max_packet_size > 256 * 1024 * 1024 {
+        return Err(format!("--max-packet-size: expected 65536 to 268435456 bytes, found {}", a.max_packet_size));
+    }
+    if a.download_attempts == 0 {
+        return Err("--download-attempts: expected at least 1, found 0".into());
+    }
+    Ok(())
+}
+
+fn init_logging(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("OUTPOST_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => {
+                let _ = ctrl_c.await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = ctrl_c => {},
+            _ = term.recv() => {},
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}

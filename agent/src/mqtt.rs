@@ -1,0 +1,135 @@
+//! The MQTT session: connection options, the always-polled event loop with
+//! jittered reconnect backoff, resubscription on every new session, and the
+//! publisher that drains what the rest of the agent wants to say.
+
+use crate::status::Outgoing;
+use outpost_protocol::Topics;
+use rumqttc::{AsyncClient, LastWill, MqttOptions, QoS};
+use std::time::Duration;
+
+/// `mqtt://HOST[:PORT]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BrokerUrl {
+    pub host: String,
+    pub port: u16,
+}
+
+impl std::str::FromStr for BrokerUrl {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let rest = s.strip_prefix("mqtt://").or_else(|| s.strip_prefix("tcp://")).ok_or_else(|| {
+            if s.starts_with("mqtts://") || s.starts_with("ssl://") {
+                format!("'{s}': MQTT over TLS is not supported by this build yet; use mqtt://HOST:PORT")
+            } else {
+                format!("'{s}': expected mqtt://HOST:PORT")
+            }
+        })?;
+        let rest = rest.trim_end_matches('/');
+        let (host, port) = match rest.rsplit_once(':') {
+            Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => {
+                (h, p.parse::<u16>().map_err(|_| format!("'{s}': port '{p}' is not a number from 1 to 65535"))?)
+            }
+            _ => (rest, 1883),
+        };
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        if host.is_empty() || host.contains('/') || port == 0 {
+            return Err(format!("'{s}': expected mqtt://HOST:PORT"));
+        }
+        Ok(BrokerUrl { host: host.to_string(), port })
+    }
+}
+
+/// Session settings.
+#[derive(Debug, Clone)]
+pub struct SessionConfig {
+    pub broker: BrokerUrl,
+    pub client_id: String,
+    /// The broker declares the device `offline` (Last Will) after 1.5× this without a packet.
+    pub keep_alive: Duration,
+    /// Largest MQTT packet sent or accepted.
+    pub max_packet_size: usize,
+}
+
+pub fn options(cfg: &SessionConfig, topics: &Topics, device: &str) -> MqttOptions {
+    let mut o = MqttOptions::new(cfg.client_id.clone(), cfg.broker.host.clone(), cfg.broker.port);
+    o.set_keep_alive(cfg.keep_alive);
+    o.set_last_will(LastWill::new(topics.availability(device), "offline", QoS::AtLeastOnce, true));
+    o.set_max_packet_size(cfg.max_packet_size, cfg.max_packet_size);
+    o.set_clean_session(true);
+    o
+}
+
+/// Reconnect delays: exponential from 250 ms, capped at 30 s, with jitter so
+/// a fleet that lost its broker together does not return in lockstep.
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    attempt: u32,
+}
+
+impl Backoff {
+    pub fn new() -> Self {
+        Backoff { attempt: 0 }
+    }
+    pub fn reset(&mut self) {
+        self.attempt = 0;
+    }
+    pub fn next_delay(&mut self) -> Duration {
+        let base = Duration::from_millis(250).saturating_mul(1 << self.attempt.min(7));
+        self.attempt += 1;
+        base.min(Duration::from_secs(30)).mul_f64(0.5 + 0.5 * crate::jitter())
+    }
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Publishes what the agent hands it. Runs in its own task so the event loop
+/// is never blocked by a full request channel. A message larger than the
+/// packet limit is dropped with an error instead of breaking the connection.
+pub async fn publisher(
+    client: AsyncClient,
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<Outgoing>,
+    max_packet_size: usize,
+) {
+    while let Some(m) = rx.recv().await {
+        // Fixed header + topic length prefix + packet id: keep a margin.
+        if m.payload.len() + m.topic.len() + 16 > max_packet_size {
+            tracing::error!(topic = %m.topic, bytes = m.payload.len(), max_packet_size, "message larger than the MQTT packet limit: not sent");
+            continue;
+        }
+        let qos = if m.reliable { QoS::AtLeastOnce } else { QoS::AtMostOnce };
+        if let Err(e) = client.publish(m.topic.clone(), qos, m.retain, m.payload).await {
+            tracing::warn!(topic = %m.topic, error = %e, "publish failed");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn broker_urls() {
+        assert_eq!("mqtt://localhost:1884".parse(), Ok(BrokerUrl { host: "localhost".into(), port: 1884 }));
+        assert_eq!("mqtt://10.0.0.1".parse(), Ok(BrokerUrl { host: "10.0.0.1".into(), port: 1883 }));
+        assert_eq!("mqtt://[::1]:1883".parse(), Ok(BrokerUrl { host: "::1".into(), port: 1883 }));
+        assert!("http://x:1".parse::<BrokerUrl>().unwrap_err().contains("expected mqtt://HOST:PORT"));
+        assert!("mqtt://x:99999".parse::<BrokerUrl>().unwrap_err().contains("port '99999'"));
+        assert!("mqtts://x:8883".parse::<BrokerUrl>().unwrap_err().contains("TLS"));
+    }
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        let mut b = Backoff::new();
+        let first = b.next_delay();
+        assert!(first <= Duration::from_millis(250));
+        for _ in 0..20 {
+            assert!(b.next_delay() <= Duration::from_secs(30));
+        }
+        b.reset();
+        assert!(b.next_delay() <= Duration::from_millis(250));
+    }
+}

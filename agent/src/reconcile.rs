@@ -1,0 +1,201 @@
+//! Desired vs actual: the one place that decides what a desired-state message
+//! means. A pure state machine, `(state, message) -> decision`, with no I/O.
+//!
+//! Rules: the device topic beats group topics; among groups the first listed
+//! wins; an empty payload withdraws that source's desired state (the device
+//! falls back to the next source, or undeploys when none is left); an older
+//! or equal `revision` from the same source never replaces what it sent
+//! before; the same deployment seen again (QoS 1 redelivery, reconnect,
+//! retained replay) is a no-op.
+
+use outpost_protocol::{Deployment, ProtocolError};
+
+/// Where a desired state came from. Ordered by precedence: Device first, then
+/// groups in the order they are configured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
+pub enum Source {
+    Device,
+    Group(usize),
+}
+
+/// What the agent should do about a message.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Decision {
+    /// Start deploying this (superseding anything in progress).
+    Deploy(Deployment),
+    /// Nothing is desired any more: stop serving.
+    Undeploy,
+    /// Already applied or in progress: report `unchanged`, do nothing.
+    Unchanged(Deployment),
+    /// Older than or equal to what this source sent before: report `stale_revision`.
+    Stale { deployment: Deployment, newest: u64 },
+    /// Valid, but shadowed by a source of higher precedence: nothing to do.
+    Shadowed(Deployment),
+    /// The message is not a valid deployment: report the error, change nothing.
+    Invalid(ProtocolError),
+    /// Empty payload for a source that had nothing, or that was shadowed.
+    Nothing,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Reconciler {
+    /// Desired state per source (None: nothing, or withdrawn).
+    desired: Vec<(Source, Deployment)>,
+    /// Highest revision seen per source, kept even after a withdrawal.
+    newest: Vec<(Source, u64)>,
+    /// What the agent is deploying or serving now (its source and deployment).
+    target: Option<(Source, Deployment)>,
+}
+
+fn same(a: &Deployment, b: &Deployment) -> bool {
+    a.deployment_id == b.deployment_id && a.revision == b.revision && a.model == b.model && a.serving == b.serving
+}
+
+impl Reconciler {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// What the agent currently aims at.
+    pub fn target(&self) -> Option<&(Source, Deployment)> {
+        self.target.as_ref()
+    }
+
+    fn effective(&self) -> Option<(Source, Deployment)> {
+        self.desired.iter().min_by_key(|(s, _)| *s).cloned()
+    }
+
+    /// Handles one message on a desired topic: `None` payload means empty.
+    pub fn on_message(&mut self, source: Source, payload: Option<Result<Deployment, ProtocolError>>) -> Decision {
+        match payload {
+            Some(Err(e)) => Decision::Invalid(e),
+            Some(Ok(d)) => {
+                if let Some((_, newest)) = self.newest.iter().find(|(s, _)| *s == source).copied() {
+                    let current = self.desired.iter().find(|(s, _)| *s == source).map(|(_, d)| d);
+                    if current.is_some_and(|c| same(c, &d))
+                        || self.target.as_ref().is_some_and(|(s, t)| *s == source && same(t, &d))
+                    {
+                        return Decision::Unchanged(d);
+                    }
+                    if d.revision <= newest {
+                        return Decision::Stale { deployment: d, newest };
+                    }
+                }
+                self.newest.retain(|(s, _)| *s != source);
+                self.newest.push((source, d.revision));
+                self.desired.retain(|(s, _)| *s != source);
+                self.desired.push((source, d.clone()));
+                self.apply_effective(Some(d))
+            }
+            None => {
+                let had = self.desired.iter().any(|(s, _)| *s == source);
+                self.desired.retain(|(s, _)| *s != source);
+                if !had {
+                    return Decision::Nothing;
+                }
+                self.apply_effective(None)
+            }
+        }
+    }
+
+    fn apply_effective(&mut self, incoming: Option<Deployment>) -> Decision {
+        match (self.effective(), &self.target) {
+            (None, None) => Decision::Nothing,
+            (None, Some(_)) => {
+                self.target = None;
+                Decision::Undeploy
+            }
+            (Some((s, d)), Some((ts, td))) if *ts == s && same(td, &d) => match incoming {
+                Some(i) if !same(&i, &d) => Decision::Shadowed(i),
+                _ => Decision::Unchanged(d),
+            },
+            (Some((s, d)), _) => {
+                self.target = Some((s, d.clone()));
+                Decision::Deploy(d)
+            }
+        }
+    }
+
+    /// Restores the target after a restart, so replayed retained messages are `unchanged`.
+    pub fn restore(&mut self, source: Source, d: Deployment) {
+        self.newest.retain(|(s, _)| *s != source);
+        self.newest.push((source, d.revision));
+        self.desired.retain(|(s, _)| *s != source);
+        self.desired.push((source, d.clone()));
+        self.target = Some((source, d));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dep(id: &str, rev: u64, version: &str) -> Deployment {
+        Deployment::from_json(
+            serde_json::json!({"schema": "outpost.deployment.v1", "deployment_id": id, "revision": rev,
+                "model": {"name": "m", "version": version, "manifest_url": "http://r/m/1/manifest.json",
+                          "manifest_sha256": "c".repeat(64)}})
+            .to_string()
+            .as_bytes(),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn first_deployment_deploys_and_replay_is_unchanged() {
+        let mut r = Reconciler::new();
+        let d = dep("d1", 1, "1");
+        assert_eq!(r.on_message(Source::Device, Some(Ok(d.clone()))), Decision::Deploy(d.clone()));
+        assert_eq!(r.on_message(Source::Device, Some(Ok(d.clone()))), Decision::Unchanged(d));
+    }
+
+    #[test]
+    fn older_or_equal_revision_is_stale() {
+        let mut r = Reconciler::new();
+        r.on_message(Source::Device, Some(Ok(dep("d5", 5, "1"))));
+        assert!(matches!(r.on_message(Source::Device, Some(Ok(dep("d4", 4, "0")))), Decision::Stale { newest: 5, .. }));
+        assert!(matches!(
+            r.on_message(Source::Device, Some(Ok(dep("other", 5, "2")))),
+            Decision::Stale { newest: 5, .. }
+        ));
+        assert_eq!(r.on_message(Source::Device, Some(Ok(dep("d6", 6, "2")))), Decision::Deploy(dep("d6", 6, "2")));
+    }
+
+    #[test]
+    fn device_beats_groups_and_first_group_beats_later() {
+        let mut r = Reconciler::new();
+        let g1 = dep("g1", 1, "g1");
+        let g0 = dep("g0", 1, "g0");
+        let dv = dep("dv", 1, "dv");
+        assert_eq!(r.on_message(Source::Group(1), Some(Ok(g1.clone()))), Decision::Deploy(g1.clone()));
+        assert_eq!(r.on_message(Source::Group(0), Some(Ok(g0.clone()))), Decision::Deploy(g0.clone()));
+        assert_eq!(
+            r.on_message(Source::Group(1), Some(Ok(dep("g1b", 2, "g1b")))),
+            Decision::Shadowed(dep("g1b", 2, "g1b"))
+        );
+        assert_eq!(r.on_message(Source::Device, Some(Ok(dv.clone()))), Decision::Deploy(dv.clone()));
+        // withdrawing the device override falls back to the first group
+        assert_eq!(r.on_message(Source::Device, None), Decision::Deploy(g0.clone()));
+        assert_eq!(r.on_message(Source::Group(0), None), Decision::Deploy(dep("g1b", 2, "g1b")));
+        assert_eq!(r.on_message(Source::Group(1), None), Decision::Undeploy);
+        assert_eq!(r.on_message(Source::Group(1), None), Decision::Nothing);
+    }
+
+    #[test]
+    fn invalid_messages_change_nothing() {
+        let mut r = Reconciler::new();
+        let d = dep("d1", 1, "1");
+        r.on_message(Source::Device, Some(Ok(d.clone())));
+        let e = ProtocolError::invalid("revision", "a number", "\"x\"");
+        assert_eq!(r.on_message(Source::Device, Some(Err(e.clone()))), Decision::Invalid(e));
+        assert_eq!(r.target(), Some(&(Source::Device, d)));
+    }
+
+    #[test]
+    fn restored_target_makes_replay_unchanged() {
+        let mut r = Reconciler::new();
+        let d = dep("d1", 3, "1");
+        r.restore(Source::Device, d.clone());
+        assert_eq!(r.on_message(Source::Device, Some(Ok(d.clone()))), Decision::Unchanged(d));
+    }
+}

@@ -1,0 +1,99 @@
+//! The serving side: the active model behind an atomically swapped handle and
+//! a bounded pool of blocking workers.
+//!
+//! Requests in flight keep the `Arc<Model>` they started with; a swap only
+//! changes what new requests get, and the old model is freed when its last
+//! request ends. When every worker is busy and the queue is full, a request
+//! is refused at once with `overloaded` instead of queueing without bound.
+
+use crate::engine::{InferFailure, Model};
+use arc_swap::ArcSwapOption;
+use outpost_protocol::{ErrorCode, InferRequest, InferResponse};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use tokio::sync::Semaphore;
+
+/// Default inference worker threads.
+pub const DEFAULT_WORKERS: usize = 2;
+/// Default requests allowed to wait for a worker.
+pub const DEFAULT_MAX_QUEUE: usize = 64;
+
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub requests: AtomicU64,
+    pub errors: AtomicU64,
+    pub rejected: AtomicU64,
+}
+
+#[derive(Debug)]
+pub struct Engine {
+    active: ArcSwapOption<Model>,
+    /// Admission: workers + queue slots. Failing to get one means `overloaded`.
+    admission: Arc<Semaphore>,
+    /// Concurrency: one permit per worker thread.
+    workers: Arc<Semaphore>,
+    pub counters: Counters,
+}
+
+impl Default for Engine {
+    fn default() -> Self {
+        Engine::new(DEFAULT_WORKERS, DEFAULT_MAX_QUEUE)
+    }
+}
+
+impl Engine {
+    pub fn new(workers: usize, max_queue: usize) -> Engine {
+        let workers = workers.max(1);
+        Engine {
+            active: ArcSwapOption::empty(),
+            admission: Arc::new(Semaphore::new(workers + max_queue)),
+            workers: Arc::new(Semaphore::new(workers)),
+            counters: Counters::default(),
+        }
+    }
+
+    /// The model serving now.
+    pub fn active(&self) -> Option<Arc<Model>> {
+        self.active.load_full()
+    }
+
+    /// Makes `model` serve new requests; returns the one it replaces.
+    pub fn swap(&self, model: Option<Arc<Model>>) -> Option<Arc<Model>> {
+        self.active.swap(model)
+    }
+
+    /// Runs one request on a worker thread, or refuses it at once.
+    pub async fn infer(&self, req: InferRequest) -> Result<InferResponse, InferFailure> {
+        self.counters.requests.fetch_add(1, Ordering::Relaxed);
+        let result = self.infer_inner(req).await;
+        if let Err(e) = &result {
+            let counter = if e.code == ErrorCode::Overloaded { &self.counters.rejected } else { &self.counters.errors };
+            counter.fetch_add(1, Ordering::Relaxed);
+        }
+        result
+    }
+
+    async fn infer_inner(&self, req: InferRequest) -> Result<InferResponse, InferFailure> {
+        let Some(model) = self.active.load_full() else {
+            return Err(InferFailure {
+                code: ErrorCode::NoModel,
+                message: "no model is deployed on this device".into(),
+            });
+        };
+        let Ok(_admitted) = self.admission.clone().try_acquire_owned() else {
+            return Err(InferFailure {
+                code: ErrorCode::Overloaded,
+                message: "every worker is busy and the queue is full: retry later".into(),
+            });
+        };
+        let _worker = self
+            .workers
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| InferFailure { code: ErrorCode::Internal, message: "worker pool closed".into() })?;
+        tokio::task::spawn_blocking(move || model.infer(&req))
+            .await
+            .map_err(|e| InferFailure { code: ErrorCode::Internal, message: format!("inference worker failed: {e}") })?
+    }
+}

@@ -1,0 +1,198 @@
+//! What the device tells the operator: `DeploymentEvent`s, the retained
+//! `DeviceState`, availability. One [`Reporter`] numbers everything with a
+//! per-device `seq` and hands messages to the MQTT task; it also persists the
+//! state, so after a restart the device resumes serving and numbering where
+//! it left off.
+
+use crate::reconcile::Source;
+use crate::store::Store;
+use outpost_protocol::{
+    ActiveModel, Deployment, DeploymentEvent, DeviceState, ErrorInfo, LastDeployment, Outcome, Phase, Progress, Topics,
+};
+use serde::{Deserialize, Serialize};
+use std::sync::{Arc, Mutex};
+use tokio::sync::mpsc;
+
+/// A message for the MQTT task to publish.
+#[derive(Debug, Clone)]
+pub struct Outgoing {
+    pub topic: String,
+    pub payload: Vec<u8>,
+    pub retain: bool,
+    /// QoS 1 when true (events, state, answers), else 0 (telemetry).
+    pub reliable: bool,
+}
+
+/// What survives a restart (`DATA/agent.json`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Record {
+    pub seq: u64,
+    pub active: Option<ActiveRecord>,
+    pub last_deployment: Option<LastDeployment>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ActiveRecord {
+    pub source: Source,
+    pub deployment: Deployment,
+    pub since: String,
+}
+
+/// Events published after the last persisted state may reuse seq numbers
+/// after a crash; starting this far ahead keeps `seq` increasing.
+const SEQ_RESTART_GAP: u64 = 10_000;
+
+#[derive(Debug)]
+pub struct Reporter {
+    device: String,
+    topics: Topics,
+    tx: mpsc::UnboundedSender<Outgoing>,
+    store: Arc<Store>,
+    inner: Mutex<Record>,
+}
+
+pub fn now_rfc3339() -> String {
+    humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
+}
+
+impl Reporter {
+    pub fn new(device: &str, topics: Topics, tx: mpsc::UnboundedSender<Outgoing>, store: Arc<Store>) -> Reporter {
+        let mut record: Record =
+            store.read("agent.json").and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
+        if record.seq > 0 {
+            record.seq += SEQ_RESTART_GAP;
+        }
+        Reporter { device: device.to_string(), topics, tx, store, inner: Mutex::new(record) }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Record> {
+        // A panic while holding the lock leaves a consistent Record (plain data); keep going.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn record(&self) -> Record {
+        self.lock().clone()
+    }
+
+    pub fn send(&self, msg: Outgoing) {
+        // The receiver lives as long as the agent; a send error means shutdown.
+        let _ = self.tx.send(msg);
+    }
+
+    /// Publishes one event of a deployment.
+    pub fn event(
+        &self,
+        d: &Deployment,
+        phase: Phase,
+        progress: Option<Progress>,
+        error: Option<ErrorInfo>,
+        detail: Option<String>,
+    ) {
+        self.event_for(&d.deployment_id, d.revision, phase, progress, error, detail);
+    }
+
+    pub fn event_for(
+        &self,
+        deployment_id: &str,
+        revision: u64,
+        phase: Phase,
+        progress: Option<Progress>,
+        error: Option<ErrorInfo>,
+        detail: Option<String>,
+    ) {
+        let seq = {
+            let mut r = self.lock();
+            r.seq += 1;
+            r.seq
+        };
+        let ev = DeploymentEvent {
+            schema: outpost_protocol::event::SCHEMA.into(),
+            device: self.device.clone(),
+            deployment_id: deployment_id.to_string(),
+            revision,
+            seq,
+            at: now_rfc3339(),
+            phase,
+            progress,
+            error,
+            detail,
+        };
+        match (&ev.error, phase) {
+            (Some(e), _) => {
+                tracing::warn!(deployment = deployment_id, revision, ?phase, code = %e.code, "{}", e.message)
+            }
+            (None, Phase::Downloading) => {
+                tracing::debug!(deployment = deployment_id, ?progress, "downloading")
+            }
+            _ => tracing::info!(
+                deployment = deployment_id,
+                revision,
+                ?phase,
+                detail = ev.detail.as_deref().unwrap_or(""),
+                "deployment event"
+            ),
+        }
+        self.send(Outgoing {
+            topic: self.topics.events(&self.device),
+            payload: serde_json::to_vec(&ev).unwrap_or_default(),
+            retain: false,
+            reliable: true,
+        });
+    }
+
+    /// Records the outcome of a deployment (and what is active), persists it
+    /// and republishes the retained state.
+    pub fn set_outcome(
+        &self,
+        d: &Deployment,
+        outcome: Outcome,
+        error: Option<ErrorInfo>,
+        active: Option<Option<ActiveRecord>>,
+    ) {
+        {
+            let mut r = self.lock();
+            r.last_deployment =
+                Some(LastDeployment { deployment_id: d.deployment_id.clone(), revision: d.revision, outcome, error });
+            if let Some(a) = active {
+                r.active = a;
+            }
+        }
+        self.publish_state();
+    }
+
+    /// The current `DeviceState`, with a fresh seq.
+    pub fn state(&self) -> DeviceState {
+        let mut r = self.lock();
+        r.seq += 1;
+        DeviceState {
+            schema: outpost_protocol::state::SCHEMA.into(),
+            device: self.device.clone(),
+            agent_version: env!("CARGO_PKG_VERSION").into(),
+            seq: r.seq,
+            active: r.active.as_ref().map(|a| ActiveModel {
+                name: a.deployment.model.name.clone(),
+                version: a.deployment.model.version.clone(),
+                manifest_sha256: a.deployment.model.manifest_sha256.clone(),
+                deployment_id: a.deployment.deployment_id.clone(),
+                revision: a.deployment.revision,
+                since: a.since.clone(),
+            }),
+            last_deployment: r.last_deployment.clone(),
+        }
+    }
+
+    /// Persists the record and publishes the retained state.
+    pub fn publish_state(&self) {
+        let state = self.state();
+        let record = self.record();
+        if let Err(e) = self.store.write_atomic("agent.json", &serde_json::to_vec_pretty(&record).unwrap_or_default()) {
+            tracing::error!(error = %e, "cannot persist agent state; it will be lost at restart");
+        }
+        self.send(Outgoing {
+            topic: self.topics.state(&self.device),
+            payload: serde_json::to_vec(&state).unwrap_or_default(),
+            retain: true,
+            reliable: true,
+        });
+    }
+}

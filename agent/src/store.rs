@@ -1,0 +1,188 @@
+//! The model store under the data dir: content-addressed blobs and the model
+//! versions made from them.
+//!
+//! ```text
+//! DATA/blobs/sha256/<hex>          every file once, named by its sha256, never rewritten
+//! DATA/versions/<manifest sha256>/ a version: manifest.json + hard links to its blobs
+//! DATA/tmp/                        writes in progress; emptied at start-up
+//! DATA/agent.json                  what serves and what was last deployed
+//! ```
+//! Every write goes to `tmp/`, is fsynced, renamed into place and its
+//! directory fsynced, so a power cut leaves either the old state or the new
+//! one. A version directory appears in one rename, whole or not at all.
+
+use outpost_protocol::{ErrorCode, ErrorInfo, Manifest, short_digest};
+use std::fs::{self, File};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+#[derive(Debug)]
+pub struct Store {
+    root: PathBuf,
+    tmp_counter: AtomicU64,
+}
+
+fn internal(what: &str, e: &std::io::Error) -> ErrorInfo {
+    let code = if e.raw_os_error() == Some(28) { ErrorCode::DiskFull } else { ErrorCode::Internal };
+    ErrorInfo::new(code, format!("{what}: {e}"))
+}
+
+impl Store {
+    /// Opens (creating) the store and removes leftovers of interrupted writes.
+    pub fn open(root: &Path) -> std::io::Result<Store> {
+        for d in ["blobs/sha256", "versions", "tmp"] {
+            fs::create_dir_all(root.join(d))?;
+        }
+        let tmp = root.join("tmp");
+        for entry in fs::read_dir(&tmp)? {
+            let p = entry?.path();
+            let _ = if p.is_dir() { fs::remove_dir_all(&p) } else { fs::remove_file(&p) };
+        }
+        Ok(Store { root: root.to_path_buf(), tmp_counter: AtomicU64::new(0) })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn blob_path(&self, sha256: &str) -> PathBuf {
+        self.root.join("blobs/sha256").join(sha256)
+    }
+
+    /// A blob of this digest and size is already stored.
+    pub fn has_blob(&self, sha256: &str, size: u64) -> bool {
+        fs::metadata(self.blob_path(sha256)).map(|m| m.is_file() && m.len() == size).unwrap_or(false)
+    }
+
+    /// A fresh path under `tmp/`.
+    pub fn tmp_path(&self, label: &str) -> PathBuf {
+        let n = self.tmp_counter.fetch_add(1, Ordering::Relaxed);
+        self.root.join("tmp").join(format!("{}-{n}-{label}", std::process::id()))
+    }
+
+    /// Moves a fully written and verified temp file into the blob store.
+    pub fn commit_blob(&self, tmp: &Path, sha256: &str) -> Result<(), ErrorInfo> {
+        File::open(tmp).and_then(|f| f.sync_all()).map_err(|e| internal("syncing a download", &e))?;
+        let dest = self.blob_path(sha256);
+        fs::rename(tmp, &dest).map_err(|e| internal("storing a blob", &e))?;
+        sync_dir(dest.parent().unwrap_or(&self.root)).map_err(|e| internal("syncing the blob directory", &e))
+    }
+
+    pub fn version_dir(&self, manifest_sha256: &str) -> PathBuf {
+        self.root.join("versions").join(manifest_sha256)
+    }
+
+    /// Makes the version directory from stored blobs (all must be present).
+    /// Idempotent: an existing version is left as it is.
+    pub fn materialize(
+        &self,
+        manifest: &Manifest,
+        manifest_bytes: &[u8],
+        manifest_sha256: &str,
+    ) -> Result<PathBuf, ErrorInfo> {
+        let dest = self.version_dir(manifest_sha256);
+        if dest.join("manifest.json").is_file() {
+            return Ok(dest);
+        }
+        let tmp = self.tmp_path("version");
+        fs::create_dir_all(&tmp).map_err(|e| internal("creating a version", &e))?;
+        for f in &manifest.files {
+            let target = tmp.join(&f.path);
+            if let Some(parent) = target.parent() {
+                fs::create_dir_all(parent).map_err(|e| internal(&f.path, &e))?;
+            }
+            let blob = self.blob_path(&f.sha256);
+            // Hard links cost no space; blobs are immutable, so sharing is safe
+            // (tract memory-maps the model: a file is never rewritten in place).
+            if fs::hard_link(&blob, &target).is_err() {
+                fs::copy(&blob, &target)
+                    .map_err(|e| internal(&format!("{}: copying from the blob store", f.path), &e))?;
+            }
+        }
+        write_file_synced(&tmp.join("manifest.json"), manifest_bytes).map_err(|e| internal("manifest.json", &e))?;
+        sync_tree(&tmp).map_err(|e| internal("syncing a version", &e))?;
+        if let Err(e) = fs::rename(&tmp, &dest) {
+            let _ = fs::remove_dir_all(&tmp);
+            if dest.join("manifest.json").is_file() {
+                return Ok(dest);
+            }
+            return Err(internal("installing a version", &e));
+        }
+        sync_dir(&self.root.join("versions")).map_err(|e| internal("syncing versions", &e))?;
+        Ok(dest)
+    }
+
+    /// Re-reads a stored version and checks every file against its manifest,
+    /// so a corrupted disk is caught before the model is loaded.
+    pub fn verify_version(&self, manifest_sha256: &str) -> Result<(PathBuf, Manifest, Vec<u8>), ErrorInfo> {
+        let dir = self.version_dir(manifest_sha256);
+        let bytes = fs::read(dir.join("manifest.json"))
+            .map_err(|e| internal(&format!("stored version {}", short_digest(manifest_sha256)), &e))?;
+        let (digest, _) =
+            crate::fetch::sha256_file(&dir.join("manifest.json")).map_err(|e| internal("manifest.json", &e))?;
+        if digest != manifest_sha256 {
+            return Err(ErrorInfo::new(
+                ErrorCode::DigestMismatch,
+                format!(
+                    "stored manifest.json: expected sha256 {}, got {}",
+                    short_digest(manifest_sha256),
+                    short_digest(&digest)
+                ),
+            ));
+        }
+        let manifest = Manifest::from_json(&bytes).map_err(|e| e.info())?;
+        for f in &manifest.files {
+            let (d, n) = crate::fetch::sha256_file(&dir.join(&f.path)).map_err(|e| internal(&f.path, &e))?;
+            if n != f.size || d != f.sha256 {
+                return Err(ErrorInfo::new(
+                    ErrorCode::DigestMismatch,
+                    format!("stored {}: expected sha256 {}, got {}", f.path, short_digest(&f.sha256), short_digest(&d)),
+                ));
+            }
+        }
+        Ok((dir, manifest, bytes))
+    }
+
+    /// Writes a small file atomically (temp, fsync, rename, fsync dir).
+    pub fn write_atomic(&self, rel: &str, bytes: &[u8]) -> std::io::Result<()> {
+        let tmp = self.tmp_path("write");
+        write_file_synced(&tmp, bytes)?;
+        let dest = self.root.join(rel);
+        fs::rename(&tmp, &dest)?;
+        sync_dir(&self.root)
+    }
+
+    pub fn read(&self, rel: &str) -> Option<Vec<u8>> {
+        fs::read(self.root.join(rel)).ok()
+    }
+
+    /// Total bytes of blobs and the number of stored versions.
+    pub fn usage(&self) -> (u64, u64) {
+        let bytes = fs::read_dir(self.root.join("blobs/sha256"))
+            .map(|d| d.filter_map(|e| e.ok()?.metadata().ok()).map(|m| m.len()).sum())
+            .unwrap_or(0);
+        let versions = fs::read_dir(self.root.join("versions")).map(|d| d.count() as u64).unwrap_or(0);
+        (bytes, versions)
+    }
+}
+
+fn write_file_synced(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let mut f = File::create(path)?;
+    f.write_all(bytes)?;
+    f.sync_all()
+}
+
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+fn sync_tree(dir: &Path) -> std::io::Result<()> {
+    for entry in fs::read_dir(dir)? {
+        let p = entry?.path();
+        if p.is_dir() {
+            sync_tree(&p)?;
+        }
+    }
+    sync_dir(dir)
+}

@@ -1,0 +1,126 @@
+//! Error codes (a stable contract operators script against) and validation errors.
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+/// Stable snake_case error codes carried in events, state and inference errors.
+/// New codes may be added; existing ones are never renamed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    InvalidMessage,
+    UnsupportedSchema,
+    StaleRevision,
+    DownloadFailed,
+    DigestMismatch,
+    SizeMismatch,
+    TooLarge,
+    InvalidManifest,
+    UnsafePath,
+    ModelLoadFailed,
+    ValidationFailed,
+    DiskFull,
+    SignatureInvalid,
+    DowngradeRefused,
+    Overloaded,
+    BadInput,
+    NoModel,
+    /// An unexpected failure inside the agent (I/O error on its own data dir, a bug).
+    Internal,
+}
+
+impl ErrorCode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::InvalidMessage => "invalid_message",
+            ErrorCode::UnsupportedSchema => "unsupported_schema",
+            ErrorCode::StaleRevision => "stale_revision",
+            ErrorCode::DownloadFailed => "download_failed",
+            ErrorCode::DigestMismatch => "digest_mismatch",
+            ErrorCode::SizeMismatch => "size_mismatch",
+            ErrorCode::TooLarge => "too_large",
+            ErrorCode::InvalidManifest => "invalid_manifest",
+            ErrorCode::UnsafePath => "unsafe_path",
+            ErrorCode::ModelLoadFailed => "model_load_failed",
+            ErrorCode::ValidationFailed => "validation_failed",
+            ErrorCode::DiskFull => "disk_full",
+            ErrorCode::SignatureInvalid => "signature_invalid",
+            ErrorCode::DowngradeRefused => "downgrade_refused",
+            ErrorCode::Overloaded => "overloaded",
+            ErrorCode::BadInput => "bad_input",
+            ErrorCode::NoModel => "no_model",
+            ErrorCode::Internal => "internal",
+        }
+    }
+}
+
+impl fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// `{"code": "...", "message": "..."}` as carried in events and state.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ErrorInfo {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+impl ErrorInfo {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        ErrorInfo { code, message: message.into() }
+    }
+}
+
+impl fmt::Display for ErrorInfo {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.code, self.message)
+    }
+}
+
+/// A message or manifest that does not follow the protocol: where, what was
+/// expected, what was found.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{}expected {expected}, found {found}", if path.is_empty() { String::new() } else { format!("{path}: ") })]
+pub struct ProtocolError {
+    /// `invalid_message`, `unsupported_schema`, `invalid_manifest` or `unsafe_path`.
+    pub code: ErrorCode,
+    /// Field path, e.g. `model.manifest_sha256` or `files[2].path`; empty for the whole message.
+    pub path: String,
+    pub expected: String,
+    pub found: String,
+}
+
+impl ProtocolError {
+    pub fn invalid(path: impl Into<String>, expected: impl Into<String>, found: impl Into<String>) -> Self {
+        ProtocolError {
+            code: ErrorCode::InvalidMessage,
+            path: path.into(),
+            expected: expected.into(),
+            found: found.into(),
+        }
+    }
+
+    /// The same error under another code (a manifest's errors are `invalid_manifest`).
+    pub fn with_code(mut self, code: ErrorCode) -> Self {
+        if self.code == ErrorCode::InvalidMessage {
+            self.code = code;
+        }
+        self
+    }
+
+    pub fn info(&self) -> ErrorInfo {
+        ErrorInfo::new(self.code, self.to_string())
+    }
+}
+
+/// Shows at most `max` characters of an offending value in an error message.
+pub fn excerpt(s: &str, max: usize) -> String {
+    if s.chars().count() <= max {
+        format!("\"{s}\"")
+    } else {
+        let cut: String = s.chars().take(max).collect();
+        format!("\"{cut}...\" ({} bytes)", s.len())
+    }
+}

@@ -1,0 +1,60 @@
+//! `DeviceState`: retained on `outpost/devices/{id}/state`, rewritten on every change.
+
+use crate::{ErrorInfo, ProtocolError, check_schema, parse_json};
+use serde::{Deserialize, Serialize};
+
+pub const SCHEMA: &str = "outpost.state.v1";
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeviceState {
+    pub schema: String,
+    pub device: String,
+    pub agent_version: String,
+    /// Increases with every state or event the device publishes.
+    pub seq: u64,
+    /// What serves now; `null` when nothing does.
+    pub active: Option<ActiveModel>,
+    /// The outcome of the most recent deployment the device worked on.
+    #[serde(default)]
+    pub last_deployment: Option<LastDeployment>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ActiveModel {
+    pub name: String,
+    pub version: String,
+    pub manifest_sha256: String,
+    pub deployment_id: String,
+    pub revision: u64,
+    /// RFC 3339 UTC time the model started serving.
+    pub since: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    /// Being worked on now.
+    InProgress,
+    Active,
+    Failed,
+    RolledBack,
+    Superseded,
+    /// The deployment was withdrawn (empty desired payload): nothing serves.
+    Undeployed,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LastDeployment {
+    pub deployment_id: String,
+    pub revision: u64,
+    pub outcome: Outcome,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<ErrorInfo>,
+}
+
+impl DeviceState {
+    pub fn from_json(bytes: &[u8]) -> Result<DeviceState, ProtocolError> {
+        check_schema(bytes, SCHEMA)?;
+        parse_json(bytes)
+    }
+}

@@ -1,0 +1,144 @@
+//! MQTT topics. All live under a prefix (default `outpost`), so one broker can
+//! carry several fleets.
+
+use crate::ProtocolError;
+
+/// Default topic prefix.
+pub const DEFAULT_PREFIX: &str = "outpost";
+
+/// Topic names for one prefix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Topics {
+    prefix: String,
+}
+
+impl Default for Topics {
+    fn default() -> Self {
+        Topics { prefix: DEFAULT_PREFIX.to_string() }
+    }
+}
+
+impl Topics {
+    pub fn new(prefix: impl Into<String>) -> Self {
+        Topics { prefix: prefix.into() }
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// Retained `Deployment` for one device; an empty payload undeploys.
+    pub fn device_desired(&self, device: &str) -> String {
+        format!("{}/devices/{device}/desired", self.prefix)
+    }
+    /// Retained `Deployment` for every device of a group.
+    pub fn group_desired(&self, group: &str) -> String {
+        format!("{}/groups/{group}/desired", self.prefix)
+    }
+    /// Retained `online` / `offline` (Last Will).
+    pub fn availability(&self, device: &str) -> String {
+        format!("{}/devices/{device}/availability", self.prefix)
+    }
+    /// Retained `DeviceState`.
+    pub fn state(&self, device: &str) -> String {
+        format!("{}/devices/{device}/state", self.prefix)
+    }
+    /// `DeploymentEvent`s.
+    pub fn events(&self, device: &str) -> String {
+        format!("{}/devices/{device}/events", self.prefix)
+    }
+    /// Periodic `Telemetry`.
+    pub fn telemetry(&self, device: &str) -> String {
+        format!("{}/devices/{device}/telemetry", self.prefix)
+    }
+    /// `InferRequest`s from any client.
+    pub fn infer(&self, device: &str) -> String {
+        format!("{}/devices/{device}/infer", self.prefix)
+    }
+    /// `InferResponse`s and inference errors (unless the request named `reply_to`).
+    pub fn predictions(&self, device: &str) -> String {
+        format!("{}/devices/{device}/predictions", self.prefix)
+    }
+    /// Sampled inputs with their predictions.
+    pub fn capture(&self, device: &str) -> String {
+        format!("{}/devices/{device}/capture", self.prefix)
+    }
+
+    /// What a device/group topic refers to, if it is one of ours.
+    pub fn classify<'a>(&self, topic: &'a str) -> Option<TopicKind<'a>> {
+        let rest = topic.strip_prefix(self.prefix.as_str())?.strip_prefix('/')?;
+        let mut parts = rest.split('/');
+        let (scope, name, leaf) = (parts.next()?, parts.next()?, parts.next()?);
+        if parts.next().is_some() {
+            return None;
+        }
+        match (scope, leaf) {
+            ("devices", "desired") => Some(TopicKind::DeviceDesired(name)),
+            ("groups", "desired") => Some(TopicKind::GroupDesired(name)),
+            ("devices", "infer") => Some(TopicKind::Infer(name)),
+            _ => None,
+        }
+    }
+}
+
+/// The topics an agent subscribes to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TopicKind<'a> {
+    DeviceDesired(&'a str),
+    GroupDesired(&'a str),
+    Infer(&'a str),
+}
+
+/// Checks a device or group name: `[A-Za-z0-9_.-]{1,64}`, so it is safe in a
+/// topic (no `/`, `+`, `#`) and in a file name.
+pub fn validate_name(what: &str, name: &str) -> Result<(), ProtocolError> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
+        && name != "."
+        && name != "..";
+    if ok {
+        Ok(())
+    } else {
+        Err(ProtocolError::invalid(what, "1 to 64 characters of A-Z a-z 0-9 _ . -", crate::error::excerpt(name, 80)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn topic_names_follow_the_design() {
+        let t = Topics::default();
+        assert_eq!(t.device_desired("dev1"), "outpost/devices/dev1/desired");
+        assert_eq!(t.group_desired("cams"), "outpost/groups/cams/desired");
+        assert_eq!(t.availability("dev1"), "outpost/devices/dev1/availability");
+        assert_eq!(t.state("dev1"), "outpost/devices/dev1/state");
+        assert_eq!(t.events("dev1"), "outpost/devices/dev1/events");
+        assert_eq!(t.telemetry("dev1"), "outpost/devices/dev1/telemetry");
+        assert_eq!(t.infer("dev1"), "outpost/devices/dev1/infer");
+        assert_eq!(t.predictions("dev1"), "outpost/devices/dev1/predictions");
+        assert_eq!(t.capture("dev1"), "outpost/devices/dev1/capture");
+    }
+
+    #[test]
+    fn classifies_only_our_topics() {
+        let t = Topics::new("fleet/a");
+        assert_eq!(t.classify("fleet/a/devices/d/desired"), Some(TopicKind::DeviceDesired("d")));
+        assert_eq!(t.classify("fleet/a/groups/g/desired"), Some(TopicKind::GroupDesired("g")));
+        assert_eq!(t.classify("fleet/a/devices/d/infer"), Some(TopicKind::Infer("d")));
+        assert_eq!(t.classify("fleet/a/devices/d/state"), None);
+        assert_eq!(t.classify("fleet/ab/devices/d/desired"), None);
+        assert_eq!(t.classify("fleet/a/devices/d/desired/x"), None);
+    }
+
+    #[test]
+    fn names_are_topic_and_path_safe() {
+        assert!(validate_name("device", "dev-1.a_B").is_ok());
+        for bad in ["", "a/b", "a+b", "#", "..", "é", &"x".repeat(65)] {
+            let err = validate_name("device", bad).unwrap_err();
+            assert_eq!(err.path, "device");
+        }
+    }
+}

@@ -1,0 +1,61 @@
+#![allow(clippy::unwrap_used)] // test helpers: a panic is the failure report
+//! Round trip of every message type against the golden JSON in `protocol/golden/`:
+//! parse, serialize, and compare as JSON values, so a field rename or a dropped
+//! field (a break of the operators' contract) fails here.
+
+use outpost_protocol::*;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+fn golden(name: &str) -> Vec<u8> {
+    std::fs::read(format!("{}/golden/{name}", env!("CARGO_MANIFEST_DIR"))).unwrap()
+}
+
+fn round_trip<T: Serialize + DeserializeOwned>(name: &str, parse: impl Fn(&[u8]) -> T) -> T {
+    let bytes = golden(name);
+    let value: T = parse(&bytes);
+    let original: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+    let again = serde_json::to_value(&value).unwrap();
+    assert_eq!(again, original, "{name} does not round-trip");
+    value
+}
+
+#[test]
+fn deployment() {
+    let d = round_trip("deployment.json", |b| Deployment::from_json(b).unwrap());
+    assert_eq!(d.serving.max_queue, Some(64));
+}
+
+#[test]
+fn manifest() {
+    let m = round_trip("manifest.json", |b| Manifest::from_json(b).unwrap());
+    assert_eq!(m.files.len(), 4);
+}
+
+#[test]
+fn state() {
+    let s = round_trip("state.json", |b| DeviceState::from_json(b).unwrap());
+    assert_eq!(s.last_deployment.unwrap().error.unwrap().code, ErrorCode::DigestMismatch);
+}
+
+#[test]
+fn events() {
+    let e = round_trip("event.json", |b| DeploymentEvent::from_json(b).unwrap());
+    assert_eq!(e.progress, Some(Progress { bytes: 1024, total: 4096 }));
+    let f = round_trip("event-failed.json", |b| DeploymentEvent::from_json(b).unwrap());
+    assert_eq!(f.phase, Phase::Failed);
+}
+
+#[test]
+fn telemetry() {
+    round_trip("telemetry.json", |b| serde_json::from_slice::<Telemetry>(b).unwrap());
+}
+
+#[test]
+fn inference() {
+    let r = round_trip("infer-request.json", |b| InferRequest::from_json(b).unwrap());
+    assert_eq!(r.inputs[0].data.len(), 4);
+    round_trip("infer-response.json", |b| serde_json::from_slice::<InferResponse>(b).unwrap());
+    let e = round_trip("infer-error.json", |b| serde_json::from_slice::<InferError>(b).unwrap());
+    assert_eq!(e.code, ErrorCode::BadInput);
+}

@@ -1,0 +1,11 @@
+//! Outpost's operator side and lab.
+//!
+//! - [`broker`]: the embedded MQTT broker (rumqttd).
+//! - [`registry`]: `register` (write a model version as static files) and a static HTTP server.
+//! - [`operator`]: an MQTT client that deploys, follows events and sends inference requests.
+//! - [`demo`]: the one-command tour.
+
+pub mod broker;
+pub mod demo;
+pub mod operator;
+pub mod registry;

@@ -1,0 +1,339 @@
+//! `outpost-sim`: register models, serve a registry and broker, deploy, infer, demo.
+
+use clap::{Parser, Subcommand};
+use outpost_agent::mqtt::BrokerUrl;
+use outpost_protocol::{Phase, Topics};
+use outpost_sim::operator::{self, Operator};
+use outpost_sim::registry::{RegisterSpec, register};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+const EXIT_USAGE: u8 = 64;
+/// A deployment that failed on a device.
+const EXIT_FAILED: u8 = 1;
+/// Could not reach the broker or registry, or timed out.
+const EXIT_UNAVAILABLE: u8 = 69;
+
+#[derive(Parser, Debug)]
+#[command(name = "outpost-sim", version, about = "Outpost's operator side and lab")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Register an ONNX model as NAME/VERSION in a registry directory.
+    Register {
+        model: PathBuf,
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        version: String,
+        #[arg(long)]
+        registry: PathBuf,
+        /// Labels file, one class per line: answers include the top-k labels.
+        #[arg(long)]
+        labels: Option<PathBuf>,
+        /// Golden sample input (an Open Inference Protocol request); default: a deterministic one.
+        #[arg(long)]
+        sample: Option<PathBuf>,
+        /// Fix an input's shape, e.g. --shape images=1,3,320,320 (-1 keeps a dimension dynamic).
+        #[arg(long = "shape", value_parser = parse_shape)]
+        shapes: Vec<(String, Vec<i64>)>,
+        /// Largest allowed |difference| when the device reproduces the golden sample.
+        #[arg(long, default_value_t = 1e-4)]
+        tolerance: f64,
+        #[arg(long, default_value_t = 3)]
+        top_k: usize,
+        /// Multiply the first input by this on the device before the model sees it.
+        #[arg(long)]
+        scale: Option<f64>,
+    },
+    /// Run an embedded MQTT broker and a static HTTP server for a registry until Ctrl-C.
+    Serve {
+        #[arg(long, default_value_t = 1883)]
+        mqtt_port: u16,
+        #[arg(long, default_value_t = 8000)]
+        http_port: u16,
+        #[arg(long, default_value = "registry")]
+        registry: PathBuf,
+        /// Address to bind both servers to.
+        #[arg(long, default_value = "127.0.0.1")]
+        bind: std::net::IpAddr,
+    },
+    /// Publish the retained desired state for a device or group.
+    Deploy {
+        #[arg(long)]
+        broker: BrokerUrl,
+        #[arg(long, conflicts_with = "group", required_unless_present = "group")]
+        device: Option<String>,
+        #[arg(long)]
+        group: Option<String>,
+        /// NAME@VERSION
+        #[arg(long, value_parser = parse_model)]
+        model: (String, String),
+        /// Base URL of the registry (http://, https:// or file://).
+        #[arg(long)]
+        registry_url: String,
+        #[arg(long)]
+        revision: Option<u64>,
+        #[arg(long)]
+        deployment_id: Option<String>,
+        /// Follow the events; exit 0 on active, 1 on failed.
+        #[arg(long)]
+        wait: bool,
+        /// With --group --wait: how many devices must finish.
+        #[arg(long, default_value_t = 1)]
+        expect: usize,
+        #[arg(long, default_value_t = 120)]
+        timeout: u64,
+    },
+    /// Withdraw the desired state of a device or group (empty retained payload).
+    Undeploy {
+        #[arg(long)]
+        broker: BrokerUrl,
+        #[arg(long, conflicts_with = "group", required_unless_present = "group")]
+        device: Option<String>,
+        #[arg(long)]
+        group: Option<String>,
+    },
+    /// Send one inference request to a device and print the answer.
+    Infer {
+        #[arg(long)]
+        broker: BrokerUrl,
+        #[arg(long)]
+        device: String,
+        /// An Open Inference Protocol v2 request body.
+        #[arg(long)]
+        input: PathBuf,
+        #[arg(long, default_value_t = 30)]
+        timeout: u64,
+    },
+    /// The whole workflow on this machine: broker, registry, agent, real digits.
+    Demo,
+}
+
+fn parse_shape(s: &str) -> Result<(String, Vec<i64>), String> {
+    let (name, dims) = s.split_once('=').ok_or_else(|| format!("'{s}': expected INPUT=D1,D2,..."))?;
+    let dims = dims
+        .split(',')
+        .map(|d| {
+            d.trim()
+                .parse::<i64>()
+                .ok()
+                .filter(|v| *v == -1 || *v > 0)
+                .ok_or_else(|| format!("'{s}': '{d}' is not a dimension (>= 1, or -1)"))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok((name.to_string(), dims))
+}
+
+fn parse_model(s: &str) -> Result<(String, String), String> {
+    match s.split_once('@') {
+        Some((n, v)) if !n.is_empty() && !v.is_empty() => Ok((n.into(), v.into())),
+        _ => Err(format!("'{s}': expected NAME@VERSION")),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let code = if e.use_stderr() { EXIT_USAGE } else { 0 };
+            let _ = e.print();
+            return ExitCode::from(code);
+        }
+    };
+    let default_level = if matches!(cli.command, Command::Demo) { "error" } else { "info" };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("OUTPOST_LOG").unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new(format!(
+            "{default_level},rumqttd={}",
+            if default_level == "error" { "off" } else { "error" }
+        ))
+    });
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("outpost-sim: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(run(cli.command))
+}
+
+async fn run(command: Command) -> ExitCode {
+    match command {
+        Command::Register { model, name, version, registry, labels, sample, shapes, tolerance, top_k, scale } => {
+            let spec = RegisterSpec { model, name, version, registry, labels, sample, shapes, tolerance, top_k, scale };
+            match tokio::task::spawn_blocking(move || register(&spec)).await {
+                Ok(Ok(r)) => {
+                    println!("registered {}@{}", r.manifest.name, r.manifest.version);
+                    for f in &r.manifest.files {
+                        println!("  {:<24} {:>10} bytes  sha256 {}", f.path, f.size, f.sha256);
+                    }
+                    println!("manifest: {}", r.manifest_path);
+                    println!("manifest_sha256: {}", r.manifest_sha256);
+                    ExitCode::SUCCESS
+                }
+                Ok(Err(e)) => fail(EXIT_FAILED, &e),
+                Err(e) => fail(EXIT_FAILED, &e.to_string()),
+            }
+        }
+        Command::Serve { mqtt_port, http_port, registry, bind } => {
+            if let Err(e) = std::fs::create_dir_all(&registry) {
+                return fail(EXIT_USAGE, &format!("{}: {e}", registry.display()));
+            }
+            let broker = match outpost_sim::broker::start(bind, mqtt_port) {
+                Ok(a) => a,
+                Err(e) => return fail(EXIT_UNAVAILABLE, &e),
+            };
+            let listener = match tokio::net::TcpListener::bind((bind, http_port)).await {
+                Ok(l) => l,
+                Err(e) => return fail(EXIT_UNAVAILABLE, &format!("HTTP {bind}:{http_port}: {e}")),
+            };
+            println!("MQTT broker: mqtt://{broker}");
+            println!(
+                "registry:    http://{} serving {}",
+                listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+                registry.display()
+            );
+            println!("Ctrl-C to stop");
+            tokio::select! {
+                r = outpost_sim::registry::serve_http(registry, listener) => {
+                    if let Err(e) = r { return fail(EXIT_UNAVAILABLE, &e.to_string()); }
+                }
+                _ = tokio::signal::ctrl_c() => {}
+            }
+            ExitCode::SUCCESS
+        }
+        Command::Deploy {
+            broker,
+            device,
+            group,
+            model,
+            registry_url,
+            revision,
+            deployment_id,
+            wait,
+            expect,
+            timeout,
+        } => {
+            let (name, version) = model;
+            let (url, sha) = match operator::resolve_manifest(&registry_url, &name, &version).await {
+                Ok(x) => x,
+                Err(e) => return fail(EXIT_UNAVAILABLE, &e),
+            };
+            let d = operator::deployment(&name, &version, &url, &sha, revision, deployment_id);
+            let topics = Topics::default();
+            let (topic, events) = match (&device, &group) {
+                (Some(dev), _) => (topics.device_desired(dev), topics.events(dev)),
+                (None, Some(g)) => (topics.group_desired(g), format!("{}/devices/+/events", topics.prefix())),
+                _ => return fail(EXIT_USAGE, "give --device or --group"),
+            };
+            let mut op =
+                match Operator::connect(&broker, &format!("outpost-sim-deploy-{}", std::process::id()), topics).await {
+                    Ok(o) => o,
+                    Err(e) => return fail(EXIT_UNAVAILABLE, &e),
+                };
+            if wait && let Err(e) = op.subscribe(&events).await {
+                return fail(EXIT_UNAVAILABLE, &e);
+            }
+            if let Err(e) = op.publish(&topic, d.to_json(), true).await {
+                return fail(EXIT_UNAVAILABLE, &e);
+            }
+            println!("published {} revision {} ({}@{}) to {topic}", d.deployment_id, d.revision, name, version);
+            if !wait {
+                op.disconnect().await;
+                return ExitCode::SUCCESS;
+            }
+            let expect = if device.is_some() { 1 } else { expect };
+            let result =
+                operator::wait_for_outcome(&mut op, &d.deployment_id, expect, Duration::from_secs(timeout), true).await;
+            op.disconnect().await;
+            match result {
+                Ok(finals) if finals.iter().all(operator::succeeded) => ExitCode::SUCCESS,
+                Ok(finals) => {
+                    for f in finals.iter().filter(|f| !operator::succeeded(f)) {
+                        let why = f
+                            .error
+                            .as_ref()
+                            .map(|e| format!("{}: {}", e.code, e.message))
+                            .unwrap_or_else(|| format!("{:?}", f.phase));
+                        eprintln!(
+                            "outpost-sim: {} {}: {why}",
+                            f.device,
+                            if f.phase == Phase::Failed { "failed" } else { "did not activate" }
+                        );
+                    }
+                    ExitCode::from(EXIT_FAILED)
+                }
+                Err(e) => fail(EXIT_UNAVAILABLE, &e),
+            }
+        }
+        Command::Undeploy { broker, device, group } => {
+            let topics = Topics::default();
+            let topic = match (&device, &group) {
+                (Some(d), _) => topics.device_desired(d),
+                (None, Some(g)) => topics.group_desired(g),
+                _ => return fail(EXIT_USAGE, "give --device or --group"),
+            };
+            let op = match Operator::connect(&broker, &format!("outpost-sim-undeploy-{}", std::process::id()), topics)
+                .await
+            {
+                Ok(o) => o,
+                Err(e) => return fail(EXIT_UNAVAILABLE, &e),
+            };
+            if let Err(e) = op.publish(&topic, Vec::new(), true).await {
+                return fail(EXIT_UNAVAILABLE, &e);
+            }
+            op.disconnect().await;
+            println!("withdrew the desired state on {topic}");
+            ExitCode::SUCCESS
+        }
+        Command::Infer { broker, device, input, timeout } => {
+            let body = match std::fs::read(&input)
+                .map_err(|e| e.to_string())
+                .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).map_err(|e| e.to_string()))
+            {
+                Ok(v) => v,
+                Err(e) => return fail(EXIT_USAGE, &format!("{}: {e}", input.display())),
+            };
+            let mut op = match Operator::connect(
+                &broker,
+                &format!("outpost-sim-infer-{}", std::process::id()),
+                Topics::default(),
+            )
+            .await
+            {
+                Ok(o) => o,
+                Err(e) => return fail(EXIT_UNAVAILABLE, &e),
+            };
+            let result = operator::infer_once(&mut op, &device, body, Duration::from_secs(timeout)).await;
+            op.disconnect().await;
+            match result {
+                Ok(reply) => {
+                    println!("{}", serde_json::to_string_pretty(&reply).unwrap_or_default());
+                    if matches!(reply, outpost_protocol::InferReply::Ok(_)) {
+                        ExitCode::SUCCESS
+                    } else {
+                        ExitCode::from(EXIT_FAILED)
+                    }
+                }
+                Err(e) => fail(EXIT_UNAVAILABLE, &e),
+            }
+        }
+        Command::Demo => match outpost_sim::demo::run().await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fail(EXIT_FAILED, &e),
+        },
+    }
+}
+
+fn fail(code: u8, msg: &str) -> ExitCode {
+    eprintln!("outpost-sim: {msg}");
+    ExitCode::from(code)
+}

@@ -1,0 +1,215 @@
+//! The operator's side of the protocol: an MQTT client that publishes desired
+//! state and inference requests and follows what devices report. Used by the
+//! `deploy` and `infer` commands, the demo and the end-to-end tests.
+
+use outpost_agent::mqtt::BrokerUrl;
+use outpost_protocol::deployment::SCHEMA;
+use outpost_protocol::{Deployment, DeploymentEvent, InferReply, ModelRef, Phase, Topics};
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, Publish, QoS};
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+
+#[derive(Debug)]
+pub struct Operator {
+    pub client: AsyncClient,
+    pub topics: Topics,
+    incoming: mpsc::UnboundedReceiver<Publish>,
+    subacks: mpsc::UnboundedReceiver<()>,
+}
+
+impl Operator {
+    /// Connects and returns once the broker accepted the session.
+    pub async fn connect(broker: &BrokerUrl, client_id: &str, topics: Topics) -> Result<Operator, String> {
+        let mut opts = MqttOptions::new(client_id, broker.host.clone(), broker.port);
+        opts.set_keep_alive(Duration::from_secs(15));
+        opts.set_max_packet_size(16 * 1024 * 1024, 16 * 1024 * 1024);
+        let (client, mut eventloop) = AsyncClient::new(opts, 1024);
+        let (tx, incoming) = mpsc::unbounded_channel();
+        let (sub_tx, subacks) = mpsc::unbounded_channel();
+        let (conn_tx, mut conn_rx) = mpsc::unbounded_channel::<Result<(), String>>();
+        tokio::spawn(async move {
+            loop {
+                match eventloop.poll().await {
+                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                        let _ = conn_tx.send(Ok(()));
+                    }
+                    Ok(Event::Incoming(Packet::Publish(p))) => {
+                        if tx.send(p).is_err() {
+                            break;
+                        }
+                    }
+                    Ok(Event::Incoming(Packet::SubAck(_))) => {
+                        let _ = sub_tx.send(());
+                    }
+                    Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => break,
+                    Ok(_) => {}
+                    Err(e) => {
+                        let _ = conn_tx.send(Err(e.to_string()));
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                }
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match tokio::time::timeout(left, conn_rx.recv()).await {
+                Ok(Some(Ok(()))) => break,
+                Ok(Some(Err(e))) if Instant::now() >= deadline => {
+                    return Err(format!("cannot connect to mqtt://{}:{}: {e}", broker.host, broker.port));
+                }
+                Ok(Some(Err(_))) => continue,
+                _ => {
+                    return Err(format!("cannot connect to mqtt://{}:{} within 10 s", broker.host, broker.port));
+                }
+            }
+        }
+        Ok(Operator { client, topics, incoming, subacks })
+    }
+
+    /// Subscribes and waits for the broker to confirm.
+    pub async fn subscribe(&mut self, filter: &str) -> Result<(), String> {
+        self.client.subscribe(filter, QoS::AtLeastOnce).await.map_err(|e| e.to_string())?;
+        tokio::time::timeout(Duration::from_secs(10), self.subacks.recv())
+            .await
+            .map_err(|_| format!("no SUBACK for {filter} within 10 s"))?
+            .ok_or_else(|| "connection closed".to_string())
+    }
+
+    pub async fn publish(&self, topic: &str, payload: Vec<u8>, retain: bool) -> Result<(), String> {
+        self.client.publish(topic, QoS::AtLeastOnce, retain, payload).await.map_err(|e| e.to_string())
+    }
+
+    /// The next message, or `None` after `timeout`.
+    pub async fn next(&mut self, timeout: Duration) -> Option<Publish> {
+        tokio::time::timeout(timeout, self.incoming.recv()).await.ok().flatten()
+    }
+
+    pub async fn disconnect(self) {
+        let _ = self.client.disconnect().await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Looks up a registered version over HTTP (or file://) and returns its
+/// manifest URL and the sha256 of the manifest bytes.
+pub async fn resolve_manifest(registry_url: &str, name: &str, version: &str) -> Result<(String, String), String> {
+    let url = format!("{}/{name}/{version}/manifest.json", registry_url.trim_end_matches('/'));
+    let u = url.clone();
+    let bytes = tokio::task::spawn_blocking(move || -> Result<Vec<u8>, String> {
+        if let Some(path) = u.strip_prefix("file://") {
+            return std::fs::read(path).map_err(|e| format!("{u}: {e}"));
+        }
+        let resp = ureq::get(&u).call().map_err(|e| format!("{u}: {e}"))?;
+        resp.into_body().with_config().limit(1 << 20).read_to_vec().map_err(|e| format!("{u}: {e}"))
+    })
+    .await
+    .map_err(|e| e.to_string())??;
+    outpost_protocol::Manifest::from_json(&bytes).map_err(|e| format!("{url}: {e}"))?;
+    Ok((url, crate::registry::sha256(&bytes)))
+}
+
+/// A deployment with a revision from the clock (milliseconds), so successive
+/// deploys from any operator machine increase.
+pub fn deployment(
+    name: &str,
+    version: &str,
+    manifest_url: &str,
+    manifest_sha256: &str,
+    revision: Option<u64>,
+    id: Option<String>,
+) -> Deployment {
+    let revision = revision.unwrap_or_else(|| {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(1)
+    });
+    Deployment {
+        schema: SCHEMA.into(),
+        deployment_id: id.unwrap_or_else(|| format!("{name}-{version}-{revision}")),
+        revision,
+        model: ModelRef {
+            name: name.into(),
+            version: version.into(),
+            manifest_url: manifest_url.into(),
+            manifest_sha256: manifest_sha256.into(),
+        },
+        serving: Default::default(),
+        policy: Default::default(),
+    }
+}
+
+/// Follows `events` until `expect` devices reached a final phase for
+/// `deployment_id`. Prints each event when `verbose`. Returns the final events.
+pub async fn wait_for_outcome(
+    op: &mut Operator,
+    deployment_id: &str,
+    expect: usize,
+    timeout: Duration,
+    verbose: bool,
+) -> Result<Vec<DeploymentEvent>, String> {
+    let deadline = Instant::now() + timeout;
+    let mut finals: Vec<DeploymentEvent> = Vec::new();
+    while finals.len() < expect {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let Some(msg) = op.next(left).await else {
+            return Err(format!(
+                "{} of {expect} device(s) finished deployment {deployment_id} within {} s",
+                finals.len(),
+                timeout.as_secs()
+            ));
+        };
+        let Ok(ev) = DeploymentEvent::from_json(&msg.payload) else {
+            continue;
+        };
+        if ev.deployment_id != deployment_id {
+            continue;
+        }
+        if verbose {
+            print_event(&ev);
+        }
+        if ev.phase.is_final() && !finals.iter().any(|f| f.device == ev.device) {
+            finals.push(ev);
+        }
+    }
+    Ok(finals)
+}
+
+pub fn print_event(ev: &DeploymentEvent) {
+    let mut line = format!("  {:<12} {:<12}", ev.device, format!("{:?}", ev.phase).to_lowercase());
+    if let Some(p) = ev.progress {
+        line.push_str(&format!(" {}/{} bytes", p.bytes, p.total));
+    }
+    if let Some(e) = &ev.error {
+        line.push_str(&format!(" {}: {}", e.code, e.message));
+    }
+    if let Some(d) = &ev.detail {
+        line.push_str(&format!(" ({d})"));
+    }
+    println!("{line}");
+}
+
+/// True when a final event means success.
+pub fn succeeded(ev: &DeploymentEvent) -> bool {
+    matches!(ev.phase, Phase::Active | Phase::Unchanged)
+}
+
+/// Sends one request to a device and waits for its answer on a private reply topic.
+pub async fn infer_once(
+    op: &mut Operator,
+    device: &str,
+    mut request: serde_json::Value,
+    timeout: Duration,
+) -> Result<InferReply, String> {
+    let reply_to = format!("outpost-sim/replies/{}-{}", std::process::id(), outpost_agent::jitter().to_bits());
+    op.subscribe(&reply_to).await?;
+    request["reply_to"] = serde_json::Value::String(reply_to.clone());
+    op.publish(&op.topics.infer(device), serde_json::to_vec(&request).map_err(|e| e.to_string())?, false).await?;
+    let deadline = Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let msg =
+            op.next(left).await.ok_or_else(|| format!("no answer from {device} within {} s", timeout.as_secs()))?;
+        if msg.topic == reply_to {
+            return serde_json::from_slice(&msg.payload).map_err(|e| format!("unreadable answer: {e}"));
+        }
+    }
+}

@@ -1,0 +1,209 @@
+//! The model registry: `register` writes a version as static files, and a
+//! small HTTP server serves them (any static HTTP server works as well).
+//!
+//! ```text
+//! REGISTRY/{name}/{version}/manifest.json
+//! REGISTRY/{name}/{version}/model.onnx, labels.txt, sample/input.json, sample/expected.json
+//! ```
+
+use outpost_agent::engine::{self, ExpectedOutputs, Model};
+use outpost_protocol::infer::TensorData;
+use outpost_protocol::manifest::{ModelSpec, Postprocess, TensorSpec, Validation};
+use outpost_protocol::{Datatype, FileEntry, InferRequest, Manifest, TensorIn, hex};
+use sha2::{Digest, Sha256};
+use std::path::{Path, PathBuf};
+
+/// What `register` is asked to do.
+#[derive(Debug, Clone)]
+pub struct RegisterSpec {
+    pub model: PathBuf,
+    pub name: String,
+    pub version: String,
+    pub registry: PathBuf,
+    pub labels: Option<PathBuf>,
+    pub sample: Option<PathBuf>,
+    /// Concrete shapes for inputs with dynamic dimensions.
+    pub shapes: Vec<(String, Vec<i64>)>,
+    pub tolerance: f64,
+    /// Top-k classes answered with the labels (when labels are given).
+    pub top_k: usize,
+    /// Pre-processing to apply to the (first) input on the device.
+    pub scale: Option<f64>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Registered {
+    /// `{name}/{version}/manifest.json`, relative to the registry root.
+    pub manifest_path: String,
+    pub manifest_sha256: String,
+    pub manifest: Manifest,
+}
+
+pub fn sha256(bytes: &[u8]) -> String {
+    let d: [u8; 32] = Sha256::digest(bytes).into();
+    hex(&d)
+}
+
+fn entry(dir: &Path, path: &str) -> Result<FileEntry, String> {
+    let bytes = std::fs::read(dir.join(path)).map_err(|e| format!("{path}: {e}"))?;
+    Ok(FileEntry { path: path.into(), sha256: sha256(&bytes), size: bytes.len() as u64, url: None })
+}
+
+fn write(dir: &Path, path: &str, bytes: &[u8]) -> Result<(), String> {
+    let p = dir.join(path);
+    if let Some(parent) = p.parent() {
+        std::fs::create_dir_all(parent).map_err(|e| format!("{}: {e}", parent.display()))?;
+    }
+    std::fs::write(&p, bytes).map_err(|e| format!("{}: {e}", p.display()))
+}
+
+/// A deterministic input that fits the model (dynamic dimensions taken as 1):
+/// floats in [0, 1), integers in 0..10, alternating booleans.
+pub fn synthetic_request(inputs: &[(String, Datatype, Vec<i64>)]) -> InferRequest {
+    let mut state: u32 = 0x9E37_79B9;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 17;
+        state ^= state << 5;
+        state
+    };
+    let tensors = inputs
+        .iter()
+        .map(|(name, dt, shape)| {
+            let shape: Vec<i64> = shape.iter().map(|d| if *d < 0 { 1 } else { *d }).collect();
+            let n: i64 = shape.iter().product();
+            let data = match dt {
+                Datatype::Bool => TensorData::Bool((0..n).map(|i| i % 2 == 0).collect()),
+                d if d.is_float() => TensorData::F64((0..n).map(|_| f64::from(next() % 10_000) / 10_000.0).collect()),
+                _ => TensorData::I64((0..n).map(|_| i64::from(next() % 10)).collect()),
+            };
+            TensorIn { name: name.clone(), shape, datatype: *dt, data, parameters: None }
+        })
+        .collect();
+    InferRequest { id: Some("golden".into()), inputs: tensors, outputs: None, parameters: None, reply_to: None }
+}
+
+/// Registers a model version: copies the files, derives the signature from the
+/// model, computes the golden sample's expected output by running it exactly
+/// as the device will, and writes the manifest last.
+pub fn register(spec: &RegisterSpec) -> Result<Registered, String> {
+    for (what, v) in [("--name", &spec.name), ("--version", &spec.version)] {
+        outpost_protocol::topics::validate_name(what, v).map_err(|e| e.to_string())?;
+    }
+    let sig = engine::read_signature(&spec.model, &spec.shapes)
+        .map_err(|e| format!("{}: {}", spec.model.display(), e.message))?;
+    let dir = spec.registry.join(&spec.name).join(&spec.version);
+    if dir.join("manifest.json").exists() {
+        return Err(format!(
+            "{}@{} is already registered in {}: versions are immutable, register a new version",
+            spec.name,
+            spec.version,
+            spec.registry.display()
+        ));
+    }
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let model_bytes = std::fs::read(&spec.model).map_err(|e| format!("{}: {e}", spec.model.display()))?;
+    write(&dir, "model.onnx", &model_bytes)?;
+    let mut files = vec![entry(&dir, "model.onnx")?];
+    if let Some(l) = &spec.labels {
+        let bytes = std::fs::read(l).map_err(|e| format!("{}: {e}", l.display()))?;
+        write(&dir, "labels.txt", &bytes)?;
+        files.push(entry(&dir, "labels.txt")?);
+    }
+    let request = match &spec.sample {
+        Some(p) => {
+            let bytes = std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()))?;
+            InferRequest::from_json(&bytes).map_err(|e| format!("{}: not an inference request: {e}", p.display()))?
+        }
+        None => synthetic_request(&sig.inputs),
+    };
+    let mut sample = serde_json::to_vec_pretty(&request).map_err(|e| e.to_string())?;
+    sample.push(b'\n');
+    write(&dir, "sample/input.json", &sample)?;
+    files.push(entry(&dir, "sample/input.json")?);
+
+    let inputs: Vec<TensorSpec> = sig
+        .inputs
+        .iter()
+        .enumerate()
+        .map(|(i, (name, dt, shape))| TensorSpec {
+            name: name.clone(),
+            datatype: *dt,
+            shape: shape.clone(),
+            preprocess: if i == 0 {
+                spec.scale.map(|s| outpost_protocol::Preprocess { scale: Some(s), ..Default::default() })
+            } else {
+                None
+            },
+            postprocess: None,
+        })
+        .collect();
+    let outputs: Vec<TensorSpec> = sig
+        .outputs
+        .iter()
+        .enumerate()
+        .map(|(i, (name, dt, shape))| TensorSpec {
+            name: name.clone(),
+            datatype: *dt,
+            shape: shape.clone(),
+            preprocess: None,
+            postprocess: (i == 0 && spec.labels.is_some()).then(|| Postprocess {
+                softmax: false,
+                top_k: Some(spec.top_k),
+                labels: Some("labels.txt".into()),
+            }),
+        })
+        .collect();
+    let mut manifest = Manifest {
+        schema: outpost_protocol::manifest::SCHEMA.into(),
+        name: spec.name.clone(),
+        version: spec.version.clone(),
+        files: files.clone(),
+        model: ModelSpec { format: "onnx".into(), file: "model.onnx".into(), inputs, outputs },
+        validation: None,
+    };
+    manifest.validate().map_err(|e| e.to_string())?;
+    let model = Model::load(&dir, &manifest, "").map_err(|e| format!("{}: {}", spec.model.display(), e.message))?;
+    let response = model.infer(&request).map_err(|e| format!("golden sample: {e}"))?;
+    let mut expected =
+        serde_json::to_vec_pretty(&ExpectedOutputs { outputs: response.outputs }).map_err(|e| e.to_string())?;
+    expected.push(b'\n');
+    write(&dir, "sample/expected.json", &expected)?;
+    files.push(entry(&dir, "sample/expected.json")?);
+    manifest.files = files;
+    manifest.validation = Some(Validation {
+        input: "sample/input.json".into(),
+        expected: "sample/expected.json".into(),
+        tolerance: spec.tolerance,
+    });
+    manifest.validate().map_err(|e| e.to_string())?;
+    let bytes = manifest.to_json_pretty();
+    write(&dir, "manifest.json", &bytes)?;
+    Ok(Registered {
+        manifest_path: format!("{}/{}/manifest.json", spec.name, spec.version),
+        manifest_sha256: sha256(&bytes),
+        manifest,
+    })
+}
+
+/// Serves `root` as static files on `listener` until the process ends: the
+/// registry over HTTP. Paths with `..` or other tricks get 404.
+pub async fn serve_http(root: PathBuf, listener: tokio::net::TcpListener) -> std::io::Result<()> {
+    use axum::extract::{Path as UrlPath, State};
+    use axum::http::{StatusCode, header};
+    use axum::response::IntoResponse;
+    async fn file(State(root): State<PathBuf>, UrlPath(path): UrlPath<String>) -> axum::response::Response {
+        if outpost_protocol::manifest::check_relative_path("path", &path).is_err() {
+            return (StatusCode::NOT_FOUND, "not found\n").into_response();
+        }
+        match tokio::fs::read(root.join(&path)).await {
+            Ok(bytes) => {
+                let ct = if path.ends_with(".json") { "application/json" } else { "application/octet-stream" };
+                ([(header::CONTENT_TYPE, ct)], bytes).into_response()
+            }
+            Err(_) => (StatusCode::NOT_FOUND, "not found\n").into_response(),
+        }
+    }
+    let app = axum::Router::new().route("/{*path}", axum::routing::get(file)).with_state(root);
+    axum::serve(listener, app).await
+}
