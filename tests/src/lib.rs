@@ -1,1 +1,384 @@
+//! Helpers for Outpost's end-to-end tests: real processes for everything that
+//! crosses a process boundary. A Mosquitto broker per test on a free port, the
+//! registry served over HTTP, and the `outpost` binary itself.
+#![allow(clippy::unwrap_used)] // test helpers: a panic is the failure report
 
+use outpost_agent_bin::agent_binary;
+use outpost_protocol::{DeploymentEvent, DeviceState, Phase, Topics};
+use outpost_sim::operator::{Operator, deployment, resolve_manifest};
+use outpost_sim::registry::{RegisterSpec, register, sha256};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+mod outpost_agent_bin {
+    use std::path::PathBuf;
+
+    /// `target/<profile>/outpost`, built by `cargo test --workspace` (the agent
+    /// package has integration tests, so cargo builds its binary first).
+    pub fn agent_binary() -> PathBuf {
+        let exe = std::env::current_exe().unwrap();
+        let dir = exe.parent().unwrap().parent().unwrap();
+        let bin = dir.join(format!("outpost{}", std::env::consts::EXE_SUFFIX));
+        assert!(bin.is_file(), "{} is missing: run the tests with `cargo test --workspace` (or `cargo build -p outpost-agent` first)", bin.display());
+        bin
+    }
+}
+
+pub const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../fixtures");
+
+pub fn fixture(name: &str) -> PathBuf {
+    Path::new(FIXTURES).join(name)
+}
+
+/// A Mosquitto broker on a free port, killed on drop.
+pub struct Mosquitto {
+    pub port: u16,
+    child: Child,
+    _dir: tempfile::TempDir,
+}
+
+impl Mosquitto {
+    pub fn start() -> Mosquitto {
+        let dir = tempfile::tempdir().unwrap();
+        let port = outpost_sim::broker::free_port().unwrap();
+        let conf = dir.path().join("mosquitto.conf");
+        std::fs::write(&conf, format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nlog_dest stderr\nmax_packet_size 16777216\n")).unwrap();
+        let bin = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"].into_iter().find(|p| Path::new(p).exists()).unwrap_or("mosquitto");
+        let log = std::fs::File::create(dir.path().join("mosquitto.log")).unwrap();
+        let child = Command::new(bin)
+            .arg("-c")
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {bin} ({e}): install Mosquitto (apt-get install mosquitto)"));
+        wait_port(port);
+        Mosquitto { port, child, _dir: dir }
+    }
+
+    pub fn url(&self) -> outpost_agent::mqtt::BrokerUrl {
+        outpost_agent::mqtt::BrokerUrl { host: "127.0.0.1".into(), port: self.port }
+    }
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn wait_port(port: u16) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("nothing listens on port {port} after 10 s");
+}
+
+/// A registry directory served over HTTP for the life of the test runtime.
+pub struct Registry {
+    pub dir: tempfile::TempDir,
+    pub url: String,
+}
+
+impl Registry {
+    pub async fn start() -> Registry {
+        let dir = tempfile::tempdir().unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(outpost_sim::registry::serve_http(dir.path().to_path_buf(), listener));
+        Registry { dir, url }
+    }
+
+    pub fn root(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Registers a fixture model with the fixture labels.
+    pub fn register(&self, fixture_model: &str, name: &str, version: &str) -> String {
+        let r = register(&RegisterSpec {
+            model: fixture(fixture_model),
+            name: name.into(),
+            version: version.into(),
+            registry: self.root().to_path_buf(),
+            labels: Some(fixture("labels.txt")),
+            sample: None,
+            shapes: vec![],
+            tolerance: 1e-4,
+            top_k: 3,
+            scale: None,
+        })
+        .unwrap();
+        r.manifest_sha256
+    }
+
+    /// Rewrites a version's manifest after its files were changed on purpose,
+    /// so only the change under test is wrong. Returns the new manifest sha256.
+    pub fn rehash(&self, name: &str, version: &str) -> String {
+        let dir = self.root().join(name).join(version);
+        let mut m: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).unwrap()).unwrap();
+        for f in m["files"].as_array_mut().unwrap() {
+            let bytes = std::fs::read(dir.join(f["path"].as_str().unwrap())).unwrap();
+            f["sha256"] = sha256(&bytes).into();
+            f["size"] = bytes.len().into();
+        }
+        let bytes = serde_json::to_vec_pretty(&m).unwrap();
+        std::fs::write(dir.join("manifest.json"), &bytes).unwrap();
+        sha256(&bytes)
+    }
+
+    pub fn manifest_url(&self, name: &str, version: &str) -> String {
+        format!("{}/{name}/{version}/manifest.json", self.url)
+    }
+}
+
+/// The `outpost` binary running as a device, killed on drop. Its log is in `log`.
+pub struct Agent {
+    pub device: String,
+    pub data_dir: PathBuf,
+    pub log: PathBuf,
+    child: Option<Child>,
+    args: Vec<String>,
+}
+
+impl Agent {
+    pub fn start(broker_port: u16, device: &str, data_dir: &Path, groups: &[&str]) -> Agent {
+        let mut args = vec![
+            "run".to_string(),
+            "--broker".into(),
+            format!("mqtt://127.0.0.1:{broker_port}"),
+            "--device".into(),
+            device.into(),
+            "--data-dir".into(),
+            data_dir.display().to_string(),
+            "--download-attempts".into(),
+            "2".into(),
+        ];
+        for g in groups {
+            args.push("--group".into());
+            args.push((*g).into());
+        }
+        let mut a = Agent { device: device.into(), data_dir: data_dir.into(), log: data_dir.with_extension("log"), child: None, args };
+        a.spawn();
+        a
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
+        let child = Command::new(agent_binary())
+            .args(&self.args)
+            .env("OUTPOST_LOG", "debug,rumqttc=info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.child.as_mut().is_some_and(|c| c.try_wait().unwrap().is_none())
+    }
+
+    /// Hard kill (power cut), then start again with the same arguments.
+    pub fn kill_and_restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// An operator connected to the test's broker, watching one device.
+pub struct Watcher {
+    pub op: Operator,
+    pub client: Operator,
+    pub device: String,
+    pub topics: Topics,
+}
+
+impl Watcher {
+    pub async fn new(broker: &Mosquitto, device: &str) -> Watcher {
+        let topics = Topics::default();
+        let mut op = Operator::connect(&broker.url(), &format!("watch-{device}"), topics.clone()).await.unwrap();
+        op.subscribe(&topics.events(device)).await.unwrap();
+        op.subscribe(&topics.state(device)).await.unwrap();
+        op.subscribe(&topics.availability(device)).await.unwrap();
+        let mut client = Operator::connect(&broker.url(), &format!("client-{device}"), topics.clone()).await.unwrap();
+        client.subscribe(&topics.predictions(device)).await.unwrap();
+        Watcher { op, client, device: device.into(), topics }
+    }
+
+    /// Waits until the device says `online`.
+    pub async fn online(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if let Some(m) = self.op.next(Duration::from_millis(200)).await
+                && m.topic.ends_with("/availability")
+                && &m.payload[..] == b"online"
+            {
+                return;
+            }
+        }
+        panic!("{} did not come online", self.device);
+    }
+
+    /// Publishes a deployment of a registered version and returns its final
+    /// event and every event seen for it.
+    pub async fn deploy(&mut self, reg: &Registry, name: &str, version: &str) -> (DeploymentEvent, Vec<DeploymentEvent>) {
+        let (url, sha) = resolve_manifest(&reg.url, name, version).await.unwrap();
+        self.deploy_raw(name, version, &url, &sha).await
+    }
+
+    pub async fn deploy_raw(&mut self, name: &str, version: &str, url: &str, sha: &str) -> (DeploymentEvent, Vec<DeploymentEvent>) {
+        let d = deployment(name, version, url, sha, None, None);
+        self.publish_desired(d.to_json()).await;
+        self.events_until_final(&d.deployment_id).await
+    }
+
+    pub async fn publish_desired(&mut self, payload: Vec<u8>) {
+        self.op.publish(&self.topics.device_desired(&self.device), payload, true).await.unwrap();
+    }
+
+    pub async fn events_until_final(&mut self, deployment_id: &str) -> (DeploymentEvent, Vec<DeploymentEvent>) {
+        let mut seen = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            let Some(m) = self.op.next(Duration::from_millis(200)).await else { continue };
+            if !m.topic.ends_with("/events") {
+                continue;
+            }
+            let ev = DeploymentEvent::from_json(&m.payload).unwrap();
+            if ev.deployment_id != deployment_id {
+                continue;
+            }
+            seen.push(ev.clone());
+            if ev.phase.is_final() {
+                return (ev, seen);
+            }
+        }
+        panic!("no final event for {deployment_id} within 60 s; seen {seen:?}");
+    }
+
+    /// The next event matching `pred`.
+    pub async fn event(&mut self, pred: impl Fn(&DeploymentEvent) -> bool) -> DeploymentEvent {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            let Some(m) = self.op.next(Duration::from_millis(200)).await else { continue };
+            if m.topic.ends_with("/events")
+                && let Ok(ev) = DeploymentEvent::from_json(&m.payload)
+                && pred(&ev)
+            {
+                return ev;
+            }
+        }
+        panic!("expected event not seen within 30 s");
+    }
+
+    /// The retained state as a fresh subscriber sees it, once it satisfies `pred`.
+    pub async fn state(&mut self, broker: &Mosquitto, pred: impl Fn(&DeviceState) -> bool) -> DeviceState {
+        let mut fresh = Operator::connect(&broker.url(), &format!("state-{}", self.device), self.topics.clone()).await.unwrap();
+        fresh.subscribe(&self.topics.state(&self.device)).await.unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut last = None;
+        while Instant::now() < deadline {
+            let Some(m) = fresh.next(Duration::from_millis(200)).await else { continue };
+            if m.topic.ends_with("/state") {
+                let s = DeviceState::from_json(&m.payload).unwrap();
+                if pred(&s) {
+                    return s;
+                }
+                last = Some(s);
+            }
+        }
+        panic!("state never matched; last {last:?}");
+    }
+
+    /// Sends a raw request body to `infer` and returns the answer with the same id.
+    pub async fn infer_raw(&mut self, id: &str, body: Vec<u8>) -> serde_json::Value {
+        self.client.publish(&self.topics.infer(&self.device), body, false).await.unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            let Some(m) = self.client.next(Duration::from_millis(200)).await else { continue };
+            let v: serde_json::Value = serde_json::from_slice(&m.payload).unwrap();
+            if v["id"] == id {
+                return v;
+            }
+        }
+        panic!("no answer to {id} within 30 s");
+    }
+
+    pub async fn infer(&mut self, id: &str, request: serde_json::Value) -> serde_json::Value {
+        let mut r = request;
+        r["id"] = id.into();
+        self.infer_raw(id, serde_json::to_vec(&r).unwrap()).await
+    }
+}
+
+/// Held-out digits from the fixtures: (images, labels).
+pub fn heldout() -> (Vec<Vec<f64>>, Vec<usize>) {
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(fixture("digits-heldout.json")).unwrap()).unwrap();
+    let images = v["images"].as_array().unwrap().iter().map(|r| r.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect()).collect();
+    let labels = v["labels"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as usize).collect();
+    (images, labels)
+}
+
+/// onnxruntime's probabilities for the held-out digits.
+pub fn expected_probabilities(fixture_name: &str) -> Vec<Vec<f64>> {
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(fixture(fixture_name)).unwrap()).unwrap();
+    v["probabilities"].as_array().unwrap().iter().map(|r| r.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect()).collect()
+}
+
+/// A request with the first `n` held-out digits as one batch, as nested rows.
+pub fn digits_request(n: usize) -> serde_json::Value {
+    let (images, _) = heldout();
+    let rows: Vec<&Vec<f64>> = images.iter().take(n).collect();
+    serde_json::json!({"inputs": [{"name": "input", "shape": [rows.len(), 64], "datatype": "FP32", "data": rows}]})
+}
+
+/// Checks an answer against onnxruntime's outputs: returns (max |diff|, accuracy).
+pub fn score(answer: &serde_json::Value, expected: &[Vec<f64>]) -> (f64, f64) {
+    let (_, labels) = heldout();
+    let out = answer["outputs"].as_array().unwrap().iter().find(|o| o["name"] == "probabilities").unwrap_or_else(|| panic!("no probabilities in {answer}"));
+    let data: Vec<f64> = out["data"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect();
+    let rows = data.len() / 10;
+    let mut max_diff: f64 = 0.0;
+    let mut correct = 0;
+    for r in 0..rows {
+        let row = &data[r * 10..r * 10 + 10];
+        for (a, b) in row.iter().zip(&expected[r]) {
+            max_diff = max_diff.max((a - b).abs());
+        }
+        let best = row.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).unwrap().0;
+        if best == labels[r] {
+            correct += 1;
+        }
+    }
+    (max_diff, correct as f64 / rows as f64)
+}
+
+pub fn phase_names(events: &[DeploymentEvent]) -> Vec<Phase> {
+    let mut v: Vec<Phase> = events.iter().map(|e| e.phase).collect();
+    v.dedup();
+    v
+}

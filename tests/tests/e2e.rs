@@ -1,1 +1,205 @@
+//! End to end, with real processes: a Mosquitto broker per test, the registry
+//! over HTTP, and the `outpost` binary as the device.
+#![allow(clippy::unwrap_used)]
 
+use outpost_protocol::{ErrorCode, Outcome, Phase};
+use outpost_tests::*;
+
+const MLP_EXPECTED: &str = "digits-mlp-expected.json";
+const CNN_EXPECTED: &str = "digits-cnn-expected.json";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deploy_message_becomes_served_predictions_and_versions_swap() {
+    let broker = Mosquitto::start();
+    let reg = Registry::start().await;
+    reg.register("digits-mlp.onnx", "digits", "1");
+    reg.register("digits-cnn.onnx", "digits", "2");
+    let data = tempfile::tempdir().unwrap();
+    let mut w = Watcher::new(&broker, "dev1").await;
+    let _agent = Agent::start(broker.port, "dev1", &data.path().join("dev1"), &[]);
+    w.online().await;
+
+    // Before any deployment: a clear `no_model` answer with the request's id.
+    let answer = w.infer("r-0", digits_request(1)).await;
+    assert_eq!(answer["code"], "no_model", "{answer}");
+
+    let (last, events) = w.deploy(&reg, "digits", "1").await;
+    assert_eq!(last.phase, Phase::Active, "{events:?}");
+    assert_eq!(
+        phase_names(&events),
+        [Phase::Received, Phase::Downloading, Phase::Verifying, Phase::Loading, Phase::Validating, Phase::Active]
+    );
+    let seqs: Vec<u64> = events.iter().map(|e| e.seq).collect();
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "seq must increase: {seqs:?}");
+    let state = w.state(&broker, |s| s.active.as_ref().is_some_and(|a| a.version == "1")).await;
+    assert_eq!(state.last_deployment.unwrap().outcome, Outcome::Active);
+
+    // All 450 held-out digits in one batch: tract matches onnxruntime.
+    let answer = w.infer("r-1", digits_request(450)).await;
+    assert_eq!((answer["model_name"].as_str(), answer["model_version"].as_str()), (Some("digits"), Some("1")));
+    let (diff, accuracy) = score(&answer, &expected_probabilities(MLP_EXPECTED));
+    assert!(diff < 1e-4, "max difference from onnxruntime {diff}");
+    assert!(accuracy > 0.97, "accuracy {accuracy}");
+    let top = answer["outputs"].as_array().unwrap().iter().find(|o| o["name"] == "probabilities_top_k").unwrap();
+    assert_eq!(top["shape"], serde_json::json!([450, 3]));
+
+    // A second version replaces the first.
+    let (last, events) = w.deploy(&reg, "digits", "2").await;
+    assert_eq!(last.phase, Phase::Active, "{events:?}");
+    let answer = w.infer("r-2", digits_request(450)).await;
+    assert_eq!(answer["model_version"], "2");
+    let (diff, accuracy) = score(&answer, &expected_probabilities(CNN_EXPECTED));
+    assert!(diff < 1e-4, "max difference from onnxruntime {diff}");
+    assert!(accuracy > 0.95, "accuracy {accuracy}");
+
+    // Deploying v1 again reuses the store: no download.
+    let (last, events) = w.deploy(&reg, "digits", "1").await;
+    assert_eq!(last.phase, Phase::Active);
+    assert!(!events.iter().any(|e| e.phase == Phase::Downloading), "{events:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_bad_bundle_fails_precisely_and_the_serving_model_keeps_answering() {
+    let broker = Mosquitto::start();
+    let reg = Registry::start().await;
+    reg.register("digits-mlp.onnx", "digits", "1");
+    let data = tempfile::tempdir().unwrap();
+    let mut w = Watcher::new(&broker, "dev2").await;
+    let _agent = Agent::start(broker.port, "dev2", &data.path().join("dev2"), &[]);
+    w.online().await;
+    assert_eq!(w.deploy(&reg, "digits", "1").await.0.phase, Phase::Active);
+
+    // Wrong manifest_sha256 in the deployment.
+    let (last, _) = w.deploy_raw("digits", "1", &reg.manifest_url("digits", "1"), &"ab".repeat(32)).await;
+    let e = last.error.clone().unwrap();
+    assert_eq!((last.phase, e.code), (Phase::Failed, ErrorCode::DigestMismatch), "{last:?}");
+    assert!(e.message.starts_with("manifest.json: expected sha256 abababababab.., got "), "{}", e.message);
+    let state = w.state(&broker, |s| s.last_deployment.as_ref().is_some_and(|l| l.outcome == Outcome::Failed)).await;
+    assert_eq!(state.active.unwrap().version, "1", "the failed deployment must not replace the active one");
+    assert_eq!(state.last_deployment.unwrap().error.unwrap().code, ErrorCode::DigestMismatch);
+
+    // A file tampered with after registration (a model this device has not
+    // stored yet: a stored blob with the right digest is never fetched again).
+    let good_sha = reg.register("digits-cnn.onnx", "digits", "3");
+    let model = reg.root().join("digits/3/model.onnx");
+    let mut bytes = std::fs::read(&model).unwrap();
+    let n = bytes.len();
+    bytes[n - 10] ^= 0xff;
+    std::fs::write(&model, bytes).unwrap();
+    let (last, _) = w.deploy_raw("digits", "3", &reg.manifest_url("digits", "3"), &good_sha).await;
+    let e = last.error.unwrap();
+    assert_eq!(e.code, ErrorCode::DigestMismatch);
+    assert!(e.message.starts_with("model.onnx: expected sha256 "), "{}", e.message);
+
+    // HTTP 404: a version that is not in the registry.
+    let (last, _) = w.deploy_raw("digits", "9", &reg.manifest_url("digits", "9"), &"cd".repeat(32)).await;
+    let e = last.error.unwrap();
+    assert_eq!(e.code, ErrorCode::DownloadFailed);
+    assert!(e.message.contains("HTTP 404"), "{}", e.message);
+
+    // A model tract cannot load (the bytes are not ONNX), with correct hashes.
+    reg.register("digits-mlp.onnx", "digits", "4");
+    std::fs::write(reg.root().join("digits/4/model.onnx"), b"this is not an onnx model").unwrap();
+    let sha = reg.rehash("digits", "4");
+    let (last, _) = w.deploy_raw("digits", "4", &reg.manifest_url("digits", "4"), &sha).await;
+    let e = last.error.unwrap();
+    assert_eq!(e.code, ErrorCode::ModelLoadFailed, "{}", e.message);
+    assert!(e.message.starts_with("model.onnx: cannot parse ONNX"), "{}", e.message);
+
+    // A golden sample the model does not reproduce.
+    reg.register("digits-mlp.onnx", "digits", "5");
+    let expected_path = reg.root().join("digits/5/sample/expected.json");
+    let mut expected: serde_json::Value = serde_json::from_slice(&std::fs::read(&expected_path).unwrap()).unwrap();
+    expected["outputs"][0]["data"][3] = serde_json::json!(0.5);
+    std::fs::write(&expected_path, serde_json::to_vec(&expected).unwrap()).unwrap();
+    let sha = reg.rehash("digits", "5");
+    let (last, _) = w.deploy_raw("digits", "5", &reg.manifest_url("digits", "5"), &sha).await;
+    let e = last.error.unwrap();
+    assert_eq!(e.code, ErrorCode::ValidationFailed, "{}", e.message);
+    assert!(e.message.starts_with("output 'probabilities' element 3: expected 0.5, got "), "{}", e.message);
+
+    // Through all of it, version 1 kept serving.
+    let answer = w.infer("still", digits_request(5)).await;
+    assert_eq!(answer["model_version"], "1", "{answer}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_messages_get_precise_errors_and_the_agent_keeps_running() {
+    let broker = Mosquitto::start();
+    let reg = Registry::start().await;
+    reg.register("digits-mlp.onnx", "digits", "1");
+    let data = tempfile::tempdir().unwrap();
+    let mut w = Watcher::new(&broker, "dev3").await;
+    let mut agent = Agent::start(broker.port, "dev3", &data.path().join("dev3"), &[]);
+    w.online().await;
+    assert_eq!(w.deploy(&reg, "digits", "1").await.0.phase, Phase::Active);
+
+    // Desired state that is not JSON, has a wrong type, or a future schema.
+    w.publish_desired(b"{this is not json".to_vec()).await;
+    let ev = w.event(|e| e.phase == Phase::Failed).await;
+    assert_eq!(ev.error.unwrap().code, ErrorCode::InvalidMessage);
+
+    let bad = serde_json::json!({"schema": "outpost.deployment.v1", "deployment_id": "bad-1", "revision": "seven",
+        "model": {"name": "digits", "version": "1", "manifest_url": reg.manifest_url("digits", "1"), "manifest_sha256": "x"}});
+    w.publish_desired(serde_json::to_vec(&bad).unwrap()).await;
+    let ev = w.event(|e| e.deployment_id == "bad-1").await;
+    let e = ev.error.unwrap();
+    assert_eq!(e.code, ErrorCode::InvalidMessage);
+    assert!(e.message.starts_with("revision: expected "), "{}", e.message);
+
+    let future = serde_json::json!({"schema": "outpost.deployment.v2", "deployment_id": "future-1", "revision": 1});
+    w.publish_desired(serde_json::to_vec(&future).unwrap()).await;
+    let ev = w.event(|e| e.deployment_id == "future-1").await;
+    assert_eq!(ev.error.unwrap().code, ErrorCode::UnsupportedSchema);
+
+    // Inference requests that are broken in each way a client can break them.
+    let answer = w.infer_raw("garbage", b"{\"id\": \"garbage\", \"inputs\": 12}".to_vec()).await;
+    assert_eq!(answer["code"], "bad_input", "{answer}");
+    assert!(answer["error"].as_str().unwrap().starts_with("inputs: expected"), "{answer}");
+
+    let wrong_shape = serde_json::json!({"inputs": [{"name": "input", "shape": [1, 63], "datatype": "FP32", "data": vec![0.0; 63]}]});
+    let answer = w.infer("shape", wrong_shape).await;
+    assert_eq!(answer["code"], "bad_input");
+    assert_eq!(answer["error"], "input 'input': expected shape [N, 64], got [1, 63]");
+
+    let wrong_count = serde_json::json!({"inputs": [{"name": "input", "shape": [2, 64], "datatype": "FP32", "data": vec![0.0; 64]}]});
+    let answer = w.infer("count", wrong_count).await;
+    assert_eq!(answer["error"], "input 'input': shape [2, 64] needs 128 values, got 64");
+
+    let wrong_name = serde_json::json!({"inputs": [{"name": "pixels", "shape": [1, 64], "datatype": "FP32", "data": vec![0.0; 64]}]});
+    let answer = w.infer("name", wrong_name).await;
+    assert_eq!(answer["error"], "unknown input 'pixels': the model's inputs are [\"input\"]");
+
+    let wrong_type = serde_json::json!({"inputs": [{"name": "input", "shape": [1, 64], "datatype": "INT64", "data": vec![0; 64]}]});
+    let answer = w.infer("type", wrong_type).await;
+    assert_eq!(answer["error"], "input 'input': expected datatype FP32, got INT64");
+
+    // Still running, still serving.
+    assert!(agent.is_running());
+    let answer = w.infer("ok", digits_request(3)).await;
+    assert_eq!(answer["model_version"], "1");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_power_cut_the_device_serves_from_its_store_without_the_registry() {
+    let broker = Mosquitto::start();
+    let reg = Registry::start().await;
+    reg.register("digits-mlp.onnx", "digits", "1");
+    let data = tempfile::tempdir().unwrap();
+    let mut w = Watcher::new(&broker, "dev4").await;
+    let mut agent = Agent::start(broker.port, "dev4", &data.path().join("dev4"), &[]);
+    w.online().await;
+    let (last, _) = w.deploy(&reg, "digits", "1").await;
+    assert_eq!(last.phase, Phase::Active);
+    let deployment_id = last.deployment_id;
+
+    // Registry gone (files removed), agent killed hard and started again.
+    std::fs::remove_dir_all(reg.root().join("digits")).unwrap();
+    agent.kill_and_restart();
+    w.online().await;
+    // The retained desired state is replayed: a no-op, not a download.
+    let ev = w.event(|e| e.deployment_id == deployment_id).await;
+    assert_eq!(ev.phase, Phase::Unchanged, "{ev:?}");
+    let answer = w.infer("after-restart", digits_request(2)).await;
+    assert_eq!(answer["model_version"], "1", "{answer}");
+}
