@@ -38,6 +38,7 @@ impl Deployer {
     /// Runs a deployment and reports its outcome (events + state).
     pub fn run(&self, source: Source, d: &Deployment, cancel: &Cancel) -> Ended {
         let started = Instant::now();
+        self.reporter.set_outcome(d, Outcome::InProgress, None, None);
         let ended = match self.prepare(d, cancel) {
             Ok(model) => {
                 if cancel.is_cancelled() {

@@ -15,9 +15,15 @@ fn bad_arguments_exit_64_with_the_reason() {
     let d = dir.to_str().expect("utf-8 temp dir");
     let cases: &[(&[&str], &str)] = &[
         (&["run", "--broker", "http://x", "--device", "a", "--data-dir", d], "expected mqtt://HOST:PORT"),
-        (&["run", "--broker", "mqtt://x:1883", "--device", "a/b", "--data-dir", d], "--device: expected 1 to 64 characters"),
+        (
+            &["run", "--broker", "mqtt://x:1883", "--device", "a/b", "--data-dir", d],
+            "--device: expected 1 to 64 characters",
+        ),
         (&["run", "--broker", "mqtt://x:1883", "--device", "a", "--data-dir", d, "--group", "#"], "--group: expected"),
-        (&["run", "--broker", "mqtt://x:1883", "--device", "a", "--data-dir", d, "--workers", "0"], "--workers: expected 1 to 256"),
+        (
+            &["run", "--broker", "mqtt://x:1883", "--device", "a", "--data-dir", d, "--workers", "0"],
+            "--workers: expected 1 to 256",
+        ),
         (&["run", "--device", "a"], "--broker"),
         (&["fly"], "unrecognized subcommand"),
     ];

@@ -21,7 +21,11 @@ mod outpost_agent_bin {
         let exe = std::env::current_exe().unwrap();
         let dir = exe.parent().unwrap().parent().unwrap();
         let bin = dir.join(format!("outpost{}", std::env::consts::EXE_SUFFIX));
-        assert!(bin.is_file(), "{} is missing: run the tests with `cargo test --workspace` (or `cargo build -p outpost-agent` first)", bin.display());
+        assert!(
+            bin.is_file(),
+            "{} is missing: run the tests with `cargo test --workspace` (or `cargo build -p outpost-agent` first)",
+            bin.display()
+        );
         bin
     }
 }
@@ -45,7 +49,10 @@ impl Mosquitto {
         let port = outpost_sim::broker::free_port().unwrap();
         let conf = dir.path().join("mosquitto.conf");
         std::fs::write(&conf, format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nlog_dest stderr\nmax_packet_size 16777216\n")).unwrap();
-        let bin = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"].into_iter().find(|p| Path::new(p).exists()).unwrap_or("mosquitto");
+        let bin = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
+            .into_iter()
+            .find(|p| Path::new(p).exists())
+            .unwrap_or("mosquitto");
         let log = std::fs::File::create(dir.path().join("mosquitto.log")).unwrap();
         let child = Command::new(bin)
             .arg("-c")
@@ -122,7 +129,8 @@ impl Registry {
     /// so only the change under test is wrong. Returns the new manifest sha256.
     pub fn rehash(&self, name: &str, version: &str) -> String {
         let dir = self.root().join(name).join(version);
-        let mut m: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).unwrap()).unwrap();
+        let mut m: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).unwrap()).unwrap();
         for f in m["files"].as_array_mut().unwrap() {
             let bytes = std::fs::read(dir.join(f["path"].as_str().unwrap())).unwrap();
             f["sha256"] = sha256(&bytes).into();
@@ -164,7 +172,13 @@ impl Agent {
             args.push("--group".into());
             args.push((*g).into());
         }
-        let mut a = Agent { device: device.into(), data_dir: data_dir.into(), log: data_dir.with_extension("log"), child: None, args };
+        let mut a = Agent {
+            device: device.into(),
+            data_dir: data_dir.into(),
+            log: data_dir.with_extension("log"),
+            child: None,
+            args,
+        };
         a.spawn();
         a
     }
@@ -245,12 +259,23 @@ impl Watcher {
 
     /// Publishes a deployment of a registered version and returns its final
     /// event and every event seen for it.
-    pub async fn deploy(&mut self, reg: &Registry, name: &str, version: &str) -> (DeploymentEvent, Vec<DeploymentEvent>) {
+    pub async fn deploy(
+        &mut self,
+        reg: &Registry,
+        name: &str,
+        version: &str,
+    ) -> (DeploymentEvent, Vec<DeploymentEvent>) {
         let (url, sha) = resolve_manifest(&reg.url, name, version).await.unwrap();
         self.deploy_raw(name, version, &url, &sha).await
     }
 
-    pub async fn deploy_raw(&mut self, name: &str, version: &str, url: &str, sha: &str) -> (DeploymentEvent, Vec<DeploymentEvent>) {
+    pub async fn deploy_raw(
+        &mut self,
+        name: &str,
+        version: &str,
+        url: &str,
+        sha: &str,
+    ) -> (DeploymentEvent, Vec<DeploymentEvent>) {
         let d = deployment(name, version, url, sha, None, None);
         self.publish_desired(d.to_json()).await;
         self.events_until_final(&d.deployment_id).await
@@ -297,7 +322,8 @@ impl Watcher {
 
     /// The retained state as a fresh subscriber sees it, once it satisfies `pred`.
     pub async fn state(&mut self, broker: &Mosquitto, pred: impl Fn(&DeviceState) -> bool) -> DeviceState {
-        let mut fresh = Operator::connect(&broker.url(), &format!("state-{}", self.device), self.topics.clone()).await.unwrap();
+        let mut fresh =
+            Operator::connect(&broker.url(), &format!("state-{}", self.device), self.topics.clone()).await.unwrap();
         fresh.subscribe(&self.topics.state(&self.device)).await.unwrap();
         let deadline = Instant::now() + Duration::from_secs(30);
         let mut last = None;
@@ -338,7 +364,12 @@ impl Watcher {
 /// Held-out digits from the fixtures: (images, labels).
 pub fn heldout() -> (Vec<Vec<f64>>, Vec<usize>) {
     let v: serde_json::Value = serde_json::from_slice(&std::fs::read(fixture("digits-heldout.json")).unwrap()).unwrap();
-    let images = v["images"].as_array().unwrap().iter().map(|r| r.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect()).collect();
+    let images = v["images"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect())
+        .collect();
     let labels = v["labels"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as usize).collect();
     (images, labels)
 }
@@ -346,7 +377,12 @@ pub fn heldout() -> (Vec<Vec<f64>>, Vec<usize>) {
 /// onnxruntime's probabilities for the held-out digits.
 pub fn expected_probabilities(fixture_name: &str) -> Vec<Vec<f64>> {
     let v: serde_json::Value = serde_json::from_slice(&std::fs::read(fixture(fixture_name)).unwrap()).unwrap();
-    v["probabilities"].as_array().unwrap().iter().map(|r| r.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect()).collect()
+    v["probabilities"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect())
+        .collect()
 }
 
 /// A request with the first `n` held-out digits as one batch, as nested rows.
@@ -359,7 +395,12 @@ pub fn digits_request(n: usize) -> serde_json::Value {
 /// Checks an answer against onnxruntime's outputs: returns (max |diff|, accuracy).
 pub fn score(answer: &serde_json::Value, expected: &[Vec<f64>]) -> (f64, f64) {
     let (_, labels) = heldout();
-    let out = answer["outputs"].as_array().unwrap().iter().find(|o| o["name"] == "probabilities").unwrap_or_else(|| panic!("no probabilities in {answer}"));
+    let out = answer["outputs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|o| o["name"] == "probabilities")
+        .unwrap_or_else(|| panic!("no probabilities in {answer}"));
     let data: Vec<f64> = out["data"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect();
     let rows = data.len() / 10;
     let mut max_diff: f64 = 0.0;

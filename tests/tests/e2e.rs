@@ -106,6 +106,15 @@ async fn every_bad_bundle_fails_precisely_and_the_serving_model_keeps_answering(
     assert_eq!(e.code, ErrorCode::ModelLoadFailed, "{}", e.message);
     assert!(e.message.starts_with("model.onnx: cannot parse ONNX"), "{}", e.message);
 
+    // A real ONNX-ML operator tract does not implement: refused, and named.
+    reg.register("digits-mlp.onnx", "digits", "6");
+    std::fs::copy(fixture("unsupported-op.onnx"), reg.root().join("digits/6/model.onnx")).unwrap();
+    let sha = reg.rehash("digits", "6");
+    let (last, _) = w.deploy_raw("digits", "6", &reg.manifest_url("digits", "6"), &sha).await;
+    let e = last.error.unwrap();
+    assert_eq!(e.code, ErrorCode::ModelLoadFailed, "{}", e.message);
+    assert!(e.message.contains("TreeEnsembleRegressor"), "{}", e.message);
+
     // A golden sample the model does not reproduce.
     reg.register("digits-mlp.onnx", "digits", "5");
     let expected_path = reg.root().join("digits/5/sample/expected.json");
@@ -157,12 +166,14 @@ async fn malformed_messages_get_precise_errors_and_the_agent_keeps_running() {
     assert_eq!(answer["code"], "bad_input", "{answer}");
     assert!(answer["error"].as_str().unwrap().starts_with("inputs: expected"), "{answer}");
 
-    let wrong_shape = serde_json::json!({"inputs": [{"name": "input", "shape": [1, 63], "datatype": "FP32", "data": vec![0.0; 63]}]});
+    let wrong_shape =
+        serde_json::json!({"inputs": [{"name": "input", "shape": [1, 63], "datatype": "FP32", "data": vec![0.0; 63]}]});
     let answer = w.infer("shape", wrong_shape).await;
     assert_eq!(answer["code"], "bad_input");
     assert_eq!(answer["error"], "input 'input': expected shape [N, 64], got [1, 63]");
 
-    let wrong_count = serde_json::json!({"inputs": [{"name": "input", "shape": [2, 64], "datatype": "FP32", "data": vec![0.0; 64]}]});
+    let wrong_count =
+        serde_json::json!({"inputs": [{"name": "input", "shape": [2, 64], "datatype": "FP32", "data": vec![0.0; 64]}]});
     let answer = w.infer("count", wrong_count).await;
     assert_eq!(answer["error"], "input 'input': shape [2, 64] needs 128 values, got 64");
 
@@ -170,7 +181,8 @@ async fn malformed_messages_get_precise_errors_and_the_agent_keeps_running() {
     let answer = w.infer("name", wrong_name).await;
     assert_eq!(answer["error"], "unknown input 'pixels': the model's inputs are [\"input\"]");
 
-    let wrong_type = serde_json::json!({"inputs": [{"name": "input", "shape": [1, 64], "datatype": "INT64", "data": vec![0; 64]}]});
+    let wrong_type =
+        serde_json::json!({"inputs": [{"name": "input", "shape": [1, 64], "datatype": "INT64", "data": vec![0; 64]}]});
     let answer = w.infer("type", wrong_type).await;
     assert_eq!(answer["error"], "input 'input': expected datatype FP32, got INT64");
 
@@ -202,4 +214,57 @@ async fn after_a_power_cut_the_device_serves_from_its_store_without_the_registry
     assert_eq!(ev.phase, Phase::Unchanged, "{ev:?}");
     let answer = w.infer("after-restart", digits_request(2)).await;
     assert_eq!(answer["model_version"], "1", "{answer}");
+}
+
+#[test]
+fn register_refuses_a_model_tract_cannot_run_and_names_the_operator() {
+    let reg = tempfile::tempdir().unwrap();
+    let err = outpost_sim::registry::register(&outpost_sim::registry::RegisterSpec {
+        model: fixture("unsupported-op.onnx"),
+        name: "trees".into(),
+        version: "1".into(),
+        registry: reg.path().to_path_buf(),
+        labels: None,
+        sample: None,
+        shapes: vec![],
+        tolerance: 1e-4,
+        top_k: 3,
+        scale: None,
+    })
+    .unwrap_err();
+    assert!(err.contains("TreeEnsembleRegressor"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_empty_desired_state_undeploys_and_groups_apply_under_the_device_override() {
+    let broker = Mosquitto::start();
+    let reg = Registry::start().await;
+    reg.register("digits-mlp.onnx", "digits", "1");
+    reg.register("digits-cnn.onnx", "digits", "2");
+    let data = tempfile::tempdir().unwrap();
+    let mut w = Watcher::new(&broker, "dev5").await;
+    let _agent = Agent::start(broker.port, "dev5", &data.path().join("dev5"), &["lab", "all"]);
+    w.online().await;
+
+    // The group "all" deploys v1; the device override then deploys v2.
+    let (url, sha) = outpost_sim::operator::resolve_manifest(&reg.url, "digits", "1").await.unwrap();
+    let group = outpost_sim::operator::deployment("digits", "1", &url, &sha, None, None);
+    w.op.publish(&w.topics.group_desired("all"), group.to_json(), true).await.unwrap();
+    assert_eq!(w.events_until_final(&group.deployment_id).await.0.phase, Phase::Active);
+    assert_eq!(w.deploy(&reg, "digits", "2").await.0.phase, Phase::Active);
+    assert_eq!(w.infer("v2", digits_request(1)).await["model_version"], "2");
+
+    // Withdrawing the override falls back to the group's v1 (already stored).
+    w.publish_desired(Vec::new()).await;
+    let ev = w.event(|e| e.deployment_id == group.deployment_id && e.phase.is_final()).await;
+    assert_eq!(ev.phase, Phase::Active, "{ev:?}");
+    assert_eq!(w.infer("v1", digits_request(1)).await["model_version"], "1");
+
+    // Withdrawing the group too: nothing is desired, nothing serves.
+    w.op.publish(&w.topics.group_desired("all"), Vec::new(), true).await.unwrap();
+    let ev = w.event(|e| e.phase == Phase::Undeployed).await;
+    assert_eq!(ev.deployment_id, group.deployment_id);
+    let state = w.state(&broker, |s| s.active.is_none()).await;
+    assert_eq!(state.last_deployment.unwrap().outcome, Outcome::Undeployed);
+    assert_eq!(w.infer("none", digits_request(1)).await["code"], "no_model");
 }
