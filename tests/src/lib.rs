@@ -28,6 +28,22 @@ mod outpost_agent_bin {
         );
         bin
     }
+
+    /// `target/<profile>/outpost-sim`, built the same way.
+    pub fn sim_binary() -> PathBuf {
+        let exe = std::env::current_exe().unwrap();
+        exe.parent().unwrap().parent().unwrap().join(format!("outpost-sim{}", std::env::consts::EXE_SUFFIX))
+    }
+}
+
+/// Runs `outpost-sim` and returns (exit code, stdout, stderr).
+pub fn sim(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(outpost_agent_bin::sim_binary()).args(args).env("OUTPOST_LOG", "warn").output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 pub const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../fixtures");

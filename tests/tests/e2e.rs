@@ -268,3 +268,59 @@ async fn an_empty_desired_state_undeploys_and_groups_apply_under_the_device_over
     assert_eq!(state.last_deployment.unwrap().outcome, Outcome::Undeployed);
     assert_eq!(w.infer("none", digits_request(1)).await["code"], "no_model");
 }
+
+/// The operator's commands as a user runs them: register, deploy --wait, infer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_operator_cli_registers_deploys_and_infers() {
+    let broker = Mosquitto::start();
+    let reg = Registry::start().await;
+    let data = tempfile::tempdir().unwrap();
+    let mut w = Watcher::new(&broker, "dev6").await;
+    let _agent = Agent::start(broker.port, "dev6", &data.path().join("dev6"), &[]);
+    w.online().await;
+    let broker_url = format!("mqtt://127.0.0.1:{}", broker.port);
+    let root = reg.root().to_str().unwrap().to_string();
+
+    let (code, out, err) = sim(&[
+        "register",
+        fixture("digits-mlp.onnx").to_str().unwrap(),
+        "--name",
+        "digits",
+        "--version",
+        "1",
+        "--registry",
+        &root,
+        "--labels",
+        fixture("labels.txt").to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("manifest: digits/1/manifest.json"), "{out}");
+    let sha = out.lines().find_map(|l| l.strip_prefix("manifest_sha256: ")).unwrap().to_string();
+    assert_eq!(sha, outpost_sim::registry::sha256(&std::fs::read(reg.root().join("digits/1/manifest.json")).unwrap()));
+
+    let deploy = |model: &'static str| {
+        let (b, u) = (broker_url.clone(), reg.url.clone());
+        tokio::task::spawn_blocking(move || {
+            sim(&["deploy", "--broker", &b, "--device", "dev6", "--model", model, "--registry-url", &u, "--wait"])
+        })
+    };
+    let (code, out, err) = deploy("digits@1").await.unwrap();
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("active"), "{out}");
+
+    // A version that does not exist: the registry lookup fails before anything is published.
+    let (code, _, err) = deploy("digits@7").await.unwrap();
+    assert_eq!(code, 69, "{err}");
+    assert!(err.contains("404"), "{err}");
+
+    let input = data.path().join("request.json");
+    std::fs::write(&input, serde_json::to_vec(&digits_request(2)).unwrap()).unwrap();
+    let (code, out, err) = tokio::task::spawn_blocking(move || {
+        sim(&["infer", "--broker", &broker_url, "--device", "dev6", "--input", input.to_str().unwrap()])
+    })
+    .await
+    .unwrap();
+    assert_eq!(code, 0, "{err}");
+    let answer: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(answer["model_version"], "1");
+}
