@@ -30,12 +30,16 @@ pub struct Config {
     pub fetch: FetchConfig,
     pub workers: usize,
     pub max_queue: usize,
+    /// Where the local Open Inference Protocol endpoint listens (None: off).
+    pub http_bind: Option<std::net::SocketAddr>,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
     #[error("data dir {dir}: {source}")]
     DataDir { dir: PathBuf, source: std::io::Error },
+    #[error("HTTP endpoint {addr}: {source}")]
+    HttpBind { addr: std::net::SocketAddr, source: std::io::Error },
 }
 
 enum Job {
@@ -67,6 +71,22 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     if let Some((source, d)) = restored {
         reconciler.restore(source, d);
     }
+
+    // The local endpoint serves from the store even while the broker is unreachable.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let http_task = match config.http_bind {
+        Some(addr) => {
+            let listener =
+                tokio::net::TcpListener::bind(addr).await.map_err(|source| AgentError::HttpBind { addr, source })?;
+            let bound = listener.local_addr().unwrap_or(addr);
+            tracing::info!(%bound, "Open Inference Protocol endpoint listening");
+            let mut rx = stop_rx.clone();
+            Some(tokio::spawn(crate::http::serve(listener, engine.clone(), async move {
+                let _ = rx.wait_for(|stop| *stop).await;
+            })))
+        }
+        None => None,
+    };
 
     let opts = crate::mqtt::options(&config.session, &config.topics, &config.device);
     let (client, mut eventloop) = AsyncClient::new(opts, 1024);
@@ -155,6 +175,11 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         }
     })
     .await;
+    let _ = stop_tx.send(true);
+    if let Some(t) = http_task {
+        let _ = t.await;
+    }
+    drop(stop_rx);
     tracing::info!("stopped");
     Ok(())
 }

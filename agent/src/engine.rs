@@ -66,6 +66,7 @@ pub struct Model {
     outputs: Vec<OutputSlot>,
     /// How loading went, for the log and events (e.g. "value_info ignored").
     pub load_notes: Vec<String>,
+    output_specs: Vec<(String, Datatype, Vec<i64>)>,
 }
 
 /// What `register` reads from a model file: names, element types and shapes
@@ -286,6 +287,12 @@ impl Model {
             inputs,
             outputs,
             load_notes: notes,
+            output_specs: manifest
+                .model
+                .outputs
+                .iter()
+                .map(|t| (t.name.clone(), t.datatype, t.shape.clone()))
+                .collect(),
         })
     }
 
@@ -385,6 +392,11 @@ impl Model {
             outputs,
             parameters: None,
         })
+    }
+
+    /// Output metadata as `(name, datatype, shape with -1 for dynamic)`, from the manifest.
+    pub fn output_signature(&self) -> Vec<(String, Datatype, Vec<i64>)> {
+        self.output_specs.clone()
     }
 
     /// Input metadata as `(name, datatype, shape with -1 for dynamic)`.

@@ -9,12 +9,14 @@
 //! - [`serve`]: the active model behind an atomic swap, a bounded worker pool.
 //! - [`deploy`]: one deployment from manifest to swap.
 //! - [`status`]: events, retained state and what survives a restart.
+//! - [`http`]: the local Open Inference Protocol v2 endpoint and `/metrics`.
 //! - [`agent`]: the main loop that wires them together.
 
 pub mod agent;
 pub mod deploy;
 pub mod engine;
 pub mod fetch;
+pub mod http;
 pub mod mqtt;
 pub mod reconcile;
 pub mod serve;

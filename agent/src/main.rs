@@ -64,6 +64,9 @@ struct RunArgs {
     /// Seconds without a byte before a download counts as stalled.
     #[arg(long, default_value_t = 30)]
     stall_timeout: u64,
+    /// Address of the local Open Inference Protocol v2 HTTP endpoint; `off` disables it.
+    #[arg(long, default_value = "127.0.0.1:8080", value_parser = parse_http_bind)]
+    http_bind: HttpBind,
     /// Log as JSON lines instead of text.
     #[arg(long)]
     log_json: bool,
@@ -103,6 +106,7 @@ fn main() -> ExitCode {
         },
         workers: args.workers,
         max_queue: args.max_queue,
+        http_bind: args.http_bind.0,
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(r) => r,
@@ -118,6 +122,16 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct HttpBind(Option<std::net::SocketAddr>);
+
+fn parse_http_bind(s: &str) -> Result<HttpBind, String> {
+    if s == "off" {
+        return Ok(HttpBind(None));
+    }
+    s.parse().map(|a| HttpBind(Some(a))).map_err(|_| format!("'{s}': expected IP:PORT (e.g. 127.0.0.1:8080) or off"))
 }
 
 fn check(a: &RunArgs) -> Result<(), String> {

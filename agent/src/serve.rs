@@ -62,6 +62,12 @@ impl Engine {
         self.active.swap(model)
     }
 
+    /// Counts a request that never reached a model because it did not parse.
+    pub fn count_unreadable(&self) {
+        self.counters.requests.fetch_add(1, Ordering::Relaxed);
+        self.counters.errors.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// Runs one request on a worker thread, or refuses it at once.
     pub async fn infer(&self, req: InferRequest) -> Result<InferResponse, InferFailure> {
         self.counters.requests.fetch_add(1, Ordering::Relaxed);

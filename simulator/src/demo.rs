@@ -98,6 +98,7 @@ pub async fn run() -> Result<(), String> {
     let t = Instant::now();
     let broker = BrokerUrl { host: "127.0.0.1".into(), port: broker_addr.port() };
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let http_port = crate::broker::free_port().map_err(|e| e.to_string())?;
     let config = outpost_agent::Config {
         device: DEVICE.into(),
         groups: vec!["demo".into()],
@@ -112,6 +113,7 @@ pub async fn run() -> Result<(), String> {
         fetch: FetchConfig::default(),
         workers: 2,
         max_queue: 512,
+        http_bind: Some(std::net::SocketAddr::from(([127, 0, 0, 1], http_port))),
     };
     let agent = tokio::spawn(outpost_agent::run(config, async {
         let _ = stop_rx.await;
@@ -137,6 +139,33 @@ pub async fn run() -> Result<(), String> {
     report("digits@1", &s1);
     let ok1 = s1.total == heldout.labels.len() && s1.correct as f64 >= 0.9 * s1.total as f64 && s1.max_diff < 1e-4;
     steps.push(Step { what: format!("classify {} held-out digits with v1", s1.total), ok: ok1, took: t.elapsed() });
+
+    // 5b. the same model over the local Open Inference Protocol endpoint
+    let t = Instant::now();
+    let url = format!("http://127.0.0.1:{http_port}/v2/models/digits/infer");
+    let body = serde_json::json!({"id": "http-1", "inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "data": heldout.images[0]}]});
+    let answer = tokio::task::spawn_blocking(move || -> Result<serde_json::Value, String> {
+        let resp = ureq::post(&url)
+            .header("content-type", "application/json")
+            .send(body.to_string())
+            .map_err(|e| format!("{url}: {e}"))?;
+        let bytes = resp.into_body().read_to_vec().map_err(|e| format!("{url}: {e}"))?;
+        serde_json::from_slice(&bytes).map_err(|e| format!("{url}: {e}"))
+    })
+    .await
+    .map_err(|e| e.to_string())??;
+    let top = answer["outputs"]
+        .as_array()
+        .and_then(|o| o.iter().find(|t| t["name"] == "probabilities_top_k"))
+        .map(|t| t["data"][0].clone());
+    println!(
+        "    the same over HTTP: POST http://127.0.0.1:{http_port}/v2/models/digits/infer -> version {}, predicted {}",
+        answer["model_version"],
+        top.clone().unwrap_or_default()
+    );
+    let ok_http =
+        answer["model_version"] == "1" && top.is_some_and(|t| t == serde_json::json!(heldout.labels[0].to_string()));
+    steps.push(Step { what: "the same over HTTP (Open Inference Protocol v2)".into(), ok: ok_http, took: t.elapsed() });
 
     // 6. hot swap to v2 under load
     let t = Instant::now();

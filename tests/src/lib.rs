@@ -165,6 +165,8 @@ impl Registry {
 /// The `outpost` binary running as a device, killed on drop. Its log is in `log`.
 pub struct Agent {
     pub device: String,
+    /// Port of the agent's local Open Inference Protocol endpoint.
+    pub http_port: u16,
     pub data_dir: PathBuf,
     pub log: PathBuf,
     child: Option<Child>,
@@ -173,6 +175,7 @@ pub struct Agent {
 
 impl Agent {
     pub fn start(broker_port: u16, device: &str, data_dir: &Path, groups: &[&str]) -> Agent {
+        let http_port = outpost_sim::broker::free_port().unwrap();
         let mut args = vec![
             "run".to_string(),
             "--broker".into(),
@@ -183,6 +186,8 @@ impl Agent {
             data_dir.display().to_string(),
             "--download-attempts".into(),
             "2".into(),
+            "--http-bind".into(),
+            format!("127.0.0.1:{http_port}"),
         ];
         for g in groups {
             args.push("--group".into());
@@ -190,6 +195,7 @@ impl Agent {
         }
         let mut a = Agent {
             device: device.into(),
+            http_port,
             data_dir: data_dir.into(),
             log: data_dir.with_extension("log"),
             child: None,
@@ -438,4 +444,23 @@ pub fn phase_names(events: &[DeploymentEvent]) -> Vec<Phase> {
     let mut v: Vec<Phase> = events.iter().map(|e| e.phase).collect();
     v.dedup();
     v
+}
+
+/// A plain HTTP call to the agent's local endpoint: (status, JSON body).
+pub async fn http(method: &str, url: String, body: Option<Vec<u8>>) -> (u16, serde_json::Value) {
+    let method = method.to_string();
+    tokio::task::spawn_blocking(move || {
+        let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
+        let resp = match body {
+            Some(b) => agent.post(&url).header("content-type", "application/json").send(b),
+            None if method == "GET" => agent.get(&url).call(),
+            None => panic!("unsupported method {method}"),
+        }
+        .unwrap();
+        let status = resp.status().as_u16();
+        let text = resp.into_body().read_to_string().unwrap();
+        (status, serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text)))
+    })
+    .await
+    .unwrap()
 }

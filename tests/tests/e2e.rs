@@ -324,3 +324,67 @@ async fn the_operator_cli_registers_deploys_and_infers() {
     let answer: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(answer["model_version"], "1");
 }
+
+/// The local Open Inference Protocol v2 endpoint, as a Triton/KServe client uses it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_local_http_endpoint_speaks_open_inference_protocol_v2() {
+    let broker = Mosquitto::start();
+    let reg = Registry::start().await;
+    reg.register("digits-mlp.onnx", "digits", "1");
+    let data = tempfile::tempdir().unwrap();
+    let mut w = Watcher::new(&broker, "dev7").await;
+    let agent = Agent::start(broker.port, "dev7", &data.path().join("dev7"), &[]);
+    w.online().await;
+    let base = format!("http://127.0.0.1:{}", agent.http_port);
+
+    assert_eq!(http("GET", format!("{base}/v2/health/live"), None).await.0, 200);
+    assert_eq!(http("GET", format!("{base}/v2/health/ready"), None).await.0, 503, "not ready before a deployment");
+    let (status, body) = http("POST", format!("{base}/v2/models/digits/infer"), Some(b"{}".to_vec())).await;
+    assert_eq!(status, 404, "{body}");
+
+    assert_eq!(w.deploy(&reg, "digits", "1").await.0.phase, Phase::Active);
+    assert_eq!(http("GET", format!("{base}/v2/health/ready"), None).await.0, 200);
+    let (status, meta) = http("GET", format!("{base}/v2/models/digits"), None).await;
+    assert_eq!(status, 200);
+    assert_eq!(meta["versions"], serde_json::json!(["1"]));
+    assert_eq!(meta["inputs"], serde_json::json!([{"name": "input", "datatype": "FP32", "shape": [-1, 64]}]));
+    assert_eq!(meta["outputs"][0]["name"], "probabilities");
+
+    let mut req = digits_request(450);
+    req["id"] = "h-1".into();
+    let (status, answer) =
+        http("POST", format!("{base}/v2/models/digits/infer"), Some(serde_json::to_vec(&req).unwrap())).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["id"], "h-1");
+    let (diff, accuracy) = score(&answer, &expected_probabilities(MLP_EXPECTED));
+    assert!(diff < 1e-4 && accuracy > 0.97, "{diff} {accuracy}");
+    let (status, _) =
+        http("POST", format!("{base}/v2/models/digits/versions/1/infer"), Some(serde_json::to_vec(&req).unwrap()))
+            .await;
+    assert_eq!(status, 200);
+
+    // Errors: status code and a message that says what was expected.
+    let (status, body) =
+        http("POST", format!("{base}/v2/models/digits/versions/7/infer"), Some(serde_json::to_vec(&req).unwrap()))
+            .await;
+    assert_eq!(status, 404);
+    assert_eq!(body["error"], "version '7' of 'digits' is not served here; this device serves version '1'");
+    let (status, body) = http("POST", format!("{base}/v2/models/other/infer"), Some(b"{}".to_vec())).await;
+    assert_eq!(
+        (status, body["error"].as_str().unwrap()),
+        (404, "model 'other' is not served here; this device serves 'digits'")
+    );
+    let bad =
+        serde_json::json!({"inputs": [{"name": "input", "shape": [1, 63], "datatype": "FP32", "data": vec![0.0; 63]}]});
+    let (status, body) =
+        http("POST", format!("{base}/v2/models/digits/infer"), Some(serde_json::to_vec(&bad).unwrap())).await;
+    assert_eq!((status, body["error"].as_str().unwrap()), (400, "input 'input': expected shape [N, 64], got [1, 63]"));
+    let (status, body) = http("POST", format!("{base}/v2/models/digits/infer"), Some(b"{not json".to_vec())).await;
+    assert_eq!(status, 400, "{body}");
+
+    let (status, metrics) = http("GET", format!("{base}/metrics"), None).await;
+    assert_eq!(status, 200);
+    let text = metrics.as_str().unwrap();
+    assert!(text.contains("outpost_inference_requests_total 4"), "{text}");
+    assert!(text.contains("outpost_model_info{name=\"digits\",version=\"1\"} 1"), "{text}");
+}

@@ -1,0 +1,205 @@
+//! The local HTTP endpoint: KServe Open Inference Protocol v2 (REST/JSON), so
+//! Triton and KServe clients work unchanged against the device, plus
+//! `/metrics` in Prometheus text format.
+//!
+//! | route | answer |
+//! |---|---|
+//! | `GET /v2/health/live` | 200 while the process runs |
+//! | `GET /v2/health/ready` | 200 when a model serves, else 503 |
+//! | `GET /v2` | server metadata |
+//! | `GET /v2/models/{name}[/versions/{v}]` | model metadata: inputs, outputs, version |
+//! | `GET /v2/models/{name}[/versions/{v}]/ready` | 200 when that model (version) serves |
+//! | `POST /v2/models/{name}[/versions/{v}]/infer` | an inference |
+//! | `GET /metrics` | counters and the active model |
+//!
+//! Errors are `{"error": "..."}` with 400 (bad input), 404 (no such model or
+//! version), 413 (body too large), 503 (overloaded or no model) or 500.
+
+use crate::engine::Model;
+use crate::serve::Engine;
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use outpost_protocol::{ErrorCode, InferRequest};
+use serde_json::json;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+/// Largest request body accepted: a 640×640×3 FP32 image as JSON text is ~25 MB.
+pub const MAX_BODY_BYTES: usize = 64 * 1024 * 1024;
+
+fn error(status: StatusCode, message: impl Into<String>) -> Response {
+    (status, axum::Json(json!({"error": message.into()}))).into_response()
+}
+
+fn status_of(code: ErrorCode) -> StatusCode {
+    match code {
+        ErrorCode::BadInput => StatusCode::BAD_REQUEST,
+        ErrorCode::NoModel | ErrorCode::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
+        ErrorCode::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
+/// The OIP router over an engine.
+pub fn router(engine: Arc<Engine>) -> Router {
+    Router::new()
+        .route("/v2/health/live", get(|| async { axum::Json(json!({"live": true})) }))
+        .route("/v2/health/ready", get(ready))
+        .route("/v2", get(server_metadata))
+        .route("/v2/models/{name}", get(|s, Path(name): Path<String>| metadata(s, name, None)))
+        .route(
+            "/v2/models/{name}/versions/{version}",
+            get(|s, Path((n, v)): Path<(String, String)>| metadata(s, n, Some(v))),
+        )
+        .route("/v2/models/{name}/ready", get(|s, Path(name): Path<String>| model_ready(s, name, None)))
+        .route(
+            "/v2/models/{name}/versions/{version}/ready",
+            get(|s, Path((n, v)): Path<(String, String)>| model_ready(s, n, Some(v))),
+        )
+        .route("/v2/models/{name}/infer", post(|s, Path(name): Path<String>, body| infer(s, name, None, body)))
+        .route(
+            "/v2/models/{name}/versions/{version}/infer",
+            post(|s, Path((n, v)): Path<(String, String)>, body| infer(s, n, Some(v), body)),
+        )
+        .route("/metrics", get(metrics))
+        .fallback(|| async {
+            error(
+                StatusCode::NOT_FOUND,
+                "no such route: see /v2/health/ready, /v2/models/{name}, /v2/models/{name}/infer",
+            )
+        })
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(engine)
+}
+
+async fn ready(State(engine): State<Arc<Engine>>) -> Response {
+    match engine.active() {
+        Some(_) => axum::Json(json!({"ready": true})).into_response(),
+        None => (StatusCode::SERVICE_UNAVAILABLE, axum::Json(json!({"ready": false}))).into_response(),
+    }
+}
+
+async fn server_metadata() -> Response {
+    axum::Json(json!({"name": "outpost", "version": env!("CARGO_PKG_VERSION"), "extensions": []})).into_response()
+}
+
+/// A 404 for a model or version this device does not serve.
+struct NotServed(String);
+
+impl IntoResponse for NotServed {
+    fn into_response(self) -> Response {
+        error(StatusCode::NOT_FOUND, self.0)
+    }
+}
+
+/// The active model if it is the one the path names.
+fn find(engine: &Engine, name: &str, version: Option<&str>) -> Result<Arc<Model>, NotServed> {
+    let Some(model) = engine.active() else {
+        return Err(NotServed(format!("model '{name}' is not served here: no model is deployed")));
+    };
+    if model.name != name {
+        return Err(NotServed(format!("model '{name}' is not served here; this device serves '{}'", model.name)));
+    }
+    if let Some(v) = version
+        && v != model.version
+    {
+        return Err(NotServed(format!(
+            "version '{v}' of '{name}' is not served here; this device serves version '{}'",
+            model.version
+        )));
+    }
+    Ok(model)
+}
+
+async fn metadata(State(engine): State<Arc<Engine>>, name: String, version: Option<String>) -> Response {
+    let model = match find(&engine, &name, version.as_deref()) {
+        Ok(m) => m,
+        Err(r) => return r.into_response(),
+    };
+    let tensors = |list: Vec<(String, outpost_protocol::Datatype, Vec<i64>)>| {
+        list.into_iter().map(|(n, d, s)| json!({"name": n, "datatype": d, "shape": s})).collect::<Vec<_>>()
+    };
+    axum::Json(json!({
+        "name": model.name,
+        "versions": [model.version],
+        "platform": "onnx_tract",
+        "inputs": tensors(model.input_signature()),
+        "outputs": tensors(model.output_signature()),
+    }))
+    .into_response()
+}
+
+async fn model_ready(State(engine): State<Arc<Engine>>, name: String, version: Option<String>) -> Response {
+    match find(&engine, &name, version.as_deref()) {
+        Ok(_) => axum::Json(json!({"name": name, "ready": true})).into_response(),
+        Err(r) => r.into_response(),
+    }
+}
+
+async fn infer(State(engine): State<Arc<Engine>>, name: String, version: Option<String>, body: Bytes) -> Response {
+    if let Err(r) = find(&engine, &name, version.as_deref()) {
+        return r.into_response();
+    }
+    let req = match InferRequest::from_json(&body) {
+        Ok(r) => r,
+        Err(e) => {
+            engine.count_unreadable();
+            return error(StatusCode::BAD_REQUEST, e.to_string());
+        }
+    };
+    match engine.infer(req).await {
+        // The swap may have happened between `find` and the run: the answer
+        // names the version that computed it, as over MQTT.
+        Ok(resp) => axum::Json(resp).into_response(),
+        Err(f) => error(status_of(f.code), f.message),
+    }
+}
+
+async fn metrics(State(engine): State<Arc<Engine>>) -> Response {
+    let c = &engine.counters;
+    let mut text = String::new();
+    let mut counter = |name: &str, help: &str, v: u64| {
+        text.push_str(&format!("# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}\n"));
+    };
+    counter("outpost_inference_requests_total", "Inference requests received.", c.requests.load(Ordering::Relaxed));
+    counter(
+        "outpost_inference_errors_total",
+        "Inference requests answered with an error.",
+        c.errors.load(Ordering::Relaxed),
+    );
+    counter(
+        "outpost_inference_rejected_total",
+        "Inference requests refused as overloaded.",
+        c.rejected.load(Ordering::Relaxed),
+    );
+    text.push_str("# HELP outpost_model_info The model serving (1), labelled with its name and version.\n# TYPE outpost_model_info gauge\n");
+    if let Some(m) = engine.active() {
+        text.push_str(&format!(
+            "outpost_model_info{{name=\"{}\",version=\"{}\"}} 1\n",
+            m.name.replace(['"', '\\', '\n'], "_"),
+            m.version.replace(['"', '\\', '\n'], "_")
+        ));
+    }
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
+}
+
+/// Serves the router on `listener` until `shutdown` completes; connections
+/// still open then get at most 2 s more.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    engine: Arc<Engine>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) {
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let server = axum::serve(listener, router(engine)).with_graceful_shutdown(async move {
+        let _ = rx.await;
+    });
+    let handle = tokio::spawn(async move { server.await });
+    shutdown.await;
+    let _ = tx.send(());
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), handle).await;
+}
