@@ -144,7 +144,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
                 Some(TopicKind::Infer(d)) if d == config.device => {
                     let (engine, reporter, topics, device) =
                         (engine.clone(), reporter.clone(), config.topics.clone(), config.device.clone());
-                    tokio::spawn(async move { on_infer(&engine, &reporter, &topics, &device, &p.payload).await });
+                    let limit = config.session.max_packet_size;
+                    tokio::spawn(
+                        async move { on_infer(&engine, &reporter, &topics, &device, &p.payload, limit).await },
+                    );
                 }
                 _ => tracing::debug!(topic = %p.topic, "ignored message"),
             },
@@ -311,7 +314,14 @@ async fn deploy_worker(
     }
 }
 
-async fn on_infer(engine: &Engine, reporter: &Reporter, topics: &Topics, device: &str, payload: &[u8]) {
+async fn on_infer(
+    engine: &Engine,
+    reporter: &Reporter,
+    topics: &Topics,
+    device: &str,
+    payload: &[u8],
+    max_packet: usize,
+) {
     let reply_to = InferRequest::salvage_reply_to(payload).filter(|t| valid_reply_topic(t));
     let topic = reply_to.unwrap_or_else(|| topics.predictions(device));
     let body = match InferRequest::from_json(payload) {
@@ -328,7 +338,21 @@ async fn on_infer(engine: &Engine, reporter: &Reporter, topics: &Topics, device:
             }
         }
     };
-    reporter.send(Outgoing { topic, payload: body.unwrap_or_default(), retain: false, reliable: true });
+    let mut body = body.unwrap_or_default();
+    // An answer over the packet limit would be dropped (or break the
+    // connection): answer why instead.
+    if body.len() + topic.len() + 16 > max_packet {
+        body = serde_json::to_vec(&InferError {
+            id: InferRequest::salvage_id(payload),
+            error: format!(
+                "the answer is {} bytes, over the MQTT packet limit of {max_packet}: send a smaller batch, or use the HTTP endpoint",
+                body.len()
+            ),
+            code: ErrorCode::TooLarge,
+        })
+        .unwrap_or_default();
+    }
+    reporter.send(Outgoing { topic, payload: body, retain: false, reliable: true });
 }
 
 /// A reply topic must be publishable: no wildcards, not empty.

@@ -206,6 +206,8 @@ impl Deployer {
             }
             Err(e) => {
                 tracing::error!(error = %e, "the stored active version cannot serve; waiting for a deployment");
+                // The state must not claim a model that does not serve.
+                self.reporter.set_outcome(&active.deployment, Outcome::Failed, Some(e), Some(None));
                 None
             }
         }
