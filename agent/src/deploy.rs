@@ -45,6 +45,9 @@ impl Deployer {
                     Ended::Superseded
                 } else {
                     self.engine.swap(Some(model.clone()));
+                    // Persist before announcing: a device that said `active` comes back with it after a power cut.
+                    let record = ActiveRecord { source, deployment: d.clone(), since: now_rfc3339() };
+                    self.reporter.set_outcome(d, Outcome::Active, None, Some(Some(record)));
                     let detail = format!(
                         "{}@{} serving (deployed in {:.2}s)",
                         model.name,
@@ -52,21 +55,19 @@ impl Deployer {
                         started.elapsed().as_secs_f64()
                     );
                     self.reporter.event(d, Phase::Active, None, None, Some(detail));
-                    let record = ActiveRecord { source, deployment: d.clone(), since: now_rfc3339() };
-                    self.reporter.set_outcome(d, Outcome::Active, None, Some(Some(record)));
                     Ended::Active(model)
                 }
             }
             Err(FetchError::Cancelled) => Ended::Superseded,
             Err(FetchError::Failed(e)) => {
-                self.reporter.event(d, Phase::Failed, None, Some(e.clone()), None);
                 self.reporter.set_outcome(d, Outcome::Failed, Some(e.clone()), None);
+                self.reporter.event(d, Phase::Failed, None, Some(e.clone()), None);
                 Ended::Failed(e)
             }
         };
         if matches!(ended, Ended::Superseded) {
-            self.reporter.event(d, Phase::Superseded, None, None, Some("a newer desired state arrived".into()));
             self.reporter.set_outcome(d, Outcome::Superseded, None, None);
+            self.reporter.event(d, Phase::Superseded, None, None, Some("a newer desired state arrived".into()));
         }
         ended
     }
