@@ -9,11 +9,12 @@ use crate::serve::Engine;
 use crate::status::{ActiveRecord, Reporter, now_rfc3339};
 use crate::store::Store;
 use outpost_protocol::{Deployment, ErrorCode, ErrorInfo, Manifest, Outcome, Phase, Progress};
-use std::fs::File;
-use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+/// Versions kept in the store besides the active one, unless the deployment's policy says otherwise.
+pub const DEFAULT_KEEP_VERSIONS: usize = 3;
 
 /// Minimum time between two `downloading` progress events.
 const PROGRESS_INTERVAL: Duration = Duration::from_millis(500);
@@ -55,6 +56,13 @@ impl Deployer {
                         started.elapsed().as_secs_f64()
                     );
                     self.reporter.event(d, Phase::Active, None, None, Some(detail));
+                    let keep = self.reporter.push_history(
+                        &d.model.manifest_sha256,
+                        d.policy.keep_versions.unwrap_or(DEFAULT_KEEP_VERSIONS),
+                    );
+                    let (removed, freed) = self.store.retain(&keep);
+                    let (bytes, versions) = self.store.usage();
+                    tracing::info!(removed, freed, store_bytes = bytes, versions, "store retention applied");
                     Ended::Active(model)
                 }
             }
@@ -125,6 +133,7 @@ impl Deployer {
             &d.model.manifest_sha256,
             MAX_MANIFEST_BYTES,
             cancel,
+            &mut |attempt, e, delay| self.report_retry(d, "manifest.json", attempt, e, delay),
         )?;
         let manifest =
             Manifest::from_json(&bytes).map_err(|e| ErrorInfo::new(e.code, format!("manifest.json: {e}")))?;
@@ -143,11 +152,8 @@ impl Deployer {
         let mut last_report = Instant::now();
         for f in missing {
             let url = file_url(&d.model.manifest_url, &f.path, f.url.as_deref())?;
-            let tmp = self.store.tmp_path("blob");
-            let tmp_for_sink = tmp.clone();
-            let mut sink = move || -> std::io::Result<Box<dyn Write>> {
-                Ok(Box::new(std::io::BufWriter::new(File::create(&tmp_for_sink)?)))
-            };
+            // Kept across attempts and restarts, so an interrupted transfer resumes.
+            let partial = self.store.partial_path(&f.sha256);
             let base = done;
             let mut progress = |n: u64| {
                 if last_report.elapsed() >= PROGRESS_INTERVAL {
@@ -161,17 +167,15 @@ impl Deployer {
                     );
                 }
             };
-            let result = self.fetcher.fetch_file(
+            let mut retry = |attempt, e: &ErrorInfo, delay| self.report_retry(d, &f.path, attempt, e, delay);
+            self.fetcher.fetch_file(
                 &Wanted { url: &url, what: &f.path, sha256: &f.sha256, size: f.size },
-                &mut sink,
+                &partial,
                 cancel,
+                &mut retry,
                 &mut progress,
-            );
-            if let Err(e) = result {
-                let _ = std::fs::remove_file(&tmp);
-                return Err(e);
-            }
-            self.store.commit_blob(&tmp, &f.sha256)?;
+            )?;
+            self.store.commit_blob(&partial, &f.sha256)?;
             done += f.size;
         }
         if to_fetch > 0 {
@@ -186,6 +190,18 @@ impl Deployer {
         );
         let dir = self.store.materialize(&manifest, &bytes, &d.model.manifest_sha256)?;
         Ok((dir, manifest))
+    }
+
+    /// A retry is visible to the operator as a `downloading` event.
+    fn report_retry(&self, d: &Deployment, what: &str, attempt: u32, e: &ErrorInfo, delay: Duration) {
+        let detail = format!(
+            "{what}: attempt {attempt} of {} failed ({}: {}); retrying in {:.1} s",
+            self.fetcher.attempts(),
+            e.code,
+            e.message,
+            delay.as_secs_f64()
+        );
+        self.reporter.event(d, Phase::Downloading, None, None, Some(detail));
     }
 
     /// Loads the last active version from the store at start-up, before and

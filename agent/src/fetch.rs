@@ -8,7 +8,8 @@
 
 use outpost_protocol::{ErrorCode, ErrorInfo, hex, short_digest};
 use sha2::{Digest, Sha256};
-use std::io::{Read, Write};
+use std::io::{Read, Seek, Write};
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -87,23 +88,35 @@ pub struct Fetcher {
 struct AttemptError {
     info: ErrorInfo,
     transient: bool,
+    /// The server's Retry-After, if it sent one.
+    retry_after: Option<Duration>,
+    cancelled: bool,
 }
 
 fn permanent(code: ErrorCode, message: String) -> AttemptError {
-    AttemptError { info: ErrorInfo::new(code, message), transient: false }
+    AttemptError { info: ErrorInfo::new(code, message), transient: false, retry_after: None, cancelled: false }
 }
 
 fn transient(code: ErrorCode, message: String) -> AttemptError {
-    AttemptError { info: ErrorInfo::new(code, message), transient: true }
+    AttemptError { info: ErrorInfo::new(code, message), transient: true, retry_after: None, cancelled: false }
 }
 
+/// Called before each retry with (attempt number that failed, its error, delay).
+pub type OnRetry<'a> = &'a mut dyn FnMut(u32, &ErrorInfo, Duration);
+
 impl Fetcher {
+    /// Attempts per download.
+    pub fn attempts(&self) -> u32 {
+        self.config.attempts.max(1)
+    }
+
     pub fn new(config: FetchConfig) -> Fetcher {
         let agent = ureq::Agent::config_builder()
             .timeout_connect(Some(config.connect_timeout))
             .timeout_recv_response(Some(config.response_timeout))
             .timeout_per_read(Some(config.stall_timeout))
-            .http_status_as_error(true)
+            // Statuses are handled here, to read Retry-After and 206.
+            .http_status_as_error(false)
             .user_agent(concat!("outpost/", env!("CARGO_PKG_VERSION")))
             .build()
             .into();
@@ -119,44 +132,65 @@ impl Fetcher {
         expected_sha256: &str,
         max: u64,
         cancel: &Cancel,
+        on_retry: OnRetry<'_>,
     ) -> Result<Vec<u8>, FetchError> {
         let mut out = Vec::new();
-        self.with_retries(url, cancel, &mut |_| {
+        self.with_retries(url, cancel, on_retry, &mut |_| {
             out.clear();
-            let (hash, n) = self.stream(url, what, max, cancel, &mut out, &mut |_| {})?;
+            let (reader, _) = self.open(url, what, 0)?;
+            let (hasher, n) = copy_capped(reader, &mut out, Sha256::new(), 0, max, what, url, cancel, &mut |_| {})?;
             if n > max {
                 return Err(permanent(ErrorCode::TooLarge, format!("{what}: larger than the {max}-byte limit")));
             }
-            check_digest(what, expected_sha256, &hash)
+            check_digest(what, expected_sha256, &hasher.finalize().into())
         })?;
         Ok(out)
     }
 
-    /// Streams one file into `sink`, checking size and sha256 as it goes.
-    /// `progress` gets the bytes written so far after every chunk.
+    /// Downloads one file into `partial`, resuming from what it already holds
+    /// (after a dropped connection or an agent restart) with an HTTP `Range`
+    /// request, and checks size and sha256 of the whole. `progress` gets the
+    /// bytes held so far.
     pub fn fetch_file(
         &self,
         file: &Wanted<'_>,
-        sink: &mut dyn FnMut() -> std::io::Result<Box<dyn Write>>,
+        partial: &Path,
         cancel: &Cancel,
+        on_retry: OnRetry<'_>,
         progress: &mut dyn FnMut(u64),
     ) -> Result<(), FetchError> {
         let Wanted { url, what, sha256: expected_sha256, size } = *file;
-        self.with_retries(url, cancel, &mut |_| {
-            let mut w = sink().map_err(|e| io_error(what, &e))?;
-            let (hash, n) = self.stream(url, what, size, cancel, &mut w, progress)?;
+        self.with_retries(url, cancel, on_retry, &mut |_| {
+            let (hasher, have) = hash_prefix(partial, size).map_err(|e| io_error(what, &e))?;
+            let (reader, resumed) = self.open(url, what, have)?;
+            let (hasher, start) = if resumed { (hasher, have) } else { (Sha256::new(), 0) };
+            let mut f = std::fs::OpenOptions::new()
+                .create(true)
+                .write(true)
+                .append(resumed)
+                .truncate(!resumed)
+                .open(partial)
+                .map_err(|e| io_error(what, &e))?;
+            let mut w = std::io::BufWriter::new(&mut f);
+            let (hasher, n) = copy_capped(reader, &mut w, hasher, start, size, what, url, cancel, progress)?;
             w.flush().map_err(|e| io_error(what, &e))?;
+            drop(w);
             if n > size {
+                let _ = std::fs::remove_file(partial);
                 return Err(permanent(
                     ErrorCode::TooLarge,
                     format!("{what}: larger than the {size} bytes the manifest declares (stopped at {n})"),
                 ));
             }
             if n < size {
-                // A short body is usually a dropped connection: worth another try.
+                // A short body is usually a dropped connection: the next try resumes.
                 return Err(transient(ErrorCode::SizeMismatch, format!("{what}: expected {size} bytes, got {n}")));
             }
-            check_digest(what, expected_sha256, &hash)
+            let result = check_digest(what, expected_sha256, &hasher.finalize().into());
+            if result.is_err() {
+                let _ = std::fs::remove_file(partial);
+            }
+            result
         })
     }
 
@@ -164,123 +198,202 @@ impl Fetcher {
         &self,
         url: &str,
         cancel: &Cancel,
+        on_retry: OnRetry<'_>,
         attempt: &mut dyn FnMut(u32) -> Result<(), AttemptError>,
     ) -> Result<(), FetchError> {
+        let attempts = self.config.attempts.max(1);
         let mut last = None;
-        for n in 0..self.config.attempts.max(1) {
+        for n in 0..attempts {
             if cancel.is_cancelled() {
                 return Err(FetchError::Cancelled);
             }
             match attempt(n) {
                 Ok(()) => return Ok(()),
-                Err(e) if e.info.code == ErrorCode::Internal && e.info.message == CANCELLED => {
-                    return Err(FetchError::Cancelled);
-                }
+                Err(e) if e.cancelled => return Err(FetchError::Cancelled),
                 Err(e) if !e.transient => return Err(FetchError::Failed(e.info)),
                 Err(e) => {
                     tracing::warn!(url, attempt = n + 1, error = %e.info, "transient download failure");
-                    last = Some(e.info);
-                    if n + 1 < self.config.attempts {
-                        self.sleep_backoff(n, cancel)?;
+                    if n + 1 < attempts {
+                        let delay = self.backoff(n, e.retry_after);
+                        on_retry(n + 1, &e.info, delay);
+                        sleep_cancellable(delay, cancel)?;
                     }
+                    last = Some(e.info);
                 }
             }
         }
         let info = last.unwrap_or_else(|| ErrorInfo::new(ErrorCode::DownloadFailed, format!("{url}: no attempt made")));
         Err(FetchError::Failed(ErrorInfo::new(
             info.code,
-            format!("{} (gave up after {} attempts)", info.message, self.config.attempts.max(1)),
+            format!("{} (gave up after {attempts} attempts)", info.message),
         )))
     }
 
-    fn sleep_backoff(&self, attempt: u32, cancel: &Cancel) -> Result<(), FetchError> {
-        let exp = self.config.backoff_base.saturating_mul(1u32 << attempt.min(16));
-        let capped = exp.min(self.config.backoff_max);
-        // Full jitter in [capped/2, capped]: devices that failed together do not retry together.
-        let jitter = capped.mul_f64(0.5 + 0.5 * crate::jitter());
-        let deadline = std::time::Instant::now() + jitter;
-        while std::time::Instant::now() < deadline {
-            if cancel.is_cancelled() {
-                return Err(FetchError::Cancelled);
-            }
-            std::thread::sleep(
-                Duration::from_millis(50).min(deadline.saturating_duration_since(std::time::Instant::now())),
-            );
+    /// Exponential from `backoff_base`, capped, with jitter in [d/2, d] so a
+    /// fleet that failed together does not retry together. A server's
+    /// Retry-After is honoured up to `backoff_max`.
+    fn backoff(&self, attempt: u32, retry_after: Option<Duration>) -> Duration {
+        let exp = self.config.backoff_base.saturating_mul(1u32 << attempt.min(16)).min(self.config.backoff_max);
+        let jittered = exp.mul_f64(0.5 + 0.5 * crate::jitter());
+        match retry_after {
+            Some(r) => r.min(self.config.backoff_max).max(jittered),
+            None => jittered,
         }
-        Ok(())
     }
 
-    /// One attempt: opens the URL and copies at most `cap + 1` bytes into `w`.
-    fn stream(
-        &self,
-        url: &str,
-        what: &str,
-        cap: u64,
-        cancel: &Cancel,
-        w: &mut dyn Write,
-        progress: &mut dyn FnMut(u64),
-    ) -> Result<([u8; 32], u64), AttemptError> {
-        let mut reader = self.open(url, what)?;
-        let mut hasher = Sha256::new();
-        let mut buf = vec![0u8; 64 * 1024];
-        let mut n: u64 = 0;
-        loop {
-            if cancel.is_cancelled() {
-                return Err(AttemptError { info: ErrorInfo::new(ErrorCode::Internal, CANCELLED), transient: false });
-            }
-            let want = buf.len().min((cap + 1 - n.min(cap + 1)) as usize);
-            if want == 0 {
-                // One byte past the cap was read: stop now rather than after the whole body.
-                return Ok((hasher.finalize().into(), n));
-            }
-            let got = match reader.read(&mut buf[..want]) {
-                Ok(0) => break,
-                Ok(k) => k,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    return Err(transient(
-                        ErrorCode::DownloadFailed,
-                        format!("{what}: reading {url}: {}", describe_io(&e)),
-                    ));
-                }
-            };
-            hasher.update(&buf[..got]);
-            w.write_all(&buf[..got]).map_err(|e| io_error(what, &e))?;
-            n += got as u64;
-            progress(n.min(cap));
-        }
-        Ok((hasher.finalize().into(), n))
-    }
-
-    fn open(&self, url: &str, what: &str) -> Result<Box<dyn Read + Send>, AttemptError> {
+    /// Opens `url` from byte `from` on. Returns the body and whether it starts
+    /// at `from` (true) or at 0 (the server ignored the range).
+    fn open(&self, url: &str, what: &str, from: u64) -> Result<(Box<dyn Read + Send>, bool), AttemptError> {
         if let Some(path) = url.strip_prefix("file://") {
             let path = percent_decode(path);
-            return std::fs::File::open(&path).map(|f| Box::new(f) as Box<dyn Read + Send>).map_err(|e| {
-                let code = ErrorCode::DownloadFailed;
+            let mut f = std::fs::File::open(&path).map_err(|e| {
                 // A missing file will not appear by retrying; an I/O error might.
-                let t = e.kind() != std::io::ErrorKind::NotFound && e.kind() != std::io::ErrorKind::PermissionDenied;
-                AttemptError { info: ErrorInfo::new(code, format!("{what}: cannot open {path}: {e}")), transient: t }
-            });
+                let t = !matches!(e.kind(), std::io::ErrorKind::NotFound | std::io::ErrorKind::PermissionDenied);
+                let info = ErrorInfo::new(ErrorCode::DownloadFailed, format!("{what}: cannot open {path}: {e}"));
+                AttemptError { info, transient: t, retry_after: None, cancelled: false }
+            })?;
+            let resumed = from > 0 && f.seek(std::io::SeekFrom::Start(from)).is_ok();
+            return Ok((Box::new(f), resumed));
         }
-        match self.agent.get(url).call() {
-            Ok(resp) => Ok(Box::new(resp.into_body().into_reader())),
-            Err(ureq::Error::StatusCode(code)) => {
-                let msg = format!("{what}: HTTP {code} from {url}");
-                if code >= 500 || code == 408 || code == 429 {
-                    Err(transient(ErrorCode::DownloadFailed, msg))
+        let mut req = self.agent.get(url);
+        if from > 0 {
+            req = req.header("Range", format!("bytes={from}-"));
+        }
+        let resp = match req.call() {
+            Ok(r) => r,
+            Err(e @ (ureq::Error::BadUri(_) | ureq::Error::RequireHttpsOnly(_) | ureq::Error::TooManyRedirects)) => {
+                return Err(permanent(ErrorCode::DownloadFailed, format!("{what}: {url}: {e}")));
+            }
+            Err(e) => return Err(transient(ErrorCode::DownloadFailed, format!("{what}: {url}: {e}"))),
+        };
+        let status = resp.status().as_u16();
+        let retry_after = resp
+            .headers()
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .map(Duration::from_secs);
+        match status {
+            200 => Ok((Box::new(resp.into_body().into_reader()), false)),
+            206 if from > 0 => Ok((Box::new(resp.into_body().into_reader()), true)),
+            416 => {
+                // The range no longer fits the file (it changed, or we hold too much): start over.
+                Err(AttemptError {
+                    info: ErrorInfo::new(
+                        ErrorCode::DownloadFailed,
+                        format!("{what}: HTTP 416 from {url} for bytes={from}-"),
+                    ),
+                    transient: true,
+                    retry_after: None,
+                    cancelled: false,
+                })
+                .inspect_err(|_| tracing::info!(url, "range refused; the next attempt starts from 0"))
+            }
+            s => {
+                let msg = format!("{what}: HTTP {s} from {url}");
+                if s >= 500 || s == 408 || s == 429 {
+                    Err(AttemptError {
+                        info: ErrorInfo::new(ErrorCode::DownloadFailed, msg),
+                        transient: true,
+                        retry_after,
+                        cancelled: false,
+                    })
                 } else {
                     Err(permanent(ErrorCode::DownloadFailed, msg))
                 }
             }
-            Err(e @ (ureq::Error::BadUri(_) | ureq::Error::RequireHttpsOnly(_) | ureq::Error::TooManyRedirects)) => {
-                Err(permanent(ErrorCode::DownloadFailed, format!("{what}: {url}: {e}")))
-            }
-            Err(e) => Err(transient(ErrorCode::DownloadFailed, format!("{what}: {url}: {e}"))),
         }
     }
 }
 
-const CANCELLED: &str = "\u{0}cancelled";
+/// Hashes what a partial download already holds; a partial longer than the
+/// file can be is discarded.
+fn hash_prefix(partial: &Path, size: u64) -> std::io::Result<(Sha256, u64)> {
+    let mut hasher = Sha256::new();
+    let mut f = match std::fs::File::open(partial) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((hasher, 0)),
+        Err(e) => return Err(e),
+    };
+    if f.metadata()?.len() >= size {
+        drop(f);
+        std::fs::remove_file(partial)?;
+        return Ok((hasher, 0));
+    }
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut n = 0;
+    loop {
+        let k = f.read(&mut buf)?;
+        if k == 0 {
+            return Ok((hasher, n));
+        }
+        hasher.update(&buf[..k]);
+        n += k as u64;
+    }
+}
+
+fn sleep_cancellable(delay: Duration, cancel: &Cancel) -> Result<(), FetchError> {
+    let deadline = std::time::Instant::now() + delay;
+    loop {
+        if cancel.is_cancelled() {
+            return Err(FetchError::Cancelled);
+        }
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return Ok(());
+        }
+        std::thread::sleep(left.min(Duration::from_millis(50)));
+    }
+}
+
+/// Copies the body into `w`, hashing, starting the count at `start`; reads at
+/// most one byte past `cap` so an oversized body is stopped at the limit.
+#[allow(clippy::too_many_arguments)]
+fn copy_capped(
+    mut reader: Box<dyn Read + Send>,
+    w: &mut dyn Write,
+    mut hasher: Sha256,
+    start: u64,
+    cap: u64,
+    what: &str,
+    url: &str,
+    cancel: &Cancel,
+    progress: &mut dyn FnMut(u64),
+) -> Result<(Sha256, u64), AttemptError> {
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut n = start;
+    loop {
+        if cancel.is_cancelled() {
+            return Err(AttemptError {
+                info: ErrorInfo::new(ErrorCode::Internal, "cancelled"),
+                transient: false,
+                retry_after: None,
+                cancelled: true,
+            });
+        }
+        let want = buf.len().min((cap + 1).saturating_sub(n) as usize);
+        if want == 0 {
+            return Ok((hasher, n));
+        }
+        let got = match reader.read(&mut buf[..want]) {
+            Ok(0) => return Ok((hasher, n)),
+            Ok(k) => k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                // Keep what was written: the next attempt resumes from there.
+                let _ = w.flush();
+                return Err(transient(
+                    ErrorCode::DownloadFailed,
+                    format!("{what}: reading {url}: {}", describe_io(&e)),
+                ));
+            }
+        };
+        hasher.update(&buf[..got]);
+        w.write_all(&buf[..got]).map_err(|e| io_error(what, &e))?;
+        n += got as u64;
+        progress(n.min(cap));
+    }
+}
 
 fn check_digest(what: &str, expected: &str, got: &[u8; 32]) -> Result<(), AttemptError> {
     let got = hex(got);
@@ -300,10 +413,11 @@ fn io_error(what: &str, e: &std::io::Error) -> AttemptError {
 }
 
 fn describe_io(e: &std::io::Error) -> String {
-    if e.kind() == std::io::ErrorKind::TimedOut {
-        "stalled: no data within the read timeout".into()
+    let text = e.to_string();
+    if e.kind() == std::io::ErrorKind::TimedOut || text.contains("timeout") {
+        format!("stalled: no data within the stall timeout ({text})")
     } else {
-        e.to_string()
+        text
     }
 }
 
@@ -383,36 +497,42 @@ mod tests {
     }
 
     #[test]
-    fn file_fetch_checks_size_and_digest() {
+    fn file_fetch_checks_size_and_digest_and_resumes() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("blob");
-        std::fs::write(&p, b"hello").unwrap();
+        std::fs::write(&p, b"hello world").unwrap();
         let url = format!("file://{}", p.display());
         let f = Fetcher::new(FetchConfig { attempts: 1, ..Default::default() });
         let (good, _) = sha256_file(&p).unwrap();
         let c = Cancel::default();
-        assert_eq!(f.fetch_bytes(&url, "blob", &good, 100, &c).unwrap(), b"hello");
-        let Err(FetchError::Failed(e)) = f.fetch_bytes(&url, "blob", &"0".repeat(64), 100, &c) else { panic!() };
+        let mut no_retry = |_: u32, _: &ErrorInfo, _: Duration| {};
+        assert_eq!(f.fetch_bytes(&url, "blob", &good, 100, &c, &mut no_retry).unwrap(), b"hello world");
+        let Err(FetchError::Failed(e)) = f.fetch_bytes(&url, "blob", &"0".repeat(64), 100, &c, &mut no_retry) else {
+            panic!()
+        };
         assert_eq!(e.code, ErrorCode::DigestMismatch);
-        let Err(FetchError::Failed(e)) = f.fetch_bytes(&url, "blob", &good, 3, &c) else { panic!() };
+        let Err(FetchError::Failed(e)) = f.fetch_bytes(&url, "blob", &good, 3, &c, &mut no_retry) else { panic!() };
         assert_eq!(e.code, ErrorCode::TooLarge);
-        let mut sink = || Ok(Box::new(std::io::sink()) as Box<dyn Write>);
-        let Err(FetchError::Failed(e)) =
-            f.fetch_file(&Wanted { url: &url, what: "blob", sha256: &good, size: 4 }, &mut sink, &c, &mut |_| {})
-        else {
+
+        let partial = dir.path().join("partial");
+        let want = |size| Wanted { url: &url, what: "blob", sha256: &good, size };
+        let Err(FetchError::Failed(e)) = f.fetch_file(&want(4), &partial, &c, &mut no_retry, &mut |_| {}) else {
             panic!()
         };
         assert_eq!(e.code, ErrorCode::TooLarge);
-        let Err(FetchError::Failed(e)) =
-            f.fetch_file(&Wanted { url: &url, what: "blob", sha256: &good, size: 9 }, &mut sink, &c, &mut |_| {})
-        else {
+        let Err(FetchError::Failed(e)) = f.fetch_file(&want(19), &partial, &c, &mut no_retry, &mut |_| {}) else {
             panic!()
         };
         assert_eq!(e.code, ErrorCode::SizeMismatch);
+
+        // A partial holding the first bytes is resumed, not restarted.
+        std::fs::write(&partial, b"hello").unwrap();
+        let mut seen = Vec::new();
+        f.fetch_file(&want(11), &partial, &c, &mut no_retry, &mut |n| seen.push(n)).unwrap();
+        assert_eq!(std::fs::read(&partial).unwrap(), b"hello world");
+        assert_eq!(seen, [11]);
+
         c.cancel();
-        assert_eq!(
-            f.fetch_file(&Wanted { url: &url, what: "blob", sha256: &good, size: 5 }, &mut sink, &c, &mut |_| {}),
-            Err(FetchError::Cancelled)
-        );
+        assert_eq!(f.fetch_file(&want(11), &partial, &c, &mut no_retry, &mut |_| {}), Err(FetchError::Cancelled));
     }
 }

@@ -29,6 +29,10 @@ pub struct Record {
     pub seq: u64,
     pub active: Option<ActiveRecord>,
     pub last_deployment: Option<LastDeployment>,
+    /// Manifest digests of the versions that served, most recent first: what
+    /// retention keeps (the active one and `keep_versions` before it).
+    #[serde(default)]
+    pub history: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -158,6 +162,16 @@ impl Reporter {
             }
         }
         self.publish_state();
+    }
+
+    /// Records `sha` as the version serving now and returns the versions to
+    /// keep: it and at most `keep_previous` before it.
+    pub fn push_history(&self, sha: &str, keep_previous: usize) -> Vec<String> {
+        let mut r = self.lock();
+        r.history.retain(|h| h != sha);
+        r.history.insert(0, sha.to_string());
+        r.history.truncate(keep_previous + 1);
+        r.history.clone()
     }
 
     /// The current `DeviceState`, with a fresh seq.

@@ -5,6 +5,7 @@
 //! DATA/blobs/sha256/<hex>          every file once, named by its sha256, never rewritten
 //! DATA/versions/<manifest sha256>/ a version: manifest.json + hard links to its blobs
 //! DATA/tmp/                        writes in progress; emptied at start-up
+//! DATA/partial/<hex>               a download in progress, resumed after a restart
 //! DATA/agent.json                  what serves and what was last deployed
 //! ```
 //! Every write goes to `tmp/`, is fsynced, renamed into place and its
@@ -31,7 +32,7 @@ fn internal(what: &str, e: &std::io::Error) -> ErrorInfo {
 impl Store {
     /// Opens (creating) the store and removes leftovers of interrupted writes.
     pub fn open(root: &Path) -> std::io::Result<Store> {
-        for d in ["blobs/sha256", "versions", "tmp"] {
+        for d in ["blobs/sha256", "versions", "tmp", "partial"] {
             fs::create_dir_all(root.join(d))?;
         }
         let tmp = root.join("tmp");
@@ -53,6 +54,12 @@ impl Store {
     /// A blob of this digest and size is already stored.
     pub fn has_blob(&self, sha256: &str, size: u64) -> bool {
         fs::metadata(self.blob_path(sha256)).map(|m| m.is_file() && m.len() == size).unwrap_or(false)
+    }
+
+    /// Where a download of this blob accumulates until it is verified. Unlike
+    /// `tmp/` it survives a restart, so the download can resume.
+    pub fn partial_path(&self, sha256: &str) -> PathBuf {
+        self.root.join("partial").join(sha256)
     }
 
     /// A fresh path under `tmp/`.
@@ -155,6 +162,50 @@ impl Store {
 
     pub fn read(&self, rel: &str) -> Option<Vec<u8>> {
         fs::read(self.root.join(rel)).ok()
+    }
+
+    /// Removes every version not in `keep`, then every blob no kept version
+    /// refers to, and abandoned partial downloads. Call only while no
+    /// deployment is in progress. Returns (versions removed, bytes freed).
+    pub fn retain(&self, keep: &[String]) -> (usize, u64) {
+        let mut removed = 0;
+        let mut freed = 0;
+        let mut referenced = std::collections::HashSet::new();
+        for entry in fs::read_dir(self.root.join("versions")).into_iter().flatten().flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if keep.contains(&name) {
+                if let Some(m) =
+                    fs::read(entry.path().join("manifest.json")).ok().and_then(|b| Manifest::from_json(&b).ok())
+                {
+                    referenced.extend(m.files.into_iter().map(|f| f.sha256));
+                }
+                continue;
+            }
+            // Out of sight in one rename, then deleted: never a half version in versions/.
+            let doomed = self.tmp_path("gc");
+            if fs::rename(entry.path(), &doomed).is_ok() {
+                let _ = fs::remove_dir_all(&doomed);
+                removed += 1;
+            }
+        }
+        for entry in fs::read_dir(self.root.join("blobs/sha256")).into_iter().flatten().flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if !referenced.contains(&name) {
+                let len = entry.metadata().map(|m| m.len()).unwrap_or(0);
+                if fs::remove_file(entry.path()).is_ok() {
+                    freed += len;
+                }
+            }
+        }
+        for entry in fs::read_dir(self.root.join("partial")).into_iter().flatten().flatten() {
+            let len = entry.metadata().map(|m| m.len()).unwrap_or(0);
+            if fs::remove_file(entry.path()).is_ok() {
+                freed += len;
+            }
+        }
+        let _ = sync_dir(&self.root.join("versions"));
+        let _ = sync_dir(&self.root.join("blobs/sha256"));
+        (removed, freed)
     }
 
     /// Total bytes of blobs and the number of stored versions.

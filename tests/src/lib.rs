@@ -175,6 +175,11 @@ pub struct Agent {
 
 impl Agent {
     pub fn start(broker_port: u16, device: &str, data_dir: &Path, groups: &[&str]) -> Agent {
+        Agent::start_with(broker_port, device, data_dir, groups, &[])
+    }
+
+    /// Like `start`, with extra `outpost run` flags (later flags win).
+    pub fn start_with(broker_port: u16, device: &str, data_dir: &Path, groups: &[&str], extra: &[&str]) -> Agent {
         let http_port = outpost_sim::broker::free_port().unwrap();
         let mut args = vec![
             "run".to_string(),
@@ -184,15 +189,19 @@ impl Agent {
             device.into(),
             "--data-dir".into(),
             data_dir.display().to_string(),
-            "--download-attempts".into(),
-            "2".into(),
-            "--http-bind".into(),
-            format!("127.0.0.1:{http_port}"),
         ];
         for g in groups {
             args.push("--group".into());
             args.push((*g).into());
         }
+        for (flag, value) in
+            [("--download-attempts", "2".to_string()), ("--http-bind", format!("127.0.0.1:{http_port}"))]
+        {
+            if !extra.contains(&flag) {
+                args.extend([flag.to_string(), value]);
+            }
+        }
+        args.extend(extra.iter().map(|a| a.to_string()));
         let mut a = Agent {
             device: device.into(),
             http_port,
@@ -463,4 +472,116 @@ pub async fn http(method: &str, url: String, body: Option<Vec<u8>>) -> (u16, ser
     })
     .await
     .unwrap()
+}
+
+/// What the faulty registry does to one request for a path.
+#[derive(Debug, Clone, Copy)]
+pub enum Fault {
+    /// Answer with this status and no body.
+    Status(u16),
+    /// Announce the whole body, send only this many bytes, close.
+    Truncate(usize),
+    /// Send this many bytes, then nothing for the given time.
+    Stall(usize, Duration),
+    /// Send the file followed by this many extra bytes (a file larger than declared).
+    Append(usize),
+}
+
+type Shared<T> = std::sync::Arc<std::sync::Mutex<T>>;
+
+/// A registry over HTTP/1.1 that serves files (honouring `Range`) but injects
+/// scripted faults per path, and logs every request as (path, range header).
+pub struct FaultyRegistry {
+    pub url: String,
+    faults: Shared<std::collections::HashMap<String, std::collections::VecDeque<Fault>>>,
+    log: Shared<Vec<(String, Option<String>)>>,
+}
+
+impl FaultyRegistry {
+    pub async fn start(root: PathBuf) -> FaultyRegistry {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let faults: std::sync::Arc<
+            std::sync::Mutex<std::collections::HashMap<String, std::collections::VecDeque<Fault>>>,
+        > = Default::default();
+        let log: Shared<Vec<(String, Option<String>)>> = Default::default();
+        let (f2, l2) = (faults.clone(), log.clone());
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut sock, _)) = listener.accept().await else { return };
+                let (faults, log, root) = (f2.clone(), l2.clone(), root.clone());
+                tokio::spawn(async move {
+                    let mut head = Vec::new();
+                    let mut byte = [0u8; 1];
+                    while !head.ends_with(b"\r\n\r\n") && head.len() < 16384 {
+                        if sock.read(&mut byte).await.unwrap_or(0) == 0 {
+                            return;
+                        }
+                        head.push(byte[0]);
+                    }
+                    let head = String::from_utf8_lossy(&head).into_owned();
+                    let path = head.split_whitespace().nth(1).unwrap_or("/").trim_start_matches('/').to_string();
+                    let range = head.lines().find_map(|l| {
+                        l.to_ascii_lowercase().strip_prefix("range: bytes=").map(|r| r.trim().to_string())
+                    });
+                    log.lock().unwrap().push((path.clone(), range.clone()));
+                    let fault = faults.lock().unwrap().get_mut(&path).and_then(|q| q.pop_front());
+                    let Ok(body) = std::fs::read(root.join(&path)) else {
+                        let _ = sock
+                            .write_all(b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+                            .await;
+                        return;
+                    };
+                    let from =
+                        range.as_deref().and_then(|r| r.trim_end_matches('-').parse::<usize>().ok()).unwrap_or(0);
+                    let (status, slice) = if from > 0 && from < body.len() {
+                        ("206 Partial Content", &body[from..])
+                    } else {
+                        ("200 OK", &body[..])
+                    };
+                    let head =
+                        |len: usize| format!("HTTP/1.1 {status}\r\ncontent-length: {len}\r\nconnection: close\r\n\r\n");
+                    match fault {
+                        Some(Fault::Status(s)) => {
+                            let _ = sock
+                                .write_all(format!("HTTP/1.1 {s} Fault\r\ncontent-length: 0\r\nretry-after: 0\r\nconnection: close\r\n\r\n").as_bytes())
+                                .await;
+                        }
+                        Some(Fault::Truncate(n)) => {
+                            let _ = sock.write_all(head(slice.len()).as_bytes()).await;
+                            let _ = sock.write_all(&slice[..n.min(slice.len())]).await;
+                        }
+                        Some(Fault::Stall(n, d)) => {
+                            let _ = sock.write_all(head(slice.len()).as_bytes()).await;
+                            let _ = sock.write_all(&slice[..n.min(slice.len())]).await;
+                            let _ = sock.flush().await;
+                            tokio::time::sleep(d).await;
+                        }
+                        Some(Fault::Append(extra)) => {
+                            let _ = sock.write_all(head(slice.len() + extra).as_bytes()).await;
+                            let _ = sock.write_all(slice).await;
+                            let _ = sock.write_all(&vec![b'x'; extra]).await;
+                        }
+                        None => {
+                            let _ = sock.write_all(head(slice.len()).as_bytes()).await;
+                            let _ = sock.write_all(slice).await;
+                        }
+                    }
+                    let _ = sock.shutdown().await;
+                });
+            }
+        });
+        FaultyRegistry { url, faults, log }
+    }
+
+    /// Queues faults for the next requests of `path` (relative to the root).
+    pub fn inject(&self, path: &str, faults: &[Fault]) {
+        self.faults.lock().unwrap().entry(path.to_string()).or_default().extend(faults.iter().cloned());
+    }
+
+    /// Requests seen for `path`, with their Range header.
+    pub fn requests(&self, path: &str) -> Vec<Option<String>> {
+        self.log.lock().unwrap().iter().filter(|(p, _)| p == path).map(|(_, r)| r.clone()).collect()
+    }
 }

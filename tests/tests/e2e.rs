@@ -4,6 +4,7 @@
 
 use outpost_protocol::{ErrorCode, Outcome, Phase};
 use outpost_tests::*;
+use std::time::Duration;
 
 const MLP_EXPECTED: &str = "digits-mlp-expected.json";
 const CNN_EXPECTED: &str = "digits-cnn-expected.json";
@@ -387,4 +388,116 @@ async fn the_local_http_endpoint_speaks_open_inference_protocol_v2() {
     let text = metrics.as_str().unwrap();
     assert!(text.contains("outpost_inference_requests_total 4"), "{text}");
     assert!(text.contains("outpost_model_info{name=\"digits\",version=\"1\"} 1"), "{text}");
+}
+
+/// Downloads over a flaky link: server errors, cut connections, stalls and a
+/// file larger than declared, each with the outcome an operator needs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn downloads_retry_resume_and_stop_at_the_declared_size() {
+    let broker = Mosquitto::start();
+    let reg = Registry::start().await;
+    reg.register("digits-mlp.onnx", "digits", "1");
+    reg.register("digits-cnn.onnx", "digits", "2");
+    let faulty = FaultyRegistry::start(reg.root().to_path_buf()).await;
+    let data = tempfile::tempdir().unwrap();
+    let mut w = Watcher::new(&broker, "dev8").await;
+    let _agent = Agent::start_with(
+        broker.port,
+        "dev8",
+        &data.path().join("dev8"),
+        &[],
+        &["--download-attempts", "4", "--stall-timeout", "1"],
+    );
+    w.online().await;
+    let (url, sha) = outpost_sim::operator::resolve_manifest(&reg.url, "digits", "1").await.unwrap();
+    let faulty_url = url.replace(&reg.url, &faulty.url);
+
+    // 500, then a connection cut after 1000 bytes, then a stall: each retried,
+    // the cut and the stall resumed with Range, and the retries visible as events.
+    faulty.inject("digits/1/manifest.json", &[Fault::Status(503)]);
+    faulty.inject(
+        "digits/1/model.onnx",
+        &[Fault::Status(500), Fault::Truncate(1000), Fault::Stall(3000, Duration::from_secs(5))],
+    );
+    let (last, events) = w.deploy_raw("digits", "1", &faulty_url, &sha).await;
+    assert_eq!(last.phase, Phase::Active, "{events:#?}");
+    let retries: Vec<&str> =
+        events.iter().filter_map(|e| e.detail.as_deref()).filter(|d| d.contains("retrying in")).collect();
+    assert_eq!(retries.len(), 4, "{retries:#?}");
+    assert!(
+        retries[0].starts_with("manifest.json: attempt 1 of 4 failed (download_failed: manifest.json: HTTP 503"),
+        "{}",
+        retries[0]
+    );
+    assert!(
+        retries[2].starts_with("model.onnx: attempt 2 of 4 failed (download_failed: model.onnx: reading "),
+        "{}",
+        retries[2]
+    );
+    assert!(retries[3].contains("stalled"), "{}", retries[3]);
+    assert_eq!(faulty.requests("digits/1/model.onnx"), [None, None, Some("1000-".into()), Some("4000-".into())]);
+    assert_eq!(w.infer("after-faults", digits_request(1)).await["model_version"], "1");
+
+    // A server that keeps failing: the deployment fails with the last cause, v1 keeps serving.
+    let (url2, sha2) = outpost_sim::operator::resolve_manifest(&reg.url, "digits", "2").await.unwrap();
+    let faulty_url2 = url2.replace(&reg.url, &faulty.url);
+    faulty.inject("digits/2/model.onnx", &[Fault::Status(500); 4]);
+    let (last, _) = w.deploy_raw("digits", "2", &faulty_url2, &sha2).await;
+    let e = last.error.unwrap();
+    assert_eq!(e.code, ErrorCode::DownloadFailed);
+    assert!(
+        e.message.ends_with(&format!("HTTP 500 from {}/digits/2/model.onnx (gave up after 4 attempts)", faulty.url)),
+        "{}",
+        e.message
+    );
+
+    // A body longer than declared is stopped at the declared size, not read to the end.
+    faulty.inject("digits/2/model.onnx", &[Fault::Append(10_000_000)]);
+    let (last, _) = w.deploy_raw("digits", "2", &faulty_url2, &sha2).await;
+    let e = last.error.unwrap();
+    assert_eq!(e.code, ErrorCode::TooLarge, "{}", e.message);
+    assert!(e.message.starts_with("model.onnx: larger than the "), "{}", e.message);
+    assert_eq!(w.infer("still-v1", digits_request(1)).await["model_version"], "1");
+
+    // And then the same version over a healthy link goes through.
+    assert_eq!(w.deploy_raw("digits", "2", &faulty_url2, &sha2).await.0.phase, Phase::Active);
+}
+
+/// Retention: the active version and `keep_versions` others stay; older
+/// versions and the blobs only they used are removed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_store_keeps_the_active_and_the_last_versions_only() {
+    let broker = Mosquitto::start();
+    let reg = Registry::start().await;
+    for v in ["1", "2", "3"] {
+        reg.register(if v == "2" { "digits-cnn.onnx" } else { "digits-mlp.onnx" }, "digits", v);
+    }
+    let data = tempfile::tempdir().unwrap();
+    let dir = data.path().join("dev9");
+    let mut w = Watcher::new(&broker, "dev9").await;
+    let _agent = Agent::start(broker.port, "dev9", &dir, &[]);
+    w.online().await;
+    let mut shas = Vec::new();
+    for v in ["1", "2", "3"] {
+        let (url, sha) = outpost_sim::operator::resolve_manifest(&reg.url, "digits", v).await.unwrap();
+        let mut d = outpost_sim::operator::deployment("digits", v, &url, &sha, None, None);
+        d.policy.keep_versions = Some(1);
+        w.publish_desired(d.to_json()).await;
+        assert_eq!(w.events_until_final(&d.deployment_id).await.0.phase, Phase::Active);
+        shas.push(sha);
+    }
+    let mut versions: Vec<String> = std::fs::read_dir(dir.join("versions"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    versions.sort();
+    let mut expected = vec![shas[1].clone(), shas[2].clone()];
+    expected.sort();
+    assert_eq!(versions, expected, "v1 must be gone, v2 (previous) and v3 (active) kept");
+    // v1 and v3 share model.onnx (same bytes): the blob stays because v3 uses it.
+    let cnn = outpost_sim::registry::sha256(&std::fs::read(fixture("digits-cnn.onnx")).unwrap());
+    let mlp = outpost_sim::registry::sha256(&std::fs::read(fixture("digits-mlp.onnx")).unwrap());
+    assert!(dir.join("blobs/sha256").join(&cnn).is_file());
+    assert!(dir.join("blobs/sha256").join(&mlp).is_file());
+    assert_eq!(w.infer("v3", digits_request(1)).await["model_version"], "3");
 }
