@@ -25,6 +25,19 @@ pub mod store;
 
 pub use agent::{Config, run};
 
+/// Exit code for a usage or configuration error (sysexits `EX_USAGE`).
+pub const EXIT_USAGE: u8 = 64;
+
+/// Parses the command line of one of Outpost's binaries: help and version
+/// exit 0, a usage error prints the reason and exits 64.
+pub fn parse_args<T: clap::Parser>() -> Result<T, std::process::ExitCode> {
+    T::try_parse().map_err(|e| {
+        let code = if e.use_stderr() { EXIT_USAGE } else { 0 };
+        let _ = e.print();
+        std::process::ExitCode::from(code)
+    })
+}
+
 /// A number in [0, 1) for backoff jitter. Not for cryptography: it only has
 /// to differ between devices and attempts.
 pub fn jitter() -> f64 {

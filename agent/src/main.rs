@@ -9,8 +9,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-/// Exit code for a usage or configuration error (sysexits EX_USAGE).
-const EXIT_USAGE: u8 = 64;
+use outpost_agent::EXIT_USAGE;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -73,13 +72,9 @@ struct RunArgs {
 }
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    let cli: Cli = match outpost_agent::parse_args() {
         Ok(c) => c,
-        Err(e) => {
-            let code = if e.use_stderr() { EXIT_USAGE } else { 0 };
-            let _ = e.print();
-            return ExitCode::from(code);
-        }
+        Err(code) => return code,
     };
     let Command::Run(args) = cli.command;
     init_logging(args.log_json);

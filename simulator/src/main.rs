@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-const EXIT_USAGE: u8 = 64;
+use outpost_agent::EXIT_USAGE;
 /// A deployment that failed on a device.
 const EXIT_FAILED: u8 = 1;
 /// Could not reach the broker or registry, or timed out.
@@ -138,13 +138,9 @@ fn parse_model(s: &str) -> Result<(String, String), String> {
 }
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    let cli: Cli = match outpost_agent::parse_args() {
         Ok(c) => c,
-        Err(e) => {
-            let code = if e.use_stderr() { EXIT_USAGE } else { 0 };
-            let _ = e.print();
-            return ExitCode::from(code);
-        }
+        Err(code) => return code,
     };
     let default_level = if matches!(cli.command, Command::Demo) { "error" } else { "info" };
     let filter = tracing_subscriber::EnvFilter::try_from_env("OUTPOST_LOG").unwrap_or_else(|_| {
