@@ -3,7 +3,7 @@
 //! Any failure leaves the model already serving untouched.
 
 use crate::engine::Model;
-use crate::fetch::{Cancel, FetchError, Fetcher, MAX_MANIFEST_BYTES, Wanted, file_url};
+use crate::fetch::{Cancel, FetchError, Fetcher, MAX_MANIFEST_BYTES, OnRetry, Wanted, file_url};
 use crate::reconcile::Source;
 use crate::serve::Engine;
 use crate::status::{ActiveRecord, Reporter, now_rfc3339};
@@ -127,14 +127,10 @@ impl Deployer {
     }
 
     fn download(&self, d: &Deployment, cancel: &Cancel) -> Result<(PathBuf, Manifest), FetchError> {
-        let bytes = self.fetcher.fetch_bytes(
-            &d.model.manifest_url,
-            "manifest.json",
-            &d.model.manifest_sha256,
-            MAX_MANIFEST_BYTES,
-            cancel,
-            &mut |attempt, e, delay| self.report_retry(d, "manifest.json", attempt, e, delay),
-        )?;
+        let (fetcher, url, sha) = (self.fetcher.clone(), d.model.manifest_url.clone(), d.model.manifest_sha256.clone());
+        let bytes = self.cancellable(d, "manifest.json", cancel, &mut |_| {}, move |c, on_retry, _| {
+            fetcher.fetch_bytes(&url, "manifest.json", &sha, MAX_MANIFEST_BYTES, c, on_retry)
+        })?;
         let manifest =
             Manifest::from_json(&bytes).map_err(|e| ErrorInfo::new(e.code, format!("manifest.json: {e}")))?;
         let total = manifest.total_size();
@@ -167,14 +163,12 @@ impl Deployer {
                     );
                 }
             };
-            let mut retry = |attempt, e: &ErrorInfo, delay| self.report_retry(d, &f.path, attempt, e, delay);
-            self.fetcher.fetch_file(
-                &Wanted { url: &url, what: &f.path, sha256: &f.sha256, size: f.size },
-                &partial,
-                cancel,
-                &mut retry,
-                &mut progress,
-            )?;
+            let (fetcher, path, sha, size, part) =
+                (self.fetcher.clone(), f.path.clone(), f.sha256.clone(), f.size, partial.clone());
+            self.cancellable(d, &f.path, cancel, &mut progress, move |c, on_retry, progress| {
+                let wanted = Wanted { url: &url, what: &path, sha256: &sha, size };
+                fetcher.fetch_file(&wanted, &part, c, on_retry, progress)
+            })?;
             self.store.commit_blob(&partial, &f.sha256)?;
             done += f.size;
         }
@@ -190,6 +184,55 @@ impl Deployer {
         );
         let dir = self.store.materialize(&manifest, &bytes, &d.model.manifest_sha256)?;
         Ok((dir, manifest))
+    }
+
+    /// Runs a blocking transfer on its own thread so that a newer desired
+    /// state cancels it at once, even while a read is blocked on a stalled
+    /// link (the abandoned thread stops at its next read or stall timeout and
+    /// writes nothing more). Progress and retries come back over a channel.
+    fn cancellable<T: Send + 'static>(
+        &self,
+        d: &Deployment,
+        what: &str,
+        cancel: &Cancel,
+        progress: &mut dyn FnMut(u64),
+        work: impl FnOnce(&Cancel, OnRetry<'_>, &mut dyn FnMut(u64)) -> Result<T, FetchError> + Send + 'static,
+    ) -> Result<T, FetchError> {
+        enum Msg<T> {
+            Progress(u64),
+            Retry(u32, ErrorInfo, Duration),
+            Done(Result<T, FetchError>),
+        }
+        let (tx, rx) = std::sync::mpsc::channel::<Msg<T>>();
+        let c = cancel.clone();
+        std::thread::Builder::new()
+            .name("outpost-fetch".into())
+            .spawn(move || {
+                let (t_retry, t_progress) = (tx.clone(), tx.clone());
+                let mut on_retry = |a, e: &ErrorInfo, delay| {
+                    let _ = t_retry.send(Msg::Retry(a, e.clone(), delay));
+                };
+                let mut on_progress = |n| {
+                    let _ = t_progress.send(Msg::Progress(n));
+                };
+                let result = work(&c, &mut on_retry, &mut on_progress);
+                let _ = tx.send(Msg::Done(result));
+            })
+            .map_err(|e| ErrorInfo::new(ErrorCode::Internal, format!("{what}: cannot start a download thread: {e}")))?;
+        loop {
+            match rx.recv_timeout(Duration::from_millis(100)) {
+                Ok(Msg::Progress(n)) => progress(n),
+                Ok(Msg::Retry(a, e, delay)) => self.report_retry(d, what, a, &e, delay),
+                Ok(Msg::Done(result)) => return result,
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) if cancel.is_cancelled() => {
+                    return Err(FetchError::Cancelled);
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                    return Err(ErrorInfo::new(ErrorCode::Internal, format!("{what}: the download thread died")).into());
+                }
+            }
+        }
     }
 
     /// A retry is visible to the operator as a `downloading` event.

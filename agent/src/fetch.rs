@@ -171,10 +171,9 @@ impl Fetcher {
                 .truncate(!resumed)
                 .open(partial)
                 .map_err(|e| io_error(what, &e))?;
-            let mut w = std::io::BufWriter::new(&mut f);
-            let (hasher, n) = copy_capped(reader, &mut w, hasher, start, size, what, url, cancel, progress)?;
-            w.flush().map_err(|e| io_error(what, &e))?;
-            drop(w);
+            // Unbuffered (reads come in 64 KiB chunks): what arrived is on disk
+            // if the agent dies, and the next start resumes from there.
+            let (hasher, n) = copy_capped(reader, &mut f, hasher, start, size, what, url, cancel, progress)?;
             if n > size {
                 let _ = std::fs::remove_file(partial);
                 return Err(permanent(
@@ -388,6 +387,16 @@ fn copy_capped(
                 ));
             }
         };
+        if cancel.is_cancelled() {
+            // Superseded while the read was blocked: write nothing more, a newer
+            // download may already own this partial file.
+            return Err(AttemptError {
+                info: ErrorInfo::new(ErrorCode::Internal, "cancelled"),
+                transient: false,
+                retry_after: None,
+                cancelled: true,
+            });
+        }
         hasher.update(&buf[..got]);
         w.write_all(&buf[..got]).map_err(|e| io_error(what, &e))?;
         n += got as u64;

@@ -501,3 +501,116 @@ async fn the_store_keeps_the_active_and_the_last_versions_only() {
     assert!(dir.join("blobs/sha256").join(&mlp).is_file());
     assert_eq!(w.infer("v3", digits_request(1)).await["model_version"], "3");
 }
+
+/// A newer desired state cancels a download in progress at once, and a
+/// download cut by an agent restart resumes where it stopped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_download_is_superseded_and_a_restart_resumes_it() {
+    let broker = Mosquitto::start();
+    let reg = Registry::start().await;
+    reg.register("digits-mlp.onnx", "digits", "1");
+    reg.register("digits-cnn.onnx", "digits", "2");
+    let faulty = FaultyRegistry::start(reg.root().to_path_buf()).await;
+    let data = tempfile::tempdir().unwrap();
+    let mut w = Watcher::new(&broker, "dev10").await;
+    let mut agent =
+        Agent::start_with(broker.port, "dev10", &data.path().join("dev10"), &[], &["--stall-timeout", "60"]);
+    w.online().await;
+    let resolve = |v: &'static str| {
+        let (reg_url, faulty_url) = (reg.url.clone(), faulty.url.clone());
+        async move {
+            let (url, sha) = outpost_sim::operator::resolve_manifest(&reg_url, "digits", v).await.unwrap();
+            (url.replace(&reg_url, &faulty_url), sha)
+        }
+    };
+
+    // v2's model hangs after 2000 bytes; v1 is published while it hangs.
+    faulty.inject("digits/2/model.onnx", &[Fault::Stall(2000, Duration::from_secs(60))]);
+    let (url2, sha2) = resolve("2").await;
+    let d2 = outpost_sim::operator::deployment("digits", "2", &url2, &sha2, None, None);
+    w.publish_desired(d2.to_json()).await;
+    w.event(|e| e.deployment_id == d2.deployment_id && e.phase == Phase::Downloading).await;
+    let (url1, sha1) = resolve("1").await;
+    let d1 = outpost_sim::operator::deployment("digits", "1", &url1, &sha1, None, None);
+    let published = std::time::Instant::now();
+    w.publish_desired(d1.to_json()).await;
+    let ev = w.event(|e| e.deployment_id == d2.deployment_id && e.phase.is_final()).await;
+    assert_eq!(ev.phase, Phase::Superseded);
+    assert!(published.elapsed() < Duration::from_secs(5), "superseding took {:?}", published.elapsed());
+    let (last, events) = w.events_until_final(&d1.deployment_id).await;
+    assert_eq!(last.phase, Phase::Active, "{events:?}");
+
+    // v2 again, hanging after 2000 bytes; the agent is killed mid-download and
+    // restarted: it asks only for the rest.
+    faulty.inject("digits/2/model.onnx", &[Fault::Stall(2000, Duration::from_secs(60))]);
+    let d2b = outpost_sim::operator::deployment("digits", "2", &url2, &sha2, None, None);
+    w.publish_desired(d2b.to_json()).await;
+    w.event(|e| e.deployment_id == d2b.deployment_id && e.phase == Phase::Downloading).await;
+    let partial = data
+        .path()
+        .join("dev10/partial")
+        .join(outpost_sim::registry::sha256(&std::fs::read(fixture("digits-cnn.onnx")).unwrap()));
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while std::fs::metadata(&partial).map(|m| m.len()).unwrap_or(0) < 2000 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    agent.kill_and_restart();
+    let (last, events) = w.events_until_final(&d2b.deployment_id).await;
+    assert_eq!(last.phase, Phase::Active, "{events:?}");
+    let ranges = faulty.requests("digits/2/model.onnx");
+    assert_eq!(ranges.last().unwrap().as_deref(), Some("2000-"), "{ranges:?}");
+    assert_eq!(w.infer("v2", digits_request(1)).await["model_version"], "2");
+}
+
+/// `file://` registries work (air-gapped devices), and a manifest with an
+/// escaping path is refused before anything is written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn file_urls_deploy_and_unsafe_paths_are_refused() {
+    let broker = Mosquitto::start();
+    let reg = Registry::start().await;
+    reg.register("digits-mlp.onnx", "digits", "1");
+    reg.register("digits-mlp.onnx", "digits", "2");
+    let data = tempfile::tempdir().unwrap();
+    let mut w = Watcher::new(&broker, "dev11").await;
+    let _agent = Agent::start(broker.port, "dev11", &data.path().join("dev11"), &[]);
+    w.online().await;
+    let root = format!("file://{}", reg.root().display());
+    let (url, sha) = outpost_sim::operator::resolve_manifest(&root, "digits", "1").await.unwrap();
+    assert!(url.starts_with("file:///"));
+    assert_eq!(w.deploy_raw("digits", "1", &url, &sha).await.0.phase, Phase::Active);
+
+    let manifest_path = reg.root().join("digits/2/manifest.json");
+    let mut m: serde_json::Value = serde_json::from_slice(&std::fs::read(&manifest_path).unwrap()).unwrap();
+    m["files"][1]["path"] = "../../escape.txt".into();
+    let bytes = serde_json::to_vec(&m).unwrap();
+    std::fs::write(&manifest_path, &bytes).unwrap();
+    let sha = outpost_sim::registry::sha256(&bytes);
+    let (last, _) = w.deploy_raw("digits", "2", &reg.manifest_url("digits", "2"), &sha).await;
+    let e = last.error.unwrap();
+    assert_eq!(e.code, ErrorCode::UnsafePath, "{}", e.message);
+    assert!(e.message.starts_with("manifest.json: files[1].path: expected a relative path"), "{}", e.message);
+
+    // Over the 1 MiB manifest cap: refused at the cap.
+    let mut big = m.clone();
+    big["padding"] = "x".repeat(1 << 20).into();
+    let bytes = serde_json::to_vec(&big).unwrap();
+    std::fs::write(&manifest_path, &bytes).unwrap();
+    let (last, _) =
+        w.deploy_raw("digits", "2", &reg.manifest_url("digits", "2"), &outpost_sim::registry::sha256(&bytes)).await;
+    assert_eq!(last.error.unwrap().code, ErrorCode::TooLarge);
+
+    // Not JSON at all, with the right digest.
+    std::fs::write(&manifest_path, b"<html>oops</html>").unwrap();
+    let (last, _) = w
+        .deploy_raw(
+            "digits",
+            "2",
+            &reg.manifest_url("digits", "2"),
+            &outpost_sim::registry::sha256(b"<html>oops</html>"),
+        )
+        .await;
+    let e = last.error.unwrap();
+    assert_eq!(e.code, ErrorCode::InvalidManifest, "{}", e.message);
+    assert_eq!(w.infer("still", digits_request(1)).await["model_version"], "1");
+    assert!(!data.path().join("escape.txt").exists() && !reg.root().join("escape.txt").exists());
+}
