@@ -117,12 +117,16 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
                 connected_once = true;
                 tracing::info!(broker = %format!("{}:{}", config.session.broker.host, config.session.broker.port), reconnects, "connected");
                 // A clean session has no subscriptions: subscribe on every ConnAck.
+                // From another task: awaiting a full request channel here would stall the event loop.
                 if !ack.session_present {
-                    for t in &subscriptions {
-                        if let Err(e) = client.try_subscribe(t.clone(), QoS::AtLeastOnce) {
-                            tracing::error!(topic = %t, error = %e, "subscribe failed");
+                    let (client, topics) = (client.clone(), subscriptions.clone());
+                    tokio::spawn(async move {
+                        for t in topics {
+                            if let Err(e) = client.subscribe(t.clone(), QoS::AtLeastOnce).await {
+                                tracing::error!(topic = %t, error = %e, "subscribe failed");
+                            }
                         }
-                    }
+                    });
                 }
                 reporter.send(Outgoing {
                     topic: config.topics.availability(&config.device),
