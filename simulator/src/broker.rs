@@ -2,13 +2,17 @@
 //! Tests that must kill or restart a broker use Mosquitto processes instead.
 
 use std::collections::HashMap;
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener};
 use std::time::{Duration, Instant};
 
 /// A free TCP port on 127.0.0.1 (rumqttd cannot report the port it bound, so
 /// we pick one first).
 pub fn free_port() -> std::io::Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn probe_addr(listen: SocketAddr) -> SocketAddr {
+    if listen.ip().is_unspecified() { SocketAddr::new([127, 0, 0, 1].into(), listen.port()) } else { listen }
 }
 
 /// Starts rumqttd on `bind` (port 0 = any free port) in its own thread and
@@ -48,10 +52,11 @@ pub fn start(bind_ip: std::net::IpAddr, port: u16) -> Result<SocketAddr, String>
             }
         })
         .map_err(|e| format!("cannot start the broker thread: {e}"))?;
-    let target = SocketAddr::new(if bind_ip.is_unspecified() { [127, 0, 0, 1].into() } else { bind_ip }, port);
+    // Probe by binding, not connecting: a connect-and-close probe makes
+    // rumqttd log an error. Once the broker holds the port, binding it fails.
     let deadline = Instant::now() + Duration::from_secs(10);
     while Instant::now() < deadline {
-        if TcpStream::connect_timeout(&target, Duration::from_millis(200)).is_ok() {
+        if TcpListener::bind(probe_addr(listen)).is_err() {
             return Ok(listen);
         }
         std::thread::sleep(Duration::from_millis(20));
