@@ -237,3 +237,76 @@ fn sync_tree(dir: &Path) -> std::io::Result<()> {
     }
     sync_dir(dir)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use outpost_protocol::hex;
+    use sha2::{Digest, Sha256};
+
+    fn sha(b: &[u8]) -> String {
+        let d: [u8; 32] = Sha256::digest(b).into();
+        hex(&d)
+    }
+
+    /// A one-file manifest whose model is `body`, its blob committed to the store.
+    fn stored_version(store: &Store, body: &[u8]) -> (Manifest, Vec<u8>, String) {
+        let tmp = store.tmp_path("t");
+        fs::write(&tmp, body).unwrap();
+        store.commit_blob(&tmp, &sha(body)).unwrap();
+        let json = serde_json::json!({"schema": "outpost.manifest.v1", "name": "m", "version": "1",
+            "files": [{"path": "model.onnx", "sha256": sha(body), "size": body.len()}],
+            "model": {"format": "onnx", "file": "model.onnx",
+                      "inputs": [{"name": "x", "datatype": "FP32", "shape": [1]}],
+                      "outputs": [{"name": "y", "datatype": "FP32", "shape": [1]}]}});
+        let bytes = serde_json::to_vec(&json).unwrap();
+        (Manifest::from_json(&bytes).unwrap(), bytes.clone(), sha(&bytes))
+    }
+
+    #[test]
+    fn open_removes_leftovers_of_interrupted_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::create_dir_all(dir.path().join("tmp/half-version")).unwrap();
+        fs::write(dir.path().join("tmp/half-blob"), b"x").unwrap();
+        Store::open(dir.path()).unwrap();
+        assert_eq!(fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn a_version_is_verified_before_it_is_trusted() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let (m, bytes, msha) = stored_version(&store, b"model bytes");
+        let vdir = store.materialize(&m, &bytes, &msha).unwrap();
+        assert!(store.verify_version(&msha).is_ok());
+        // Idempotent.
+        assert_eq!(store.materialize(&m, &bytes, &msha).unwrap(), vdir);
+        // Bit rot in the stored model is caught.
+        let blob = store.blob_path(&sha(b"model bytes"));
+        fs::remove_file(vdir.join("model.onnx")).unwrap();
+        fs::write(vdir.join("model.onnx"), b"model bytez").unwrap();
+        let e = store.verify_version(&msha).unwrap_err();
+        assert_eq!(e.code, ErrorCode::DigestMismatch);
+        assert!(e.message.starts_with("stored model.onnx: expected sha256 "), "{}", e.message);
+        assert!(blob.is_file());
+    }
+
+    #[test]
+    fn retention_removes_other_versions_and_their_blobs_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let (m1, b1, s1) = stored_version(&store, b"one");
+        let (m2, b2, s2) = stored_version(&store, b"two");
+        store.materialize(&m1, &b1, &s1).unwrap();
+        store.materialize(&m2, &b2, &s2).unwrap();
+        fs::write(store.partial_path(&"f".repeat(64)), b"abandoned").unwrap();
+        let (removed, freed) = store.retain(std::slice::from_ref(&s2));
+        assert_eq!(removed, 1);
+        assert_eq!(freed, 3 + 9);
+        assert!(!store.version_dir(&s1).exists());
+        assert!(store.verify_version(&s2).is_ok());
+        assert!(!store.has_blob(&sha(b"one"), 3));
+        assert!(store.has_blob(&sha(b"two"), 3));
+        assert_eq!(store.usage(), (3, 1));
+    }
+}
