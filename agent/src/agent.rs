@@ -30,6 +30,8 @@ pub struct Config {
     pub fetch: FetchConfig,
     pub workers: usize,
     pub max_queue: usize,
+    /// Time between two telemetry reports.
+    pub telemetry_interval: Duration,
     /// Where the local Open Inference Protocol endpoint listens (None: off).
     pub http_bind: Option<std::net::SocketAddr>,
 }
@@ -99,6 +101,12 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let mut subscriptions = vec![config.topics.device_desired(&config.device), config.topics.infer(&config.device)];
     subscriptions.extend(config.groups.iter().map(|g| config.topics.group_desired(g)));
 
+    let started = std::time::Instant::now();
+    let mut telemetry = crate::telemetry::Reporter::default();
+    let mut tick = tokio::time::interval(config.telemetry_interval.max(Duration::from_secs(1)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+
     let mut backoff = Backoff::new();
     let mut reconnects: u64 = 0;
     let mut connected_once = false;
@@ -106,6 +114,16 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     loop {
         let event = tokio::select! {
             _ = &mut shutdown => break,
+            _ = tick.tick() => {
+                let t = telemetry.report(&config.device, started, &engine, &store, reconnects);
+                reporter.send(Outgoing {
+                    topic: config.topics.telemetry(&config.device),
+                    payload: serde_json::to_vec(&t).unwrap_or_default(),
+                    retain: false,
+                    reliable: false,
+                });
+                continue;
+            }
             e = eventloop.poll() => e,
         };
         match event {

@@ -10,6 +10,7 @@
 //! - [`deploy`]: one deployment from manifest to swap.
 //! - [`status`]: events, retained state and what survives a restart.
 //! - [`http`]: the local Open Inference Protocol v2 endpoint and `/metrics`.
+//! - [`telemetry`]: periodic health reports.
 //! - [`agent`]: the main loop that wires them together.
 
 pub mod agent;
@@ -22,6 +23,7 @@ pub mod reconcile;
 pub mod serve;
 pub mod status;
 pub mod store;
+pub mod telemetry;
 
 pub use agent::{Config, run};
 

@@ -63,6 +63,9 @@ struct RunArgs {
     /// Seconds without a byte before a download counts as stalled.
     #[arg(long, default_value_t = 30)]
     stall_timeout: u64,
+    /// Seconds between two telemetry reports.
+    #[arg(long, default_value_t = 30)]
+    telemetry_interval: u64,
     /// Address of the local Open Inference Protocol v2 HTTP endpoint; `off` disables it.
     #[arg(long, default_value = "127.0.0.1:8080", value_parser = parse_http_bind)]
     http_bind: HttpBind,
@@ -102,6 +105,7 @@ fn main() -> ExitCode {
         workers: args.workers,
         max_queue: args.max_queue,
         http_bind: args.http_bind.0,
+        telemetry_interval: Duration::from_secs(args.telemetry_interval),
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(r) => r,
@@ -148,6 +152,9 @@ fn check(a: &RunArgs) -> Result<(), String> {
     }
     if a.max_packet_size < 64 * 1024 || a.max_packet_size > 256 * 1024 * 1024 {
         return Err(format!("--max-packet-size: expected 65536 to 268435456 bytes, found {}", a.max_packet_size));
+    }
+    if !(1..=86_400).contains(&a.telemetry_interval) {
+        return Err(format!("--telemetry-interval: expected 1 to 86400 seconds, found {}", a.telemetry_interval));
     }
     if a.download_attempts == 0 {
         return Err("--download-attempts: expected at least 1, found 0".into());

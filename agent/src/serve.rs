@@ -33,6 +33,8 @@ pub struct Engine {
     /// Concurrency: one permit per worker thread.
     workers: Arc<Semaphore>,
     pub counters: Counters,
+    /// Per-interval latencies of answered requests, for telemetry.
+    pub latencies: crate::telemetry::Latencies,
 }
 
 impl Default for Engine {
@@ -49,6 +51,7 @@ impl Engine {
             admission: Arc::new(Semaphore::new(workers + max_queue)),
             workers: Arc::new(Semaphore::new(workers)),
             counters: Counters::default(),
+            latencies: Default::default(),
         }
     }
 
@@ -71,7 +74,11 @@ impl Engine {
     /// Runs one request on a worker thread, or refuses it at once.
     pub async fn infer(&self, req: InferRequest) -> Result<InferResponse, InferFailure> {
         self.counters.requests.fetch_add(1, Ordering::Relaxed);
+        let started = std::time::Instant::now();
         let result = self.infer_inner(req).await;
+        if result.is_ok() {
+            self.latencies.record(started.elapsed().as_micros() as u64);
+        }
         if let Err(e) = &result {
             let counter = if e.code == ErrorCode::Overloaded { &self.counters.rejected } else { &self.counters.errors };
             counter.fetch_add(1, Ordering::Relaxed);

@@ -614,3 +614,42 @@ async fn file_urls_deploy_and_unsafe_paths_are_refused() {
     assert_eq!(w.infer("still", digits_request(1)).await["model_version"], "1");
     assert!(!data.path().join("escape.txt").exists() && !reg.root().join("escape.txt").exists());
 }
+
+/// Health telemetry as an operator reads it off the broker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn telemetry_reports_traffic_latency_memory_and_store() {
+    let broker = Mosquitto::start();
+    let reg = Registry::start().await;
+    reg.register("digits-mlp.onnx", "digits", "1");
+    let data = tempfile::tempdir().unwrap();
+    let mut w = Watcher::new(&broker, "dev12").await;
+    let _agent =
+        Agent::start_with(broker.port, "dev12", &data.path().join("dev12"), &[], &["--telemetry-interval", "1"]);
+    w.online().await;
+    assert_eq!(w.deploy(&reg, "digits", "1").await.0.phase, Phase::Active);
+    let mut t =
+        outpost_sim::operator::Operator::connect(&broker.url(), "telemetry-reader", w.topics.clone()).await.unwrap();
+    t.subscribe(&w.topics.telemetry("dev12")).await.unwrap();
+    for i in 0..5 {
+        w.infer(&format!("t-{i}"), digits_request(10)).await;
+    }
+    let mut requests = 0;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while requests < 5 && std::time::Instant::now() < deadline {
+        let Some(m) = t.next(Duration::from_secs(2)).await else { continue };
+        let r: outpost_protocol::Telemetry = serde_json::from_slice(&m.payload).unwrap();
+        assert_eq!(r.schema, "outpost.telemetry.v1");
+        assert_eq!(r.model.as_ref().map(|m| m.version.as_str()), Some("1"));
+        assert!(r.process.rss_bytes > 1_000_000, "{r:?}");
+        assert_eq!(r.store.versions, 1);
+        assert!(r.store.bytes > 10_000);
+        if r.inference.requests > 0 {
+            assert!(
+                r.inference.latency_us.p50 > 0 && r.inference.latency_us.p50 <= r.inference.latency_us.max,
+                "{r:?}"
+            );
+        }
+        requests += r.inference.requests;
+    }
+    assert_eq!(requests, 5, "every request counted once across intervals");
+}
