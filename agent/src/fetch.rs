@@ -97,6 +97,15 @@ fn permanent(code: ErrorCode, message: String) -> AttemptError {
     AttemptError { info: ErrorInfo::new(code, message), transient: false, retry_after: None, cancelled: false }
 }
 
+fn cancelled() -> AttemptError {
+    AttemptError {
+        info: ErrorInfo::new(ErrorCode::Internal, "cancelled"),
+        transient: false,
+        retry_after: None,
+        cancelled: true,
+    }
+}
+
 fn transient(code: ErrorCode, message: String) -> AttemptError {
     AttemptError { info: ErrorInfo::new(code, message), transient: true, retry_after: None, cancelled: false }
 }
@@ -363,12 +372,7 @@ fn copy_capped(
     let mut n = start;
     loop {
         if cancel.is_cancelled() {
-            return Err(AttemptError {
-                info: ErrorInfo::new(ErrorCode::Internal, "cancelled"),
-                transient: false,
-                retry_after: None,
-                cancelled: true,
-            });
+            return Err(cancelled());
         }
         let want = buf.len().min((cap + 1).saturating_sub(n) as usize);
         if want == 0 {
@@ -390,12 +394,7 @@ fn copy_capped(
         if cancel.is_cancelled() {
             // Superseded while the read was blocked: write nothing more, a newer
             // download may already own this partial file.
-            return Err(AttemptError {
-                info: ErrorInfo::new(ErrorCode::Internal, "cancelled"),
-                transient: false,
-                retry_after: None,
-                cancelled: true,
-            });
+            return Err(cancelled());
         }
         hasher.update(&buf[..got]);
         w.write_all(&buf[..got]).map_err(|e| io_error(what, &e))?;

@@ -392,6 +392,24 @@ impl Watcher {
     }
 }
 
+/// The usual cast of an end-to-end test: a Mosquitto broker, an empty
+/// registry over HTTP, a data dir, an operator watching `device`, and the
+/// `outpost` binary running as `device` (with `groups` and `extra` flags),
+/// returned once the device says it is online.
+pub async fn lab(
+    device: &str,
+    groups: &[&str],
+    extra: &[&str],
+) -> (Mosquitto, Registry, tempfile::TempDir, Watcher, Agent) {
+    let broker = Mosquitto::start();
+    let reg = Registry::start().await;
+    let data = tempfile::tempdir().unwrap();
+    let mut w = Watcher::new(&broker, device).await;
+    let agent = Agent::start_with(broker.port, device, &data.path().join(device), groups, extra);
+    w.online().await;
+    (broker, reg, data, w, agent)
+}
+
 /// Held-out digits from the fixtures: (images, labels).
 pub fn heldout() -> (Vec<Vec<f64>>, Vec<usize>) {
     let v: serde_json::Value = serde_json::from_slice(&std::fs::read(fixture("digits-heldout.json")).unwrap()).unwrap();

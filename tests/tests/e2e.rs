@@ -11,14 +11,9 @@ const CNN_EXPECTED: &str = "digits-cnn-expected.json";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deploy_message_becomes_served_predictions_and_versions_swap() {
-    let broker = Mosquitto::start();
-    let reg = Registry::start().await;
+    let (broker, reg, _data, mut w, _agent) = lab("dev1", &[], &[]).await;
     reg.register("digits-mlp.onnx", "digits", "1");
     reg.register("digits-cnn.onnx", "digits", "2");
-    let data = tempfile::tempdir().unwrap();
-    let mut w = Watcher::new(&broker, "dev1").await;
-    let _agent = Agent::start(broker.port, "dev1", &data.path().join("dev1"), &[]);
-    w.online().await;
 
     // Before any deployment: a clear `no_model` answer with the request's id.
     let answer = w.infer("r-0", digits_request(1)).await;
@@ -61,13 +56,8 @@ async fn a_deploy_message_becomes_served_predictions_and_versions_swap() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_bad_bundle_fails_precisely_and_the_serving_model_keeps_answering() {
-    let broker = Mosquitto::start();
-    let reg = Registry::start().await;
+    let (broker, reg, _data, mut w, _agent) = lab("dev2", &[], &[]).await;
     reg.register("digits-mlp.onnx", "digits", "1");
-    let data = tempfile::tempdir().unwrap();
-    let mut w = Watcher::new(&broker, "dev2").await;
-    let _agent = Agent::start(broker.port, "dev2", &data.path().join("dev2"), &[]);
-    w.online().await;
     assert_eq!(w.deploy(&reg, "digits", "1").await.0.phase, Phase::Active);
 
     // Wrong manifest_sha256 in the deployment.
@@ -135,13 +125,8 @@ async fn every_bad_bundle_fails_precisely_and_the_serving_model_keeps_answering(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_messages_get_precise_errors_and_the_agent_keeps_running() {
-    let broker = Mosquitto::start();
-    let reg = Registry::start().await;
+    let (_broker, reg, _data, mut w, mut agent) = lab("dev3", &[], &[]).await;
     reg.register("digits-mlp.onnx", "digits", "1");
-    let data = tempfile::tempdir().unwrap();
-    let mut w = Watcher::new(&broker, "dev3").await;
-    let mut agent = Agent::start(broker.port, "dev3", &data.path().join("dev3"), &[]);
-    w.online().await;
     assert_eq!(w.deploy(&reg, "digits", "1").await.0.phase, Phase::Active);
 
     // Desired state that is not JSON, has a wrong type, or a future schema.
@@ -195,13 +180,8 @@ async fn malformed_messages_get_precise_errors_and_the_agent_keeps_running() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_a_power_cut_the_device_serves_from_its_store_without_the_registry() {
-    let broker = Mosquitto::start();
-    let reg = Registry::start().await;
+    let (_broker, reg, _data, mut w, mut agent) = lab("dev4", &[], &[]).await;
     reg.register("digits-mlp.onnx", "digits", "1");
-    let data = tempfile::tempdir().unwrap();
-    let mut w = Watcher::new(&broker, "dev4").await;
-    let mut agent = Agent::start(broker.port, "dev4", &data.path().join("dev4"), &[]);
-    w.online().await;
     let (last, _) = w.deploy(&reg, "digits", "1").await;
     assert_eq!(last.phase, Phase::Active);
     let deployment_id = last.deployment_id;
@@ -238,14 +218,9 @@ fn register_refuses_a_model_tract_cannot_run_and_names_the_operator() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_empty_desired_state_undeploys_and_groups_apply_under_the_device_override() {
-    let broker = Mosquitto::start();
-    let reg = Registry::start().await;
+    let (broker, reg, _data, mut w, _agent) = lab("dev5", &["lab", "all"], &[]).await;
     reg.register("digits-mlp.onnx", "digits", "1");
     reg.register("digits-cnn.onnx", "digits", "2");
-    let data = tempfile::tempdir().unwrap();
-    let mut w = Watcher::new(&broker, "dev5").await;
-    let _agent = Agent::start(broker.port, "dev5", &data.path().join("dev5"), &["lab", "all"]);
-    w.online().await;
 
     // The group "all" deploys v1; the device override then deploys v2.
     let (url, sha) = outpost_sim::operator::resolve_manifest(&reg.url, "digits", "1").await.unwrap();
@@ -273,12 +248,7 @@ async fn an_empty_desired_state_undeploys_and_groups_apply_under_the_device_over
 /// The operator's commands as a user runs them: register, deploy --wait, infer.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_operator_cli_registers_deploys_and_infers() {
-    let broker = Mosquitto::start();
-    let reg = Registry::start().await;
-    let data = tempfile::tempdir().unwrap();
-    let mut w = Watcher::new(&broker, "dev6").await;
-    let _agent = Agent::start(broker.port, "dev6", &data.path().join("dev6"), &[]);
-    w.online().await;
+    let (broker, reg, data, _w, _agent) = lab("dev6", &[], &[]).await;
     let broker_url = format!("mqtt://127.0.0.1:{}", broker.port);
     let root = reg.root().to_str().unwrap().to_string();
 
@@ -329,13 +299,8 @@ async fn the_operator_cli_registers_deploys_and_infers() {
 /// The local Open Inference Protocol v2 endpoint, as a Triton/KServe client uses it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_local_http_endpoint_speaks_open_inference_protocol_v2() {
-    let broker = Mosquitto::start();
-    let reg = Registry::start().await;
+    let (_broker, reg, _data, mut w, agent) = lab("dev7", &[], &[]).await;
     reg.register("digits-mlp.onnx", "digits", "1");
-    let data = tempfile::tempdir().unwrap();
-    let mut w = Watcher::new(&broker, "dev7").await;
-    let agent = Agent::start(broker.port, "dev7", &data.path().join("dev7"), &[]);
-    w.online().await;
     let base = format!("http://127.0.0.1:{}", agent.http_port);
 
     assert_eq!(http("GET", format!("{base}/v2/health/live"), None).await.0, 200);
@@ -394,21 +359,11 @@ async fn the_local_http_endpoint_speaks_open_inference_protocol_v2() {
 /// file larger than declared, each with the outcome an operator needs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn downloads_retry_resume_and_stop_at_the_declared_size() {
-    let broker = Mosquitto::start();
-    let reg = Registry::start().await;
+    let (_broker, reg, _data, mut w, _agent) =
+        lab("dev8", &[], &["--download-attempts", "4", "--stall-timeout", "1"]).await;
     reg.register("digits-mlp.onnx", "digits", "1");
     reg.register("digits-cnn.onnx", "digits", "2");
     let faulty = FaultyRegistry::start(reg.root().to_path_buf()).await;
-    let data = tempfile::tempdir().unwrap();
-    let mut w = Watcher::new(&broker, "dev8").await;
-    let _agent = Agent::start_with(
-        broker.port,
-        "dev8",
-        &data.path().join("dev8"),
-        &[],
-        &["--download-attempts", "4", "--stall-timeout", "1"],
-    );
-    w.online().await;
     let (url, sha) = outpost_sim::operator::resolve_manifest(&reg.url, "digits", "1").await.unwrap();
     let faulty_url = url.replace(&reg.url, &faulty.url);
 
@@ -506,16 +461,10 @@ async fn the_store_keeps_the_active_and_the_last_versions_only() {
 /// download cut by an agent restart resumes where it stopped.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_download_is_superseded_and_a_restart_resumes_it() {
-    let broker = Mosquitto::start();
-    let reg = Registry::start().await;
+    let (_broker, reg, data, mut w, mut agent) = lab("dev10", &[], &["--stall-timeout", "60"]).await;
     reg.register("digits-mlp.onnx", "digits", "1");
     reg.register("digits-cnn.onnx", "digits", "2");
     let faulty = FaultyRegistry::start(reg.root().to_path_buf()).await;
-    let data = tempfile::tempdir().unwrap();
-    let mut w = Watcher::new(&broker, "dev10").await;
-    let mut agent =
-        Agent::start_with(broker.port, "dev10", &data.path().join("dev10"), &[], &["--stall-timeout", "60"]);
-    w.online().await;
     let resolve = |v: &'static str| {
         let (reg_url, faulty_url) = (reg.url.clone(), faulty.url.clone());
         async move {
@@ -566,14 +515,9 @@ async fn a_stalled_download_is_superseded_and_a_restart_resumes_it() {
 /// escaping path is refused before anything is written.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn file_urls_deploy_and_unsafe_paths_are_refused() {
-    let broker = Mosquitto::start();
-    let reg = Registry::start().await;
+    let (_broker, reg, data, mut w, _agent) = lab("dev11", &[], &[]).await;
     reg.register("digits-mlp.onnx", "digits", "1");
     reg.register("digits-mlp.onnx", "digits", "2");
-    let data = tempfile::tempdir().unwrap();
-    let mut w = Watcher::new(&broker, "dev11").await;
-    let _agent = Agent::start(broker.port, "dev11", &data.path().join("dev11"), &[]);
-    w.online().await;
     let root = format!("file://{}", reg.root().display());
     let (url, sha) = outpost_sim::operator::resolve_manifest(&root, "digits", "1").await.unwrap();
     assert!(url.starts_with("file:///"));
@@ -618,14 +562,8 @@ async fn file_urls_deploy_and_unsafe_paths_are_refused() {
 /// Health telemetry as an operator reads it off the broker.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn telemetry_reports_traffic_latency_memory_and_store() {
-    let broker = Mosquitto::start();
-    let reg = Registry::start().await;
+    let (broker, reg, _data, mut w, _agent) = lab("dev12", &[], &["--telemetry-interval", "1"]).await;
     reg.register("digits-mlp.onnx", "digits", "1");
-    let data = tempfile::tempdir().unwrap();
-    let mut w = Watcher::new(&broker, "dev12").await;
-    let _agent =
-        Agent::start_with(broker.port, "dev12", &data.path().join("dev12"), &[], &["--telemetry-interval", "1"]);
-    w.online().await;
     assert_eq!(w.deploy(&reg, "digits", "1").await.0.phase, Phase::Active);
     let mut t =
         outpost_sim::operator::Operator::connect(&broker.url(), "telemetry-reader", w.topics.clone()).await.unwrap();
