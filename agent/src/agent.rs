@@ -62,6 +62,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         fetcher: Fetcher::new(config.fetch.clone()),
         engine: engine.clone(),
         reporter: reporter.clone(),
+        default_pool: (config.workers, config.max_queue),
     });
 
     // Serve what was active before the restart, before touching the network.

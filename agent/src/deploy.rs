@@ -25,6 +25,8 @@ pub struct Deployer {
     pub fetcher: Fetcher,
     pub engine: Arc<Engine>,
     pub reporter: Arc<Reporter>,
+    /// Workers and queue length when the deployment does not set them (agent flags).
+    pub default_pool: (usize, usize),
 }
 
 /// How a deployment ended.
@@ -45,6 +47,14 @@ impl Deployer {
                 if cancel.is_cancelled() {
                     Ended::Superseded
                 } else {
+                    let (workers, queue) = self.engine.pool_sizes();
+                    self.engine.resize(
+                        d.serving.workers.unwrap_or(self.default_pool.0).max(1),
+                        d.serving.max_queue.unwrap_or(self.default_pool.1),
+                    );
+                    if self.engine.pool_sizes() != (workers, queue) {
+                        tracing::info!(pool = ?self.engine.pool_sizes(), "worker pool resized by the deployment");
+                    }
                     self.engine.swap(Some(model.clone()));
                     // Persist before announcing: a device that said `active` comes back with it after a power cut.
                     let record = ActiveRecord { source, deployment: d.clone(), since: now_rfc3339() };
@@ -261,6 +271,11 @@ impl Deployer {
         match loaded {
             Ok(model) => {
                 tracing::info!(model = %model.name, version = %model.version, "serving the last active version from the store");
+                let serving = &active.deployment.serving;
+                self.engine.resize(
+                    serving.workers.unwrap_or(self.default_pool.0),
+                    serving.max_queue.unwrap_or(self.default_pool.1),
+                );
                 self.engine.swap(Some(Arc::new(model)));
                 Some((active.source, active.deployment))
             }

@@ -18,6 +18,27 @@ pub const DEFAULT_WORKERS: usize = 2;
 /// Default requests allowed to wait for a worker.
 pub const DEFAULT_MAX_QUEUE: usize = 64;
 
+/// Bounds of the worker pool.
+#[derive(Debug)]
+struct Pool {
+    /// Admission: workers + queue slots. Failing to get one means `overloaded`.
+    admission: Arc<Semaphore>,
+    /// Concurrency: one permit per worker thread.
+    workers: Arc<Semaphore>,
+    sizes: (usize, usize),
+}
+
+impl Pool {
+    fn new(workers: usize, max_queue: usize) -> Pool {
+        let workers = workers.max(1);
+        Pool {
+            admission: Arc::new(Semaphore::new(workers + max_queue)),
+            workers: Arc::new(Semaphore::new(workers)),
+            sizes: (workers, max_queue),
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 pub struct Counters {
     pub requests: AtomicU64,
@@ -28,10 +49,9 @@ pub struct Counters {
 #[derive(Debug)]
 pub struct Engine {
     active: ArcSwapOption<Model>,
-    /// Admission: workers + queue slots. Failing to get one means `overloaded`.
-    admission: Arc<Semaphore>,
-    /// Concurrency: one permit per worker thread.
-    workers: Arc<Semaphore>,
+    /// The worker pool's bounds, swapped whole when a deployment sets new ones;
+    /// requests already admitted keep the permits of the pool they entered.
+    pool: arc_swap::ArcSwap<Pool>,
     pub counters: Counters,
     /// Per-interval latencies of answered requests, for telemetry.
     pub latencies: crate::telemetry::Latencies,
@@ -45,13 +65,23 @@ impl Default for Engine {
 
 impl Engine {
     pub fn new(workers: usize, max_queue: usize) -> Engine {
-        let workers = workers.max(1);
         Engine {
             active: ArcSwapOption::empty(),
-            admission: Arc::new(Semaphore::new(workers + max_queue)),
-            workers: Arc::new(Semaphore::new(workers)),
+            pool: arc_swap::ArcSwap::from_pointee(Pool::new(workers, max_queue)),
             counters: Counters::default(),
             latencies: Default::default(),
+        }
+    }
+
+    /// Workers and queue length in force.
+    pub fn pool_sizes(&self) -> (usize, usize) {
+        self.pool.load().sizes
+    }
+
+    /// Sets workers and queue length (a deployment's `serving`); a no-op when unchanged.
+    pub fn resize(&self, workers: usize, max_queue: usize) {
+        if self.pool_sizes() != (workers.max(1), max_queue) {
+            self.pool.store(Arc::new(Pool::new(workers, max_queue)));
         }
     }
 
@@ -93,13 +123,14 @@ impl Engine {
                 message: "no model is deployed on this device".into(),
             });
         };
-        let Ok(_admitted) = self.admission.clone().try_acquire_owned() else {
+        let pool = self.pool.load_full();
+        let Ok(_admitted) = pool.admission.clone().try_acquire_owned() else {
             return Err(InferFailure {
                 code: ErrorCode::Overloaded,
                 message: "every worker is busy and the queue is full: retry later".into(),
             });
         };
-        let _worker = self
+        let _worker = pool
             .workers
             .clone()
             .acquire_owned()

@@ -591,3 +591,47 @@ async fn telemetry_reports_traffic_latency_memory_and_store() {
     }
     assert_eq!(requests, 5, "every request counted once across intervals");
 }
+
+/// The deployment's `serving` bounds the worker pool: with one worker and no
+/// queue, concurrent requests beyond it are refused at once with 503
+/// `overloaded` instead of piling up, and the rest are answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_worker_pool_answers_overloaded_at_once() {
+    let (_broker, reg, _data, mut w, agent) = lab("dev13", &[], &[]).await;
+    reg.register("digits-mlp.onnx", "digits", "1");
+    let (url, sha) = outpost_sim::operator::resolve_manifest(&reg.url, "digits", "1").await.unwrap();
+    let mut d = outpost_sim::operator::deployment("digits", "1", &url, &sha, None, None);
+    d.serving.workers = Some(1);
+    d.serving.max_queue = Some(0);
+    w.publish_desired(d.to_json()).await;
+    assert_eq!(w.events_until_final(&d.deployment_id).await.0.phase, Phase::Active);
+
+    let body = serde_json::to_vec(&digits_request(450)).unwrap();
+    let infer_url = format!("http://127.0.0.1:{}/v2/models/digits/infer", agent.http_port);
+    let clients: Vec<_> = (0..8).map(|_| tokio::spawn(http_burst(infer_url.clone(), body.clone(), 10))).collect();
+    let (mut ok, mut overloaded) = (0, 0);
+    for c in clients {
+        for (status, answer) in c.await.unwrap() {
+            match status {
+                200 => ok += 1,
+                503 => {
+                    assert_eq!(answer["error"], "every worker is busy and the queue is full: retry later");
+                    overloaded += 1;
+                }
+                other => panic!("unexpected {other}: {answer}"),
+            }
+        }
+    }
+    assert_eq!(ok + overloaded, 80);
+    assert!(ok > 0 && overloaded > 0, "ok {ok}, overloaded {overloaded}");
+    let (_, metrics) = http("GET", format!("http://127.0.0.1:{}/metrics", agent.http_port), None).await;
+    assert!(metrics.as_str().unwrap().contains(&format!("outpost_inference_rejected_total {overloaded}")));
+}
+
+async fn http_burst(url: String, body: Vec<u8>, n: usize) -> Vec<(u16, serde_json::Value)> {
+    let mut out = Vec::new();
+    for _ in 0..n {
+        out.push(http("POST", url.clone(), Some(body.clone())).await);
+    }
+    out
+}
