@@ -9,9 +9,7 @@ use crate::serve::Engine;
 use crate::status::{Outgoing, Reporter};
 use crate::store::Store;
 use outpost_protocol::topics::TopicKind;
-use outpost_protocol::{
-    Deployment, ErrorCode, ErrorInfo, InferError, InferRequest, Outcome, Phase, ProtocolError, Topics,
-};
+use outpost_protocol::{Deployment, ErrorCode, ErrorInfo, InferError, Outcome, Phase, ProtocolError, Topics};
 use rumqttc::{AsyncClient, Event, Packet, QoS};
 use std::future::Future;
 use std::path::PathBuf;
@@ -345,35 +343,21 @@ async fn on_infer(
     payload: &[u8],
     max_packet: usize,
 ) {
-    let reply_to = InferRequest::salvage_reply_to(payload).filter(|t| valid_reply_topic(t));
-    let topic = reply_to.unwrap_or_else(|| topics.predictions(device));
-    let body = match InferRequest::from_json(payload) {
-        Err(e) => serde_json::to_vec(&InferError {
-            id: InferRequest::salvage_id(payload),
-            error: e.to_string(),
-            code: e.code,
-        }),
-        Ok(req) => {
-            let id = req.id.clone();
-            match engine.infer(req).await {
-                Ok(resp) => serde_json::to_vec(&resp),
-                Err(f) => serde_json::to_vec(&InferError { id, error: f.message, code: f.code }),
-            }
-        }
-    };
-    let mut body = body.unwrap_or_default();
+    let answer = engine.infer_body(payload).await;
+    let topic = answer.reply_to.filter(|t| valid_reply_topic(t)).unwrap_or_else(|| topics.predictions(device));
+    let mut body = match answer.result {
+        Ok(resp) => serde_json::to_vec(&resp),
+        Err(f) => serde_json::to_vec(&InferError { id: answer.id.clone(), error: f.message, code: f.code }),
+    }
+    .unwrap_or_default();
     // An answer over the packet limit would be dropped (or break the
     // connection): answer why instead.
     if body.len() + topic.len() + 16 > max_packet {
-        body = serde_json::to_vec(&InferError {
-            id: InferRequest::salvage_id(payload),
-            error: format!(
-                "the answer is {} bytes, over the MQTT packet limit of {max_packet}: send a smaller batch, or use the HTTP endpoint",
-                body.len()
-            ),
-            code: ErrorCode::TooLarge,
-        })
-        .unwrap_or_default();
+        let error = format!(
+            "the answer is {} bytes, over the MQTT packet limit of {max_packet}: send a smaller batch, or use the HTTP endpoint",
+            body.len()
+        );
+        body = serde_json::to_vec(&InferError { id: answer.id, error, code: ErrorCode::TooLarge }).unwrap_or_default();
     }
     reporter.send(Outgoing { topic, payload: body, retain: false, reliable: true });
 }

@@ -23,7 +23,7 @@ use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use outpost_protocol::{ErrorCode, InferRequest};
+use outpost_protocol::ErrorCode;
 use serde_json::json;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -144,16 +144,9 @@ async fn infer(State(engine): State<Arc<Engine>>, name: String, version: Option<
     if let Err(r) = find(&engine, &name, version.as_deref()) {
         return r.into_response();
     }
-    let req = match InferRequest::from_json(&body) {
-        Ok(r) => r,
-        Err(e) => {
-            engine.count_unreadable();
-            return error(StatusCode::BAD_REQUEST, e.to_string());
-        }
-    };
-    match engine.infer(req).await {
-        // The swap may have happened between `find` and the run: the answer
-        // names the version that computed it, as over MQTT.
+    // The swap may happen between `find` and the run: the answer names the
+    // version that computed it, as over MQTT.
+    match engine.infer_body(&body).await.result {
         Ok(resp) => axum::Json(resp).into_response(),
         Err(f) => error(status_of(f.code), f.message),
     }

@@ -39,6 +39,15 @@ impl Pool {
     }
 }
 
+/// The outcome of one request body, with what the transport needs to answer it.
+#[derive(Debug)]
+pub struct Answer {
+    pub id: Option<String>,
+    /// MQTT only: where the client asked the answer to go.
+    pub reply_to: Option<String>,
+    pub result: Result<InferResponse, InferFailure>,
+}
+
 #[derive(Debug, Default)]
 pub struct Counters {
     pub requests: AtomicU64,
@@ -95,10 +104,22 @@ impl Engine {
         self.active.swap(model)
     }
 
-    /// Counts a request that never reached a model because it did not parse.
-    pub fn count_unreadable(&self) {
-        self.counters.requests.fetch_add(1, Ordering::Relaxed);
-        self.counters.errors.fetch_add(1, Ordering::Relaxed);
+    /// Runs a request body as it arrived (over MQTT or HTTP): parsed once; a
+    /// body that is not a request is counted as a failed request and answered
+    /// `bad_input` with the field at fault.
+    pub async fn infer_body(&self, body: &[u8]) -> Answer {
+        match InferRequest::from_json(body) {
+            Ok(mut req) => {
+                let (id, reply_to) = (req.id.clone(), req.reply_to.take());
+                Answer { id, reply_to, result: self.infer(req).await }
+            }
+            Err(e) => {
+                self.counters.requests.fetch_add(1, Ordering::Relaxed);
+                self.counters.errors.fetch_add(1, Ordering::Relaxed);
+                let (id, reply_to) = InferRequest::salvage(body);
+                Answer { id, reply_to, result: Err(InferFailure { code: e.code, message: e.to_string() }) }
+            }
+        }
     }
 
     /// Runs one request on a worker thread, or refuses it at once.

@@ -357,26 +357,20 @@ impl InferRequest {
         Ok(r)
     }
 
-    /// The `id` of a request that may not even parse, so an error answer can
-    /// still carry it.
-    pub fn salvage_id(bytes: &[u8]) -> Option<String> {
+    /// The `id` and `reply_to` of a body that does not parse as a request,
+    /// so the error answer can still carry the id and go where it was asked.
+    pub fn salvage(bytes: &[u8]) -> (Option<String>, Option<String>) {
         #[derive(Deserialize)]
-        struct IdOnly {
+        struct Envelope {
             id: Option<serde_json::Value>,
+            reply_to: Option<serde_json::Value>,
         }
-        match serde_json::from_slice::<IdOnly>(bytes).ok()?.id? {
-            serde_json::Value::String(s) => Some(s),
-            other => Some(other.to_string()),
-        }
-    }
-
-    /// The `reply_to` of a request that may not parse otherwise.
-    pub fn salvage_reply_to(bytes: &[u8]) -> Option<String> {
-        #[derive(Deserialize)]
-        struct ReplyOnly {
-            reply_to: Option<String>,
-        }
-        serde_json::from_slice::<ReplyOnly>(bytes).ok()?.reply_to
+        let Ok(e) = serde_json::from_slice::<Envelope>(bytes) else { return (None, None) };
+        let id = e.id.map(|v| match v {
+            serde_json::Value::String(s) => s,
+            other => other.to_string(),
+        });
+        (id, e.reply_to.and_then(|v| v.as_str().map(str::to_string)))
     }
 }
 
@@ -421,7 +415,10 @@ mod tests {
             InferRequest::from_json(br#"{"id":"r","inputs":[{"name":"x","shape":[1,2],"datatype":"FP8","data":[1]}]}"#)
                 .unwrap_err();
         assert_eq!(e.path, "inputs[0].datatype");
-        assert_eq!(InferRequest::salvage_id(br#"{"id":"r-9","inputs":5}"#).as_deref(), Some("r-9"));
+        assert_eq!(
+            InferRequest::salvage(br#"{"id":"r-9","inputs":5,"reply_to":"t/x"}"#),
+            (Some("r-9".into()), Some("t/x".into()))
+        );
     }
 
     #[test]

@@ -172,10 +172,14 @@ async fn malformed_messages_get_precise_errors_and_the_agent_keeps_running() {
     let answer = w.infer("type", wrong_type).await;
     assert_eq!(answer["error"], "input 'input': expected datatype FP32, got INT64");
 
-    // Still running, still serving.
+    // Still running, still serving, and every bad request counted as one.
     assert!(agent.is_running());
     let answer = w.infer("ok", digits_request(3)).await;
     assert_eq!(answer["model_version"], "1");
+    let (_, metrics) = http("GET", format!("http://127.0.0.1:{}/metrics", agent.http_port), None).await;
+    let text = metrics.as_str().unwrap();
+    assert!(text.contains("outpost_inference_requests_total 6\n"), "{text}");
+    assert!(text.contains("outpost_inference_errors_total 5\n"), "{text}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
