@@ -314,22 +314,22 @@ async fn deploy_worker(
                 }
             }
             Job::Undeploy => {
-                let old = engine.swap(None);
-                let record = reporter.record();
-                if let Some(active) = record.active {
-                    let d = active.deployment;
-                    reporter.event(
-                        &d,
-                        Phase::Undeployed,
-                        None,
-                        None,
-                        Some("desired state withdrawn: no model serves".into()),
-                    );
-                    reporter.set_outcome(&d, Outcome::Undeployed, None, Some(None));
-                } else {
-                    reporter.publish_state();
-                }
-                drop(old);
+                // Persisting is an fsync: off the reactor.
+                let (engine, reporter) = (engine.clone(), reporter.clone());
+                let _ = tokio::task::spawn_blocking(move || {
+                    let old = engine.swap(None);
+                    match reporter.record().active {
+                        Some(active) => {
+                            let d = active.deployment;
+                            reporter.set_outcome(&d, Outcome::Undeployed, None, Some(None));
+                            let detail = "desired state withdrawn: no model serves".to_string();
+                            reporter.event(&d, Phase::Undeployed, None, None, Some(detail));
+                        }
+                        None => reporter.publish_state(),
+                    }
+                    drop(old);
+                })
+                .await;
             }
         }
     }

@@ -145,7 +145,7 @@ impl Reporter {
     }
 
     /// Records the outcome of a deployment (and what is active), persists it
-    /// and republishes the retained state.
+    /// (an fsync: call from a blocking thread) and republishes the retained state.
     pub fn set_outcome(
         &self,
         d: &Deployment,
@@ -160,6 +160,10 @@ impl Reporter {
             if let Some(a) = active {
                 r.active = a;
             }
+        }
+        let record = self.record();
+        if let Err(e) = self.store.write_atomic("agent.json", &serde_json::to_vec_pretty(&record).unwrap_or_default()) {
+            tracing::error!(error = %e, "cannot persist agent state; it will be lost at restart");
         }
         self.publish_state();
     }
@@ -195,13 +199,9 @@ impl Reporter {
         }
     }
 
-    /// Persists the record and publishes the retained state.
+    /// Publishes the retained state (no disk write: `set_outcome` persists what changes).
     pub fn publish_state(&self) {
         let state = self.state();
-        let record = self.record();
-        if let Err(e) = self.store.write_atomic("agent.json", &serde_json::to_vec_pretty(&record).unwrap_or_default()) {
-            tracing::error!(error = %e, "cannot persist agent state; it will be lost at restart");
-        }
         self.send(Outgoing {
             topic: self.topics.state(&self.device),
             payload: serde_json::to_vec(&state).unwrap_or_default(),
