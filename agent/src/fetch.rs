@@ -237,12 +237,10 @@ impl Fetcher {
         )))
     }
 
-    /// Exponential from `backoff_base`, capped, with jitter in [d/2, d] so a
-    /// fleet that failed together does not retry together. A server's
-    /// Retry-After is honoured up to `backoff_max`.
+    /// [`crate::backoff_delay`] from `backoff_base`; a server's Retry-After is
+    /// honoured up to `backoff_max`.
     fn backoff(&self, attempt: u32, retry_after: Option<Duration>) -> Duration {
-        let exp = self.config.backoff_base.saturating_mul(1u32 << attempt.min(16)).min(self.config.backoff_max);
-        let jittered = exp.mul_f64(0.5 + 0.5 * crate::jitter());
+        let jittered = crate::backoff_delay(self.config.backoff_base, attempt, self.config.backoff_max);
         match retry_after {
             Some(r) => r.min(self.config.backoff_max).max(jittered),
             None => jittered,

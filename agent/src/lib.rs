@@ -40,6 +40,13 @@ pub fn parse_args<T: clap::Parser>() -> Result<T, std::process::ExitCode> {
     })
 }
 
+/// The delay before retry number `attempt` (0-based): `base * 2^attempt`,
+/// capped at `max`, then jittered into [d/2, d] so devices that failed
+/// together do not retry together. Used for reconnects and downloads alike.
+pub fn backoff_delay(base: std::time::Duration, attempt: u32, max: std::time::Duration) -> std::time::Duration {
+    base.saturating_mul(1u32 << attempt.min(16)).min(max).mul_f64(0.5 + 0.5 * jitter())
+}
+
 /// A number in [0, 1) for backoff jitter. Not for cryptography: it only has
 /// to differ between devices and attempts.
 pub fn jitter() -> f64 {

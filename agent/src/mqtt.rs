@@ -74,9 +74,9 @@ impl Backoff {
         self.attempt = 0;
     }
     pub fn next_delay(&mut self) -> Duration {
-        let base = Duration::from_millis(250).saturating_mul(1 << self.attempt.min(7));
-        self.attempt += 1;
-        base.min(Duration::from_secs(30)).mul_f64(0.5 + 0.5 * crate::jitter())
+        let delay = crate::backoff_delay(Duration::from_millis(250), self.attempt, Duration::from_secs(30));
+        self.attempt = self.attempt.saturating_add(1);
+        delay
     }
 }
 
@@ -124,12 +124,20 @@ mod tests {
     #[test]
     fn backoff_grows_and_is_capped() {
         let mut b = Backoff::new();
+        let ms = |d: Duration| d.as_millis();
         let first = b.next_delay();
-        assert!(first <= Duration::from_millis(250));
+        assert!((125..=250).contains(&ms(first)), "{first:?}");
+        let second = b.next_delay();
+        assert!((250..=500).contains(&ms(second)), "{second:?}");
         for _ in 0..20 {
-            assert!(b.next_delay() <= Duration::from_secs(30));
+            b.next_delay();
+        }
+        // Once capped, every delay is in [cap/2, cap].
+        for _ in 0..5 {
+            let d = b.next_delay();
+            assert!((15_000..=30_000).contains(&ms(d)), "{d:?}");
         }
         b.reset();
-        assert!(b.next_delay() <= Duration::from_millis(250));
+        assert!(ms(b.next_delay()) <= 250);
     }
 }
