@@ -574,18 +574,25 @@ fn to_tensor(slot: &InputSlot, t: &outpost_protocol::TensorIn) -> Result<Tensor,
         |what: &str| InferFailure::bad_input(format!("input '{name}': expected {} data, got {what}", slot.datatype));
     let dt = slot.datatype;
     let tensor = if dt.is_float() {
-        let mut v = match &t.data {
-            TensorData::Bool(_) => return Err(bad("booleans")),
-            other => other.to_f64_vec(),
+        // One pass from the request's numbers to the model's type; a copy in
+        // f64 only when pre-processing needs one.
+        let owned;
+        let v: &[f64] = match (&t.data, &slot.preprocess) {
+            (TensorData::Bool(_), _) => return Err(bad("booleans")),
+            (TensorData::F64(x), None) => x,
+            (other, pre) => {
+                let mut o = other.to_f64_vec();
+                if let Some(p) = pre {
+                    preprocess(&mut o, &shape, p);
+                }
+                owned = o;
+                &owned
+            }
         };
-        if let Some(p) = &slot.preprocess {
-            preprocess(&mut v, &shape, p);
-        }
         match dt {
-            Datatype::Fp64 => Tensor::from_shape(&shape, &v),
+            Datatype::Fp64 => tensor_of(&shape, v.to_vec()),
             _ => {
-                let f: Vec<f32> = v.iter().map(|x| *x as f32).collect();
-                let t = Tensor::from_shape(&shape, &f);
+                let t = tensor_of(&shape, v.iter().map(|x| *x as f32).collect());
                 if dt == Datatype::Fp16 {
                     t.and_then(|t| t.cast_to_dt(DatumType::F16).map(|c| c.into_owned()))
                 } else {
@@ -598,7 +605,7 @@ fn to_tensor(slot: &InputSlot, t: &outpost_protocol::TensorIn) -> Result<Tensor,
             TensorData::Bool(b) => Tensor::from_shape(&shape, b),
             TensorData::I64(i) if i.iter().all(|x| *x == 0 || *x == 1) => {
                 let b: Vec<bool> = i.iter().map(|x| *x == 1).collect();
-                Tensor::from_shape(&shape, &b)
+                tensor_of(&shape, b)
             }
             _ => return Err(bad("values other than true/false")),
         }
@@ -630,9 +637,14 @@ fn to_tensor(slot: &InputSlot, t: &outpost_protocol::TensorIn) -> Result<Tensor,
                 "input '{name}' element {i}: {x} is out of range for {dt} ({lo}..={hi})"
             )));
         }
-        Tensor::from_shape(&shape, &ints).and_then(|t| t.cast_to_dt(datum_of(dt)).map(|c| c.into_owned()))
+        tensor_of(&shape, ints).and_then(|t| t.cast_to_dt(datum_of(dt)).map(|c| c.into_owned()))
     };
     tensor.map_err(|e| InferFailure { code: ErrorCode::Internal, message: format!("input '{name}': {e:#}") })
+}
+
+/// A tensor that takes ownership of `v` (no copy).
+fn tensor_of<T: Datum>(shape: &[usize], v: Vec<T>) -> TractResult<Tensor> {
+    Ok(tract_ndarray::ArrayD::from_shape_vec(shape, v)?.into())
 }
 
 /// `x * scale`, then `(x - mean) / std`, per channel (dimension 1) when the

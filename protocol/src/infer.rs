@@ -103,7 +103,13 @@ impl TensorData {
     }
 
     pub fn to_f64_vec(&self) -> Vec<f64> {
-        (0..self.len()).filter_map(|i| self.get_f64(i)).collect()
+        match self {
+            TensorData::Bool(v) => v.iter().map(|x| f64::from(u8::from(*x))).collect(),
+            TensorData::I64(v) => v.iter().map(|x| *x as f64).collect(),
+            TensorData::U64(v) => v.iter().map(|x| *x as f64).collect(),
+            TensorData::F32(v) => v.iter().map(|x| f64::from(*x)).collect(),
+            TensorData::F64(v) => v.clone(),
+        }
     }
 
     /// What kind of JSON values the list holds, for error messages.
@@ -205,23 +211,11 @@ impl<'de> Visitor<'de> for Flatten<'_> {
         if self.depth >= MAX_DEPTH {
             return Err(de::Error::custom("arrays nested deeper than 32 levels"));
         }
-        if self.depth == 0
-            && let (Some(n), Acc::Empty) = (seq.size_hint(), &*self.acc)
-        {
-            *self.acc = Acc::Float(Vec::with_capacity(n.min(1 << 20)));
-        }
         while seq.next_element_seed(Flatten { acc: self.acc, depth: self.depth + 1 })?.is_some() {}
-        // A pre-sized Float that saw only integers: keep it float; exactness of
-        // huge INT64 values matters only when the whole list is integers.
         Ok(())
     }
     fn visit_i64<E: de::Error>(self, v: i64) -> Result<(), E> {
         self.check_depth()?;
-        if let Acc::Float(f) = self.acc
-            && f.is_empty()
-        {
-            *self.acc = Acc::Int(Vec::with_capacity(f.capacity()));
-        }
         self.acc.push_int(v).map_err(E::custom)
     }
     fn visit_u64<E: de::Error>(self, v: u64) -> Result<(), E> {
@@ -239,11 +233,6 @@ impl<'de> Visitor<'de> for Flatten<'_> {
     }
     fn visit_bool<E: de::Error>(self, v: bool) -> Result<(), E> {
         self.check_depth()?;
-        if let Acc::Float(f) = self.acc
-            && f.is_empty()
-        {
-            *self.acc = Acc::Bool(Vec::with_capacity(f.capacity()));
-        }
         self.acc.push_bool(v).map_err(E::custom)
     }
 }
