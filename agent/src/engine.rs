@@ -151,11 +151,23 @@ fn parse_onnx(path: &Path, ignore_value_info: bool) -> TractResult<InferenceMode
 
 /// Reads a model's signature (for `register`). `fixed` gives concrete shapes
 /// for inputs whose dimensions are dynamic (`--shape input=1,3,320,320`).
+/// Like [`Model::load`], retries with the file's value_info ignored.
 pub fn read_signature(path: &Path, fixed: &[(String, Vec<i64>)]) -> Result<Signature, LoadError> {
+    signature_with(path, fixed, false).or_else(|first| signature_with(path, fixed, true).map_err(|_| first))
+}
+
+fn signature_with(path: &Path, fixed: &[(String, Vec<i64>)], ignore_value_info: bool) -> Result<Signature, LoadError> {
     let file = path.display();
-    let mut model = parse_onnx(path, false).map_err(|e| load_failed(format!("{file}: cannot parse ONNX: {e:#}")))?;
-    let mut inputs = Vec::new();
+    let mut model =
+        parse_onnx(path, ignore_value_info).map_err(|e| load_failed(format!("{file}: cannot parse ONNX: {e:#}")))?;
     let declared = graph_inputs(&model).map_err(|e| load_failed(format!("{file}: {e:#}")))?;
+    for (n, _) in fixed {
+        if !declared.iter().any(|(name, _)| name == n) {
+            let names: Vec<&str> = declared.iter().map(|(n, _)| n.as_str()).collect();
+            return Err(load_failed(format!("--shape names input '{n}', but the model's inputs are {names:?}")));
+        }
+    }
+    let mut inputs = Vec::new();
     for (i, (name, fact)) in declared.iter().enumerate() {
         let dt = fact
             .datum_type
@@ -165,50 +177,21 @@ pub fn read_signature(path: &Path, fixed: &[(String, Vec<i64>)]) -> Result<Signa
             load_failed(format!("{file}: input '{name}' has type {dt:?}, which Outpost cannot serve"))
         })?;
         let shape: Vec<i64> = match fixed.iter().find(|(n, _)| n == name) {
-            Some((_, s)) => s.clone(),
-            None => {
-                let dims =
-                    fact.shape.dims().map(|d| d.concretize().and_then(|d| d.to_i64().ok()).unwrap_or(-1)).collect();
-                if !fact.shape.is_open() {
-                    dims
-                } else {
-                    return Err(load_failed(format!("{file}: input '{name}' has an unknown rank: give its shape")));
-                }
+            Some((_, s)) => {
+                fix_input(&mut model, i, dt, s).map_err(|e| load_failed(format!("{file}: input '{name}': {e:#}")))?;
+                s.clone()
             }
+            None if fact.shape.is_open() => {
+                return Err(load_failed(format!(
+                    "{file}: input '{name}' has an unknown rank: give its shape with --shape {name}=D1,D2,..."
+                )));
+            }
+            None => fact.shape.dims().map(|d| d.concretize().and_then(|d| d.to_i64().ok()).unwrap_or(-1)).collect(),
         };
-        if fixed.iter().any(|(n, _)| n == name) {
-            let dims: TVec<TDim> = shape
-                .iter()
-                .map(|d| if *d < 0 { model.symbols.sym("N").to_dim() } else { (*d as usize).to_dim() })
-                .collect();
-            model.set_input_fact(i, InferenceFact::dt_shape(dt, dims)).map_err(|e| load_failed(format!("{e:#}")))?;
-        }
         inputs.push((name.clone(), datatype, shape));
     }
-    for (n, _) in fixed {
-        if !inputs.iter().any(|(name, _, _)| name == n) {
-            let names: Vec<&str> = inputs.iter().map(|(n, _, _)| n.as_str()).collect();
-            return Err(load_failed(format!("--shape names input '{n}', but the model's inputs are {names:?}")));
-        }
-    }
     let names = graph_output_names(&model).map_err(|e| load_failed(format!("{e:#}")))?;
-    let typed = match model.clone().into_typed() {
-        Ok(t) => t,
-        Err(first) => {
-            let mut retry = parse_onnx(path, true).map_err(|e| load_failed(format!("{e:#}")))?;
-            for (i, (_, _, shape)) in inputs.iter().enumerate() {
-                let dt = model.input_fact(i).ok().and_then(|f| f.datum_type.concretize()).unwrap_or(DatumType::F32);
-                let dims: TVec<TDim> = shape
-                    .iter()
-                    .map(|d| if *d < 0 { retry.symbols.sym("N").to_dim() } else { (*d as usize).to_dim() })
-                    .collect();
-                retry
-                    .set_input_fact(i, InferenceFact::dt_shape(dt, dims))
-                    .map_err(|e| load_failed(format!("{e:#}")))?;
-            }
-            retry.into_typed().map_err(|_| load_failed(format!("{file}: cannot type the model: {first:#}")))?
-        }
-    };
+    let typed = model.into_typed().map_err(|e| load_failed(format!("{file}: cannot type the model: {e:#}")))?;
     let mut outputs = Vec::new();
     for (i, name) in names.into_iter().enumerate() {
         let fact = typed.output_fact(i).map_err(|e| load_failed(format!("{e:#}")))?;
@@ -219,6 +202,30 @@ pub fn read_signature(path: &Path, fixed: &[(String, Vec<i64>)]) -> Result<Signa
         outputs.push((name, datatype, shape));
     }
     Ok(Signature { inputs, outputs })
+}
+
+/// Sets input `i` to element type `dt` and `shape` (-1 = dynamic). A dynamic
+/// dimension keeps the model's own symbol (e.g. "batch", so inputs sharing it
+/// stay tied), else becomes `N` for the first dimension and a fresh symbol
+/// elsewhere.
+fn fix_input(model: &mut InferenceModel, i: usize, dt: DatumType, shape: &[i64]) -> TractResult<()> {
+    let fact = model.input_fact(i)?;
+    let own: Vec<Option<TDim>> = if fact.shape.is_open() {
+        vec![None; shape.len()]
+    } else {
+        fact.shape.dims().map(|d| d.concretize()).collect()
+    };
+    let mut dims: TVec<TDim> = TVec::new();
+    for (j, d) in shape.iter().enumerate() {
+        let dim = match (usize::try_from(*d), own.get(j).cloned().flatten()) {
+            (Ok(n), _) => n.to_dim(),
+            (Err(_), Some(sym)) if sym.to_i64().is_err() => sym,
+            (Err(_), _) if j == 0 => model.symbols.sym("N").to_dim(),
+            (Err(_), _) => model.symbols.sym(&format!("outpost_{i}_{j}")).to_dim(),
+        };
+        dims.push(dim);
+    }
+    model.set_input_fact(i, InferenceFact::dt_shape(dt, dims))
 }
 
 impl Model {
@@ -506,34 +513,14 @@ fn build_plan(
         let Some(spec) = manifest.model.inputs.iter().find(|t| &t.name == name) else {
             continue;
         };
-        let model_dims: Vec<Option<TDim>> = if fact.shape.is_open() {
-            vec![None; spec.shape.len()]
-        } else {
-            fact.shape.dims().map(|d| d.concretize()).collect()
-        };
-        if model_dims.len() != spec.shape.len() {
+        let rank = fact.shape.dims().count();
+        if !fact.shape.is_open() && rank != spec.shape.len() {
             return Err(ErrorInfo::new(
                 ErrorCode::InvalidManifest,
-                format!(
-                    "{file}: input '{name}' has rank {} in the model, {} in the manifest",
-                    model_dims.len(),
-                    spec.shape.len()
-                ),
+                format!("{file}: input '{name}' has rank {rank} in the model, {} in the manifest", spec.shape.len()),
             ));
         }
-        let mut dims: TVec<TDim> = TVec::new();
-        for (j, (m, d)) in model_dims.iter().zip(&spec.shape).enumerate() {
-            let dim = match (usize::try_from(*d), m) {
-                (Ok(n), _) => n.to_dim(),
-                // Keep the model's own symbol (e.g. "batch") so inputs that share it stay tied.
-                (Err(_), Some(sym)) if sym.to_i64().is_err() => sym.clone(),
-                (Err(_), _) if j == 0 => model.symbols.sym("N").to_dim(),
-                (Err(_), _) => model.symbols.sym(&format!("outpost_{i}_{j}")).to_dim(),
-            };
-            dims.push(dim);
-        }
-        model
-            .set_input_fact(i, InferenceFact::dt_shape(datum_of(spec.datatype), dims))
+        fix_input(&mut model, i, datum_of(spec.datatype), &spec.shape)
             .map_err(|e| load_failed(format!("{file}: input '{name}': {e:#}")))?;
     }
     let names = graph_output_names(&model).map_err(|e| load_failed(format!("{file}: {e:#}")))?;
