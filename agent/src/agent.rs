@@ -36,9 +36,9 @@ pub struct Config {
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
-    #[error("data dir {dir}: {source}")]
+    #[error("data dir {dir}: {source} (--data-dir must be a directory the agent can create and write)")]
     DataDir { dir: PathBuf, source: std::io::Error },
-    #[error("HTTP endpoint {addr}: {source}")]
+    #[error("HTTP endpoint {addr}: {source} (choose another address with --http-bind IP:PORT, or --http-bind off)")]
     HttpBind { addr: std::net::SocketAddr, source: std::io::Error },
 }
 

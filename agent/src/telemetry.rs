@@ -128,9 +128,17 @@ mod tests {
         assert_eq!(l.take(), Latency::default());
     }
 
+    #[cfg(target_os = "linux")]
     #[test]
     fn process_figures_are_read_on_linux() {
-        assert!(rss_bytes().unwrap_or(1) > 0);
-        assert!(cpu_ticks().is_some() || !std::path::Path::new("/proc/self/stat").exists());
+        let rss = rss_bytes().expect("/proc/self/statm");
+        assert!(rss > 1_000_000, "a test process uses more than 1 MB: {rss}");
+        let before = cpu_ticks().expect("/proc/self/stat");
+        let t = Instant::now();
+        let mut x = 0u64;
+        while t.elapsed().as_millis() < 100 {
+            x = x.wrapping_add(std::hint::black_box(1));
+        }
+        assert!(cpu_ticks().expect("/proc/self/stat") > before, "100 ms of spinning shows in utime ({x})");
     }
 }

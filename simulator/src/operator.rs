@@ -152,7 +152,7 @@ pub async fn wait_for_outcome(
         let left = deadline.saturating_duration_since(Instant::now());
         let Some(msg) = op.next(left).await else {
             return Err(format!(
-                "{} of {expect} device(s) finished deployment {deployment_id} within {} s",
+                "{} of {expect} device(s) finished deployment {deployment_id} within {} s: is the device online (its availability topic) and subscribed to this desired topic? The retained desired state stays, so it applies when the device returns",
                 finals.len(),
                 timeout.as_secs()
             ));
