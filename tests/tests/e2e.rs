@@ -77,8 +77,7 @@ async fn every_bad_bundle_fails_precisely_and_the_serving_model_keeps_answering(
     let n = bytes.len();
     bytes[n - 10] ^= 0xff;
     std::fs::write(&model, bytes).unwrap();
-    let (last, _) = w.deploy_raw("digits", "3", &reg.manifest_url("digits", "3"), &good_sha).await;
-    let e = last.error.unwrap();
+    let e = refused(&mut w, &reg, "3", &good_sha).await;
     assert_eq!(e.code, ErrorCode::DigestMismatch);
     assert!(e.message.starts_with("model.onnx: expected sha256 "), "{}", e.message);
 
@@ -92,8 +91,7 @@ async fn every_bad_bundle_fails_precisely_and_the_serving_model_keeps_answering(
     reg.register("digits-mlp.onnx", "digits", "4");
     std::fs::write(reg.root().join("digits/4/model.onnx"), b"this is not an onnx model").unwrap();
     let sha = reg.rehash("digits", "4");
-    let (last, _) = w.deploy_raw("digits", "4", &reg.manifest_url("digits", "4"), &sha).await;
-    let e = last.error.unwrap();
+    let e = refused(&mut w, &reg, "4", &sha).await;
     assert_eq!(e.code, ErrorCode::ModelLoadFailed, "{}", e.message);
     assert!(e.message.starts_with("model.onnx: cannot parse ONNX"), "{}", e.message);
 
@@ -101,8 +99,7 @@ async fn every_bad_bundle_fails_precisely_and_the_serving_model_keeps_answering(
     reg.register("digits-mlp.onnx", "digits", "6");
     std::fs::copy(fixture("unsupported-op.onnx"), reg.root().join("digits/6/model.onnx")).unwrap();
     let sha = reg.rehash("digits", "6");
-    let (last, _) = w.deploy_raw("digits", "6", &reg.manifest_url("digits", "6"), &sha).await;
-    let e = last.error.unwrap();
+    let e = refused(&mut w, &reg, "6", &sha).await;
     assert_eq!(e.code, ErrorCode::ModelLoadFailed, "{}", e.message);
     assert!(e.message.contains("TreeEnsembleRegressor"), "{}", e.message);
 
@@ -113,8 +110,7 @@ async fn every_bad_bundle_fails_precisely_and_the_serving_model_keeps_answering(
     expected["outputs"][0]["data"][3] = serde_json::json!(0.5);
     std::fs::write(&expected_path, serde_json::to_vec(&expected).unwrap()).unwrap();
     let sha = reg.rehash("digits", "5");
-    let (last, _) = w.deploy_raw("digits", "5", &reg.manifest_url("digits", "5"), &sha).await;
-    let e = last.error.unwrap();
+    let e = refused(&mut w, &reg, "5", &sha).await;
     assert_eq!(e.code, ErrorCode::ValidationFailed, "{}", e.message);
     assert!(e.message.starts_with("output 'probabilities' element 3: expected 0.5, got "), "{}", e.message);
 
@@ -298,6 +294,14 @@ async fn the_operator_cli_registers_deploys_and_infers() {
     assert_eq!(code, 0, "{err}");
     let answer: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(answer["model_version"], "1");
+}
+
+/// Deploys digits@`version` from `reg` under manifest digest `sha`, expects
+/// it to fail, and returns why.
+async fn refused(w: &mut Watcher, reg: &Registry, version: &str, sha: &str) -> outpost_protocol::ErrorInfo {
+    let (last, events) = w.deploy_raw("digits", version, &reg.manifest_url("digits", version), sha).await;
+    assert_eq!(last.phase, Phase::Failed, "{events:?}");
+    last.error.unwrap()
 }
 
 /// The local Open Inference Protocol v2 endpoint, as a Triton/KServe client uses it.
@@ -533,8 +537,7 @@ async fn file_urls_deploy_and_unsafe_paths_are_refused() {
     let bytes = serde_json::to_vec(&m).unwrap();
     std::fs::write(&manifest_path, &bytes).unwrap();
     let sha = outpost_sim::registry::sha256(&bytes);
-    let (last, _) = w.deploy_raw("digits", "2", &reg.manifest_url("digits", "2"), &sha).await;
-    let e = last.error.unwrap();
+    let e = refused(&mut w, &reg, "2", &sha).await;
     assert_eq!(e.code, ErrorCode::UnsafePath, "{}", e.message);
     assert!(e.message.starts_with("manifest.json: files[1].path: expected a relative path"), "{}", e.message);
 
