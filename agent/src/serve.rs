@@ -66,12 +66,6 @@ pub struct Engine {
     pub latencies: crate::telemetry::Latencies,
 }
 
-impl Default for Engine {
-    fn default() -> Self {
-        Engine::new(DEFAULT_WORKERS, DEFAULT_MAX_QUEUE)
-    }
-}
-
 impl Engine {
     pub fn new(workers: usize, max_queue: usize) -> Engine {
         Engine {

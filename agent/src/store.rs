@@ -43,10 +43,6 @@ impl Store {
         Ok(Store { root: root.to_path_buf(), tmp_counter: AtomicU64::new(0) })
     }
 
-    pub fn root(&self) -> &Path {
-        &self.root
-    }
-
     pub fn blob_path(&self, sha256: &str) -> PathBuf {
         self.root.join("blobs/sha256").join(sha256)
     }

@@ -111,15 +111,6 @@ impl TensorData {
             TensorData::F64(v) => v.clone(),
         }
     }
-
-    /// What kind of JSON values the list holds, for error messages.
-    pub fn kind(&self) -> &'static str {
-        match self {
-            TensorData::Bool(_) => "booleans",
-            TensorData::I64(_) | TensorData::U64(_) => "integers",
-            TensorData::F32(_) | TensorData::F64(_) => "numbers",
-        }
-    }
 }
 
 impl Serialize for TensorData {

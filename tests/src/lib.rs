@@ -242,10 +242,6 @@ impl Agent {
             let _ = c.wait();
         }
     }
-
-    pub fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
 }
 
 impl Drop for Agent {
