@@ -32,6 +32,8 @@ pub struct Config {
     pub telemetry_interval: Duration,
     /// Where the local Open Inference Protocol endpoint listens (None: off).
     pub http_bind: Option<std::net::SocketAddr>,
+    /// Most bytes the model store may hold (None: the filesystem is the limit).
+    pub store_quota: Option<u64>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -61,6 +63,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         engine: engine.clone(),
         reporter: reporter.clone(),
         default_pool: (config.workers, config.max_queue),
+        store_quota: config.store_quota,
     });
 
     // Serve what was active before the restart, before touching the network.

@@ -27,7 +27,12 @@ pub struct Deployer {
     pub reporter: Arc<Reporter>,
     /// Workers and queue length when the deployment does not set them (agent flags).
     pub default_pool: (usize, usize),
+    /// Most bytes the store may hold (blobs and partial downloads); `None`: only the filesystem limits it.
+    pub store_quota: Option<u64>,
 }
+
+/// Free space left on the filesystem after a download, for the state file and logs.
+const DISK_HEADROOM: u64 = 1 << 20;
 
 /// How a deployment ended.
 #[derive(Debug)]
@@ -59,6 +64,7 @@ impl Deployer {
                     // Persist before announcing: a device that said `active` comes back with it after a power cut.
                     let record = ActiveRecord { source, deployment: d.clone(), since: now_rfc3339() };
                     self.reporter.set_outcome(d, Outcome::Active, None, Some(Some(record)));
+                    crate::crash_point("state-persisted");
                     let detail = format!(
                         "{}@{} serving (deployed in {:.2}s)",
                         model.name,
@@ -70,7 +76,7 @@ impl Deployer {
                         &d.model.manifest_sha256,
                         d.policy.keep_versions.unwrap_or(DEFAULT_KEEP_VERSIONS),
                     );
-                    let (removed, freed) = self.store.retain(&keep);
+                    let (removed, freed) = self.store.retain(&keep, &[]);
                     let (bytes, versions) = self.store.usage();
                     tracing::info!(removed, freed, store_bytes = bytes, versions, "store retention applied");
                     Ended::Active(model)
@@ -147,6 +153,7 @@ impl Deployer {
         let missing: Vec<_> = manifest.files.iter().filter(|f| !self.store.has_blob(&f.sha256, f.size)).collect();
         let to_fetch: u64 = missing.iter().map(|f| f.size).sum();
         let reused = manifest.files.len() - missing.len();
+        self.make_room(d, &missing)?;
         let detail = format!(
             "{} file(s), {} bytes to fetch{}",
             missing.len(),
@@ -180,6 +187,7 @@ impl Deployer {
                 fetcher.fetch_file(&wanted, &part, c, on_retry, progress)
             })?;
             self.store.commit_blob(&partial, &f.sha256)?;
+            crate::crash_point("blob-stored");
             done += f.size;
         }
         if to_fetch > 0 {
@@ -193,7 +201,54 @@ impl Deployer {
             Some(format!("{} file(s), {total} bytes, sha256 verified", manifest.files.len())),
         );
         let dir = self.store.materialize(&manifest, &bytes, &d.model.manifest_sha256)?;
+        crate::crash_point("version-installed");
         Ok((dir, manifest))
+    }
+
+    /// Checks, before any byte is fetched, that the missing files fit under the
+    /// store quota and on the filesystem. If they do not, versions kept only
+    /// for rollback are evicted first; if that is not enough, `disk_full`
+    /// with the figures. The active version is never touched.
+    fn make_room(&self, d: &Deployment, missing: &[&outpost_protocol::FileEntry]) -> Result<(), ErrorInfo> {
+        let held: u64 = missing.iter().map(|f| self.store.partial_len(&f.sha256).min(f.size)).sum();
+        let need = missing.iter().map(|f| f.size).sum::<u64>().saturating_sub(held);
+        if need == 0 {
+            return Ok(());
+        }
+        let shortfall = || -> Result<Option<String>, ErrorInfo> {
+            if let Some(quota) = self.store_quota {
+                let (used, _) = self.store.usage();
+                if used.saturating_add(need) > quota {
+                    return Ok(Some(format!(
+                        "{need} more bytes would not fit under the store quota of {quota} bytes ({used} already used)"
+                    )));
+                }
+            }
+            let free = self.store.available()?;
+            if need.saturating_add(DISK_HEADROOM) > free {
+                return Ok(Some(format!(
+                    "{need} more bytes would not fit on the filesystem ({free} bytes free, {DISK_HEADROOM} kept in reserve)"
+                )));
+            }
+            Ok(None)
+        };
+        let Some(first) = shortfall()? else { return Ok(()) };
+        let active: Vec<String> =
+            self.reporter.record().active.map(|a| a.deployment.model.manifest_sha256).into_iter().collect();
+        let partials: Vec<&str> = missing.iter().map(|f| f.sha256.as_str()).collect();
+        let (removed, freed) = self.store.retain(&active, &partials);
+        if removed > 0 || freed > 0 {
+            let detail = format!("{first}: evicted {removed} version(s) kept for rollback, {freed} bytes freed");
+            tracing::warn!("{detail}");
+            self.reporter.event(d, Phase::Downloading, None, None, Some(detail));
+        }
+        match shortfall()? {
+            None => Ok(()),
+            Some(why) => Err(ErrorInfo::new(
+                ErrorCode::DiskFull,
+                format!("{why}; nothing was downloaded and the serving model is untouched"),
+            )),
+        }
     }
 
     /// Runs a blocking transfer on its own thread so that a newer desired

@@ -40,6 +40,43 @@ pub fn parse_args<T: clap::Parser>() -> Result<T, std::process::ExitCode> {
     })
 }
 
+/// Fault injection for crash tests: when the environment variable
+/// `OUTPOST_CRASH_AT` names this point, the process aborts here, as a power
+/// cut would stop it (no destructor, no further write). The points are the
+/// instants between two durable steps of installing a version:
+/// `blob-stored`, `version-unrenamed`, `version-installed`, `state-persisted`.
+pub fn crash_point(point: &str) {
+    static AT: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    if AT.get_or_init(|| std::env::var("OUTPOST_CRASH_AT").ok()).as_deref() == Some(point) {
+        eprintln!("outpost: OUTPOST_CRASH_AT={point}: aborting");
+        std::process::abort();
+    }
+}
+
+/// Parses a byte size: a whole number with an optional unit, `K`/`KB`
+/// (1000), `KiB` (1024), likewise `M`, `G`, `T` (case-insensitive), e.g.
+/// `500MB`, `2GiB`, `65536`.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (digits, unit) = t.split_at(split);
+    let n: u64 = digits.parse().map_err(|_| format!("'{s}': expected a size such as 65536, 500MB or 2GiB"))?;
+    let unit = unit.trim().to_ascii_lowercase();
+    let mult: u64 = match unit.as_str() {
+        "" | "b" => 1,
+        "k" | "kb" => 1000,
+        "kib" => 1 << 10,
+        "m" | "mb" => 1000 * 1000,
+        "mib" => 1 << 20,
+        "g" | "gb" => 1000 * 1000 * 1000,
+        "gib" => 1 << 30,
+        "t" | "tb" => 1000 * 1000 * 1000 * 1000,
+        "tib" => 1 << 40,
+        _ => return Err(format!("'{s}': unknown unit '{unit}' (expected B, KB, KiB, MB, MiB, GB, GiB, TB or TiB)")),
+    };
+    n.checked_mul(mult).ok_or_else(|| format!("'{s}': too large"))
+}
+
 /// The delay before retry number `attempt` (0-based): `base * 2^attempt`,
 /// capped at `max`, then jittered into [d/2, d] so devices that failed
 /// together do not retry together. Used for reconnects and downloads alike.
@@ -66,4 +103,17 @@ pub fn jitter() -> f64 {
     x ^= x >> 27;
     STATE.store(x, Ordering::Relaxed);
     (x.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 11) as f64 / (1u64 << 53) as f64
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn sizes_parse_with_decimal_and_binary_units() {
+        for (s, n) in [("65536", 65536), ("500MB", 500_000_000), ("2GiB", 2 << 30), ("4 mib", 4 << 20), ("7k", 7000)] {
+            assert_eq!(super::parse_size(s), Ok(n), "{s}");
+        }
+        for s in ["", "MB", "1.5GB", "-1", "3 parsecs", "99999999999TB"] {
+            assert!(super::parse_size(s).is_err(), "{s}");
+        }
+    }
 }

@@ -48,9 +48,13 @@ struct RunArgs {
     /// MQTT keep-alive in seconds; the broker reports the device offline after ~1.5x this.
     #[arg(long, default_value_t = 15)]
     keep_alive: u64,
-    /// Largest MQTT packet sent or received, in bytes.
-    #[arg(long, default_value_t = 4 * 1024 * 1024)]
-    max_packet_size: usize,
+    /// Largest MQTT packet sent or received (bytes, or with a unit: 4MiB).
+    #[arg(long, default_value = "4MiB", value_parser = outpost_agent::parse_size)]
+    max_packet_size: u64,
+    /// Most disk space the model store may use (e.g. 500MB, 2GiB); 0 = only the filesystem limits it.
+    /// Versions kept for rollback are evicted before a download is refused with `disk_full`.
+    #[arg(long, default_value = "0", value_parser = outpost_agent::parse_size)]
+    store_quota: u64,
     /// Inference worker threads.
     #[arg(long, default_value_t = DEFAULT_WORKERS)]
     workers: usize,
@@ -95,7 +99,7 @@ fn main() -> ExitCode {
             broker: args.broker.clone(),
             client_id: format!("outpost-{}", args.device),
             keep_alive: Duration::from_secs(args.keep_alive),
-            max_packet_size: args.max_packet_size,
+            max_packet_size: args.max_packet_size as usize,
         },
         fetch: FetchConfig {
             attempts: args.download_attempts,
@@ -105,6 +109,7 @@ fn main() -> ExitCode {
         workers: args.workers,
         max_queue: args.max_queue,
         http_bind: args.http_bind.0,
+        store_quota: (args.store_quota > 0).then_some(args.store_quota),
         telemetry_interval: Duration::from_secs(args.telemetry_interval),
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {

@@ -105,6 +105,7 @@ impl Store {
         }
         write_file_synced(&tmp.join("manifest.json"), manifest_bytes).map_err(|e| internal("manifest.json", &e))?;
         sync_tree(&tmp).map_err(|e| internal("syncing a version", &e))?;
+        crate::crash_point("version-unrenamed");
         if let Err(e) = fs::rename(&tmp, &dest) {
             let _ = fs::remove_dir_all(&tmp);
             if dest.join("manifest.json").is_file() {
@@ -161,9 +162,10 @@ impl Store {
     }
 
     /// Removes every version not in `keep`, then every blob no kept version
-    /// refers to, and abandoned partial downloads. Call only while no
-    /// deployment is in progress. Returns (versions removed, bytes freed).
-    pub fn retain(&self, keep: &[String]) -> (usize, u64) {
+    /// refers to, and partial downloads other than `keep_partials` (by sha256).
+    /// Call only while no other deployment is in progress. Returns (versions
+    /// removed, bytes freed).
+    pub fn retain(&self, keep: &[String], keep_partials: &[&str]) -> (usize, u64) {
         let mut removed = 0;
         let mut freed = 0;
         let mut referenced = std::collections::HashSet::new();
@@ -194,6 +196,9 @@ impl Store {
             }
         }
         for entry in fs::read_dir(self.root.join("partial")).into_iter().flatten().flatten() {
+            if keep_partials.iter().any(|k| entry.file_name() == *k) {
+                continue;
+            }
             let len = entry.metadata().map(|m| m.len()).unwrap_or(0);
             if fs::remove_file(entry.path()).is_ok() {
                 freed += len;
@@ -204,13 +209,28 @@ impl Store {
         (removed, freed)
     }
 
-    /// Total bytes of blobs and the number of stored versions.
+    /// Bytes the store holds (blobs and partial downloads) and the number of
+    /// stored versions. Version directories are hard links: they add nothing.
     pub fn usage(&self) -> (u64, u64) {
-        let bytes = fs::read_dir(self.root.join("blobs/sha256"))
-            .map(|d| d.filter_map(|e| e.ok()?.metadata().ok()).map(|m| m.len()).sum())
-            .unwrap_or(0);
+        let sum = |dir: &str| -> u64 {
+            fs::read_dir(self.root.join(dir))
+                .map(|d| d.filter_map(|e| e.ok()?.metadata().ok()).map(|m| m.len()).sum())
+                .unwrap_or(0)
+        };
         let versions = fs::read_dir(self.root.join("versions")).map(|d| d.count() as u64).unwrap_or(0);
-        (bytes, versions)
+        (sum("blobs/sha256") + sum("partial"), versions)
+    }
+
+    /// Bytes a partial download of this blob already holds.
+    pub fn partial_len(&self, sha256: &str) -> u64 {
+        fs::metadata(self.partial_path(sha256)).map(|m| m.len()).unwrap_or(0)
+    }
+
+    /// Bytes the filesystem holding the store can still give an unprivileged writer.
+    pub fn available(&self) -> Result<u64, ErrorInfo> {
+        let st =
+            rustix::fs::statvfs(&self.root).map_err(|e| internal("reading free space", &std::io::Error::from(e)))?;
+        Ok(st.f_bavail.saturating_mul(st.f_frsize))
     }
 }
 
@@ -296,13 +316,25 @@ mod tests {
         store.materialize(&m1, &b1, &s1).unwrap();
         store.materialize(&m2, &b2, &s2).unwrap();
         fs::write(store.partial_path(&"f".repeat(64)), b"abandoned").unwrap();
-        let (removed, freed) = store.retain(std::slice::from_ref(&s2));
+        fs::write(store.partial_path(&"e".repeat(64)), b"resumable").unwrap();
+        let (removed, freed) = store.retain(std::slice::from_ref(&s2), &[&"e".repeat(64)]);
         assert_eq!(removed, 1);
         assert_eq!(freed, 3 + 9);
         assert!(!store.version_dir(&s1).exists());
         assert!(store.verify_version(&s2).is_ok());
         assert!(!store.has_blob(&sha(b"one"), 3));
         assert!(store.has_blob(&sha(b"two"), 3));
-        assert_eq!(store.usage(), (3, 1));
+        assert_eq!(store.usage(), (3 + 9, 1));
+        assert_eq!(store.partial_len(&"e".repeat(64)), 9);
+    }
+
+    #[test]
+    fn a_full_disk_is_reported_as_disk_full() {
+        // /dev/full answers every write with ENOSPC, like a full filesystem.
+        let mut f = fs::OpenOptions::new().write(true).open("/dev/full").unwrap();
+        let e = f.write_all(&[0u8; 4096]).and_then(|_| f.flush()).unwrap_err();
+        assert_eq!(internal("storing a blob", &e).code, ErrorCode::DiskFull);
+        let dir = tempfile::tempdir().unwrap();
+        assert!(Store::open(dir.path()).unwrap().available().unwrap() > 0);
     }
 }

@@ -114,6 +114,7 @@ pub async fn run() -> Result<(), String> {
         workers: 2,
         max_queue: 512,
         http_bind: Some(std::net::SocketAddr::from(([127, 0, 0, 1], http_port))),
+        store_quota: None,
         telemetry_interval: Duration::from_secs(30),
     };
     let agent = tokio::spawn(outpost_agent::run(config, async {

@@ -171,6 +171,8 @@ pub struct Agent {
     pub log: PathBuf,
     child: Option<Child>,
     args: Vec<String>,
+    /// Extra environment for the next spawns.
+    pub env: Vec<(String, String)>,
 }
 
 impl Agent {
@@ -209,6 +211,7 @@ impl Agent {
             log: data_dir.with_extension("log"),
             child: None,
             args,
+            env: Vec::new(),
         };
         a.spawn();
         a
@@ -219,6 +222,7 @@ impl Agent {
         let child = Command::new(agent_binary())
             .args(&self.args)
             .env("OUTPOST_LOG", "debug,rumqttc=info")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -230,10 +234,23 @@ impl Agent {
         self.child.as_mut().is_some_and(|c| c.try_wait().unwrap().is_none())
     }
 
-    /// Hard kill (power cut), then start again with the same arguments.
+    /// Hard kill (power cut), then start again with the same arguments (and
+    /// the current `env`). Also restarts an agent that crashed by itself.
     pub fn kill_and_restart(&mut self) {
         self.kill();
         self.spawn();
+    }
+
+    /// Waits up to `timeout` for the process to end by itself; its exit status.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = std::time::Instant::now() + timeout;
+        while std::time::Instant::now() < deadline {
+            if let Some(status) = self.child.as_mut()?.try_wait().unwrap() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
     }
 
     pub fn kill(&mut self) {

@@ -642,3 +642,105 @@ async fn http_burst(url: String, body: Vec<u8>, n: usize) -> Vec<(u16, serde_jso
     }
     out
 }
+
+/// The version the agent's state file on disk says is serving.
+fn persisted_active(data_dir: &std::path::Path) -> Option<String> {
+    let record: serde_json::Value = serde_json::from_slice(&std::fs::read(data_dir.join("agent.json")).ok()?).ok()?;
+    record["active"]["deployment"]["model"]["version"].as_str().map(str::to_string)
+}
+
+/// Every stored version re-verifies: each file has its manifest's size and sha256.
+fn assert_store_consistent(data_dir: &std::path::Path) {
+    let store = outpost_agent::store::Store::open(data_dir).unwrap();
+    for entry in std::fs::read_dir(data_dir.join("versions")).unwrap() {
+        let name = entry.unwrap().file_name().into_string().unwrap();
+        store.verify_version(&name).unwrap_or_else(|e| panic!("stored version {name}: {e}"));
+    }
+    assert_eq!(std::fs::read_dir(data_dir.join("tmp")).unwrap().count(), 0, "leftovers in tmp/");
+}
+
+/// The agent dies (abort, like a power cut) at each instant between two
+/// durable steps of installing a version. Restarted, it serves what its
+/// state file says at once, cleans up, and finishes the deployment.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_at_any_step_of_an_install_leaves_the_old_state_or_the_new_one() {
+    let (_broker, reg, data, mut w, mut agent) = lab("dev13", &[], &[]).await;
+    let dir = data.path().join("dev13");
+    reg.register("digits-mlp.onnx", "digits", "1");
+    assert_eq!(w.deploy(&reg, "digits", "1").await.0.phase, Phase::Active);
+    let mut serving = "1".to_string();
+    for (point, version) in
+        [("blob-stored", "2"), ("version-unrenamed", "3"), ("version-installed", "4"), ("state-persisted", "5")]
+    {
+        reg.register("digits-cnn.onnx", "digits", version);
+        agent.env = vec![("OUTPOST_CRASH_AT".into(), point.into())];
+        agent.kill_and_restart();
+        w.online().await;
+        let (url, sha) = outpost_sim::operator::resolve_manifest(&reg.url, "digits", version).await.unwrap();
+        let d = outpost_sim::operator::deployment("digits", version, &url, &sha, None, None);
+        w.publish_desired(d.to_json()).await;
+        let status = agent.wait_exit(Duration::from_secs(30)).unwrap_or_else(|| panic!("{point}: no crash"));
+        assert!(!status.success(), "{point}: {status}");
+
+        // On disk: the old state, or (after the state was written) the new one.
+        let expected = if point == "state-persisted" { version } else { serving.as_str() };
+        assert_eq!(persisted_active(&dir).as_deref(), Some(expected), "{point}");
+        agent.env.clear();
+        agent.kill_and_restart();
+        w.online().await;
+        let ev = w.event(|e| e.deployment_id == d.deployment_id && e.phase.is_final()).await;
+        let final_phase = if point == "state-persisted" { Phase::Unchanged } else { Phase::Active };
+        assert_eq!(ev.phase, final_phase, "{point}: {ev:?}");
+        assert_eq!(w.infer(point, digits_request(1)).await["model_version"], version, "{point}");
+        assert_store_consistent(&dir);
+        serving = version.to_string();
+    }
+    // Each restart served the version its state file named before any network.
+    let log = std::fs::read_to_string(&agent.log).unwrap();
+    assert_eq!(log.matches("serving the last active version from the store").count(), 8, "{log}");
+}
+
+/// A version that does not fit under the store quota is refused with
+/// `disk_full` before a byte is fetched, after evicting what only served
+/// rollback; the serving model and its files are untouched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_quota_refuses_what_does_not_fit_and_damages_nothing() {
+    let broker = Mosquitto::start();
+    let reg = Registry::start().await;
+    reg.register("digits-mlp.onnx", "digits", "1");
+    reg.register("digits-cnn.onnx", "digits", "2");
+    reg.register("digits-mlp.onnx", "digits", "3");
+    // Room for v1's files and half of the CNN, not for v1 and v2 together.
+    let bundle: u64 = std::fs::read_dir(reg.root().join("digits/1"))
+        .unwrap()
+        .map(|e| e.unwrap())
+        .filter(|e| e.file_name() != "manifest.json")
+        .map(|e| e.metadata().unwrap().len())
+        .sum();
+    let quota = (bundle + std::fs::metadata(fixture("digits-cnn.onnx")).unwrap().len() / 2).to_string();
+    let data = tempfile::tempdir().unwrap();
+    let dir = data.path().join("dev14");
+    let mut w = Watcher::new(&broker, "dev14").await;
+    let mut agent = Agent::start_with(broker.port, "dev14", &dir, &[], &["--store-quota", &quota]);
+    w.online().await;
+    assert_eq!(w.deploy(&reg, "digits", "1").await.0.phase, Phase::Active);
+    let err = refused(&mut w, &reg, "2", &resolve("2", &reg).await).await;
+    assert_eq!(err.code, ErrorCode::DiskFull, "{err}");
+    assert!(err.message.contains(&format!("under the store quota of {quota} bytes")), "{}", err.message);
+    assert!(err.message.ends_with("nothing was downloaded and the serving model is untouched"), "{}", err.message);
+    let cnn_sha = outpost_sim::registry::sha256(&std::fs::read(fixture("digits-cnn.onnx")).unwrap());
+    assert!(!dir.join("partial").join(&cnn_sha).exists() && !dir.join("blobs/sha256").join(&cnn_sha).exists());
+    assert_eq!(w.infer("still-v1", digits_request(1)).await["model_version"], "1");
+    assert_store_consistent(&dir);
+
+    // v3 shares every blob with v1 except its manifest: it fits.
+    assert_eq!(w.deploy(&reg, "digits", "3").await.0.phase, Phase::Active);
+    // And after a restart the device still serves from the intact store.
+    agent.kill_and_restart();
+    w.online().await;
+    assert_eq!(w.infer("after-restart", digits_request(1)).await["model_version"], "3");
+}
+
+async fn resolve(version: &str, reg: &Registry) -> String {
+    outpost_sim::operator::resolve_manifest(&reg.url, "digits", version).await.unwrap().1
+}
