@@ -9,6 +9,7 @@
 use outpost_protocol::{ErrorCode, ErrorInfo, hex, short_digest};
 use sha2::{Digest, Sha256};
 use std::io::{Read, Seek, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -53,6 +54,26 @@ pub struct FetchConfig {
     pub attempts: u32,
     pub backoff_base: Duration,
     pub backoff_max: Duration,
+    /// Certificate authorities trusted for `https://`, instead of the built-in
+    /// Mozilla roots (`--ca-file`: a private registry's CA).
+    pub roots: Option<Vec<ureq::tls::Certificate<'static>>>,
+}
+
+/// Reads every certificate of a PEM file (`--ca-file`).
+pub fn load_ca_file(path: &Path) -> Result<Vec<ureq::tls::Certificate<'static>>, String> {
+    let pem = std::fs::read(path).map_err(|e| format!("{}: cannot read it: {e}", path.display()))?;
+    let mut certs = Vec::new();
+    for item in ureq::tls::parse_pem(&pem) {
+        match item {
+            Ok(ureq::tls::PemItem::Certificate(c)) => certs.push(c),
+            Ok(_) => {}
+            Err(e) => return Err(format!("{}: not valid PEM: {e}", path.display())),
+        }
+    }
+    if certs.is_empty() {
+        return Err(format!("{}: expected PEM certificates (-----BEGIN CERTIFICATE-----), found none", path.display()));
+    }
+    Ok(certs)
 }
 
 impl Default for FetchConfig {
@@ -64,6 +85,7 @@ impl Default for FetchConfig {
             attempts: 4,
             backoff_base: Duration::from_millis(500),
             backoff_max: Duration::from_secs(30),
+            roots: None,
         }
     }
 }
@@ -120,7 +142,12 @@ impl Fetcher {
     }
 
     pub fn new(config: FetchConfig) -> Fetcher {
+        let mut tls = ureq::tls::TlsConfig::builder();
+        if let Some(roots) = &config.roots {
+            tls = tls.root_certs(ureq::tls::RootCerts::new_with_certs(roots));
+        }
         let agent = ureq::Agent::config_builder()
+            .tls_config(tls.build())
             .timeout_connect(Some(config.connect_timeout))
             .timeout_recv_response(Some(config.response_timeout))
             .timeout_per_read(Some(config.stall_timeout))
@@ -174,6 +201,8 @@ impl Fetcher {
             let (reader, resumed) = self.open(url, what, have)?;
             let (hasher, start) = if resumed { (hasher, have) } else { (Sha256::new(), 0) };
             let mut f = std::fs::OpenOptions::new()
+                // Never write through a symlink that appeared since hash_prefix looked.
+                .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
                 .create(true)
                 .write(true)
                 .append(resumed)
@@ -270,6 +299,13 @@ impl Fetcher {
             Err(e @ (ureq::Error::BadUri(_) | ureq::Error::RequireHttpsOnly(_) | ureq::Error::TooManyRedirects)) => {
                 return Err(permanent(ErrorCode::DownloadFailed, format!("{what}: {url}: {e}")));
             }
+            // A certificate the device does not trust will not become trusted by retrying.
+            Err(e) if e.to_string().contains("invalid peer certificate") => {
+                return Err(permanent(
+                    ErrorCode::DownloadFailed,
+                    format!("{what}: {url}: {e} (is the registry's CA in the agent's --ca-file?)"),
+                ));
+            }
             Err(e) => return Err(transient(ErrorCode::DownloadFailed, format!("{what}: {url}: {e}"))),
         };
         let status = resp.status().as_u16();
@@ -313,9 +349,18 @@ impl Fetcher {
 }
 
 /// Hashes what a partial download already holds; a partial longer than the
-/// file can be is discarded.
+/// file can be, or that is not a plain file (a symlink planted in the store
+/// would make the download write through it), is discarded.
 fn hash_prefix(partial: &Path, size: u64) -> std::io::Result<(Sha256, u64)> {
     let mut hasher = Sha256::new();
+    match std::fs::symlink_metadata(partial) {
+        Ok(m) if m.is_dir() => std::fs::remove_dir_all(partial)?,
+        Ok(m) if !m.is_file() => {
+            tracing::warn!(path = %partial.display(), "a partial download that is not a plain file: removed");
+            std::fs::remove_file(partial)?;
+        }
+        _ => {}
+    }
     let mut f = match std::fs::File::open(partial) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((hasher, 0)),

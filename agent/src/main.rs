@@ -73,6 +73,10 @@ struct RunArgs {
     /// Address of the local Open Inference Protocol v2 HTTP endpoint; `off` disables it.
     #[arg(long, default_value = "127.0.0.1:8080", value_parser = parse_http_bind)]
     http_bind: HttpBind,
+    /// PEM file of the certificate authorities trusted for HTTPS downloads,
+    /// instead of the built-in Mozilla roots (a private registry's CA).
+    #[arg(long)]
+    ca_file: Option<PathBuf>,
     /// Log as JSON lines instead of text.
     #[arg(long)]
     log_json: bool,
@@ -89,6 +93,13 @@ fn main() -> ExitCode {
         eprintln!("outpost: {msg}");
         return ExitCode::from(EXIT_USAGE);
     }
+    let roots = match args.ca_file.as_deref().map(outpost_agent::fetch::load_ca_file).transpose() {
+        Ok(r) => r,
+        Err(msg) => {
+            eprintln!("outpost: --ca-file {msg}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
     let _ = rustls::crypto::ring::default_provider().install_default();
     let config = outpost_agent::Config {
         device: args.device.clone(),
@@ -104,6 +115,7 @@ fn main() -> ExitCode {
         fetch: FetchConfig {
             attempts: args.download_attempts,
             stall_timeout: Duration::from_secs(args.stall_timeout),
+            roots,
             ..FetchConfig::default()
         },
         workers: args.workers,

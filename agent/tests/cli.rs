@@ -24,6 +24,18 @@ fn bad_arguments_exit_64_with_the_reason() {
             &["run", "--broker", "mqtt://x:1883", "--device", "a", "--data-dir", d, "--workers", "0"],
             "--workers: expected 1 to 256",
         ),
+        (
+            &["run", "--broker", "mqtt://x:1883", "--device", "a", "--data-dir", d, "--store-quota", "3 parsecs"],
+            "unknown unit 'parsecs'",
+        ),
+        (
+            &["run", "--broker", "mqtt://x:1883", "--device", "a", "--data-dir", d, "--ca-file", "/nonexistent/ca.pem"],
+            "--ca-file /nonexistent/ca.pem: cannot read it",
+        ),
+        (
+            &["run", "--broker", "mqtt://x:1883", "--device", "a", "--data-dir", d, "--ca-file", "Cargo.toml"],
+            "expected PEM certificates (-----BEGIN CERTIFICATE-----), found none",
+        ),
         (&["run", "--device", "a"], "--broker"),
         (&["fly"], "unrecognized subcommand"),
     ];

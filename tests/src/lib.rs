@@ -530,76 +530,34 @@ pub struct FaultyRegistry {
 
 impl FaultyRegistry {
     pub async fn start(root: PathBuf) -> FaultyRegistry {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        FaultyRegistry::listen(root, None).await
+    }
+
+    /// The same over HTTPS, with the server certificate of `pki`.
+    pub async fn start_tls(root: PathBuf, pki: &TestPki) -> FaultyRegistry {
+        FaultyRegistry::listen(root, Some(tokio_rustls::TlsAcceptor::from(pki.server_config()))).await
+    }
+
+    async fn listen(root: PathBuf, tls: Option<tokio_rustls::TlsAcceptor>) -> FaultyRegistry {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
-        let faults: std::sync::Arc<
-            std::sync::Mutex<std::collections::HashMap<String, std::collections::VecDeque<Fault>>>,
-        > = Default::default();
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let url = format!("{scheme}://{}", listener.local_addr().unwrap());
+        let faults: Shared<std::collections::HashMap<String, std::collections::VecDeque<Fault>>> = Default::default();
         let log: Shared<Vec<(String, Option<String>)>> = Default::default();
         let (f2, l2) = (faults.clone(), log.clone());
         tokio::spawn(async move {
             loop {
-                let Ok((mut sock, _)) = listener.accept().await else { return };
-                let (faults, log, root) = (f2.clone(), l2.clone(), root.clone());
+                let Ok((sock, _)) = listener.accept().await else { return };
+                let (faults, log, root, tls) = (f2.clone(), l2.clone(), root.clone(), tls.clone());
                 tokio::spawn(async move {
-                    let mut head = Vec::new();
-                    let mut byte = [0u8; 1];
-                    while !head.ends_with(b"\r\n\r\n") && head.len() < 16384 {
-                        if sock.read(&mut byte).await.unwrap_or(0) == 0 {
-                            return;
-                        }
-                        head.push(byte[0]);
-                    }
-                    let head = String::from_utf8_lossy(&head).into_owned();
-                    let path = head.split_whitespace().nth(1).unwrap_or("/").trim_start_matches('/').to_string();
-                    let range = head.lines().find_map(|l| {
-                        l.to_ascii_lowercase().strip_prefix("range: bytes=").map(|r| r.trim().to_string())
-                    });
-                    log.lock().unwrap().push((path.clone(), range.clone()));
-                    let fault = faults.lock().unwrap().get_mut(&path).and_then(|q| q.pop_front());
-                    let Ok(body) = std::fs::read(root.join(&path)) else {
-                        let _ = sock
-                            .write_all(b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
-                            .await;
-                        return;
-                    };
-                    let from =
-                        range.as_deref().and_then(|r| r.trim_end_matches('-').parse::<usize>().ok()).unwrap_or(0);
-                    let (status, slice) = if from > 0 && from < body.len() {
-                        ("206 Partial Content", &body[from..])
-                    } else {
-                        ("200 OK", &body[..])
-                    };
-                    let head =
-                        |len: usize| format!("HTTP/1.1 {status}\r\ncontent-length: {len}\r\nconnection: close\r\n\r\n");
-                    match fault {
-                        Some(Fault::Status(s)) => {
-                            let _ = sock
-                                .write_all(format!("HTTP/1.1 {s} Fault\r\ncontent-length: 0\r\nretry-after: 0\r\nconnection: close\r\n\r\n").as_bytes())
-                                .await;
-                        }
-                        Some(Fault::Truncate(n)) => {
-                            let _ = sock.write_all(head(slice.len()).as_bytes()).await;
-                            let _ = sock.write_all(&slice[..n.min(slice.len())]).await;
-                        }
-                        Some(Fault::Stall(n, d)) => {
-                            let _ = sock.write_all(head(slice.len()).as_bytes()).await;
-                            let _ = sock.write_all(&slice[..n.min(slice.len())]).await;
-                            let _ = sock.flush().await;
-                            tokio::time::sleep(d).await;
-                        }
-                        Some(Fault::Append(extra)) => {
-                            let _ = sock.write_all(head(slice.len() + extra).as_bytes()).await;
-                            let _ = sock.write_all(slice).await;
-                            let _ = sock.write_all(&vec![b'x'; extra]).await;
-                        }
-                        None => {
-                            let _ = sock.write_all(head(slice.len()).as_bytes()).await;
-                            let _ = sock.write_all(slice).await;
+                    match tls {
+                        None => serve_faulty(sock, faults, log, root).await,
+                        Some(acceptor) => {
+                            if let Ok(stream) = acceptor.accept(sock).await {
+                                serve_faulty(stream, faults, log, root).await;
+                            }
                         }
                     }
-                    let _ = sock.shutdown().await;
                 });
             }
         });
@@ -614,5 +572,128 @@ impl FaultyRegistry {
     /// Requests seen for `path`, with their Range header.
     pub fn requests(&self, path: &str) -> Vec<Option<String>> {
         self.log.lock().unwrap().iter().filter(|(p, _)| p == path).map(|(_, r)| r.clone()).collect()
+    }
+}
+
+/// Answers one request on `sock` from `root`, applying the next queued fault for its path.
+async fn serve_faulty<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+    mut sock: S,
+    faults: Shared<std::collections::HashMap<String, std::collections::VecDeque<Fault>>>,
+    log: Shared<Vec<(String, Option<String>)>>,
+    root: PathBuf,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") && head.len() < 16384 {
+        if sock.read(&mut byte).await.unwrap_or(0) == 0 {
+            return;
+        }
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head).into_owned();
+    let path = head.split_whitespace().nth(1).unwrap_or("/").trim_start_matches('/').to_string();
+    let range =
+        head.lines().find_map(|l| l.to_ascii_lowercase().strip_prefix("range: bytes=").map(|r| r.trim().to_string()));
+    log.lock().unwrap().push((path.clone(), range.clone()));
+    let fault = faults.lock().unwrap().get_mut(&path).and_then(|q| q.pop_front());
+    let Ok(body) = std::fs::read(root.join(&path)) else {
+        let _ = sock.write_all(b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\nconnection: close\r\n\r\n").await;
+        return;
+    };
+    let from = range.as_deref().and_then(|r| r.trim_end_matches('-').parse::<usize>().ok()).unwrap_or(0);
+    let (status, slice) =
+        if from > 0 && from < body.len() { ("206 Partial Content", &body[from..]) } else { ("200 OK", &body[..]) };
+    let head = |len: usize| format!("HTTP/1.1 {status}\r\ncontent-length: {len}\r\nconnection: close\r\n\r\n");
+    match fault {
+        Some(Fault::Status(s)) => {
+            let _ = sock
+                .write_all(
+                    format!("HTTP/1.1 {s} Fault\r\ncontent-length: 0\r\nretry-after: 0\r\nconnection: close\r\n\r\n")
+                        .as_bytes(),
+                )
+                .await;
+        }
+        Some(Fault::Truncate(n)) => {
+            let _ = sock.write_all(head(slice.len()).as_bytes()).await;
+            let _ = sock.write_all(&slice[..n.min(slice.len())]).await;
+        }
+        Some(Fault::Stall(n, d)) => {
+            let _ = sock.write_all(head(slice.len()).as_bytes()).await;
+            let _ = sock.write_all(&slice[..n.min(slice.len())]).await;
+            let _ = sock.flush().await;
+            tokio::time::sleep(d).await;
+        }
+        Some(Fault::Append(extra)) => {
+            let _ = sock.write_all(head(slice.len() + extra).as_bytes()).await;
+            let _ = sock.write_all(slice).await;
+            let _ = sock.write_all(&vec![b'x'; extra]).await;
+        }
+        None => {
+            let _ = sock.write_all(head(slice.len()).as_bytes()).await;
+            let _ = sock.write_all(slice).await;
+        }
+    }
+    let _ = sock.shutdown().await;
+}
+
+/// A throw-away certificate authority and a server certificate it signed for
+/// `localhost` and `127.0.0.1`, written as PEM files into `dir`.
+pub struct TestPki {
+    pub dir: tempfile::TempDir,
+    /// The CA certificate, to give a client (`--ca-file`).
+    pub ca: PathBuf,
+    pub server_cert: PathBuf,
+    pub server_key: PathBuf,
+}
+
+impl TestPki {
+    pub fn new() -> TestPki {
+        use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair, KeyUsagePurpose};
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        // A name of its own: two test CAs must not look like the same issuer.
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        ca_params.distinguished_name.push(DnType::CommonName, format!("Outpost test CA {} {n}", std::process::id()));
+        ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
+        params.distinguished_name.push(DnType::CommonName, "localhost");
+        let cert = params.signed_by(&key, &ca).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let write = |name: &str, pem: String| {
+            let p = dir.path().join(name);
+            std::fs::write(&p, pem).unwrap();
+            p
+        };
+        let (ca, server_cert, server_key) =
+            (write("ca.pem", ca.pem()), write("server.pem", cert.pem()), write("server.key", key.serialize_pem()));
+        TestPki { ca, server_cert, server_key, dir }
+    }
+
+    /// A rustls server configuration with the server certificate.
+    pub fn server_config(&self) -> std::sync::Arc<rustls::ServerConfig> {
+        use rustls::pki_types::pem::PemObject;
+        let certs = rustls::pki_types::CertificateDer::pem_file_iter(&self.server_cert)
+            .unwrap()
+            .collect::<Result<Vec<_>, _>>()
+            .unwrap();
+        let key = rustls::pki_types::PrivateKeyDer::from_pem_file(&self.server_key).unwrap();
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
+            .unwrap();
+        std::sync::Arc::new(config)
+    }
+}
+
+impl Default for TestPki {
+    fn default() -> Self {
+        TestPki::new()
     }
 }

@@ -541,6 +541,26 @@ async fn file_urls_deploy_and_unsafe_paths_are_refused() {
     assert_eq!(e.code, ErrorCode::UnsafePath, "{}", e.message);
     assert!(e.message.starts_with("manifest.json: files[1].path: expected a relative path"), "{}", e.message);
 
+    // An absolute path, the same path twice (as a case-insensitive disk sees
+    // it), a path that is also a directory: each refused with its field.
+    let first = m["files"][0]["path"].as_str().unwrap().to_string();
+    for (path, code, starts) in [
+        ("/etc/passwd".to_string(), ErrorCode::UnsafePath, "manifest.json: files[1].path: expected a relative path"),
+        (
+            first.to_uppercase(),
+            ErrorCode::InvalidManifest,
+            "manifest.json: files[1].path: expected each path listed once",
+        ),
+        (format!("{first}/x"), ErrorCode::InvalidManifest, "manifest.json: files: expected no path that is also a"),
+    ] {
+        m["files"][1]["path"] = path.clone().into();
+        let bytes = serde_json::to_vec(&m).unwrap();
+        std::fs::write(&manifest_path, &bytes).unwrap();
+        let e = refused(&mut w, &reg, "2", &outpost_sim::registry::sha256(&bytes)).await;
+        assert_eq!(e.code, code, "{path}: {}", e.message);
+        assert!(e.message.starts_with(starts), "{path}: {}", e.message);
+    }
+
     // Over the 1 MiB manifest cap: refused at the cap.
     let mut big = m.clone();
     big["padding"] = "x".repeat(1 << 20).into();
@@ -564,6 +584,17 @@ async fn file_urls_deploy_and_unsafe_paths_are_refused() {
     assert_eq!(e.code, ErrorCode::InvalidManifest, "{}", e.message);
     assert_eq!(w.infer("still", digits_request(1)).await["model_version"], "1");
     assert!(!data.path().join("escape.txt").exists() && !reg.root().join("escape.txt").exists());
+
+    // A symlink planted where a download would accumulate: the download does
+    // not write through it.
+    reg.register("digits-cnn.onnx", "digits", "3");
+    let victim = data.path().join("victim.txt");
+    std::fs::write(&victim, b"precious").unwrap();
+    let cnn = outpost_sim::registry::sha256(&std::fs::read(fixture("digits-cnn.onnx")).unwrap());
+    std::os::unix::fs::symlink(&victim, data.path().join("dev11/partial").join(&cnn)).unwrap();
+    assert_eq!(w.deploy(&reg, "digits", "3").await.0.phase, Phase::Active);
+    assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
+    assert_eq!(w.infer("v3", digits_request(1)).await["model_version"], "3");
 }
 
 /// Health telemetry as an operator reads it off the broker.
@@ -743,4 +774,33 @@ async fn a_store_quota_refuses_what_does_not_fit_and_damages_nothing() {
 
 async fn resolve(version: &str, reg: &Registry) -> String {
     outpost_sim::operator::resolve_manifest(&reg.url, "digits", version).await.unwrap().1
+}
+
+/// A registry over HTTPS: trusted through `--ca-file`, a deployment works;
+/// from a CA the device does not trust, it fails at once with the reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_registries_are_verified_against_the_agents_ca_file() {
+    let pki = TestPki::new();
+    let ca = pki.ca.display().to_string();
+    let (_broker, reg, _data, mut w, _agent) = lab("dev15", &[], &["--ca-file", &ca, "--download-attempts", "3"]).await;
+    reg.register("digits-mlp.onnx", "digits", "1");
+    reg.register("digits-cnn.onnx", "digits", "2");
+    let https = FaultyRegistry::start_tls(reg.root().to_path_buf(), &pki).await;
+    assert!(https.url.starts_with("https://127.0.0.1:"));
+    let (url, sha) = outpost_sim::operator::resolve_manifest(&reg.url, "digits", "1").await.unwrap();
+    let (last, events) = w.deploy_raw("digits", "1", &url.replace(&reg.url, &https.url), &sha).await;
+    assert_eq!(last.phase, Phase::Active, "{events:#?}");
+    assert_eq!(https.requests("digits/1/model.onnx").len(), 1);
+
+    // The same files behind a certificate from another CA: refused, not retried.
+    let stranger = FaultyRegistry::start_tls(reg.root().to_path_buf(), &TestPki::new()).await;
+    let (url, sha) = outpost_sim::operator::resolve_manifest(&reg.url, "digits", "2").await.unwrap();
+    let (last, events) = w.deploy_raw("digits", "2", &url.replace(&reg.url, &stranger.url), &sha).await;
+    assert_eq!(last.phase, Phase::Failed, "{events:#?}");
+    let err = last.error.unwrap();
+    assert_eq!(err.code, ErrorCode::DownloadFailed);
+    assert!(err.message.contains("invalid peer certificate: UnknownIssuer"), "{}", err.message);
+    assert!(err.message.ends_with("(is the registry's CA in the agent's --ca-file?)"), "{}", err.message);
+    assert!(!events.iter().any(|e| e.detail.as_deref().is_some_and(|d| d.contains("retrying"))), "{events:#?}");
+    assert_eq!(w.infer("still-v1", digits_request(1)).await["model_version"], "1");
 }
