@@ -81,6 +81,19 @@ async fn every_bad_bundle_fails_precisely_and_the_serving_model_keeps_answering(
     assert_eq!(e.code, ErrorCode::DigestMismatch);
     assert!(e.message.starts_with("model.onnx: expected sha256 "), "{}", e.message);
 
+    // A file shorter than the manifest declares (cut on the server): retried
+    // in case the link cut it, then `size_mismatch`.
+    let good_sha = reg.register("digits-cnn.onnx", "digits", "7");
+    let model = reg.root().join("digits/7/model.onnx");
+    let bytes = std::fs::read(&model).unwrap();
+    std::fs::write(&model, &bytes[..bytes.len() / 2]).unwrap();
+    let e = refused(&mut w, &reg, "7", &good_sha).await;
+    assert_eq!(e.code, ErrorCode::SizeMismatch, "{}", e.message);
+    assert_eq!(
+        e.message,
+        format!("model.onnx: expected {} bytes, got {} (gave up after 2 attempts)", bytes.len(), bytes.len() / 2)
+    );
+
     // HTTP 404: a version that is not in the registry.
     let (last, _) = w.deploy_raw("digits", "9", &reg.manifest_url("digits", "9"), &"cd".repeat(32)).await;
     let e = last.error.unwrap();
@@ -367,7 +380,7 @@ async fn the_local_http_endpoint_speaks_open_inference_protocol_v2() {
 /// file larger than declared, each with the outcome an operator needs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn downloads_retry_resume_and_stop_at_the_declared_size() {
-    let (_broker, reg, _data, mut w, _agent) =
+    let (broker, reg, _data, mut w, _agent) =
         lab("dev8", &[], &["--download-attempts", "4", "--stall-timeout", "1"]).await;
     reg.register("digits-mlp.onnx", "digits", "1");
     reg.register("digits-cnn.onnx", "digits", "2");
@@ -422,8 +435,18 @@ async fn downloads_retry_resume_and_stop_at_the_declared_size() {
     assert!(e.message.starts_with("model.onnx: larger than the "), "{}", e.message);
     assert_eq!(w.infer("still-v1", digits_request(1)).await["model_version"], "1");
 
-    // And then the same version over a healthy link goes through.
-    assert_eq!(w.deploy_raw("digits", "2", &faulty_url2, &sha2).await.0.phase, Phase::Active);
+    // The operator's `deploy --wait` shows each retry and the outcome.
+    faulty.inject("digits/2/model.onnx", &[Fault::Status(503)]);
+    let (b, u) = (format!("mqtt://127.0.0.1:{}", broker.port), faulty.url.clone());
+    let (code, out, err) = tokio::task::spawn_blocking(move || {
+        sim(&["deploy", "--broker", &b, "--device", "dev8", "--model", "digits@2", "--registry-url", &u, "--wait"])
+    })
+    .await
+    .unwrap();
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("model.onnx: attempt 1 of 4 failed (download_failed: model.onnx: HTTP 503 from"), "{out}");
+    assert!(out.contains("dev8         active"), "{out}");
+    assert_eq!(w.infer("v2", digits_request(1)).await["model_version"], "2");
 }
 
 /// Retention: the active version and `keep_versions` others stay; older
