@@ -75,6 +75,23 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     if let Some((source, d)) = restored {
         reconciler.restore(source, d);
     }
+    // A deployment rolled back before the restart stays refused: its
+    // retained desired state replays as `unchanged`, not as a new attempt.
+    if let Some(refused) = reporter.record().rolled_back {
+        reconciler.restore(refused.source, refused.deployment);
+    }
+    let (verdict_tx, mut verdict_rx) = mpsc::unbounded_channel();
+    engine.on_probation_end(verdict_tx);
+    {
+        let deployer = deployer.clone();
+        tokio::spawn(async move {
+            while let Some(end) = verdict_rx.recv().await {
+                // Persisting a rollback is an fsync: off the reactor.
+                let d = deployer.clone();
+                let _ = tokio::task::spawn_blocking(move || d.probation_ended(end)).await;
+            }
+        });
+    }
 
     // The local endpoint serves from the store even while the broker is unreachable.
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -307,8 +324,15 @@ async fn deploy_worker(
                 let dep = deployer.clone();
                 let result = tokio::task::spawn_blocking(move || dep.run(source, &d, &cancel)).await;
                 match result {
-                    Ok(Ended::Active(m)) => {
-                        tracing::info!(model = %m.name, version = %m.version, "active")
+                    Ok(Ended::Active(m, probation)) => {
+                        tracing::info!(model = %m.name, version = %m.version, "active");
+                        if let Some((token, window)) = probation {
+                            let engine = engine.clone();
+                            tokio::spawn(async move {
+                                tokio::time::sleep(window).await;
+                                engine.close_probation(token);
+                            });
+                        }
                     }
                     Ok(Ended::Failed(_)) | Ok(Ended::Superseded) => {}
                     Err(e) => {

@@ -4,8 +4,9 @@
 
 use crate::engine::Model;
 use crate::fetch::{Cancel, FetchError, Fetcher, MAX_MANIFEST_BYTES, OnRetry, Wanted, file_url};
+use crate::probation::{Limits, Verdict};
 use crate::reconcile::Source;
-use crate::serve::Engine;
+use crate::serve::{Engine, ProbationContext, ProbationEnd};
 use crate::status::{ActiveRecord, Reporter, now_rfc3339};
 use crate::store::Store;
 use outpost_protocol::{Deployment, ErrorCode, ErrorInfo, Manifest, Outcome, Phase, Progress};
@@ -37,7 +38,8 @@ const DISK_HEADROOM: u64 = 1 << 20;
 /// How a deployment ended.
 #[derive(Debug)]
 pub enum Ended {
-    Active(Arc<Model>),
+    /// Serving; with the token and length of its probation window, if on probation.
+    Active(Arc<Model>, Option<(u64, Duration)>),
     Failed(ErrorInfo),
     Superseded,
 }
@@ -60,17 +62,20 @@ impl Deployer {
                     if self.engine.pool_sizes() != (workers, queue) {
                         tracing::info!(pool = ?self.engine.pool_sizes(), "worker pool resized by the deployment");
                     }
-                    self.engine.swap(Some(model.clone()));
+                    let probation = self.swap_in(source, d, &model);
                     // Persist before announcing: a device that said `active` comes back with it after a power cut.
                     let record = ActiveRecord { source, deployment: d.clone(), since: now_rfc3339() };
                     self.reporter.set_outcome(d, Outcome::Active, None, Some(Some(record)));
                     crate::crash_point("state-persisted");
-                    let detail = format!(
+                    let mut detail = format!(
                         "{}@{} serving (deployed in {:.2}s)",
                         model.name,
                         model.version,
                         started.elapsed().as_secs_f64()
                     );
+                    if let Some((_, _, described)) = &probation {
+                        detail.push_str(&format!("; {described}"));
+                    }
                     self.reporter.event(d, Phase::Active, None, None, Some(detail));
                     let keep = self.reporter.push_history(
                         &d.model.manifest_sha256,
@@ -79,7 +84,7 @@ impl Deployer {
                     let (removed, freed) = self.store.retain(&keep, &[]);
                     let (bytes, versions) = self.store.usage();
                     tracing::info!(removed, freed, store_bytes = bytes, versions, "store retention applied");
-                    Ended::Active(model)
+                    Ended::Active(model, probation.map(|(token, window, _)| (token, window)))
                 }
             }
             Err(FetchError::Cancelled) => Ended::Superseded,
@@ -94,6 +99,53 @@ impl Deployer {
             self.reporter.event(d, Phase::Superseded, None, None, Some("a newer desired state arrived".into()));
         }
         ended
+    }
+
+    /// Puts `model` in service: on probation when it replaces another version
+    /// and the policy does not turn probation off (token, window, description).
+    fn swap_in(&self, source: Source, d: &Deployment, model: &Arc<Model>) -> Option<(u64, Duration, String)> {
+        let limits = Limits::from_policy(d.policy.probation.as_ref());
+        let previous =
+            self.reporter.record().active.filter(|a| a.deployment.model.manifest_sha256 != model.manifest_sha256);
+        match (limits, previous, self.engine.active()) {
+            (Some(limits), Some(previous), Some(previous_model)) => {
+                let (window, described) = (limits.window, limits.describe());
+                let context = ProbationContext { source, deployment: d.clone(), previous };
+                let token = self.engine.swap_on_probation(model.clone(), previous_model, limits, context);
+                Some((token, window, described))
+            }
+            _ => {
+                self.engine.swap(Some(model.clone()));
+                None
+            }
+        }
+    }
+
+    /// Reports the end of a probation. A failed one was already rolled back
+    /// by the engine: persist that the previous version serves again.
+    pub fn probation_ended(&self, end: ProbationEnd) {
+        let ProbationEnd { context, model, previous, verdict } = end;
+        let d = &context.deployment;
+        match verdict {
+            Verdict::Pass(summary) => self.reporter.event(d, Phase::Active, None, None, Some(summary)),
+            Verdict::Fail(evidence) => {
+                let serving = &context.previous.deployment.serving;
+                self.engine.resize(
+                    serving.workers.unwrap_or(self.default_pool.0).max(1),
+                    serving.max_queue.unwrap_or(self.default_pool.1),
+                );
+                let error =
+                    ErrorInfo::new(ErrorCode::ProbationFailed, format!("{}@{}: {evidence}", model.name, model.version));
+                let from = ActiveRecord { source: context.source, deployment: d.clone(), since: now_rfc3339() };
+                let restored = ActiveRecord { since: now_rfc3339(), ..context.previous.clone() };
+                self.reporter.set_rolled_back(from, restored, error.clone());
+                let keep = context.previous.deployment.policy.keep_versions.unwrap_or(DEFAULT_KEEP_VERSIONS);
+                self.reporter.push_history(&context.previous.deployment.model.manifest_sha256, keep);
+                let detail = format!("rolled back: {}@{} serves again", previous.name, previous.version);
+                self.reporter.event(d, Phase::RolledBack, None, Some(error), Some(detail));
+            }
+            Verdict::Watching => {}
+        }
     }
 
     /// Everything up to (not including) the swap.

@@ -14,7 +14,8 @@ use tract_onnx::prelude::*;
 use tract_onnx::tract_hir::infer::Factoid;
 
 /// An error an inference request gets: `bad_input` for what the client got
-/// wrong (the message says what was expected), `internal` for a model failure.
+/// wrong (the message says what was expected), `inference_failed` when the
+/// model failed on a valid request.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 #[error("{message}")]
 pub struct InferFailure {
@@ -22,9 +23,40 @@ pub struct InferFailure {
     pub message: String,
 }
 
+/// How the message of a non-finite output on a finite input starts.
+const NON_FINITE: &str = "non-finite output";
+
 impl InferFailure {
     fn bad_input(message: impl Into<String>) -> Self {
         InferFailure { code: ErrorCode::BadInput, message: message.into() }
+    }
+
+    fn model(message: impl Into<String>) -> Self {
+        InferFailure { code: ErrorCode::InferenceFailed, message: message.into() }
+    }
+
+    /// The model, not the request, is at fault.
+    pub fn is_model_failure(&self) -> bool {
+        self.code == ErrorCode::InferenceFailed
+    }
+
+    /// The model returned NaN or infinity for a finite input.
+    pub fn is_non_finite(&self) -> bool {
+        self.is_model_failure() && self.message.starts_with(NON_FINITE)
+    }
+}
+
+/// An output holding NaN or infinity: the client's fault when its input held
+/// one too, the model's otherwise.
+fn non_finite(output: &str, at: usize, req: &InferRequest) -> InferFailure {
+    let bad_in = req.inputs.iter().find_map(|t| t.data.first_non_finite().map(|j| (t.name.as_str(), j)));
+    match bad_in {
+        Some((input, j)) => InferFailure::bad_input(format!(
+            "input '{input}' holds NaN or infinity at element {j}, which this model cannot take (its output '{output}' is not finite)"
+        )),
+        None => InferFailure::model(format!(
+            "{NON_FINITE}: '{output}' holds NaN or infinity at element {at} for a finite input"
+        )),
     }
 }
 
@@ -359,10 +391,7 @@ impl Model {
                 }
             }
         }
-        let results = self
-            .plan
-            .run(values)
-            .map_err(|e| InferFailure { code: ErrorCode::Internal, message: format!("model run failed: {e:#}") })?;
+        let results = self.plan.run(values).map_err(|e| InferFailure::model(format!("model run failed: {e:#}")))?;
         let mut outputs = Vec::new();
         for slot in &self.outputs {
             let value = results.get(slot.index).ok_or_else(|| InferFailure {
@@ -370,6 +399,11 @@ impl Model {
                 message: "model returned too few outputs".into(),
             })?;
             let (mut out, rows_cols) = from_tensor(&slot.name, value)?;
+            if let OutData::Numbers(data) = &out.data
+                && let Some(at) = data.first_non_finite()
+            {
+                return Err(non_finite(&slot.name, at, req));
+            }
             if let Some(post) = &slot.postprocess {
                 if post.softmax {
                     softmax_rows(&mut out.data, rows_cols.1);

@@ -7,6 +7,7 @@
 //! - [`store`]: content-addressed blobs and versions, crash-safe writes.
 //! - [`engine`]: tract model loading, golden-sample validation, inference.
 //! - [`serve`]: the active model behind an atomic swap, a bounded worker pool.
+//! - [`probation`]: judging a new version after the swap, for automatic rollback.
 //! - [`deploy`]: one deployment from manifest to swap.
 //! - [`status`]: events, retained state and what survives a restart.
 //! - [`http`]: the local Open Inference Protocol v2 endpoint and `/metrics`.
@@ -19,6 +20,7 @@ pub mod engine;
 pub mod fetch;
 pub mod http;
 pub mod mqtt;
+pub mod probation;
 pub mod reconcile;
 pub mod serve;
 pub mod status;

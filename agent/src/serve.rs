@@ -7,6 +7,7 @@
 //! is refused at once with `overloaded` instead of queueing without bound.
 
 use crate::engine::{InferFailure, Model};
+use crate::probation::{Limits, Outcome as ProbationOutcome, Verdict, Watch};
 use arc_swap::ArcSwapOption;
 use outpost_protocol::{ErrorCode, InferRequest, InferResponse};
 use std::sync::Arc;
@@ -55,9 +56,48 @@ pub struct Counters {
     pub rejected: AtomicU64,
 }
 
+/// A version on probation: the model, the one it replaced (kept loaded for
+/// an instant rollback, and to answer requests the new one fails), and what
+/// the agent needs to report the verdict.
+#[derive(Debug)]
+struct OnProbation {
+    token: u64,
+    model: Arc<Model>,
+    previous: Arc<Model>,
+    watch: Watch,
+    context: ProbationContext,
+}
+
+/// What the agent needs to report a probation verdict.
+#[derive(Debug, Clone)]
+pub struct ProbationContext {
+    pub source: crate::reconcile::Source,
+    pub deployment: outpost_protocol::Deployment,
+    /// The state record of the version that would be restored.
+    pub previous: crate::status::ActiveRecord,
+}
+
+/// The end of a probation, sent to the agent to report (and persist).
+#[derive(Debug)]
+pub struct ProbationEnd {
+    pub context: ProbationContext,
+    pub model: Arc<Model>,
+    pub previous: Arc<Model>,
+    /// `Fail` (already rolled back) or `Pass`.
+    pub verdict: Verdict,
+}
+
+/// Latencies of the last requests, to know the serving version's p99 at a swap.
+const RECENT: usize = 1024;
+
 #[derive(Debug)]
 pub struct Engine {
     active: ArcSwapOption<Model>,
+    probation: std::sync::Mutex<Option<OnProbation>>,
+    probation_tokens: AtomicU64,
+    verdicts: std::sync::Mutex<Option<tokio::sync::mpsc::UnboundedSender<ProbationEnd>>>,
+    /// (model identity, latency in µs) of the last requests.
+    recent: std::sync::Mutex<std::collections::VecDeque<(usize, u64)>>,
     /// The worker pool's bounds, swapped whole when a deployment sets new ones;
     /// requests already admitted keep the permits of the pool they entered.
     pool: arc_swap::ArcSwap<Pool>,
@@ -70,6 +110,10 @@ impl Engine {
     pub fn new(workers: usize, max_queue: usize) -> Engine {
         Engine {
             active: ArcSwapOption::empty(),
+            probation: Default::default(),
+            probation_tokens: AtomicU64::new(0),
+            verdicts: Default::default(),
+            recent: Default::default(),
             pool: arc_swap::ArcSwap::from_pointee(Pool::new(workers, max_queue)),
             counters: Counters::default(),
             latencies: Default::default(),
@@ -93,9 +137,94 @@ impl Engine {
         self.active.load_full()
     }
 
-    /// Makes `model` serve new requests; returns the one it replaces.
+    /// Makes `model` serve new requests; returns the one it replaces. Ends
+    /// any probation (a newer deployment or an undeploy decides now).
     pub fn swap(&self, model: Option<Arc<Model>>) -> Option<Arc<Model>> {
+        self.lock_probation().take();
         self.active.swap(model)
+    }
+
+    /// Where probation verdicts go (the agent's reporter).
+    pub fn on_probation_end(&self, tx: tokio::sync::mpsc::UnboundedSender<ProbationEnd>) {
+        *self.verdicts.lock().unwrap_or_else(|p| p.into_inner()) = Some(tx);
+    }
+
+    fn lock_probation(&self) -> std::sync::MutexGuard<'_, Option<OnProbation>> {
+        self.probation.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Swaps in `model` on probation: until the window closes it is watched,
+    /// requests it fails are answered by `previous`, and breaking a limit
+    /// swaps `previous` back at once. Returns a token for [`Engine::close_probation`].
+    pub fn swap_on_probation(
+        &self,
+        model: Arc<Model>,
+        previous: Arc<Model>,
+        limits: Limits,
+        context: ProbationContext,
+    ) -> u64 {
+        let baseline = {
+            let id = Arc::as_ptr(&previous) as usize;
+            let recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+            let samples: Vec<u64> = recent.iter().filter(|(m, _)| *m == id).map(|(_, us)| *us).collect();
+            crate::probation::p99_us(&samples).map(std::time::Duration::from_micros)
+        };
+        let token = self.probation_tokens.fetch_add(1, Ordering::Relaxed) + 1;
+        let mut p = self.lock_probation();
+        *p = Some(OnProbation { token, model: model.clone(), previous, watch: Watch::new(limits, baseline), context });
+        self.active.store(Some(model));
+        token
+    }
+
+    /// Closes the window of probation `token` (if it is still running): the
+    /// version passes, or is rolled back if it broke a limit.
+    pub fn close_probation(&self, token: u64) {
+        let mut guard = self.lock_probation();
+        if guard.as_ref().is_none_or(|p| p.token != token) {
+            return;
+        }
+        let verdict = guard.as_ref().map(|p| p.watch.close()).unwrap_or(Verdict::Watching);
+        if let Some(p) = guard.take() {
+            self.end_probation(p, verdict);
+        }
+    }
+
+    /// Reports a verdict; on `Fail`, first puts the previous version back
+    /// (unless something else was swapped in meanwhile).
+    fn end_probation(&self, p: OnProbation, verdict: Verdict) {
+        if matches!(verdict, Verdict::Fail(_)) {
+            let current = self.active.load();
+            if current.as_ref().is_some_and(|m| Arc::ptr_eq(m, &p.model)) {
+                self.active.store(Some(p.previous.clone()));
+            }
+        }
+        if let Some(tx) = self.verdicts.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+            let _ = tx.send(ProbationEnd { context: p.context, model: p.model, previous: p.previous, verdict });
+        }
+    }
+
+    /// Counts a request the model on probation ran; rolls back on a breach.
+    fn watch(&self, model: &Arc<Model>, outcome: ProbationOutcome) {
+        let mut guard = self.lock_probation();
+        let Some(p) = guard.as_mut().filter(|p| Arc::ptr_eq(&p.model, model)) else { return };
+        if let Verdict::Fail(e) = p.watch.record(outcome)
+            && let Some(p) = guard.take()
+        {
+            self.end_probation(p, Verdict::Fail(e));
+        }
+    }
+
+    /// The version a request to `model` falls back to while `model` is on probation.
+    fn fallback_for(&self, model: &Arc<Model>) -> Option<Arc<Model>> {
+        self.lock_probation().as_ref().filter(|p| Arc::ptr_eq(&p.model, model)).map(|p| p.previous.clone())
+    }
+
+    fn remember_latency(&self, model: &Arc<Model>, us: u64) {
+        let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+        if recent.len() == RECENT {
+            recent.pop_front();
+        }
+        recent.push_back((Arc::as_ptr(model) as usize, us));
     }
 
     /// Runs a request body as it arrived (over MQTT or HTTP): parsed once; a
@@ -151,8 +280,37 @@ impl Engine {
             .acquire_owned()
             .await
             .map_err(|_| InferFailure { code: ErrorCode::Internal, message: "worker pool closed".into() })?;
-        tokio::task::spawn_blocking(move || model.infer(&req))
-            .await
-            .map_err(|e| InferFailure { code: ErrorCode::Internal, message: format!("inference worker failed: {e}") })?
+        let fallback = self.fallback_for(&model);
+        let m = model.clone();
+        let (first, took, second) = tokio::task::spawn_blocking(move || {
+            let t = std::time::Instant::now();
+            let first = m.infer(&req);
+            let took = t.elapsed();
+            // A version on probation that fails a valid request: the version
+            // it replaced answers instead, so the client sees no failure.
+            let second = match (&first, fallback) {
+                (Err(e), Some(previous)) if e.is_model_failure() => Some(previous.infer(&req)),
+                _ => None,
+            };
+            (first, took, second)
+        })
+        .await
+        .map_err(|e| InferFailure { code: ErrorCode::Internal, message: format!("inference worker failed: {e}") })?;
+        match &first {
+            Ok(_) => {
+                self.remember_latency(&model, took.as_micros() as u64);
+                self.watch(&model, ProbationOutcome::Answered(took));
+            }
+            Err(e) if e.is_model_failure() => self
+                .watch(&model, ProbationOutcome::Failed { message: e.message.clone(), non_finite: e.is_non_finite() }),
+            Err(_) => {}
+        }
+        if let Some(second) = second {
+            if let Err(e) = &first {
+                tracing::warn!(model = %model.version, error = %e, "the version on probation failed a request; the previous version answered it");
+            }
+            return second;
+        }
+        first
     }
 }

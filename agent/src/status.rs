@@ -33,6 +33,10 @@ pub struct Record {
     /// retention keeps (the active one and `keep_versions` before it).
     #[serde(default)]
     pub history: Vec<String>,
+    /// The deployment the agent rolled back from, so that replaying its
+    /// retained desired state after a restart does not deploy it again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rolled_back: Option<ActiveRecord>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -160,12 +164,22 @@ impl Reporter {
             if let Some(a) = active {
                 r.active = a;
             }
+            if outcome == Outcome::Active {
+                r.rolled_back = None;
+            }
         }
         let record = self.record();
         if let Err(e) = self.store.write_atomic("agent.json", &serde_json::to_vec_pretty(&record).unwrap_or_default()) {
             tracing::error!(error = %e, "cannot persist agent state; it will be lost at restart");
         }
         self.publish_state();
+    }
+
+    /// Records a rollback: `previous` serves again, `from` (its source and
+    /// deployment) is remembered as refused. Persists like `set_outcome`.
+    pub fn set_rolled_back(&self, from: ActiveRecord, previous: ActiveRecord, error: ErrorInfo) {
+        self.lock().rolled_back = Some(from.clone());
+        self.set_outcome(&from.deployment, Outcome::RolledBack, Some(error), Some(Some(previous)));
     }
 
     /// Records `sha` as the version serving now and returns the versions to

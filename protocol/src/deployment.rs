@@ -58,6 +58,41 @@ pub struct Policy {
     pub keep_versions: Option<usize>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub allow_downgrade: Option<bool>,
+    /// How a new version is watched after it takes traffic, and when the
+    /// agent rolls back to the version it replaced by itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub probation: Option<Probation>,
+}
+
+/// The probation window after a swap. Every field is optional; the defaults
+/// are [`Probation::DEFAULT_SECONDS`] s, [`Probation::DEFAULT_MIN_REQUESTS`]
+/// requests and an error rate of [`Probation::DEFAULT_MAX_ERROR_RATE`], no
+/// latency limit. `seconds: 0` turns probation off.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Probation {
+    /// Length of the window after the swap.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seconds: Option<u64>,
+    /// Requests the new version must have answered before its error rate and
+    /// latency are judged (non-finite outputs are judged at once).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_requests: Option<u64>,
+    /// Highest share of requests that may fail inside the model (a run error
+    /// or a non-finite output on a finite input), 0.0 to 1.0.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_error_rate: Option<f64>,
+    /// Highest p99 latency, in milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_p99_ms: Option<f64>,
+    /// Highest p99 latency as a multiple of the replaced version's p99 just before the swap.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_p99_ratio: Option<f64>,
+}
+
+impl Probation {
+    pub const DEFAULT_SECONDS: u64 = 60;
+    pub const DEFAULT_MIN_REQUESTS: u64 = 20;
+    pub const DEFAULT_MAX_ERROR_RATE: f64 = 0.05;
 }
 
 impl Deployment {
@@ -118,6 +153,32 @@ impl Deployment {
             && !(0.0..=1.0).contains(&r)
         {
             return Err(ProtocolError::invalid("serving.capture_rate", "a number from 0.0 to 1.0", r.to_string()));
+        }
+        if let Some(p) = &self.policy.probation {
+            if let Some(s) = p.seconds
+                && s > 86_400
+            {
+                return Err(ProtocolError::invalid("policy.probation.seconds", "0 to 86400", s.to_string()));
+            }
+            if let Some(r) = p.max_error_rate
+                && !(0.0..=1.0).contains(&r)
+            {
+                return Err(ProtocolError::invalid(
+                    "policy.probation.max_error_rate",
+                    "a number from 0.0 to 1.0",
+                    r.to_string(),
+                ));
+            }
+            if let Some(ms) = p.max_p99_ms
+                && !(ms > 0.0 && ms.is_finite())
+            {
+                return Err(ProtocolError::invalid("policy.probation.max_p99_ms", "a positive number", ms.to_string()));
+            }
+            if let Some(r) = p.max_p99_ratio
+                && !(r >= 1.0 && r.is_finite())
+            {
+                return Err(ProtocolError::invalid("policy.probation.max_p99_ratio", "a number >= 1.0", r.to_string()));
+            }
         }
         if self.serving.http_port == Some(0) {
             return Err(ProtocolError::invalid("serving.http_port", "a port from 1 to 65535", "0"));

@@ -25,6 +25,11 @@ pub enum ErrorCode {
     Overloaded,
     BadInput,
     NoModel,
+    /// The model failed on a valid request: its run failed, or it returned a
+    /// non-finite output for a finite input.
+    InferenceFailed,
+    /// A new version broke its probation limits; the agent rolled back.
+    ProbationFailed,
     /// An unexpected failure inside the agent (I/O error on its own data dir, a bug).
     Internal,
 }
@@ -49,6 +54,8 @@ impl ErrorCode {
             ErrorCode::Overloaded => "overloaded",
             ErrorCode::BadInput => "bad_input",
             ErrorCode::NoModel => "no_model",
+            ErrorCode::InferenceFailed => "inference_failed",
+            ErrorCode::ProbationFailed => "probation_failed",
             ErrorCode::Internal => "internal",
         }
     }

@@ -92,6 +92,15 @@ impl TensorData {
     }
 
     /// Element `i` as f64 (for comparisons and pre-processing).
+    /// Index of the first NaN or infinity (floating-point data only).
+    pub fn first_non_finite(&self) -> Option<usize> {
+        match self {
+            TensorData::F32(v) => v.iter().position(|x| !x.is_finite()),
+            TensorData::F64(v) => v.iter().position(|x| !x.is_finite()),
+            _ => None,
+        }
+    }
+
     pub fn get_f64(&self, i: usize) -> Option<f64> {
         Some(match self {
             TensorData::Bool(v) => f64::from(u8::from(*v.get(i)?)),

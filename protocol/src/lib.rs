@@ -22,7 +22,7 @@ pub mod state;
 pub mod telemetry;
 pub mod topics;
 
-pub use deployment::{Deployment, ModelRef, Policy, Serving};
+pub use deployment::{Deployment, ModelRef, Policy, Probation, Serving};
 pub use error::{ErrorCode, ErrorInfo, ProtocolError};
 pub use event::{DeploymentEvent, Phase, Progress};
 pub use infer::{

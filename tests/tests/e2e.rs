@@ -827,3 +827,96 @@ async fn https_registries_are_verified_against_the_agents_ca_file() {
     assert!(!events.iter().any(|e| e.detail.as_deref().is_some_and(|d| d.contains("retrying"))), "{events:#?}");
     assert_eq!(w.infer("still-v1", digits_request(1)).await["model_version"], "1");
 }
+
+fn with_probation(mut d: outpost_protocol::Deployment, p: outpost_protocol::Probation) -> outpost_protocol::Deployment {
+    d.policy.probation = Some(p);
+    d
+}
+
+/// After a swap the new version is on probation: a request it fails is
+/// answered by the version it replaced, and breaking a limit rolls back by
+/// itself, with the evidence. A refused version stays refused after a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_version_that_breaks_probation_is_rolled_back_without_a_failed_request() {
+    use outpost_protocol::Probation;
+    let (broker, reg, _data, mut w, mut agent) = lab("dev16", &[], &[]).await;
+    reg.register("digits-mlp.onnx", "digits", "1");
+    reg.register("digits-fragile.onnx", "digits", "2");
+    reg.register("digits-cnn.onnx", "digits", "3");
+    assert_eq!(w.deploy(&reg, "digits", "1").await.0.phase, Phase::Active);
+
+    // v2 passes its golden sample, so it goes live, on probation.
+    let (url, sha) = outpost_sim::operator::resolve_manifest(&reg.url, "digits", "2").await.unwrap();
+    let probation = Probation { seconds: Some(30), min_requests: Some(5), ..Default::default() };
+    let d2 = with_probation(outpost_sim::operator::deployment("digits", "2", &url, &sha, None, None), probation);
+    w.publish_desired(d2.to_json()).await;
+    let (last, events) = w.events_until_final(&d2.deployment_id).await;
+    assert_eq!(last.phase, Phase::Active, "{events:?}");
+    let detail = last.detail.unwrap();
+    assert!(
+        detail.contains("on probation for 30 s: rolls back if more than 5.0% of at least 5 requests fail"),
+        "{detail}"
+    );
+    assert_eq!(w.infer("fine", digits_request(3)).await["model_version"], "2");
+
+    // An input on which v2 turns non-finite: v1 answers it, and v2 is out.
+    let mut poison = digits_request(2);
+    poison["inputs"][0]["data"][1][0] = 16.0.into();
+    let answer = w.infer("poison", poison).await;
+    assert_eq!(answer["model_version"], "1", "{answer}");
+    assert!(answer["outputs"][0]["data"].as_array().unwrap().iter().all(|v| v.is_number()), "{answer}");
+    let ev = w.event(|e| e.deployment_id == d2.deployment_id && e.phase == Phase::RolledBack).await;
+    let err = ev.error.unwrap();
+    assert_eq!(err.code, ErrorCode::ProbationFailed);
+    assert_eq!(
+        err.message,
+        "digits@2: non-finite output: 'probabilities' holds NaN or infinity at element 10 for a finite input"
+    );
+    assert_eq!(ev.detail.as_deref(), Some("rolled back: digits@1 serves again"));
+    assert_eq!(w.infer("after", digits_request(1)).await["model_version"], "1");
+    let state =
+        w.state(&broker, |s| s.last_deployment.as_ref().is_some_and(|l| l.outcome == Outcome::RolledBack)).await;
+    assert_eq!(state.active.unwrap().version, "1");
+
+    // Restarted, the device does not try the refused version again.
+    agent.kill_and_restart();
+    w.online().await;
+    let ev = w.event(|e| e.deployment_id == d2.deployment_id).await;
+    assert_eq!(ev.phase, Phase::Unchanged, "{ev:?}");
+    assert_eq!(w.infer("restarted", digits_request(1)).await["model_version"], "1");
+
+    // A latency limit no model can meet: rolled back after `min_requests`.
+    let (url, sha) = outpost_sim::operator::resolve_manifest(&reg.url, "digits", "3").await.unwrap();
+    let strict = Probation { seconds: Some(30), min_requests: Some(5), max_p99_ms: Some(0.001), ..Default::default() };
+    let d3 = with_probation(outpost_sim::operator::deployment("digits", "3", &url, &sha, None, None), strict);
+    w.publish_desired(d3.to_json()).await;
+    assert_eq!(w.events_until_final(&d3.deployment_id).await.0.phase, Phase::Active);
+    for i in 0..5 {
+        let v = w.infer(&format!("slow-{i}"), digits_request(1)).await;
+        assert!(v["model_version"] == "3" || v["model_version"] == "1", "{v}");
+    }
+    let ev = w.event(|e| e.deployment_id == d3.deployment_id && e.phase == Phase::RolledBack).await;
+    let msg = ev.error.unwrap().message;
+    assert!(
+        msg.starts_with("digits@3: p99 latency ") && msg.ends_with("over the limit of 0.00 ms (5 requests)"),
+        "{msg}"
+    );
+    assert_eq!(w.infer("v1-again", digits_request(1)).await["model_version"], "1");
+
+    // Within its limits, a version passes when the window closes.
+    let d3b = with_probation(
+        outpost_sim::operator::deployment("digits", "3", &url, &sha, None, None),
+        Probation { seconds: Some(1), ..Default::default() },
+    );
+    w.publish_desired(d3b.to_json()).await;
+    assert_eq!(w.events_until_final(&d3b.deployment_id).await.0.phase, Phase::Active);
+    assert_eq!(w.infer("v3", digits_request(1)).await["model_version"], "3");
+    let ev = w
+        .event(|e| {
+            e.deployment_id == d3b.deployment_id
+                && e.detail.as_deref().is_some_and(|d| d.starts_with("probation passed"))
+        })
+        .await;
+    assert!(ev.detail.unwrap().starts_with("probation passed: 1 request(s), 0 failed"));
+    assert_eq!(w.infer("v3-kept", digits_request(1)).await["model_version"], "3");
+}

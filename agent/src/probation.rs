@@ -1,0 +1,276 @@
+//! Probation: the window after a swap in which a new version is watched and,
+//! if it misbehaves, replaced by the version it replaced. This module only
+//! judges (pure, unit-tested); the engine feeds it and acts on the verdict.
+
+use outpost_protocol::Probation;
+use std::time::Duration;
+
+/// Most latencies kept per window: enough for a p99, bounded in memory.
+const MAX_SAMPLES: usize = 65_536;
+
+/// The limits a deployment's policy sets, with defaults filled in.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Limits {
+    pub window: Duration,
+    pub min_requests: u64,
+    pub max_error_rate: f64,
+    pub max_p99: Option<Duration>,
+    pub max_p99_ratio: Option<f64>,
+}
+
+impl Limits {
+    /// The limits of a policy; `None` when probation is off (`seconds: 0`).
+    pub fn from_policy(p: Option<&Probation>) -> Option<Limits> {
+        let p = p.cloned().unwrap_or_default();
+        let seconds = p.seconds.unwrap_or(Probation::DEFAULT_SECONDS);
+        (seconds > 0).then(|| Limits {
+            window: Duration::from_secs(seconds),
+            min_requests: p.min_requests.unwrap_or(Probation::DEFAULT_MIN_REQUESTS).max(1),
+            max_error_rate: p.max_error_rate.unwrap_or(Probation::DEFAULT_MAX_ERROR_RATE),
+            max_p99: p.max_p99_ms.map(|ms| Duration::from_secs_f64(ms / 1000.0)),
+            max_p99_ratio: p.max_p99_ratio,
+        })
+    }
+
+    pub fn describe(&self) -> String {
+        let mut s = format!(
+            "on probation for {} s: rolls back if more than {:.1}% of at least {} requests fail",
+            self.window.as_secs(),
+            self.max_error_rate * 100.0,
+            self.min_requests
+        );
+        if let Some(p99) = self.max_p99 {
+            s.push_str(&format!(", if p99 exceeds {:.1} ms", ms(p99)));
+        }
+        if let Some(r) = self.max_p99_ratio {
+            s.push_str(&format!(", if p99 exceeds {r} x the previous version's"));
+        }
+        s.push_str(" or on a non-finite output");
+        s
+    }
+}
+
+/// What the new version did so far.
+#[derive(Debug, Clone)]
+pub struct Watch {
+    pub limits: Limits,
+    /// The replaced version's p99 just before the swap, if it had traffic.
+    pub baseline_p99: Option<Duration>,
+    pub requests: u64,
+    pub failures: u64,
+    first_failure: Option<String>,
+    latencies_us: Vec<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Verdict {
+    /// Keep watching.
+    Watching,
+    /// Roll back, with the evidence.
+    Fail(String),
+    /// The window closed within the limits, with a summary.
+    Pass(String),
+}
+
+/// How one request on the version under probation went.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    Answered(Duration),
+    /// The model failed on a valid request (`inference_failed`); the message says how.
+    Failed {
+        message: String,
+        non_finite: bool,
+    },
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+impl Watch {
+    pub fn new(limits: Limits, baseline_p99: Option<Duration>) -> Watch {
+        Watch { limits, baseline_p99, requests: 0, failures: 0, first_failure: None, latencies_us: Vec::new() }
+    }
+
+    /// Counts one request and judges at once: a non-finite output fails the
+    /// version on the spot, error rate and latency once `min_requests` are in.
+    pub fn record(&mut self, outcome: Outcome) -> Verdict {
+        self.requests += 1;
+        match outcome {
+            Outcome::Answered(latency) => {
+                if self.latencies_us.len() < MAX_SAMPLES {
+                    self.latencies_us.push(latency.as_micros() as u64);
+                }
+            }
+            Outcome::Failed { message, non_finite } => {
+                self.failures += 1;
+                if non_finite {
+                    return Verdict::Fail(message);
+                }
+                self.first_failure.get_or_insert(message);
+            }
+        }
+        match self.breach() {
+            Some(evidence) => Verdict::Fail(evidence),
+            None => Verdict::Watching,
+        }
+    }
+
+    /// The verdict when the window closes: within the limits it passes, also
+    /// with fewer requests than `min_requests` (a quiet device must not stay on
+    /// probation forever; the summary says how little was seen).
+    pub fn close(&self) -> Verdict {
+        if let Some(evidence) = self.breach() {
+            return Verdict::Fail(evidence);
+        }
+        let mut summary = format!("probation passed: {} request(s), {} failed", self.requests, self.failures);
+        if let Some(p99) = self.p99() {
+            summary.push_str(&format!(", p99 {:.2} ms", ms(p99)));
+        }
+        if self.requests < self.limits.min_requests {
+            summary.push_str(&format!(" (fewer than the {} needed to judge)", self.limits.min_requests));
+        }
+        Verdict::Pass(summary)
+    }
+
+    pub fn p99(&self) -> Option<Duration> {
+        p99_us(&self.latencies_us).map(Duration::from_micros)
+    }
+
+    /// The first limit broken, judged only on `min_requests` or more.
+    fn breach(&self) -> Option<String> {
+        if self.requests < self.limits.min_requests {
+            return None;
+        }
+        let rate = self.failures as f64 / self.requests as f64;
+        if rate > self.limits.max_error_rate {
+            return Some(format!(
+                "error rate {:.1}% ({} of {} requests) over the limit of {:.1}%; first failure: {}",
+                rate * 100.0,
+                self.failures,
+                self.requests,
+                self.limits.max_error_rate * 100.0,
+                self.first_failure.as_deref().unwrap_or("-")
+            ));
+        }
+        if (self.latencies_us.len() as u64) < self.limits.min_requests {
+            return None;
+        }
+        let p99 = self.p99()?;
+        if let Some(max) = self.limits.max_p99
+            && p99 > max
+        {
+            return Some(format!(
+                "p99 latency {:.2} ms over the limit of {:.2} ms ({} requests)",
+                ms(p99),
+                ms(max),
+                self.latencies_us.len()
+            ));
+        }
+        if let (Some(ratio), Some(base)) = (self.limits.max_p99_ratio, self.baseline_p99)
+            && p99.as_secs_f64() > base.as_secs_f64() * ratio
+        {
+            return Some(format!(
+                "p99 latency {:.2} ms over {ratio} x the previous version's {:.2} ms ({} requests)",
+                ms(p99),
+                ms(base),
+                self.latencies_us.len()
+            ));
+        }
+        None
+    }
+}
+
+/// The 99th percentile (nearest rank) of latencies in microseconds.
+pub fn p99_us(samples: &[u64]) -> Option<u64> {
+    if samples.is_empty() {
+        return None;
+    }
+    let mut v = samples.to_vec();
+    let rank = ((v.len() as f64 * 0.99).ceil() as usize).clamp(1, v.len()) - 1;
+    Some(*v.select_nth_unstable(rank).1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits(p: Probation) -> Limits {
+        Limits::from_policy(Some(&p)).unwrap()
+    }
+
+    fn ok(us: u64) -> Outcome {
+        Outcome::Answered(Duration::from_micros(us))
+    }
+
+    fn failed(m: &str) -> Outcome {
+        Outcome::Failed { message: m.into(), non_finite: false }
+    }
+
+    #[test]
+    fn defaults_apply_and_zero_seconds_turns_probation_off() {
+        let l = Limits::from_policy(None).unwrap();
+        assert_eq!((l.window, l.min_requests, l.max_error_rate), (Duration::from_secs(60), 20, 0.05));
+        assert!(Limits::from_policy(Some(&Probation { seconds: Some(0), ..Default::default() })).is_none());
+    }
+
+    #[test]
+    fn error_rate_is_judged_only_once_enough_requests_are_in() {
+        let mut w = Watch::new(limits(Probation { min_requests: Some(10), ..Default::default() }), None);
+        for _ in 0..9 {
+            assert_eq!(w.record(failed("model run failed: boom")), Verdict::Watching);
+        }
+        let Verdict::Fail(e) = w.record(ok(100)) else { panic!("must fail") };
+        assert_eq!(
+            e,
+            "error rate 90.0% (9 of 10 requests) over the limit of 5.0%; first failure: model run failed: boom"
+        );
+    }
+
+    #[test]
+    fn a_non_finite_output_fails_at_once() {
+        let mut w = Watch::new(limits(Probation::default()), None);
+        let v = w.record(Outcome::Failed { message: "non-finite output: 'y' holds NaN".into(), non_finite: true });
+        assert_eq!(v, Verdict::Fail("non-finite output: 'y' holds NaN".into()));
+    }
+
+    #[test]
+    fn latency_limits_absolute_and_relative_to_the_previous_version() {
+        let mut w =
+            Watch::new(limits(Probation { min_requests: Some(5), max_p99_ms: Some(2.0), ..Default::default() }), None);
+        for _ in 0..4 {
+            assert_eq!(w.record(ok(1000)), Verdict::Watching);
+        }
+        let Verdict::Fail(e) = w.record(ok(5000)) else { panic!("p99 5 ms must fail") };
+        assert_eq!(e, "p99 latency 5.00 ms over the limit of 2.00 ms (5 requests)");
+
+        let l = limits(Probation { min_requests: Some(3), max_p99_ratio: Some(2.0), ..Default::default() });
+        let mut w = Watch::new(l.clone(), Some(Duration::from_micros(1000)));
+        assert_eq!(w.record(ok(1500)), Verdict::Watching);
+        assert_eq!(w.record(ok(1900)), Verdict::Watching);
+        assert_eq!(w.record(ok(1800)), Verdict::Watching);
+        assert!(
+            matches!(w.record(ok(2500)), Verdict::Fail(e) if e.starts_with("p99 latency 2.50 ms over 2 x the previous version's 1.00 ms"))
+        );
+        // Without a baseline (the old version had no traffic) the ratio cannot be judged.
+        let mut w = Watch::new(l, None);
+        for _ in 0..5 {
+            assert_eq!(w.record(ok(9000)), Verdict::Watching);
+        }
+    }
+
+    #[test]
+    fn the_window_closes_with_a_pass_or_the_breach() {
+        let mut w = Watch::new(limits(Probation { min_requests: Some(50), ..Default::default() }), None);
+        w.record(ok(800));
+        w.record(failed("x"));
+        assert_eq!(
+            w.close(),
+            Verdict::Pass(
+                "probation passed: 2 request(s), 1 failed, p99 0.80 ms (fewer than the 50 needed to judge)".into()
+            )
+        );
+        assert_eq!(p99_us(&(1..=100).collect::<Vec<_>>()), Some(99));
+        assert_eq!(p99_us(&[7]), Some(7));
+    }
+}
