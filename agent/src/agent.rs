@@ -64,6 +64,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         reporter: reporter.clone(),
         default_pool: (config.workers, config.max_queue),
         store_quota: config.store_quota,
+        http: Default::default(),
     });
 
     // Serve what was active before the restart, before touching the network.
@@ -72,6 +73,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         let d = deployer.clone();
         tokio::task::spawn_blocking(move || d.restore()).await.ok().flatten()
     };
+    let restored_port = restored.as_ref().and_then(|(_, d)| d.serving.http_port);
     if let Some((source, d)) = restored {
         reconciler.restore(source, d);
     }
@@ -94,17 +96,14 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     }
 
     // The local endpoint serves from the store even while the broker is unreachable.
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let http_task = match config.http_bind {
+    let http = match config.http_bind {
         Some(addr) => {
-            let listener =
-                tokio::net::TcpListener::bind(addr).await.map_err(|source| AgentError::HttpBind { addr, source })?;
-            let bound = listener.local_addr().unwrap_or(addr);
-            tracing::info!(%bound, "Open Inference Protocol endpoint listening");
-            let mut rx = stop_rx.clone();
-            Some(tokio::spawn(crate::http::serve(listener, engine.clone(), async move {
-                let _ = rx.wait_for(|stop| *stop).await;
-            })))
+            let ep =
+                crate::http::Endpoint::start(addr, restored_port, engine.clone(), tokio::runtime::Handle::current())
+                    .map_err(|source| AgentError::HttpBind { addr, source })?;
+            let ep = Arc::new(ep);
+            let _ = deployer.http.set(ep.clone());
+            Some(ep)
         }
         None => None,
     };
@@ -219,11 +218,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         }
     })
     .await;
-    let _ = stop_tx.send(true);
-    if let Some(t) = http_task {
-        let _ = t.await;
+    if let Some(ep) = http {
+        ep.stop().await;
     }
-    drop(stop_rx);
     tracing::info!("stopped");
     Ok(())
 }

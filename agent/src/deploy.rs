@@ -30,6 +30,8 @@ pub struct Deployer {
     pub default_pool: (usize, usize),
     /// Most bytes the store may hold (blobs and partial downloads); `None`: only the filesystem limits it.
     pub store_quota: Option<u64>,
+    /// The local HTTP endpoint, which a deployment's `serving.http_port` moves (unset: HTTP is off).
+    pub http: std::sync::OnceLock<Arc<crate::http::Endpoint>>,
 }
 
 /// Free space left on the filesystem after a download, for the state file and logs.
@@ -130,6 +132,11 @@ impl Deployer {
             Verdict::Pass(summary) => self.reporter.event(d, Phase::Active, None, None, Some(summary)),
             Verdict::Fail(evidence) => {
                 let serving = &context.previous.deployment.serving;
+                if let Some(http) = self.http.get()
+                    && let Err(e) = http.move_to(serving.http_port)
+                {
+                    tracing::error!(error = %e, "rollback: the previous version's HTTP port");
+                }
                 self.engine.resize(
                     serving.workers.unwrap_or(self.default_pool.0).max(1),
                     serving.max_queue.unwrap_or(self.default_pool.1),
@@ -191,6 +198,13 @@ impl Deployer {
         self.reporter.event(d, Phase::Validating, None, None, Some(load_detail));
         let verdict = model.validate(&dir, &manifest)?;
         tracing::info!(model = %manifest.name, version = %manifest.version, "{verdict}");
+        if cancel.is_cancelled() {
+            return Err(FetchError::Cancelled);
+        }
+        // The port is the last thing that can fail: after it, the swap.
+        if let Some(http) = self.http.get() {
+            http.move_to(d.serving.http_port)?;
+        }
         Ok(Arc::new(model))
     }
 

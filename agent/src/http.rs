@@ -196,3 +196,110 @@ pub async fn serve(
     let _ = tx.send(());
     let _ = tokio::time::timeout(std::time::Duration::from_secs(2), handle).await;
 }
+
+/// The local endpoint, which a deployment's `serving.http_port` can move to
+/// another port without a restart: the new port is bound first (if that
+/// fails, nothing changes), then the old one stops taking connections and
+/// lets the open ones finish (at most 2 s).
+#[derive(Debug)]
+pub struct Endpoint {
+    ip: std::net::IpAddr,
+    /// The port of `--http-bind`, used when a deployment names none.
+    default_port: u16,
+    engine: Arc<Engine>,
+    runtime: tokio::runtime::Handle,
+    current: std::sync::Mutex<Option<Running>>,
+}
+
+#[derive(Debug)]
+struct Running {
+    addr: std::net::SocketAddr,
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Endpoint {
+    /// Listens on `bind` (the agent's `--http-bind`), or on `port` of the same
+    /// address when the restored deployment names one and it is free.
+    pub fn start(
+        bind: std::net::SocketAddr,
+        port: Option<u16>,
+        engine: Arc<Engine>,
+        runtime: tokio::runtime::Handle,
+    ) -> std::io::Result<Endpoint> {
+        let ep = Endpoint {
+            ip: bind.ip(),
+            default_port: bind.port(),
+            engine,
+            runtime,
+            current: std::sync::Mutex::new(None),
+        };
+        if let Some(p) = port.filter(|p| *p != bind.port()) {
+            match ep.move_to(Some(p)) {
+                Ok(()) => return Ok(ep),
+                Err(e) => tracing::error!(error = %e, "the deployment's HTTP port is not available; using --http-bind"),
+            }
+        }
+        let listener = ep.bind(bind)?;
+        ep.run(listener);
+        Ok(ep)
+    }
+
+    /// Where it listens now.
+    pub fn addr(&self) -> Option<std::net::SocketAddr> {
+        self.lock().as_ref().map(|r| r.addr)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Running>> {
+        self.current.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn bind(&self, addr: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+        let l = std::net::TcpListener::bind(addr)?;
+        l.set_nonblocking(true)?;
+        let _guard = self.runtime.enter();
+        tokio::net::TcpListener::from_std(l)
+    }
+
+    fn run(&self, listener: tokio::net::TcpListener) {
+        let addr = listener.local_addr().unwrap_or_else(|_| std::net::SocketAddr::new(self.ip, self.default_port));
+        let (stop, rx) = tokio::sync::oneshot::channel::<()>();
+        let task = self.runtime.spawn(serve(listener, self.engine.clone(), async move {
+            let _ = rx.await;
+        }));
+        tracing::info!(%addr, "Open Inference Protocol endpoint listening");
+        if let Some(old) = self.lock().replace(Running { addr, stop, task }) {
+            tracing::info!(addr = %old.addr, "the HTTP endpoint moved; the old port closes");
+            let _ = old.stop.send(());
+        }
+    }
+
+    /// Moves to `port` on the same address (`None`: the `--http-bind` port).
+    /// Call from a blocking thread. On error the endpoint stays where it was.
+    pub fn move_to(&self, port: Option<u16>) -> Result<(), outpost_protocol::ErrorInfo> {
+        let addr = std::net::SocketAddr::new(self.ip, port.unwrap_or(self.default_port));
+        if self.addr() == Some(addr) {
+            return Ok(());
+        }
+        let listener = self.bind(addr).map_err(|e| {
+            outpost_protocol::ErrorInfo::new(
+                ErrorCode::PortUnavailable,
+                format!(
+                    "serving.http_port: cannot listen on {addr}: {e}; the HTTP endpoint stays on {}",
+                    self.addr().map(|a| a.to_string()).unwrap_or_else(|| "none".into())
+                ),
+            )
+        })?;
+        self.run(listener);
+        Ok(())
+    }
+
+    /// Stops listening; open connections get at most 2 s.
+    pub async fn stop(&self) {
+        let running = self.lock().take();
+        if let Some(r) = running {
+            let _ = r.stop.send(());
+            let _ = r.task.await;
+        }
+    }
+}

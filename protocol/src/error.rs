@@ -30,6 +30,8 @@ pub enum ErrorCode {
     InferenceFailed,
     /// A new version broke its probation limits; the agent rolled back.
     ProbationFailed,
+    /// The deployment's `serving.http_port` cannot be listened on (in use, or not allowed).
+    PortUnavailable,
     /// An unexpected failure inside the agent (I/O error on its own data dir, a bug).
     Internal,
 }
@@ -56,6 +58,7 @@ impl ErrorCode {
             ErrorCode::NoModel => "no_model",
             ErrorCode::InferenceFailed => "inference_failed",
             ErrorCode::ProbationFailed => "probation_failed",
+            ErrorCode::PortUnavailable => "port_unavailable",
             ErrorCode::Internal => "internal",
         }
     }

@@ -920,3 +920,54 @@ async fn a_version_that_breaks_probation_is_rolled_back_without_a_failed_request
     assert!(ev.detail.unwrap().starts_with("probation passed: 1 request(s), 0 failed"));
     assert_eq!(w.infer("v3-kept", digits_request(1)).await["model_version"], "3");
 }
+
+/// `serving.http_port` moves the local endpoint without a restart; a port
+/// that cannot be bound fails the deployment and changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_http_port_follows_the_deployment() {
+    let (_broker, reg, _data, mut w, mut agent) = lab("dev17", &[], &[]).await;
+    reg.register("digits-mlp.onnx", "digits", "1");
+    reg.register("digits-cnn.onnx", "digits", "2");
+    let default = format!("127.0.0.1:{}", agent.http_port);
+    let port = outpost_sim::broker::free_port().unwrap();
+    let (url, sha) = outpost_sim::operator::resolve_manifest(&reg.url, "digits", "1").await.unwrap();
+    let mut d1 = outpost_sim::operator::deployment("digits", "1", &url, &sha, None, None);
+    d1.serving.http_port = Some(port);
+    w.publish_desired(d1.to_json()).await;
+    assert_eq!(w.events_until_final(&d1.deployment_id).await.0.phase, Phase::Active);
+    let moved = format!("http://127.0.0.1:{port}/v2/models/digits");
+    let (status, body) = http("GET", moved.clone(), None).await;
+    assert_eq!((status, body["versions"][0].as_str()), (200, Some("1")), "{body}");
+    assert!(std::net::TcpStream::connect(&default).is_err(), "the default port must be closed");
+
+    // A port something else holds: refused, the endpoint stays where it is.
+    let squatter = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken = squatter.local_addr().unwrap().port();
+    let (url2, sha2) = outpost_sim::operator::resolve_manifest(&reg.url, "digits", "2").await.unwrap();
+    let mut d2 = outpost_sim::operator::deployment("digits", "2", &url2, &sha2, None, None);
+    d2.serving.http_port = Some(taken);
+    w.publish_desired(d2.to_json()).await;
+    let (last, _) = w.events_until_final(&d2.deployment_id).await;
+    let e = last.error.unwrap();
+    assert_eq!(e.code, ErrorCode::PortUnavailable);
+    assert!(
+        e.message.starts_with(&format!("serving.http_port: cannot listen on 127.0.0.1:{taken}: ")),
+        "{}",
+        e.message
+    );
+    assert!(e.message.ends_with(&format!("the HTTP endpoint stays on 127.0.0.1:{port}")), "{}", e.message);
+    assert_eq!(http("GET", moved.clone(), None).await.1["versions"][0], "1");
+
+    // After a restart the endpoint comes back on the deployment's port.
+    agent.kill_and_restart();
+    w.online().await;
+    assert_eq!(http("GET", moved, None).await.1["versions"][0], "1");
+
+    // A deployment without a port goes back to --http-bind.
+    drop(squatter);
+    let d3 = outpost_sim::operator::deployment("digits", "2", &url2, &sha2, None, None);
+    w.publish_desired(d3.to_json()).await;
+    assert_eq!(w.events_until_final(&d3.deployment_id).await.0.phase, Phase::Active);
+    let (status, body) = http("GET", format!("http://127.0.0.1:{}/v2/models/digits", agent.http_port), None).await;
+    assert_eq!((status, body["versions"][0].as_str()), (200, Some("2")), "{body}");
+}
