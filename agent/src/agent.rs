@@ -367,7 +367,7 @@ async fn on_infer(
     payload: &[u8],
     max_packet: usize,
 ) {
-    let answer = engine.infer_body(payload).await;
+    let answer = engine.infer_body(payload, None).await;
     let topic = answer.reply_to.filter(|t| valid_reply_topic(t)).unwrap_or_else(|| topics.predictions(device));
     let mut body = match answer.result {
         Ok(resp) => serde_json::to_vec(&resp),

@@ -20,7 +20,7 @@ use crate::serve::Engine;
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, Path, State};
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use outpost_protocol::ErrorCode;
@@ -60,10 +60,10 @@ pub fn router(engine: Arc<Engine>) -> Router {
             "/v2/models/{name}/versions/{version}/ready",
             get(|s, Path((n, v)): Path<(String, String)>| model_ready(s, n, Some(v))),
         )
-        .route("/v2/models/{name}/infer", post(|s, Path(name): Path<String>, body| infer(s, name, None, body)))
+        .route("/v2/models/{name}/infer", post(|s, Path(name): Path<String>, h, body| infer(s, name, None, h, body)))
         .route(
             "/v2/models/{name}/versions/{version}/infer",
-            post(|s, Path((n, v)): Path<(String, String)>, body| infer(s, n, Some(v), body)),
+            post(|s, Path((n, v)): Path<(String, String)>, h, body| infer(s, n, Some(v), h, body)),
         )
         .route("/metrics", get(metrics))
         .fallback(|| async {
@@ -84,7 +84,8 @@ async fn ready(State(engine): State<Arc<Engine>>) -> Response {
 }
 
 async fn server_metadata() -> Response {
-    axum::Json(json!({"name": "outpost", "version": env!("CARGO_PKG_VERSION"), "extensions": []})).into_response()
+    axum::Json(json!({"name": "outpost", "version": env!("CARGO_PKG_VERSION"), "extensions": ["binary_tensor_data"]}))
+        .into_response()
 }
 
 /// A 404 for a model or version this device does not serve.
@@ -140,14 +141,43 @@ async fn model_ready(State(engine): State<Arc<Engine>>, name: String, version: O
     }
 }
 
-async fn infer(State(engine): State<Arc<Engine>>, name: String, version: Option<String>, body: Bytes) -> Response {
+async fn infer(
+    State(engine): State<Arc<Engine>>,
+    name: String,
+    version: Option<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     if let Err(r) = find(&engine, &name, version.as_deref()) {
         return r.into_response();
     }
+    let binary_header = match headers.get(outpost_protocol::binary::HEADER) {
+        None => None,
+        Some(v) => match v.to_str().ok().and_then(|v| v.trim().parse::<usize>().ok()) {
+            Some(n) => Some(n),
+            None => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    format!("Inference-Header-Content-Length: expected a byte count, found {v:?}"),
+                );
+            }
+        },
+    };
     // The swap may happen between `find` and the run: the answer names the
     // version that computed it, as over MQTT.
-    match engine.infer_body(&body).await.result {
-        Ok(resp) => axum::Json(resp).into_response(),
+    let answer = engine.infer_body(&body, binary_header).await;
+    match answer.result {
+        Ok(resp) => match outpost_protocol::binary::encode_response(&resp, &answer.binary) {
+            (body, None) => ([(header::CONTENT_TYPE, "application/json")], body).into_response(),
+            (body, Some(n)) => (
+                [
+                    (header::CONTENT_TYPE, "application/octet-stream".to_string()),
+                    (header::HeaderName::from_static(outpost_protocol::binary::HEADER), n.to_string()),
+                ],
+                body,
+            )
+                .into_response(),
+        },
         Err(f) => error(status_of(f.code), f.message),
     }
 }

@@ -46,6 +46,8 @@ pub struct Answer {
     pub id: Option<String>,
     /// MQTT only: where the client asked the answer to go.
     pub reply_to: Option<String>,
+    /// HTTP only: the outputs the client wants in binary form.
+    pub binary: outpost_protocol::binary::BinaryOutputs,
     pub result: Result<InferResponse, InferFailure>,
 }
 
@@ -229,18 +231,30 @@ impl Engine {
 
     /// Runs a request body as it arrived (over MQTT or HTTP): parsed once; a
     /// body that is not a request is counted as a failed request and answered
-    /// `bad_input` with the field at fault.
-    pub async fn infer_body(&self, body: &[u8]) -> Answer {
-        match InferRequest::from_json(body) {
+    /// `bad_input` with the field at fault. `binary_header` is the length of
+    /// the JSON part of a body in the binary tensor extension (HTTP).
+    pub async fn infer_body(&self, body: &[u8], binary_header: Option<usize>) -> Answer {
+        let parsed = match binary_header {
+            Some(n) => outpost_protocol::binary::decode_request(body, n),
+            None => InferRequest::from_json(body),
+        };
+        match parsed {
             Ok(mut req) => {
                 let (id, reply_to) = (req.id.clone(), req.reply_to.take());
-                Answer { id, reply_to, result: self.infer(req).await }
+                let binary = outpost_protocol::binary::BinaryOutputs::of(&req);
+                Answer { id, reply_to, binary, result: self.infer(req).await }
             }
             Err(e) => {
                 self.counters.requests.fetch_add(1, Ordering::Relaxed);
                 self.counters.errors.fetch_add(1, Ordering::Relaxed);
-                let (id, reply_to) = InferRequest::salvage(body);
-                Answer { id, reply_to, result: Err(InferFailure { code: e.code, message: e.to_string() }) }
+                let head = binary_header.and_then(|n| body.get(..n)).unwrap_or(body);
+                let (id, reply_to) = InferRequest::salvage(head);
+                Answer {
+                    id,
+                    reply_to,
+                    binary: Default::default(),
+                    result: Err(InferFailure { code: e.code, message: e.to_string() }),
+                }
             }
         }
     }

@@ -249,9 +249,19 @@ pub struct TensorIn {
     pub name: String,
     pub shape: Vec<i64>,
     pub datatype: Datatype,
+    /// Absent when the tensor comes in the binary part of the body
+    /// (`parameters.binary_data_size`, see [`crate::binary`]).
+    #[serde(default)]
     pub data: TensorData,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parameters: Option<serde_json::Value>,
+}
+
+impl TensorIn {
+    /// Bytes of this tensor in the binary part of the body, if it is there.
+    pub fn binary_data_size(&self) -> Option<u64> {
+        self.parameters.as_ref()?.get("binary_data_size")?.as_u64()
+    }
 }
 
 /// An output the client asks for (all outputs when the list is absent).
@@ -321,9 +331,41 @@ pub enum InferReply {
     Ok(InferResponse),
 }
 
+impl Default for TensorData {
+    fn default() -> Self {
+        TensorData::F32(Vec::new())
+    }
+}
+
 impl InferRequest {
-    /// Parses a request; errors are `bad_input` with the field path.
+    /// Parses a JSON request; errors are `bad_input` with the field path.
     pub fn from_json(bytes: &[u8]) -> Result<InferRequest, ProtocolError> {
+        let r = InferRequest::parse_header(bytes)?;
+        for (i, t) in r.inputs.iter().enumerate() {
+            if t.binary_data_size().is_some() {
+                return Err(ProtocolError {
+                    code: ErrorCode::BadInput,
+                    path: format!("inputs[{i}].parameters.binary_data_size"),
+                    expected: "a binary body announced by the Inference-Header-Content-Length header (HTTP only)"
+                        .into(),
+                    found: "a JSON-only body".into(),
+                });
+            }
+            let elements = t.shape.iter().try_fold(1i64, |n, d| n.checked_mul(*d)).unwrap_or(i64::MAX);
+            if t.data.is_empty() && elements > 0 {
+                return Err(ProtocolError {
+                    code: ErrorCode::BadInput,
+                    path: format!("inputs[{i}].data"),
+                    expected: format!("the tensor's {elements} values"),
+                    found: "nothing".into(),
+                });
+            }
+        }
+        Ok(r)
+    }
+
+    /// Parses the JSON part of a request; `data` may be absent.
+    pub(crate) fn parse_header(bytes: &[u8]) -> Result<InferRequest, ProtocolError> {
         let r: InferRequest = parse_json(bytes).map_err(|e| e.with_code(ErrorCode::BadInput))?;
         if r.inputs.is_empty() {
             return Err(ProtocolError {

@@ -7,12 +7,14 @@
 //! - [`manifest`]: a registered model version and its files ([`Manifest`]).
 //! - [`state`], [`event`], [`telemetry`]: what a device reports back.
 //! - [`infer`]: KServe Open Inference Protocol v2 request / response bodies.
+//! - [`binary`]: its binary tensor data extension (raw tensor bytes after the JSON).
 //! - [`error`]: stable error codes and the precise validation error every parser returns.
 //!
 //! Every message is JSON and carries a `schema`; unknown fields are ignored and an
 //! unknown `schema` is refused, so the protocol can grow without breaking old agents.
 //! This crate does no I/O: both sides parse and validate with the same code.
 
+pub mod binary;
 pub mod deployment;
 pub mod error;
 pub mod event;

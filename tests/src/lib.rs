@@ -487,6 +487,28 @@ pub fn phase_names(events: &[DeploymentEvent]) -> Vec<Phase> {
 }
 
 /// A plain HTTP call to the agent's local endpoint: (status, JSON body).
+/// POSTs a body of the binary tensor extension (`json` then `tail`); returns
+/// the status, the response's Inference-Header-Content-Length and its body.
+pub async fn http_binary(url: String, json: serde_json::Value, tail: Vec<u8>) -> (u16, Option<usize>, Vec<u8>) {
+    tokio::task::spawn_blocking(move || {
+        let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
+        let mut body = serde_json::to_vec(&json).unwrap();
+        let n = body.len();
+        body.extend_from_slice(&tail);
+        let resp = agent
+            .post(&url)
+            .header("content-type", "application/octet-stream")
+            .header("inference-header-content-length", n.to_string())
+            .send(body)
+            .unwrap();
+        let status = resp.status().as_u16();
+        let header = resp.headers().get("inference-header-content-length").and_then(|v| v.to_str().ok()?.parse().ok());
+        (status, header, resp.into_body().with_config().limit(1 << 30).read_to_vec().unwrap())
+    })
+    .await
+    .unwrap()
+}
+
 pub async fn http(method: &str, url: String, body: Option<Vec<u8>>) -> (u16, serde_json::Value) {
     let method = method.to_string();
     tokio::task::spawn_blocking(move || {

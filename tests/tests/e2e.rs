@@ -971,3 +971,73 @@ async fn the_http_port_follows_the_deployment() {
     let (status, body) = http("GET", format!("http://127.0.0.1:{}/v2/models/digits", agent.http_port), None).await;
     assert_eq!((status, body["versions"][0].as_str()), (200, Some("2")), "{body}");
 }
+
+/// The binary tensor extension (what Triton's Python client sends by
+/// default), and every kind of bad request over HTTP: a precise 4xx each,
+/// and the model keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn binary_tensors_over_http_and_bad_requests_get_precise_errors() {
+    let (_broker, reg, _data, mut w, agent) = lab("dev18", &[], &[]).await;
+    reg.register("digits-mlp.onnx", "digits", "1");
+    assert_eq!(w.deploy(&reg, "digits", "1").await.0.phase, Phase::Active);
+    let url = format!("http://127.0.0.1:{}/v2/models/digits/infer", agent.http_port);
+    let (images, _) = heldout();
+    let pixels: Vec<u8> = images.iter().flatten().flat_map(|v| (*v as f32).to_le_bytes()).collect();
+    let n = images.len();
+    let header = serde_json::json!({"id": "bin", "inputs": [{"name": "input", "shape": [n, 64], "datatype": "FP32",
+        "parameters": {"binary_data_size": pixels.len()}}], "parameters": {"binary_data_output": true}});
+    let (status, json_len, body) = http_binary(url.clone(), header, pixels.clone()).await;
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    let json_len = json_len.unwrap();
+    let head: serde_json::Value = serde_json::from_slice(&body[..json_len]).unwrap();
+    assert_eq!((head["id"].as_str(), head["model_version"].as_str()), (Some("bin"), Some("1")));
+    let probs = &head["outputs"][0];
+    assert_eq!(probs["parameters"]["binary_data_size"], n * 10 * 4);
+    let values: Vec<f32> =
+        body[json_len..json_len + n * 40].chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+    let expected = expected_probabilities(MLP_EXPECTED);
+    let diff = values.iter().zip(expected.iter().flatten()).map(|(a, b)| (f64::from(*a) - b).abs()).fold(0.0, f64::max);
+    assert!(diff < 1e-4, "max difference from onnxruntime {diff}");
+
+    // Bad requests, each with its status and message.
+    let one = |data: serde_json::Value| serde_json::json!({"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "data": data}]});
+    let cases: Vec<(Vec<u8>, u16, &str)> = vec![
+        (
+            serde_json::to_vec(&one(vec![1.0; 60].into())).unwrap(),
+            400,
+            "input 'input': shape [1, 64] needs 64 values, got 60",
+        ),
+        (serde_json::to_vec(&one(vec!["a"; 64].into())).unwrap(), 400, "inputs[0].data"),
+        (br#"{"inputs": []}"#.to_vec(), 400, "inputs: expected at least one input tensor"),
+    ];
+    for (body, status, message) in cases {
+        let (s, b) = http("POST", url.clone(), Some(body)).await;
+        assert_eq!(s, status, "{b}");
+        assert!(b["error"].as_str().unwrap().contains(message), "{b}");
+    }
+    // NaN can only come in binary: the model's output turns NaN, which is the input's fault.
+    let mut nan = pixels[..256].to_vec();
+    nan[..4].copy_from_slice(&f32::NAN.to_le_bytes());
+    let header = serde_json::json!({"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32",
+        "parameters": {"binary_data_size": 256}}]});
+    let (status, _, body) = http_binary(url.clone(), header.clone(), nan).await;
+    let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .starts_with("input 'input' holds NaN or infinity at element 0, which this model cannot take"),
+        "{body}"
+    );
+    // A binary part of the wrong size.
+    let (status, _, body) = http_binary(url.clone(), header, vec![0; 255]).await;
+    let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(status, 400);
+    assert_eq!(body["error"], "inputs[0]: expected 256 bytes of binary data, found 255 bytes left in the body");
+    // A body over the 64 MiB limit.
+    let (status, _) = http("POST", url.clone(), Some(vec![b' '; 65 << 20])).await;
+    assert_eq!(status, 413);
+
+    assert_eq!(w.infer("still", digits_request(1)).await["model_version"], "1");
+}
