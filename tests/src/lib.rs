@@ -277,12 +277,18 @@ pub struct Watcher {
 
 impl Watcher {
     pub async fn new(broker: &Mosquitto, device: &str) -> Watcher {
+        Watcher::named(broker, device, "").await
+    }
+
+    /// A second watcher of the same device needs its own MQTT client ids.
+    pub async fn named(broker: &Mosquitto, device: &str, name: &str) -> Watcher {
         let topics = Topics::default();
-        let mut op = Operator::connect(&broker.url(), &format!("watch-{device}"), topics.clone()).await.unwrap();
+        let mut op = Operator::connect(&broker.url(), &format!("watch{name}-{device}"), topics.clone()).await.unwrap();
         op.subscribe(&topics.events(device)).await.unwrap();
         op.subscribe(&topics.state(device)).await.unwrap();
         op.subscribe(&topics.availability(device)).await.unwrap();
-        let mut client = Operator::connect(&broker.url(), &format!("client-{device}"), topics.clone()).await.unwrap();
+        let mut client =
+            Operator::connect(&broker.url(), &format!("client{name}-{device}"), topics.clone()).await.unwrap();
         client.subscribe(&topics.predictions(device)).await.unwrap();
         Watcher { op, client, device: device.into(), topics }
     }

@@ -1041,3 +1041,123 @@ async fn binary_tensors_over_http_and_bad_requests_get_precise_errors() {
 
     assert_eq!(w.infer("still", digits_request(1)).await["model_version"], "1");
 }
+
+/// Several clients (HTTP with keep-alive, and MQTT) send requests without a
+/// pause while versions are swapped many times, including a version that
+/// fails its golden sample and one that trips probation: no request fails or
+/// goes missing, and every answer is exactly what the version it names computes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn swaps_under_load_lose_nothing_and_every_answer_names_its_version() {
+    use outpost_protocol::Probation;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let (broker, reg, _data, mut w, agent) = lab("dev19", &[], &["--workers", "2", "--max-queue", "64"]).await;
+    reg.register("digits-mlp.onnx", "digits", "1");
+    reg.register("digits-cnn.onnx", "digits", "2");
+    reg.register("digits-cnn.onnx", "digits", "3");
+    reg.register("digits-mlp.onnx", "digits", "4");
+    let expected_path = reg.root().join("digits/4/sample/expected.json");
+    let mut expected: serde_json::Value = serde_json::from_slice(&std::fs::read(&expected_path).unwrap()).unwrap();
+    expected["outputs"][0]["data"][3] = serde_json::json!(0.5);
+    std::fs::write(&expected_path, serde_json::to_vec(&expected).unwrap()).unwrap();
+    let bad_gate = reg.rehash("digits", "4");
+    assert_eq!(w.deploy(&reg, "digits", "1").await.0.phase, Phase::Active);
+
+    let (mlp, cnn) = (expected_probabilities(MLP_EXPECTED), expected_probabilities(CNN_EXPECTED));
+    let truth = move |version: &str| match version {
+        "1" => mlp.clone(),
+        "2" | "3" => cnn.clone(),
+        v => panic!("an answer from version {v}, which never served"),
+    };
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let url = format!("http://127.0.0.1:{}/v2/models/digits/infer", agent.http_port);
+    let mut clients = Vec::new();
+    for c in 0..3usize {
+        let (stop, url, truth) = (stop.clone(), url.clone(), truth.clone());
+        clients.push(tokio::task::spawn_blocking(move || {
+            let http: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
+            let (images, _) = heldout();
+            let mut seen = std::collections::BTreeMap::<String, usize>::new();
+            let mut i = c;
+            while !stop.load(Ordering::Relaxed) {
+                let k = i % images.len();
+                let body = serde_json::json!({"id": format!("c{c}-{i}"), "inputs": [{"name": "input", "shape": [1, 64],
+                    "datatype": "FP32", "data": images[k]}]});
+                let resp = http.post(&url).send(serde_json::to_vec(&body).unwrap()).unwrap();
+                let status = resp.status().as_u16();
+                let answer: serde_json::Value =
+                    serde_json::from_slice(&resp.into_body().read_to_vec().unwrap()).unwrap();
+                assert_eq!(status, 200, "request c{c}-{i}: {answer}");
+                assert_eq!(answer["id"], format!("c{c}-{i}"));
+                let version = answer["model_version"].as_str().unwrap().to_string();
+                let got: Vec<f64> =
+                    answer["outputs"][0]["data"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+                let want = &truth(&version)[k];
+                let diff = got.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+                assert!(diff < 1e-4, "request c{c}-{i}: version {version} differs by {diff}");
+                *seen.entry(version).or_default() += 1;
+                i += 3;
+            }
+            seen
+        }));
+    }
+    // And one MQTT client, request after request.
+    let mqtt_stop = stop.clone();
+    let mut mqtt_client = Watcher::named(&broker, "dev19", "-load").await;
+    let mqtt = tokio::spawn(async move {
+        let mut n = 0;
+        while !mqtt_stop.load(Ordering::Relaxed) {
+            let answer = mqtt_client.infer(&format!("m-{n}"), digits_request(2)).await;
+            assert!(answer["model_version"].is_string(), "{answer}");
+            n += 1;
+        }
+        n
+    });
+
+    let strict = Probation { seconds: Some(30), min_requests: Some(20), max_p99_ms: Some(0.001), ..Default::default() };
+    let mut outcomes = Vec::new();
+    for (version, probation) in [
+        ("2", None),
+        ("1", None),
+        ("2", None),
+        ("4", None),
+        ("1", None),
+        ("3", Some(strict)),
+        ("2", None),
+        ("1", None),
+        ("2", None),
+        ("1", None),
+    ] {
+        let (url, sha) = outpost_sim::operator::resolve_manifest(&reg.url, "digits", version).await.unwrap();
+        let mut d = outpost_sim::operator::deployment("digits", version, &url, &sha, None, None);
+        d.policy.probation = probation.clone();
+        w.publish_desired(d.to_json()).await;
+        let (last, events) = w.events_until_final(&d.deployment_id).await;
+        if version == "4" {
+            assert_eq!(sha, bad_gate);
+            assert_eq!(last.error.map(|e| e.code), Some(ErrorCode::ValidationFailed), "{events:?}");
+        } else {
+            assert_eq!(last.phase, Phase::Active, "{events:?}");
+        }
+        if probation.is_some() {
+            let ev = w.event(|e| e.deployment_id == d.deployment_id && e.phase == Phase::RolledBack).await;
+            assert_eq!(ev.error.unwrap().code, ErrorCode::ProbationFailed);
+        }
+        outcomes.push((version, last.phase));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let mut total = std::collections::BTreeMap::<String, usize>::new();
+    for c in clients {
+        for (v, n) in c.await.unwrap() {
+            *total.entry(v).or_default() += n;
+        }
+    }
+    let mqtt_answers = mqtt.await.unwrap();
+    let answered: usize = total.values().sum();
+    eprintln!("swaps {outcomes:?}; HTTP answers by version {total:?}; MQTT answers {mqtt_answers}");
+    assert!(total.len() >= 2 && answered > 100 && mqtt_answers > 10, "{total:?}, {mqtt_answers}");
+    let (_, metrics) = http("GET", format!("http://127.0.0.1:{}/metrics", agent.http_port), None).await;
+    let text = metrics.as_str().unwrap();
+    assert!(text.contains("outpost_inference_errors_total 0\n"), "{text}");
+    assert!(text.contains("outpost_inference_rejected_total 0\n"), "{text}");
+}
