@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 const MLP: &[u8] = include_bytes!("../../fixtures/digits-mlp.onnx");
 const CNN: &[u8] = include_bytes!("../../fixtures/digits-cnn.onnx");
+const FRAGILE: &[u8] = include_bytes!("../../fixtures/digits-fragile.onnx");
 const LABELS: &[u8] = include_bytes!("../../fixtures/labels.txt");
 const HELDOUT: &str = include_str!("../../fixtures/digits-heldout.json");
 const MLP_EXPECTED: &str = include_str!("../../fixtures/digits-mlp-expected.json");
@@ -68,7 +69,11 @@ pub async fn run() -> Result<(), String> {
     let t = Instant::now();
     std::fs::create_dir_all(work.path().join("in")).map_err(|e| e.to_string())?;
     let mut registered = Vec::new();
-    for (version, bytes, what) in [("1", MLP, "MLP (MatMul/Relu/Softmax)"), ("2", CNN, "CNN (Conv/MaxPool/Gemm)")] {
+    for (version, bytes, what) in [
+        ("1", MLP, "MLP (MatMul/Relu/Softmax)"),
+        ("2", CNN, "CNN (Conv/MaxPool/Gemm)"),
+        ("3", FRAGILE, "MLP that turns non-finite on some inputs in service"),
+    ] {
         let model = work.path().join(format!("in/digits-{version}.onnx"));
         let labels = work.path().join("in/labels.txt");
         std::fs::write(&model, bytes).map_err(|e| e.to_string())?;
@@ -92,7 +97,7 @@ pub async fn run() -> Result<(), String> {
         );
         registered.push(r);
     }
-    steps.push(Step { what: "register digits@1 and digits@2".into(), ok: true, took: t.elapsed() });
+    steps.push(Step { what: "register digits@1, @2 and @3".into(), ok: true, took: t.elapsed() });
 
     // 3. start the agent
     let t = Instant::now();
@@ -191,7 +196,7 @@ pub async fn run() -> Result<(), String> {
     let finals = wait_for_outcome(&mut op, &d.deployment_id, 1, Duration::from_secs(60), false).await?;
     let swap_ok = finals.first().is_some_and(succeeded) && during.total > 0;
     println!(
-        "    {} requests answered during the swap, none lost; answered by version: {:?}",
+        "    {} requests answered during the swap: 0 failed, 0 lost; answered by version: {:?}",
         during.total, during.versions
     );
     let expected_v2: Expected = serde_json::from_str(CNN_EXPECTED).map_err(|e| e.to_string())?;
@@ -220,6 +225,37 @@ pub async fn run() -> Result<(), String> {
         took: t.elapsed(),
     });
 
+    // 8. a version that misbehaves in service is rolled back by itself
+    let t = Instant::now();
+    println!("\n[8] deploying digits@3, which passes its golden sample but turns non-finite on some inputs:");
+    let (url, sha) = resolve_manifest(&registry_url, "digits", "3").await?;
+    let d = deployment("digits", "3", &url, &sha, None, None);
+    op.publish(&op.topics.device_desired(DEVICE), d.to_json(), true).await?;
+    let finals = wait_for_outcome(&mut op, &d.deployment_id, 1, Duration::from_secs(30), true).await?;
+    let live = finals.first().is_some_and(succeeded);
+    let before = classify(&mut client, &heldout_slice(&heldout, 20), None, 3000).await?;
+    let mut poisoned = heldout_slice(&heldout, 20);
+    poisoned.images[7][0] = 16;
+    let during = classify(&mut client, &poisoned, None, 3001).await?;
+    let rolled = wait_for_phase(&mut op, &d.deployment_id, Phase::RolledBack, Duration::from_secs(10)).await;
+    if let Some(ev) = &rolled {
+        crate::operator::print_event(ev);
+    }
+    let after = classify(&mut client, &heldout_slice(&heldout, 20), None, 3002).await?;
+    println!(
+        "    answers before {:?}, with a bad input among them {:?}, after {:?}: 0 failed requests",
+        before.versions, during.versions, after.versions
+    );
+    steps.push(Step {
+        what: "roll back a version that misbehaves in service".into(),
+        ok: live
+            && rolled.is_some()
+            && before.versions.contains_key("3")
+            && during.total == 20
+            && after.versions.keys().eq(["2"].iter()),
+        took: t.elapsed(),
+    });
+
     let _ = stop_tx.send(());
     let _ = tokio::time::timeout(Duration::from_secs(5), agent).await;
     op.disconnect().await;
@@ -231,6 +267,25 @@ pub async fn run() -> Result<(), String> {
     }
     println!("  total {:.1} s", t0.elapsed().as_secs_f64());
     if steps.iter().all(|s| s.ok) { Ok(()) } else { Err("some demo steps failed (see above)".into()) }
+}
+
+/// Waits for an event of `deployment_id` in `phase`.
+async fn wait_for_phase(
+    op: &mut Operator,
+    deployment_id: &str,
+    phase: Phase,
+    timeout: Duration,
+) -> Option<outpost_protocol::DeploymentEvent> {
+    let deadline = Instant::now() + timeout;
+    while let Some(m) = op.next(deadline.saturating_duration_since(Instant::now())).await {
+        if let Ok(ev) = outpost_protocol::DeploymentEvent::from_json(&m.payload)
+            && ev.deployment_id == deployment_id
+            && ev.phase == phase
+        {
+            return Some(ev);
+        }
+    }
+    None
 }
 
 fn heldout_slice(h: &Heldout, n: usize) -> Heldout {

@@ -174,7 +174,8 @@ pub async fn wait_for_outcome(
 }
 
 pub fn print_event(ev: &DeploymentEvent) {
-    let mut line = format!("  {:<12} {:<12}", ev.device, format!("{:?}", ev.phase).to_lowercase());
+    let phase = serde_json::to_value(ev.phase).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default();
+    let mut line = format!("  {:<12} {:<12}", ev.device, phase);
     if let Some(p) = ev.progress {
         line.push_str(&format!(" {}/{} bytes", p.bytes, p.total));
     }
