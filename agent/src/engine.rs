@@ -98,6 +98,8 @@ pub struct Model {
     outputs: Vec<OutputSlot>,
     /// How loading went, for the log and events (e.g. "value_info ignored").
     pub load_notes: Vec<String>,
+    /// Time from reading the file to a runnable plan.
+    pub load_time: std::time::Duration,
     output_specs: Vec<(String, Datatype, Vec<i64>)>,
 }
 
@@ -264,6 +266,7 @@ impl Model {
     /// Loads the model of a verified bundle in `dir` and readies it to serve.
     /// Does not run the golden sample: see [`Model::validate`].
     pub fn load(dir: &Path, manifest: &Manifest, manifest_sha256: &str) -> Result<Model, LoadError> {
+        let started = std::time::Instant::now();
         let file = &manifest.model.file;
         let path = dir.join(file);
         let mut notes = Vec::new();
@@ -326,6 +329,7 @@ impl Model {
             inputs,
             outputs,
             load_notes: notes,
+            load_time: started.elapsed(),
             output_specs: manifest
                 .model
                 .outputs

@@ -199,12 +199,50 @@ async fn metrics(State(engine): State<Arc<Engine>>) -> Response {
         "Inference requests refused as overloaded.",
         c.rejected.load(Ordering::Relaxed),
     );
+    counter(
+        "outpost_rollbacks_total",
+        "Automatic rollbacks after a failed probation.",
+        c.rollbacks.load(Ordering::Relaxed),
+    );
+    let mut gauge = |name: &str, help: &str, v: String| {
+        text.push_str(&format!("# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}\n"));
+    };
+    gauge(
+        "outpost_inference_queue_depth",
+        "Requests admitted and waiting for a worker.",
+        c.waiting.load(Ordering::Relaxed).to_string(),
+    );
+    gauge(
+        "outpost_inference_in_flight",
+        "Requests a worker is running.",
+        c.running.load(Ordering::Relaxed).to_string(),
+    );
+    let (workers, queue) = engine.pool_sizes();
+    gauge("outpost_inference_workers", "Inference worker threads.", workers.to_string());
+    gauge("outpost_inference_queue_limit", "Requests that may wait before `overloaded`.", queue.to_string());
+    if let Some(m) = engine.active() {
+        gauge(
+            "outpost_model_load_seconds",
+            "Time the serving model took to load and optimise.",
+            format!("{:.6}", m.load_time.as_secs_f64()),
+        );
+    }
+    let (buckets, sum_us) = c.latency.snapshot();
+    text.push_str("# HELP outpost_inference_latency_seconds Latency of answered requests, from arrival to answer.\n# TYPE outpost_inference_latency_seconds histogram\n");
+    for (bound, n) in crate::serve::LATENCY_BUCKETS_US.iter().zip(&buckets) {
+        text.push_str(&format!("outpost_inference_latency_seconds_bucket{{le=\"{}\"}} {n}\n", *bound as f64 / 1e6));
+    }
+    let total = buckets.last().copied().unwrap_or(0);
+    text.push_str(&format!("outpost_inference_latency_seconds_bucket{{le=\"+Inf\"}} {total}\n"));
+    text.push_str(&format!("outpost_inference_latency_seconds_sum {:.6}\n", sum_us as f64 / 1e6));
+    text.push_str(&format!("outpost_inference_latency_seconds_count {total}\n"));
     text.push_str("# HELP outpost_model_info The model serving (1), labelled with its name and version.\n# TYPE outpost_model_info gauge\n");
     if let Some(m) = engine.active() {
         text.push_str(&format!(
-            "outpost_model_info{{name=\"{}\",version=\"{}\"}} 1\n",
+            "outpost_model_info{{name=\"{}\",version=\"{}\",manifest_sha256=\"{}\"}} 1\n",
             m.name.replace(['"', '\\', '\n'], "_"),
-            m.version.replace(['"', '\\', '\n'], "_")
+            m.version.replace(['"', '\\', '\n'], "_"),
+            m.manifest_sha256
         ));
     }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()

@@ -56,6 +56,60 @@ pub struct Counters {
     pub requests: AtomicU64,
     pub errors: AtomicU64,
     pub rejected: AtomicU64,
+    /// Requests admitted and waiting for a worker.
+    pub waiting: AtomicU64,
+    /// Requests a worker is running.
+    pub running: AtomicU64,
+    /// Automatic rollbacks after a failed probation.
+    pub rollbacks: AtomicU64,
+    /// Latencies of answered requests since start (for `/metrics`).
+    pub latency: Histogram,
+}
+
+/// Upper bounds of the latency histogram buckets, in microseconds.
+pub const LATENCY_BUCKETS_US: [u64; 14] =
+    [100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000, 1_000_000, 2_500_000];
+
+/// A cumulative latency histogram with fixed buckets (Prometheus style).
+#[derive(Debug, Default)]
+pub struct Histogram {
+    /// Per bucket (not cumulative); the last one is +Inf.
+    counts: [AtomicU64; LATENCY_BUCKETS_US.len() + 1],
+    sum_us: AtomicU64,
+}
+
+impl Histogram {
+    pub fn record(&self, us: u64) {
+        let i = LATENCY_BUCKETS_US.iter().position(|b| us <= *b).unwrap_or(LATENCY_BUCKETS_US.len());
+        self.counts[i].fetch_add(1, Ordering::Relaxed);
+        self.sum_us.fetch_add(us, Ordering::Relaxed);
+    }
+
+    /// Cumulative counts per bucket (the last is +Inf, the total) and the sum in µs.
+    pub fn snapshot(&self) -> (Vec<u64>, u64) {
+        let mut acc = 0;
+        let cumulative = self.counts.iter().map(|c| {
+            acc += c.load(Ordering::Relaxed);
+            acc
+        });
+        (cumulative.collect(), self.sum_us.load(Ordering::Relaxed))
+    }
+}
+
+/// Decrements a gauge when dropped (a request leaving the queue or a worker).
+struct Gauge<'a>(&'a AtomicU64);
+
+impl<'a> Gauge<'a> {
+    fn enter(g: &'a AtomicU64) -> Gauge<'a> {
+        g.fetch_add(1, Ordering::Relaxed);
+        Gauge(g)
+    }
+}
+
+impl Drop for Gauge<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// A version on probation: the model, the one it replaced (kept loaded for
@@ -195,6 +249,7 @@ impl Engine {
     /// (unless something else was swapped in meanwhile).
     fn end_probation(&self, p: OnProbation, verdict: Verdict) {
         if matches!(verdict, Verdict::Fail(_)) {
+            self.counters.rollbacks.fetch_add(1, Ordering::Relaxed);
             let current = self.active.load();
             if current.as_ref().is_some_and(|m| Arc::ptr_eq(m, &p.model)) {
                 self.active.store(Some(p.previous.clone()));
@@ -265,7 +320,9 @@ impl Engine {
         let started = std::time::Instant::now();
         let result = self.infer_inner(req).await;
         if result.is_ok() {
-            self.latencies.record(started.elapsed().as_micros() as u64);
+            let us = started.elapsed().as_micros() as u64;
+            self.latencies.record(us);
+            self.counters.latency.record(us);
         }
         if let Err(e) = &result {
             let counter = if e.code == ErrorCode::Overloaded { &self.counters.rejected } else { &self.counters.errors };
@@ -288,12 +345,15 @@ impl Engine {
                 message: "every worker is busy and the queue is full: retry later".into(),
             });
         };
+        let queued = Gauge::enter(&self.counters.waiting);
         let _worker = pool
             .workers
             .clone()
             .acquire_owned()
             .await
             .map_err(|_| InferFailure { code: ErrorCode::Internal, message: "worker pool closed".into() })?;
+        drop(queued);
+        let _running = Gauge::enter(&self.counters.running);
         let fallback = self.fallback_for(&model);
         let m = model.clone();
         let (first, took, second) = tokio::task::spawn_blocking(move || {

@@ -373,7 +373,12 @@ async fn the_local_http_endpoint_speaks_open_inference_protocol_v2() {
     assert_eq!(status, 200);
     let text = metrics.as_str().unwrap();
     assert!(text.contains("outpost_inference_requests_total 4"), "{text}");
-    assert!(text.contains("outpost_model_info{name=\"digits\",version=\"1\"} 1"), "{text}");
+    assert!(text.contains("outpost_model_info{name=\"digits\",version=\"1\",manifest_sha256=\""), "{text}");
+    // Two answered requests: both in the histogram, the +Inf bucket equal to the count.
+    assert!(text.contains("outpost_inference_latency_seconds_bucket{le=\"+Inf\"} 2\n"), "{text}");
+    assert!(text.contains("outpost_inference_latency_seconds_count 2\n"), "{text}");
+    assert!(text.contains("outpost_inference_queue_depth 0\n") && text.contains("outpost_inference_in_flight 0\n"));
+    assert!(text.contains("outpost_model_load_seconds "), "{text}");
 }
 
 /// Downloads over a flaky link: server errors, cut connections, stalls and a
