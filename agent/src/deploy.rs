@@ -184,6 +184,8 @@ impl Deployer {
             )
             .into());
         }
+        let model_bytes = manifest.file(&manifest.model.file).map_or(0, |f| f.size);
+        crate::memory::check_fits(&manifest.model.file, model_bytes, crate::memory::available())?;
         self.reporter.event(d, Phase::Loading, None, None, Some(manifest.model.file.clone()));
         let t = Instant::now();
         let model = Model::load(&dir, &manifest, sha)?;

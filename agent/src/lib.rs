@@ -5,6 +5,7 @@
 //! - [`reconcile`]: desired vs actual, a pure decision function.
 //! - [`fetch`]: streaming downloads with sha256, size caps, timeouts and retries.
 //! - [`store`]: content-addressed blobs and versions, crash-safe writes.
+//! - [`memory`]: will a model fit beside the serving one (checked before loading).
 //! - [`engine`]: tract model loading, golden-sample validation, inference.
 //! - [`serve`]: the active model behind an atomic swap, a bounded worker pool.
 //! - [`probation`]: judging a new version after the swap, for automatic rollback.
@@ -19,6 +20,7 @@ pub mod deploy;
 pub mod engine;
 pub mod fetch;
 pub mod http;
+pub mod memory;
 pub mod mqtt;
 pub mod probation;
 pub mod reconcile;

@@ -32,6 +32,8 @@ pub enum ErrorCode {
     ProbationFailed,
     /// The deployment's `serving.http_port` cannot be listened on (in use, or not allowed).
     PortUnavailable,
+    /// The model would not fit in memory beside the serving one.
+    InsufficientMemory,
     /// An unexpected failure inside the agent (I/O error on its own data dir, a bug).
     Internal,
 }
@@ -59,6 +61,7 @@ impl ErrorCode {
             ErrorCode::InferenceFailed => "inference_failed",
             ErrorCode::ProbationFailed => "probation_failed",
             ErrorCode::PortUnavailable => "port_unavailable",
+            ErrorCode::InsufficientMemory => "insufficient_memory",
             ErrorCode::Internal => "internal",
         }
     }
