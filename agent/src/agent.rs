@@ -110,7 +110,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
 
     let opts = crate::mqtt::options(&config.session, &config.topics, &config.device);
     let (client, mut eventloop) = AsyncClient::new(opts, 1024);
-    tokio::spawn(publisher(client.clone(), out_rx, config.session.max_packet_size));
+    let journal =
+        Arc::new(Mutex::new(crate::journal::Journal::open(&config.data_dir, crate::journal::DEFAULT_MAX_ENTRIES)));
+    let (online_tx, online_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(publisher(client.clone(), out_rx, config.session.max_packet_size, journal.clone(), online_rx));
 
     let current_cancel: Arc<Mutex<Option<Cancel>>> = Arc::new(Mutex::new(None));
     let (job_tx, job_rx) = mpsc::unbounded_channel::<Job>();
@@ -133,7 +136,11 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         let event = tokio::select! {
             _ = &mut shutdown => break,
             _ = tick.tick() => {
-                let t = telemetry.report(&config.device, started, &engine, &store, reconnects);
+                let pending = {
+                    let j = journal.lock().unwrap_or_else(|p| p.into_inner());
+                    (j.len() as u64, j.dropped)
+                };
+                let t = telemetry.report(&config.device, started, &engine, &store, reconnects, pending);
                 reporter.send(Outgoing {
                     topic: config.topics.telemetry(&config.device),
                     payload: serde_json::to_vec(&t).unwrap_or_default(),
@@ -147,6 +154,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         match event {
             Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                 backoff.reset();
+                let _ = online_tx.send(true);
                 if connected_once {
                     reconnects += 1;
                 }
@@ -193,6 +201,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             },
             Ok(_) => {}
             Err(e) => {
+                let _ = online_tx.send(false);
                 let delay = backoff.next_delay();
                 tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "MQTT connection lost");
                 tokio::select! {

@@ -188,7 +188,7 @@ impl Deployer {
         crate::memory::check_fits(&manifest.model.file, model_bytes, crate::memory::available())?;
         self.reporter.event(d, Phase::Loading, None, None, Some(manifest.model.file.clone()));
         let t = Instant::now();
-        let model = Model::load(&dir, &manifest, sha)?;
+        let mut model = Model::load(&dir, &manifest, sha)?;
         let load_detail = format!(
             "loaded in {} ms{}",
             t.elapsed().as_millis(),
@@ -390,7 +390,7 @@ impl Deployer {
             .store
             .verify_version(sha)
             .and_then(|(dir, manifest, _)| Model::load(&dir, &manifest, sha).map(|m| (m, dir, manifest)))
-            .and_then(|(m, dir, manifest)| m.validate(&dir, &manifest).map(|_| m));
+            .and_then(|(mut m, dir, manifest)| m.validate(&dir, &manifest).map(|_| m));
         match loaded {
             Ok(model) => {
                 tracing::info!(model = %model.name, version = %model.version, "serving the last active version from the store");

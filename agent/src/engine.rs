@@ -10,8 +10,12 @@ use outpost_protocol::{Datatype, ErrorCode, ErrorInfo, InferRequest, InferRespon
 use outpost_protocol::{Postprocess, Preprocess};
 use std::path::Path;
 use std::sync::Arc;
+use tract_linalg::multithread::Executor;
 use tract_onnx::prelude::*;
 use tract_onnx::tract_hir::infer::Factoid;
+
+/// One golden-sample run slower than this single-threaded is worth timing on a thread pool.
+const MEASURE_ABOVE: std::time::Duration = std::time::Duration::from_millis(5);
 
 /// An error an inference request gets: `bad_input` for what the client got
 /// wrong (the message says what was expected), `inference_failed` when the
@@ -100,6 +104,8 @@ pub struct Model {
     pub load_notes: Vec<String>,
     /// Time from reading the file to a runnable plan.
     pub load_time: std::time::Duration,
+    /// Single-threaded unless the manifest or a measurement chose otherwise.
+    executor: Executor,
     output_specs: Vec<(String, Datatype, Vec<i64>)>,
 }
 
@@ -330,6 +336,7 @@ impl Model {
             outputs,
             load_notes: notes,
             load_time: started.elapsed(),
+            executor: Executor::SingleThread,
             output_specs: manifest
                 .model
                 .outputs
@@ -341,7 +348,16 @@ impl Model {
 
     /// Runs the golden sample of the bundle in `dir` and compares every
     /// expected output within the manifest's tolerance; outputs must be finite.
-    pub fn validate(&self, dir: &Path, manifest: &Manifest) -> Result<String, ErrorInfo> {
+    /// Checks the golden sample, then settles how requests run (the
+    /// manifest's `executor`, measured on the sample when `auto`).
+    pub fn validate(&mut self, dir: &Path, manifest: &Manifest) -> Result<String, ErrorInfo> {
+        let verdict = self.check_golden_sample(dir, manifest)?;
+        let choice = manifest.model.executor.unwrap_or(outpost_protocol::Executor::Auto);
+        let note = self.choose_executor(choice, dir, manifest);
+        Ok(format!("{verdict}; {note}"))
+    }
+
+    fn check_golden_sample(&self, dir: &Path, manifest: &Manifest) -> Result<String, ErrorInfo> {
         let Some(v) = &manifest.validation else {
             return Ok("no golden sample in the manifest: validation skipped".into());
         };
@@ -358,6 +374,52 @@ impl Model {
         })?;
         compare_outputs(&expected.outputs, &response.outputs, v.tolerance)
             .map_err(|m| ErrorInfo::new(ErrorCode::ValidationFailed, m))
+    }
+
+    /// How requests run. `auto`: when one golden-sample run takes over
+    /// [`MEASURE_ABOVE`] single-threaded, time it on a pool of every core too
+    /// and keep the pool only if it is clearly faster (small models lose to
+    /// the dispatch cost, big convnets win).
+    fn choose_executor(&mut self, choice: outpost_protocol::Executor, dir: &Path, manifest: &Manifest) -> String {
+        use outpost_protocol::Executor as Choice;
+        let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        let pool = || Executor::multithread_with_name(cores, "outpost-mm");
+        match choice {
+            Choice::SingleThread => return "single-threaded (manifest)".into(),
+            Choice::MultiThread => {
+                self.executor = pool();
+                return format!("multi-threaded on {cores} cores (manifest)");
+            }
+            Choice::Auto => {}
+        }
+        let sample = manifest
+            .validation
+            .as_ref()
+            .and_then(|v| std::fs::read(dir.join(&v.input)).ok())
+            .and_then(|b| InferRequest::from_json(&b).ok());
+        let (Some(req), true) = (sample, cores > 1) else { return "single-threaded".into() };
+        let time = |m: &Model| -> Option<std::time::Duration> {
+            let mut best = std::time::Duration::MAX;
+            for _ in 0..3 {
+                let t = std::time::Instant::now();
+                m.infer(&req).ok()?;
+                best = best.min(t.elapsed());
+            }
+            Some(best)
+        };
+        let Some(single) = time(self) else { return "single-threaded".into() };
+        if single < MEASURE_ABOVE {
+            return format!("single-threaded ({:.2} ms per golden sample)", single.as_secs_f64() * 1e3);
+        }
+        self.executor = pool();
+        let multi = time(self).unwrap_or(std::time::Duration::MAX);
+        let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
+        if multi.as_secs_f64() * 1.2 < single.as_secs_f64() {
+            format!("multi-threaded on {cores} cores: {:.1} ms vs {:.1} ms single-threaded", ms(multi), ms(single))
+        } else {
+            self.executor = Executor::SingleThread;
+            format!("single-threaded: {:.1} ms vs {:.1} ms on {cores} cores", ms(single), ms(multi))
+        }
     }
 
     /// Runs one request: checks names, types and shapes against the model,
@@ -395,7 +457,9 @@ impl Model {
                 }
             }
         }
-        let results = self.plan.run(values).map_err(|e| InferFailure::model(format!("model run failed: {e:#}")))?;
+        let results =
+            tract_linalg::multithread::multithread_tract_scope(self.executor.clone(), || self.plan.run(values))
+                .map_err(|e| InferFailure::model(format!("model run failed: {e:#}")))?;
         let mut outputs = Vec::new();
         for slot in &self.outputs {
             let value = results.get(slot.index).ok_or_else(|| InferFailure {

@@ -11,6 +11,7 @@
 //! - [`probation`]: judging a new version after the swap, for automatic rollback.
 //! - [`deploy`]: one deployment from manifest to swap.
 //! - [`status`]: events, retained state and what survives a restart.
+//! - [`journal`]: the on-disk outbox of events while the broker is unreachable.
 //! - [`http`]: the local Open Inference Protocol v2 endpoint and `/metrics`.
 //! - [`telemetry`]: periodic health reports.
 //! - [`agent`]: the main loop that wires them together.
@@ -20,6 +21,7 @@ pub mod deploy;
 pub mod engine;
 pub mod fetch;
 pub mod http;
+pub mod journal;
 pub mod memory;
 pub mod mqtt;
 pub mod probation;

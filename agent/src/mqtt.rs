@@ -89,21 +89,59 @@ impl Default for Backoff {
 /// Publishes what the agent hands it. Runs in its own task so the event loop
 /// is never blocked by a full request channel. A message larger than the
 /// packet limit is dropped with an error instead of breaking the connection.
+/// While `online` is false, events and answers go to the journal (retained
+/// state is republished on connect, telemetry is skipped); when the
+/// connection returns, the journal is published first, in order.
 pub async fn publisher(
     client: AsyncClient,
     mut rx: tokio::sync::mpsc::UnboundedReceiver<Outgoing>,
     max_packet_size: usize,
+    journal: std::sync::Arc<std::sync::Mutex<crate::journal::Journal>>,
+    mut online: tokio::sync::watch::Receiver<bool>,
 ) {
-    while let Some(m) = rx.recv().await {
-        // Fixed header + topic length prefix + packet id: keep a margin.
-        if m.payload.len() + m.topic.len() + 16 > max_packet_size {
-            tracing::error!(topic = %m.topic, bytes = m.payload.len(), max_packet_size, "message larger than the MQTT packet limit: not sent");
-            continue;
+    let lock = |j: &std::sync::Mutex<crate::journal::Journal>| {
+        // The journal is plain data; a panic elsewhere leaves it usable.
+        let mut g = j.lock().unwrap_or_else(|p| p.into_inner());
+        g.take_all()
+    };
+    loop {
+        let m = tokio::select! {
+            m = rx.recv() => match m { Some(m) => Some(m), None => return },
+            changed = online.changed() => {
+                if changed.is_err() { return; }
+                None
+            }
+        };
+        let is_online = *online.borrow();
+        if is_online {
+            let backlog = lock(&journal);
+            if !backlog.is_empty() {
+                tracing::info!(messages = backlog.len(), "publishing what was journaled while offline");
+            }
+            for b in backlog {
+                send(&client, b, max_packet_size).await;
+            }
         }
-        let qos = if m.reliable { QoS::AtLeastOnce } else { QoS::AtMostOnce };
-        if let Err(e) = client.publish(m.topic.clone(), qos, m.retain, m.payload).await {
-            tracing::warn!(topic = %m.topic, error = %e, "publish failed");
+        let Some(m) = m else { continue };
+        if is_online {
+            send(&client, m, max_packet_size).await;
+        } else if crate::journal::Journal::keeps(&m) {
+            let j = journal.clone();
+            // An fsync: off the reactor.
+            let _ = tokio::task::spawn_blocking(move || j.lock().unwrap_or_else(|p| p.into_inner()).push(m)).await;
         }
+    }
+}
+
+async fn send(client: &AsyncClient, m: Outgoing, max_packet_size: usize) {
+    // Fixed header + topic length prefix + packet id: keep a margin.
+    if m.payload.len() + m.topic.len() + 16 > max_packet_size {
+        tracing::error!(topic = %m.topic, bytes = m.payload.len(), max_packet_size, "message larger than the MQTT packet limit: not sent");
+        return;
+    }
+    let qos = if m.reliable { QoS::AtLeastOnce } else { QoS::AtMostOnce };
+    if let Err(e) = client.publish(m.topic.clone(), qos, m.retain, m.payload).await {
+        tracing::warn!(topic = %m.topic, error = %e, "publish failed");
     }
 }
 

@@ -62,6 +62,7 @@ impl Reporter {
         engine: &Engine,
         store: &Store,
         reconnects: u64,
+        journal: (u64, u64),
     ) -> Telemetry {
         let c = &engine.counters;
         let (requests, errors, rejected) =
@@ -92,7 +93,7 @@ impl Reporter {
             inference,
             process: ProcessStats { rss_bytes: rss_bytes().unwrap_or(0), cpu_percent },
             store: StoreStats { bytes, versions },
-            mqtt: MqttStats { reconnects },
+            mqtt: MqttStats { reconnects, journal_pending: journal.0, journal_dropped: journal.1 },
         }
     }
 }

@@ -30,7 +30,7 @@ pub use event::{DeploymentEvent, Phase, Progress};
 pub use infer::{
     Datatype, InferError, InferReply, InferRequest, InferResponse, OutData, TensorData, TensorIn, TensorOut,
 };
-pub use manifest::{FileEntry, Manifest, ModelSpec, Postprocess, Preprocess, TensorSpec, Validation};
+pub use manifest::{Executor, FileEntry, Manifest, ModelSpec, Postprocess, Preprocess, TensorSpec, Validation};
 pub use state::{ActiveModel, DeviceState, LastDeployment, Outcome};
 pub use telemetry::Telemetry;
 pub use topics::Topics;

@@ -38,6 +38,20 @@ pub struct ModelSpec {
     pub file: String,
     pub inputs: Vec<TensorSpec>,
     pub outputs: Vec<TensorSpec>,
+    /// How one request runs: on one thread (the default for most models),
+    /// or with its matrix products split over every core. `auto` (the
+    /// default) measures both on the golden sample at deployment and keeps
+    /// the faster.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub executor: Option<Executor>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Executor {
+    Auto,
+    SingleThread,
+    MultiThread,
 }
 
 /// A model input or output. `shape` uses -1 for a dynamic dimension.

@@ -55,4 +55,10 @@ pub struct StoreStats {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct MqttStats {
     pub reconnects: u64,
+    /// Events and answers waiting in the on-disk journal for the broker.
+    #[serde(default)]
+    pub journal_pending: u64,
+    /// Journaled messages dropped (oldest first) to keep the journal's bound, since start.
+    #[serde(default)]
+    pub journal_dropped: u64,
 }

@@ -20,8 +20,21 @@ pub struct Operator {
 impl Operator {
     /// Connects and returns once the broker accepted the session.
     pub async fn connect(broker: &BrokerUrl, client_id: &str, topics: Topics) -> Result<Operator, String> {
+        Operator::connect_with(broker, client_id, topics, true).await
+    }
+
+    /// With `clean: false` the broker keeps the session (subscriptions and
+    /// QoS 1 messages) while this client is away, also across a broker
+    /// restart when the broker persists sessions.
+    pub async fn connect_with(
+        broker: &BrokerUrl,
+        client_id: &str,
+        topics: Topics,
+        clean: bool,
+    ) -> Result<Operator, String> {
         let mut opts = MqttOptions::new(client_id, broker.host.clone(), broker.port);
         opts.set_keep_alive(Duration::from_secs(15));
+        opts.set_clean_session(clean);
         opts.set_max_packet_size(16 * 1024 * 1024, 16 * 1024 * 1024);
         let (client, mut eventloop) = AsyncClient::new(opts, 1024);
         let (tx, incoming) = mpsc::unbounded_channel();

@@ -159,7 +159,7 @@ pub fn register(spec: &RegisterSpec) -> Result<Registered, String> {
         name: spec.name.clone(),
         version: spec.version.clone(),
         files: files.clone(),
-        model: ModelSpec { format: "onnx".into(), file: "model.onnx".into(), inputs, outputs },
+        model: ModelSpec { format: "onnx".into(), file: "model.onnx".into(), inputs, outputs, executor: None },
         validation: None,
     };
     manifest.validate().map_err(|e| e.to_string())?;

@@ -55,30 +55,65 @@ pub fn fixture(name: &str) -> PathBuf {
 /// A Mosquitto broker on a free port, killed on drop.
 pub struct Mosquitto {
     pub port: u16,
-    child: Child,
-    _dir: tempfile::TempDir,
+    child: Option<Child>,
+    dir: tempfile::TempDir,
 }
 
 impl Mosquitto {
     pub fn start() -> Mosquitto {
+        Mosquitto::start_with(false)
+    }
+
+    /// With `persistent`, sessions and retained messages survive a restart
+    /// (written to the broker's directory when it stops).
+    pub fn start_with(persistent: bool) -> Mosquitto {
         let dir = tempfile::tempdir().unwrap();
         let port = outpost_sim::broker::free_port().unwrap();
         let conf = dir.path().join("mosquitto.conf");
-        std::fs::write(&conf, format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nlog_dest stderr\nmax_packet_size 16777216\n")).unwrap();
+        // Started as root, Mosquitto drops to its own user: let it write its database here.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+        let persistence = if persistent {
+            format!("persistence true\npersistence_location {}/\n", dir.path().display())
+        } else {
+            "persistence false\n".to_string()
+        };
+        std::fs::write(&conf, format!("listener {port} 127.0.0.1\nallow_anonymous true\n{persistence}log_dest stderr\nmax_packet_size 16777216\n")).unwrap();
+        let mut m = Mosquitto { port, child: None, dir };
+        m.spawn();
+        m
+    }
+
+    fn spawn(&mut self) {
         let bin = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
             .into_iter()
             .find(|p| Path::new(p).exists())
             .unwrap_or("mosquitto");
-        let log = std::fs::File::create(dir.path().join("mosquitto.log")).unwrap();
+        let log =
+            std::fs::OpenOptions::new().create(true).append(true).open(self.dir.path().join("mosquitto.log")).unwrap();
         let child = Command::new(bin)
             .arg("-c")
-            .arg(&conf)
+            .arg(self.dir.path().join("mosquitto.conf"))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {bin} ({e}): install Mosquitto (apt-get install mosquitto)"));
-        wait_port(port);
-        Mosquitto { port, child, _dir: dir }
+        self.child = Some(child);
+        wait_port(self.port);
+    }
+
+    /// Stops the broker (SIGTERM: a persistent one saves its state).
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = Command::new("kill").arg("-TERM").arg(c.id().to_string()).status();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts it again on the same port.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.spawn();
     }
 
     pub fn url(&self) -> outpost_agent::mqtt::BrokerUrl {
@@ -88,8 +123,10 @@ impl Mosquitto {
 
 impl Drop for Mosquitto {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
     }
 }
 
@@ -282,8 +319,16 @@ impl Watcher {
 
     /// A second watcher of the same device needs its own MQTT client ids.
     pub async fn named(broker: &Mosquitto, device: &str, name: &str) -> Watcher {
+        Watcher::connect(broker, device, name, true).await
+    }
+
+    /// `clean: false`: the broker keeps this watcher's subscriptions and
+    /// queues what it misses while away (across a restart of a persistent broker).
+    pub async fn connect(broker: &Mosquitto, device: &str, name: &str, clean: bool) -> Watcher {
         let topics = Topics::default();
-        let mut op = Operator::connect(&broker.url(), &format!("watch{name}-{device}"), topics.clone()).await.unwrap();
+        let mut op = Operator::connect_with(&broker.url(), &format!("watch{name}-{device}"), topics.clone(), clean)
+            .await
+            .unwrap();
         op.subscribe(&topics.events(device)).await.unwrap();
         op.subscribe(&topics.state(device)).await.unwrap();
         op.subscribe(&topics.availability(device)).await.unwrap();

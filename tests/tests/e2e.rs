@@ -1166,3 +1166,63 @@ async fn swaps_under_load_lose_nothing_and_every_answer_names_its_version() {
     assert!(text.contains("outpost_inference_errors_total 0\n"), "{text}");
     assert!(text.contains("outpost_inference_rejected_total 0\n"), "{text}");
 }
+
+/// The broker dies in the middle of a deployment. The device finishes it
+/// anyway (journaling its events on disk), and when the broker is back it
+/// publishes them in order: the operator sees every phase, and a true state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_during_a_broker_outage_are_journaled_and_replayed_in_order() {
+    let mut broker = Mosquitto::start_with(true);
+    let reg = Registry::start().await;
+    reg.register("digits-mlp.onnx", "digits", "1");
+    reg.register("digits-cnn.onnx", "digits", "2");
+    let faulty = FaultyRegistry::start(reg.root().to_path_buf()).await;
+    let data = tempfile::tempdir().unwrap();
+    let dir = data.path().join("dev20");
+    // A watcher whose session the broker keeps across its restart.
+    let mut w = Watcher::connect(&broker, "dev20", "", false).await;
+    let _agent =
+        Agent::start_with(broker.port, "dev20", &dir, &[], &["--stall-timeout", "1", "--download-attempts", "4"]);
+    w.online().await;
+    assert_eq!(w.deploy(&reg, "digits", "1").await.0.phase, Phase::Active);
+
+    // v2's model stalls for a while: the broker goes down during the download.
+    faulty.inject("digits/2/model.onnx", &[Fault::Stall(2000, Duration::from_secs(3))]);
+    let (url, sha) = outpost_sim::operator::resolve_manifest(&reg.url, "digits", "2").await.unwrap();
+    let d = outpost_sim::operator::deployment("digits", "2", &url.replace(&reg.url, &faulty.url), &sha, None, None);
+    w.publish_desired(d.to_json()).await;
+    let mut seen = vec![w.event(|e| e.deployment_id == d.deployment_id && e.phase == Phase::Downloading).await];
+    broker.stop();
+
+    // The deployment completes while the broker is away.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while persisted_active(&dir).as_deref() != Some("2") {
+        assert!(std::time::Instant::now() < deadline, "the deployment did not complete offline");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let journal = std::fs::read_to_string(dir.join("journal.jsonl")).unwrap();
+    assert!(journal.lines().count() >= 4, "{journal}");
+
+    broker.restart();
+    let (last, rest) = w.events_until_final(&d.deployment_id).await;
+    assert_eq!(last.phase, Phase::Active, "{rest:?}");
+    seen.extend(rest);
+    // QoS 1 is at-least-once: a message in flight when the broker died may
+    // come twice, with the same seq. Once repeats are dropped, the order of
+    // arrival is the order of seq.
+    seen.dedup_by_key(|e| e.seq);
+    let seqs: Vec<u64> = seen.iter().map(|e| e.seq).collect();
+    assert!(seqs.windows(2).all(|p| p[0] < p[1]), "out of order: {seqs:?}");
+    let phases = phase_names(&seen);
+    assert_eq!(&phases[phases.len() - 4..], [Phase::Verifying, Phase::Loading, Phase::Validating, Phase::Active]);
+    assert!(
+        seen.iter().any(|e| e.detail.as_deref().is_some_and(|x| x.contains("stalled") && x.contains("retrying"))),
+        "{seen:#?}"
+    );
+    let state = w.state(&broker, |s| s.active.as_ref().is_some_and(|a| a.version == "2")).await;
+    assert_eq!(state.last_deployment.unwrap().outcome, Outcome::Active);
+    // Inference over MQTT resumes (a fresh client: this one's clean session lost its subscription).
+    let mut fresh = Watcher::named(&broker, "dev20", "-after").await;
+    assert_eq!(fresh.infer("after-outage", digits_request(1)).await["model_version"], "2");
+    assert!(std::fs::read_to_string(dir.join("journal.jsonl")).unwrap().is_empty());
+}
