@@ -182,11 +182,21 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             }
             Ok(Event::Incoming(Packet::Publish(p))) => match config.topics.classify(&p.topic) {
                 Some(TopicKind::DeviceDesired(d)) if d == config.device => {
-                    on_desired(&mut reconciler, Source::Device, &p.payload, &reporter, &job_tx, &current_cancel);
+                    let max = config.session.max_packet_size;
+                    on_desired(&mut reconciler, Source::Device, &p.payload, max, &reporter, &job_tx, &current_cancel);
                 }
                 Some(TopicKind::GroupDesired(g)) => {
                     if let Some(i) = config.groups.iter().position(|x| x == g) {
-                        on_desired(&mut reconciler, Source::Group(i), &p.payload, &reporter, &job_tx, &current_cancel);
+                        let max = config.session.max_packet_size;
+                        on_desired(
+                            &mut reconciler,
+                            Source::Group(i),
+                            &p.payload,
+                            max,
+                            &reporter,
+                            &job_tx,
+                            &current_cancel,
+                        );
                     }
                 }
                 Some(TopicKind::Infer(d)) if d == config.device => {
@@ -238,11 +248,23 @@ fn on_desired(
     reconciler: &mut Reconciler,
     source: Source,
     payload: &[u8],
+    max: usize,
     reporter: &Reporter,
     jobs: &mpsc::UnboundedSender<Job>,
     current: &Mutex<Option<Cancel>>,
 ) {
-    let parsed = if payload.is_empty() { None } else { Some(Deployment::from_json(payload)) };
+    let parsed = if payload.is_empty() {
+        None
+    } else if payload.len() > max {
+        Some(Err(ProtocolError {
+            code: ErrorCode::TooLarge,
+            path: String::new(),
+            expected: format!("a desired state of at most {max} bytes (--max-packet-size)"),
+            found: format!("{} bytes", payload.len()),
+        }))
+    } else {
+        Some(Deployment::from_json(payload))
+    };
     match reconciler.on_message(source, parsed) {
         Decision::Deploy(d) => {
             let cancel = Cancel::default();
@@ -376,6 +398,20 @@ async fn on_infer(
     payload: &[u8],
     max_packet: usize,
 ) {
+    if payload.len() > max_packet {
+        // Refused unread (the limit protects memory); the id is still salvaged for the answer.
+        let (id, reply_to) = outpost_protocol::InferRequest::salvage(payload);
+        let error = format!(
+            "the request is {} bytes, over the MQTT packet limit of {max_packet} (--max-packet-size): send a smaller batch, or use the HTTP endpoint",
+            payload.len()
+        );
+        let topic = reply_to.filter(|t| valid_reply_topic(t)).unwrap_or_else(|| topics.predictions(device));
+        let body = serde_json::to_vec(&InferError { id, error, code: ErrorCode::TooLarge }).unwrap_or_default();
+        engine.counters.requests.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        engine.counters.errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        reporter.send(Outgoing { topic, payload: body, retain: false, reliable: true });
+        return;
+    }
     let answer = engine.infer_body(payload, None).await;
     let topic = answer.reply_to.filter(|t| valid_reply_topic(t)).unwrap_or_else(|| topics.predictions(device));
     let mut body = match answer.result {

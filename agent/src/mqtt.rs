@@ -39,6 +39,9 @@ impl std::str::FromStr for BrokerUrl {
     }
 }
 
+/// The largest packet MQTT can express (its remaining-length field).
+pub const MQTT_MAX_PACKET: usize = 268_435_455;
+
 /// Session settings.
 #[derive(Debug, Clone)]
 pub struct SessionConfig {
@@ -54,7 +57,11 @@ pub fn options(cfg: &SessionConfig, topics: &Topics, device: &str) -> MqttOption
     let mut o = MqttOptions::new(cfg.client_id.clone(), cfg.broker.host.clone(), cfg.broker.port);
     o.set_keep_alive(cfg.keep_alive);
     o.set_last_will(LastWill::new(topics.availability(device), "offline", QoS::AtLeastOnce, true));
-    o.set_max_packet_size(cfg.max_packet_size, cfg.max_packet_size);
+    // Incoming: MQTT's own maximum, so no message the broker delivers can
+    // break the connection (a retained oversize desired state would otherwise
+    // break it again on every reconnect); the agent refuses oversize payloads
+    // itself, with an error. Outgoing: the configured limit.
+    o.set_max_packet_size(MQTT_MAX_PACKET, cfg.max_packet_size);
     o.set_clean_session(true);
     o
 }

@@ -181,14 +181,32 @@ async fn malformed_messages_get_precise_errors_and_the_agent_keeps_running() {
     let answer = w.infer("type", wrong_type).await;
     assert_eq!(answer["error"], "input 'input': expected datatype FP32, got INT64");
 
+    // Over the packet limit (the agent runs with --max-packet-size 4MiB, the
+    // broker takes 16 MiB): refused with the reason, the connection stays up.
+    let huge = format!("{{\"id\": \"huge\", \"pad\": \"{}\", \"inputs\": []}}", "x".repeat(5 << 20));
+    let answer = w.infer_raw("huge", huge.into_bytes()).await;
+    assert_eq!(answer["code"], "too_large", "{answer}");
+    assert!(answer["error"].as_str().unwrap().starts_with("the request is 5242"), "{answer}");
+    let huge = serde_json::json!({"schema": "outpost.deployment.v1", "deployment_id": "huge-1", "revision": 99,
+        "padding": "x".repeat(5 << 20)});
+    w.publish_desired(serde_json::to_vec(&huge).unwrap()).await;
+    let ev = w.event(|e| e.deployment_id == "huge-1").await;
+    let e = ev.error.unwrap();
+    assert_eq!(e.code, ErrorCode::TooLarge, "{}", e.message);
+    assert!(
+        e.message.starts_with("expected a desired state of at most 4194304 bytes (--max-packet-size)"),
+        "{}",
+        e.message
+    );
+
     // Still running, still serving, and every bad request counted as one.
     assert!(agent.is_running());
     let answer = w.infer("ok", digits_request(3)).await;
     assert_eq!(answer["model_version"], "1");
     let (_, metrics) = http("GET", format!("http://127.0.0.1:{}/metrics", agent.http_port), None).await;
     let text = metrics.as_str().unwrap();
-    assert!(text.contains("outpost_inference_requests_total 6\n"), "{text}");
-    assert!(text.contains("outpost_inference_errors_total 5\n"), "{text}");
+    assert!(text.contains("outpost_inference_requests_total 7\n"), "{text}");
+    assert!(text.contains("outpost_inference_errors_total 6\n"), "{text}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
