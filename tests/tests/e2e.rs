@@ -1244,3 +1244,58 @@ async fn events_during_a_broker_outage_are_journaled_and_replayed_in_order() {
     assert_eq!(fresh.infer("after-outage", digits_request(1)).await["model_version"], "2");
     assert!(std::fs::read_to_string(dir.join("journal.jsonl")).unwrap().is_empty());
 }
+
+/// A group deployment reaches five devices; one has its own device-level
+/// deployment, which wins. A device that was off while the group's desired
+/// state changed converges when it comes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_of_five_converges_with_an_override_and_a_latecomer() {
+    let broker = Mosquitto::start();
+    let reg = Registry::start().await;
+    reg.register("digits-mlp.onnx", "digits", "1");
+    reg.register("digits-cnn.onnx", "digits", "2");
+    let data = tempfile::tempdir().unwrap();
+    let names: Vec<String> = (0..5).map(|i| format!("cam-{i}")).collect();
+    let mut watchers = Vec::new();
+    let mut agents = Vec::new();
+    for n in &names {
+        watchers.push(Watcher::new(&broker, n).await);
+        agents.push(Agent::start(broker.port, n, &data.path().join(n), &["site-a", "cameras"]));
+    }
+    for w in &mut watchers {
+        w.online().await;
+    }
+    let op = &mut watchers[0].op;
+    let topics = outpost_protocol::Topics::default();
+    // cam-4 has its own deployment (v1); the group gets v2.
+    let (url1, sha1) = outpost_sim::operator::resolve_manifest(&reg.url, "digits", "1").await.unwrap();
+    let own = outpost_sim::operator::deployment("digits", "1", &url1, &sha1, None, None);
+    op.publish(&topics.device_desired("cam-4"), own.to_json(), true).await.unwrap();
+    let (url2, sha2) = outpost_sim::operator::resolve_manifest(&reg.url, "digits", "2").await.unwrap();
+    let group = outpost_sim::operator::deployment("digits", "2", &url2, &sha2, None, None);
+    op.publish(&topics.group_desired("cameras"), group.to_json(), true).await.unwrap();
+    for (i, w) in watchers.iter_mut().enumerate() {
+        let want = if i == 4 { "1" } else { "2" };
+        let s = w.state(&broker, |s| s.active.as_ref().is_some_and(|a| a.version == want)).await;
+        assert_eq!(s.device, names[i]);
+    }
+
+    // cam-2 is off while the group moves back to v1; it converges on return.
+    agents[2].kill();
+    let back = outpost_sim::operator::deployment("digits", "1", &url1, &sha1, None, None);
+    watchers[0].op.publish(&topics.group_desired("cameras"), back.to_json(), true).await.unwrap();
+    for i in [0, 1, 3] {
+        watchers[i].state(&broker, |s| s.active.as_ref().is_some_and(|a| a.deployment_id == back.deployment_id)).await;
+    }
+    agents[2].kill_and_restart();
+    let s =
+        watchers[2].state(&broker, |s| s.active.as_ref().is_some_and(|a| a.deployment_id == back.deployment_id)).await;
+    assert_eq!(s.active.unwrap().version, "1");
+    // The override still wins on cam-4 (its own deployment, untouched by the group).
+    let s = watchers[4].state(&broker, |s| s.active.is_some()).await;
+    assert_eq!(s.active.unwrap().deployment_id, own.deployment_id);
+    for (i, w) in watchers.iter_mut().enumerate() {
+        let answer = w.infer(&format!("r{i}"), digits_request(1)).await;
+        assert_eq!(answer["model_version"], "1", "{}: {answer}", names[i]);
+    }
+}
