@@ -159,7 +159,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
                     reconnects += 1;
                 }
                 connected_once = true;
-                tracing::info!(broker = %format!("{}:{}", config.session.broker.host, config.session.broker.port), reconnects, "connected");
+                tracing::info!(broker = %config.session.broker, reconnects, "connected");
                 // A clean session has no subscriptions: subscribe on every ConnAck.
                 // From another task: awaiting a full request channel here would stall the event loop.
                 if !ack.session_present {
@@ -213,7 +213,15 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             Err(e) => {
                 let _ = online_tx.send(false);
                 let delay = backoff.next_delay();
-                tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "MQTT connection lost");
+                let text = e.to_string();
+                match crate::mqtt::diagnose(&text) {
+                    Some(hint) => {
+                        tracing::error!(error = %text, retry_in_ms = delay.as_millis() as u64, "cannot connect to the broker: {hint}")
+                    }
+                    None => {
+                        tracing::warn!(error = %text, retry_in_ms = delay.as_millis() as u64, "MQTT connection lost")
+                    }
+                }
                 tokio::select! {
                     _ = &mut shutdown => break,
                     _ = tokio::time::sleep(delay) => {}

@@ -65,10 +65,18 @@ impl Deployer {
                         tracing::info!(pool = ?self.engine.pool_sizes(), "worker pool resized by the deployment");
                     }
                     let probation = self.swap_in(source, d, &model);
+                    let keep = self.reporter.push_history(
+                        &d.model.manifest_sha256,
+                        d.policy.keep_versions.unwrap_or(DEFAULT_KEEP_VERSIONS),
+                    );
                     // Persist before announcing: a device that said `active` comes back with it after a power cut.
                     let record = ActiveRecord { source, deployment: d.clone(), since: now_rfc3339() };
                     self.reporter.set_outcome(d, Outcome::Active, None, Some(Some(record)));
                     crate::crash_point("state-persisted");
+                    // Retention before the event too: when `active` arrives, the store is as it stays.
+                    let (removed, freed) = self.store.retain(&keep, &[]);
+                    let (bytes, versions) = self.store.usage();
+                    tracing::info!(removed, freed, store_bytes = bytes, versions, "store retention applied");
                     let mut detail = format!(
                         "{}@{} serving (deployed in {:.2}s)",
                         model.name,
@@ -79,13 +87,6 @@ impl Deployer {
                         detail.push_str(&format!("; {described}"));
                     }
                     self.reporter.event(d, Phase::Active, None, None, Some(detail));
-                    let keep = self.reporter.push_history(
-                        &d.model.manifest_sha256,
-                        d.policy.keep_versions.unwrap_or(DEFAULT_KEEP_VERSIONS),
-                    );
-                    let (removed, freed) = self.store.retain(&keep, &[]);
-                    let (bytes, versions) = self.store.usage();
-                    tracing::info!(removed, freed, store_bytes = bytes, versions, "store retention applied");
                     Ended::Active(model, probation.map(|(token, window, _)| (token, window)))
                 }
             }

@@ -56,24 +56,28 @@ pub struct FetchConfig {
     pub backoff_max: Duration,
     /// Certificate authorities trusted for `https://`, instead of the built-in
     /// Mozilla roots (`--ca-file`: a private registry's CA).
-    pub roots: Option<Vec<ureq::tls::Certificate<'static>>>,
+    pub roots: Option<Vec<rustls::pki_types::CertificateDer<'static>>>,
 }
 
-/// Reads every certificate of a PEM file (`--ca-file`).
-pub fn load_ca_file(path: &Path) -> Result<Vec<ureq::tls::Certificate<'static>>, String> {
+/// Reads every certificate of a PEM file (`--ca-file`, `--client-cert`).
+pub fn load_certs(path: &Path) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, String> {
+    use rustls::pki_types::pem::PemObject;
     let pem = std::fs::read(path).map_err(|e| format!("{}: cannot read it: {e}", path.display()))?;
-    let mut certs = Vec::new();
-    for item in ureq::tls::parse_pem(&pem) {
-        match item {
-            Ok(ureq::tls::PemItem::Certificate(c)) => certs.push(c),
-            Ok(_) => {}
-            Err(e) => return Err(format!("{}: not valid PEM: {e}", path.display())),
-        }
-    }
+    let certs = rustls::pki_types::CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("{}: not valid PEM: {e}", path.display()))?;
     if certs.is_empty() {
         return Err(format!("{}: expected PEM certificates (-----BEGIN CERTIFICATE-----), found none", path.display()));
     }
     Ok(certs)
+}
+
+/// Reads a PEM private key (`--client-key`).
+pub fn load_key(path: &Path) -> Result<rustls::pki_types::PrivateKeyDer<'static>, String> {
+    use rustls::pki_types::pem::PemObject;
+    let pem = std::fs::read(path).map_err(|e| format!("{}: cannot read it: {e}", path.display()))?;
+    rustls::pki_types::PrivateKeyDer::from_pem_slice(&pem)
+        .map_err(|e| format!("{}: expected a PEM private key: {e}", path.display()))
 }
 
 impl Default for FetchConfig {
@@ -144,7 +148,8 @@ impl Fetcher {
     pub fn new(config: FetchConfig) -> Fetcher {
         let mut tls = ureq::tls::TlsConfig::builder();
         if let Some(roots) = &config.roots {
-            tls = tls.root_certs(ureq::tls::RootCerts::new_with_certs(roots));
+            let certs: Vec<_> = roots.iter().map(|c| ureq::tls::Certificate::from_der(c.as_ref()).to_owned()).collect();
+            tls = tls.root_certs(ureq::tls::RootCerts::new_with_certs(&certs));
         }
         let agent = ureq::Agent::config_builder()
             .tls_config(tls.build())

@@ -30,7 +30,7 @@ enum Command {
 
 #[derive(clap::Args, Debug)]
 struct RunArgs {
-    /// MQTT broker, mqtt://HOST[:PORT].
+    /// MQTT broker: mqtt://HOST[:PORT], or mqtts://HOST[:PORT] for TLS.
     #[arg(long)]
     broker: BrokerUrl,
     /// This device's id: [A-Za-z0-9_.-]{1,64}.
@@ -73,10 +73,23 @@ struct RunArgs {
     /// Address of the local Open Inference Protocol v2 HTTP endpoint; `off` disables it.
     #[arg(long, default_value = "127.0.0.1:8080", value_parser = parse_http_bind)]
     http_bind: HttpBind,
-    /// PEM file of the certificate authorities trusted for HTTPS downloads,
-    /// instead of the built-in Mozilla roots (a private registry's CA).
+    /// PEM file of the certificate authorities trusted for HTTPS downloads and
+    /// an mqtts:// broker, instead of the built-in Mozilla roots (a private CA).
     #[arg(long)]
     ca_file: Option<PathBuf>,
+    /// PEM client certificate (chain) for an mqtts:// broker that asks for one.
+    #[arg(long, requires = "client_key")]
+    client_cert: Option<PathBuf>,
+    /// PEM private key of --client-cert.
+    #[arg(long, requires = "client_cert")]
+    client_key: Option<PathBuf>,
+    /// Broker user name.
+    #[arg(long)]
+    username: Option<String>,
+    /// File holding the broker password (first line), so it is not in the
+    /// process list; or set OUTPOST_MQTT_PASSWORD.
+    #[arg(long, requires = "username")]
+    password_file: Option<PathBuf>,
     /// Log as JSON lines instead of text.
     #[arg(long)]
     log_json: bool,
@@ -93,14 +106,14 @@ fn main() -> ExitCode {
         eprintln!("outpost: {msg}");
         return ExitCode::from(EXIT_USAGE);
     }
-    let roots = match args.ca_file.as_deref().map(outpost_agent::fetch::load_ca_file).transpose() {
-        Ok(r) => r,
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let (roots, tls, credentials) = match security(&args) {
+        Ok(s) => s,
         Err(msg) => {
-            eprintln!("outpost: --ca-file {msg}");
+            eprintln!("outpost: {msg}");
             return ExitCode::from(EXIT_USAGE);
         }
     };
-    let _ = rustls::crypto::ring::default_provider().install_default();
     let config = outpost_agent::Config {
         device: args.device.clone(),
         groups: args.groups.clone(),
@@ -111,6 +124,8 @@ fn main() -> ExitCode {
             client_id: format!("outpost-{}", args.device),
             keep_alive: Duration::from_secs(args.keep_alive),
             max_packet_size: args.max_packet_size as usize,
+            tls,
+            credentials,
         },
         fetch: FetchConfig {
             attempts: args.download_attempts,
@@ -138,6 +153,49 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+type Security = (
+    Option<Vec<rustls::pki_types::CertificateDer<'static>>>,
+    Option<std::sync::Arc<rustls::ClientConfig>>,
+    Option<outpost_agent::mqtt::Credentials>,
+);
+
+/// CA file, TLS client configuration and broker login from the flags.
+fn security(a: &RunArgs) -> Result<Security, String> {
+    use outpost_agent::fetch::{load_certs, load_key};
+    let roots = a.ca_file.as_deref().map(load_certs).transpose().map_err(|m| format!("--ca-file {m}"))?;
+    let client = match (&a.client_cert, &a.client_key) {
+        (Some(c), Some(k)) => Some((
+            load_certs(c).map_err(|m| format!("--client-cert {m}"))?,
+            load_key(k).map_err(|m| format!("--client-key {m}"))?,
+        )),
+        _ => None,
+    };
+    let tls = if a.broker.tls {
+        Some(outpost_agent::mqtt::tls_config(roots.as_deref(), client)?)
+    } else if client.is_some() {
+        return Err("--client-cert: only for an mqtts:// broker".into());
+    } else {
+        None
+    };
+    let credentials = match &a.username {
+        None => None,
+        Some(username) => {
+            let password = match (&a.password_file, std::env::var("OUTPOST_MQTT_PASSWORD")) {
+                (Some(f), _) => std::fs::read_to_string(f)
+                    .map_err(|e| format!("--password-file {}: cannot read it: {e}", f.display()))?
+                    .lines()
+                    .next()
+                    .unwrap_or("")
+                    .to_string(),
+                (None, Ok(p)) => p,
+                (None, Err(_)) => String::new(),
+            };
+            Some(outpost_agent::mqtt::Credentials { username: username.clone(), password })
+        }
+    };
+    Ok((roots, tls, credentials))
 }
 
 #[derive(Debug, Clone, Copy)]

@@ -7,35 +7,105 @@ use outpost_protocol::Topics;
 use rumqttc::{AsyncClient, LastWill, MqttOptions, QoS};
 use std::time::Duration;
 
-/// `mqtt://HOST[:PORT]`.
+/// `mqtt://HOST[:PORT]` (default port 1883), or `mqtts://HOST[:PORT]` for
+/// MQTT over TLS (default port 8883).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BrokerUrl {
     pub host: String,
     pub port: u16,
+    pub tls: bool,
 }
 
 impl std::str::FromStr for BrokerUrl {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        let rest = s.strip_prefix("mqtt://").or_else(|| s.strip_prefix("tcp://")).ok_or_else(|| {
-            if s.starts_with("mqtts://") || s.starts_with("ssl://") {
-                format!("'{s}': MQTT over TLS is not supported by this build yet; use mqtt://HOST:PORT")
-            } else {
-                format!("'{s}': expected mqtt://HOST:PORT")
-            }
-        })?;
+        let (rest, tls) = if let Some(r) = s.strip_prefix("mqtt://").or_else(|| s.strip_prefix("tcp://")) {
+            (r, false)
+        } else if let Some(r) = s.strip_prefix("mqtts://").or_else(|| s.strip_prefix("ssl://")) {
+            (r, true)
+        } else {
+            return Err(format!("'{s}': expected mqtt://HOST:PORT or mqtts://HOST:PORT"));
+        };
         let rest = rest.trim_end_matches('/');
+        let default_port = if tls { 8883 } else { 1883 };
         let (host, port) = match rest.rsplit_once(':') {
             Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => {
                 (h, p.parse::<u16>().map_err(|_| format!("'{s}': port '{p}' is not a number from 1 to 65535"))?)
             }
-            _ => (rest, 1883),
+            _ => (rest, default_port),
         };
         let host = host.trim_start_matches('[').trim_end_matches(']');
         if host.is_empty() || host.contains('/') || port == 0 {
-            return Err(format!("'{s}': expected mqtt://HOST:PORT"));
+            return Err(format!("'{s}': expected mqtt://HOST:PORT or mqtts://HOST:PORT"));
         }
-        Ok(BrokerUrl { host: host.to_string(), port })
+        Ok(BrokerUrl { host: host.to_string(), port, tls })
+    }
+}
+
+impl std::fmt::Display for BrokerUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}://{}:{}", if self.tls { "mqtts" } else { "mqtt" }, self.host, self.port)
+    }
+}
+
+/// A broker login. The password never appears in logs or `Debug` output.
+#[derive(Clone)]
+pub struct Credentials {
+    pub username: String,
+    pub password: String,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Credentials {{ username: {:?}, password: \"***\" }}", self.username)
+    }
+}
+
+/// The TLS client configuration for `mqtts://`: the CAs trusted for the
+/// broker's certificate (`--ca-file`, else Mozilla's roots) and an optional
+/// client certificate.
+pub fn tls_config(
+    roots: Option<&[rustls::pki_types::CertificateDer<'static>]>,
+    client: Option<(Vec<rustls::pki_types::CertificateDer<'static>>, rustls::pki_types::PrivateKeyDer<'static>)>,
+) -> Result<std::sync::Arc<rustls::ClientConfig>, String> {
+    let mut store = rustls::RootCertStore::empty();
+    match roots {
+        Some(certs) => {
+            for c in certs {
+                store.add(c.clone()).map_err(|e| format!("--ca-file: a certificate rustls cannot use: {e}"))?;
+            }
+        }
+        None => store.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
+    }
+    let builder =
+        rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .map_err(|e| format!("TLS: {e}"))?
+            .with_root_certificates(store);
+    let config = match client {
+        Some((chain, key)) => {
+            builder.with_client_auth_cert(chain, key).map_err(|e| format!("--client-cert/--client-key: {e}"))?
+        }
+        None => builder.with_no_client_auth(),
+    };
+    Ok(std::sync::Arc::new(config))
+}
+
+/// What a connection error means for the operator, when it is a setting
+/// rather than a passing network fault.
+pub fn diagnose(error: &str) -> Option<&'static str> {
+    if error.contains("invalid peer certificate") || error.contains("UnknownIssuer") {
+        Some(
+            "the broker's TLS certificate is not trusted: give its CA with --ca-file, and check the host name in --broker",
+        )
+    } else if error.contains("BadUserNamePassword") || error.contains("NotAuthorized") {
+        Some(
+            "the broker refused the login: check --username and the password (--password-file or OUTPOST_MQTT_PASSWORD)",
+        )
+    } else if error.contains("InvalidContentType") || error.contains("CorruptMessage") {
+        Some("TLS handshake failed: is this a TLS port? Use mqtt:// for a plain listener, mqtts:// for a TLS one")
+    } else {
+        None
     }
 }
 
@@ -51,6 +121,9 @@ pub struct SessionConfig {
     pub keep_alive: Duration,
     /// Largest MQTT packet sent or accepted.
     pub max_packet_size: usize,
+    /// For `mqtts://`: the TLS configuration (None: Mozilla's roots, no client certificate).
+    pub tls: Option<std::sync::Arc<rustls::ClientConfig>>,
+    pub credentials: Option<Credentials>,
 }
 
 pub fn options(cfg: &SessionConfig, topics: &Topics, device: &str) -> MqttOptions {
@@ -63,6 +136,22 @@ pub fn options(cfg: &SessionConfig, topics: &Topics, device: &str) -> MqttOption
     // itself, with an error. Outgoing: the configured limit.
     o.set_max_packet_size(MQTT_MAX_PACKET, cfg.max_packet_size);
     o.set_clean_session(true);
+    if cfg.broker.tls {
+        let tls = match &cfg.tls {
+            Some(t) => t.clone(),
+            None => match tls_config(None, None) {
+                Ok(t) => t,
+                Err(e) => {
+                    tracing::error!(error = %e, "TLS configuration");
+                    return o;
+                }
+            },
+        };
+        o.set_transport(rumqttc::Transport::tls_with_config(rumqttc::TlsConfiguration::Rustls(tls)));
+    }
+    if let Some(c) = &cfg.credentials {
+        o.set_credentials(c.username.clone(), c.password.clone());
+    }
     o
 }
 
@@ -158,12 +247,18 @@ mod tests {
 
     #[test]
     fn broker_urls() {
-        assert_eq!("mqtt://localhost:1884".parse(), Ok(BrokerUrl { host: "localhost".into(), port: 1884 }));
-        assert_eq!("mqtt://10.0.0.1".parse(), Ok(BrokerUrl { host: "10.0.0.1".into(), port: 1883 }));
-        assert_eq!("mqtt://[::1]:1883".parse(), Ok(BrokerUrl { host: "::1".into(), port: 1883 }));
+        let url = |host: &str, port, tls| BrokerUrl { host: host.into(), port, tls };
+        assert_eq!("mqtt://localhost:1884".parse(), Ok(url("localhost", 1884, false)));
+        assert_eq!("mqtt://10.0.0.1".parse(), Ok(url("10.0.0.1", 1883, false)));
+        assert_eq!("mqtt://[::1]:1883".parse(), Ok(url("::1", 1883, false)));
+        assert_eq!("mqtts://broker.lan".parse(), Ok(url("broker.lan", 8883, true)));
+        assert_eq!("ssl://broker.lan:9883".parse(), Ok(url("broker.lan", 9883, true)));
         assert!("http://x:1".parse::<BrokerUrl>().unwrap_err().contains("expected mqtt://HOST:PORT"));
         assert!("mqtt://x:99999".parse::<BrokerUrl>().unwrap_err().contains("port '99999'"));
-        assert!("mqtts://x:8883".parse::<BrokerUrl>().unwrap_err().contains("TLS"));
+        assert_eq!(url("b", 8883, true).to_string(), "mqtts://b:8883");
+        let creds = Credentials { username: "dev".into(), password: "hunter2".into() };
+        assert!(!format!("{creds:?}").contains("hunter2"));
+        assert!(diagnose("TLS: invalid peer certificate: UnknownIssuer").unwrap().contains("--ca-file"));
     }
 
     #[test]

@@ -101,7 +101,7 @@ pub async fn run() -> Result<(), String> {
 
     // 3. start the agent
     let t = Instant::now();
-    let broker = BrokerUrl { host: "127.0.0.1".into(), port: broker_addr.port() };
+    let broker = BrokerUrl { host: "127.0.0.1".into(), port: broker_addr.port(), tls: false };
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let http_port = crate::broker::free_port().map_err(|e| e.to_string())?;
     let config = outpost_agent::Config {
@@ -114,6 +114,8 @@ pub async fn run() -> Result<(), String> {
             client_id: format!("outpost-{DEVICE}"),
             keep_alive: Duration::from_secs(15),
             max_packet_size: 4 << 20,
+            tls: None,
+            credentials: None,
         },
         fetch: FetchConfig::default(),
         workers: 2,

@@ -55,6 +55,8 @@ pub fn fixture(name: &str) -> PathBuf {
 /// A Mosquitto broker on a free port, killed on drop.
 pub struct Mosquitto {
     pub port: u16,
+    /// A TLS listener with a password file, when started with [`Mosquitto::start_tls`].
+    pub tls_port: Option<u16>,
     child: Option<Child>,
     dir: tempfile::TempDir,
 }
@@ -79,8 +81,40 @@ impl Mosquitto {
             "persistence false\n".to_string()
         };
         std::fs::write(&conf, format!("listener {port} 127.0.0.1\nallow_anonymous true\n{persistence}log_dest stderr\nmax_packet_size 16777216\n")).unwrap();
-        let mut m = Mosquitto { port, child: None, dir };
+        let mut m = Mosquitto { port, tls_port: None, child: None, dir };
         m.spawn();
+        m
+    }
+
+    /// A plain anonymous listener (for the test's watchers) and a TLS
+    /// listener with the certificate of `pki` that only lets `user` in.
+    pub fn start_tls(pki: &TestPki, user: &str, password: &str) -> Mosquitto {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+        // Mosquitto started as root reads these as its own user.
+        std::fs::set_permissions(pki.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        for f in [&pki.ca, &pki.server_cert, &pki.server_key] {
+            std::fs::set_permissions(f, std::fs::Permissions::from_mode(0o644)).unwrap();
+        }
+        let passwd = dir.path().join("passwd");
+        let ok = Command::new("mosquitto_passwd").arg("-b").arg("-c").arg(&passwd).arg(user).arg(password).status();
+        assert!(ok.is_ok_and(|s| s.success()), "mosquitto_passwd failed (it comes with the mosquitto package)");
+        std::fs::set_permissions(&passwd, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let (port, tls_port) = (outpost_sim::broker::free_port().unwrap(), outpost_sim::broker::free_port().unwrap());
+        let conf = format!(
+            "per_listener_settings true\nlog_dest stderr\npersistence false\n\
+             listener {port} 127.0.0.1\nallow_anonymous true\n\
+             listener {tls_port} 127.0.0.1\ncafile {}\ncertfile {}\nkeyfile {}\nallow_anonymous false\npassword_file {}\n",
+            pki.ca.display(),
+            pki.server_cert.display(),
+            pki.server_key.display(),
+            passwd.display()
+        );
+        std::fs::write(dir.path().join("mosquitto.conf"), conf).unwrap();
+        let mut m = Mosquitto { port, tls_port: Some(tls_port), child: None, dir };
+        m.spawn();
+        wait_port(tls_port);
         m
     }
 
@@ -117,7 +151,7 @@ impl Mosquitto {
     }
 
     pub fn url(&self) -> outpost_agent::mqtt::BrokerUrl {
-        outpost_agent::mqtt::BrokerUrl { host: "127.0.0.1".into(), port: self.port }
+        outpost_agent::mqtt::BrokerUrl { host: "127.0.0.1".into(), port: self.port, tls: false }
     }
 }
 
@@ -220,15 +254,11 @@ impl Agent {
     /// Like `start`, with extra `outpost run` flags (later flags win).
     pub fn start_with(broker_port: u16, device: &str, data_dir: &Path, groups: &[&str], extra: &[&str]) -> Agent {
         let http_port = outpost_sim::broker::free_port().unwrap();
-        let mut args = vec![
-            "run".to_string(),
-            "--broker".into(),
-            format!("mqtt://127.0.0.1:{broker_port}"),
-            "--device".into(),
-            device.into(),
-            "--data-dir".into(),
-            data_dir.display().to_string(),
-        ];
+        let mut args = vec!["run".to_string()];
+        if !extra.contains(&"--broker") {
+            args.extend(["--broker".to_string(), format!("mqtt://127.0.0.1:{broker_port}")]);
+        }
+        args.extend(["--device".into(), device.into(), "--data-dir".into(), data_dir.display().to_string()]);
         for g in groups {
             args.push("--group".into());
             args.push((*g).into());

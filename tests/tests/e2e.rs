@@ -1299,3 +1299,59 @@ async fn a_group_of_five_converges_with_an_override_and_a_latecomer() {
         assert_eq!(answer["model_version"], "1", "{}: {answer}", names[i]);
     }
 }
+
+/// MQTT over TLS with a login: the device trusts the broker through
+/// `--ca-file` and logs in; a wrong CA or a wrong password keeps it out,
+/// and its log says which setting to fix.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt_over_tls_with_a_login_and_clear_errors_when_either_is_wrong() {
+    let pki = TestPki::new();
+    let broker = Mosquitto::start_tls(&pki, "cam-21", "s3cret");
+    let tls_url = format!("mqtts://localhost:{}", broker.tls_port.unwrap());
+    let reg = Registry::start().await;
+    reg.register("digits-mlp.onnx", "digits", "1");
+    let data = tempfile::tempdir().unwrap();
+    std::fs::write(data.path().join("password"), "s3cret\n").unwrap();
+    let (ca, pw) = (pki.ca.display().to_string(), data.path().join("password").display().to_string());
+    let tls_flags = |ca: &str, pw: &str| -> Vec<String> {
+        ["--broker", &tls_url, "--ca-file", ca, "--username", "cam-21", "--password-file", pw]
+            .iter()
+            .map(|s| s.to_string())
+            .collect()
+    };
+    let mut w = Watcher::new(&broker, "cam-21").await;
+    let flags = tls_flags(&ca, &pw);
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let agent = Agent::start_with(broker.port, "cam-21", &data.path().join("cam-21"), &[], &flags);
+    w.online().await;
+    assert_eq!(w.deploy(&reg, "digits", "1").await.0.phase, Phase::Active);
+    assert_eq!(w.infer("over-tls", digits_request(1)).await["model_version"], "1");
+    drop(agent);
+
+    // A CA that did not sign the broker's certificate, then a wrong password.
+    let stranger = TestPki::new();
+    std::fs::write(data.path().join("wrong"), "guess\n").unwrap();
+    let wrong_pw = data.path().join("wrong").display().to_string();
+    for (flags, hint) in [
+        (
+            tls_flags(&stranger.ca.display().to_string(), &pw),
+            "the broker's TLS certificate is not trusted: give its CA with --ca-file",
+        ),
+        (tls_flags(&ca, &wrong_pw), "the broker refused the login: check --username and the password"),
+    ] {
+        let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+        let mut a = Agent::start_with(broker.port, "cam-21", &data.path().join("cam-21"), &[], &flags);
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let log = std::fs::read_to_string(&a.log).unwrap_or_default();
+            if log.contains(hint) {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "no '{hint}' in the log:\n{log}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(a.is_running(), "a bad setting must not stop the agent: it keeps serving and retrying");
+        a.kill();
+        std::fs::remove_file(&a.log).unwrap();
+    }
+}
