@@ -90,6 +90,10 @@ struct RunArgs {
     /// process list; or set OUTPOST_MQTT_PASSWORD.
     #[arg(long, requires = "username")]
     password_file: Option<PathBuf>,
+    /// Ask the broker to keep this device's session while it is offline, so
+    /// inference requests sent meanwhile are answered when it returns.
+    #[arg(long)]
+    persistent_session: bool,
     /// Log as JSON lines instead of text.
     #[arg(long)]
     log_json: bool,
@@ -126,6 +130,7 @@ fn main() -> ExitCode {
             max_packet_size: args.max_packet_size as usize,
             tls,
             credentials,
+            persistent_session: args.persistent_session,
         },
         fetch: FetchConfig {
             attempts: args.download_attempts,

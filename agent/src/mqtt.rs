@@ -124,6 +124,9 @@ pub struct SessionConfig {
     /// For `mqtts://`: the TLS configuration (None: Mozilla's roots, no client certificate).
     pub tls: Option<std::sync::Arc<rustls::ClientConfig>>,
     pub credentials: Option<Credentials>,
+    /// Ask the broker to keep this device's session (subscriptions and the
+    /// QoS 1 messages sent to it) while it is away.
+    pub persistent_session: bool,
 }
 
 pub fn options(cfg: &SessionConfig, topics: &Topics, device: &str) -> MqttOptions {
@@ -135,7 +138,11 @@ pub fn options(cfg: &SessionConfig, topics: &Topics, device: &str) -> MqttOption
     // break it again on every reconnect); the agent refuses oversize payloads
     // itself, with an error. Outgoing: the configured limit.
     o.set_max_packet_size(MQTT_MAX_PACKET, cfg.max_packet_size);
-    o.set_clean_session(true);
+    o.set_clean_session(!cfg.persistent_session);
+    // A message is acknowledged only once it was handled (a desired state
+    // decided, an inference answered): with a persistent session, what the
+    // device had not finished when it died is delivered again.
+    o.set_manual_acks(true);
     if cfg.broker.tls {
         let tls = match &cfg.tls {
             Some(t) => t.clone(),

@@ -116,6 +116,7 @@ pub async fn run() -> Result<(), String> {
             max_packet_size: 4 << 20,
             tls: None,
             credentials: None,
+            persistent_session: false,
         },
         fetch: FetchConfig::default(),
         workers: 2,

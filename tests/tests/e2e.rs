@@ -1355,3 +1355,32 @@ async fn mqtt_over_tls_with_a_login_and_clear_errors_when_either_is_wrong() {
         std::fs::remove_file(&a.log).unwrap();
     }
 }
+
+/// With `--persistent-session` the broker keeps the device's session while it
+/// is down: inference requests sent meanwhile are answered when it returns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_sent_while_the_device_is_down_are_answered_when_it_returns() {
+    let (_broker, reg, _data, mut w, mut agent) = lab("dev22", &[], &["--persistent-session"]).await;
+    reg.register("digits-mlp.onnx", "digits", "1");
+    assert_eq!(w.deploy(&reg, "digits", "1").await.0.phase, Phase::Active);
+    assert_eq!(w.infer("before", digits_request(1)).await["model_version"], "1");
+    agent.kill();
+    let topic = w.topics.infer("dev22");
+    for i in 0..3 {
+        let mut req = digits_request(1);
+        req["id"] = format!("queued-{i}").into();
+        w.client.publish(&topic, serde_json::to_vec(&req).unwrap(), false).await.unwrap();
+    }
+    agent.kill_and_restart();
+    let mut answered = std::collections::BTreeSet::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while answered.len() < 3 {
+        assert!(std::time::Instant::now() < deadline, "answered only {answered:?}");
+        let Some(m) = w.client.next(Duration::from_millis(200)).await else { continue };
+        let v: serde_json::Value = serde_json::from_slice(&m.payload).unwrap();
+        if let Some(id) = v["id"].as_str().filter(|id| id.starts_with("queued-")) {
+            assert_eq!(v["model_version"], "1", "{v}");
+            answered.insert(id.to_string());
+        }
+    }
+}
