@@ -82,6 +82,25 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     if let Some(refused) = reporter.record().rolled_back {
         reconciler.restore(refused.source, refused.deployment);
     }
+    // Captured requests and answers go out on `capture`, QoS 0, never journaled.
+    let (capture_tx, mut capture_rx) = mpsc::unbounded_channel::<crate::serve::Capture>();
+    engine.on_capture(capture_tx);
+    {
+        let (reporter, topic) = (reporter.clone(), config.topics.capture(&config.device));
+        let limit = config.session.max_packet_size;
+        tokio::spawn(async move {
+            while let Some(c) = capture_rx.recv().await {
+                let mut payload = serde_json::to_value(&c).unwrap_or_default();
+                payload["device"] = reporter.device().into();
+                let payload = serde_json::to_vec(&payload).unwrap_or_default();
+                if payload.len() + topic.len() + 16 > limit {
+                    tracing::debug!(bytes = payload.len(), "capture over the packet limit: skipped");
+                    continue;
+                }
+                reporter.send(Outgoing { topic: topic.clone(), payload, retain: false, reliable: false });
+            }
+        });
+    }
     let (verdict_tx, mut verdict_rx) = mpsc::unbounded_channel();
     engine.on_probation_end(verdict_tx);
     {
@@ -395,6 +414,7 @@ async fn deploy_worker(
                 let (engine, reporter) = (engine.clone(), reporter.clone());
                 let _ = tokio::task::spawn_blocking(move || {
                     let old = engine.swap(None);
+                    engine.set_capture_rate(0.0);
                     match reporter.record().active {
                         Some(active) => {
                             let d = active.deployment;

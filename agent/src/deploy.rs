@@ -65,6 +65,7 @@ impl Deployer {
                         tracing::info!(pool = ?self.engine.pool_sizes(), "worker pool resized by the deployment");
                     }
                     let probation = self.swap_in(source, d, &model);
+                    self.engine.set_capture_rate(d.serving.capture_rate.unwrap_or(0.0));
                     let keep = self.reporter.push_history(
                         &d.model.manifest_sha256,
                         d.policy.keep_versions.unwrap_or(DEFAULT_KEEP_VERSIONS),
@@ -133,6 +134,7 @@ impl Deployer {
             Verdict::Pass(summary) => self.reporter.event(d, Phase::Active, None, None, Some(summary)),
             Verdict::Fail(evidence) => {
                 let serving = &context.previous.deployment.serving;
+                self.engine.set_capture_rate(serving.capture_rate.unwrap_or(0.0));
                 if let Some(http) = self.http.get()
                     && let Err(e) = http.move_to(serving.http_port)
                 {
@@ -401,6 +403,7 @@ impl Deployer {
                     serving.max_queue.unwrap_or(self.default_pool.1),
                 );
                 self.engine.swap(Some(Arc::new(model)));
+                self.engine.set_capture_rate(serving.capture_rate.unwrap_or(0.0));
                 Some((active.source, active.deployment))
             }
             Err(e) => {

@@ -143,6 +143,20 @@ pub struct ProbationEnd {
     pub verdict: Verdict,
 }
 
+/// A sampled request and its answer, for the `capture` topic (the feedback loop).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Capture {
+    pub schema: &'static str,
+    pub at: String,
+    pub model_name: String,
+    pub model_version: String,
+    pub request: InferRequest,
+    pub response: InferResponse,
+}
+
+/// Most captures per second, whatever the rate: capture must not crowd out the device's link.
+pub const CAPTURES_PER_SECOND: u32 = 10;
+
 /// Latencies of the last requests, to know the serving version's p99 at a swap.
 const RECENT: usize = 1024;
 
@@ -154,6 +168,11 @@ pub struct Engine {
     verdicts: std::sync::Mutex<Option<tokio::sync::mpsc::UnboundedSender<ProbationEnd>>>,
     /// (model identity, latency in µs) of the last requests.
     recent: std::sync::Mutex<std::collections::VecDeque<(usize, u64)>>,
+    /// Share of answered requests captured (the deployment's `capture_rate`), as f64 bits.
+    capture_rate: AtomicU64,
+    /// Where captures go, and the (second, count) of the rate limit.
+    captures: std::sync::Mutex<Option<tokio::sync::mpsc::UnboundedSender<Capture>>>,
+    capture_budget: std::sync::Mutex<(u64, u32)>,
     /// The worker pool's bounds, swapped whole when a deployment sets new ones;
     /// requests already admitted keep the permits of the pool they entered.
     pool: arc_swap::ArcSwap<Pool>,
@@ -170,6 +189,9 @@ impl Engine {
             probation_tokens: AtomicU64::new(0),
             verdicts: Default::default(),
             recent: Default::default(),
+            capture_rate: AtomicU64::new(0),
+            captures: Default::default(),
+            capture_budget: Default::default(),
             pool: arc_swap::ArcSwap::from_pointee(Pool::new(workers, max_queue)),
             counters: Counters::default(),
             latencies: Default::default(),
@@ -198,6 +220,45 @@ impl Engine {
     pub fn swap(&self, model: Option<Arc<Model>>) -> Option<Arc<Model>> {
         self.lock_probation().take();
         self.active.swap(model)
+    }
+
+    /// Sets the share of requests captured (the deployment's `serving.capture_rate`).
+    pub fn set_capture_rate(&self, rate: f64) {
+        self.capture_rate.store(rate.clamp(0.0, 1.0).to_bits(), Ordering::Relaxed);
+    }
+
+    /// Where captures go (the agent's publisher).
+    pub fn on_capture(&self, tx: tokio::sync::mpsc::UnboundedSender<Capture>) {
+        *self.captures.lock().unwrap_or_else(|p| p.into_inner()) = Some(tx);
+    }
+
+    /// Draws whether this request is captured: by the rate, then within
+    /// [`CAPTURES_PER_SECOND`].
+    fn sample_capture(&self) -> bool {
+        let rate = f64::from_bits(self.capture_rate.load(Ordering::Relaxed));
+        if rate <= 0.0 || crate::jitter() >= rate {
+            return false;
+        }
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        let mut b = self.capture_budget.lock().unwrap_or_else(|p| p.into_inner());
+        if b.0 != now {
+            *b = (now, 0);
+        }
+        b.1 += 1;
+        b.1 <= CAPTURES_PER_SECOND
+    }
+
+    fn capture(&self, request: InferRequest, response: &InferResponse) {
+        if let Some(tx) = self.captures.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+            let _ = tx.send(Capture {
+                schema: "outpost.capture.v1",
+                at: crate::status::now_rfc3339(),
+                model_name: response.model_name.clone(),
+                model_version: response.model_version.clone(),
+                request,
+                response: response.clone(),
+            });
+        }
     }
 
     /// Where probation verdicts go (the agent's reporter).
@@ -297,7 +358,12 @@ impl Engine {
             Ok(mut req) => {
                 let (id, reply_to) = (req.id.clone(), req.reply_to.take());
                 let binary = outpost_protocol::binary::BinaryOutputs::of(&req);
-                Answer { id, reply_to, binary, result: self.infer(req).await }
+                let sampled = self.sample_capture().then(|| req.clone());
+                let result = self.infer(req).await;
+                if let (Some(req), Ok(resp)) = (sampled, &result) {
+                    self.capture(req, resp);
+                }
+                Answer { id, reply_to, binary, result }
             }
             Err(e) => {
                 self.counters.requests.fetch_add(1, Ordering::Relaxed);

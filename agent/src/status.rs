@@ -78,6 +78,10 @@ impl Reporter {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    pub fn device(&self) -> &str {
+        &self.device
+    }
+
     pub fn record(&self) -> Record {
         self.lock().clone()
     }

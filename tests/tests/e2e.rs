@@ -1384,3 +1384,53 @@ async fn requests_sent_while_the_device_is_down_are_answered_when_it_returns() {
         }
     }
 }
+
+/// With `serving.capture_rate`, sampled inputs with their predictions and
+/// the version that made them go to `capture` (the feedback loop).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn capture_publishes_sampled_inputs_with_their_predictions() {
+    let (_broker, reg, _data, mut w, agent) = lab("dev23", &[], &[]).await;
+    reg.register("digits-mlp.onnx", "digits", "1");
+    let topics = outpost_protocol::Topics::default();
+    w.op.subscribe(&topics.capture("dev23")).await.unwrap();
+    let (url, sha) = outpost_sim::operator::resolve_manifest(&reg.url, "digits", "1").await.unwrap();
+    let mut d = outpost_sim::operator::deployment("digits", "1", &url, &sha, None, None);
+    d.serving.capture_rate = Some(1.0);
+    w.publish_desired(d.to_json()).await;
+    assert_eq!(w.events_until_final(&d.deployment_id).await.0.phase, Phase::Active);
+    for i in 0..3 {
+        w.infer(&format!("cap-{i}"), digits_request(1)).await;
+    }
+    let body = serde_json::to_vec(&digits_request(2)).unwrap();
+    let (status, _) =
+        http("POST", format!("http://127.0.0.1:{}/v2/models/digits/infer", agent.http_port), Some(body)).await;
+    assert_eq!(status, 200);
+    let mut captured = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while captured.len() < 4 && std::time::Instant::now() < deadline {
+        let Some(m) = w.op.next(Duration::from_millis(200)).await else { continue };
+        if m.topic.ends_with("/capture") {
+            captured.push(serde_json::from_slice::<serde_json::Value>(&m.payload).unwrap());
+        }
+    }
+    assert_eq!(captured.len(), 4, "{captured:#?}");
+    let c = &captured[0];
+    assert_eq!((c["schema"].as_str(), c["device"].as_str()), (Some("outpost.capture.v1"), Some("dev23")));
+    assert_eq!((c["model_name"].as_str(), c["model_version"].as_str()), (Some("digits"), Some("1")));
+    assert_eq!(c["request"]["id"], "cap-0");
+    assert_eq!(c["request"]["inputs"][0]["data"].as_array().unwrap().len(), 64);
+    assert_eq!(c["response"]["outputs"][0]["name"], "probabilities");
+    assert_eq!(captured[3]["request"]["inputs"][0]["shape"], serde_json::json!([2, 64]));
+
+    // A deployment without capture stops it.
+    let d2 = outpost_sim::operator::deployment("digits", "1", &url, &sha, None, None);
+    w.publish_desired(d2.to_json()).await;
+    assert_eq!(w.events_until_final(&d2.deployment_id).await.0.phase, Phase::Active);
+    w.infer("not-captured", digits_request(1)).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(1);
+    while std::time::Instant::now() < deadline {
+        if let Some(m) = w.op.next(Duration::from_millis(100)).await {
+            assert!(!m.topic.ends_with("/capture"), "captured after capture was turned off");
+        }
+    }
+}
