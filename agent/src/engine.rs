@@ -75,7 +75,12 @@ fn load_failed(message: impl Into<String>) -> LoadError {
 #[derive(Debug)]
 struct InputSlot {
     name: String,
+    /// What clients send.
     datatype: Datatype,
+    /// What the model takes (`preprocess.datatype`, else `datatype`).
+    model_datatype: Datatype,
+    /// `preprocess.shape`: the layout the model takes.
+    reshape: Option<Vec<i64>>,
     /// Per dimension: `Some(n)` fixed, `None` any size.
     dims: Vec<Option<usize>>,
     preprocess: Option<Preprocess>,
@@ -301,6 +306,8 @@ impl Model {
             .map(|t| InputSlot {
                 name: t.name.clone(),
                 datatype: t.datatype,
+                model_datatype: t.preprocess.as_ref().and_then(|p| p.datatype).unwrap_or(t.datatype),
+                reshape: t.preprocess.as_ref().and_then(|p| p.shape.clone()),
                 dims: t.shape.iter().map(|d| usize::try_from(*d).ok()).collect(),
                 preprocess: t.preprocess.clone(),
             })
@@ -616,13 +623,17 @@ fn build_plan(
             continue;
         };
         let rank = fact.shape.dims().count();
-        if !fact.shape.is_open() && rank != spec.shape.len() {
+        let want_rank = spec.preprocess.as_ref().and_then(|p| p.shape.as_ref()).map_or(spec.shape.len(), Vec::len);
+        if !fact.shape.is_open() && rank != want_rank {
             return Err(ErrorInfo::new(
                 ErrorCode::InvalidManifest,
-                format!("{file}: input '{name}' has rank {rank} in the model, {} in the manifest", spec.shape.len()),
+                format!("{file}: input '{name}' has rank {rank} in the model, {want_rank} in the manifest"),
             ));
         }
-        fix_input(&mut model, i, datum_of(spec.datatype), &spec.shape)
+        let pre = spec.preprocess.as_ref();
+        let model_dt = pre.and_then(|p| p.datatype).unwrap_or(spec.datatype);
+        let model_shape = pre.and_then(|p| p.shape.as_deref()).unwrap_or(&spec.shape);
+        fix_input(&mut model, i, datum_of(model_dt), model_shape)
             .map_err(|e| load_failed(format!("{file}: input '{name}': {e:#}")))?;
     }
     let names = graph_output_names(&model).map_err(|e| load_failed(format!("{file}: {e:#}")))?;
@@ -633,7 +644,27 @@ fn build_plan(
     Ok((plan, names))
 }
 
+/// The model's input tensor for a request tensor: checked against what
+/// clients must send, cast to the model's type and pre-processed, then laid
+/// out in the model's shape.
 fn to_tensor(slot: &InputSlot, t: &outpost_protocol::TensorIn) -> Result<Tensor, InferFailure> {
+    let tensor = build_tensor(slot, t)?;
+    let Some(target) = &slot.reshape else { return Ok(tensor) };
+    let total = tensor.len();
+    let known: usize = target.iter().filter(|d| **d > 0).map(|d| *d as usize).product::<usize>().max(1);
+    let shape: Vec<usize> = target.iter().map(|d| if *d > 0 { *d as usize } else { total / known }).collect();
+    if shape.iter().product::<usize>() != total {
+        return Err(InferFailure::bad_input(format!(
+            "input '{}': {total} values do not fit the model's shape {target:?}",
+            slot.name
+        )));
+    }
+    tensor
+        .into_shape(&shape)
+        .map_err(|e| InferFailure { code: ErrorCode::Internal, message: format!("input '{}': {e:#}", slot.name) })
+}
+
+fn build_tensor(slot: &InputSlot, t: &outpost_protocol::TensorIn) -> Result<Tensor, InferFailure> {
     let name = &slot.name;
     if t.datatype != slot.datatype {
         return Err(InferFailure::bad_input(format!(
@@ -661,7 +692,12 @@ fn to_tensor(slot: &InputSlot, t: &outpost_protocol::TensorIn) -> Result<Tensor,
     }
     let bad =
         |what: &str| InferFailure::bad_input(format!("input '{name}': expected {} data, got {what}", slot.datatype));
-    let dt = slot.datatype;
+    // Integers sent for a float model (UINT8 pixels, say): checked as the
+    // integers they claim to be, then converted with the floats.
+    if !slot.datatype.is_float() && slot.datatype != Datatype::Bool && slot.model_datatype.is_float() {
+        check_ints(name, slot.datatype, &t.data)?;
+    }
+    let dt = slot.model_datatype;
     let tensor = if dt.is_float() {
         // One pass from the request's numbers to the model's type; a copy in
         // f64 only when pre-processing needs one.
@@ -711,27 +747,53 @@ fn to_tensor(slot: &InputSlot, t: &outpost_protocol::TensorIn) -> Result<Tensor,
                 f.iter().map(|x| *x as i64).collect()
             }
         };
-        let (lo, hi): (i64, i64) = match dt {
-            Datatype::Uint8 => (0, u8::MAX as i64),
-            Datatype::Uint16 => (0, u16::MAX as i64),
-            Datatype::Uint32 => (0, u32::MAX as i64),
-            Datatype::Uint64 => (0, i64::MAX),
-            Datatype::Int8 => (i8::MIN as i64, i8::MAX as i64),
-            Datatype::Int16 => (i16::MIN as i64, i16::MAX as i64),
-            Datatype::Int32 => (i32::MIN as i64, i32::MAX as i64),
-            _ => (i64::MIN, i64::MAX),
-        };
-        if let Some((i, x)) = ints.iter().enumerate().find(|(_, x)| **x < lo || **x > hi) {
-            return Err(InferFailure::bad_input(format!(
-                "input '{name}' element {i}: {x} is out of range for {dt} ({lo}..={hi})"
-            )));
-        }
+        in_range(name, slot.datatype, &ints)?;
         tensor_of(&shape, ints).and_then(|t| t.cast_to_dt(datum_of(dt)).map(|c| c.into_owned()))
     };
     tensor.map_err(|e| InferFailure { code: ErrorCode::Internal, message: format!("input '{name}': {e:#}") })
 }
 
 /// A tensor that takes ownership of `v` (no copy).
+/// Integer data must be whole numbers within the range of `dt`.
+fn check_ints(name: &str, dt: Datatype, data: &TensorData) -> Result<(), InferFailure> {
+    let ints: Vec<i64> = match data {
+        TensorData::I64(i) => i.clone(),
+        TensorData::U64(u) => u.iter().map(|x| (*x).min(i64::MAX as u64) as i64).collect(),
+        TensorData::Bool(_) => {
+            return Err(InferFailure::bad_input(format!("input '{name}': expected {dt} data, got booleans")));
+        }
+        TensorData::F32(_) | TensorData::F64(_) => {
+            let f = data.to_f64_vec();
+            if let Some(x) = f.iter().find(|x| x.fract() != 0.0 || !x.is_finite()) {
+                return Err(InferFailure::bad_input(format!(
+                    "input '{name}': expected {dt} data, got a non-integer value {x}"
+                )));
+            }
+            f.iter().map(|x| *x as i64).collect()
+        }
+    };
+    in_range(name, dt, &ints)
+}
+
+fn in_range(name: &str, dt: Datatype, ints: &[i64]) -> Result<(), InferFailure> {
+    let (lo, hi): (i64, i64) = match dt {
+        Datatype::Uint8 => (0, u8::MAX as i64),
+        Datatype::Uint16 => (0, u16::MAX as i64),
+        Datatype::Uint32 => (0, u32::MAX as i64),
+        Datatype::Uint64 => (0, i64::MAX),
+        Datatype::Int8 => (i8::MIN as i64, i8::MAX as i64),
+        Datatype::Int16 => (i16::MIN as i64, i16::MAX as i64),
+        Datatype::Int32 => (i32::MIN as i64, i32::MAX as i64),
+        _ => (i64::MIN, i64::MAX),
+    };
+    match ints.iter().enumerate().find(|(_, x)| **x < lo || **x > hi) {
+        Some((i, x)) => Err(InferFailure::bad_input(format!(
+            "input '{name}' element {i}: {x} is out of range for {dt} ({lo}..={hi})"
+        ))),
+        None => Ok(()),
+    }
+}
+
 fn tensor_of<T: Datum>(shape: &[usize], v: Vec<T>) -> TractResult<Tensor> {
     Ok(tract_ndarray::ArrayD::from_shape_vec(shape, v)?.into())
 }

@@ -77,6 +77,15 @@ pub struct Preprocess {
     pub mean: Option<Vec<f64>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub std: Option<Vec<f64>>,
+    /// The type the model takes, when clients send another (e.g. UINT8
+    /// pixels to an FP32 model): values are cast before scale/mean/std.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub datatype: Option<Datatype>,
+    /// The shape the model takes, when clients send another layout with the
+    /// same elements (e.g. [-1, 8, 8] to a model of [-1, 64]); one -1 at most,
+    /// inferred from the element count.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shape: Option<Vec<i64>>,
 }
 
 /// Applied to a model output before it is answered.
@@ -204,6 +213,15 @@ impl Manifest {
                         format!("model.{kind}[{i}].shape"),
                         "dimensions >= 1, or -1 for dynamic",
                         d.to_string(),
+                    );
+                }
+                if let Some(shape) = t.preprocess.as_ref().and_then(|p| p.shape.as_ref())
+                    && (shape.iter().filter(|d| **d == -1).count() > 1 || shape.iter().any(|d| *d < -1 || *d == 0))
+                {
+                    return bad(
+                        format!("model.{kind}[{i}].preprocess.shape"),
+                        "dimensions >= 1 and at most one -1",
+                        format!("{shape:?}"),
                     );
                 }
                 if let Some(p) = &t.preprocess {

@@ -1434,3 +1434,50 @@ async fn capture_publishes_sampled_inputs_with_their_predictions() {
         }
     }
 }
+
+/// Pre-processing from the manifest casts and reshapes: clients send 8x8
+/// UINT8 images, the model takes [N, 64] FP32, and the answers are the
+/// model's own (onnxruntime's) for those digits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_manifest_casts_and_reshapes_inputs_for_the_model() {
+    let (_broker, reg, _data, mut w, _agent) = lab("dev24", &[], &[]).await;
+    reg.register("digits-mlp.onnx", "digits", "1");
+    let dir = reg.root().join("digits/1");
+    let (images, _) = heldout();
+    let expected = expected_probabilities(MLP_EXPECTED);
+    let mut m: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).unwrap()).unwrap();
+    m["model"]["inputs"][0] = serde_json::json!({"name": "input", "datatype": "UINT8", "shape": [-1, 8, 8],
+        "preprocess": {"datatype": "FP32", "shape": [-1, 64]}});
+    std::fs::write(dir.join("manifest.json"), serde_json::to_vec(&m).unwrap()).unwrap();
+    let image =
+        |k: usize| -> Vec<Vec<u8>> { images[k].chunks(8).map(|r| r.iter().map(|v| *v as u8).collect()).collect() };
+    let sample = serde_json::json!({"id": "golden", "inputs": [{"name": "input", "shape": [1, 8, 8], "datatype": "UINT8", "data": [image(0)]}]});
+    std::fs::write(dir.join("sample/input.json"), serde_json::to_vec(&sample).unwrap()).unwrap();
+    let golden = serde_json::json!({"outputs": [{"name": "probabilities", "shape": [1, 10], "datatype": "FP32", "data": expected[0]}]});
+    std::fs::write(dir.join("sample/expected.json"), serde_json::to_vec(&golden).unwrap()).unwrap();
+    let sha = reg.rehash("digits", "1");
+    let (last, events) = w.deploy_raw("digits", "1", &reg.manifest_url("digits", "1"), &sha).await;
+    assert_eq!(last.phase, Phase::Active, "{events:#?}");
+
+    let req = serde_json::json!({"inputs": [{"name": "input", "shape": [2, 8, 8], "datatype": "UINT8", "data": [image(1), image(2)]}]});
+    let answer = w.infer("u8", req).await;
+    let got: Vec<f64> = answer["outputs"][0]["data"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+    let want: Vec<f64> = expected[1].iter().chain(&expected[2]).copied().collect();
+    let diff = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+    assert!(diff < 1e-4, "{answer}");
+    assert_eq!(answer["outputs"][0]["shape"], serde_json::json!([2, 10]));
+
+    // What clients must send is what the manifest says, checked before the cast.
+    let mut big = image(1);
+    big[0][0] = 0;
+    let mut bad =
+        serde_json::json!({"inputs": [{"name": "input", "shape": [1, 8, 8], "datatype": "UINT8", "data": [big]}]});
+    bad["inputs"][0]["data"][0][0][3] = 300.into();
+    assert_eq!(
+        w.infer("range", bad).await["error"],
+        "input 'input' element 3: 300 is out of range for UINT8 (0..=255)"
+    );
+    let as_float =
+        serde_json::json!({"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "data": images[0]}]});
+    assert_eq!(w.infer("fp32", as_float).await["error"], "input 'input': expected datatype UINT8, got FP32");
+}
