@@ -1199,7 +1199,7 @@ async fn events_during_a_broker_outage_are_journaled_and_replayed_in_order() {
     let dir = data.path().join("dev20");
     // A watcher whose session the broker keeps across its restart.
     let mut w = Watcher::connect(&broker, "dev20", "", false).await;
-    let _agent =
+    let agent =
         Agent::start_with(broker.port, "dev20", &dir, &[], &["--stall-timeout", "1", "--download-attempts", "4"]);
     w.online().await;
     assert_eq!(w.deploy(&reg, "digits", "1").await.0.phase, Phase::Active);
@@ -1220,6 +1220,11 @@ async fn events_during_a_broker_outage_are_journaled_and_replayed_in_order() {
     }
     let journal = std::fs::read_to_string(dir.join("journal.jsonl")).unwrap();
     assert!(journal.lines().count() >= 4, "{journal}");
+    // The local endpoint serves the new version while the broker is still away.
+    let body = serde_json::to_vec(&digits_request(1)).unwrap();
+    let (status, answer) =
+        http("POST", format!("http://127.0.0.1:{}/v2/models/digits/infer", agent.http_port), Some(body)).await;
+    assert_eq!((status, answer["model_version"].as_str()), (200, Some("2")), "{answer}");
 
     broker.restart();
     let (last, rest) = w.events_until_final(&d.deployment_id).await;
