@@ -203,7 +203,6 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
                 Some(TopicKind::DeviceDesired(d)) if d == config.device => {
                     let max = config.session.max_packet_size;
                     on_desired(&mut reconciler, Source::Device, &p.payload, max, &reporter, &job_tx, &current_cancel);
-                    acknowledge(&client, &p);
                 }
                 Some(TopicKind::GroupDesired(g)) => {
                     if let Some(i) = config.groups.iter().position(|x| x == g) {
@@ -218,22 +217,16 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
                             &current_cancel,
                         );
                     }
-                    acknowledge(&client, &p);
                 }
                 Some(TopicKind::Infer(d)) if d == config.device => {
                     let (engine, reporter, topics, device) =
                         (engine.clone(), reporter.clone(), config.topics.clone(), config.device.clone());
                     let limit = config.session.max_packet_size;
-                    let client = client.clone();
-                    tokio::spawn(async move {
-                        on_infer(&engine, &reporter, &topics, &device, &p.payload, limit).await;
-                        acknowledge(&client, &p);
-                    });
+                    tokio::spawn(
+                        async move { on_infer(&engine, &reporter, &topics, &device, &p.payload, limit).await },
+                    );
                 }
-                _ => {
-                    tracing::debug!(topic = %p.topic, "ignored message");
-                    acknowledge(&client, &p);
-                }
+                _ => tracing::debug!(topic = %p.topic, "ignored message"),
             },
             Ok(_) => {}
             Err(e) => {
@@ -276,13 +269,6 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     }
     tracing::info!("stopped");
     Ok(())
-}
-
-/// Acknowledges a handled message (acks are manual: see `mqtt::options`).
-fn acknowledge(client: &AsyncClient, p: &rumqttc::Publish) {
-    if let Err(e) = client.try_ack(p) {
-        tracing::debug!(error = %e, topic = %p.topic, "ack not sent (the connection is being re-established)");
-    }
 }
 
 fn on_desired(

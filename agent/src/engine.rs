@@ -112,6 +112,8 @@ pub struct Model {
     pub load_notes: Vec<String>,
     /// Time from reading the file to a runnable plan.
     pub load_time: std::time::Duration,
+    /// What the golden-sample check and the executor choice found (after `validate`).
+    pub validation: String,
     /// Single-threaded unless the manifest or a measurement chose otherwise.
     executor: Executor,
     /// The same model with a dynamic batch fixed to 1, for one-sample requests.
@@ -370,6 +372,7 @@ impl Model {
             outputs,
             load_notes: notes,
             load_time: started.elapsed(),
+            validation: String::new(),
             executor: Executor::SingleThread,
             plan_one,
             output_specs: manifest
@@ -389,7 +392,8 @@ impl Model {
         let verdict = self.check_golden_sample(dir, manifest)?;
         let choice = manifest.model.executor.unwrap_or(outpost_protocol::Executor::Auto);
         let note = self.choose_executor(choice, dir, manifest);
-        Ok(format!("{verdict}; {note}"))
+        self.validation = format!("{verdict}; {note}");
+        Ok(self.validation.clone())
     }
 
     fn check_golden_sample(&self, dir: &Path, manifest: &Manifest) -> Result<String, ErrorInfo> {

@@ -188,6 +188,31 @@ impl Fetcher {
         Ok(out)
     }
 
+    /// Fetches a manifest without a digest to check against (`check-bundle`
+    /// when the operator gives none): its bytes and their sha256.
+    pub fn fetch_unverified(&self, url: &str) -> Result<(Vec<u8>, String), ErrorInfo> {
+        let (cap, cancel) = (MAX_MANIFEST_BYTES, Cancel::default());
+        let mut out = Vec::new();
+        let result = self.with_retries(url, &cancel, &mut |_, _, _| {}, &mut |_| {
+            out.clear();
+            let (reader, _) = self.open(url, "manifest.json", 0)?;
+            let (_, n) =
+                copy_capped(reader, &mut out, Sha256::new(), 0, cap, "manifest.json", url, &cancel, &mut |_| {})?;
+            if n > cap {
+                return Err(permanent(ErrorCode::TooLarge, format!("manifest.json: larger than the {cap}-byte limit")));
+            }
+            Ok(())
+        });
+        match result {
+            Ok(()) => {
+                let digest: [u8; 32] = Sha256::digest(&out).into();
+                Ok((out, hex(&digest)))
+            }
+            Err(FetchError::Failed(e)) => Err(e),
+            Err(FetchError::Cancelled) => Err(ErrorInfo::new(ErrorCode::Internal, "cancelled")),
+        }
+    }
+
     /// Downloads one file into `partial`, resuming from what it already holds
     /// (after a dropped connection or an agent restart) with an HTTP `Range`
     /// request, and checks size and sha256 of the whole. `progress` gets the

@@ -15,8 +15,10 @@
 //! - [`http`]: the local Open Inference Protocol v2 endpoint and `/metrics`.
 //! - [`telemetry`]: periodic health reports.
 //! - [`agent`]: the main loop that wires them together.
+//! - [`check`]: `outpost check-bundle`, the deployment pipeline on a throw-away store.
 
 pub mod agent;
+pub mod check;
 pub mod deploy;
 pub mod engine;
 pub mod fetch;

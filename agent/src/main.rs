@@ -25,7 +25,24 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Run the agent until SIGINT or SIGTERM.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
+    /// Run a bundle through the agent's deployment checks (download, sha256
+    /// and sizes, safe paths, memory, load, golden sample) in a throw-away
+    /// store, without serving it. Exit 0 when the agent would serve it, 1
+    /// when it would refuse it (the error code says why).
+    CheckBundle(CheckArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct CheckArgs {
+    /// The bundle: a manifest.json (or its directory) or a manifest URL (http, https, file).
+    bundle: String,
+    /// The manifest sha256 a deployment would carry (default: computed from the manifest).
+    #[arg(long)]
+    sha256: Option<String>,
+    /// PEM file of the CAs trusted for an https:// registry.
+    #[arg(long)]
+    ca_file: Option<PathBuf>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -104,7 +121,10 @@ fn main() -> ExitCode {
         Ok(c) => c,
         Err(code) => return code,
     };
-    let Command::Run(args) = cli.command;
+    let args = match cli.command {
+        Command::Run(args) => *args,
+        Command::CheckBundle(a) => return check_bundle(a),
+    };
     init_logging(args.log_json);
     if let Err(msg) = check(&args) {
         eprintln!("outpost: {msg}");
@@ -155,6 +175,43 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("outpost: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn check_bundle(a: CheckArgs) -> ExitCode {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let roots = match a.ca_file.as_deref().map(outpost_agent::fetch::load_certs).transpose() {
+        Ok(r) => r,
+        Err(m) => {
+            eprintln!("outpost: --ca-file {m}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    let url = match outpost_agent::check::manifest_url(&a.bundle) {
+        Ok(u) => u,
+        Err(m) => {
+            eprintln!("outpost: {m}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("outpost: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    println!("checking {url}");
+    let fetch = FetchConfig { roots, ..FetchConfig::default() };
+    match runtime.block_on(outpost_agent::check::check_bundle(&url, a.sha256, fetch)) {
+        Ok(report) => {
+            println!("ok: the agent would serve {report}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            println!("refused: {}: {}", e.code, e.message);
             ExitCode::FAILURE
         }
     }

@@ -138,11 +138,12 @@ pub fn options(cfg: &SessionConfig, topics: &Topics, device: &str) -> MqttOption
     // break it again on every reconnect); the agent refuses oversize payloads
     // itself, with an error. Outgoing: the configured limit.
     o.set_max_packet_size(MQTT_MAX_PACKET, cfg.max_packet_size);
+    // Acks are automatic, on receipt. Manual acks after handling would have to
+    // be sent in the order the messages came (MQTT 3.1.1, 4.6) while requests
+    // finish out of order, and a lost ack stalls the broker's in-flight window.
+    // Desired states are retained, so a crash before one is handled loses
+    // nothing: the broker delivers it again on the next connection.
     o.set_clean_session(!cfg.persistent_session);
-    // A message is acknowledged only once it was handled (a desired state
-    // decided, an inference answered): with a persistent session, what the
-    // device had not finished when it died is delivered again.
-    o.set_manual_acks(true);
     if cfg.broker.tls {
         let tls = match &cfg.tls {
             Some(t) => t.clone(),

@@ -37,3 +37,31 @@ fn register_reports_a_missing_model_file() {
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("/nonexistent/model.onnx"), "{err}");
 }
+
+/// The README's first command: the demo runs every step and exits 0, within
+/// a bound (a hang is a failure, not a stuck CI job).
+#[test]
+fn the_demo_passes_every_step() {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_outpost-sim"))
+        .arg("demo")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("run outpost-sim demo");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("wait") {
+            break s;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the demo did not finish within 120 s");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    let mut out = String::new();
+    std::io::Read::read_to_string(&mut child.stdout.take().expect("stdout"), &mut out).expect("read");
+    assert!(status.success(), "{out}");
+    assert_eq!(out.matches("\n  ok   ").count(), 9, "{out}");
+    assert!(out.contains("0 failed, 0 lost") && out.contains("0 failed requests"), "{out}");
+}

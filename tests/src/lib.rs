@@ -48,6 +48,13 @@ pub fn sim(args: &[&str]) -> (i32, String, String) {
 
 pub const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../fixtures");
 
+/// Runs `outpost ARGS` to completion: (exit code, stdout, stderr).
+pub fn outpost(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(agent_binary()).args(args).output().unwrap();
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    (out.status.code().unwrap_or(-1), text(&out.stdout), text(&out.stderr))
+}
+
 pub fn fixture(name: &str) -> PathBuf {
     Path::new(FIXTURES).join(name)
 }

@@ -1486,3 +1486,53 @@ async fn the_manifest_casts_and_reshapes_inputs_for_the_model() {
         serde_json::json!({"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "data": images[0]}]});
     assert_eq!(w.infer("fp32", as_float).await["error"], "input 'input': expected datatype UINT8, got FP32");
 }
+
+/// `outpost check-bundle` runs a bundle through the agent's own gate and
+/// says whether the agent would serve it, and if not, why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_bundle_reports_what_the_agent_would_do() {
+    let reg = Registry::start().await;
+    let sha = reg.register("digits-cnn.onnx", "digits", "1");
+    let manifest = reg.root().join("digits/1/manifest.json").display().to_string();
+    let url = reg.manifest_url("digits", "1");
+    for (args, shown) in [
+        (vec!["check-bundle", manifest.as_str()], "file://"),
+        (vec!["check-bundle", url.as_str(), "--sha256", sha.as_str()], "http://"),
+    ] {
+        let (code, out, err) = tokio::task::block_in_place(|| outpost(&args));
+        assert_eq!(code, 0, "{out}{err}");
+        assert!(out.starts_with(&format!("checking {shown}")), "{out}");
+        assert!(out.contains("  verifying    (4 file(s)"), "{out}");
+        assert!(
+            out.contains(
+                "ok: the agent would serve digits@1: inputs input FP32 [-1, 64]; outputs probabilities FP32 [-1, 10]"
+            ),
+            "{out}"
+        );
+        assert!(out.contains("golden sample reproduced"), "{out}");
+    }
+
+    // A wrong digest, a tampered file, an operator tract cannot run.
+    let (code, out, _) = tokio::task::block_in_place(|| outpost(&["check-bundle", &url, "--sha256", &"ab".repeat(32)]));
+    assert_eq!(code, 1);
+    assert!(out.contains("refused: digest_mismatch: manifest.json: expected sha256 abababababab"), "{out}");
+    reg.register("digits-mlp.onnx", "digits", "2");
+    let model = reg.root().join("digits/2/model.onnx");
+    let mut bytes = std::fs::read(&model).unwrap();
+    bytes[100] ^= 0xff;
+    std::fs::write(&model, bytes).unwrap();
+    let dir2 = reg.root().join("digits/2").display().to_string();
+    let (code, out, _) = tokio::task::block_in_place(|| outpost(&["check-bundle", &dir2]));
+    assert_eq!(code, 1);
+    assert!(out.contains("refused: digest_mismatch: model.onnx: expected sha256 "), "{out}");
+    reg.register("digits-mlp.onnx", "digits", "3");
+    std::fs::copy(fixture("unsupported-op.onnx"), reg.root().join("digits/3/model.onnx")).unwrap();
+    reg.rehash("digits", "3");
+    let dir3 = reg.root().join("digits/3").display().to_string();
+    let (code, out, _) = tokio::task::block_in_place(|| outpost(&["check-bundle", &dir3]));
+    assert_eq!(code, 1);
+    assert!(out.contains("refused: model_load_failed: ") && out.contains("TreeEnsembleRegressor"), "{out}");
+    let (code, _, err) = tokio::task::block_in_place(|| outpost(&["check-bundle", "/nonexistent/bundle"]));
+    assert_eq!(code, 64, "{err}");
+    assert!(err.contains("/nonexistent/bundle: No such file or directory"), "{err}");
+}

@@ -1,0 +1,109 @@
+//! `outpost check-bundle`: runs a bundle through exactly the agent's
+//! deployment pipeline (download or read, sha256 and size checks, safe paths,
+//! memory check, load, golden sample) in a throw-away store, and reports each
+//! step, so an operator can try a bundle on a lab device or in CI before
+//! rolling it out. Nothing is published and nothing serves.
+
+use crate::deploy::{Deployer, Ended};
+use crate::fetch::{Cancel, FetchConfig, Fetcher};
+use crate::reconcile::Source;
+use crate::serve::Engine;
+use crate::status::Reporter;
+use crate::store::Store;
+use outpost_protocol::{Deployment, DeploymentEvent, ErrorInfo, Manifest, ModelRef, Topics};
+use std::sync::Arc;
+
+/// The bundle, as a manifest URL (`http(s)://`, `file://`) or a path.
+pub fn manifest_url(bundle: &str) -> Result<String, String> {
+    if bundle.contains("://") {
+        return Ok(bundle.to_string());
+    }
+    let path = std::fs::canonicalize(bundle).map_err(|e| format!("{bundle}: {e}"))?;
+    let path = if path.is_dir() { path.join("manifest.json") } else { path };
+    Ok(format!("file://{}", path.display()))
+}
+
+/// Checks the bundle at `url`; `sha256` is the manifest digest a deployment
+/// would carry (computed from the manifest when not given). Prints each step.
+/// `Ok` with the model's report when the agent would serve it.
+pub async fn check_bundle(url: &str, sha256: Option<String>, fetch: FetchConfig) -> Result<String, ErrorInfo> {
+    let data = tempfile::tempdir().map_err(|e| ErrorInfo::new(outpost_protocol::ErrorCode::Internal, e.to_string()))?;
+    let store = Arc::new(
+        Store::open(data.path()).map_err(|e| ErrorInfo::new(outpost_protocol::ErrorCode::Internal, e.to_string()))?,
+    );
+    let fetcher = Fetcher::new(fetch);
+    // The manifest's own name and version: what a deployment of it would say.
+    let (bytes, digest) = {
+        let (f, u) = (fetcher.clone(), url.to_string());
+        tokio::task::spawn_blocking(move || f.fetch_unverified(&u))
+            .await
+            .map_err(|e| ErrorInfo::new(outpost_protocol::ErrorCode::Internal, e.to_string()))??
+    };
+    let manifest = Manifest::from_json(&bytes).map_err(|e| e.info())?;
+    let sha = sha256.unwrap_or(digest);
+    let d = Deployment {
+        schema: outpost_protocol::deployment::SCHEMA.into(),
+        deployment_id: "check-bundle".into(),
+        revision: 1,
+        model: ModelRef {
+            name: manifest.name.clone(),
+            version: manifest.version.clone(),
+            manifest_url: url.to_string(),
+            manifest_sha256: sha,
+        },
+        serving: Default::default(),
+        policy: Default::default(),
+    };
+    d.validate().map_err(|e| e.info())?;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let reporter = Arc::new(Reporter::new("check-bundle", Topics::default(), tx, store.clone()));
+    let deployer = Arc::new(Deployer {
+        store,
+        fetcher,
+        engine: Arc::new(Engine::new(1, 0)),
+        reporter,
+        default_pool: (1, 0),
+        store_quota: None,
+        http: Default::default(),
+    });
+    let printer = tokio::spawn(async move {
+        while let Some(m) = rx.recv().await {
+            if let Ok(ev) = DeploymentEvent::from_json(&m.payload) {
+                let phase = serde_json::to_value(ev.phase).ok().and_then(|v| v.as_str().map(str::to_string));
+                let mut line = format!("  {:<12}", phase.unwrap_or_default());
+                if let Some(p) = ev.progress {
+                    line.push_str(&format!(" {}/{} bytes", p.bytes, p.total));
+                }
+                if let Some(e) = &ev.error {
+                    line.push_str(&format!(" {}: {}", e.code, e.message));
+                }
+                if let Some(x) = &ev.detail {
+                    line.push_str(&format!(" ({x})"));
+                }
+                println!("{line}");
+            }
+        }
+    });
+    let ended = tokio::task::spawn_blocking(move || deployer.run(Source::Device, &d, &Cancel::default()))
+        .await
+        .map_err(|e| ErrorInfo::new(outpost_protocol::ErrorCode::Internal, e.to_string()))?;
+    let _ = tokio::time::timeout(std::time::Duration::from_millis(200), printer).await;
+    match ended {
+        Ended::Active(model, _) => {
+            let tensors = |l: Vec<(String, outpost_protocol::Datatype, Vec<i64>)>| {
+                l.into_iter().map(|(n, d, s)| format!("{n} {d} {s:?}")).collect::<Vec<_>>().join(", ")
+            };
+            Ok(format!(
+                "{}@{}: inputs {}; outputs {}; loaded in {} ms; {}",
+                model.name,
+                model.version,
+                tensors(model.input_signature()),
+                tensors(model.output_signature()),
+                model.load_time.as_millis(),
+                model.validation
+            ))
+        }
+        Ended::Failed(e) => Err(e),
+        Ended::Superseded => Err(ErrorInfo::new(outpost_protocol::ErrorCode::Internal, "interrupted")),
+    }
+}
