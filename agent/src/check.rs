@@ -27,9 +27,13 @@ pub fn manifest_url(bundle: &str) -> Result<String, String> {
 /// would carry (computed from the manifest when not given). Prints each step.
 /// `Ok` with the model's report when the agent would serve it.
 pub async fn check_bundle(url: &str, sha256: Option<String>, fetch: FetchConfig) -> Result<String, ErrorInfo> {
-    let data = tempfile::tempdir().map_err(|e| ErrorInfo::new(outpost_protocol::ErrorCode::Internal, e.to_string()))?;
+    let internal = |what: &str, e: &dyn std::fmt::Display| {
+        ErrorInfo::new(outpost_protocol::ErrorCode::Internal, format!("{what}: {e}"))
+    };
+    let data =
+        tempfile::tempdir().map_err(|e| internal("cannot create a temporary store (is TMPDIR writable?)", &e))?;
     let store = Arc::new(
-        Store::open(data.path()).map_err(|e| ErrorInfo::new(outpost_protocol::ErrorCode::Internal, e.to_string()))?,
+        Store::open(data.path()).map_err(|e| internal("cannot open the temporary store (is TMPDIR writable?)", &e))?,
     );
     let fetcher = Fetcher::new(fetch);
     // The manifest's own name and version: what a deployment of it would say.
@@ -37,7 +41,7 @@ pub async fn check_bundle(url: &str, sha256: Option<String>, fetch: FetchConfig)
         let (f, u) = (fetcher.clone(), url.to_string());
         tokio::task::spawn_blocking(move || f.fetch_unverified(&u))
             .await
-            .map_err(|e| ErrorInfo::new(outpost_protocol::ErrorCode::Internal, e.to_string()))??
+            .map_err(|e| internal("the manifest download stopped", &e))??
     };
     let manifest = Manifest::from_json(&bytes).map_err(|e| e.info())?;
     let sha = sha256.unwrap_or(digest);
@@ -69,24 +73,13 @@ pub async fn check_bundle(url: &str, sha256: Option<String>, fetch: FetchConfig)
     let printer = tokio::spawn(async move {
         while let Some(m) = rx.recv().await {
             if let Ok(ev) = DeploymentEvent::from_json(&m.payload) {
-                let phase = serde_json::to_value(ev.phase).ok().and_then(|v| v.as_str().map(str::to_string));
-                let mut line = format!("  {:<12}", phase.unwrap_or_default());
-                if let Some(p) = ev.progress {
-                    line.push_str(&format!(" {}/{} bytes", p.bytes, p.total));
-                }
-                if let Some(e) = &ev.error {
-                    line.push_str(&format!(" {}: {}", e.code, e.message));
-                }
-                if let Some(x) = &ev.detail {
-                    line.push_str(&format!(" ({x})"));
-                }
-                println!("{line}");
+                println!("  {}", ev.summary());
             }
         }
     });
     let ended = tokio::task::spawn_blocking(move || deployer.run(Source::Device, &d, &Cancel::default()))
         .await
-        .map_err(|e| ErrorInfo::new(outpost_protocol::ErrorCode::Internal, e.to_string()))?;
+        .map_err(|e| internal("the check stopped", &e))?;
     let _ = tokio::time::timeout(std::time::Duration::from_millis(200), printer).await;
     match ended {
         Ended::Active(model, _) => {

@@ -23,6 +23,23 @@ pub enum Phase {
 }
 
 impl Phase {
+    /// The wire name (`rolled_back`, ...).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Received => "received",
+            Phase::Downloading => "downloading",
+            Phase::Verifying => "verifying",
+            Phase::Loading => "loading",
+            Phase::Validating => "validating",
+            Phase::Active => "active",
+            Phase::Failed => "failed",
+            Phase::RolledBack => "rolled_back",
+            Phase::Superseded => "superseded",
+            Phase::Unchanged => "unchanged",
+            Phase::Undeployed => "undeployed",
+        }
+    }
+
     /// A phase after which nothing more happens for this deployment.
     pub fn is_final(self) -> bool {
         matches!(
@@ -67,5 +84,43 @@ impl DeploymentEvent {
     pub fn from_json(bytes: &[u8]) -> Result<DeploymentEvent, ProtocolError> {
         check_schema(bytes, SCHEMA)?;
         parse_json(bytes)
+    }
+
+    /// One line for a person: phase, progress, error, detail.
+    pub fn summary(&self) -> String {
+        let mut line = format!("{:<12}", self.phase.as_str());
+        if let Some(p) = self.progress {
+            line.push_str(&format!(" {}/{} bytes", p.bytes, p.total));
+        }
+        if let Some(e) = &self.error {
+            line.push_str(&format!(" {}: {}", e.code, e.message));
+        }
+        if let Some(d) = &self.detail {
+            line.push_str(&format!(" ({d})"));
+        }
+        line
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn phase_names_are_the_wire_names() {
+        use super::Phase::*;
+        for p in [
+            Received,
+            Downloading,
+            Verifying,
+            Loading,
+            Validating,
+            Active,
+            Failed,
+            RolledBack,
+            Superseded,
+            Unchanged,
+            Undeployed,
+        ] {
+            assert_eq!(serde_json::to_value(p).unwrap(), p.as_str());
+        }
     }
 }

@@ -187,18 +187,7 @@ pub async fn wait_for_outcome(
 }
 
 pub fn print_event(ev: &DeploymentEvent) {
-    let phase = serde_json::to_value(ev.phase).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default();
-    let mut line = format!("  {:<12} {:<12}", ev.device, phase);
-    if let Some(p) = ev.progress {
-        line.push_str(&format!(" {}/{} bytes", p.bytes, p.total));
-    }
-    if let Some(e) = &ev.error {
-        line.push_str(&format!(" {}: {}", e.code, e.message));
-    }
-    if let Some(d) = &ev.detail {
-        line.push_str(&format!(" ({d})"));
-    }
-    println!("{line}");
+    println!("  {:<12} {}", ev.device, ev.summary());
 }
 
 /// True when a final event means success.
