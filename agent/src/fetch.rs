@@ -175,7 +175,32 @@ impl Fetcher {
         cancel: &Cancel,
         on_retry: OnRetry<'_>,
     ) -> Result<Vec<u8>, FetchError> {
+        let (bytes, digest) = self.fetch_document(url, what, max, cancel, on_retry)?;
+        check_digest(what, expected_sha256, &digest).map_err(|e| FetchError::Failed(e.info))?;
+        Ok(bytes)
+    }
+
+    /// Fetches a manifest without a digest to check against (`check-bundle`
+    /// when the operator gives none): its bytes and their sha256.
+    pub fn fetch_unverified(&self, url: &str) -> Result<(Vec<u8>, String), ErrorInfo> {
+        match self.fetch_document(url, "manifest.json", MAX_MANIFEST_BYTES, &Cancel::default(), &mut |_, _, _| {}) {
+            Ok((bytes, digest)) => Ok((bytes, hex(&digest))),
+            Err(FetchError::Failed(e)) => Err(e),
+            Err(FetchError::Cancelled) => Err(ErrorInfo::new(ErrorCode::Internal, "cancelled")),
+        }
+    }
+
+    /// A whole document of at most `max` bytes, with its sha256.
+    fn fetch_document(
+        &self,
+        url: &str,
+        what: &str,
+        max: u64,
+        cancel: &Cancel,
+        on_retry: OnRetry<'_>,
+    ) -> Result<(Vec<u8>, [u8; 32]), FetchError> {
         let mut out = Vec::new();
+        let mut digest = [0u8; 32];
         self.with_retries(url, cancel, on_retry, &mut |_| {
             out.clear();
             let (reader, _) = self.open(url, what, 0)?;
@@ -183,34 +208,10 @@ impl Fetcher {
             if n > max {
                 return Err(permanent(ErrorCode::TooLarge, format!("{what}: larger than the {max}-byte limit")));
             }
-            check_digest(what, expected_sha256, &hasher.finalize().into())
-        })?;
-        Ok(out)
-    }
-
-    /// Fetches a manifest without a digest to check against (`check-bundle`
-    /// when the operator gives none): its bytes and their sha256.
-    pub fn fetch_unverified(&self, url: &str) -> Result<(Vec<u8>, String), ErrorInfo> {
-        let (cap, cancel) = (MAX_MANIFEST_BYTES, Cancel::default());
-        let mut out = Vec::new();
-        let result = self.with_retries(url, &cancel, &mut |_, _, _| {}, &mut |_| {
-            out.clear();
-            let (reader, _) = self.open(url, "manifest.json", 0)?;
-            let (_, n) =
-                copy_capped(reader, &mut out, Sha256::new(), 0, cap, "manifest.json", url, &cancel, &mut |_| {})?;
-            if n > cap {
-                return Err(permanent(ErrorCode::TooLarge, format!("manifest.json: larger than the {cap}-byte limit")));
-            }
+            digest = hasher.finalize().into();
             Ok(())
-        });
-        match result {
-            Ok(()) => {
-                let digest: [u8; 32] = Sha256::digest(&out).into();
-                Ok((out, hex(&digest)))
-            }
-            Err(FetchError::Failed(e)) => Err(e),
-            Err(FetchError::Cancelled) => Err(ErrorInfo::new(ErrorCode::Internal, "cancelled")),
-        }
+        })?;
+        Ok((out, digest))
     }
 
     /// Downloads one file into `partial`, resuming from what it already holds
