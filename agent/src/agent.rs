@@ -2,6 +2,7 @@
 //! together and routes what arrives.
 
 use crate::deploy::{Deployer, Ended};
+use crate::engine::InferFailure;
 use crate::fetch::{Cancel, FetchConfig, Fetcher};
 use crate::mqtt::{Backoff, SessionConfig, publisher};
 use crate::reconcile::{Decision, Reconciler, Source};
@@ -42,6 +43,8 @@ pub enum AgentError {
     DataDir { dir: PathBuf, source: std::io::Error },
     #[error("HTTP endpoint {addr}: {source} (choose another address with --http-bind IP:PORT, or --http-bind off)")]
     HttpBind { addr: std::net::SocketAddr, source: std::io::Error },
+    #[error("MQTT over TLS: {0}")]
+    Tls(String),
 }
 
 enum Job {
@@ -90,9 +93,14 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         let limit = config.session.max_packet_size;
         tokio::spawn(async move {
             while let Some(c) = capture_rx.recv().await {
-                let mut payload = serde_json::to_value(&c).unwrap_or_default();
-                payload["device"] = reporter.device().into();
-                let payload = serde_json::to_vec(&payload).unwrap_or_default();
+                #[derive(serde::Serialize)]
+                struct Published<'a> {
+                    device: &'a str,
+                    #[serde(flatten)]
+                    capture: crate::serve::Capture,
+                }
+                let payload =
+                    serde_json::to_vec(&Published { device: reporter.device(), capture: c }).unwrap_or_default();
                 if payload.len() + topic.len() + 16 > limit {
                     tracing::debug!(bytes = payload.len(), "capture over the packet limit: skipped");
                     continue;
@@ -127,7 +135,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         None => None,
     };
 
-    let opts = crate::mqtt::options(&config.session, &config.topics, &config.device);
+    let opts = crate::mqtt::options(&config.session, &config.topics, &config.device).map_err(AgentError::Tls)?;
     let (client, mut eventloop) = AsyncClient::new(opts, 1024);
     let journal =
         Arc::new(Mutex::new(crate::journal::Journal::open(&config.data_dir, crate::journal::DEFAULT_MAX_ENTRIES)));
@@ -426,21 +434,16 @@ async fn on_infer(
     payload: &[u8],
     max_packet: usize,
 ) {
-    if payload.len() > max_packet {
+    let answer = if payload.len() > max_packet {
         // Refused unread (the limit protects memory); the id is still salvaged for the answer.
-        let (id, reply_to) = outpost_protocol::InferRequest::salvage(payload);
-        let error = format!(
+        let message = format!(
             "the request is {} bytes, over the MQTT packet limit of {max_packet} (--max-packet-size): send a smaller batch, or use the HTTP endpoint",
             payload.len()
         );
-        let topic = reply_to.filter(|t| valid_reply_topic(t)).unwrap_or_else(|| topics.predictions(device));
-        let body = serde_json::to_vec(&InferError { id, error, code: ErrorCode::TooLarge }).unwrap_or_default();
-        engine.counters.requests.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        engine.counters.errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        reporter.send(Outgoing { topic, payload: body, retain: false, reliable: true });
-        return;
-    }
-    let answer = engine.infer_body(payload, None).await;
+        engine.refuse(payload, InferFailure { code: ErrorCode::TooLarge, message })
+    } else {
+        engine.infer_body(payload, None).await
+    };
     let topic = answer.reply_to.filter(|t| valid_reply_topic(t)).unwrap_or_else(|| topics.predictions(device));
     let mut body = match answer.result {
         Ok(resp) => serde_json::to_vec(&resp),

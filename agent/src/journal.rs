@@ -72,7 +72,7 @@ impl Journal {
             self.rewrite();
             return;
         }
-        let line = self.line(self.entries.back());
+        let line = self.entries.back().map(line).unwrap_or_default();
         let written = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -92,17 +92,9 @@ impl Journal {
         all
     }
 
-    fn line(&self, m: Option<&Outgoing>) -> String {
-        m.map(|m| {
-            let e = Entry { topic: m.topic.clone(), payload: String::from_utf8_lossy(&m.payload).into_owned() };
-            serde_json::to_string(&e).unwrap_or_default() + "\n"
-        })
-        .unwrap_or_default()
-    }
-
     /// Writes the whole journal anew (temp file, fsync, rename).
     fn rewrite(&self) {
-        let text: String = self.entries.iter().map(|m| self.line(Some(m))).collect();
+        let text: String = self.entries.iter().map(line).collect();
         let tmp = self.path.with_extension("jsonl.tmp");
         let result = std::fs::File::create(&tmp)
             .and_then(|mut f| f.write_all(text.as_bytes()).and_then(|_| f.sync_all()))
@@ -111,6 +103,12 @@ impl Journal {
             tracing::error!(error = %e, "cannot rewrite the journal");
         }
     }
+}
+
+/// A message as one line of the journal file.
+fn line(m: &Outgoing) -> String {
+    let e = Entry { topic: m.topic.clone(), payload: String::from_utf8_lossy(&m.payload).into_owned() };
+    serde_json::to_string(&e).unwrap_or_default() + "\n"
 }
 
 #[cfg(test)]

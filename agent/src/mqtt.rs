@@ -129,7 +129,9 @@ pub struct SessionConfig {
     pub persistent_session: bool,
 }
 
-pub fn options(cfg: &SessionConfig, topics: &Topics, device: &str) -> MqttOptions {
+/// The session's MQTT options. Fails only when an `mqtts://` broker has no
+/// usable TLS configuration: the device never falls back to plain text.
+pub fn options(cfg: &SessionConfig, topics: &Topics, device: &str) -> Result<MqttOptions, String> {
     let mut o = MqttOptions::new(cfg.client_id.clone(), cfg.broker.host.clone(), cfg.broker.port);
     o.set_keep_alive(cfg.keep_alive);
     o.set_last_will(LastWill::new(topics.availability(device), "offline", QoS::AtLeastOnce, true));
@@ -147,20 +149,14 @@ pub fn options(cfg: &SessionConfig, topics: &Topics, device: &str) -> MqttOption
     if cfg.broker.tls {
         let tls = match &cfg.tls {
             Some(t) => t.clone(),
-            None => match tls_config(None, None) {
-                Ok(t) => t,
-                Err(e) => {
-                    tracing::error!(error = %e, "TLS configuration");
-                    return o;
-                }
-            },
+            None => tls_config(None, None)?,
         };
         o.set_transport(rumqttc::Transport::tls_with_config(rumqttc::TlsConfiguration::Rustls(tls)));
     }
     if let Some(c) = &cfg.credentials {
         o.set_credentials(c.username.clone(), c.password.clone());
     }
-    o
+    Ok(o)
 }
 
 /// Reconnect delays: exponential from 250 ms, capped at 30 s, with jitter so
@@ -203,11 +199,9 @@ pub async fn publisher(
     journal: std::sync::Arc<std::sync::Mutex<crate::journal::Journal>>,
     mut online: tokio::sync::watch::Receiver<bool>,
 ) {
-    let lock = |j: &std::sync::Mutex<crate::journal::Journal>| {
-        // The journal is plain data; a panic elsewhere leaves it usable.
-        let mut g = j.lock().unwrap_or_else(|p| p.into_inner());
-        g.take_all()
-    };
+    // The journal is plain data: a panic elsewhere leaves it usable.
+    let backlog =
+        |j: &std::sync::Mutex<crate::journal::Journal>| j.lock().unwrap_or_else(|p| p.into_inner()).take_all();
     loop {
         let m = tokio::select! {
             m = rx.recv() => match m { Some(m) => Some(m), None => return },
@@ -218,11 +212,11 @@ pub async fn publisher(
         };
         let is_online = *online.borrow();
         if is_online {
-            let backlog = lock(&journal);
-            if !backlog.is_empty() {
-                tracing::info!(messages = backlog.len(), "publishing what was journaled while offline");
+            let pending = backlog(&journal);
+            if !pending.is_empty() {
+                tracing::info!(messages = pending.len(), "publishing what was journaled while offline");
             }
-            for b in backlog {
+            for b in pending {
                 send(&client, b, max_packet_size).await;
             }
         }

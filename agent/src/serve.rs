@@ -164,6 +164,9 @@ const RECENT: usize = 1024;
 pub struct Engine {
     active: ArcSwapOption<Model>,
     probation: std::sync::Mutex<Option<OnProbation>>,
+    /// Whether `probation` holds a version: lets every request outside a
+    /// probation window skip the lock.
+    on_probation: std::sync::atomic::AtomicBool,
     probation_tokens: AtomicU64,
     verdicts: std::sync::Mutex<Option<tokio::sync::mpsc::UnboundedSender<ProbationEnd>>>,
     /// (model identity, latency in µs) of the last requests.
@@ -186,6 +189,7 @@ impl Engine {
         Engine {
             active: ArcSwapOption::empty(),
             probation: Default::default(),
+            on_probation: Default::default(),
             probation_tokens: AtomicU64::new(0),
             verdicts: Default::default(),
             recent: Default::default(),
@@ -218,8 +222,21 @@ impl Engine {
     /// Makes `model` serve new requests; returns the one it replaces. Ends
     /// any probation (a newer deployment or an undeploy decides now).
     pub fn swap(&self, model: Option<Arc<Model>>) -> Option<Arc<Model>> {
-        self.lock_probation().take();
+        self.take_probation(&mut self.lock_probation(), |_| true);
         self.active.swap(model)
+    }
+
+    /// Ends the probation in `guard` if `which` picks it.
+    fn take_probation(
+        &self,
+        guard: &mut Option<OnProbation>,
+        which: impl FnOnce(&mut OnProbation) -> bool,
+    ) -> Option<OnProbation> {
+        let p = guard.take_if(which);
+        if guard.is_none() {
+            self.on_probation.store(false, Ordering::SeqCst);
+        }
+        p
     }
 
     /// Sets the share of requests captured (the deployment's `serving.capture_rate`).
@@ -289,6 +306,7 @@ impl Engine {
         let token = self.probation_tokens.fetch_add(1, Ordering::Relaxed) + 1;
         let mut p = self.lock_probation();
         *p = Some(OnProbation { token, model: model.clone(), previous, watch: Watch::new(limits, baseline), context });
+        self.on_probation.store(true, Ordering::SeqCst);
         self.active.store(Some(model));
         token
     }
@@ -297,11 +315,8 @@ impl Engine {
     /// version passes, or is rolled back if it broke a limit.
     pub fn close_probation(&self, token: u64) {
         let mut guard = self.lock_probation();
-        if guard.as_ref().is_none_or(|p| p.token != token) {
-            return;
-        }
-        let verdict = guard.as_ref().map(|p| p.watch.close()).unwrap_or(Verdict::Watching);
-        if let Some(p) = guard.take() {
+        if let Some(p) = self.take_probation(&mut guard, |p| p.token == token) {
+            let verdict = p.watch.close();
             self.end_probation(p, verdict);
         }
     }
@@ -323,10 +338,13 @@ impl Engine {
 
     /// Counts a request the model on probation ran; rolls back on a breach.
     fn watch(&self, model: &Arc<Model>, outcome: ProbationOutcome) {
+        if !self.on_probation.load(Ordering::SeqCst) {
+            return;
+        }
         let mut guard = self.lock_probation();
         let Some(p) = guard.as_mut().filter(|p| Arc::ptr_eq(&p.model, model)) else { return };
         if let Verdict::Fail(e) = p.watch.record(outcome)
-            && let Some(p) = guard.take()
+            && let Some(p) = self.take_probation(&mut guard, |_| true)
         {
             self.end_probation(p, Verdict::Fail(e));
         }
@@ -334,6 +352,9 @@ impl Engine {
 
     /// The version a request to `model` falls back to while `model` is on probation.
     fn fallback_for(&self, model: &Arc<Model>) -> Option<Arc<Model>> {
+        if !self.on_probation.load(Ordering::SeqCst) {
+            return None;
+        }
         self.lock_probation().as_ref().filter(|p| Arc::ptr_eq(&p.model, model)).map(|p| p.previous.clone())
     }
 
@@ -366,18 +387,20 @@ impl Engine {
                 Answer { id, reply_to, binary, result }
             }
             Err(e) => {
-                self.counters.requests.fetch_add(1, Ordering::Relaxed);
-                self.counters.errors.fetch_add(1, Ordering::Relaxed);
                 let head = binary_header.and_then(|n| body.get(..n)).unwrap_or(body);
-                let (id, reply_to) = InferRequest::salvage(head);
-                Answer {
-                    id,
-                    reply_to,
-                    binary: Default::default(),
-                    result: Err(InferFailure { code: e.code, message: e.to_string() }),
-                }
+                self.refuse(head, InferFailure { code: e.code, message: e.to_string() })
             }
         }
+    }
+
+    /// Answers a body that is not run (unreadable, or over a size limit):
+    /// counted as a failed request, answered with `failure` under the `id`
+    /// and `reply_to` salvaged from it.
+    pub fn refuse(&self, body: &[u8], failure: InferFailure) -> Answer {
+        self.counters.requests.fetch_add(1, Ordering::Relaxed);
+        self.counters.errors.fetch_add(1, Ordering::Relaxed);
+        let (id, reply_to) = InferRequest::salvage(body);
+        Answer { id, reply_to, binary: Default::default(), result: Err(failure) }
     }
 
     /// Runs one request on a worker thread, or refuses it at once.
