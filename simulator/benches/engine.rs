@@ -1,8 +1,9 @@
 //! Engine choices, measured side by side in one run (this machine is shared
 //! and noisy, so only the ratios mean much):
 //!
-//! 1. a dynamic batch dimension left symbolic vs fixed to 1, for one-sample
-//!    requests on the digits MLP and CNN;
+//! 1. one-sample requests on a model with a dynamic batch: on the symbolic
+//!    plan alone, on the agent's extra batch-1 plan, and on a model whose
+//!    manifest fixes the batch to 1 (digits MLP and CNN);
 //! 2. tract's single-threaded vs multi-threaded executor, on the digits CNN
 //!    and on a detector-sized convnet (480x640x3 input), and what `auto` picks.
 //!
@@ -75,16 +76,21 @@ fn us(d: Duration) -> f64 {
 fn main() {
     let reg = tempfile::tempdir().unwrap();
     let fixtures = root().join("fixtures");
-    println!("1. dynamic batch: symbolic N vs fixed to 1 (one-sample requests, median of 5000)");
+    println!(
+        "1. one-sample requests, dynamic batch: symbolic plan only / with the batch-1 plan / batch fixed to 1 (median of 5000)"
+    );
     for (name, file) in [("digits MLP", "digits-mlp.onnx"), ("digits CNN", "digits-cnn.onnx")] {
         let path = fixtures.join(file);
-        let (sym, req) = load(reg.path(), &path, &format!("{file}-sym"), vec![], |_| {});
+        let (with_one, req) = load(reg.path(), &path, &format!("{file}-sym"), vec![], |_| {});
         let (fixed, req1) = load(reg.path(), &path, &format!("{file}-1"), vec![("input".into(), vec![1, 64])], |_| {});
-        let (a, b) = (median(&sym, &req, 5000), median(&fixed, &req1, 5000));
+        let (symbolic, _) = load(reg.path(), &path, &format!("{file}-sym-only"), vec![], |_| {});
+        let symbolic = symbolic.without_batch_one_plan();
+        let (a, b, c) = (median(&symbolic, &req, 5000), median(&with_one, &req, 5000), median(&fixed, &req1, 5000));
         println!(
-            "  {name:<12} symbolic {:>8.1} us   fixed {:>8.1} us   symbolic/fixed = {:.2}",
+            "  {name:<12} symbolic only {:>8.1} us   with batch-1 plan {:>8.1} us   fixed {:>8.1} us   symbolic/with = {:.2}",
             us(a),
             us(b),
+            us(c),
             us(a) / us(b)
         );
     }
