@@ -4,14 +4,14 @@
 use crate::deploy::{Deployer, Ended};
 use crate::engine::InferFailure;
 use crate::fetch::{Cancel, FetchConfig, Fetcher};
-use crate::mqtt::{Backoff, SessionConfig, publisher};
+use crate::mqtt::{Backoff, Link, Message, Net, Protocol, Session, SessionConfig, publisher};
 use crate::reconcile::{Decision, Reconciler, Source};
 use crate::serve::Engine;
-use crate::status::{Outgoing, Reporter};
+use crate::status::{ActiveRecord, Outgoing, Reporter};
 use crate::store::Store;
 use outpost_protocol::topics::TopicKind;
 use outpost_protocol::{Deployment, ErrorCode, ErrorInfo, InferError, Outcome, Phase, ProtocolError, Topics};
-use rumqttc::{AsyncClient, Event, Packet, QoS};
+use rumqttc::QoS;
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -85,6 +85,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     if let Some(refused) = reporter.record().rolled_back {
         reconciler.restore(refused.source, refused.deployment);
     }
+    let interrupted = reporter.record().pending;
     // Captured requests and answers go out on `capture`, QoS 0, never journaled.
     let (capture_tx, mut capture_rx) = mpsc::unbounded_channel::<crate::serve::Capture>();
     engine.on_capture(capture_tx);
@@ -105,7 +106,13 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
                     tracing::debug!(bytes = payload.len(), "capture over the packet limit: skipped");
                     continue;
                 }
-                reporter.send(Outgoing { topic: topic.clone(), payload, retain: false, reliable: false });
+                reporter.send(Outgoing {
+                    topic: topic.clone(),
+                    payload,
+                    retain: false,
+                    reliable: false,
+                    correlation: None,
+                });
             }
         });
     }
@@ -135,16 +142,27 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         None => None,
     };
 
-    let opts = crate::mqtt::options(&config.session, &config.topics, &config.device).map_err(AgentError::Tls)?;
-    let (client, mut eventloop) = AsyncClient::new(opts, 1024);
+    let mut protocol = config.session.protocol;
+    let (client, mut session) =
+        Session::new(&config.session, &config.topics, &config.device, 1024).map_err(AgentError::Tls)?;
+    let link = Link::new(client);
+    let acks = crate::mqtt::acker(link.clone());
     let journal =
         Arc::new(Mutex::new(crate::journal::Journal::open(&config.data_dir, crate::journal::DEFAULT_MAX_ENTRIES)));
     let (online_tx, online_rx) = tokio::sync::watch::channel(false);
-    tokio::spawn(publisher(client.clone(), out_rx, config.session.max_packet_size, journal.clone(), online_rx));
+    tokio::spawn(publisher(link.clone(), out_rx, config.session.max_packet_size, journal.clone(), online_rx));
 
     let current_cancel: Arc<Mutex<Option<Cancel>>> = Arc::new(Mutex::new(None));
     let (job_tx, job_rx) = mpsc::unbounded_channel::<Job>();
     tokio::spawn(deploy_worker(job_rx, deployer.clone(), reporter.clone(), engine.clone()));
+
+    // A deployment accepted before a restart and not finished: resume it
+    // from the store and the registry, without waiting for the broker.
+    if let Some(p) = interrupted
+        && let Decision::Deploy(d) = reconciler.on_message(p.source, Some(Ok(p.deployment)))
+    {
+        start(p.source, d, "resumed after a restart", &reporter, &job_tx, &current_cancel);
+    }
 
     let mut subscriptions = vec![config.topics.device_desired(&config.device), config.topics.infer(&config.device)];
     subscriptions.extend(config.groups.iter().map(|g| config.topics.group_desired(g)));
@@ -158,6 +176,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let mut backoff = Backoff::new();
     let mut reconnects: u64 = 0;
     let mut connected_once = false;
+    let mut closed_before_connack = 0u32;
     tokio::pin!(shutdown);
     loop {
         let event = tokio::select! {
@@ -173,13 +192,14 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
                     payload: serde_json::to_vec(&t).unwrap_or_default(),
                     retain: false,
                     reliable: false,
+                    correlation: None,
                 });
                 continue;
             }
-            e = eventloop.poll() => e,
+            e = session.poll() => e,
         };
         match event {
-            Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+            Net::Connected { session_present } => {
                 backoff.reset();
                 let _ = online_tx.send(true);
                 if connected_once {
@@ -189,8 +209,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
                 tracing::info!(broker = %config.session.broker, reconnects, "connected");
                 // A clean session has no subscriptions: subscribe on every ConnAck.
                 // From another task: awaiting a full request channel here would stall the event loop.
-                if !ack.session_present {
-                    let (client, topics) = (client.clone(), subscriptions.clone());
+                if !session_present {
+                    let (client, topics) = (link.clone(), subscriptions.clone());
                     tokio::spawn(async move {
                         for t in topics {
                             if let Err(e) = client.subscribe(t.clone(), QoS::AtLeastOnce).await {
@@ -204,43 +224,55 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
                     payload: b"online".to_vec(),
                     retain: true,
                     reliable: true,
+                    correlation: None,
                 });
                 reporter.publish_state();
             }
-            Ok(Event::Incoming(Packet::Publish(p))) => match config.topics.classify(&p.topic) {
-                Some(TopicKind::DeviceDesired(d)) if d == config.device => {
-                    let max = config.session.max_packet_size;
-                    on_desired(&mut reconciler, Source::Device, &p.payload, max, &reporter, &job_tx, &current_cancel);
-                }
-                Some(TopicKind::GroupDesired(g)) => {
-                    if let Some(i) = config.groups.iter().position(|x| x == g) {
-                        let max = config.session.max_packet_size;
-                        on_desired(
-                            &mut reconciler,
-                            Source::Group(i),
-                            &p.payload,
-                            max,
-                            &reporter,
-                            &job_tx,
-                            &current_cancel,
+            Net::Message(m) => {
+                let source = match config.topics.classify(m.topic()) {
+                    Some(TopicKind::DeviceDesired(d)) if d == config.device => Some(Source::Device),
+                    Some(TopicKind::GroupDesired(g)) => config.groups.iter().position(|x| x == g).map(Source::Group),
+                    Some(TopicKind::Infer(d)) if d == config.device => {
+                        let (engine, reporter, topics, device) =
+                            (engine.clone(), reporter.clone(), config.topics.clone(), config.device.clone());
+                        let limit = config.session.max_packet_size;
+                        let request = m.clone();
+                        tokio::spawn(
+                            async move { on_infer(&engine, &reporter, &topics, &device, &request, limit).await },
                         );
+                        None
                     }
+                    _ => {
+                        tracing::debug!(topic = %m.topic(), "ignored message");
+                        None
+                    }
+                };
+                if let Some(source) = source {
+                    let max = config.session.max_packet_size;
+                    on_desired(&mut reconciler, source, m.payload(), max, &reporter, &job_tx, &current_cancel).await;
                 }
-                Some(TopicKind::Infer(d)) if d == config.device => {
-                    let (engine, reporter, topics, device) =
-                        (engine.clone(), reporter.clone(), config.topics.clone(), config.device.clone());
-                    let limit = config.session.max_packet_size;
-                    tokio::spawn(
-                        async move { on_infer(&engine, &reporter, &topics, &device, &p.payload, limit).await },
-                    );
-                }
-                _ => tracing::debug!(topic = %p.topic, "ignored message"),
-            },
-            Ok(_) => {}
-            Err(e) => {
+                // Acked once handled: a desired state only after it is recorded on disk.
+                let _ = acks.send(m);
+            }
+            Net::Disconnected | Net::Other => {}
+            Net::Error { text, refused_protocol } => {
                 let _ = online_tx.send(false);
+                // A broker without MQTT 5 refuses it, or (rumqttd, older
+                // brokers) closes the connection before any ConnAck.
+                if protocol == Protocol::V5 && !connected_once && text.contains("closed by peer") {
+                    closed_before_connack += 1;
+                }
+                if protocol == Protocol::V5 && (refused_protocol || closed_before_connack >= 2) {
+                    tracing::warn!(error = %text, "the broker does not speak MQTT 5: falling back to MQTT 3.1.1");
+                    protocol = Protocol::V311;
+                    let cfg = SessionConfig { protocol, ..config.session.clone() };
+                    let (client, s) =
+                        Session::new(&cfg, &config.topics, &config.device, 1024).map_err(AgentError::Tls)?;
+                    link.replace(client);
+                    session = s;
+                    continue;
+                }
                 let delay = backoff.next_delay();
-                let text = e.to_string();
                 match crate::mqtt::diagnose(&text) {
                     Some(hint) => {
                         tracing::error!(error = %text, retry_in_ms = delay.as_millis() as u64, "cannot connect to the broker: {hint}")
@@ -262,12 +294,13 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     if let Some(c) = current_cancel.lock().unwrap_or_else(|p| p.into_inner()).take() {
         c.cancel();
     }
-    let _ = client.try_publish(config.topics.availability(&config.device), QoS::AtLeastOnce, true, "offline");
-    let _ = client.try_disconnect();
+    link.try_publish(config.topics.availability(&config.device), QoS::AtLeastOnce, true, "offline");
+    link.try_disconnect();
     let _ = tokio::time::timeout(Duration::from_secs(2), async {
-        while let Ok(ev) = eventloop.poll().await {
-            if let Event::Outgoing(rumqttc::Outgoing::Disconnect) = ev {
-                break;
+        loop {
+            match session.poll().await {
+                Net::Disconnected | Net::Error { .. } => break,
+                _ => {}
             }
         }
     })
@@ -279,12 +312,14 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     Ok(())
 }
 
-fn on_desired(
+/// Handles a desired-state message. A deployment (or undeployment) is
+/// recorded on disk before this returns, so the message can be acked.
+async fn on_desired(
     reconciler: &mut Reconciler,
     source: Source,
     payload: &[u8],
     max: usize,
-    reporter: &Reporter,
+    reporter: &Arc<Reporter>,
     jobs: &mpsc::UnboundedSender<Job>,
     current: &Mutex<Option<Cancel>>,
 ) {
@@ -302,20 +337,30 @@ fn on_desired(
     };
     match reconciler.on_message(source, parsed) {
         Decision::Deploy(d) => {
-            let cancel = Cancel::default();
-            if let Some(old) = current.lock().unwrap_or_else(|p| p.into_inner()).replace(cancel.clone()) {
-                old.cancel();
-            }
-            reporter.event(&d, Phase::Received, None, None, Some(format!("{}@{}", d.model.name, d.model.version)));
-            let _ = jobs.send(Job::Deploy(source, Box::new(d), cancel));
+            crate::crash_point("desired-received");
+            let pending = ActiveRecord { source, deployment: d.clone(), since: crate::status::now_rfc3339() };
+            record_pending(reporter, Some(pending)).await;
+            start(source, d, "", reporter, jobs, current);
         }
         Decision::Undeploy => {
+            record_pending(reporter, None).await;
             if let Some(old) = current.lock().unwrap_or_else(|p| p.into_inner()).take() {
                 old.cancel();
             }
             let _ = jobs.send(Job::Undeploy);
         }
-        Decision::Unchanged(d) => reporter.event(&d, Phase::Unchanged, None, None, Some("already applied".into())),
+        Decision::Unchanged(d) => {
+            let in_progress = reporter
+                .record()
+                .pending
+                .is_some_and(|p| p.deployment.deployment_id == d.deployment_id && p.deployment.revision == d.revision);
+            if in_progress {
+                // A redelivery or retained replay while it deploys: its own events follow.
+                tracing::debug!(deployment = %d.deployment_id, "desired state seen again while it deploys");
+            } else {
+                reporter.event(&d, Phase::Unchanged, None, None, Some("already applied".into()))
+            }
+        }
         Decision::Stale { deployment, newest } => reporter.event(
             &deployment,
             Phase::Failed,
@@ -339,6 +384,31 @@ fn on_desired(
         Decision::Invalid(e) => invalid_desired(reporter, payload, &e),
         Decision::Nothing => {}
     }
+}
+
+/// Persists what is being deployed (an fsync: off the reactor).
+async fn record_pending(reporter: &Arc<Reporter>, pending: Option<ActiveRecord>) {
+    let r = reporter.clone();
+    let _ = tokio::task::spawn_blocking(move || r.set_pending(pending)).await;
+}
+
+/// Starts deploying `d`, superseding whatever deployment is in progress.
+fn start(
+    source: Source,
+    d: Deployment,
+    why: &str,
+    reporter: &Reporter,
+    jobs: &mpsc::UnboundedSender<Job>,
+    current: &Mutex<Option<Cancel>>,
+) {
+    let cancel = Cancel::default();
+    if let Some(old) = current.lock().unwrap_or_else(|p| p.into_inner()).replace(cancel.clone()) {
+        old.cancel();
+    }
+    let what = format!("{}@{}", d.model.name, d.model.version);
+    let detail = if why.is_empty() { what } else { format!("{what} ({why})") };
+    reporter.event(&d, Phase::Received, None, None, Some(detail));
+    let _ = jobs.send(Job::Deploy(source, Box::new(d), cancel));
 }
 
 /// A desired message that is not a valid deployment: report it under the id
@@ -431,9 +501,10 @@ async fn on_infer(
     reporter: &Reporter,
     topics: &Topics,
     device: &str,
-    payload: &[u8],
+    request: &Message,
     max_packet: usize,
 ) {
+    let payload = request.payload();
     let answer = if payload.len() > max_packet {
         // Refused unread (the limit protects memory); the id is still salvaged for the answer.
         let message = format!(
@@ -444,7 +515,13 @@ async fn on_infer(
     } else {
         engine.infer_body(payload, None).await
     };
-    let topic = answer.reply_to.filter(|t| valid_reply_topic(t)).unwrap_or_else(|| topics.predictions(device));
+    // MQTT 5's response topic first, then `reply_to` in the request, then `predictions`.
+    let topic = request
+        .response_topic()
+        .map(str::to_string)
+        .filter(|t| valid_reply_topic(t))
+        .or(answer.reply_to.filter(|t| valid_reply_topic(t)))
+        .unwrap_or_else(|| topics.predictions(device));
     let mut body = match answer.result {
         Ok(resp) => serde_json::to_vec(&resp),
         Err(f) => serde_json::to_vec(&InferError { id: answer.id.clone(), error: f.message, code: f.code }),
@@ -459,7 +536,8 @@ async fn on_infer(
         );
         body = serde_json::to_vec(&InferError { id: answer.id, error, code: ErrorCode::TooLarge }).unwrap_or_default();
     }
-    reporter.send(Outgoing { topic, payload: body, retain: false, reliable: true });
+    let correlation = request.correlation().map(<[u8]>::to_vec);
+    reporter.send(Outgoing { topic, payload: body, retain: false, reliable: true, correlation });
 }
 
 /// A reply topic must be publishable: no wildcards, not empty.

@@ -19,6 +19,8 @@ pub const DEFAULT_MAX_ENTRIES: usize = 10_000;
 struct Entry {
     topic: String,
     payload: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    correlation: Option<Vec<u8>>,
 }
 
 #[derive(Debug)]
@@ -39,7 +41,13 @@ impl Journal {
             .unwrap_or_default()
             .lines()
             .filter_map(|l| serde_json::from_str::<Entry>(l).ok())
-            .map(|e| Outgoing { topic: e.topic, payload: e.payload.into_bytes(), retain: false, reliable: true })
+            .map(|e| Outgoing {
+                topic: e.topic,
+                payload: e.payload.into_bytes(),
+                retain: false,
+                reliable: true,
+                correlation: e.correlation,
+            })
             .collect();
         if !entries.is_empty() {
             tracing::info!(pending = entries.len(), "journal of an earlier outage found: it is published on connect");
@@ -107,7 +115,11 @@ impl Journal {
 
 /// A message as one line of the journal file.
 fn line(m: &Outgoing) -> String {
-    let e = Entry { topic: m.topic.clone(), payload: String::from_utf8_lossy(&m.payload).into_owned() };
+    let e = Entry {
+        topic: m.topic.clone(),
+        payload: String::from_utf8_lossy(&m.payload).into_owned(),
+        correlation: m.correlation.clone(),
+    };
     serde_json::to_string(&e).unwrap_or_default() + "\n"
 }
 
@@ -121,6 +133,7 @@ mod tests {
             payload: format!("{{\"n\":{n}}}").into_bytes(),
             retain: false,
             reliable: true,
+            correlation: None,
         }
     }
 

@@ -52,6 +52,7 @@ pub fn parse_args<T: clap::Parser>() -> Result<T, std::process::ExitCode> {
 /// `OUTPOST_CRASH_AT` names this point, the process aborts here, as a power
 /// cut would stop it (no destructor, no further write). The points are the
 /// instants between two durable steps of installing a version:
+/// `desired-received` (a deployment message handled, not yet recorded or acked),
 /// `blob-stored`, `version-unrenamed`, `version-installed`, `state-persisted`.
 pub fn crash_point(point: &str) {
     static AT: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();

@@ -111,6 +111,10 @@ struct RunArgs {
     /// inference requests sent meanwhile are answered when it returns.
     #[arg(long)]
     persistent_session: bool,
+    /// MQTT protocol: 3.1.1, or 5 to answer requests on their MQTT 5 response
+    /// topic with their correlation data (falls back to 3.1.1 if the broker refuses 5).
+    #[arg(long, default_value = "3.1.1")]
+    mqtt_version: outpost_agent::mqtt::Protocol,
     /// Log as JSON lines instead of text.
     #[arg(long)]
     log_json: bool,
@@ -151,6 +155,7 @@ fn main() -> ExitCode {
             tls,
             credentials,
             persistent_session: args.persistent_session,
+            protocol: args.mqtt_version,
         },
         fetch: FetchConfig {
             attempts: args.download_attempts,

@@ -4,8 +4,40 @@
 
 use crate::status::Outgoing;
 use outpost_protocol::Topics;
+use rumqttc::v5::mqttbytes::v5 as m5;
 use rumqttc::{AsyncClient, LastWill, MqttOptions, QoS};
 use std::time::Duration;
+
+/// The MQTT protocol version the session speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Protocol {
+    /// MQTT 3.1.1: what every broker speaks (the default).
+    #[default]
+    V311,
+    /// MQTT 5: requests may carry a response topic and correlation data
+    /// (answered with both); falls back to 3.1.1 when the broker refuses it.
+    V5,
+}
+
+impl std::str::FromStr for Protocol {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "3.1.1" | "3" | "4" | "v4" => Ok(Protocol::V311),
+            "5" | "5.0" | "v5" => Ok(Protocol::V5),
+            _ => Err(format!("'{s}': expected 3.1.1 or 5")),
+        }
+    }
+}
+
+impl std::fmt::Display for Protocol {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Protocol::V311 => "3.1.1",
+            Protocol::V5 => "5",
+        })
+    }
+}
 
 /// `mqtt://HOST[:PORT]` (default port 1883), or `mqtts://HOST[:PORT]` for
 /// MQTT over TLS (default port 8883).
@@ -127,7 +159,11 @@ pub struct SessionConfig {
     /// Ask the broker to keep this device's session (subscriptions and the
     /// QoS 1 messages sent to it) while it is away.
     pub persistent_session: bool,
+    pub protocol: Protocol,
 }
+
+/// How long an MQTT 5 broker keeps a persistent session of a device that is away.
+pub const SESSION_EXPIRY_SECS: u32 = 7 * 24 * 3600;
 
 /// The session's MQTT options. Fails only when an `mqtts://` broker has no
 /// usable TLS configuration: the device never falls back to plain text.
@@ -140,23 +176,265 @@ pub fn options(cfg: &SessionConfig, topics: &Topics, device: &str) -> Result<Mqt
     // break it again on every reconnect); the agent refuses oversize payloads
     // itself, with an error. Outgoing: the configured limit.
     o.set_max_packet_size(MQTT_MAX_PACKET, cfg.max_packet_size);
-    // Acks are automatic, on receipt. Manual acks after handling would have to
-    // be sent in the order the messages came (MQTT 3.1.1, 4.6) while requests
-    // finish out of order, and a lost ack stalls the broker's in-flight window.
-    // Desired states are retained, so a crash before one is handled loses
-    // nothing: the broker delivers it again on the next connection.
+    // Manual acks: a desired state is acked once it is recorded on disk (see
+    // `Acker`), so a message the broker considers delivered is never lost.
+    o.set_manual_acks(true);
     o.set_clean_session(!cfg.persistent_session);
-    if cfg.broker.tls {
-        let tls = match &cfg.tls {
-            Some(t) => t.clone(),
-            None => tls_config(None, None)?,
-        };
-        o.set_transport(rumqttc::Transport::tls_with_config(rumqttc::TlsConfiguration::Rustls(tls)));
+    if let Some(t) = transport(cfg)? {
+        o.set_transport(t);
     }
     if let Some(c) = &cfg.credentials {
         o.set_credentials(c.username.clone(), c.password.clone());
     }
     Ok(o)
+}
+
+/// The same session for MQTT 5.
+pub fn options_v5(cfg: &SessionConfig, topics: &Topics, device: &str) -> Result<rumqttc::v5::MqttOptions, String> {
+    let mut o = rumqttc::v5::MqttOptions::new(cfg.client_id.clone(), cfg.broker.host.clone(), cfg.broker.port);
+    o.set_keep_alive(cfg.keep_alive);
+    o.set_last_will(m5::LastWill::new(
+        topics.availability(device),
+        "offline",
+        rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+        true,
+        None,
+    ));
+    o.set_max_packet_size(Some(MQTT_MAX_PACKET as u32));
+    o.set_manual_acks(true);
+    o.set_clean_start(!cfg.persistent_session);
+    if cfg.persistent_session {
+        o.set_session_expiry_interval(Some(SESSION_EXPIRY_SECS));
+    }
+    if let Some(t) = transport(cfg)? {
+        o.set_transport(t);
+    }
+    if let Some(c) = &cfg.credentials {
+        o.set_credentials(c.username.clone(), c.password.clone());
+    }
+    Ok(o)
+}
+
+fn transport(cfg: &SessionConfig) -> Result<Option<rumqttc::Transport>, String> {
+    if !cfg.broker.tls {
+        return Ok(None);
+    }
+    let tls = match &cfg.tls {
+        Some(t) => t.clone(),
+        None => tls_config(None, None)?,
+    };
+    Ok(Some(rumqttc::Transport::tls_with_config(rumqttc::TlsConfiguration::Rustls(tls))))
+}
+
+/// A message received on a subscription, in either protocol version.
+#[derive(Debug, Clone)]
+pub struct Message(Received);
+
+#[derive(Debug, Clone)]
+enum Received {
+    V4(rumqttc::Publish),
+    V5(Box<m5::Publish>),
+}
+
+impl Message {
+    pub fn topic(&self) -> &str {
+        match &self.0 {
+            Received::V4(p) => &p.topic,
+            Received::V5(p) => std::str::from_utf8(&p.topic).unwrap_or(""),
+        }
+    }
+    pub fn payload(&self) -> &[u8] {
+        match &self.0 {
+            Received::V4(p) => &p.payload,
+            Received::V5(p) => &p.payload,
+        }
+    }
+    /// MQTT 5: where the sender wants the answer.
+    pub fn response_topic(&self) -> Option<&str> {
+        match &self.0 {
+            Received::V4(_) => None,
+            Received::V5(p) => p.properties.as_ref()?.response_topic.as_deref(),
+        }
+    }
+    /// MQTT 5: what the sender wants echoed with the answer.
+    pub fn correlation(&self) -> Option<&[u8]> {
+        match &self.0 {
+            Received::V4(_) => None,
+            Received::V5(p) => p.properties.as_ref()?.correlation_data.as_deref(),
+        }
+    }
+}
+
+/// What the session reports on each poll.
+#[derive(Debug)]
+pub enum Net {
+    Connected {
+        session_present: bool,
+    },
+    Message(Message),
+    /// The DISCONNECT packet went out.
+    Disconnected,
+    Other,
+    /// The connection failed or broke. `refused_protocol`: the broker does not
+    /// speak the requested protocol version.
+    Error {
+        text: String,
+        refused_protocol: bool,
+    },
+}
+
+/// One protocol version's client.
+#[derive(Clone, Debug)]
+pub enum Client {
+    V4(AsyncClient),
+    V5(rumqttc::v5::AsyncClient),
+}
+
+/// The sending half of a session, cheap to clone. Shared by the tasks that
+/// publish and ack; `replace` moves them all to a new client (after a
+/// protocol fallback).
+#[derive(Clone, Debug)]
+pub struct Link(std::sync::Arc<arc_swap::ArcSwap<Client>>);
+
+fn qos5(q: QoS) -> rumqttc::v5::mqttbytes::QoS {
+    match q {
+        QoS::AtMostOnce => rumqttc::v5::mqttbytes::QoS::AtMostOnce,
+        QoS::AtLeastOnce => rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+        QoS::ExactlyOnce => rumqttc::v5::mqttbytes::QoS::ExactlyOnce,
+    }
+}
+
+impl Link {
+    pub fn new(client: Client) -> Link {
+        Link(std::sync::Arc::new(arc_swap::ArcSwap::from_pointee(client)))
+    }
+
+    pub fn replace(&self, client: Client) {
+        self.0.store(std::sync::Arc::new(client));
+    }
+
+    pub async fn publish(
+        &self,
+        topic: String,
+        qos: QoS,
+        retain: bool,
+        payload: Vec<u8>,
+        correlation: Option<Vec<u8>>,
+    ) -> Result<(), String> {
+        match &*self.0.load_full() {
+            Client::V4(c) => c.publish(topic, qos, retain, payload).await.map_err(|e| e.to_string()),
+            Client::V5(c) => match correlation {
+                Some(data) => {
+                    let props = m5::PublishProperties { correlation_data: Some(data.into()), ..Default::default() };
+                    c.publish_with_properties(topic, qos5(qos), retain, payload, props).await
+                }
+                None => c.publish(topic, qos5(qos), retain, payload).await,
+            }
+            .map_err(|e| e.to_string()),
+        }
+    }
+
+    pub async fn subscribe(&self, topic: String, qos: QoS) -> Result<(), String> {
+        match &*self.0.load_full() {
+            Client::V4(c) => c.subscribe(topic, qos).await.map_err(|e| e.to_string()),
+            Client::V5(c) => c.subscribe(topic, qos5(qos)).await.map_err(|e| e.to_string()),
+        }
+    }
+
+    /// Acknowledges a received message (QoS 0: nothing to do).
+    pub async fn ack(&self, m: &Message) -> Result<(), String> {
+        match (&*self.0.load_full(), &m.0) {
+            (Client::V4(c), Received::V4(p)) => c.ack(p).await.map_err(|e| e.to_string()),
+            (Client::V5(c), Received::V5(p)) => c.ack(p).await.map_err(|e| e.to_string()),
+            // From a session of the other version (before a protocol fallback): that connection is gone.
+            _ => Ok(()),
+        }
+    }
+
+    /// Queues a publish without waiting (for shutdown).
+    pub fn try_publish(&self, topic: String, qos: QoS, retain: bool, payload: &'static str) {
+        let _ = match &*self.0.load_full() {
+            Client::V4(c) => c.try_publish(topic, qos, retain, payload).map_err(|e| e.to_string()),
+            Client::V5(c) => c.try_publish(topic, qos5(qos), retain, payload).map_err(|e| e.to_string()),
+        };
+    }
+
+    pub fn try_disconnect(&self) {
+        let _ = match &*self.0.load_full() {
+            Client::V4(c) => c.try_disconnect().map_err(|e| e.to_string()),
+            Client::V5(c) => c.try_disconnect().map_err(|e| e.to_string()),
+        };
+    }
+}
+
+/// The receiving half: must be polled continuously (it also sends).
+pub enum Session {
+    V4(Box<rumqttc::EventLoop>),
+    V5(Box<rumqttc::v5::EventLoop>),
+}
+
+impl Session {
+    /// Opens a session (the connection is made by the first poll).
+    pub fn new(cfg: &SessionConfig, topics: &Topics, device: &str, cap: usize) -> Result<(Client, Session), String> {
+        Ok(match cfg.protocol {
+            Protocol::V311 => {
+                let (c, e) = AsyncClient::new(options(cfg, topics, device)?, cap);
+                (Client::V4(c), Session::V4(Box::new(e)))
+            }
+            Protocol::V5 => {
+                let (c, e) = rumqttc::v5::AsyncClient::new(options_v5(cfg, topics, device)?, cap);
+                (Client::V5(c), Session::V5(Box::new(e)))
+            }
+        })
+    }
+
+    pub async fn poll(&mut self) -> Net {
+        match self {
+            Session::V4(e) => match e.poll().await {
+                Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(a))) => {
+                    Net::Connected { session_present: a.session_present }
+                }
+                Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p))) => Net::Message(Message(Received::V4(p))),
+                Ok(rumqttc::Event::Outgoing(rumqttc::Outgoing::Disconnect)) => Net::Disconnected,
+                Ok(_) => Net::Other,
+                Err(e) => Net::Error { text: e.to_string(), refused_protocol: false },
+            },
+            Session::V5(e) => match e.poll().await {
+                Ok(rumqttc::v5::Event::Incoming(m5::Packet::ConnAck(a))) => {
+                    Net::Connected { session_present: a.session_present }
+                }
+                Ok(rumqttc::v5::Event::Incoming(m5::Packet::Publish(p))) => {
+                    Net::Message(Message(Received::V5(Box::new(p))))
+                }
+                Ok(rumqttc::v5::Event::Outgoing(rumqttc::Outgoing::Disconnect)) => Net::Disconnected,
+                Ok(_) => Net::Other,
+                Err(e) => {
+                    let refused_protocol = matches!(
+                        e,
+                        rumqttc::v5::ConnectionError::ConnectionRefused(
+                            m5::ConnectReturnCode::UnsupportedProtocolVersion
+                                | m5::ConnectReturnCode::RefusedProtocolVersion
+                        )
+                    );
+                    Net::Error { text: e.to_string(), refused_protocol }
+                }
+            },
+        }
+    }
+}
+
+/// Sends acks in the order the messages were handed to it, from its own task
+/// (the event loop must never wait on the request channel it drains).
+pub fn acker(link: Link) -> tokio::sync::mpsc::UnboundedSender<Message> {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Message>();
+    tokio::spawn(async move {
+        while let Some(m) = rx.recv().await {
+            if let Err(e) = link.ack(&m).await {
+                tracing::debug!(error = %e, "ack not sent");
+            }
+        }
+    });
+    tx
 }
 
 /// Reconnect delays: exponential from 250 ms, capped at 30 s, with jitter so
@@ -193,7 +471,7 @@ impl Default for Backoff {
 /// state is republished on connect, telemetry is skipped); when the
 /// connection returns, the journal is published first, in order.
 pub async fn publisher(
-    client: AsyncClient,
+    client: Link,
     mut rx: tokio::sync::mpsc::UnboundedReceiver<Outgoing>,
     max_packet_size: usize,
     journal: std::sync::Arc<std::sync::Mutex<crate::journal::Journal>>,
@@ -231,14 +509,14 @@ pub async fn publisher(
     }
 }
 
-async fn send(client: &AsyncClient, m: Outgoing, max_packet_size: usize) {
+async fn send(client: &Link, m: Outgoing, max_packet_size: usize) {
     // Fixed header + topic length prefix + packet id: keep a margin.
     if m.payload.len() + m.topic.len() + 16 > max_packet_size {
         tracing::error!(topic = %m.topic, bytes = m.payload.len(), max_packet_size, "message larger than the MQTT packet limit: not sent");
         return;
     }
     let qos = if m.reliable { QoS::AtLeastOnce } else { QoS::AtMostOnce };
-    if let Err(e) = client.publish(m.topic.clone(), qos, m.retain, m.payload).await {
+    if let Err(e) = client.publish(m.topic.clone(), qos, m.retain, m.payload, m.correlation).await {
         tracing::warn!(topic = %m.topic, error = %e, "publish failed");
     }
 }

@@ -21,6 +21,8 @@ pub struct Outgoing {
     pub retain: bool,
     /// QoS 1 when true (events, state, answers), else 0 (telemetry).
     pub reliable: bool,
+    /// MQTT 5 correlation data echoed from a request (ignored over 3.1.1).
+    pub correlation: Option<Vec<u8>>,
 }
 
 /// What survives a restart (`DATA/agent.json`).
@@ -37,6 +39,10 @@ pub struct Record {
     /// retained desired state after a restart does not deploy it again.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rolled_back: Option<ActiveRecord>,
+    /// A desired state accepted (and acked to the broker) whose deployment
+    /// has not ended: resumed after a restart, broker or not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pending: Option<ActiveRecord>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -149,6 +155,7 @@ impl Reporter {
             payload: serde_json::to_vec(&ev).unwrap_or_default(),
             retain: false,
             reliable: true,
+            correlation: None,
         });
     }
 
@@ -171,12 +178,30 @@ impl Reporter {
             if outcome == Outcome::Active {
                 r.rolled_back = None;
             }
+            if outcome != Outcome::InProgress
+                && r.pending.as_ref().is_some_and(|p| {
+                    p.deployment.deployment_id == d.deployment_id && p.deployment.revision == d.revision
+                })
+            {
+                r.pending = None;
+            }
         }
+        self.persist();
+        self.publish_state();
+    }
+
+    /// Records the desired state now being deployed (None: nothing is), so
+    /// a restart resumes it. Persists (an fsync: call from a blocking thread).
+    pub fn set_pending(&self, pending: Option<ActiveRecord>) {
+        self.lock().pending = pending;
+        self.persist();
+    }
+
+    fn persist(&self) {
         let record = self.record();
         if let Err(e) = self.store.write_atomic("agent.json", &serde_json::to_vec_pretty(&record).unwrap_or_default()) {
             tracing::error!(error = %e, "cannot persist agent state; it will be lost at restart");
         }
-        self.publish_state();
     }
 
     /// Records a rollback: `previous` serves again, `from` (its source and
@@ -225,6 +250,7 @@ impl Reporter {
             payload: serde_json::to_vec(&state).unwrap_or_default(),
             retain: true,
             reliable: true,
+            correlation: None,
         });
     }
 }

@@ -117,6 +117,7 @@ pub async fn run() -> Result<(), String> {
             tls: None,
             credentials: None,
             persistent_session: false,
+            protocol: Default::default(),
         },
         fetch: FetchConfig::default(),
         workers: 2,

@@ -600,6 +600,12 @@ pub async fn http_binary(url: String, json: serde_json::Value, tail: Vec<u8>) ->
 }
 
 pub async fn http(method: &str, url: String, body: Option<Vec<u8>>) -> (u16, serde_json::Value) {
+    let shown = url.clone();
+    try_http(method, url, body).await.unwrap_or_else(|e| panic!("{method} {shown}: {e}"))
+}
+
+/// Like `http`, with a transport error (nothing listening yet) as `Err`.
+pub async fn try_http(method: &str, url: String, body: Option<Vec<u8>>) -> Result<(u16, serde_json::Value), String> {
     let method = method.to_string();
     tokio::task::spawn_blocking(move || {
         let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
@@ -608,10 +614,10 @@ pub async fn http(method: &str, url: String, body: Option<Vec<u8>>) -> (u16, ser
             None if method == "GET" => agent.get(&url).call(),
             None => panic!("unsupported method {method}"),
         }
-        .unwrap();
+        .map_err(|e| e.to_string())?;
         let status = resp.status().as_u16();
-        let text = resp.into_body().read_to_string().unwrap();
-        (status, serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text)))
+        let text = resp.into_body().read_to_string().map_err(|e| e.to_string())?;
+        Ok((status, serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text))))
     })
     .await
     .unwrap()

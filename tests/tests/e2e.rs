@@ -1536,3 +1536,120 @@ async fn check_bundle_reports_what_the_agent_would_do() {
     assert_eq!(code, 64, "{err}");
     assert!(err.contains("/nonexistent/bundle: No such file or directory"), "{err}");
 }
+
+/// A deployment message is acked only once it is recorded on disk: a crash
+/// between its arrival and the record loses nothing (the broker delivers it
+/// again to the persistent session), and a deployment recorded before a
+/// power cut is resumed at start-up even when the broker is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deployment_message_is_acked_only_once_recorded_and_survives_crashes() {
+    let (mut broker, reg, _data, mut w, mut agent) = lab("dev23", &[], &["--persistent-session"]).await;
+    reg.register("digits-mlp.onnx", "digits", "1");
+    reg.register("digits-cnn.onnx", "digits", "2");
+    reg.register("digits-mlp.onnx", "digits", "3");
+    assert_eq!(w.deploy(&reg, "digits", "1").await.0.phase, Phase::Active);
+
+    // v2, not retained: the agent dies the instant it has read it.
+    agent.kill();
+    agent.env.push(("OUTPOST_CRASH_AT".into(), "desired-received".into()));
+    agent.kill_and_restart();
+    w.online().await;
+    let (url2, sha2) = outpost_sim::operator::resolve_manifest(&reg.url, "digits", "2").await.unwrap();
+    let d2 = outpost_sim::operator::deployment("digits", "2", &url2, &sha2, None, None);
+    w.op.publish(&w.topics.device_desired("dev23"), d2.to_json(), false).await.unwrap();
+    let status = agent.wait_exit(Duration::from_secs(20)).expect("the agent aborts at the crash point");
+    assert!(!status.success());
+    // Unacked, so the broker delivers it again to the returning session.
+    agent.env.clear();
+    agent.kill_and_restart();
+    let (last, events) = w.events_until_final(&d2.deployment_id).await;
+    assert_eq!(last.phase, Phase::Active, "{events:?}");
+    let base = format!("http://127.0.0.1:{}", agent.http_port);
+    let body = serde_json::to_vec(&digits_request(1)).unwrap();
+    let (_, answer) = http("POST", format!("{base}/v2/models/digits/infer"), Some(body.clone())).await;
+    assert_eq!(answer["model_version"], "2", "{answer}");
+
+    // v3, not retained, from a registry that hangs: recorded, then a power
+    // cut mid-download, and the broker is gone when the device comes back.
+    let faulty = FaultyRegistry::start(reg.root().to_path_buf()).await;
+    faulty.inject("digits/3/manifest.json", &[Fault::Stall(0, Duration::from_secs(60))]);
+    let (url3, sha3) = outpost_sim::operator::resolve_manifest(&reg.url, "digits", "3").await.unwrap();
+    let d3 = outpost_sim::operator::deployment("digits", "3", &url3.replace(&reg.url, &faulty.url), &sha3, None, None);
+    w.op.publish(&w.topics.device_desired("dev23"), d3.to_json(), false).await.unwrap();
+    w.event(|e| e.deployment_id == d3.deployment_id && e.phase == Phase::Received).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while faulty.requests("digits/3/manifest.json").is_empty() && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    broker.stop();
+    agent.kill_and_restart();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let answer = try_http("POST", format!("{base}/v2/models/digits/infer"), Some(body.clone())).await;
+        if answer.as_ref().is_ok_and(|(status, a)| *status == 200 && a["model_version"] == "3") {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "v3 not serving without the broker: {answer:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let log = std::fs::read_to_string(&agent.log).unwrap();
+    assert!(log.contains("digits@3 (resumed after a restart)"), "{log}");
+}
+
+/// Over MQTT 5, a request's response topic and correlation data are honoured:
+/// the answer goes where the client asked, carrying its correlation data.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt5_requests_are_answered_on_their_response_topic_with_their_correlation_data() {
+    use rumqttc::v5::mqttbytes::{QoS, v5::Packet, v5::PublishProperties};
+    let (broker, reg, _data, mut w, _agent) = lab("dev24", &[], &["--mqtt-version", "5"]).await;
+    reg.register("digits-mlp.onnx", "digits", "1");
+    assert_eq!(w.deploy(&reg, "digits", "1").await.0.phase, Phase::Active);
+    // An MQTT 3.1.1 client on the same broker still gets its answers.
+    assert_eq!(w.infer("v3-client", digits_request(1)).await["model_version"], "1");
+
+    let mut opts = rumqttc::v5::MqttOptions::new("mqtt5-client", "127.0.0.1", broker.port);
+    opts.set_keep_alive(Duration::from_secs(10));
+    let (client, mut events) = rumqttc::v5::AsyncClient::new(opts, 64);
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok(ev) = events.poll().await {
+            if let rumqttc::v5::Event::Incoming(Packet::Publish(p)) = ev {
+                let _ = tx.send(p);
+            }
+        }
+    });
+    client.subscribe("replies/mqtt5-client/#", QoS::AtLeastOnce).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let expected = expected_probabilities(MLP_EXPECTED);
+    for (i, topic) in ["replies/mqtt5-client/a", "replies/mqtt5-client/b"].into_iter().enumerate() {
+        let props = PublishProperties {
+            response_topic: Some(topic.into()),
+            correlation_data: Some(format!("corr-{i}").into_bytes().into()),
+            ..Default::default()
+        };
+        let body = serde_json::to_vec(&digits_request(3)).unwrap();
+        client.publish_with_properties(w.topics.infer("dev24"), QoS::AtLeastOnce, false, body, props).await.unwrap();
+        let p = tokio::time::timeout(Duration::from_secs(20), rx.recv()).await.expect("an answer").unwrap();
+        assert_eq!(std::str::from_utf8(&p.topic).unwrap(), topic);
+        let corr = p.properties.as_ref().and_then(|pr| pr.correlation_data.clone()).expect("correlation data");
+        assert_eq!(&corr[..], format!("corr-{i}").as_bytes());
+        let answer: serde_json::Value = serde_json::from_slice(&p.payload).unwrap();
+        assert_eq!(answer["model_version"], "1", "{answer}");
+        let (max_diff, _) = score(&answer, &expected[..3]);
+        assert!(max_diff < 1e-4, "max diff {max_diff}");
+    }
+    // A bad request is answered the same way, with the error.
+    let props = PublishProperties {
+        response_topic: Some("replies/mqtt5-client/bad".into()),
+        correlation_data: Some(b"corr-bad".to_vec().into()),
+        ..Default::default()
+    };
+    client
+        .publish_with_properties(w.topics.infer("dev24"), QoS::AtLeastOnce, false, b"{".to_vec(), props)
+        .await
+        .unwrap();
+    let p = tokio::time::timeout(Duration::from_secs(20), rx.recv()).await.expect("an answer").unwrap();
+    assert_eq!(&p.properties.unwrap().correlation_data.unwrap()[..], b"corr-bad");
+    let answer: serde_json::Value = serde_json::from_slice(&p.payload).unwrap();
+    assert_eq!(answer["code"], "bad_input", "{answer}");
+}
