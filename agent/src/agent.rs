@@ -27,14 +27,10 @@ pub struct Config {
     pub topics: Topics,
     pub session: SessionConfig,
     pub fetch: FetchConfig,
-    pub workers: usize,
-    pub max_queue: usize,
-    /// Time between two telemetry reports.
-    pub telemetry_interval: Duration,
     /// Where the local Open Inference Protocol endpoint listens (None: off).
     pub http_bind: Option<std::net::SocketAddr>,
-    /// Most bytes the model store may hold (None: the filesystem is the limit).
-    pub store_quota: Option<u64>,
+    /// What SIGHUP may change: telemetry interval, shutdown grace, limits.
+    pub live: crate::config::Live,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -52,21 +48,26 @@ enum Job {
     Undeploy,
 }
 
-/// Runs the agent until `shutdown` completes.
-pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), AgentError> {
+/// Runs the agent until `shutdown` completes; `reload` delivers new live
+/// settings (SIGHUP).
+pub async fn run(
+    config: Config,
+    shutdown: impl Future<Output = ()>,
+    mut reload: mpsc::UnboundedReceiver<crate::config::Live>,
+) -> Result<(), AgentError> {
+    let mut live = config.live.clone();
     let store = Arc::new(
         Store::open(&config.data_dir).map_err(|source| AgentError::DataDir { dir: config.data_dir.clone(), source })?,
     );
     let (out_tx, out_rx) = mpsc::unbounded_channel::<Outgoing>();
     let reporter = Arc::new(Reporter::new(&config.device, config.topics.clone(), out_tx, store.clone()));
-    let engine = Arc::new(Engine::new(config.workers, config.max_queue));
+    let engine = Arc::new(Engine::new(live.workers, live.max_queue));
     let deployer = Arc::new(Deployer {
         store: store.clone(),
         fetcher: Fetcher::new(config.fetch.clone()),
         engine: engine.clone(),
         reporter: reporter.clone(),
-        default_pool: (config.workers, config.max_queue),
-        store_quota: config.store_quota,
+        limits: arc_swap::ArcSwap::from_pointee(limits(&live)),
         http: Default::default(),
     });
 
@@ -150,7 +151,16 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let journal =
         Arc::new(Mutex::new(crate::journal::Journal::open(&config.data_dir, crate::journal::DEFAULT_MAX_ENTRIES)));
     let (online_tx, online_rx) = tokio::sync::watch::channel(false);
-    tokio::spawn(publisher(link.clone(), out_rx, config.session.max_packet_size, journal.clone(), online_rx));
+    tokio::spawn(publisher(
+        link.clone(),
+        out_rx,
+        config.session.max_packet_size,
+        journal.clone(),
+        online_rx,
+        reporter.delivered.clone(),
+    ));
+    // MQTT requests being answered (their answers not yet handed to the publisher).
+    let mqtt_requests = Arc::new(std::sync::atomic::AtomicU64::new(0));
 
     let current_cancel: Arc<Mutex<Option<Cancel>>> = Arc::new(Mutex::new(None));
     let (job_tx, job_rx) = mpsc::unbounded_channel::<Job>();
@@ -169,9 +179,23 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
 
     let started = std::time::Instant::now();
     let mut telemetry = crate::telemetry::Reporter::default();
-    let mut tick = tokio::time::interval(config.telemetry_interval.max(Duration::from_secs(1)));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    tick.tick().await;
+    let telemetry_tick = |every: Duration| {
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every.max(Duration::from_secs(1)));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick
+    };
+    let mut tick = telemetry_tick(live.telemetry_interval);
+    // systemd: the watchdog is pinged from this loop, so a stuck loop stops the pings.
+    let watchdog_every = crate::systemd::watchdog_interval();
+    let mut watchdog = tokio::time::interval(watchdog_every.unwrap_or(Duration::from_secs(3600)));
+    let mut pings = 0u64;
+    watchdog.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let serving = engine.active().map(|m| format!("serving {}@{}", m.name, m.version));
+    crate::systemd::ready(&format!(
+        "{}; connecting to {}",
+        serving.as_deref().unwrap_or("no model yet"),
+        config.session.broker
+    ));
 
     let mut backoff = Backoff::new();
     let mut reconnects: u64 = 0;
@@ -181,6 +205,32 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     loop {
         let event = tokio::select! {
             _ = &mut shutdown => break,
+            _ = watchdog.tick(), if watchdog_every.is_some() => {
+                pings += 1;
+                if pings > 5 {
+                    crate::fault_point("stall-main-loop");
+                }
+                crate::systemd::watchdog();
+                continue;
+            }
+            Some(new) = reload.recv() => {
+                if new.telemetry_interval != live.telemetry_interval {
+                    tick = telemetry_tick(new.telemetry_interval);
+                }
+                deployer.limits.store(Arc::new(limits(&new)));
+                // The pool follows the new defaults unless the deployment sets its own.
+                let serving = reporter.record().active.map(|a| a.deployment.serving);
+                let (workers, queue) = engine.pool_sizes();
+                engine.resize(
+                    serving.as_ref().and_then(|s| s.workers).unwrap_or(new.workers).max(1),
+                    serving.as_ref().and_then(|s| s.max_queue).unwrap_or(new.max_queue),
+                );
+                if engine.pool_sizes() != (workers, queue) {
+                    tracing::info!(pool = ?engine.pool_sizes(), "worker pool resized by the configuration");
+                }
+                live = new;
+                continue;
+            }
             _ = tick.tick() => {
                 let pending = {
                     let j = journal.lock().unwrap_or_else(|p| p.into_inner());
@@ -289,11 +339,42 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         }
     }
 
-    // Say goodbye: retained `offline`, then a clean disconnect (which
-    // suppresses the Last Will), bounded so a dead broker cannot hold us.
+    // Shutting down: no new requests (MQTT is no longer read, the HTTP
+    // listener closes), those in flight finish within the grace period and
+    // their answers are published; then retained `offline` and a clean
+    // disconnect (which suppresses the Last Will), bounded so a dead broker
+    // cannot hold us.
+    crate::systemd::stopping();
+    tracing::info!(grace_s = live.shutdown_grace.as_secs_f64(), "shutting down: finishing requests in flight");
     if let Some(c) = current_cancel.lock().unwrap_or_else(|p| p.into_inner()).take() {
         c.cancel();
     }
+    let deadline = tokio::time::Instant::now() + live.shutdown_grace;
+    let http_stopped = {
+        let http = http.clone();
+        tokio::spawn(async move {
+            if let Some(ep) = http {
+                ep.stop().await;
+            }
+        })
+    };
+    let drained = async {
+        loop {
+            let in_flight = engine.in_flight() + mqtt_requests.load(std::sync::atomic::Ordering::SeqCst);
+            if in_flight == 0 && reporter.unsent() == 0 {
+                break;
+            }
+            // Keep the session moving so answers and acks go out meanwhile.
+            tokio::select! {
+                _ = session.poll() => {}
+                _ = tokio::time::sleep(Duration::from_millis(5)) => {}
+            }
+        }
+    };
+    if tokio::time::timeout_at(deadline, drained).await.is_err() {
+        tracing::warn!(in_flight = engine.in_flight(), "grace period over: requests still in flight are dropped");
+    }
+    let _ = tokio::time::timeout_at(deadline + Duration::from_millis(100), http_stopped).await;
     link.try_publish(config.topics.availability(&config.device), QoS::AtLeastOnce, true, "offline");
     link.try_disconnect();
     let _ = tokio::time::timeout(Duration::from_secs(2), async {
@@ -305,9 +386,6 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         }
     })
     .await;
-    if let Some(ep) = http {
-        ep.stop().await;
-    }
     tracing::info!("stopped");
     Ok(())
 }
@@ -383,6 +461,15 @@ async fn on_desired(
         ),
         Decision::Invalid(e) => invalid_desired(reporter, payload, &e),
         Decision::Nothing => {}
+    }
+}
+
+fn limits(live: &crate::config::Live) -> crate::deploy::Limits {
+    crate::deploy::Limits {
+        workers: live.workers,
+        max_queue: live.max_queue,
+        store_quota: live.store_quota,
+        max_model_size: live.max_model_size,
     }
 }
 

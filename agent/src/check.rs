@@ -66,8 +66,7 @@ pub async fn check_bundle(url: &str, sha256: Option<String>, fetch: FetchConfig)
         fetcher,
         engine: Arc::new(Engine::new(1, 0)),
         reporter,
-        default_pool: (1, 0),
-        store_quota: None,
+        limits: arc_swap::ArcSwap::from_pointee(crate::deploy::Limits::new(1, 0)),
         http: Default::default(),
     });
     let printer = tokio::spawn(async move {

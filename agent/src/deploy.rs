@@ -4,7 +4,7 @@
 
 use crate::engine::Model;
 use crate::fetch::{Cancel, FetchError, Fetcher, MAX_MANIFEST_BYTES, OnRetry, Wanted, file_url};
-use crate::probation::{Limits, Verdict};
+use crate::probation::Verdict;
 use crate::reconcile::Source;
 use crate::serve::{Engine, ProbationContext, ProbationEnd};
 use crate::status::{ActiveRecord, Reporter, now_rfc3339};
@@ -26,12 +26,28 @@ pub struct Deployer {
     pub fetcher: Fetcher,
     pub engine: Arc<Engine>,
     pub reporter: Arc<Reporter>,
-    /// Workers and queue length when the deployment does not set them (agent flags).
-    pub default_pool: (usize, usize),
-    /// Most bytes the store may hold (blobs and partial downloads); `None`: only the filesystem limits it.
-    pub store_quota: Option<u64>,
+    /// The agent's limits (configuration; SIGHUP replaces them).
+    pub limits: arc_swap::ArcSwap<Limits>,
     /// The local HTTP endpoint, which a deployment's `serving.http_port` moves (unset: HTTP is off).
     pub http: std::sync::OnceLock<Arc<crate::http::Endpoint>>,
+}
+
+/// Limits from the agent's configuration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Workers and queue length when the deployment does not set them.
+    pub workers: usize,
+    pub max_queue: usize,
+    /// Most bytes the store may hold (blobs and partial downloads); `None`: only the filesystem limits it.
+    pub store_quota: Option<u64>,
+    /// Largest bundle (sum of its files) accepted; `None`: no limit.
+    pub max_model_size: Option<u64>,
+}
+
+impl Limits {
+    pub fn new(workers: usize, max_queue: usize) -> Limits {
+        Limits { workers, max_queue, store_quota: None, max_model_size: None }
+    }
 }
 
 /// Free space left on the filesystem after a download, for the state file and logs.
@@ -58,8 +74,8 @@ impl Deployer {
                 } else {
                     let (workers, queue) = self.engine.pool_sizes();
                     self.engine.resize(
-                        d.serving.workers.unwrap_or(self.default_pool.0).max(1),
-                        d.serving.max_queue.unwrap_or(self.default_pool.1),
+                        d.serving.workers.unwrap_or(self.limits.load().workers).max(1),
+                        d.serving.max_queue.unwrap_or(self.limits.load().max_queue),
                     );
                     if self.engine.pool_sizes() != (workers, queue) {
                         tracing::info!(pool = ?self.engine.pool_sizes(), "worker pool resized by the deployment");
@@ -108,7 +124,7 @@ impl Deployer {
     /// Puts `model` in service: on probation when it replaces another version
     /// and the policy does not turn probation off (token, window, description).
     fn swap_in(&self, source: Source, d: &Deployment, model: &Arc<Model>) -> Option<(u64, Duration, String)> {
-        let limits = Limits::from_policy(d.policy.probation.as_ref());
+        let limits = crate::probation::Limits::from_policy(d.policy.probation.as_ref());
         let previous =
             self.reporter.record().active.filter(|a| a.deployment.model.manifest_sha256 != model.manifest_sha256);
         match (limits, previous, self.engine.active()) {
@@ -141,8 +157,8 @@ impl Deployer {
                     tracing::error!(error = %e, "rollback: the previous version's HTTP port");
                 }
                 self.engine.resize(
-                    serving.workers.unwrap_or(self.default_pool.0).max(1),
-                    serving.max_queue.unwrap_or(self.default_pool.1),
+                    serving.workers.unwrap_or(self.limits.load().workers).max(1),
+                    serving.max_queue.unwrap_or(self.limits.load().max_queue),
                 );
                 let error =
                     ErrorInfo::new(ErrorCode::ProbationFailed, format!("{}@{}: {evidence}", model.name, model.version));
@@ -221,6 +237,15 @@ impl Deployer {
         let manifest =
             Manifest::from_json(&bytes).map_err(|e| ErrorInfo::new(e.code, format!("manifest.json: {e}")))?;
         let total = manifest.total_size();
+        if let Some(max) = self.limits.load().max_model_size
+            && total > max
+        {
+            return Err(ErrorInfo::new(
+                ErrorCode::TooLarge,
+                format!("the bundle's files total {total} bytes, over this device's limit of {max} bytes (limits.max_model_size)"),
+            )
+            .into());
+        }
         let missing: Vec<_> = manifest.files.iter().filter(|f| !self.store.has_blob(&f.sha256, f.size)).collect();
         let to_fetch: u64 = missing.iter().map(|f| f.size).sum();
         let reused = manifest.files.len() - missing.len();
@@ -287,7 +312,7 @@ impl Deployer {
             return Ok(());
         }
         let shortfall = || -> Result<Option<String>, ErrorInfo> {
-            if let Some(quota) = self.store_quota {
+            if let Some(quota) = self.limits.load().store_quota {
                 let (used, _) = self.store.usage();
                 if used.saturating_add(need) > quota {
                     return Ok(Some(format!(
@@ -399,8 +424,8 @@ impl Deployer {
                 tracing::info!(model = %model.name, version = %model.version, "serving the last active version from the store");
                 let serving = &active.deployment.serving;
                 self.engine.resize(
-                    serving.workers.unwrap_or(self.default_pool.0),
-                    serving.max_queue.unwrap_or(self.default_pool.1),
+                    serving.workers.unwrap_or(self.limits.load().workers),
+                    serving.max_queue.unwrap_or(self.limits.load().max_queue),
                 );
                 self.engine.swap(Some(Arc::new(model)));
                 self.engine.set_capture_rate(serving.capture_rate.unwrap_or(0.0));

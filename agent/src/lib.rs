@@ -19,6 +19,7 @@
 
 pub mod agent;
 pub mod check;
+pub mod config;
 pub mod deploy;
 pub mod engine;
 pub mod fetch;
@@ -31,6 +32,7 @@ pub mod reconcile;
 pub mod serve;
 pub mod status;
 pub mod store;
+pub mod systemd;
 pub mod telemetry;
 
 pub use agent::{Config, run};
@@ -55,10 +57,26 @@ pub fn parse_args<T: clap::Parser>() -> Result<T, std::process::ExitCode> {
 /// `desired-received` (a deployment message handled, not yet recorded or acked),
 /// `blob-stored`, `version-unrenamed`, `version-installed`, `state-persisted`.
 pub fn crash_point(point: &str) {
-    static AT: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
-    if AT.get_or_init(|| std::env::var("OUTPOST_CRASH_AT").ok()).as_deref() == Some(point) {
+    if fault_at(point) {
         eprintln!("outpost: OUTPOST_CRASH_AT={point}: aborting");
         std::process::abort();
+    }
+}
+
+fn fault_at(point: &str) -> bool {
+    static AT: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    AT.get_or_init(|| std::env::var("OUTPOST_CRASH_AT").ok()).as_deref() == Some(point)
+}
+
+/// Fault injection for the watchdog test: when `OUTPOST_CRASH_AT` names
+/// this point (`stall-main-loop`), the calling thread hangs here for good,
+/// as a deadlocked loop would.
+pub fn fault_point(point: &str) {
+    if fault_at(point) {
+        eprintln!("outpost: OUTPOST_CRASH_AT={point}: hanging");
+        loop {
+            std::thread::sleep(std::time::Duration::from_secs(3600));
+        }
     }
 }
 

@@ -1,13 +1,12 @@
 //! `outpost`: the device daemon.
 
 use clap::{Parser, Subcommand};
+use outpost_agent::config::{Layers, Settings};
 use outpost_agent::fetch::FetchConfig;
-use outpost_agent::mqtt::{BrokerUrl, SessionConfig};
-use outpost_agent::serve::{DEFAULT_MAX_QUEUE, DEFAULT_WORKERS};
+use outpost_agent::mqtt::SessionConfig;
 use outpost_protocol::Topics;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
 
 use outpost_agent::EXIT_USAGE;
 
@@ -24,8 +23,13 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Run the agent until SIGINT or SIGTERM.
+    /// Run the agent until SIGINT or SIGTERM (SIGHUP reloads the configuration).
     Run(Box<RunArgs>),
+    /// Check the configuration (files, drop-ins, flags, certificate and
+    /// password files) and print the effective values with where each was
+    /// set, secrets masked. Exit 0 when valid, 64 naming the key, the value
+    /// and what was expected.
+    CheckConfig(Box<RunArgs>),
     /// Run a bundle through the agent's deployment checks (download, sha256
     /// and sizes, safe paths, memory, load, golden sample) in a throw-away
     /// store, without serving it. Exit 0 when the agent would serve it, 1
@@ -45,79 +49,159 @@ struct CheckArgs {
     ca_file: Option<PathBuf>,
 }
 
-#[derive(clap::Args, Debug)]
+/// Flags of `run` and `check-config`. Each sets the configuration key named
+/// in its help and wins over the configuration files.
+#[derive(clap::Args, Debug, Clone)]
 struct RunArgs {
-    /// MQTT broker: mqtt://HOST[:PORT], or mqtts://HOST[:PORT] for TLS.
+    /// Main configuration file (default: $OUTPOST_CONFIG, else /etc/outpost/agent.toml;
+    /// drop-ins are read from agent.d/*.toml next to it).
     #[arg(long)]
-    broker: BrokerUrl,
-    /// This device's id: [A-Za-z0-9_.-]{1,64}.
+    config: Option<PathBuf>,
+    /// [mqtt.broker] MQTT broker: mqtt://HOST[:PORT], or mqtts://HOST[:PORT] for TLS.
     #[arg(long)]
-    device: String,
-    /// Where models and state are stored.
+    broker: Option<String>,
+    /// [device] This device's id: [A-Za-z0-9_.-]{1,64}.
     #[arg(long)]
-    data_dir: PathBuf,
-    /// A group this device belongs to; repeat for several (the first listed wins).
+    device: Option<String>,
+    /// [data_dir] Where models and state are stored (default /var/lib/outpost).
+    #[arg(long)]
+    data_dir: Option<String>,
+    /// [groups] A group this device belongs to; repeat for several (the first listed wins).
     #[arg(long = "group")]
     groups: Vec<String>,
-    /// Topic prefix.
-    #[arg(long, default_value = outpost_protocol::topics::DEFAULT_PREFIX)]
-    topic_prefix: String,
-    /// MQTT keep-alive in seconds; the broker reports the device offline after ~1.5x this.
-    #[arg(long, default_value_t = 15)]
-    keep_alive: u64,
-    /// Largest MQTT packet sent or received (bytes, or with a unit: 4MiB).
-    #[arg(long, default_value = "4MiB", value_parser = outpost_agent::parse_size)]
-    max_packet_size: u64,
-    /// Most disk space the model store may use (e.g. 500MB, 2GiB); 0 = only the filesystem limits it.
-    /// Versions kept for rollback are evicted before a download is refused with `disk_full`.
-    #[arg(long, default_value = "0", value_parser = outpost_agent::parse_size)]
-    store_quota: u64,
-    /// Inference worker threads.
-    #[arg(long, default_value_t = DEFAULT_WORKERS)]
-    workers: usize,
-    /// Requests that may wait for a worker before new ones get `overloaded`.
-    #[arg(long, default_value_t = DEFAULT_MAX_QUEUE)]
-    max_queue: usize,
-    /// Download attempts per file before a deployment fails.
-    #[arg(long, default_value_t = 4)]
-    download_attempts: u32,
-    /// Seconds without a byte before a download counts as stalled.
-    #[arg(long, default_value_t = 30)]
-    stall_timeout: u64,
-    /// Seconds between two telemetry reports.
-    #[arg(long, default_value_t = 30)]
-    telemetry_interval: u64,
-    /// Address of the local Open Inference Protocol v2 HTTP endpoint; `off` disables it.
-    #[arg(long, default_value = "127.0.0.1:8080", value_parser = parse_http_bind)]
-    http_bind: HttpBind,
-    /// PEM file of the certificate authorities trusted for HTTPS downloads and
+    /// [topic_prefix] Topic prefix (default outpost).
+    #[arg(long)]
+    topic_prefix: Option<String>,
+    /// [mqtt.keep_alive] MQTT keep-alive in seconds (default 15); the broker reports the device offline after ~1.5x this.
+    #[arg(long)]
+    keep_alive: Option<String>,
+    /// [mqtt.max_packet_size] Largest MQTT packet sent or received (default 4MiB).
+    #[arg(long)]
+    max_packet_size: Option<String>,
+    /// [limits.store_quota] Most disk space the model store may use (e.g. 500MB, 2GiB); 0 = only the filesystem limits it.
+    #[arg(long)]
+    store_quota: Option<String>,
+    /// [limits.max_model_size] Largest bundle (sum of its files) the agent accepts (e.g. 500MB); 0 = no limit.
+    #[arg(long)]
+    max_model_size: Option<String>,
+    /// [limits.workers] Inference worker threads (default 2).
+    #[arg(long)]
+    workers: Option<String>,
+    /// [limits.max_queue] Requests that may wait for a worker before new ones get `overloaded` (default 64).
+    #[arg(long)]
+    max_queue: Option<String>,
+    /// [download.attempts] Download attempts per file before a deployment fails (default 4).
+    #[arg(long)]
+    download_attempts: Option<String>,
+    /// [download.stall_timeout] Seconds without a byte before a download counts as stalled (default 30).
+    #[arg(long)]
+    stall_timeout: Option<String>,
+    /// [telemetry_interval] Seconds between two telemetry reports (default 30).
+    #[arg(long)]
+    telemetry_interval: Option<String>,
+    /// [shutdown_grace] Seconds requests in flight get to finish on SIGTERM (default 10).
+    #[arg(long)]
+    shutdown_grace: Option<String>,
+    /// [http.bind] Address of the local Open Inference Protocol v2 endpoint (default 127.0.0.1:8080); `off` disables it.
+    #[arg(long)]
+    http_bind: Option<String>,
+    /// [tls.ca_file] PEM file of the certificate authorities trusted for HTTPS downloads and
     /// an mqtts:// broker, instead of the built-in Mozilla roots (a private CA).
     #[arg(long)]
-    ca_file: Option<PathBuf>,
-    /// PEM client certificate (chain) for an mqtts:// broker that asks for one.
-    #[arg(long, requires = "client_key")]
-    client_cert: Option<PathBuf>,
-    /// PEM private key of --client-cert.
-    #[arg(long, requires = "client_cert")]
-    client_key: Option<PathBuf>,
-    /// Broker user name.
+    ca_file: Option<String>,
+    /// [tls.client_cert] PEM client certificate (chain) for an mqtts:// broker that asks for one.
+    #[arg(long)]
+    client_cert: Option<String>,
+    /// [tls.client_key] PEM private key of --client-cert.
+    #[arg(long)]
+    client_key: Option<String>,
+    /// [mqtt.username] Broker user name.
     #[arg(long)]
     username: Option<String>,
-    /// File holding the broker password (first line), so it is not in the
-    /// process list; or set OUTPOST_MQTT_PASSWORD.
-    #[arg(long, requires = "username")]
-    password_file: Option<PathBuf>,
-    /// Ask the broker to keep this device's session while it is offline, so
+    /// [mqtt.password_file] File holding the broker password (first line), so it is not in the
+    /// process list; or set OUTPOST_MQTT_PASSWORD ([mqtt.password]).
+    #[arg(long)]
+    password_file: Option<String>,
+    /// [mqtt.persistent_session] Ask the broker to keep this device's session while it is offline, so
     /// inference requests sent meanwhile are answered when it returns.
     #[arg(long)]
     persistent_session: bool,
-    /// MQTT protocol: 3.1.1, or 5 to answer requests on their MQTT 5 response
+    /// [mqtt.version] MQTT protocol: 3.1.1 (default), or 5 to answer requests on their MQTT 5 response
     /// topic with their correlation data (falls back to 3.1.1 if the broker refuses 5).
-    #[arg(long, default_value = "3.1.1")]
-    mqtt_version: outpost_agent::mqtt::Protocol,
-    /// Log as JSON lines instead of text.
+    #[arg(long)]
+    mqtt_version: Option<String>,
+    /// [log.format] text (default) or json.
+    #[arg(long)]
+    log_format: Option<String>,
+    /// Same as --log-format json.
     #[arg(long)]
     log_json: bool,
+    /// [log.level] Log filter, e.g. info or info,outpost_agent=debug (OUTPOST_LOG wins).
+    #[arg(long)]
+    log_level: Option<String>,
+}
+
+impl RunArgs {
+    /// The configuration: files, then the environment, then these flags.
+    fn layers(&self) -> Result<Layers, outpost_agent::config::ConfigError> {
+        let (path, required) = outpost_agent::config::main_path(self.config.as_deref());
+        let mut l = Layers::load(&path, required)?;
+        let s = |v: &str| toml::Value::String(v.to_string());
+        if let Ok(p) = std::env::var("OUTPOST_MQTT_PASSWORD") {
+            l.set("mqtt.password", s(&p), "OUTPOST_MQTT_PASSWORD");
+        }
+        if let Ok(level) = std::env::var("OUTPOST_LOG") {
+            l.set("log.level", s(&level), "OUTPOST_LOG");
+        }
+        let flags: [(&str, &str, &Option<String>); 22] = [
+            ("mqtt.broker", "--broker", &self.broker),
+            ("device", "--device", &self.device),
+            ("data_dir", "--data-dir", &self.data_dir),
+            ("topic_prefix", "--topic-prefix", &self.topic_prefix),
+            ("mqtt.keep_alive", "--keep-alive", &self.keep_alive),
+            ("mqtt.max_packet_size", "--max-packet-size", &self.max_packet_size),
+            ("limits.store_quota", "--store-quota", &self.store_quota),
+            ("limits.max_model_size", "--max-model-size", &self.max_model_size),
+            ("limits.workers", "--workers", &self.workers),
+            ("limits.max_queue", "--max-queue", &self.max_queue),
+            ("download.attempts", "--download-attempts", &self.download_attempts),
+            ("download.stall_timeout", "--stall-timeout", &self.stall_timeout),
+            ("telemetry_interval", "--telemetry-interval", &self.telemetry_interval),
+            ("shutdown_grace", "--shutdown-grace", &self.shutdown_grace),
+            ("http.bind", "--http-bind", &self.http_bind),
+            ("tls.ca_file", "--ca-file", &self.ca_file),
+            ("tls.client_cert", "--client-cert", &self.client_cert),
+            ("tls.client_key", "--client-key", &self.client_key),
+            ("mqtt.username", "--username", &self.username),
+            ("mqtt.password_file", "--password-file", &self.password_file),
+            ("mqtt.version", "--mqtt-version", &self.mqtt_version),
+            ("log.format", "--log-format", &self.log_format),
+        ];
+        for (key, flag, value) in flags {
+            if let Some(v) = value {
+                // Numbers as numbers where the key takes one, so check-config shows them as such.
+                let numeric =
+                    outpost_agent::config::KEYS.iter().any(|k| k.name == key && k.default.parse::<u64>().is_ok());
+                match v.parse::<i64>() {
+                    Ok(n) if numeric => l.set(key, toml::Value::Integer(n), flag),
+                    _ => l.set(key, s(v), flag),
+                }
+            }
+        }
+        if let Some(v) = &self.log_level {
+            l.set("log.level", s(v), "--log-level");
+        }
+        if self.log_json {
+            l.set("log.format", s("json"), "--log-json");
+        }
+        if !self.groups.is_empty() {
+            l.set("groups", toml::Value::Array(self.groups.iter().map(|g| s(g)).collect()), "--group");
+        }
+        if self.persistent_session {
+            l.set("mqtt.persistent_session", toml::Value::Boolean(true), "--persistent-session");
+        }
+        Ok(l)
+    }
 }
 
 fn main() -> ExitCode {
@@ -128,47 +212,17 @@ fn main() -> ExitCode {
     let args = match cli.command {
         Command::Run(args) => *args,
         Command::CheckBundle(a) => return check_bundle(a),
+        Command::CheckConfig(args) => return check_config(&args),
     };
-    init_logging(args.log_json);
-    if let Err(msg) = check(&args) {
-        eprintln!("outpost: {msg}");
-        return ExitCode::from(EXIT_USAGE);
-    }
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let (roots, tls, credentials) = match security(&args) {
-        Ok(s) => s,
+    let (layers, settings, config) = match configure(&args) {
+        Ok(c) => c,
         Err(msg) => {
             eprintln!("outpost: {msg}");
             return ExitCode::from(EXIT_USAGE);
         }
     };
-    let config = outpost_agent::Config {
-        device: args.device.clone(),
-        groups: args.groups.clone(),
-        data_dir: args.data_dir.clone(),
-        topics: Topics::new(args.topic_prefix.clone()),
-        session: SessionConfig {
-            broker: args.broker.clone(),
-            client_id: format!("outpost-{}", args.device),
-            keep_alive: Duration::from_secs(args.keep_alive),
-            max_packet_size: args.max_packet_size as usize,
-            tls,
-            credentials,
-            persistent_session: args.persistent_session,
-            protocol: args.mqtt_version,
-        },
-        fetch: FetchConfig {
-            attempts: args.download_attempts,
-            stall_timeout: Duration::from_secs(args.stall_timeout),
-            roots,
-            ..FetchConfig::default()
-        },
-        workers: args.workers,
-        max_queue: args.max_queue,
-        http_bind: args.http_bind.0,
-        store_quota: (args.store_quota > 0).then_some(args.store_quota),
-        telemetry_interval: Duration::from_secs(args.telemetry_interval),
-    };
+    let log = init_logging(settings.log_json, &settings.log_level);
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(r) => r,
         Err(e) => {
@@ -176,12 +230,105 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(outpost_agent::run(config, shutdown_signal())) {
+    let (live_tx, live_rx) = tokio::sync::mpsc::unbounded_channel();
+    runtime.spawn(reload_on_sighup(args, layers, settings, log, live_tx));
+    match runtime.block_on(outpost_agent::run(config, shutdown_signal(), live_rx)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("outpost: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Files + flags -> settings -> the agent's configuration (certificates and
+/// password files read): every error names the key to fix.
+fn configure(args: &RunArgs) -> Result<(Layers, Settings, outpost_agent::Config), String> {
+    let layers = args.layers().map_err(|e| e.to_string())?;
+    let settings = layers.resolve().map_err(|e| e.to_string())?;
+    let config = agent_config(&settings)?;
+    Ok((layers, settings, config))
+}
+
+fn check_config(args: &RunArgs) -> ExitCode {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    match configure(args) {
+        Ok((layers, _, _)) => {
+            print!("{}", layers.render());
+            ExitCode::SUCCESS
+        }
+        Err(msg) => {
+            eprintln!("outpost: {msg}");
+            ExitCode::from(EXIT_USAGE)
+        }
+    }
+}
+
+fn agent_config(s: &Settings) -> Result<outpost_agent::Config, String> {
+    let (roots, tls, credentials) = security(s)?;
+    Ok(outpost_agent::Config {
+        device: s.device.clone(),
+        groups: s.groups.clone(),
+        data_dir: s.data_dir.clone(),
+        topics: Topics::new(s.topic_prefix.clone()),
+        session: SessionConfig {
+            broker: s.broker.clone(),
+            client_id: format!("outpost-{}", s.device),
+            keep_alive: s.keep_alive,
+            max_packet_size: s.max_packet_size as usize,
+            tls,
+            credentials,
+            persistent_session: s.persistent_session,
+            protocol: s.protocol,
+        },
+        fetch: FetchConfig {
+            attempts: s.download_attempts,
+            stall_timeout: s.stall_timeout,
+            roots,
+            ..FetchConfig::default()
+        },
+        http_bind: s.http_bind,
+        live: s.live(),
+    })
+}
+
+/// SIGHUP: reads the configuration again and applies what can change
+/// without a restart (log level, telemetry interval, limits, shutdown
+/// grace); other changes are named in the log as needing a restart. A bad
+/// configuration is refused whole, and the running one stays.
+async fn reload_on_sighup(
+    args: RunArgs,
+    mut layers: Layers,
+    mut settings: Settings,
+    log: LogHandle,
+    live: tokio::sync::mpsc::UnboundedSender<outpost_agent::config::Live>,
+) {
+    let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else { return };
+    while hup.recv().await.is_some() {
+        outpost_agent::systemd::reloading();
+        let (new_layers, new_settings) = match configure(&args) {
+            Ok((l, s, _)) => (l, s),
+            Err(msg) => {
+                tracing::error!("configuration not reloaded, the running one stays: {msg}");
+                outpost_agent::systemd::ready("configuration reload refused; running as before");
+                continue;
+            }
+        };
+        let changed = layers.changed(&new_layers);
+        let (now, later): (Vec<&str>, Vec<&str>) =
+            changed.iter().partition(|k| outpost_agent::config::KEYS.iter().any(|x| x.name == **k && x.reloadable));
+        if new_settings.log_level != settings.log_level
+            && let Ok(filter) = new_settings.log_level.parse::<tracing_subscriber::filter::Targets>()
+        {
+            let _ = log.modify(|f| *f = filter);
+        }
+        let _ = live.send(new_settings.live());
+        if !later.is_empty() {
+            tracing::warn!(keys = ?later, "changed in the configuration, applies after a restart");
+        }
+        tracing::info!(applied = ?now, "configuration reloaded");
+        (layers, settings) = (new_layers, new_settings);
+        outpost_agent::systemd::ready("configuration reloaded");
     }
 }
 
@@ -228,36 +375,36 @@ type Security = (
     Option<outpost_agent::mqtt::Credentials>,
 );
 
-/// CA file, TLS client configuration and broker login from the flags.
-fn security(a: &RunArgs) -> Result<Security, String> {
+/// CA file, TLS client configuration and broker login.
+fn security(s: &Settings) -> Result<Security, String> {
     use outpost_agent::fetch::{load_certs, load_key};
-    let roots = a.ca_file.as_deref().map(load_certs).transpose().map_err(|m| format!("--ca-file {m}"))?;
-    let client = match (&a.client_cert, &a.client_key) {
+    let roots = s.ca_file.as_deref().map(load_certs).transpose().map_err(|m| format!("tls.ca_file: {m}"))?;
+    let client = match (&s.client_cert, &s.client_key) {
         (Some(c), Some(k)) => Some((
-            load_certs(c).map_err(|m| format!("--client-cert {m}"))?,
-            load_key(k).map_err(|m| format!("--client-key {m}"))?,
+            load_certs(c).map_err(|m| format!("tls.client_cert: {m}"))?,
+            load_key(k).map_err(|m| format!("tls.client_key: {m}"))?,
         )),
         _ => None,
     };
-    let tls = if a.broker.tls {
+    let tls = if s.broker.tls {
         Some(outpost_agent::mqtt::tls_config(roots.as_deref(), client)?)
     } else if client.is_some() {
-        return Err("--client-cert: only for an mqtts:// broker".into());
+        return Err("tls.client_cert: only for an mqtts:// broker".into());
     } else {
         None
     };
-    let credentials = match &a.username {
+    let credentials = match &s.username {
         None => None,
         Some(username) => {
-            let password = match (&a.password_file, std::env::var("OUTPOST_MQTT_PASSWORD")) {
+            let password = match (&s.password_file, &s.password) {
                 (Some(f), _) => std::fs::read_to_string(f)
-                    .map_err(|e| format!("--password-file {}: cannot read it: {e}", f.display()))?
+                    .map_err(|e| format!("mqtt.password_file = {}: cannot read it: {e}", f.display()))?
                     .lines()
                     .next()
                     .unwrap_or("")
                     .to_string(),
-                (None, Ok(p)) => p,
-                (None, Err(_)) => String::new(),
+                (None, Some(p)) => p.clone(),
+                (None, None) => String::new(),
             };
             Some(outpost_agent::mqtt::Credentials { username: username.clone(), password })
         }
@@ -265,54 +412,33 @@ fn security(a: &RunArgs) -> Result<Security, String> {
     Ok((roots, tls, credentials))
 }
 
-#[derive(Debug, Clone, Copy)]
-struct HttpBind(Option<std::net::SocketAddr>);
+type LogHandle = tracing_subscriber::reload::Handle<tracing_subscriber::filter::Targets, tracing_subscriber::Registry>;
 
-fn parse_http_bind(s: &str) -> Result<HttpBind, String> {
-    if s == "off" {
-        return Ok(HttpBind(None));
-    }
-    s.parse().map(|a| HttpBind(Some(a))).map_err(|_| format!("'{s}': expected IP:PORT (e.g. 127.0.0.1:8080) or off"))
-}
-
-fn check(a: &RunArgs) -> Result<(), String> {
-    outpost_protocol::topics::validate_name("--device", &a.device).map_err(|e| e.to_string())?;
-    for g in &a.groups {
-        outpost_protocol::topics::validate_name("--group", g).map_err(|e| e.to_string())?;
-    }
-    if a.topic_prefix.is_empty() || a.topic_prefix.contains(['+', '#']) || a.topic_prefix.ends_with('/') {
-        return Err(format!(
-            "--topic-prefix: expected a topic without wildcards or trailing '/', found '{}'",
-            a.topic_prefix
-        ));
-    }
-    if !(5..=3600).contains(&a.keep_alive) {
-        return Err(format!("--keep-alive: expected 5 to 3600 seconds, found {}", a.keep_alive));
-    }
-    if !(1..=256).contains(&a.workers) {
-        return Err(format!("--workers: expected 1 to 256, found {}", a.workers));
-    }
-    if a.max_packet_size < 64 * 1024 || a.max_packet_size > 256 * 1024 * 1024 {
-        return Err(format!("--max-packet-size: expected 65536 to 268435456 bytes, found {}", a.max_packet_size));
-    }
-    if !(1..=86_400).contains(&a.telemetry_interval) {
-        return Err(format!("--telemetry-interval: expected 1 to 86400 seconds, found {}", a.telemetry_interval));
-    }
-    if a.download_attempts == 0 {
-        return Err("--download-attempts: expected at least 1, found 0".into());
-    }
-    Ok(())
-}
-
-fn init_logging(json: bool) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("OUTPOST_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+/// Logs to stderr: plain text without colours unless stderr is a terminal,
+/// and without timestamps under systemd (the journal adds its own); or JSON
+/// lines. The filter can be changed at run time (SIGHUP).
+fn init_logging(json: bool, level: &str) -> LogHandle {
+    use std::io::IsTerminal;
+    use tracing_subscriber::prelude::*;
+    let filter: tracing_subscriber::filter::Targets =
+        level.parse().unwrap_or_else(|_| tracing_subscriber::filter::Targets::new().with_default(tracing::Level::INFO));
+    let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
+    let registry = tracing_subscriber::registry().with(filter);
+    let journald = std::env::var_os("JOURNAL_STREAM").is_some();
     if json {
-        builder.json().init();
+        registry.with(tracing_subscriber::fmt::layer().json().with_writer(std::io::stderr)).init();
     } else {
-        builder.init();
+        let layer = tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .with_ansi(std::io::stderr().is_terminal())
+            .with_target(false);
+        if journald {
+            registry.with(layer.without_time()).init();
+        } else {
+            registry.with(layer).init();
+        }
     }
+    handle
 }
 
 async fn shutdown_signal() {

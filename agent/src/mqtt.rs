@@ -476,6 +476,7 @@ pub async fn publisher(
     max_packet_size: usize,
     journal: std::sync::Arc<std::sync::Mutex<crate::journal::Journal>>,
     mut online: tokio::sync::watch::Receiver<bool>,
+    delivered: std::sync::Arc<std::sync::atomic::AtomicU64>,
 ) {
     // The journal is plain data: a panic elsewhere leaves it usable.
     let backlog =
@@ -506,6 +507,7 @@ pub async fn publisher(
             // An fsync: off the reactor.
             let _ = tokio::task::spawn_blocking(move || j.lock().unwrap_or_else(|p| p.into_inner()).push(m)).await;
         }
+        delivered.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     }
 }
 

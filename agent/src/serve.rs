@@ -358,6 +358,12 @@ impl Engine {
         self.lock_probation().as_ref().filter(|p| Arc::ptr_eq(&p.model, model)).map(|p| p.previous.clone())
     }
 
+    /// Requests admitted and not yet answered (waiting or running).
+    pub fn in_flight(&self) -> u64 {
+        self.counters.waiting.load(std::sync::atomic::Ordering::Relaxed)
+            + self.counters.running.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     fn remember_latency(&self, model: &Arc<Model>, us: u64) {
         let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
         if recent.len() == RECENT {

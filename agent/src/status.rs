@@ -63,6 +63,10 @@ pub struct Reporter {
     tx: mpsc::UnboundedSender<Outgoing>,
     store: Arc<Store>,
     inner: Mutex<Record>,
+    /// Messages handed to the publisher, and how many it has dealt with
+    /// (sent or journaled): the difference is what a shutdown waits for.
+    queued: std::sync::atomic::AtomicU64,
+    pub delivered: Arc<std::sync::atomic::AtomicU64>,
 }
 
 pub fn now_rfc3339() -> String {
@@ -76,7 +80,15 @@ impl Reporter {
         if record.seq > 0 {
             record.seq += SEQ_RESTART_GAP;
         }
-        Reporter { device: device.to_string(), topics, tx, store, inner: Mutex::new(record) }
+        Reporter {
+            device: device.to_string(),
+            topics,
+            tx,
+            store,
+            inner: Mutex::new(record),
+            queued: Default::default(),
+            delivered: Default::default(),
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Record> {
@@ -94,7 +106,15 @@ impl Reporter {
 
     pub fn send(&self, msg: Outgoing) {
         // The receiver lives as long as the agent; a send error means shutdown.
-        let _ = self.tx.send(msg);
+        if self.tx.send(msg).is_ok() {
+            self.queued.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    /// Messages handed over and not yet sent or journaled.
+    pub fn unsent(&self) -> u64 {
+        use std::sync::atomic::Ordering::SeqCst;
+        self.queued.load(SeqCst).saturating_sub(self.delivered.load(SeqCst))
     }
 
     /// Publishes one event of a deployment.

@@ -120,15 +120,17 @@ pub async fn run() -> Result<(), String> {
             protocol: Default::default(),
         },
         fetch: FetchConfig::default(),
-        workers: 2,
-        max_queue: 512,
         http_bind: Some(std::net::SocketAddr::from(([127, 0, 0, 1], http_port))),
-        store_quota: None,
-        telemetry_interval: Duration::from_secs(30),
+        live: outpost_agent::config::Live { max_queue: 512, ..Default::default() },
     };
-    let agent = tokio::spawn(outpost_agent::run(config, async {
-        let _ = stop_rx.await;
-    }));
+    let (_reload, reload_rx) = tokio::sync::mpsc::unbounded_channel();
+    let agent = tokio::spawn(outpost_agent::run(
+        config,
+        async {
+            let _ = stop_rx.await;
+        },
+        reload_rx,
+    ));
     let mut op = Operator::connect(&broker, "outpost-sim-demo", Topics::default()).await?;
     op.subscribe(&op.topics.events(DEVICE)).await?;
     let mut client = Operator::connect(&broker, "outpost-sim-demo-client", Topics::default()).await?;

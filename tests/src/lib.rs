@@ -329,6 +329,13 @@ impl Agent {
         None
     }
 
+    /// Sends a signal (SIGTERM, SIGHUP, ...) to the running agent.
+    pub fn signal(&self, signal: rustix::process::Signal) {
+        let child = self.child.as_ref().expect("the agent is running");
+        let pid = rustix::process::Pid::from_raw(child.id() as i32).expect("a pid");
+        rustix::process::kill_process(pid, signal).expect("kill");
+    }
+
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
@@ -813,5 +820,69 @@ impl TestPki {
 impl Default for TestPki {
     fn default() -> Self {
         TestPki::new()
+    }
+}
+
+/// A stand-in for systemd's notification socket (`NOTIFY_SOCKET`): collects
+/// what the agent reports (`READY=1`, `WATCHDOG=1`, `STOPPING=1`, ...).
+pub struct NotifySocket {
+    pub path: PathBuf,
+    rx: std::sync::mpsc::Receiver<(Instant, String)>,
+    _dir: tempfile::TempDir,
+}
+
+impl NotifySocket {
+    pub fn new() -> NotifySocket {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("notify.sock");
+        let sock = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; 4096];
+            while let Ok(n) = sock.recv(&mut buf) {
+                if tx.send((Instant::now(), String::from_utf8_lossy(&buf[..n]).into_owned())).is_err() {
+                    break;
+                }
+            }
+        });
+        NotifySocket { path, rx, _dir: dir }
+    }
+
+    /// The next notification within `timeout`.
+    pub fn next(&self, timeout: Duration) -> Option<(Instant, String)> {
+        self.rx.recv_timeout(timeout).ok()
+    }
+
+    /// Waits for a notification containing `what`; panics after `timeout`.
+    pub fn wait_for(&self, what: &str, timeout: Duration) -> (Instant, String) {
+        let deadline = Instant::now() + timeout;
+        let mut seen = Vec::new();
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            match self.next(left) {
+                Some((at, m)) if m.contains(what) => return (at, m),
+                Some((_, m)) => seen.push(m),
+                None => break,
+            }
+        }
+        panic!("no notification with {what:?} within {timeout:?}; seen {seen:?}");
+    }
+
+    /// Everything received within `window`.
+    pub fn collect(&self, window: Duration) -> Vec<String> {
+        let deadline = Instant::now() + window;
+        let mut seen = Vec::new();
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            match self.next(left) {
+                Some((_, m)) => seen.push(m),
+                None => break,
+            }
+        }
+        seen
+    }
+}
+
+impl Default for NotifySocket {
+    fn default() -> Self {
+        Self::new()
     }
 }

@@ -1,0 +1,584 @@
+//! The agent's configuration: `/etc/outpost/agent.toml`, then the drop-ins
+//! in `/etc/outpost/agent.d/*.toml` in file-name order, then command-line
+//! flags; a later source wins key by key. `OUTPOST_CONFIG` (or `--config`)
+//! names another main file (its drop-ins are in `<file without .toml>.d/`).
+//!
+//! Every source is flattened to dotted keys (`mqtt.keep_alive`) with where
+//! each value came from, so an error names the key, the value, the file (or
+//! flag) and what was expected, and `outpost check-config` prints each
+//! effective value with its origin.
+
+use crate::mqtt::{BrokerUrl, Protocol};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// The main configuration file when neither `--config` nor `OUTPOST_CONFIG` names one.
+pub const DEFAULT_PATH: &str = "/etc/outpost/agent.toml";
+/// Where models and state live when `data_dir` is not set (systemd's `StateDirectory=outpost`).
+pub const DEFAULT_DATA_DIR: &str = "/var/lib/outpost";
+
+/// A configuration value and where it was set.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Entry {
+    pub value: toml::Value,
+    pub origin: String,
+}
+
+/// All sources merged: key -> the winning entry.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Layers {
+    entries: BTreeMap<String, Entry>,
+    /// The files read, in order.
+    pub files: Vec<PathBuf>,
+}
+
+/// A configuration error: which key, which value, from where, and what was expected.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{origin}: {key} = {value}: expected {expected}")]
+pub struct ConfigError {
+    pub origin: String,
+    pub key: String,
+    pub value: String,
+    pub expected: String,
+}
+
+impl ConfigError {
+    fn file(path: &Path, what: String) -> ConfigError {
+        ConfigError { origin: path.display().to_string(), key: String::new(), value: String::new(), expected: what }
+    }
+}
+
+/// Every key the agent knows, with its flag, what it takes, and its
+/// default (as shown by check-config); `secret` values are masked.
+pub struct Key {
+    pub name: &'static str,
+    pub flag: &'static str,
+    pub takes: &'static str,
+    pub default: &'static str,
+    pub secret: bool,
+    /// Applied by SIGHUP without a restart.
+    pub reloadable: bool,
+}
+
+const fn key(name: &'static str, flag: &'static str, takes: &'static str, default: &'static str) -> Key {
+    Key { name, flag, takes, default, secret: false, reloadable: false }
+}
+
+const fn live(k: Key) -> Key {
+    Key { reloadable: true, ..k }
+}
+
+pub const KEYS: &[Key] = &[
+    key("device", "--device", "a device id: [A-Za-z0-9_.-]{1,64}", ""),
+    key("groups", "--group", "a list of group names: [A-Za-z0-9_.-]{1,64} each", "[]"),
+    key("data_dir", "--data-dir", "a directory path", DEFAULT_DATA_DIR),
+    key("topic_prefix", "--topic-prefix", "a topic without wildcards or trailing '/'", "outpost"),
+    live(key("telemetry_interval", "--telemetry-interval", "1 to 86400 seconds", "30")),
+    live(key("shutdown_grace", "--shutdown-grace", "0 to 600 seconds", "10")),
+    key("log.format", "--log-format", "text or json", "text"),
+    live(key("log.level", "--log-level", "a filter like info or info,outpost_agent=debug", "info")),
+    key("mqtt.broker", "--broker", "mqtt://HOST[:PORT] or mqtts://HOST[:PORT]", ""),
+    key("mqtt.version", "--mqtt-version", "3.1.1 or 5", "3.1.1"),
+    key("mqtt.keep_alive", "--keep-alive", "5 to 3600 seconds", "15"),
+    key("mqtt.max_packet_size", "--max-packet-size", "a size from 64KiB to 256MiB (bytes, or 4MiB, 500KB)", "4MiB"),
+    key("mqtt.persistent_session", "--persistent-session", "true or false", "false"),
+    key("mqtt.username", "--username", "a user name", ""),
+    Key { secret: true, ..key("mqtt.password", "OUTPOST_MQTT_PASSWORD", "a password", "") },
+    key("mqtt.password_file", "--password-file", "a readable file whose first line is the password", ""),
+    key("tls.ca_file", "--ca-file", "a PEM file of CA certificates", ""),
+    key("tls.client_cert", "--client-cert", "a PEM certificate chain", ""),
+    key("tls.client_key", "--client-key", "a PEM private key", ""),
+    key("http.bind", "--http-bind", "IP:PORT (e.g. 127.0.0.1:8080) or off", "127.0.0.1:8080"),
+    live(key("limits.workers", "--workers", "1 to 256", "2")),
+    live(key("limits.max_queue", "--max-queue", "0 to 100000", "64")),
+    live(key("limits.store_quota", "--store-quota", "a size (e.g. 2GiB); 0 = no quota", "0")),
+    live(key("limits.max_model_size", "--max-model-size", "a size (e.g. 500MB); 0 = no limit", "0")),
+    key("download.attempts", "--download-attempts", "1 to 100", "4"),
+    key("download.stall_timeout", "--stall-timeout", "1 to 3600 seconds", "30"),
+];
+
+fn known(name: &str) -> Option<&'static Key> {
+    KEYS.iter().find(|k| k.name == name)
+}
+
+impl Layers {
+    /// Reads the main file (if it exists; `required`: it must) and its
+    /// drop-ins. Unknown keys and values of the wrong type are errors here.
+    pub fn load(main: &Path, required: bool) -> Result<Layers, ConfigError> {
+        let mut layers = Layers::default();
+        match std::fs::read_to_string(main) {
+            Ok(text) => layers.add_file(main, &text)?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !required => {}
+            Err(e) => return Err(ConfigError::file(main, format!("a readable TOML file ({e})"))),
+        }
+        let dir = main.with_extension("d");
+        let mut dropins: Vec<PathBuf> = match std::fs::read_dir(&dir) {
+            Ok(rd) => rd
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+                .collect(),
+            Err(_) => Vec::new(),
+        };
+        dropins.sort();
+        for p in dropins {
+            let text = std::fs::read_to_string(&p)
+                .map_err(|e| ConfigError::file(&p, format!("a readable TOML file ({e})")))?;
+            layers.add_file(&p, &text)?;
+        }
+        Ok(layers)
+    }
+
+    /// Adds one TOML document (later sources win key by key).
+    pub fn add_file(&mut self, path: &Path, text: &str) -> Result<(), ConfigError> {
+        let table: toml::Table =
+            text.parse().map_err(|e: toml::de::Error| ConfigError::file(path, format!("valid TOML: {e}")))?;
+        let origin = path.display().to_string();
+        let mut flat = Vec::new();
+        flatten("", table, &mut flat);
+        for (k, v) in flat {
+            if known(&k).is_none() {
+                return Err(ConfigError {
+                    origin,
+                    key: k.clone(),
+                    value: v.to_string(),
+                    expected: format!("one of the known keys: {}", suggestions(&k)),
+                });
+            }
+            self.entries.insert(k, Entry { value: v, origin: origin.clone() });
+        }
+        self.files.push(path.to_path_buf());
+        Ok(())
+    }
+
+    /// Sets a key from a flag or the environment (wins over files).
+    pub fn set(&mut self, key: &str, value: toml::Value, origin: &str) {
+        self.entries.insert(key.to_string(), Entry { value, origin: origin.to_string() });
+    }
+
+    pub fn get(&self, key: &str) -> Option<&Entry> {
+        self.entries.get(key)
+    }
+
+    /// Resolves every key to its typed value, checking ranges and formats.
+    pub fn resolve(&self) -> Result<Settings, ConfigError> {
+        let r = Resolver { layers: self };
+        let required = |k: &str| -> Result<String, ConfigError> {
+            r.string(k)?.ok_or_else(|| ConfigError {
+                origin: "configuration".into(),
+                key: k.into(),
+                value: "(not set)".into(),
+                expected: format!(
+                    "{} (set `{k}` in {DEFAULT_PATH} or pass {})",
+                    known(k).map_or("", |x| x.takes),
+                    known(k).map_or("", |x| x.flag)
+                ),
+            })
+        };
+        let device = required("device")?;
+        r.check("device", outpost_protocol::topics::validate_name("device", &device).is_ok())?;
+        let groups = r.strings("groups")?;
+        for g in &groups {
+            if outpost_protocol::topics::validate_name("group", g).is_err() {
+                return Err(r.error("groups", "a list of group names: [A-Za-z0-9_.-]{1,64} each"));
+            }
+        }
+        let topic_prefix = r.string("topic_prefix")?.unwrap_or_else(|| "outpost".into());
+        r.check(
+            "topic_prefix",
+            !topic_prefix.is_empty() && !topic_prefix.contains(['+', '#']) && !topic_prefix.ends_with('/'),
+        )?;
+        let broker: BrokerUrl = required("mqtt.broker")?.parse().map_err(|_| r.error("mqtt.broker", ""))?;
+        let log_format = r.string("log.format")?.unwrap_or_else(|| "text".into());
+        r.check("log.format", log_format == "text" || log_format == "json")?;
+        let log_level = r.string("log.level")?.unwrap_or_else(|| "info".into());
+        r.check("log.level", log_level.parse::<tracing_subscriber::filter::Targets>().is_ok())?;
+        let http_bind = match r.string("http.bind")?.as_deref() {
+            None => Some(std::net::SocketAddr::from(([127, 0, 0, 1], 8080))),
+            Some("off") => None,
+            Some(s) => Some(s.parse().map_err(|_| r.error("http.bind", ""))?),
+        };
+        let settings = Settings {
+            device,
+            groups,
+            data_dir: r.string("data_dir")?.map(PathBuf::from).unwrap_or_else(|| DEFAULT_DATA_DIR.into()),
+            topic_prefix,
+            telemetry_interval: Duration::from_secs(r.int("telemetry_interval", 1, 86_400)?.unwrap_or(30)),
+            shutdown_grace: Duration::from_secs(r.int("shutdown_grace", 0, 600)?.unwrap_or(10)),
+            log_json: log_format == "json",
+            log_level,
+            broker,
+            protocol: match r.string("mqtt.version")? {
+                None => Protocol::default(),
+                Some(s) => s.parse().map_err(|_| r.error("mqtt.version", ""))?,
+            },
+            keep_alive: Duration::from_secs(r.int("mqtt.keep_alive", 5, 3600)?.unwrap_or(15)),
+            max_packet_size: r.size("mqtt.max_packet_size", 64 * 1024, 256 * 1024 * 1024)?.unwrap_or(4 << 20),
+            persistent_session: r.boolean("mqtt.persistent_session")?.unwrap_or(false),
+            username: r.string("mqtt.username")?,
+            password: r.string("mqtt.password")?,
+            password_file: r.string("mqtt.password_file")?.map(PathBuf::from),
+            ca_file: r.string("tls.ca_file")?.map(PathBuf::from),
+            client_cert: r.string("tls.client_cert")?.map(PathBuf::from),
+            client_key: r.string("tls.client_key")?.map(PathBuf::from),
+            http_bind,
+            workers: r.int("limits.workers", 1, 256)?.unwrap_or(crate::serve::DEFAULT_WORKERS as u64) as usize,
+            max_queue: r.int("limits.max_queue", 0, 100_000)?.unwrap_or(crate::serve::DEFAULT_MAX_QUEUE as u64)
+                as usize,
+            store_quota: r.size("limits.store_quota", 0, u64::MAX)?.filter(|q| *q > 0),
+            max_model_size: r.size("limits.max_model_size", 0, u64::MAX)?.filter(|q| *q > 0),
+            download_attempts: r.int("download.attempts", 1, 100)?.unwrap_or(4) as u32,
+            stall_timeout: Duration::from_secs(r.int("download.stall_timeout", 1, 3600)?.unwrap_or(30)),
+        };
+        if settings.client_cert.is_some() != settings.client_key.is_some() {
+            let k = if settings.client_cert.is_some() { "tls.client_key" } else { "tls.client_cert" };
+            return Err(ConfigError {
+                origin: "configuration".into(),
+                key: k.into(),
+                value: "(not set)".into(),
+                expected: "tls.client_cert and tls.client_key together".into(),
+            });
+        }
+        if settings.password_file.is_some() && settings.username.is_none() {
+            return Err(r.error("mqtt.password_file", "mqtt.username as well (a password without a user name)"));
+        }
+        Ok(settings)
+    }
+
+    /// The effective configuration as TOML with each value's origin (secrets masked).
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        out.push_str("# effective configuration: files");
+        if self.files.is_empty() {
+            out.push_str(" (none)");
+        }
+        for f in &self.files {
+            out.push_str(&format!(" {}", f.display()));
+        }
+        out.push_str(", then flags and environment\n");
+        for k in KEYS {
+            let (value, origin) = match self.entries.get(k.name) {
+                Some(e) if k.secret => ("\"***\"".to_string(), e.origin.as_str()),
+                Some(e) => (e.value.to_string(), e.origin.as_str()),
+                None if k.default.is_empty() => continue,
+                None => (default_literal(k), "default"),
+            };
+            let line = format!("{} = {value}", k.name);
+            out.push_str(&format!("{line:<48} # {origin}\n"));
+        }
+        out
+    }
+
+    /// The keys whose values differ between two loads.
+    pub fn changed(&self, other: &Layers) -> Vec<&'static str> {
+        KEYS.iter()
+            .filter(|k| self.entries.get(k.name).map(|e| &e.value) != other.entries.get(k.name).map(|e| &e.value))
+            .map(|k| k.name)
+            .collect()
+    }
+}
+
+fn default_literal(k: &Key) -> String {
+    if k.default.parse::<i64>().is_ok() || k.default == "true" || k.default == "false" || k.default.starts_with('[') {
+        k.default.to_string()
+    } else {
+        format!("{:?}", k.default)
+    }
+}
+
+fn flatten(prefix: &str, table: toml::Table, out: &mut Vec<(String, toml::Value)>) {
+    for (k, v) in table {
+        let name = if prefix.is_empty() { k } else { format!("{prefix}.{k}") };
+        match v {
+            toml::Value::Table(t) => flatten(&name, t, out),
+            v => out.push((name, v)),
+        }
+    }
+}
+
+/// The known keys of the unknown key's section (or all), for the error.
+fn suggestions(unknown: &str) -> String {
+    let section = unknown.rsplit_once('.').map(|(s, _)| s);
+    let same: Vec<&str> =
+        KEYS.iter().map(|k| k.name).filter(|n| n.rsplit_once('.').map(|(s, _)| s) == section).collect();
+    let list = if same.is_empty() { KEYS.iter().map(|k| k.name).collect() } else { same };
+    list.join(", ")
+}
+
+struct Resolver<'a> {
+    layers: &'a Layers,
+}
+
+impl Resolver<'_> {
+    fn error(&self, key: &str, expected: &str) -> ConfigError {
+        let entry = self.layers.get(key);
+        let secret = known(key).is_some_and(|k| k.secret);
+        ConfigError {
+            origin: entry.map_or_else(|| "configuration".into(), |e| e.origin.clone()),
+            key: key.to_string(),
+            value: match entry {
+                Some(_) if secret => "\"***\"".into(),
+                Some(e) => e.value.to_string(),
+                None => "(not set)".into(),
+            },
+            expected: if expected.is_empty() {
+                known(key).map_or("", |k| k.takes).to_string()
+            } else {
+                expected.into()
+            },
+        }
+    }
+
+    fn check(&self, key: &str, ok: bool) -> Result<(), ConfigError> {
+        if ok { Ok(()) } else { Err(self.error(key, "")) }
+    }
+
+    fn string(&self, key: &str) -> Result<Option<String>, ConfigError> {
+        match self.layers.get(key).map(|e| &e.value) {
+            None => Ok(None),
+            Some(toml::Value::String(s)) => Ok(Some(s.clone())),
+            Some(_) => Err(self.error(key, &format!("a string: {}", known(key).map_or("", |k| k.takes)))),
+        }
+    }
+
+    fn strings(&self, key: &str) -> Result<Vec<String>, ConfigError> {
+        match self.layers.get(key).map(|e| &e.value) {
+            None => Ok(Vec::new()),
+            Some(toml::Value::Array(a)) => a
+                .iter()
+                .map(|v| v.as_str().map(str::to_string).ok_or_else(|| self.error(key, "a list of strings")))
+                .collect(),
+            Some(toml::Value::String(s)) => Ok(vec![s.clone()]),
+            Some(_) => Err(self.error(key, "a list of strings")),
+        }
+    }
+
+    fn int(&self, key: &str, min: u64, max: u64) -> Result<Option<u64>, ConfigError> {
+        let n = match self.layers.get(key).map(|e| &e.value) {
+            None => return Ok(None),
+            Some(toml::Value::Integer(i)) => u64::try_from(*i).ok(),
+            Some(toml::Value::String(s)) => s.trim().parse::<u64>().ok(),
+            Some(_) => None,
+        };
+        match n {
+            Some(n) if (min..=max).contains(&n) => Ok(Some(n)),
+            _ => Err(self.error(key, "")),
+        }
+    }
+
+    fn size(&self, key: &str, min: u64, max: u64) -> Result<Option<u64>, ConfigError> {
+        let n = match self.layers.get(key).map(|e| &e.value) {
+            None => return Ok(None),
+            Some(toml::Value::Integer(i)) => u64::try_from(*i).ok(),
+            Some(toml::Value::String(s)) => match crate::parse_size(s) {
+                Ok(n) => Some(n),
+                Err(why) => {
+                    let takes = known(key).map_or("", |k| k.takes);
+                    return Err(self.error(key, &format!("{takes} ({why})")));
+                }
+            },
+            Some(_) => None,
+        };
+        match n {
+            Some(n) if (min..=max).contains(&n) => Ok(Some(n)),
+            _ => Err(self.error(key, "")),
+        }
+    }
+
+    fn boolean(&self, key: &str) -> Result<Option<bool>, ConfigError> {
+        match self.layers.get(key).map(|e| &e.value) {
+            None => Ok(None),
+            Some(toml::Value::Boolean(b)) => Ok(Some(*b)),
+            Some(toml::Value::String(s)) if s == "true" || s == "false" => Ok(Some(s == "true")),
+            Some(_) => Err(self.error(key, "")),
+        }
+    }
+}
+
+/// The resolved configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Settings {
+    pub device: String,
+    pub groups: Vec<String>,
+    pub data_dir: PathBuf,
+    pub topic_prefix: String,
+    pub telemetry_interval: Duration,
+    pub shutdown_grace: Duration,
+    pub log_json: bool,
+    pub log_level: String,
+    pub broker: BrokerUrl,
+    pub protocol: Protocol,
+    pub keep_alive: Duration,
+    pub max_packet_size: u64,
+    pub persistent_session: bool,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    pub password_file: Option<PathBuf>,
+    pub ca_file: Option<PathBuf>,
+    pub client_cert: Option<PathBuf>,
+    pub client_key: Option<PathBuf>,
+    pub http_bind: Option<std::net::SocketAddr>,
+    pub workers: usize,
+    pub max_queue: usize,
+    pub store_quota: Option<u64>,
+    pub max_model_size: Option<u64>,
+    pub download_attempts: u32,
+    pub stall_timeout: Duration,
+}
+
+/// What SIGHUP can change in a running agent.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Live {
+    pub telemetry_interval: Duration,
+    pub shutdown_grace: Duration,
+    pub workers: usize,
+    pub max_queue: usize,
+    pub store_quota: Option<u64>,
+    pub max_model_size: Option<u64>,
+}
+
+impl Default for Live {
+    fn default() -> Live {
+        Live {
+            telemetry_interval: Duration::from_secs(30),
+            shutdown_grace: Duration::from_secs(10),
+            workers: crate::serve::DEFAULT_WORKERS,
+            max_queue: crate::serve::DEFAULT_MAX_QUEUE,
+            store_quota: None,
+            max_model_size: None,
+        }
+    }
+}
+
+impl Settings {
+    pub fn live(&self) -> Live {
+        Live {
+            telemetry_interval: self.telemetry_interval,
+            shutdown_grace: self.shutdown_grace,
+            workers: self.workers,
+            max_queue: self.max_queue,
+            store_quota: self.store_quota,
+            max_model_size: self.max_model_size,
+        }
+    }
+}
+
+/// The main file: `--config`, else `OUTPOST_CONFIG`, else the default; and
+/// whether it must exist (it must when named explicitly).
+pub fn main_path(flag: Option<&Path>) -> (PathBuf, bool) {
+    match (flag, std::env::var_os("OUTPOST_CONFIG")) {
+        (Some(p), _) => (p.to_path_buf(), true),
+        (None, Some(p)) if !p.is_empty() => (PathBuf::from(p), true),
+        _ => (PathBuf::from(DEFAULT_PATH), false),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn layers(files: &[(&str, &str)]) -> Result<Layers, ConfigError> {
+        let mut l = Layers::default();
+        for (name, text) in files {
+            l.add_file(Path::new(name), text)?;
+        }
+        Ok(l)
+    }
+
+    const BASE: &str = r#"
+device = "cam-17"
+groups = ["cameras", "site-berlin"]
+[mqtt]
+broker = "mqtt://broker.lan"
+password = "hunter2"
+username = "cam-17"
+[limits]
+store_quota = "2GiB"
+"#;
+
+    #[test]
+    fn drop_ins_and_flags_override_key_by_key() {
+        let mut l = layers(&[
+            ("agent.toml", BASE),
+            ("agent.d/10-site.toml", "[mqtt]\nkeep_alive = 30\n[http]\nbind = \"off\"\n"),
+            ("agent.d/20-more.toml", "mqtt.keep_alive = 45\ntelemetry_interval = 5\n"),
+        ])
+        .unwrap();
+        l.set("telemetry_interval", toml::Value::String("7".into()), "--telemetry-interval");
+        let s = l.resolve().unwrap();
+        assert_eq!(s.device, "cam-17");
+        assert_eq!(s.groups, ["cameras", "site-berlin"]);
+        assert_eq!(s.keep_alive, Duration::from_secs(45));
+        assert_eq!(s.telemetry_interval, Duration::from_secs(7));
+        assert_eq!(s.http_bind, None);
+        assert_eq!(s.store_quota, Some(2 << 30));
+        assert_eq!(s.broker.port, 1883);
+        assert_eq!(s.data_dir, PathBuf::from(DEFAULT_DATA_DIR));
+        assert_eq!(l.get("mqtt.keep_alive").unwrap().origin, "agent.d/20-more.toml");
+        let shown = l.render();
+        assert!(shown.contains("mqtt.password = \"***\""), "{shown}");
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(shown.contains("# agent.d/20-more.toml"), "{shown}");
+        assert!(shown.contains("mqtt.version = \"3.1.1\""), "{shown}");
+        assert!(shown.contains("# --telemetry-interval"), "{shown}");
+        // What is shown parses as TOML again.
+        let reparsed: toml::Table = shown.parse().unwrap();
+        assert!(reparsed.contains_key("mqtt"));
+    }
+
+    #[test]
+    fn errors_name_the_key_the_value_the_source_and_what_was_expected() {
+        let err =
+            |extra: &str| layers(&[("agent.toml", BASE), ("x.toml", extra)]).and_then(|l| l.resolve().map(|_| ()));
+        let e = err("[mqtt]\nkeep_alive = 2\n").unwrap_err();
+        assert_eq!(e.to_string(), "x.toml: mqtt.keep_alive = 2: expected 5 to 3600 seconds");
+        let e = err("[mqtt]\nkep_alive = 20\n").unwrap_err();
+        assert_eq!(e.key, "mqtt.kep_alive");
+        assert!(e.expected.contains("mqtt.keep_alive"), "{e}");
+        let e = err("[mqtt]\nbroker = \"http://x\"\n").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "x.toml: mqtt.broker = \"http://x\": expected mqtt://HOST[:PORT] or mqtts://HOST[:PORT]"
+        );
+        let e = err("[limits]\nstore_quota = \"lots\"\n").unwrap_err();
+        assert!(e.to_string().starts_with("x.toml: limits.store_quota = \"lots\": expected a size"), "{e}");
+        let e = err("device = \"a/b\"\n").unwrap_err();
+        assert!(e.to_string().starts_with("x.toml: device = \"a/b\": expected a device id"), "{e}");
+        let e = err("[http]\nbind = \"localhost\"\n").unwrap_err();
+        assert!(e.to_string().contains("expected IP:PORT"), "{e}");
+        let e = err("mqtt.persistent_session = \"yes\"\n").unwrap_err();
+        assert_eq!(e.key, "mqtt.persistent_session");
+        let e = err("tls.client_cert = \"c.pem\"\n").unwrap_err();
+        assert_eq!(e.key, "tls.client_key");
+        let e = err("device = [\n").unwrap_err();
+        assert!(e.to_string().starts_with("x.toml: "), "{e}");
+        assert!(e.expected.contains("valid TOML"), "{e}");
+        // A secret is masked in errors as well.
+        let e = err("mqtt.password = 5\n").unwrap_err();
+        assert!(!e.to_string().contains('5'), "{e}");
+        let missing = layers(&[("agent.toml", "[mqtt]\nbroker = \"mqtt://b\"\n")]).unwrap().resolve().unwrap_err();
+        assert_eq!(missing.key, "device");
+        assert!(missing.expected.contains("--device"), "{missing}");
+    }
+
+    #[test]
+    fn files_on_disk_and_their_drop_in_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let main = dir.path().join("agent.toml");
+        std::fs::write(&main, BASE).unwrap();
+        std::fs::create_dir(dir.path().join("agent.d")).unwrap();
+        std::fs::write(dir.path().join("agent.d/50-b.toml"), "telemetry_interval = 9\n").unwrap();
+        std::fs::write(dir.path().join("agent.d/10-a.toml"), "telemetry_interval = 3\n").unwrap();
+        std::fs::write(dir.path().join("agent.d/README"), "not toml").unwrap();
+        let l = Layers::load(&main, true).unwrap();
+        assert_eq!(l.files.len(), 3);
+        assert_eq!(l.resolve().unwrap().telemetry_interval, Duration::from_secs(9));
+        // Missing: fine for the default path, an error when named.
+        assert!(Layers::load(&dir.path().join("none.toml"), false).is_ok());
+        let e = Layers::load(&dir.path().join("none.toml"), true).unwrap_err();
+        assert!(e.expected.contains("readable TOML file"), "{e}");
+        let mut again = Layers::load(&main, true).unwrap();
+        again.set("limits.workers", toml::Value::Integer(4), "--workers");
+        assert_eq!(l.changed(&again), vec!["limits.workers"]);
+    }
+}
