@@ -542,7 +542,14 @@ async fn deploy_worker(
         match job {
             Job::Deploy(source, d, cancel) => {
                 let dep = deployer.clone();
-                let result = tokio::task::spawn_blocking(move || dep.run(source, &d, &cancel)).await;
+                // Every log line of the deployment carries its id, revision and model version.
+                let span = tracing::info_span!(
+                    "deployment",
+                    id = %d.deployment_id,
+                    revision = d.revision,
+                    model = %format!("{}@{}", d.model.name, d.model.version)
+                );
+                let result = tokio::task::spawn_blocking(move || span.in_scope(|| dep.run(source, &d, &cancel))).await;
                 match result {
                     Ok(Ended::Active(m, probation)) => {
                         tracing::info!(model = %m.name, version = %m.version, "active");

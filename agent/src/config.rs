@@ -561,6 +561,28 @@ store_quota = "2GiB"
         assert!(missing.expected.contains("--device"), "{missing}");
     }
 
+    /// The configuration file the package installs documents every key, and
+    /// with every line uncommented it is a valid configuration.
+    #[test]
+    fn the_packaged_template_documents_every_key() {
+        let template = include_str!("../../packaging/agent.toml");
+        let uncommented: String = template
+            .lines()
+            .map(|l| match l.strip_prefix('#') {
+                // `#key = value`, not a comment sentence.
+                Some(rest) if rest.starts_with(|c: char| c.is_ascii_lowercase()) && rest.contains(" = ") => rest,
+                _ => l,
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        let mut l = Layers::default();
+        l.add_file(Path::new("agent.toml"), &uncommented).unwrap();
+        for k in KEYS.iter().filter(|k| !k.secret) {
+            assert!(l.get(k.name).is_some(), "packaging/agent.toml does not document {}", k.name);
+        }
+        l.resolve().unwrap();
+    }
+
     #[test]
     fn files_on_disk_and_their_drop_in_directory() {
         let dir = tempfile::tempdir().unwrap();

@@ -17,7 +17,12 @@ mod outpost_agent_bin {
 
     /// `target/<profile>/outpost`, built by `cargo test --workspace` (the agent
     /// package has integration tests, so cargo builds its binary first).
+    /// `OUTPOST_AGENT_BIN` runs the tests against another build of the agent
+    /// (e.g. an aarch64 one under qemu-user: scripts/aarch64-smoke.sh).
     pub fn agent_binary() -> PathBuf {
+        if let Some(bin) = std::env::var_os("OUTPOST_AGENT_BIN") {
+            return PathBuf::from(bin);
+        }
         let exe = std::env::current_exe().unwrap();
         let dir = exe.parent().unwrap().parent().unwrap();
         let bin = dir.join(format!("outpost{}", std::env::consts::EXE_SUFFIX));
