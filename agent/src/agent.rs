@@ -347,7 +347,7 @@ pub async fn run(
     crate::systemd::stopping();
     tracing::info!(grace_s = live.shutdown_grace.as_secs_f64(), "shutting down: finishing requests in flight");
     if let Some(c) = current_cancel.lock().unwrap_or_else(|p| p.into_inner()).take() {
-        c.cancel();
+        c.stop();
     }
     let deadline = tokio::time::Instant::now() + live.shutdown_grace;
     let http_stopped = {

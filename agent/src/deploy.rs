@@ -114,7 +114,10 @@ impl Deployer {
                 Ended::Failed(e)
             }
         };
-        if matches!(ended, Ended::Superseded) {
+        if matches!(ended, Ended::Superseded) && cancel.is_stopping() {
+            // Still pending on disk: the next start resumes it.
+            tracing::info!(deployment = %d.deployment_id, "deployment interrupted by shutdown; it resumes at start-up");
+        } else if matches!(ended, Ended::Superseded) {
             self.reporter.set_outcome(d, Outcome::Superseded, None, None);
             self.reporter.event(d, Phase::Superseded, None, None, Some("a newer desired state arrived".into()));
         }

@@ -20,14 +20,24 @@ pub const MAX_MANIFEST_BYTES: u64 = 1 << 20;
 
 /// Set when a newer desired state supersedes the download in progress.
 #[derive(Debug, Clone, Default)]
-pub struct Cancel(Arc<AtomicBool>);
+pub struct Cancel(Arc<AtomicBool>, Arc<AtomicBool>);
 
 impl Cancel {
+    /// A newer desired state replaces this deployment.
     pub fn cancel(&self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+    /// The agent is stopping: the deployment is interrupted, not replaced,
+    /// and resumes at the next start.
+    pub fn stop(&self) {
+        self.1.store(true, Ordering::SeqCst);
         self.0.store(true, Ordering::SeqCst);
     }
     pub fn is_cancelled(&self) -> bool {
         self.0.load(Ordering::SeqCst)
+    }
+    pub fn is_stopping(&self) -> bool {
+        self.1.load(Ordering::SeqCst)
     }
 }
 

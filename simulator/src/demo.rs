@@ -11,7 +11,7 @@ use outpost_protocol::{ErrorCode, Phase, Topics};
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-const MLP: &[u8] = include_bytes!("../../fixtures/digits-mlp.onnx");
+pub const MLP: &[u8] = include_bytes!("../../fixtures/digits-mlp.onnx");
 const CNN: &[u8] = include_bytes!("../../fixtures/digits-cnn.onnx");
 const FRAGILE: &[u8] = include_bytes!("../../fixtures/digits-fragile.onnx");
 const LABELS: &[u8] = include_bytes!("../../fixtures/labels.txt");

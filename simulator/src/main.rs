@@ -113,6 +113,39 @@ enum Command {
     },
     /// The whole workflow on this machine: broker, registry, agent, real digits.
     Demo,
+    /// Simulate a fleet: N agents (the agent library, each with its own MQTT
+    /// session, store and state) receive one group deployment, with flaky
+    /// downloads, late starters and devices that drop offline; prints
+    /// progress and a report. Exit 0 when every device is active.
+    Fleet {
+        #[arg(long, default_value_t = 100)]
+        devices: usize,
+        /// A broker to use, e.g. mqtt://127.0.0.1:1883 (Mosquitto); default: an embedded one.
+        #[arg(long)]
+        broker: Option<BrokerUrl>,
+        /// Share of model downloads that fail (503 or a cut body) and are retried.
+        #[arg(long, default_value_t = 0.1)]
+        flaky: f64,
+        /// Share of devices that start 1-8 s after the deployment.
+        #[arg(long, default_value_t = 0.05)]
+        late: f64,
+        /// Share of devices that go offline for 3 s once they start downloading.
+        #[arg(long, default_value_t = 0.05)]
+        offline: f64,
+        /// The ONNX model to deploy (default: the digits MLP).
+        #[arg(long)]
+        model: Option<PathBuf>,
+        #[arg(long, default_value_t = 120)]
+        timeout: u64,
+        /// Write the report as JSON here too.
+        #[arg(long)]
+        json: Option<PathBuf>,
+        /// Where the devices' stores go (default: a temporary directory, in /dev/shm if present).
+        #[arg(long)]
+        work_dir: Option<PathBuf>,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
 }
 
 fn parse_shape(s: &str) -> Result<(String, Vec<i64>), String> {
@@ -142,7 +175,11 @@ fn main() -> ExitCode {
         Ok(c) => c,
         Err(code) => return code,
     };
-    let default_level = if matches!(cli.command, Command::Demo) { "error" } else { "info" };
+    let default_level = match cli.command {
+        Command::Demo => "error",
+        Command::Fleet { .. } => "error",
+        _ => "info",
+    };
     let filter = tracing_subscriber::EnvFilter::try_from_env("OUTPOST_LOG").unwrap_or_else(|_| {
         tracing_subscriber::EnvFilter::new(format!(
             "{default_level},rumqttd={}",
@@ -326,6 +363,44 @@ async fn run(command: Command) -> ExitCode {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => fail(EXIT_FAILED, &e),
         },
+        Command::Fleet { devices, broker, flaky, late, offline, model, timeout, json, work_dir, seed } => {
+            for (what, v) in [("--flaky", flaky), ("--late", late), ("--offline", offline)] {
+                if !(0.0..=1.0).contains(&v) {
+                    return fail(EXIT_USAGE, &format!("{what}: expected a share from 0 to 1, found {v}"));
+                }
+            }
+            if late + offline > 1.0 {
+                return fail(EXIT_USAGE, "--late + --offline: expected at most 1 together");
+            }
+            if devices == 0 {
+                return fail(EXIT_USAGE, "--devices: expected at least 1");
+            }
+            let spec = outpost_sim::fleet::FleetSpec {
+                devices,
+                broker,
+                flaky,
+                late,
+                offline,
+                model,
+                timeout: Duration::from_secs(timeout),
+                work_dir,
+                seed,
+                progress: true,
+            };
+            match outpost_sim::fleet::run(spec).await {
+                Ok(report) => {
+                    println!("{report}");
+                    if let Some(path) = json {
+                        let text = serde_json::to_string_pretty(&report).unwrap_or_default();
+                        if let Err(e) = std::fs::write(&path, text + "\n") {
+                            return fail(EXIT_FAILED, &format!("{}: {e}", path.display()));
+                        }
+                    }
+                    if report.active == report.devices { ExitCode::SUCCESS } else { ExitCode::from(EXIT_FAILED) }
+                }
+                Err(e) => fail(EXIT_UNAVAILABLE, &e),
+            }
+        }
     }
 }
 

@@ -82,7 +82,14 @@ impl Operator {
 
     /// Subscribes and waits for the broker to confirm.
     pub async fn subscribe(&mut self, filter: &str) -> Result<(), String> {
-        self.client.subscribe(filter, QoS::AtLeastOnce).await.map_err(|e| e.to_string())?;
+        self.subscribe_with(filter, QoS::AtLeastOnce).await
+    }
+
+    /// With QoS 0 a broker never drops messages for this subscriber because
+    /// its queue of unacknowledged ones is full (Mosquitto's
+    /// `max_queued_messages`, 1000 by default): for observing a large fleet.
+    pub async fn subscribe_with(&mut self, filter: &str, qos: QoS) -> Result<(), String> {
+        self.client.subscribe(filter, qos).await.map_err(|e| e.to_string())?;
         tokio::time::timeout(Duration::from_secs(10), self.subacks.recv())
             .await
             .map_err(|_| format!("no SUBACK for {filter} within 10 s"))?

@@ -207,3 +207,72 @@ pub async fn serve_http(root: PathBuf, listener: tokio::net::TcpListener) -> std
     let app = axum::Router::new().route("/{*path}", axum::routing::get(file)).with_state(root);
     axum::serve(listener, app).await
 }
+
+/// Like `serve_http`, but a share `flaky` (0..1) of the model-file
+/// downloads fail: half with `503` + `Retry-After: 1`, half cut off midway
+/// (the full length announced, half the bytes sent). For the fleet
+/// simulation's flaky links; deterministic for a given `seed`.
+pub async fn serve_http_flaky(
+    root: PathBuf,
+    listener: tokio::net::TcpListener,
+    flaky: f64,
+    seed: u64,
+    faults: std::sync::Arc<std::sync::atomic::AtomicU64>,
+) -> std::io::Result<()> {
+    use axum::extract::{Path as UrlPath, State};
+    use axum::http::{StatusCode, header};
+    use axum::response::IntoResponse;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    #[derive(Clone)]
+    struct Ctx {
+        root: PathBuf,
+        flaky: f64,
+        counter: Arc<AtomicU64>,
+        seed: u64,
+        faults: Arc<AtomicU64>,
+    }
+    async fn file(State(c): State<Ctx>, UrlPath(path): UrlPath<String>) -> axum::response::Response {
+        if outpost_protocol::manifest::check_relative_path("path", &path).is_err() {
+            return (StatusCode::NOT_FOUND, "not found\n").into_response();
+        }
+        // Read in place, not with tokio::fs: the fleet's agents can hold every
+        // thread of the blocking pool with their downloads, and those wait
+        // for this answer. The files are small and on local (or tmpfs) disk.
+        let Ok(bytes) = std::fs::read(c.root.join(&path)) else {
+            return (StatusCode::NOT_FOUND, "not found\n").into_response();
+        };
+        let n = c.counter.fetch_add(1, Ordering::Relaxed);
+        let roll = unit(splitmix(c.seed ^ n.wrapping_mul(0x9E37_79B9_7F4A_7C15)));
+        if !path.ends_with("manifest.json") && roll < c.flaky {
+            c.faults.fetch_add(1, Ordering::Relaxed);
+            if roll < c.flaky / 2.0 {
+                return (StatusCode::SERVICE_UNAVAILABLE, [(header::RETRY_AFTER, "1")], "busy\n").into_response();
+            }
+            let len = bytes.len();
+            let half = bytes[..len / 2].to_vec();
+            let chunks: Vec<Result<Vec<u8>, std::io::Error>> =
+                vec![Ok(half), Err(std::io::Error::new(std::io::ErrorKind::ConnectionReset, "link cut"))];
+            let body = axum::body::Body::from_stream(futures_util::stream::iter(chunks));
+            return ([(header::CONTENT_LENGTH, len.to_string())], body).into_response();
+        }
+        let ct = if path.ends_with(".json") { "application/json" } else { "application/octet-stream" };
+        ([(header::CONTENT_TYPE, ct)], bytes).into_response()
+    }
+    let ctx = Ctx { root, flaky, counter: Default::default(), seed, faults };
+    let app = axum::Router::new().route("/{*path}", axum::routing::get(file)).with_state(ctx);
+    axum::serve(listener, app).await
+}
+
+/// splitmix64: a small deterministic generator for fault and role draws.
+pub fn splitmix(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    x ^ (x >> 31)
+}
+
+/// A draw in [0, 1).
+pub fn unit(x: u64) -> f64 {
+    (x >> 11) as f64 / (1u64 << 53) as f64
+}

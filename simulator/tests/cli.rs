@@ -38,30 +38,57 @@ fn register_reports_a_missing_model_file() {
     assert!(err.contains("/nonexistent/model.onnx"), "{err}");
 }
 
-/// The README's first command: the demo runs every step and exits 0, within
-/// a bound (a hang is a failure, not a stuck CI job).
-#[test]
-fn the_demo_passes_every_step() {
+/// Runs outpost-sim with `args`, failing the test if it takes over `limit`
+/// (a hang is a failure, not a stuck CI job); its exit status and stdout.
+fn sim_within(args: &[&str], limit: std::time::Duration) -> (std::process::ExitStatus, String) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_outpost-sim"))
-        .arg("demo")
+        .args(args)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
         .spawn()
-        .expect("run outpost-sim demo");
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+        .expect("run outpost-sim");
+    let deadline = std::time::Instant::now() + limit;
     let status = loop {
         if let Some(s) = child.try_wait().expect("wait") {
             break s;
         }
         if std::time::Instant::now() > deadline {
             let _ = child.kill();
-            panic!("the demo did not finish within 120 s");
+            panic!("outpost-sim {args:?} did not finish within {limit:?}");
         }
         std::thread::sleep(std::time::Duration::from_millis(100));
     };
     let mut out = String::new();
     std::io::Read::read_to_string(&mut child.stdout.take().expect("stdout"), &mut out).expect("read");
+    (status, out)
+}
+
+/// The README's first command: the demo runs every step and exits 0.
+#[test]
+fn the_demo_passes_every_step() {
+    let (status, out) = sim_within(&["demo"], std::time::Duration::from_secs(120));
     assert!(status.success(), "{out}");
     assert_eq!(out.matches("\n  ok   ").count(), 9, "{out}");
     assert!(out.contains("0 failed, 0 lost") && out.contains("0 failed requests"), "{out}");
+}
+
+/// A small fleet (the smoke of `outpost-sim fleet --devices 1000`): every
+/// device converges through flaky downloads, late starts and offline periods.
+#[test]
+fn a_small_fleet_converges_through_the_fault_mix() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let json = dir.path().join("fleet.json");
+    let args = ["fleet", "--devices", "24", "--flaky", "0.3", "--late", "0.1", "--offline", "0.15", "--timeout", "60"];
+    let mut args: Vec<&str> = args.to_vec();
+    let json_arg = json.display().to_string();
+    args.extend(["--json", &json_arg]);
+    let (status, out) = sim_within(&args, std::time::Duration::from_secs(120));
+    assert!(status.success(), "{out}");
+    assert!(out.contains("active:                        24 of 24 (0 failed)"), "{out}");
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&json).expect("the JSON report")).expect("JSON");
+    assert_eq!(report["active"], 24, "{report}");
+    assert!(report["downloads_faulted"].as_u64().unwrap_or(0) > 0, "the fault mix faulted nothing: {report}");
+    assert!(report["offline_devices"].as_u64().unwrap_or(0) > 0 && report["late_devices"].as_u64().unwrap_or(0) > 0);
+    assert!(report["t100_s"].as_f64().is_some(), "{report}");
 }
