@@ -50,6 +50,11 @@ impl Limits {
     }
 }
 
+/// Milliseconds, to 0.01.
+fn ms(d: Duration) -> f64 {
+    (d.as_secs_f64() * 100_000.0).round() / 100.0
+}
+
 /// Free space left on the filesystem after a download, for the state file and logs.
 const DISK_HEADROOM: u64 = 1 << 20;
 
@@ -67,8 +72,10 @@ impl Deployer {
     pub fn run(&self, source: Source, d: &Deployment, cancel: &Cancel) -> Ended {
         let started = Instant::now();
         self.reporter.set_outcome(d, Outcome::InProgress, None, None);
-        let ended = match self.prepare(d, cancel) {
+        let mut timings = outpost_protocol::Timings::default();
+        let ended = match self.prepare(d, cancel, &mut timings) {
             Ok(model) => {
+                let activating = Instant::now();
                 if cancel.is_cancelled() {
                     Ended::Superseded
                 } else {
@@ -103,7 +110,9 @@ impl Deployer {
                     if let Some((_, _, described)) = &probation {
                         detail.push_str(&format!("; {described}"));
                     }
-                    self.reporter.event(d, Phase::Active, None, None, Some(detail));
+                    timings.activate = ms(activating.elapsed());
+                    timings.total = ms(started.elapsed());
+                    self.reporter.active_event(d, detail, timings);
                     Ended::Active(model, probation.map(|(token, window, _)| (token, window)))
                 }
             }
@@ -178,10 +187,17 @@ impl Deployer {
     }
 
     /// Everything up to (not including) the swap.
-    fn prepare(&self, d: &Deployment, cancel: &Cancel) -> Result<Arc<Model>, FetchError> {
+    fn prepare(
+        &self,
+        d: &Deployment,
+        cancel: &Cancel,
+        timings: &mut outpost_protocol::Timings,
+    ) -> Result<Arc<Model>, FetchError> {
         let sha = &d.model.manifest_sha256;
+        let t = Instant::now();
         let (dir, manifest) = match self.store.verify_version(sha) {
             Ok((dir, manifest, _)) => {
+                timings.verify = ms(t.elapsed());
                 self.reporter.event(
                     d,
                     Phase::Verifying,
@@ -191,7 +207,7 @@ impl Deployer {
                 );
                 (dir, manifest)
             }
-            Err(_) => self.download(d, cancel)?,
+            Err(_) => self.download(d, cancel, timings)?,
         };
         if cancel.is_cancelled() {
             return Err(FetchError::Cancelled);
@@ -211,6 +227,7 @@ impl Deployer {
         self.reporter.event(d, Phase::Loading, None, None, Some(manifest.model.file.clone()));
         let t = Instant::now();
         let mut model = Model::load(&dir, &manifest, sha)?;
+        timings.load = ms(t.elapsed());
         let load_detail = format!(
             "loaded in {} ms{}",
             t.elapsed().as_millis(),
@@ -220,7 +237,9 @@ impl Deployer {
             return Err(FetchError::Cancelled);
         }
         self.reporter.event(d, Phase::Validating, None, None, Some(load_detail));
+        let t = Instant::now();
         let verdict = model.validate(&dir, &manifest)?;
+        timings.validate = ms(t.elapsed());
         tracing::info!(model = %manifest.name, version = %manifest.version, "{verdict}");
         if cancel.is_cancelled() {
             return Err(FetchError::Cancelled);
@@ -232,7 +251,13 @@ impl Deployer {
         Ok(Arc::new(model))
     }
 
-    fn download(&self, d: &Deployment, cancel: &Cancel) -> Result<(PathBuf, Manifest), FetchError> {
+    fn download(
+        &self,
+        d: &Deployment,
+        cancel: &Cancel,
+        timings: &mut outpost_protocol::Timings,
+    ) -> Result<(PathBuf, Manifest), FetchError> {
+        let t = Instant::now();
         let (fetcher, url, sha) = (self.fetcher.clone(), d.model.manifest_url.clone(), d.model.manifest_sha256.clone());
         let bytes = self.cancellable(d, "manifest.json", cancel, &mut |_| {}, move |c, on_retry, _| {
             fetcher.fetch_bytes(&url, "manifest.json", &sha, MAX_MANIFEST_BYTES, c, on_retry)
@@ -292,6 +317,8 @@ impl Deployer {
         if to_fetch > 0 {
             self.reporter.event(d, Phase::Downloading, Some(Progress { bytes: done, total: to_fetch }), None, None);
         }
+        timings.download = ms(t.elapsed());
+        let t = Instant::now();
         self.reporter.event(
             d,
             Phase::Verifying,
@@ -301,6 +328,7 @@ impl Deployer {
         );
         let dir = self.store.materialize(&manifest, &bytes, &d.model.manifest_sha256)?;
         crate::crash_point("version-installed");
+        timings.verify = ms(t.elapsed());
         Ok((dir, manifest))
     }
 

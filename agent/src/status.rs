@@ -138,6 +138,25 @@ impl Reporter {
         error: Option<ErrorInfo>,
         detail: Option<String>,
     ) {
+        self.emit(deployment_id, revision, phase, progress, error, detail, None);
+    }
+
+    /// The `active` event, with where the deployment's time went.
+    pub fn active_event(&self, d: &Deployment, detail: String, timings: outpost_protocol::Timings) {
+        self.emit(&d.deployment_id, d.revision, Phase::Active, None, None, Some(detail), Some(timings));
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn emit(
+        &self,
+        deployment_id: &str,
+        revision: u64,
+        phase: Phase,
+        progress: Option<Progress>,
+        error: Option<ErrorInfo>,
+        detail: Option<String>,
+        timings_ms: Option<outpost_protocol::Timings>,
+    ) {
         let seq = {
             let mut r = self.lock();
             r.seq += 1;
@@ -154,6 +173,7 @@ impl Reporter {
             progress,
             error,
             detail,
+            timings_ms,
         };
         match (&ev.error, phase) {
             (Some(e), _) => {

@@ -78,6 +78,26 @@ pub struct DeploymentEvent {
     /// Human-readable detail (e.g. which file, which model version).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,
+    /// On `active`: where the deployment's time went, in milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timings_ms: Option<Timings>,
+}
+
+/// Milliseconds spent in each step of a deployment (on `active`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct Timings {
+    /// Fetching the manifest and the missing files (sha256 and sizes checked as they stream).
+    pub download: f64,
+    /// Installing the version in the store, or re-verifying a version already stored.
+    pub verify: f64,
+    /// Loading and optimising the model (tract).
+    pub load: f64,
+    /// Running the golden sample (and timing the executors when `auto`).
+    pub validate: f64,
+    /// Swapping it in and recording the state.
+    pub activate: f64,
+    /// From the start of the deployment to `active`.
+    pub total: f64,
 }
 
 impl DeploymentEvent {

@@ -26,7 +26,7 @@ pub mod topics;
 
 pub use deployment::{Deployment, ModelRef, Policy, Probation, Serving};
 pub use error::{ErrorCode, ErrorInfo, ProtocolError};
-pub use event::{DeploymentEvent, Phase, Progress};
+pub use event::{DeploymentEvent, Phase, Progress, Timings};
 pub use infer::{
     Datatype, InferError, InferReply, InferRequest, InferResponse, OutData, TensorData, TensorIn, TensorOut,
 };

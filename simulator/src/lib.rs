@@ -4,8 +4,10 @@
 //! - [`registry`]: `register` (write a model version as static files) and a static HTTP server.
 //! - [`operator`]: an MQTT client that deploys, follows events and sends inference requests.
 //! - [`demo`]: the one-command tour.
+//! - [`bench`]: Outpost side by side with its floors and peers, one run, ratios.
 //! - [`fleet`]: N agents in one process against a broker, one group deployment, a fault mix.
 
+pub mod bench;
 pub mod broker;
 pub mod demo;
 pub mod fleet;

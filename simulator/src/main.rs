@@ -113,6 +113,27 @@ enum Command {
     },
     /// The whole workflow on this machine: broker, registry, agent, real digits.
     Demo,
+    /// Benchmarks, side by side in one run: local HTTP scoring vs tract
+    /// in-process and Azure ML's inference server, MQTT round trip vs an echo
+    /// client, hot swap under load, deployment latency, footprint, sha256,
+    /// a detector-sized model. Writes a Markdown report, JSON and an SVG.
+    Bench {
+        /// The agent binary to measure.
+        #[arg(long, default_value = "target/release/outpost")]
+        agent: PathBuf,
+        /// A smoke run of a few seconds (not figures).
+        #[arg(long)]
+        quick: bool,
+        /// The Markdown report (JSON and SVG are written next to it).
+        #[arg(long, default_value = "BENCHMARKS.md")]
+        report: PathBuf,
+        /// Python of the peer's virtualenv (default simulator/bench/.venv/bin/python, from setup_peer.sh).
+        #[arg(long)]
+        peer_python: Option<PathBuf>,
+        /// Where fixtures/make_large_models.py wrote its models.
+        #[arg(long, default_value = "target/large-models")]
+        large_models: PathBuf,
+    },
     /// Simulate a fleet: N agents (the agent library, each with its own MQTT
     /// session, store and state) receive one group deployment, with flaky
     /// downloads, late starters and devices that drop offline; prints
@@ -177,7 +198,7 @@ fn main() -> ExitCode {
     };
     let default_level = match cli.command {
         Command::Demo => "error",
-        Command::Fleet { .. } => "error",
+        Command::Fleet { .. } | Command::Bench { .. } => "error",
         _ => "info",
     };
     let filter = tracing_subscriber::EnvFilter::try_from_env("OUTPOST_LOG").unwrap_or_else(|_| {
@@ -363,6 +384,21 @@ async fn run(command: Command) -> ExitCode {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => fail(EXIT_FAILED, &e),
         },
+        Command::Bench { agent, quick, report, peer_python, large_models } => {
+            let root = std::env::current_dir().unwrap_or_default();
+            if !root.join("fixtures/digits-mlp.onnx").is_file() {
+                return fail(EXIT_USAGE, "run outpost-sim bench from the repository root (it uses fixtures/)");
+            }
+            let spec =
+                outpost_sim::bench::BenchSpec { agent, quick, report: report.clone(), peer_python, large_models, root };
+            match outpost_sim::bench::run(spec).await {
+                Ok(_) => {
+                    println!("report: {}", report.display());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(EXIT_FAILED, &e),
+            }
+        }
         Command::Fleet { devices, broker, flaky, late, offline, model, timeout, json, work_dir, seed } => {
             for (what, v) in [("--flaky", flaky), ("--late", late), ("--offline", offline)] {
                 if !(0.0..=1.0).contains(&v) {

@@ -37,6 +37,7 @@ impl Operator {
         opts.set_clean_session(clean);
         opts.set_max_packet_size(16 * 1024 * 1024, 16 * 1024 * 1024);
         let (client, mut eventloop) = AsyncClient::new(opts, 1024);
+        eventloop.set_network_options(outpost_agent::mqtt::network_options());
         let (tx, incoming) = mpsc::unbounded_channel();
         let (sub_tx, subacks) = mpsc::unbounded_channel();
         let (conn_tx, mut conn_rx) = mpsc::unbounded_channel::<Result<(), String>>();

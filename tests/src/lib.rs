@@ -92,7 +92,7 @@ impl Mosquitto {
         } else {
             "persistence false\n".to_string()
         };
-        std::fs::write(&conf, format!("listener {port} 127.0.0.1\nallow_anonymous true\n{persistence}log_dest stderr\nmax_packet_size 16777216\n")).unwrap();
+        std::fs::write(&conf, format!("listener {port} 127.0.0.1\nallow_anonymous true\n{persistence}log_dest stderr\nmax_packet_size 16777216\nset_tcp_nodelay true\n")).unwrap();
         let mut m = Mosquitto { port, tls_port: None, child: None, dir };
         m.spawn();
         m
@@ -115,7 +115,7 @@ impl Mosquitto {
         std::fs::set_permissions(&passwd, std::fs::Permissions::from_mode(0o644)).unwrap();
         let (port, tls_port) = (outpost_sim::broker::free_port().unwrap(), outpost_sim::broker::free_port().unwrap());
         let conf = format!(
-            "per_listener_settings true\nlog_dest stderr\npersistence false\n\
+            "per_listener_settings true\nlog_dest stderr\npersistence false\nset_tcp_nodelay true\n\
              listener {port} 127.0.0.1\nallow_anonymous true\n\
              listener {tls_port} 127.0.0.1\ncafile {}\ncertfile {}\nkeyfile {}\nallow_anonymous false\npassword_file {}\n",
             pki.ca.display(),

@@ -1,0 +1,945 @@
+//! `outpost-sim bench`: Outpost side by side with its floors and its peers,
+//! in one run on one machine, every figure also as a ratio. Real processes:
+//! Mosquitto, the `outpost` binary, Azure ML's inference server (when set up
+//! with simulator/bench/setup_peer.sh), onnxruntime in Python. Writes a JSON
+//! file, a Markdown report and an SVG timeline of the hot swap under load.
+
+use crate::operator::{Operator, deployment};
+use crate::registry::{RegisterSpec, register};
+use outpost_agent::mqtt::BrokerUrl;
+use outpost_protocol::{DeploymentEvent, Phase, Topics};
+use serde_json::{Value, json};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct BenchSpec {
+    /// The agent binary (a release build: `cargo build --release`).
+    pub agent: PathBuf,
+    /// Fewer requests and shorter phases: a smoke run of a few seconds.
+    pub quick: bool,
+    /// Markdown report; the JSON and the SVG go next to it.
+    pub report: PathBuf,
+    /// The Python of the peer's virtualenv (simulator/bench/setup_peer.sh).
+    pub peer_python: Option<PathBuf>,
+    /// Where fixtures/make_large_models.py wrote the large models.
+    pub large_models: PathBuf,
+    /// The repository root (fixtures, scripts).
+    pub root: PathBuf,
+}
+
+/// Latency figures of one series, in microseconds, and its throughput.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Series {
+    pub n: usize,
+    pub p50_us: f64,
+    pub p99_us: f64,
+    pub mean_us: f64,
+    pub per_s: f64,
+    pub failed: usize,
+}
+
+fn series(mut lat: Vec<Duration>, wall: Duration, failed: usize) -> Series {
+    if lat.is_empty() {
+        return Series { failed, ..Default::default() };
+    }
+    lat.sort();
+    let q = |p: f64| lat[((lat.len() - 1) as f64 * p).round() as usize].as_secs_f64() * 1e6;
+    let mean = lat.iter().map(|d| d.as_secs_f64()).sum::<f64>() / lat.len() as f64 * 1e6;
+    Series {
+        n: lat.len(),
+        p50_us: round(q(0.5)),
+        p99_us: round(q(0.99)),
+        mean_us: round(mean),
+        per_s: round(lat.len() as f64 / wall.as_secs_f64().max(1e-9)),
+        failed,
+    }
+}
+
+fn round(x: f64) -> f64 {
+    (x * 10.0).round() / 10.0
+}
+
+/// A child process killed on drop.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> Result<u16, String> {
+    crate::broker::free_port().map_err(|e| e.to_string())
+}
+
+fn wait_port(port: u16, within: Duration) -> Result<(), String> {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Err(format!("nothing listens on 127.0.0.1:{port} after {within:?}"))
+}
+
+/// VmRSS and VmHWM of a process, in KiB.
+fn memory_kb(pid: u32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+            .unwrap_or(0)
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+/// RSS of a process and all its descendants (gunicorn's master and workers), in KiB.
+fn tree_rss_kb(pid: u32) -> u64 {
+    let mut total = memory_kb(pid).0;
+    let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+    for c in children.split_whitespace().filter_map(|c| c.parse::<u32>().ok()) {
+        total += tree_rss_kb(c);
+    }
+    total
+}
+
+/// A minimal HTTP/1.1 client: keep-alive when the server allows it,
+/// reconnecting when it closes (as gunicorn's sync workers do). The same
+/// client measures every server.
+struct Http {
+    port: u16,
+    conn: Option<BufReader<TcpStream>>,
+}
+
+impl Http {
+    fn new(port: u16) -> Http {
+        Http { port, conn: None }
+    }
+
+    fn post(&mut self, path: &str, headers: &[(&str, String)], body: &[u8]) -> Result<(u16, Vec<u8>), String> {
+        for attempt in 0..2 {
+            if self.conn.is_none() {
+                let s = TcpStream::connect(("127.0.0.1", self.port)).map_err(|e| e.to_string())?;
+                s.set_nodelay(true).map_err(|e| e.to_string())?;
+                self.conn = Some(BufReader::new(s));
+            }
+            match self.exchange(path, headers, body) {
+                Ok(r) => return Ok(r),
+                Err(e) if attempt == 1 => return Err(e),
+                Err(_) => self.conn = None,
+            }
+        }
+        Err("unreachable".into())
+    }
+
+    fn exchange(&mut self, path: &str, headers: &[(&str, String)], body: &[u8]) -> Result<(u16, Vec<u8>), String> {
+        let conn = self.conn.as_mut().ok_or("no connection")?;
+        let mut head = format!(
+            "POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\n",
+            body.len()
+        );
+        for (k, v) in headers {
+            head.push_str(&format!("{k}: {v}\r\n"));
+        }
+        head.push_str("\r\n");
+        let s = conn.get_mut();
+        s.write_all(head.as_bytes()).and_then(|_| s.write_all(body)).map_err(|e| e.to_string())?;
+        let mut line = String::new();
+        conn.read_line(&mut line).map_err(|e| e.to_string())?;
+        let status: u16 = line.split_whitespace().nth(1).and_then(|c| c.parse().ok()).ok_or("no status line")?;
+        let (mut len, mut close) = (0usize, false);
+        loop {
+            line.clear();
+            conn.read_line(&mut line).map_err(|e| e.to_string())?;
+            let l = line.trim_end();
+            if l.is_empty() {
+                break;
+            }
+            let lower = l.to_ascii_lowercase();
+            if let Some(v) = lower.strip_prefix("content-length:") {
+                len = v.trim().parse().unwrap_or(0);
+            }
+            if lower.starts_with("connection:") && lower.contains("close") {
+                close = true;
+            }
+        }
+        let mut out = vec![0u8; len];
+        conn.read_exact(&mut out).map_err(|e| e.to_string())?;
+        if close {
+            self.conn = None;
+        }
+        Ok((status, out))
+    }
+}
+
+/// `n` requests from each of `clients` threads; latencies, wall time, failures.
+fn load(port: u16, path: &str, body: &[u8], n: usize, clients: usize) -> Series {
+    let started = Instant::now();
+    let handles: Vec<_> = (0..clients)
+        .map(|_| {
+            let (path, body) = (path.to_string(), body.to_vec());
+            std::thread::spawn(move || {
+                let mut c = Http::new(port);
+                let mut lat = Vec::with_capacity(n);
+                let mut failed = 0;
+                for _ in 0..n {
+                    let t = Instant::now();
+                    match c.post(&path, &[], &body) {
+                        Ok((200, _)) => lat.push(t.elapsed()),
+                        _ => failed += 1,
+                    }
+                }
+                (lat, failed)
+            })
+        })
+        .collect();
+    let (mut lat, mut failed) = (Vec::new(), 0);
+    for h in handles {
+        if let Ok((l, f)) = h.join() {
+            lat.extend(l);
+            failed += f;
+        }
+    }
+    series(lat, started.elapsed(), failed)
+}
+
+fn digits_body(rows: usize) -> (Vec<f32>, Vec<u8>) {
+    let pixels: Vec<f32> = (0..rows * 64).map(|i| ((i * 7) % 17) as f32).collect();
+    let body = json!({"inputs": [{"name": "input", "shape": [rows, 64], "datatype": "FP32", "data": pixels}]});
+    (pixels, serde_json::to_vec(&body).unwrap_or_default())
+}
+
+/// The model run in-process by tract, as the floor: load, optimise, run `n` times.
+fn tract_floor(model: &Path, shape: &[usize], n: usize) -> Result<(Series, Duration), String> {
+    use tract_onnx::prelude::*;
+    let t = Instant::now();
+    let plan = tract_onnx::onnx()
+        .model_for_path(model)
+        .and_then(|m| m.with_input_fact(0, f32::fact(shape).into()))
+        .and_then(|m| m.into_optimized())
+        .and_then(|m| m.into_runnable())
+        .map_err(|e| format!("{}: {e}", model.display()))?;
+    let load = t.elapsed();
+    let count: usize = shape.iter().product();
+    let input: Tensor = tract_ndarray::Array::from_shape_vec(shape, (0..count).map(|i| (i % 17) as f32).collect())
+        .map_err(|e| e.to_string())?
+        .into();
+    for _ in 0..n.min(20) {
+        plan.run(tvec!(input.clone().into())).map_err(|e| e.to_string())?;
+    }
+    let started = Instant::now();
+    let mut lat = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = Instant::now();
+        plan.run(tvec!(input.clone().into())).map_err(|e| e.to_string())?;
+        lat.push(t.elapsed());
+    }
+    Ok((series(lat, started.elapsed(), 0), load))
+}
+
+struct Lab {
+    broker: BrokerUrl,
+    _mosquitto: Proc,
+    registry_url: String,
+    registry: PathBuf,
+    op: Operator,
+    revision: u64,
+}
+
+impl Lab {
+    /// Publishes a deployment to `device` and waits for its final event.
+    async fn deploy(&mut self, device: &str, name: &str, version: &str) -> Result<(DeploymentEvent, Duration), String> {
+        let (url, sha) = crate::operator::resolve_manifest(&self.registry_url, name, version).await?;
+        self.revision += 1;
+        let mut d = deployment(name, version, &url, &sha, None, None);
+        d.revision = self.revision;
+        d.deployment_id = format!("bench-{name}-{version}-{}", self.revision);
+        let t = Instant::now();
+        self.op.publish(&Topics::default().device_desired(device), d.to_json(), true).await?;
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while Instant::now() < deadline {
+            let Some(m) = self.op.next(Duration::from_millis(100)).await else { continue };
+            if let Ok(ev) = DeploymentEvent::from_json(&m.payload)
+                && ev.deployment_id == d.deployment_id
+                && ev.phase.is_final()
+            {
+                if ev.phase != Phase::Active {
+                    return Err(format!("{name}@{version}: {}", ev.summary()));
+                }
+                return Ok((ev, t.elapsed()));
+            }
+        }
+        Err(format!("{name}@{version}: no final event within 120 s"))
+    }
+}
+
+fn start_mosquitto() -> Result<(Proc, u16), String> {
+    let port = free_port()?;
+    // Mosquitto delays small packets (Nagle) unless told not to.
+    let conf = std::env::temp_dir().join(format!("outpost-bench-mosquitto-{port}.conf"));
+    std::fs::write(&conf, format!("listener {port} 127.0.0.1\nallow_anonymous true\nset_tcp_nodelay true\n"))
+        .map_err(|e| e.to_string())?;
+    let child = Command::new("mosquitto")
+        .args(["-c", &conf.display().to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("mosquitto: {e} (apt-get install mosquitto)"))?;
+    let p = Proc(child);
+    wait_port(port, Duration::from_secs(10))?;
+    Ok((p, port))
+}
+
+fn start_agent(spec: &BenchSpec, broker: u16, data: &Path) -> Result<(Proc, u16), String> {
+    let http = free_port()?;
+    let child = Command::new(&spec.agent)
+        .args(["run", "--broker", &format!("mqtt://127.0.0.1:{broker}"), "--device", "bench"])
+        .args(["--data-dir", &data.display().to_string(), "--http-bind", &format!("127.0.0.1:{http}")])
+        .env("OUTPOST_LOG", "warn")
+        .env_remove("OUTPOST_CONFIG")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("{}: {e} (cargo build --release)", spec.agent.display()))?;
+    let p = Proc(child);
+    wait_port(http, Duration::from_secs(30))?;
+    Ok((p, http))
+}
+
+/// Runs every section; sections whose prerequisites are missing (the peer,
+/// the large models) are reported as skipped with the command that enables them.
+pub async fn run(spec: BenchSpec) -> Result<Value, String> {
+    let n = if spec.quick { 200 } else { 3000 };
+    let work = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let mut results = json!({
+        "machine": machine(),
+        "agent_binary": spec.agent.display().to_string(),
+        "quick": spec.quick,
+    });
+    let mut skipped: Vec<String> = Vec::new();
+
+    // Registry: digits v1 (MLP) and v2 (CNN), and the large models when present.
+    let registry = work.path().join("registry");
+    let fixtures = spec.root.join("fixtures");
+    let reg = |model: PathBuf, name: &str, version: &str| RegisterSpec {
+        model,
+        name: name.into(),
+        version: version.into(),
+        registry: registry.clone(),
+        labels: None,
+        sample: None,
+        shapes: Vec::new(),
+        tolerance: 1e-3,
+        top_k: 0,
+        scale: None,
+    };
+    let mut specs = vec![
+        reg(fixtures.join("digits-mlp.onnx"), "digits", "1"),
+        reg(fixtures.join("digits-cnn.onnx"), "digits", "2"),
+    ];
+    let dense = spec.large_models.join("dense-10mb.onnx");
+    let detector = spec.large_models.join("detector-480x640.onnx");
+    if dense.is_file() {
+        specs.push(reg(dense.clone(), "dense", "1"));
+    }
+    if detector.is_file() {
+        specs.push(reg(detector.clone(), "detector", "1"));
+    }
+    if !dense.is_file() || !detector.is_file() {
+        skipped.push(format!(
+            "large models: run `python3 fixtures/make_large_models.py {}` (needs numpy and onnx)",
+            spec.large_models.display()
+        ));
+    }
+    tokio::task::spawn_blocking(move || specs.iter().map(register).collect::<Result<Vec<_>, _>>())
+        .await
+        .map_err(|e| e.to_string())??;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.map_err(|e| e.to_string())?;
+    let registry_url = format!("http://{}", listener.local_addr().map_err(|e| e.to_string())?);
+    tokio::spawn(crate::registry::serve_http(registry.clone(), listener));
+
+    let (mosquitto, mqtt_port) = start_mosquitto()?;
+    let broker = BrokerUrl { host: "127.0.0.1".into(), port: mqtt_port, tls: false };
+    let mut op = Operator::connect(&broker, "bench-operator", Topics::default()).await?;
+    op.subscribe("outpost/devices/bench/events").await?;
+    let mut lab = Lab { broker, _mosquitto: mosquitto, registry_url, registry, op, revision: 0 };
+
+    let data = work.path().join("agent");
+    let (agent, http) = start_agent(&spec, mqtt_port, &data)?;
+    let pid = agent.0.id();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let rss_idle_kb = memory_kb(pid).0;
+
+    // 4. Deployment latency, split; the same files fetched plainly and the model loaded by tract as the baseline.
+    eprintln!("[bench] deployment latency");
+    let mut deployments = Vec::new();
+    let mut cases = vec![("digits", "1", fixtures.join("digits-mlp.onnx"), vec![1usize, 64])];
+    if dense.is_file() {
+        cases.push(("dense", "1", dense.clone(), vec![1, 1600]));
+    }
+    for (name, version, model, shape) in &cases {
+        let (ev, wall) = lab.deploy("bench", name, version).await?;
+        let baseline = baseline_download_and_load(&lab, name, version, model, shape).await?;
+        let t = ev.timings_ms.unwrap_or_default();
+        deployments.push(json!({
+            "model": format!("{name}@{version}"), "fresh": true,
+            "wall_ms": round(wall.as_secs_f64() * 1e3), "timings_ms": t,
+            "baseline_download_ms": baseline.0, "baseline_tract_load_ms": baseline.1,
+            "ratio_vs_baseline": round2((wall.as_secs_f64() * 1e3) / (baseline.0 + baseline.1)),
+        }));
+    }
+    let (ev, wall) = lab.deploy("bench", "digits", "1").await?;
+    deployments.push(json!({
+        "model": "digits@1", "fresh": false, "wall_ms": round(wall.as_secs_f64() * 1e3),
+        "timings_ms": ev.timings_ms.unwrap_or_default(),
+    }));
+    results["deployment"] = Value::Array(deployments);
+    let rss_serving_kb = memory_kb(pid).0;
+
+    // 1. Local HTTP scoring, against tract in-process and the peer.
+    eprintln!("[bench] HTTP scoring");
+    let (_, body) = digits_body(1);
+    let path = "/v2/models/digits/infer";
+    let seq = load(http, path, &body, n, 1);
+    let conc = load(http, path, &body, n / 2, 2);
+    let (floor, _) = tract_floor(&fixtures.join("digits-mlp.onnx"), &[1, 64], n)?;
+    let mut scoring = json!({"outpost_sequential": seq, "outpost_2_clients": conc, "tract_in_process": floor});
+    scoring["outpost_p50_minus_floor_us"] = json!(round(seq.p50_us - floor.p50_us));
+    let mut peer_rss_kb = None;
+    match peer(&spec, &fixtures.join("digits-mlp.onnx"), n)? {
+        Some((pseq, pconc, rss)) => {
+            scoring["peer_p50_over_outpost"] = json!(round2(pseq.p50_us / seq.p50_us));
+            scoring["outpost_throughput_over_peer"] = json!(round2(seq.per_s / pseq.per_s.max(1e-9)));
+            scoring["outpost_2_clients_throughput_over_peer"] = json!(round2(conc.per_s / pconc.per_s.max(1e-9)));
+            scoring["peer_sequential"] = json!(pseq);
+            scoring["peer_2_clients"] = json!(pconc);
+            peer_rss_kb = Some(rss);
+        }
+        None => skipped.push(
+            "Azure ML inference server: run `simulator/bench/setup_peer.sh` (creates simulator/bench/.venv)".into(),
+        ),
+    }
+    results["http_scoring"] = scoring;
+
+    // 2. MQTT round trip through Mosquitto, against a bare echo client.
+    eprintln!("[bench] MQTT round trip");
+    results["mqtt"] = mqtt_round_trips(&lab.broker, if spec.quick { 100 } else { 1000 }).await?;
+
+    // 3. Hot swap under load.
+    eprintln!("[bench] hot swap under load");
+    let (swap, timeline) = swap_under_load(&mut lab, http, if spec.quick { 4 } else { 16 }).await?;
+    results["swap_under_load"] = swap;
+    let (rss_now, hwm) = memory_kb(pid);
+
+    // 5. Footprint.
+    let binary = std::fs::metadata(&spec.agent).map(|m| m.len()).unwrap_or(0);
+    results["footprint"] = json!({
+        "binary_bytes": binary, "rss_idle_no_model_kb": rss_idle_kb, "rss_serving_digits_kb": rss_serving_kb,
+        "rss_after_swaps_kb": rss_now, "rss_peak_kb": hwm, "peer_rss_kb": peer_rss_kb,
+        "peer_rss_over_outpost_serving": peer_rss_kb.map(|p| round2(p as f64 / rss_serving_kb.max(1) as f64)),
+    });
+
+    // 7. A detector-sized model, end to end, against tract and onnxruntime in-process.
+    if detector.is_file() {
+        eprintln!("[bench] detector 480x640");
+        results["detector"] = detector_bench(&mut lab, http, &detector, &spec, if spec.quick { 3 } else { 30 }).await?;
+    }
+    drop(agent);
+
+    // 6. sha256: the agent's code against sha256sum.
+    eprintln!("[bench] sha256");
+    results["sha256"] = sha256_bench(work.path(), if spec.quick { 20 } else { 200 })?;
+
+    results["skipped"] = json!(skipped);
+    let json_path = spec.report.with_extension("json");
+    let svg_path = spec.report.with_file_name("bench-swap-timeline.svg");
+    std::fs::write(&json_path, serde_json::to_string_pretty(&results).unwrap_or_default() + "\n")
+        .map_err(|e| format!("{}: {e}", json_path.display()))?;
+    std::fs::write(&svg_path, timeline_svg(&timeline)).map_err(|e| format!("{}: {e}", svg_path.display()))?;
+    std::fs::write(&spec.report, markdown(&results, &svg_path))
+        .map_err(|e| format!("{}: {e}", spec.report.display()))?;
+    Ok(results)
+}
+
+fn round2(x: f64) -> f64 {
+    (x * 100.0).round() / 100.0
+}
+
+fn machine() -> Value {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
+        .unwrap_or_default();
+    json!({
+        "cpu": cpu,
+        "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        "kernel": std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim(),
+        "date": humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
+    })
+}
+
+/// The bundle's files fetched with a plain HTTP client, and the model loaded by tract: (ms, ms).
+async fn baseline_download_and_load(
+    lab: &Lab,
+    name: &str,
+    version: &str,
+    model: &Path,
+    shape: &[usize],
+) -> Result<(f64, f64), String> {
+    let manifest: outpost_protocol::Manifest = serde_json::from_slice(
+        &std::fs::read(lab.registry.join(name).join(version).join("manifest.json")).map_err(|e| e.to_string())?,
+    )
+    .map_err(|e| e.to_string())?;
+    let base = format!("{}/{name}/{version}", lab.registry_url);
+    let files: Vec<String> =
+        std::iter::once("manifest.json".to_string()).chain(manifest.files.iter().map(|f| f.path.clone())).collect();
+    let (model, shape) = (model.to_path_buf(), shape.to_vec());
+    tokio::task::spawn_blocking(move || {
+        let agent = ureq::Agent::new_with_defaults();
+        let t = Instant::now();
+        for f in &files {
+            let mut body = agent.get(&format!("{base}/{f}")).call().map_err(|e| e.to_string())?.into_body();
+            std::io::copy(&mut body.as_reader(), &mut std::io::sink()).map_err(|e| e.to_string())?;
+        }
+        let download = t.elapsed().as_secs_f64() * 1e3;
+        let (_, load) = tract_floor(&model, &shape, 1)?;
+        Ok((round(download), round(load.as_secs_f64() * 1e3)))
+    })
+    .await
+    .map_err(|e| e.to_string())?
+}
+
+/// Azure ML's inference server on the same model: (sequential, 2 clients, RSS KiB).
+fn peer(spec: &BenchSpec, model: &Path, n: usize) -> Result<Option<(Series, Series, u64)>, String> {
+    let python = match &spec.peer_python {
+        Some(p) => p.clone(),
+        None => spec.root.join("simulator/bench/.venv/bin/python"),
+    };
+    if !python.is_file() {
+        return Ok(None);
+    }
+    let port = free_port()?;
+    let dir = spec.root.join("simulator/bench/peer");
+    let child = Command::new(&python)
+        .arg(dir.join("run_peer.py"))
+        .args(["--entry_script", &dir.join("score.py").display().to_string(), "--port", &port.to_string()])
+        .env("OUTPOST_BENCH_MODEL", model)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("{}: {e}", python.display()))?;
+    let p = Proc(child);
+    wait_port(port, Duration::from_secs(60))?;
+    let pixels: Vec<f32> = (0..64).map(|i| ((i * 7) % 17) as f32).collect();
+    let body = serde_json::to_vec(&json!({"data": [pixels]})).unwrap_or_default();
+    // Warm-up (the first request loads the session in the worker).
+    let _ = load(port, "/score", &body, 20, 1);
+    let seq = load(port, "/score", &body, n / 3, 1);
+    let conc = load(port, "/score", &body, n / 6, 2);
+    let rss = tree_rss_kb(p.0.id());
+    Ok(Some((seq, conc, rss)))
+}
+
+/// Request → prediction through Mosquitto vs a bare echo client on the same broker.
+async fn mqtt_round_trips(broker: &BrokerUrl, n: usize) -> Result<Value, String> {
+    let topics = Topics::default();
+    let mut client = Operator::connect(broker, "bench-mqtt-client", topics.clone()).await?;
+    client.subscribe(&topics.predictions("bench")).await?;
+    client.subscribe("bench/echo/resp").await?;
+    // The echo peer: a bare client answering on the same broker.
+    let mut echo = Operator::connect(broker, "bench-echo", topics.clone()).await?;
+    echo.subscribe("bench/echo/req").await?;
+    let echo_task = tokio::spawn(async move {
+        while let Some(m) = echo.next(Duration::from_secs(30)).await {
+            if echo.publish("bench/echo/resp", m.payload.to_vec(), false).await.is_err() {
+                break;
+            }
+        }
+    });
+    let (_, body) = digits_body(1);
+    let agent = round_trips(&mut client, &topics.infer("bench"), "/predictions", &body, n).await?;
+    let echo_rtt = round_trips(&mut client, "bench/echo/req", "/resp", &body, n).await?;
+    echo_task.abort();
+    Ok(json!({
+        "agent": agent, "echo": echo_rtt,
+        "agent_p50_over_echo": round2(agent.p50_us / echo_rtt.p50_us.max(1e-9)),
+    }))
+}
+
+/// `n` sequential requests on `topic`, each waiting for its answer on a topic ending with `want`.
+async fn round_trips(client: &mut Operator, topic: &str, want: &str, body: &[u8], n: usize) -> Result<Series, String> {
+    let mut lat = Vec::with_capacity(n);
+    let started = Instant::now();
+    for i in 0..n {
+        let mut req: Value = serde_json::from_slice(body).unwrap_or_default();
+        let id = format!("rtt-{i}");
+        req["id"] = json!(id);
+        let payload = serde_json::to_vec(&req).unwrap_or_default();
+        let t = Instant::now();
+        client.publish(topic, payload, false).await?;
+        loop {
+            let m = client.next(Duration::from_secs(10)).await.ok_or("no answer within 10 s")?;
+            if m.topic.ends_with(want)
+                && serde_json::from_slice::<Value>(&m.payload).is_ok_and(|v| v["id"] == json!(id))
+            {
+                break;
+            }
+        }
+        lat.push(t.elapsed());
+    }
+    Ok(series(lat, started.elapsed(), 0))
+}
+
+/// One request's record during the swap run: (seconds since start, latency, ok, version).
+type Sample = (f64, Duration, bool, String);
+
+/// HTTP load from two clients while the version is swapped every few seconds.
+async fn swap_under_load(lab: &mut Lab, http: u16, seconds: u64) -> Result<(Value, Timeline), String> {
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let t0 = Instant::now();
+    let (_, body) = digits_body(1);
+    let clients: Vec<_> = (0..2)
+        .map(|_| {
+            let (stop, body) = (stop.clone(), body.clone());
+            std::thread::spawn(move || {
+                let mut c = Http::new(http);
+                let mut out: Vec<Sample> = Vec::new();
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let t = Instant::now();
+                    let r = c.post("/v2/models/digits/infer", &[], &body);
+                    let version = match &r {
+                        Ok((200, b)) => serde_json::from_slice::<Value>(b)
+                            .ok()
+                            .and_then(|v| v["model_version"].as_str().map(str::to_string))
+                            .unwrap_or_default(),
+                        _ => String::new(),
+                    };
+                    out.push((t.duration_since(t0).as_secs_f64(), t.elapsed(), matches!(r, Ok((200, _))), version));
+                }
+                out
+            })
+        })
+        .collect();
+    let period = Duration::from_millis(if seconds <= 4 { 1000 } else { 3000 });
+    let mut windows: Vec<(f64, f64)> = Vec::new();
+    let mut next = "2";
+    tokio::time::sleep(period).await;
+    while t0.elapsed() + period < Duration::from_secs(seconds) {
+        let start = t0.elapsed().as_secs_f64();
+        lab.deploy("bench", "digits", next).await?;
+        windows.push((start, t0.elapsed().as_secs_f64() + 0.2));
+        next = if next == "2" { "1" } else { "2" };
+        tokio::time::sleep(period).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut samples: Vec<Sample> = Vec::new();
+    for c in clients {
+        samples.extend(c.join().unwrap_or_default());
+    }
+    let in_window = |t: f64| windows.iter().any(|(a, b)| t >= *a && t <= *b);
+    let (inside, outside): (Vec<&Sample>, Vec<&Sample>) = samples.iter().partition(|s| in_window(s.0));
+    let failed = samples.iter().filter(|s| !s.2).count();
+    let wall = Duration::from_secs_f64(t0.elapsed().as_secs_f64());
+    let lat = |v: &[&Sample]| v.iter().filter(|s| s.2).map(|s| s.1).collect::<Vec<_>>();
+    let steady = series(lat(&outside), wall, 0);
+    let swapping = series(lat(&inside), wall, 0);
+    let value = json!({
+        "seconds": round(wall.as_secs_f64()), "swaps": windows.len(), "requests": samples.len(), "failed": failed,
+        "steady": steady, "in_swap_windows": swapping,
+        "p99_swap_over_steady": round2(swapping.p99_us / steady.p99_us.max(1e-9)),
+        "answers_by_version": samples.iter().fold(serde_json::Map::new(), |mut m, s| {
+            let e = m.entry(if s.3.is_empty() { "error".to_string() } else { s.3.clone() }).or_insert(json!(0));
+            *e = json!(e.as_u64().unwrap_or(0) + 1);
+            m
+        }),
+    });
+    Ok((value, Timeline { samples, windows, seconds: wall.as_secs_f64() }))
+}
+
+struct Timeline {
+    samples: Vec<Sample>,
+    windows: Vec<(f64, f64)>,
+    seconds: f64,
+}
+
+/// Throughput and p99 per 250 ms, swap windows shaded.
+fn timeline_svg(t: &Timeline) -> String {
+    let (w, h, pad) = (900.0, 320.0, 50.0);
+    let bucket = 0.25;
+    let n = (t.seconds / bucket).ceil().max(1.0) as usize;
+    let mut per: Vec<Vec<f64>> = vec![Vec::new(); n];
+    for s in t.samples.iter().filter(|s| s.2) {
+        let i = ((s.0 / bucket) as usize).min(n - 1);
+        per[i].push(s.1.as_secs_f64() * 1e3);
+    }
+    let rps: Vec<f64> = per.iter().map(|v| v.len() as f64 / bucket).collect();
+    let p99: Vec<f64> = per
+        .iter_mut()
+        .map(|v| {
+            v.sort_by(f64::total_cmp);
+            v.get(((v.len().max(1) - 1) as f64 * 0.99).round() as usize).copied().unwrap_or(0.0)
+        })
+        .collect();
+    let max_rps = rps.iter().cloned().fold(1.0, f64::max) * 1.1;
+    let max_p99 = p99.iter().cloned().fold(0.1, f64::max) * 1.1;
+    let x = |sec: f64| pad + sec / t.seconds.max(1e-9) * (w - 2.0 * pad);
+    let y = |v: f64, max: f64| h - pad - v / max * (h - 2.0 * pad);
+    let mut svg = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n"
+    );
+    for (a, b) in &t.windows {
+        svg.push_str(&format!(
+            "<rect x=\"{:.1}\" y=\"{pad}\" width=\"{:.1}\" height=\"{:.1}\" fill=\"#f4c7c3\"/>\n",
+            x(*a),
+            (x(*b) - x(*a)).max(1.0),
+            h - 2.0 * pad
+        ));
+    }
+    let line = |vals: &[f64], max: f64, color: &str| {
+        let pts: Vec<String> = vals
+            .iter()
+            .enumerate()
+            .map(|(i, v)| format!("{:.1},{:.1}", x((i as f64 + 0.5) * bucket), y(*v, max)))
+            .collect();
+        format!("<polyline fill=\"none\" stroke=\"{color}\" stroke-width=\"1.5\" points=\"{}\"/>\n", pts.join(" "))
+    };
+    svg.push_str(&line(&rps, max_rps, "#1a73e8"));
+    svg.push_str(&line(&p99, max_p99, "#e8710a"));
+    svg.push_str(&format!(
+        "<line x1=\"{pad}\" y1=\"{0}\" x2=\"{1}\" y2=\"{0}\" stroke=\"black\"/>\n<text x=\"{pad}\" y=\"20\">hot swap under load: requests/s (blue, max {2:.0}) and p99 ms (orange, max {3:.2}) per 250 ms; swaps shaded; {4:.0} s</text>\n</svg>\n",
+        h - pad,
+        w - pad,
+        max_rps / 1.1,
+        max_p99 / 1.1,
+        t.seconds
+    ));
+    svg
+}
+
+/// The detector end to end (binary tensors over HTTP) vs tract and onnxruntime in-process.
+async fn detector_bench(lab: &mut Lab, http: u16, model: &Path, spec: &BenchSpec, n: usize) -> Result<Value, String> {
+    lab.deploy("bench", "detector", "1").await?;
+    let count = 3 * 480 * 640;
+    let raw: Vec<u8> = (0..count).flat_map(|i| ((i % 17) as f32 / 17.0).to_le_bytes()).collect();
+    let header = serde_json::to_vec(&json!({
+        "inputs": [{"name": "image", "shape": [1, 3, 480, 640], "datatype": "FP32",
+                    "parameters": {"binary_data_size": raw.len()}}],
+        "outputs": [{"name": "boxes", "parameters": {"binary_data": true}}]
+    }))
+    .unwrap_or_default();
+    let mut body = header.clone();
+    body.extend_from_slice(&raw);
+    let hlen = header.len().to_string();
+    let agent = tokio::task::spawn_blocking(move || {
+        let mut c = Http::new(http);
+        let h = [("Inference-Header-Content-Length", hlen)];
+        let _ = c.post("/v2/models/detector/infer", &h, &body);
+        let started = Instant::now();
+        let (mut lat, mut failed) = (Vec::new(), 0);
+        for _ in 0..n {
+            let t = Instant::now();
+            match c.post("/v2/models/detector/infer", &h, &body) {
+                Ok((200, _)) => lat.push(t.elapsed()),
+                _ => failed += 1,
+            }
+        }
+        series(lat, started.elapsed(), failed)
+    })
+    .await
+    .map_err(|e| e.to_string())?;
+    let (m, nn) = (model.to_path_buf(), n);
+    let (floor, _) = tokio::task::spawn_blocking(move || tract_floor(&m, &[1, 3, 480, 640], nn))
+        .await
+        .map_err(|e| e.to_string())??;
+    let ort = onnxruntime_p50_ms(spec, model, n);
+    Ok(json!({
+        "outpost_http": agent, "tract_in_process": floor, "onnxruntime_in_process_p50_ms": ort,
+        "outpost_over_tract": round2(agent.p50_us / floor.p50_us.max(1e-9)),
+        "outpost_over_onnxruntime": ort.map(|o| round2(agent.p50_us / 1e3 / o)),
+    }))
+}
+
+/// onnxruntime in Python on the same input, for context: p50 in ms.
+fn onnxruntime_p50_ms(spec: &BenchSpec, model: &Path, n: usize) -> Option<f64> {
+    let python = spec
+        .peer_python
+        .clone()
+        .filter(|p| p.is_file())
+        .or_else(|| Some(spec.root.join("simulator/bench/.venv/bin/python")).filter(|p| p.is_file()))
+        .unwrap_or_else(|| PathBuf::from("python3"));
+    let script = "import sys, time, numpy as np, onnxruntime as ort\n\
+        s = ort.InferenceSession(sys.argv[1], providers=['CPUExecutionProvider'])\n\
+        x = (np.arange(3*480*640) % 17 / 17.0).astype(np.float32).reshape(1, 3, 480, 640)\n\
+        name = s.get_inputs()[0].name\n\
+        [s.run(None, {name: x}) for _ in range(3)]\n\
+        t = []\n\
+        for _ in range(int(sys.argv[2])):\n    a = time.perf_counter(); s.run(None, {name: x}); t.append(time.perf_counter() - a)\n\
+        t.sort(); print(t[len(t)//2] * 1e3)\n";
+    let out = Command::new(python).args(["-c", script, &model.display().to_string(), &n.to_string()]).output().ok()?;
+    String::from_utf8_lossy(&out.stdout).trim().parse::<f64>().ok().map(round2)
+}
+
+/// sha256 of a file: the agent's code (as used on downloads) vs `sha256sum`.
+fn sha256_bench(dir: &Path, mb: usize) -> Result<Value, String> {
+    let path = dir.join("sha256-bench.bin");
+    {
+        let mut f = std::fs::File::create(&path).map_err(|e| e.to_string())?;
+        let mut block = vec![0u8; 1 << 20];
+        let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+        for _ in 0..mb {
+            for b in block.iter_mut() {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                *b = x as u8;
+            }
+            f.write_all(&block).map_err(|e| e.to_string())?;
+        }
+    }
+    // Warm the page cache for both.
+    let _ = outpost_agent::fetch::sha256_file(&path);
+    let t = Instant::now();
+    let (ours, _) = outpost_agent::fetch::sha256_file(&path).map_err(|e| e.to_string())?;
+    let agent = t.elapsed();
+    let t = Instant::now();
+    let out = Command::new("sha256sum").arg(&path).output().map_err(|e| format!("sha256sum: {e}"))?;
+    let tool = t.elapsed();
+    let theirs = String::from_utf8_lossy(&out.stdout).split_whitespace().next().unwrap_or("").to_string();
+    let _ = std::fs::remove_file(&path);
+    let mbs = |d: Duration| round(mb as f64 / d.as_secs_f64());
+    Ok(json!({
+        "megabytes": mb, "agent_mb_s": mbs(agent), "sha256sum_mb_s": mbs(tool),
+        "agent_over_sha256sum": round2(tool.as_secs_f64() / agent.as_secs_f64()),
+        "digests_agree": ours == theirs,
+    }))
+}
+
+fn markdown(r: &Value, svg: &Path) -> String {
+    let f = |v: &Value| match v {
+        Value::Number(n) => n.to_string(),
+        Value::Null => "-".into(),
+        v => v.to_string(),
+    };
+    let row = |name: &str, s: &Value| {
+        format!("| {name} | {} | {} | {} | {} |\n", f(&s["p50_us"]), f(&s["p99_us"]), f(&s["per_s"]), f(&s["failed"]))
+    };
+    let mut md = String::from("# Outpost benchmarks\n\n");
+    md.push_str(&format!(
+        "Generated by `outpost-sim bench` on {} ({} cores, {}), agent `{}`{}.\n\n",
+        f(&r["machine"]["date"]),
+        f(&r["machine"]["cores"]),
+        r["machine"]["cpu"].as_str().unwrap_or(""),
+        r["agent_binary"].as_str().unwrap_or(""),
+        if r["quick"] == json!(true) { " — QUICK run (smoke, not figures)" } else { "" }
+    ));
+    md.push_str("Every figure comes from the same run on the same machine; ratios compare figures of that run.\n\n");
+    let s = &r["http_scoring"];
+    md.push_str("## 1. Local HTTP scoring (digits, Open Inference Protocol v2, keep-alive)\n\n| | p50 µs | p99 µs | req/s | failed |\n|---|---|---|---|---|\n");
+    md.push_str(&row("outpost, sequential", &s["outpost_sequential"]));
+    md.push_str(&row("outpost, 2 clients", &s["outpost_2_clients"]));
+    md.push_str(&row("tract in-process (floor)", &s["tract_in_process"]));
+    if s.get("peer_sequential").is_some() {
+        md.push_str(&row("Azure ML inference server, sequential", &s["peer_sequential"]));
+        md.push_str(&row("Azure ML inference server, 2 clients", &s["peer_2_clients"]));
+    }
+    md.push_str(&format!(
+        "\noutpost p50 − floor p50: {} µs; peer p50 / outpost p50: {}; outpost throughput / peer: {} sequential, {} with 2 clients.\n\n",
+        f(&s["outpost_p50_minus_floor_us"]),
+        f(&s["peer_p50_over_outpost"]),
+        f(&s["outpost_throughput_over_peer"]),
+        f(&s["outpost_2_clients_throughput_over_peer"])
+    ));
+    let m = &r["mqtt"];
+    md.push_str("## 2. MQTT request → prediction through Mosquitto\n\n| | p50 µs | p99 µs | req/s | failed |\n|---|---|---|---|---|\n");
+    md.push_str(&row("outpost", &m["agent"]));
+    md.push_str(&row("bare echo client (transport floor)", &m["echo"]));
+    md.push_str(&format!("\noutpost p50 / echo p50: {}.\n\n", f(&m["agent_p50_over_echo"])));
+    let w = &r["swap_under_load"];
+    md.push_str(&format!(
+        "## 3. Hot swap under load\n\n{} swaps in {} s under 2 keep-alive clients: {} requests, {} failed, answers by version {}.\n\n| | p50 µs | p99 µs | req/s | failed |\n|---|---|---|---|---|\n",
+        f(&w["swaps"]),
+        f(&w["seconds"]),
+        f(&w["requests"]),
+        f(&w["failed"]),
+        w["answers_by_version"]
+    ));
+    md.push_str(&row("steady state", &w["steady"]));
+    md.push_str(&row("inside swap windows", &w["in_swap_windows"]));
+    md.push_str(&format!(
+        "\np99 in swap windows / steady p99: {}.\n\n![timeline]({})\n\n",
+        f(&w["p99_swap_over_steady"]),
+        svg.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
+    ));
+    md.push_str("## 4. Deployment latency (desired → active)\n\n| model | store | wall ms | download | verify | load | validate | activate | baseline download + tract load ms | ratio |\n|---|---|---|---|---|---|---|---|---|---|\n");
+    for d in r["deployment"].as_array().cloned().unwrap_or_default() {
+        let t = &d["timings_ms"];
+        let baseline = match (d["baseline_download_ms"].as_f64(), d["baseline_tract_load_ms"].as_f64()) {
+            (Some(a), Some(b)) => format!("{a} + {b}"),
+            _ => "-".into(),
+        };
+        md.push_str(&format!(
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+            d["model"].as_str().unwrap_or(""),
+            if d["fresh"] == json!(true) { "fresh" } else { "already stored" },
+            f(&d["wall_ms"]),
+            f(&t["download"]),
+            f(&t["verify"]),
+            f(&t["load"]),
+            f(&t["validate"]),
+            f(&t["activate"]),
+            baseline,
+            f(&d["ratio_vs_baseline"])
+        ));
+    }
+    let fp = &r["footprint"];
+    md.push_str(&format!(
+        "\n## 5. Footprint\n\n| | outpost | peer |\n|---|---|---|\n| binary (stripped) | {} bytes | - |\n| RSS idle, no model | {} KiB | - |\n| RSS serving digits | {} KiB | {} KiB |\n| RSS peak (VmHWM, through the swaps) | {} KiB | - |\n\npeer RSS / outpost RSS serving: {}.\n\n",
+        f(&fp["binary_bytes"]),
+        f(&fp["rss_idle_no_model_kb"]),
+        f(&fp["rss_serving_digits_kb"]),
+        f(&fp["peer_rss_kb"]),
+        f(&fp["rss_peak_kb"]),
+        f(&fp["peer_rss_over_outpost_serving"])
+    ));
+    let h = &r["sha256"];
+    md.push_str(&format!(
+        "## 6. Verification throughput\n\nsha256 of {} MB: agent {} MB/s, `sha256sum` {} MB/s; agent / sha256sum = {} (digests agree: {}).\n\n",
+        f(&h["megabytes"]),
+        f(&h["agent_mb_s"]),
+        f(&h["sha256sum_mb_s"]),
+        f(&h["agent_over_sha256sum"]),
+        f(&h["digests_agree"])
+    ));
+    if let Some(d) = r.get("detector") {
+        md.push_str("## 7. A detector-sized convnet (480×640, binary tensors over HTTP)\n\n| | p50 µs | p99 µs | req/s | failed |\n|---|---|---|---|---|\n");
+        md.push_str(&row("outpost over HTTP", &d["outpost_http"]));
+        md.push_str(&row("tract in-process", &d["tract_in_process"]));
+        md.push_str(&format!(
+            "\nonnxruntime in-process (Python) p50: {} ms. outpost / tract: {}; outpost / onnxruntime: {}.\n\n",
+            f(&d["onnxruntime_in_process_p50_ms"]),
+            f(&d["outpost_over_tract"]),
+            f(&d["outpost_over_onnxruntime"])
+        ));
+    }
+    if let Some(skipped) = r["skipped"].as_array().filter(|s| !s.is_empty()) {
+        md.push_str("## Skipped\n\n");
+        for s in skipped {
+            md.push_str(&format!("- {}\n", s.as_str().unwrap_or("")));
+        }
+    }
+    md
+}
