@@ -92,3 +92,38 @@ fn a_small_fleet_converges_through_the_fault_mix() {
     assert!(report["offline_devices"].as_u64().unwrap_or(0) > 0 && report["late_devices"].as_u64().unwrap_or(0) > 0);
     assert!(report["t100_s"].as_f64().is_some(), "{report}");
 }
+
+/// The smoke of `outpost-sim bench`: every section runs against real
+/// processes (Mosquitto, the agent) and the report holds each figure. The
+/// peer and the large models are skipped here (not set up in CI), and say so.
+#[test]
+fn a_quick_bench_measures_every_section() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let exe = std::path::PathBuf::from(env!("CARGO_BIN_EXE_outpost-sim"));
+    let agent = exe.with_file_name("outpost");
+    assert!(agent.is_file(), "{} is built by cargo test --workspace", agent.display());
+    let dir = tempfile::tempdir().expect("temp dir");
+    let report = dir.path().join("BENCH.md");
+    let empty = dir.path().join("no-large-models");
+    let out = Command::new(&exe)
+        .current_dir(&root)
+        .args(["bench", "--quick", "--agent", &agent.display().to_string()])
+        .args(["--report", &report.display().to_string(), "--large-models", &empty.display().to_string()])
+        .args(["--peer-python", "/nonexistent/python"])
+        .output()
+        .expect("run outpost-sim bench");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let md = std::fs::read_to_string(&report).expect("the report");
+    for section in ["## 1. Local HTTP scoring", "## 2. MQTT", "## 3. Hot swap", "## 4. Deployment", "## 5. Footprint"] {
+        assert!(md.contains(section), "{section} missing:\n{md}");
+    }
+    let json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(report.with_extension("json")).expect("JSON")).expect("valid JSON");
+    assert_eq!(json["swap_under_load"]["failed"], 0, "{json}");
+    assert!(json["http_scoring"]["outpost_sequential"]["p50_us"].as_f64().unwrap_or(0.0) > 0.0);
+    assert!(json["mqtt"]["agent"]["n"].as_u64().unwrap_or(0) > 0);
+    assert_eq!(json["sha256"]["digests_agree"], true);
+    assert!(json["deployment"][0]["timings_ms"]["load"].as_f64().unwrap_or(0.0) > 0.0, "{json}");
+    assert!(md.contains("## Skipped") && md.contains("setup_peer.sh"), "{md}");
+    assert!(dir.path().join("bench-swap-timeline.svg").is_file());
+}
