@@ -828,6 +828,55 @@ fn sha256_bench(dir: &Path, mb: usize) -> Result<Value, String> {
     }))
 }
 
+/// The goals of issue 7 (and the footprint targets of issue 6), each met or
+/// missed by how much, from this run's figures.
+fn goals(r: &Value) -> String {
+    let mut rows: Vec<(String, String, Option<bool>)> = Vec::new();
+    let num = |v: &Value| v.as_f64();
+    let mut check = |goal: &str, value: Option<f64>, ok: &dyn Fn(f64) -> bool, show: &dyn Fn(f64) -> String| {
+        rows.push((goal.to_string(), value.map(show).unwrap_or_else(|| "not measured".into()), value.map(ok)));
+    };
+    let s = &r["http_scoring"];
+    check("HTTP p50 ≤ 1/10 of the peer's", num(&s["peer_p50_over_outpost"]), &|x| x >= 10.0, &|x| {
+        format!("peer p50 is {x}x outpost's")
+    });
+    check("HTTP p50 within 100 µs of tract in-process", num(&s["outpost_p50_minus_floor_us"]), &|x| x <= 100.0, &|x| {
+        format!("{x} µs above the floor")
+    });
+    check("HTTP throughput ≥ 10x the peer's", num(&s["outpost_throughput_over_peer"]), &|x| x >= 10.0, &|x| {
+        format!("{x}x sequential")
+    });
+    check("MQTT p50 ≤ 1.5x the echo client's", num(&r["mqtt"]["agent_p50_over_echo"]), &|x| x <= 1.5, &|x| {
+        format!("{x}x")
+    });
+    let w = &r["swap_under_load"];
+    check("no failed request through the swaps", num(&w["failed"]), &|x| x == 0.0, &|x| format!("{x} failed"));
+    check("p99 in swap windows ≤ 2x steady", num(&w["p99_swap_over_steady"]), &|x| x <= 2.0, &|x| format!("{x}x"));
+    for d in r["deployment"].as_array().cloned().unwrap_or_default() {
+        if d["fresh"] == json!(true) {
+            let goal = format!("{}: deployment ≤ 1.2x (download + tract load)", d["model"].as_str().unwrap_or(""));
+            check(&goal, num(&d["ratio_vs_baseline"]), &|x| x <= 1.2, &|x| format!("{x}x"));
+        }
+    }
+    check("sha256 ≥ 0.9x sha256sum", num(&r["sha256"]["agent_over_sha256sum"]), &|x| x >= 0.9, &|x| format!("{x}x"));
+    let fp = &r["footprint"];
+    check("stripped binary ≤ 15 MB", num(&fp["binary_bytes"]), &|x| x <= 15e6, &|x| format!("{:.1} MB", x / 1e6));
+    check("RSS serving digits ≤ 20 MB", num(&fp["rss_serving_digits_kb"]), &|x| x * 1024.0 <= 20e6, &|x| {
+        format!("{:.1} MB", x * 1024.0 / 1e6)
+    });
+    let mut md = String::from("## Goals\n\n| goal | this run | met |\n|---|---|---|\n");
+    for (goal, value, ok) in rows {
+        let met = match ok {
+            Some(true) => "yes",
+            Some(false) => "**no**",
+            None => "-",
+        };
+        md.push_str(&format!("| {goal} | {value} | {met} |\n"));
+    }
+    md.push('\n');
+    md
+}
+
 fn markdown(r: &Value, svg: &Path) -> String {
     let f = |v: &Value| match v {
         Value::Number(n) => n.to_string(),
@@ -935,6 +984,7 @@ fn markdown(r: &Value, svg: &Path) -> String {
             f(&d["outpost_over_onnxruntime"])
         ));
     }
+    md.push_str(&goals(r));
     if let Some(skipped) = r["skipped"].as_array().filter(|s| !s.is_empty()) {
         md.push_str("## Skipped\n\n");
         for s in skipped {
