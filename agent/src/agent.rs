@@ -164,7 +164,10 @@ pub async fn run(
 
     let current_cancel: Arc<Mutex<Option<Cancel>>> = Arc::new(Mutex::new(None));
     let (job_tx, job_rx) = mpsc::unbounded_channel::<Job>();
-    tokio::spawn(deploy_worker(job_rx, deployer.clone(), reporter.clone(), engine.clone()));
+    // Set while the deploy worker runs a job: a shutdown waits for it (within
+    // the grace period) so the job's last event is published, not lost.
+    let deploying = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    tokio::spawn(deploy_worker(job_rx, deployer.clone(), reporter.clone(), engine.clone(), deploying.clone()));
 
     // A deployment accepted before a restart and not finished: resume it
     // from the store and the registry, without waiting for the broker.
@@ -361,7 +364,8 @@ pub async fn run(
     let drained = async {
         loop {
             let in_flight = engine.in_flight() + mqtt_requests.load(std::sync::atomic::Ordering::SeqCst);
-            if in_flight == 0 && reporter.unsent() == 0 {
+            let deploying = deploying.load(std::sync::atomic::Ordering::SeqCst);
+            if in_flight == 0 && !deploying && reporter.unsent() == 0 {
                 break;
             }
             // Keep the session moving so answers and acks go out meanwhile.
@@ -473,6 +477,15 @@ fn limits(live: &crate::config::Live) -> crate::deploy::Limits {
     }
 }
 
+/// Clears a busy flag when the job that set it ends, however it ends.
+struct IdleOnDrop<'a>(&'a std::sync::atomic::AtomicBool);
+
+impl Drop for IdleOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
 /// Persists what is being deployed (an fsync: off the reactor).
 async fn record_pending(reporter: &Arc<Reporter>, pending: Option<ActiveRecord>) {
     let r = reporter.clone();
@@ -524,8 +537,11 @@ async fn deploy_worker(
     deployer: Arc<Deployer>,
     reporter: Arc<Reporter>,
     engine: Arc<Engine>,
+    busy: Arc<std::sync::atomic::AtomicBool>,
 ) {
     while let Some(mut job) = rx.recv().await {
+        busy.store(true, std::sync::atomic::Ordering::SeqCst);
+        let _idle = IdleOnDrop(&busy);
         // Latest wins: jobs queued behind this one supersede it before it starts.
         while let Ok(newer) = rx.try_recv() {
             if let Job::Deploy(_, d, _) = &job {

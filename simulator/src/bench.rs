@@ -840,9 +840,12 @@ fn goals(r: &Value) -> String {
     check("HTTP p50 ≤ 1/10 of the peer's", num(&s["peer_p50_over_outpost"]), &|x| x >= 10.0, &|x| {
         format!("peer p50 is {x}x outpost's")
     });
-    check("HTTP p50 within 100 µs of tract in-process", num(&s["outpost_p50_minus_floor_us"]), &|x| x <= 100.0, &|x| {
-        format!("{x} µs above the floor")
-    });
+    check(
+        "HTTP p50 within 100 µs of tract in-process",
+        num(&s["outpost_p50_minus_floor_us"]),
+        &|x| x <= 100.0,
+        &|x| format!("{x} µs above the floor"),
+    );
     check("HTTP throughput ≥ 10x the peer's", num(&s["outpost_throughput_over_peer"]), &|x| x >= 10.0, &|x| {
         format!("{x}x sequential")
     });
