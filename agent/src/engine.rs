@@ -119,7 +119,15 @@ pub struct Model {
     /// The same model with a dynamic batch fixed to 1, for one-sample requests.
     plan_one: Option<Arc<TypedRunnableModel>>,
     output_specs: Vec<(String, Datatype, Vec<i64>)>,
+    /// Requests with at most this many input elements run on the calling
+    /// thread instead of a blocking-pool thread (two thread hand-offs cost
+    /// more than such a model's run): set when the golden sample runs in
+    /// under [`INLINE_BELOW`]. 0: never.
+    inline_max_elements: usize,
 }
+
+/// A model whose golden sample runs faster than this serves small requests inline.
+const INLINE_BELOW: std::time::Duration = std::time::Duration::from_micros(100);
 
 /// What `register` reads from a model file: names, element types and shapes
 /// (-1 for a dynamic dimension) of its inputs and outputs.
@@ -375,6 +383,7 @@ impl Model {
             validation: String::new(),
             executor: Executor::SingleThread,
             plan_one,
+            inline_max_elements: 0,
             output_specs: manifest
                 .model
                 .outputs
@@ -413,6 +422,12 @@ impl Model {
         })?;
         compare_outputs(&expected.outputs, &response.outputs, v.tolerance)
             .map_err(|m| ErrorInfo::new(ErrorCode::ValidationFailed, m))
+    }
+
+    /// Whether `req` is small enough to run on the calling thread (see `inline_max_elements`).
+    pub fn runs_inline(&self, req: &InferRequest) -> bool {
+        let elements: usize = req.inputs.iter().map(|t| t.data.len()).sum();
+        elements > 0 && elements <= self.inline_max_elements
     }
 
     /// Drops the batch-1 plan, so every request runs on the symbolic-batch
@@ -454,6 +469,10 @@ impl Model {
             Some(best)
         };
         let Some(single) = time(self) else { return "single-threaded".into() };
+        if single < INLINE_BELOW {
+            // Up to 8 times the sample's size: at most ~0.8 ms on the calling thread.
+            self.inline_max_elements = req.inputs.iter().map(|t| t.data.len().max(1)).sum::<usize>() * 8;
+        }
         if single < MEASURE_ABOVE {
             return format!("single-threaded ({:.2} ms per golden sample)", single.as_secs_f64() * 1e3);
         }

@@ -451,7 +451,8 @@ impl Engine {
         let _running = Gauge::enter(&self.counters.running);
         let fallback = self.fallback_for(&model);
         let m = model.clone();
-        let (first, took, second) = tokio::task::spawn_blocking(move || {
+        let inline = model.runs_inline(&req);
+        let work = move || {
             let t = std::time::Instant::now();
             let first = m.infer(&req);
             let took = t.elapsed();
@@ -462,9 +463,20 @@ impl Engine {
                 _ => None,
             };
             (first, took, second)
-        })
-        .await
-        .map_err(|e| InferFailure { code: ErrorCode::Internal, message: format!("inference worker failed: {e}") })?;
+        };
+        // A model that answers in microseconds runs here: handing it to the
+        // blocking pool and back would cost more than the run.
+        let (first, took, second) = if inline {
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(work)).map_err(|_| InferFailure {
+                code: ErrorCode::Internal,
+                message: "inference worker failed: the model panicked".into(),
+            })?
+        } else {
+            tokio::task::spawn_blocking(work).await.map_err(|e| InferFailure {
+                code: ErrorCode::Internal,
+                message: format!("inference worker failed: {e}"),
+            })?
+        };
         match &first {
             Ok(_) => {
                 self.remember_latency(&model, took.as_micros() as u64);

@@ -386,8 +386,16 @@ pub async fn run(spec: BenchSpec) -> Result<Value, String> {
     if dense.is_file() {
         cases.push(("dense", "1", dense.clone(), vec![1, 1600]));
     }
+    let mut rss_serving_kb = 0;
     for (name, version, model, shape) in &cases {
         let (ev, wall) = lab.deploy("bench", name, version).await?;
+        if rss_serving_kb == 0 {
+            // Serving digits alone (the larger model deployed next stays loaded
+            // during its replacement's probation window): after some traffic.
+            let (_, body) = digits_body(1);
+            let _ = load(http, "/v2/models/digits/infer", &body, 500, 1);
+            rss_serving_kb = memory_kb(pid).0;
+        }
         let baseline = baseline_download_and_load(&lab, name, version, model, shape).await?;
         let t = ev.timings_ms.unwrap_or_default();
         deployments.push(json!({
@@ -403,7 +411,6 @@ pub async fn run(spec: BenchSpec) -> Result<Value, String> {
         "timings_ms": ev.timings_ms.unwrap_or_default(),
     }));
     results["deployment"] = Value::Array(deployments);
-    let rss_serving_kb = memory_kb(pid).0;
 
     // 1. Local HTTP scoring, against tract in-process and the peer.
     eprintln!("[bench] HTTP scoring");
