@@ -69,6 +69,7 @@ pub async fn run(
         reporter: reporter.clone(),
         limits: arc_swap::ArcSwap::from_pointee(limits(&live)),
         http: Default::default(),
+        serial: Default::default(),
     });
 
     // Serve what was active before the restart, before touching the network.

@@ -68,6 +68,7 @@ pub async fn check_bundle(url: &str, sha256: Option<String>, fetch: FetchConfig)
         reporter,
         limits: arc_swap::ArcSwap::from_pointee(crate::deploy::Limits::new(1, 0)),
         http: Default::default(),
+        serial: Default::default(),
     });
     let printer = tokio::spawn(async move {
         while let Some(m) = rx.recv().await {

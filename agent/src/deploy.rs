@@ -28,6 +28,12 @@ pub struct Deployer {
     pub reporter: Arc<Reporter>,
     /// The agent's limits (configuration; SIGHUP replaces them).
     pub limits: arc_swap::ArcSwap<Limits>,
+    /// Held by a deployment from start to its `active` record and by a
+    /// probation verdict: a verdict reached while the deployment is still
+    /// recording itself (fast traffic fills a probation window in
+    /// milliseconds) waits for it, so a rollback is never overwritten by the
+    /// `active` record it undoes.
+    pub serial: std::sync::Mutex<()>,
     /// The local HTTP endpoint, which a deployment's `serving.http_port` moves (unset: HTTP is off).
     pub http: std::sync::OnceLock<Arc<crate::http::Endpoint>>,
 }
@@ -70,6 +76,7 @@ pub enum Ended {
 impl Deployer {
     /// Runs a deployment and reports its outcome (events + state).
     pub fn run(&self, source: Source, d: &Deployment, cancel: &Cancel) -> Ended {
+        let _serial = self.serial.lock().unwrap_or_else(|p| p.into_inner());
         let started = Instant::now();
         self.reporter.set_outcome(d, Outcome::InProgress, None, None);
         let mut timings = outpost_protocol::Timings::default();
@@ -156,6 +163,7 @@ impl Deployer {
     /// Reports the end of a probation. A failed one was already rolled back
     /// by the engine: persist that the previous version serves again.
     pub fn probation_ended(&self, end: ProbationEnd) {
+        let _serial = self.serial.lock().unwrap_or_else(|p| p.into_inner());
         let ProbationEnd { context, model, previous, verdict } = end;
         let d = &context.deployment;
         match verdict {
