@@ -256,6 +256,13 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) {
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    use axum::serve::ListenerExt;
+    // No Nagle delay on answers: a client waits for each one.
+    let listener = listener.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "TCP_NODELAY not set");
+        }
+    });
     let server = axum::serve(listener, router(engine)).with_graceful_shutdown(async move {
         let _ = rx.await;
     });
