@@ -711,8 +711,9 @@ async fn swap_under_load(lab: &mut Lab, http: u16, seconds: u64) -> Result<(Valu
     let failed = samples.iter().filter(|s| !s.2).count();
     let wall = Duration::from_secs_f64(t0.elapsed().as_secs_f64());
     let lat = |v: &[&Sample]| v.iter().filter(|s| s.2).map(|s| s.1).collect::<Vec<_>>();
-    let steady = series(lat(&outside), wall, 0);
-    let swapping = series(lat(&inside), wall, 0);
+    let in_windows: f64 = windows.iter().map(|(a, b)| b - a).sum();
+    let steady = series(lat(&outside), Duration::from_secs_f64((wall.as_secs_f64() - in_windows).max(1e-3)), 0);
+    let swapping = series(lat(&inside), Duration::from_secs_f64(in_windows.max(1e-3)), 0);
     let value = json!({
         "seconds": round(wall.as_secs_f64()), "swaps": windows.len(), "requests": samples.len(), "failed": failed,
         "steady": steady, "in_swap_windows": swapping,
