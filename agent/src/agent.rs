@@ -148,7 +148,7 @@ pub async fn run(
     let (client, mut session) =
         Session::new(&config.session, &config.topics, &config.device, 1024).map_err(AgentError::Tls)?;
     let link = Link::new(client);
-    let acks = crate::mqtt::acker(link.clone());
+    let acks = crate::mqtt::acker(link.clone(), config.session.persistent_session);
     let journal =
         Arc::new(Mutex::new(crate::journal::Journal::open(&config.data_dir, crate::journal::DEFAULT_MAX_ENTRIES)));
     let (online_tx, online_rx) = tokio::sync::watch::channel(false);

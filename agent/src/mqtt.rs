@@ -176,9 +176,13 @@ pub fn options(cfg: &SessionConfig, topics: &Topics, device: &str) -> Result<Mqt
     // break it again on every reconnect); the agent refuses oversize payloads
     // itself, with an error. Outgoing: the configured limit.
     o.set_max_packet_size(MQTT_MAX_PACKET, cfg.max_packet_size);
-    // Manual acks: a desired state is acked once it is recorded on disk (see
-    // `Acker`), so a message the broker considers delivered is never lost.
-    o.set_manual_acks(true);
+    // Manual acks with a persistent session: a desired state is acked once it
+    // is recorded on disk (see `acker`), so a message the broker considers
+    // delivered is never lost. With a clean session the broker drops unacked
+    // messages when the connection ends anyway (retained desired states come
+    // back on the next connection), so acks stay automatic (rumqttd's v4
+    // listener also stalls on manual acks under load).
+    o.set_manual_acks(cfg.persistent_session);
     o.set_clean_session(!cfg.persistent_session);
     if let Some(t) = transport(cfg)? {
         o.set_transport(t);
@@ -201,7 +205,7 @@ pub fn options_v5(cfg: &SessionConfig, topics: &Topics, device: &str) -> Result<
         None,
     ));
     o.set_max_packet_size(Some(MQTT_MAX_PACKET as u32));
-    o.set_manual_acks(true);
+    o.set_manual_acks(cfg.persistent_session);
     o.set_network_options(network_options());
     o.set_clean_start(!cfg.persistent_session);
     if cfg.persistent_session {
@@ -435,10 +439,15 @@ impl Session {
 
 /// Sends acks in the order the messages were handed to it, from its own task
 /// (the event loop must never wait on the request channel it drains).
-pub fn acker(link: Link) -> tokio::sync::mpsc::UnboundedSender<Message> {
+/// With `manual` false (a clean session: rumqttc acks on receipt) it only
+/// drops what it is handed: a second ack of the same packet id confuses brokers.
+pub fn acker(link: Link, manual: bool) -> tokio::sync::mpsc::UnboundedSender<Message> {
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Message>();
     tokio::spawn(async move {
         while let Some(m) = rx.recv().await {
+            if !manual {
+                continue;
+            }
             if let Err(e) = link.ack(&m).await {
                 tracing::debug!(error = %e, "ack not sent");
             }
