@@ -306,7 +306,9 @@ pub async fn run(
                     on_desired(&mut reconciler, source, m.payload(), max, &reporter, &job_tx, &current_cancel).await;
                 }
                 // Acked once handled: a desired state only after it is recorded on disk.
-                let _ = acks.send(m);
+                if let Some(acks) = &acks {
+                    let _ = acks.send(m);
+                }
             }
             Net::Disconnected | Net::Other => {}
             Net::Error { text, refused_protocol } => {

@@ -438,22 +438,22 @@ impl Session {
 }
 
 /// Sends acks in the order the messages were handed to it, from its own task
-/// (the event loop must never wait on the request channel it drains).
-/// With `manual` false (a clean session: rumqttc acks on receipt) it only
-/// drops what it is handed: a second ack of the same packet id confuses brokers.
-pub fn acker(link: Link, manual: bool) -> tokio::sync::mpsc::UnboundedSender<Message> {
+/// (the event loop must never wait on the request channel it drains). None
+/// when acks are automatic (a clean session: rumqttc acks on receipt, and a
+/// second ack of the same packet id confuses brokers).
+pub fn acker(link: Link, manual: bool) -> Option<tokio::sync::mpsc::UnboundedSender<Message>> {
+    if !manual {
+        return None;
+    }
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Message>();
     tokio::spawn(async move {
         while let Some(m) = rx.recv().await {
-            if !manual {
-                continue;
-            }
             if let Err(e) = link.ack(&m).await {
                 tracing::debug!(error = %e, "ack not sent");
             }
         }
     });
-    tx
+    Some(tx)
 }
 
 /// Reconnect delays: exponential from 250 ms, capped at 30 s, with jitter so

@@ -106,14 +106,14 @@ impl Reporter {
 }
 
 /// Resident memory from /proc/self/statm (0 where there is no /proc).
-fn rss_bytes() -> Option<u64> {
+pub fn rss_bytes() -> Option<u64> {
     let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
     let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
     Some(pages * 4096)
 }
 
 /// utime + stime of this process in clock ticks, from /proc/self/stat.
-fn cpu_ticks() -> Option<u64> {
+pub fn cpu_ticks() -> Option<u64> {
     let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
     // Fields after the command name (which may contain spaces) start after ')'.
     let rest = stat.rsplit_once(')')?.1;

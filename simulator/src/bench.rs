@@ -949,9 +949,9 @@ fn bounds(r: &Value) -> String {
         f(&s["json_and_engine_us"]),
         f(&s["tract_in_process"]["p50_us"])
     ));
-    md.push_str("- **MQTT round trip**: the echo client only forwards bytes; the agent decodes the request, runs the model and encodes the answer (the JSON + engine cost above), hands the answer to its publisher task, and acks the request after handling it (manual acks, so a deployment message is acked only once recorded).\n");
+    md.push_str("- **MQTT round trip**: the echo client only forwards bytes; the agent decodes the request, runs the model and encodes the answer (the JSON + engine cost above) and hands the answer to its publisher task, which also keeps the outage journal.\n");
     md.push_str("- **Deployment latency**: the baseline only reads the bytes and loads the model once. The agent writes every file to disk while hashing it, fsyncs it and the version directory, records its state (fsync) before announcing `active`, loads the model twice when the batch is dynamic (the symbolic plan and a batch-1 plan for one-sample requests), and runs the golden sample: see the columns of section 4. The fsyncs are the price of surviving a power cut at any instant.\n");
-    md.push_str("- **Binary size**: in a release build with symbols (`cargo build --profile size-probe -p outpost-agent`, then `nm --size-sort`), tract-core is about 4 MB of code, rayon (the multi-thread executor for big convnets) about 3 MB, rustfft (a hard dependency of tract-core) 1.4 MB, and the unwinding tables 2.7 MB, kept on purpose: a model that makes tract panic is refused, it does not take the agent down.\n\n");
+    md.push_str("- **Binary size** (not measured by this run: from one release build with symbols at opt-level `s` in session 3, `cargo build --profile size-probe -p outpost-agent` then `nm --size-sort`): tract-core is about 4 MB of code, rayon (the multi-thread executor for big convnets) about 3 MB, rustfft (a hard dependency of tract-core) 1.4 MB, and the unwinding tables 2.7 MB, kept on purpose: a model that makes tract panic is refused, it does not take the agent down.\n\n");
     md
 }
 

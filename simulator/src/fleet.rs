@@ -149,22 +149,12 @@ fn start_agent(id: &str, group: &str, broker: &BrokerUrl, data: &std::path::Path
 }
 
 fn rss_mb() -> f64 {
-    std::fs::read_to_string("/proc/self/statm")
-        .ok()
-        .and_then(|s| s.split_whitespace().nth(1)?.parse::<f64>().ok())
-        .map(|pages| pages * 4096.0 / 1e6)
-        .unwrap_or(0.0)
+    outpost_agent::telemetry::rss_bytes().map_or(0.0, |b| b as f64 / 1e6)
 }
 
 fn cpu_s() -> f64 {
-    std::fs::read_to_string("/proc/self/stat")
-        .ok()
-        .and_then(|s| {
-            let rest = s.rsplit_once(')')?.1.to_string();
-            let f: Vec<&str> = rest.split_whitespace().collect();
-            Some((f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?) / 100.0)
-        })
-        .unwrap_or(0.0)
+    // Linux reports CPU time in ticks of 1/100 s.
+    outpost_agent::telemetry::cpu_ticks().map_or(0.0, |t| t as f64 / 100.0)
 }
 
 /// Runs the simulation; Err only when it cannot be set up.
