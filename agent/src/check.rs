@@ -20,7 +20,8 @@ pub fn manifest_url(bundle: &str) -> Result<String, String> {
     }
     let path = std::fs::canonicalize(bundle).map_err(|e| format!("{bundle}: {e}"))?;
     let path = if path.is_dir() { path.join("manifest.json") } else { path };
-    Ok(format!("file://{}", path.display()))
+    let path = path.to_str().ok_or_else(|| format!("{bundle}: the path is not UTF-8"))?;
+    Ok(format!("file://{}", crate::fetch::percent_encode_path(path)))
 }
 
 /// Checks the bundle at `url`; `sha256` is the manifest digest a deployment

@@ -20,6 +20,27 @@ const BATCH_ONE_PLAN_MAX_BYTES: u64 = 64 << 20;
 /// One golden-sample run slower than this single-threaded is worth timing on a thread pool.
 const MEASURE_ABOVE: std::time::Duration = std::time::Duration::from_millis(5);
 
+/// Whether this build can split one request over every core (the
+/// `multithread` cargo feature).
+pub const MULTITHREAD: bool = cfg!(feature = "multithread");
+
+/// What `model.executor = multi_thread` gets from a build without the
+/// `multithread` feature.
+const NO_POOL: &str =
+    "single-threaded: the manifest asks for multi_thread but this agent was built without the `multithread` feature";
+
+/// A pool of `cores` threads that one request's matrix products are split
+/// over, in builds with the `multithread` feature.
+#[cfg(feature = "multithread")]
+fn thread_pool(cores: usize) -> Option<Executor> {
+    Some(Executor::multithread_with_name(cores, "outpost-mm"))
+}
+
+#[cfg(not(feature = "multithread"))]
+fn thread_pool(_cores: usize) -> Option<Executor> {
+    None
+}
+
 /// An error an inference request gets: `bad_input` for what the client got
 /// wrong (the message says what was expected), `inference_failed` when the
 /// model failed on a valid request.
@@ -444,11 +465,11 @@ impl Model {
     fn choose_executor(&mut self, choice: outpost_protocol::Executor, dir: &Path, manifest: &Manifest) -> String {
         use outpost_protocol::Executor as Choice;
         let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-        let pool = || Executor::multithread_with_name(cores, "outpost-mm");
         match choice {
             Choice::SingleThread => return "single-threaded (manifest)".into(),
             Choice::MultiThread => {
-                self.executor = pool();
+                let Some(pool) = thread_pool(cores) else { return NO_POOL.into() };
+                self.executor = pool;
                 return format!("multi-threaded on {cores} cores (manifest)");
             }
             Choice::Auto => {}
@@ -473,10 +494,12 @@ impl Model {
             // Up to 8 times the sample's size: at most ~0.8 ms on the calling thread.
             self.inline_max_elements = req.inputs.iter().map(|t| t.data.len().max(1)).sum::<usize>() * 8;
         }
+        let single_only = || format!("single-threaded ({:.2} ms per golden sample)", single.as_secs_f64() * 1e3);
         if single < MEASURE_ABOVE {
-            return format!("single-threaded ({:.2} ms per golden sample)", single.as_secs_f64() * 1e3);
+            return single_only();
         }
-        self.executor = pool();
+        let Some(pool) = thread_pool(cores) else { return single_only() };
+        self.executor = pool;
         let multi = time(self).unwrap_or(std::time::Duration::MAX);
         let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
         if multi.as_secs_f64() * 1.2 < single.as_secs_f64() {

@@ -10,7 +10,7 @@ use outpost_protocol::{ErrorCode, ErrorInfo, hex, short_digest};
 use sha2::{Digest, Sha256};
 use std::io::{Read, Seek, Write};
 use std::os::unix::fs::OpenOptionsExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -64,9 +64,46 @@ pub struct FetchConfig {
     pub attempts: u32,
     pub backoff_base: Duration,
     pub backoff_max: Duration,
-    /// Certificate authorities trusted for `https://`, instead of the built-in
-    /// Mozilla roots (`--ca-file`: a private registry's CA).
+    /// Certificate authorities trusted for `https://`, instead of the
+    /// system's ([`system_roots`]) (`--ca-file`: a private registry's CA).
     pub roots: Option<Vec<rustls::pki_types::CertificateDer<'static>>>,
+}
+
+/// Where Linux distributions keep the bundle of CAs the system trusts
+/// (Debian, Ubuntu, Alpine, Arch; Fedora, RHEL; openSUSE; others), after
+/// `SSL_CERT_FILE`, the variable OpenSSL reads too.
+pub const SYSTEM_CA_BUNDLES: &[&str] = &[
+    "/etc/ssl/certs/ca-certificates.crt",
+    "/etc/pki/tls/certs/ca-bundle.crt",
+    "/etc/ssl/ca-bundle.pem",
+    "/etc/ssl/cert.pem",
+];
+
+/// The CAs the system trusts, used for `https://` and `mqtts://` when
+/// `tls.ca_file` is not set: read once, on first use, from the file named by
+/// `SSL_CERT_FILE` or else the first of [`SYSTEM_CA_BUNDLES`] that exists.
+/// The device's bundle is what its package manager keeps current (and where
+/// `update-ca-certificates` puts a site's own CA).
+pub fn system_roots() -> Result<Arc<Vec<rustls::pki_types::CertificateDer<'static>>>, String> {
+    type Roots = Result<Arc<Vec<rustls::pki_types::CertificateDer<'static>>>, String>;
+    static ROOTS: std::sync::OnceLock<Roots> = std::sync::OnceLock::new();
+    ROOTS
+        .get_or_init(|| {
+            let path = system_bundle(std::env::var_os("SSL_CERT_FILE").map(PathBuf::from), SYSTEM_CA_BUNDLES)?;
+            load_certs(&path).map(Arc::new)
+        })
+        .clone()
+}
+
+/// `from_env` if set, else the first of `candidates` that exists.
+fn system_bundle(from_env: Option<PathBuf>, candidates: &[&str]) -> Result<PathBuf, String> {
+    from_env.or_else(|| candidates.iter().map(PathBuf::from).find(|p| p.exists())).ok_or_else(|| {
+        format!(
+            "no system CA bundle ({} not found; SSL_CERT_FILE not set): install the ca-certificates package or \
+             set tls.ca_file",
+            candidates.join(", ")
+        )
+    })
 }
 
 /// Reads every certificate of a PEM file (`--ca-file`, `--client-cert`).
@@ -116,7 +153,7 @@ pub struct Wanted<'a> {
 
 #[derive(Debug, Clone)]
 pub struct Fetcher {
-    agent: ureq::Agent,
+    agent: Arc<std::sync::OnceLock<ureq::Agent>>,
     config: FetchConfig,
 }
 
@@ -156,12 +193,26 @@ impl Fetcher {
     }
 
     pub fn new(config: FetchConfig) -> Fetcher {
-        let mut tls = ureq::tls::TlsConfig::builder();
-        if let Some(roots) = &config.roots {
-            let certs: Vec<_> = roots.iter().map(|c| ureq::tls::Certificate::from_der(c.as_ref()).to_owned()).collect();
-            tls = tls.root_certs(ureq::tls::RootCerts::new_with_certs(&certs));
-        }
-        let agent = ureq::Agent::config_builder()
+        Fetcher { agent: Arc::new(std::sync::OnceLock::new()), config }
+    }
+
+    /// The HTTP client, made on the first `http(s)://` download (so a device
+    /// that never downloads never reads the system's CA bundle).
+    fn agent(&self) -> &ureq::Agent {
+        self.agent.get_or_init(|| self.make_agent())
+    }
+
+    fn make_agent(&self) -> ureq::Agent {
+        let config = &self.config;
+        // Without tls.ca_file and without a system bundle nothing is trusted:
+        // `open` says why before trying an https:// URL.
+        let roots = match &config.roots {
+            Some(roots) => roots.clone(),
+            None => system_roots().map(|r| r.to_vec()).unwrap_or_default(),
+        };
+        let certs: Vec<_> = roots.iter().map(|c| ureq::tls::Certificate::from_der(c.as_ref()).to_owned()).collect();
+        let tls = ureq::tls::TlsConfig::builder().root_certs(ureq::tls::RootCerts::new_with_certs(&certs));
+        ureq::Agent::config_builder()
             .tls_config(tls.build())
             .timeout_connect(Some(config.connect_timeout))
             .timeout_recv_response(Some(config.response_timeout))
@@ -170,8 +221,7 @@ impl Fetcher {
             .http_status_as_error(false)
             .user_agent(concat!("outpost/", env!("CARGO_PKG_VERSION")))
             .build()
-            .into();
-        Fetcher { agent, config }
+            .into()
     }
 
     /// Fetches a whole small document (a manifest), at most `max` bytes, and
@@ -331,7 +381,13 @@ impl Fetcher {
             let resumed = from > 0 && f.seek(std::io::SeekFrom::Start(from)).is_ok();
             return Ok((Box::new(f), resumed));
         }
-        let mut req = self.agent.get(url);
+        if url.starts_with("https://")
+            && self.config.roots.is_none()
+            && let Err(e) = system_roots()
+        {
+            return Err(permanent(ErrorCode::DownloadFailed, format!("{what}: {url}: cannot verify the server: {e}")));
+        }
+        let mut req = self.agent().get(url);
         if from > 0 {
             req = req.header("Range", format!("bytes={from}-"));
         }
@@ -344,7 +400,14 @@ impl Fetcher {
             Err(e) if e.to_string().contains("invalid peer certificate") => {
                 return Err(permanent(
                     ErrorCode::DownloadFailed,
-                    format!("{what}: {url}: {e} (is the registry's CA in the agent's --ca-file?)"),
+                    format!(
+                        "{what}: {url}: {e} ({})",
+                        if self.config.roots.is_some() {
+                            "is the registry's CA in the agent's tls.ca_file / --ca-file?"
+                        } else {
+                            "is the registry's CA in the system's CA bundle? a private CA goes in tls.ca_file"
+                        }
+                    ),
                 ));
             }
             Err(e) => return Err(transient(ErrorCode::DownloadFailed, format!("{what}: {url}: {e}"))),
@@ -546,11 +609,32 @@ pub fn file_url(manifest_url: &str, path: &str, own: Option<&str>) -> Result<Str
     if let Some(u) = own {
         return Ok(u.to_string());
     }
-    let base = url::Url::parse(manifest_url)
-        .map_err(|e| ErrorInfo::new(ErrorCode::InvalidMessage, format!("model.manifest_url: {manifest_url}: {e}")))?;
-    base.join(path).map(|u| u.to_string()).map_err(|e| {
-        ErrorInfo::new(ErrorCode::InvalidManifest, format!("{path}: cannot be resolved against {manifest_url}: {e}"))
-    })
+    // The manifest URL's directory: without its query or fragment, up to
+    // its last '/' after the authority.
+    let base = &manifest_url[..manifest_url.find(['?', '#']).unwrap_or(manifest_url.len())];
+    let authority = base.find("://").map(|i| i + 3).ok_or_else(|| {
+        ErrorInfo::new(ErrorCode::InvalidMessage, format!("model.manifest_url: {manifest_url}: not an absolute URL"))
+    })?;
+    let dir = match base[authority..].rfind('/') {
+        Some(i) => base[..authority + i + 1].to_string(),
+        None => format!("{base}/"),
+    };
+    Ok(format!("{dir}{}", percent_encode_path(path)))
+}
+
+/// A bundle's relative path as a URL path: every byte but the unreserved
+/// ones, the sub-delimiters, ':', '@' and '/' percent-encoded ('%' too: the
+/// file's name is taken literally).
+pub fn percent_encode_path(path: &str) -> String {
+    let mut out = String::with_capacity(path.len());
+    for &b in path.as_bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:@/".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }
 
 /// sha256 of a file on disk, streamed.
@@ -576,6 +660,21 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_system_bundle_is_ssl_cert_file_else_the_first_that_exists() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (dir.path().join("a.pem"), dir.path().join("b.pem"));
+        std::fs::write(&b, "").unwrap();
+        let names = [a.to_str().unwrap(), b.to_str().unwrap()];
+        assert_eq!(system_bundle(None, &names).unwrap(), b);
+        assert_eq!(system_bundle(Some(a.clone()), &names).unwrap(), a);
+        let none = system_bundle(None, &names[..1]).unwrap_err();
+        assert!(none.starts_with(&format!("no system CA bundle ({} not found;", a.display())), "{none}");
+        assert!(none.ends_with("install the ca-certificates package or set tls.ca_file"), "{none}");
+        // An empty bundle is refused by name, not trusted as "nothing".
+        assert!(load_certs(&b).unwrap_err().contains("found none"));
+    }
+
+    #[test]
     fn file_urls_resolve_relative_to_the_manifest() {
         assert_eq!(
             file_url("http://r:8/digits/2/manifest.json", "sample/in.json", None).unwrap(),
@@ -586,6 +685,19 @@ mod tests {
             "file:///reg/d/2/model.onnx"
         );
         assert_eq!(file_url("http://r/m.json", "x", Some("https://cdn/x")).unwrap(), "https://cdn/x");
+        // The manifest's query (a signed URL's) is not the file's; a host alone is its root.
+        assert_eq!(file_url("https://r/a/m.json?sig=1#f", "b/x.onnx", None).unwrap(), "https://r/a/b/x.onnx");
+        assert_eq!(file_url("http://r:8", "x.onnx", None).unwrap(), "http://r:8/x.onnx");
+        // Names are taken literally, whatever they contain.
+        assert_eq!(
+            file_url("http://r/m/1/manifest.json", "my model #2/ü 100%.onnx", None).unwrap(),
+            "http://r/m/1/my%20model%20%232/%C3%BC%20100%25.onnx"
+        );
+        assert_eq!(
+            file_url("file:///srv/my models/1/manifest.json", "a b.json", None).unwrap(),
+            "file:///srv/my models/1/a%20b.json"
+        );
+        assert!(file_url("manifest.json", "x", None).unwrap_err().message.contains("not an absolute URL"));
     }
 
     #[test]

@@ -10,10 +10,16 @@ use std::process::ExitCode;
 
 use outpost_agent::EXIT_USAGE;
 
+/// The version, and the optional features this binary was built with.
+#[cfg(feature = "multithread")]
+const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (features: multithread)");
+#[cfg(not(feature = "multithread"))]
+const VERSION: &str = env!("CARGO_PKG_VERSION");
+
 #[derive(Parser, Debug)]
 #[command(
     name = "outpost",
-    version,
+    version = VERSION,
     about = "Deploys ONNX models to this device from MQTT desired state and serves them"
 )]
 struct Cli {
@@ -106,7 +112,7 @@ struct RunArgs {
     #[arg(long)]
     http_bind: Option<String>,
     /// [tls.ca_file] PEM file of the certificate authorities trusted for HTTPS downloads and
-    /// an mqtts:// broker, instead of the built-in Mozilla roots (a private CA).
+    /// an mqtts:// broker, instead of the system's CA bundle (a private CA).
     #[arg(long)]
     ca_file: Option<String>,
     /// [tls.client_cert] PEM client certificate (chain) for an mqtts:// broker that asks for one.

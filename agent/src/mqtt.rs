@@ -94,8 +94,8 @@ impl std::fmt::Debug for Credentials {
 }
 
 /// The TLS client configuration for `mqtts://`: the CAs trusted for the
-/// broker's certificate (`--ca-file`, else Mozilla's roots) and an optional
-/// client certificate.
+/// broker's certificate (`--ca-file`, else the system's:
+/// [`crate::fetch::system_roots`]) and an optional client certificate.
 pub fn tls_config(
     roots: Option<&[rustls::pki_types::CertificateDer<'static>]>,
     client: Option<(Vec<rustls::pki_types::CertificateDer<'static>>, rustls::pki_types::PrivateKeyDer<'static>)>,
@@ -107,7 +107,12 @@ pub fn tls_config(
                 store.add(c.clone()).map_err(|e| format!("--ca-file: a certificate rustls cannot use: {e}"))?;
             }
         }
-        None => store.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
+        None => {
+            let (added, _unusable) = store.add_parsable_certificates(crate::fetch::system_roots()?.iter().cloned());
+            if added == 0 {
+                return Err("the system's CA bundle holds no certificate rustls can use: set tls.ca_file".into());
+            }
+        }
     }
     let builder =
         rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
@@ -153,7 +158,7 @@ pub struct SessionConfig {
     pub keep_alive: Duration,
     /// Largest MQTT packet sent or accepted.
     pub max_packet_size: usize,
-    /// For `mqtts://`: the TLS configuration (None: Mozilla's roots, no client certificate).
+    /// For `mqtts://`: the TLS configuration (None: the system's CAs, no client certificate).
     pub tls: Option<std::sync::Arc<rustls::ClientConfig>>,
     pub credentials: Option<Credentials>,
     /// Ask the broker to keep this device's session (subscriptions and the

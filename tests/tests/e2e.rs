@@ -846,9 +846,64 @@ async fn https_registries_are_verified_against_the_agents_ca_file() {
     let err = last.error.unwrap();
     assert_eq!(err.code, ErrorCode::DownloadFailed);
     assert!(err.message.contains("invalid peer certificate: UnknownIssuer"), "{}", err.message);
-    assert!(err.message.ends_with("(is the registry's CA in the agent's --ca-file?)"), "{}", err.message);
+    assert!(err.message.ends_with("(is the registry's CA in the agent's tls.ca_file / --ca-file?)"), "{}", err.message);
     assert!(!events.iter().any(|e| e.detail.as_deref().is_some_and(|d| d.contains("retrying"))), "{events:#?}");
     assert_eq!(w.infer("still-v1", digits_request(1)).await["model_version"], "1");
+}
+
+/// Without `tls.ca_file` the agent trusts the system's CA bundle (here the
+/// file `SSL_CERT_FILE` names, as OpenSSL reads it): a registry whose CA is
+/// not in it is refused, then trusted once it is; with no bundle at all an
+/// https:// deployment fails at once and says why. The serving model keeps
+/// serving throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_ca_file_https_registries_are_verified_against_the_systems_ca_bundle() {
+    let pki = TestPki::new();
+    let (_broker, reg, _data, mut w, mut agent) = lab("dev15s", &[], &["--download-attempts", "3"]).await;
+    reg.register("digits-mlp.onnx", "digits", "1");
+    reg.register("digits-cnn.onnx", "digits", "2");
+    reg.register("digits-mlp.onnx", "digits", "3");
+    assert_eq!(w.deploy(&reg, "digits", "1").await.0.phase, Phase::Active);
+    let https = FaultyRegistry::start_tls(reg.root().to_path_buf(), &pki).await;
+    let (url2, sha2) = outpost_sim::operator::resolve_manifest(&reg.url, "digits", "2").await.unwrap();
+    let url2 = url2.replace(&reg.url, &https.url);
+
+    // The test CA is in no system bundle.
+    let (last, events) = w.deploy_raw("digits", "2", &url2, &sha2).await;
+    assert_eq!(last.phase, Phase::Failed, "{events:#?}");
+    let message = last.error.unwrap().message;
+    assert!(message.contains("invalid peer certificate: UnknownIssuer"), "{message}");
+    assert!(
+        message.ends_with("(is the registry's CA in the system's CA bundle? a private CA goes in tls.ca_file)"),
+        "{message}"
+    );
+    assert_eq!(w.infer("still-v1", digits_request(1)).await["model_version"], "1");
+
+    // A system bundle that holds it.
+    agent.env = vec![("SSL_CERT_FILE".into(), pki.ca.display().to_string())];
+    agent.kill_and_restart();
+    w.online().await;
+    let (last, events) = w.deploy_raw("digits", "2", &url2, &sha2).await;
+    assert_eq!(last.phase, Phase::Active, "{events:#?}");
+    assert_eq!(w.infer("v2", digits_request(1)).await["model_version"], "2");
+
+    // No bundle at all: refused before connecting, not retried.
+    agent.env = vec![("SSL_CERT_FILE".into(), "/nonexistent/ca-bundle.pem".into())];
+    agent.kill_and_restart();
+    w.online().await;
+    let (url3, sha3) = outpost_sim::operator::resolve_manifest(&reg.url, "digits", "3").await.unwrap();
+    let (last, events) = w.deploy_raw("digits", "3", &url3.replace(&reg.url, &https.url), &sha3).await;
+    assert_eq!(last.phase, Phase::Failed, "{events:#?}");
+    let err = last.error.unwrap();
+    assert_eq!(err.code, ErrorCode::DownloadFailed);
+    assert!(
+        err.message.contains("cannot verify the server: /nonexistent/ca-bundle.pem: cannot read it"),
+        "{}",
+        err.message
+    );
+    assert!(!events.iter().any(|e| e.detail.as_deref().is_some_and(|d| d.contains("retrying"))), "{events:#?}");
+    assert_eq!(https.requests("digits/3/manifest.json").len(), 0);
+    assert_eq!(w.infer("still-v2", digits_request(1)).await["model_version"], "2");
 }
 
 fn with_probation(mut d: outpost_protocol::Deployment, p: outpost_protocol::Probation) -> outpost_protocol::Deployment {
