@@ -23,7 +23,7 @@ AGENT=$!
 sleep 2
 rss() { awk '/VmRSS/ {print $2}' "/proc/$AGENT/status"; }
 ticks() { awk '{print $14 + $15}' "/proc/$AGENT/stat"; }
-echo "binary: $(stat -c %s "$OUTPOST") bytes ($(du -h "$OUTPOST" | cut -f1))"
+echo "binary: $(stat -c %s "$OUTPOST") bytes ($(stat -c %s "$OUTPOST" | awk '{printf "%.2f MB, %.2f MiB", $1 / 1e6, $1 / 1048576}'))"
 echo "rss, no model: $(rss) KiB"
 "$SIM" deploy --broker "mqtt://127.0.0.1:$MQTT" --device footprint --model digits@1 \
     --registry-url "http://127.0.0.1:$REG" --wait >/dev/null

@@ -159,32 +159,35 @@ impl RunArgs {
         if let Ok(level) = std::env::var("OUTPOST_LOG") {
             l.set("log.level", s(&level), "OUTPOST_LOG");
         }
-        let flags: [(&str, &str, &Option<String>); 22] = [
-            ("mqtt.broker", "--broker", &self.broker),
-            ("device", "--device", &self.device),
-            ("data_dir", "--data-dir", &self.data_dir),
-            ("topic_prefix", "--topic-prefix", &self.topic_prefix),
-            ("mqtt.keep_alive", "--keep-alive", &self.keep_alive),
-            ("mqtt.max_packet_size", "--max-packet-size", &self.max_packet_size),
-            ("limits.store_quota", "--store-quota", &self.store_quota),
-            ("limits.max_model_size", "--max-model-size", &self.max_model_size),
-            ("limits.workers", "--workers", &self.workers),
-            ("limits.max_queue", "--max-queue", &self.max_queue),
-            ("download.attempts", "--download-attempts", &self.download_attempts),
-            ("download.stall_timeout", "--stall-timeout", &self.stall_timeout),
-            ("telemetry_interval", "--telemetry-interval", &self.telemetry_interval),
-            ("shutdown_grace", "--shutdown-grace", &self.shutdown_grace),
-            ("http.bind", "--http-bind", &self.http_bind),
-            ("tls.ca_file", "--ca-file", &self.ca_file),
-            ("tls.client_cert", "--client-cert", &self.client_cert),
-            ("tls.client_key", "--client-key", &self.client_key),
-            ("mqtt.username", "--username", &self.username),
-            ("mqtt.password_file", "--password-file", &self.password_file),
-            ("mqtt.version", "--mqtt-version", &self.mqtt_version),
-            ("log.format", "--log-format", &self.log_format),
+        // Each flag is the one `config::KEYS` names for its key (a test checks
+        // that every one of those is a flag of `outpost run`).
+        let flags: [(&str, &Option<String>); 22] = [
+            ("mqtt.broker", &self.broker),
+            ("device", &self.device),
+            ("data_dir", &self.data_dir),
+            ("topic_prefix", &self.topic_prefix),
+            ("mqtt.keep_alive", &self.keep_alive),
+            ("mqtt.max_packet_size", &self.max_packet_size),
+            ("limits.store_quota", &self.store_quota),
+            ("limits.max_model_size", &self.max_model_size),
+            ("limits.workers", &self.workers),
+            ("limits.max_queue", &self.max_queue),
+            ("download.attempts", &self.download_attempts),
+            ("download.stall_timeout", &self.stall_timeout),
+            ("telemetry_interval", &self.telemetry_interval),
+            ("shutdown_grace", &self.shutdown_grace),
+            ("http.bind", &self.http_bind),
+            ("tls.ca_file", &self.ca_file),
+            ("tls.client_cert", &self.client_cert),
+            ("tls.client_key", &self.client_key),
+            ("mqtt.username", &self.username),
+            ("mqtt.password_file", &self.password_file),
+            ("mqtt.version", &self.mqtt_version),
+            ("log.format", &self.log_format),
         ];
-        for (key, flag, value) in flags {
+        for (key, value) in flags {
             if let Some(v) = value {
+                let flag = outpost_agent::config::KEYS.iter().find(|k| k.name == key).map_or(key, |k| k.flag);
                 // Numbers as numbers where the key takes one, so check-config shows them as such.
                 let numeric =
                     outpost_agent::config::KEYS.iter().any(|k| k.name == key && k.default.parse::<u64>().is_ok());
@@ -465,4 +468,24 @@ async fn shutdown_signal() {
     }
     #[cfg(not(unix))]
     let _ = ctrl_c.await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    /// Every configuration key's flag, as `config::KEYS` names it (in
+    /// check-config's origins and in errors), is a flag of `outpost run`.
+    #[test]
+    fn every_keys_flag_is_a_flag_of_outpost_run() {
+        let cli = Cli::command();
+        let run = cli.find_subcommand("run").expect("a run subcommand");
+        let longs: Vec<&str> = run.get_arguments().filter_map(|a| a.get_long()).collect();
+        // (mqtt.password has an environment variable instead: no secret on a command line.)
+        for k in outpost_agent::config::KEYS.iter().filter(|k| k.flag.starts_with("--")) {
+            let flag = k.flag.trim_start_matches("--");
+            assert!(longs.contains(&flag), "{}: {} is not a flag of `outpost run` ({longs:?})", k.name, k.flag);
+        }
+    }
 }
