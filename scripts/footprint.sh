@@ -8,18 +8,23 @@ cd "$(dirname "$0")/.."
 OUTPOST=${OUTPOST:-target/release/outpost}
 SIM=${OUTPOST_SIM:-target/debug/outpost-sim}
 WORK=$(mktemp -d)
-trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$WORK"' EXIT
+PIDS=""
+# (jobs -p lists nothing inside a trap's command substitution in dash: keep the PIDs.)
+trap 'kill $PIDS 2>/dev/null || true; rm -rf "$WORK"' EXIT
 port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 MQTT=$(port); REG=$(port); HTTP=$(port)
 
 mosquitto -p "$MQTT" >/dev/null 2>&1 &
+PIDS="$PIDS $!"
 "$SIM" register fixtures/digits-mlp.onnx --name digits --version 1 --registry "$WORK/registry" \
     --labels fixtures/labels.txt >/dev/null
 python3 -m http.server -d "$WORK/registry" -b 127.0.0.1 "$REG" >/dev/null 2>&1 &
+PIDS="$PIDS $!"
 sleep 0.5
 OUTPOST_LOG=warn "$OUTPOST" run --broker "mqtt://127.0.0.1:$MQTT" --device footprint \
     --data-dir "$WORK/data" --http-bind "127.0.0.1:$HTTP" &
 AGENT=$!
+PIDS="$PIDS $AGENT"
 sleep 2
 rss() { awk '/VmRSS/ {print $2}' "/proc/$AGENT/status"; }
 ticks() { awk '{print $14 + $15}' "/proc/$AGENT/stat"; }
