@@ -114,6 +114,10 @@ impl Deployer {
                         model.version,
                         started.elapsed().as_secs_f64()
                     );
+                    // What the golden sample showed and how requests run (one thread or every core).
+                    if !model.validation.is_empty() {
+                        detail.push_str(&format!("; {}", model.validation));
+                    }
                     if let Some((_, _, described)) = &probation {
                         detail.push_str(&format!("; {described}"));
                     }

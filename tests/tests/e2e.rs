@@ -1495,6 +1495,32 @@ async fn capture_publishes_sampled_inputs_with_their_predictions() {
     }
 }
 
+/// The `active` event says what the golden sample showed and how requests
+/// run: a manifest asking for `multi_thread` gets every core from an agent
+/// built with the `multithread` feature, and any other agent (the packaged
+/// build) says it serves on one thread, and serves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_active_event_says_how_the_model_was_checked_and_how_requests_run() {
+    let (_broker, reg, _data, mut w, _agent) = lab("dev24e", &[], &[]).await;
+    reg.register("digits-cnn.onnx", "digits", "1");
+    let path = reg.root().join("digits/1/manifest.json");
+    let mut m: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    m["model"]["executor"] = serde_json::json!("multi_thread");
+    std::fs::write(&path, serde_json::to_vec(&m).unwrap()).unwrap();
+    let sha = reg.rehash("digits", "1");
+    let (last, events) = w.deploy_raw("digits", "1", &reg.manifest_url("digits", "1"), &sha).await;
+    assert_eq!(last.phase, Phase::Active, "{events:#?}");
+    let detail = last.detail.unwrap();
+    assert!(detail.contains("; golden sample reproduced: 2 output(s), largest difference "), "{detail}");
+    let executor = if outpost_agent::engine::MULTITHREAD {
+        "; multi-threaded on "
+    } else {
+        "; single-threaded: the manifest asks for multi_thread but this agent was built without the `multithread` feature"
+    };
+    assert!(detail.contains(executor), "{detail}");
+    assert_eq!(w.infer("served", digits_request(3)).await["outputs"][0]["shape"], serde_json::json!([3, 10]));
+}
+
 /// Pre-processing from the manifest casts and reshapes: clients send 8x8
 /// UINT8 images, the model takes [N, 64] FP32, and the answers are the
 /// model's own (onnxruntime's) for those digits.
