@@ -89,8 +89,12 @@ pub fn system_roots() -> Result<Arc<Vec<rustls::pki_types::CertificateDer<'stati
     static ROOTS: std::sync::OnceLock<Roots> = std::sync::OnceLock::new();
     ROOTS
         .get_or_init(|| {
-            let path = system_bundle(std::env::var_os("SSL_CERT_FILE").map(PathBuf::from), SYSTEM_CA_BUNDLES)?;
-            load_certs(&path).map(Arc::new)
+            let from_env = std::env::var_os("SSL_CERT_FILE").map(PathBuf::from);
+            let named = from_env.is_some();
+            let path = system_bundle(from_env, SYSTEM_CA_BUNDLES)?;
+            load_certs(&path)
+                .map(Arc::new)
+                .map_err(|e| if named { format!("{e} (the file SSL_CERT_FILE names)") } else { e })
         })
         .clone()
 }
@@ -206,10 +210,8 @@ impl Fetcher {
         let config = &self.config;
         // Without tls.ca_file and without a system bundle nothing is trusted:
         // `open` says why before trying an https:// URL.
-        let roots = match &config.roots {
-            Some(roots) => roots.clone(),
-            None => system_roots().map(|r| r.to_vec()).unwrap_or_default(),
-        };
+        let system = if config.roots.is_none() { system_roots().unwrap_or_default() } else { Arc::default() };
+        let roots = config.roots.as_deref().unwrap_or(&system);
         let certs: Vec<_> = roots.iter().map(|c| ureq::tls::Certificate::from_der(c.as_ref()).to_owned()).collect();
         let tls = ureq::tls::TlsConfig::builder().root_certs(ureq::tls::RootCerts::new_with_certs(&certs));
         ureq::Agent::config_builder()
