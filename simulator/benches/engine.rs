@@ -97,7 +97,7 @@ fn main() {
 
     println!("\n2. executor: single thread vs a pool of every core (one request at a time)");
     if !outpost_agent::engine::MULTITHREAD {
-        println!("  (skipped: built without the multi-thread executor; add --features outpost-agent/multithread)");
+        println!("  (skipped: built without the multi-thread executor; add --features multithread)");
         return;
     }
     let detector = root().join("target/large-models/detector-480x640.onnx");
