@@ -8,6 +8,10 @@ use std::collections::HashSet;
 
 pub const SCHEMA: &str = "outpost.manifest.v1";
 
+/// The name of the manifest in a bundle and in a stored version: the agent
+/// writes it there itself, so no file of the bundle may take it.
+pub const MANIFEST_FILE: &str = "manifest.json";
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Manifest {
     pub schema: String,
@@ -162,6 +166,16 @@ impl Manifest {
             // Case-folded so two paths that collide on a case-insensitive disk are refused too.
             if !seen.insert(f.path.to_ascii_lowercase()) {
                 return bad(format!("files[{i}].path"), "each path listed once", format!("\"{}\" again", f.path));
+            }
+            // The agent writes the manifest itself beside the files: a bundle
+            // file of that name would be overwritten (and its stored blob is
+            // shared with every version holding the same bytes).
+            if f.path.eq_ignore_ascii_case(MANIFEST_FILE) {
+                return bad(
+                    format!("files[{i}].path"),
+                    "a path other than manifest.json (the name of the manifest itself, which the agent writes)",
+                    format!("\"{}\"", f.path),
+                );
             }
             if !is_sha256_hex(&f.sha256) {
                 return bad(
@@ -344,6 +358,22 @@ mod tests {
             assert_eq!(e.code, code, "{p}: {e}");
             assert_eq!(e.path, "files[1].path");
         }
+    }
+
+    #[test]
+    fn a_file_may_not_take_the_manifests_own_name() {
+        for p in ["manifest.json", "Manifest.JSON"] {
+            let mut v = good();
+            v["files"][1]["path"] = serde_json::json!(p);
+            let e = parse(v).unwrap_err();
+            assert_eq!((e.code, e.path.as_str()), (ErrorCode::InvalidManifest, "files[1].path"), "{p}");
+            assert!(e.to_string().contains("the name of the manifest itself"), "{e}");
+        }
+        // In a folder it is only a name.
+        let mut v = good();
+        let extra = serde_json::json!({"path": "extra/manifest.json", "sha256": "c".repeat(64), "size": 2});
+        v["files"].as_array_mut().unwrap().push(extra);
+        assert!(parse(v).is_ok());
     }
 
     #[test]
