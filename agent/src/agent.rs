@@ -1,22 +1,30 @@
-//! The agent's main loop: wires the store, engine, reporter and MQTT session
-//! together and routes what arrives.
+//! The agent's main loop. [`run`] wires the parts together, then
+//! [`Agent::serve`] loops over its arms (each calls one method), then
+//! [`Agent::drain`] stops it: no new work, the work in flight finishes
+//! within `shutdown_grace`, what it said is published, `offline`, goodbye.
 
-use crate::deploy::{Deployer, Ended};
-use crate::engine::InferFailure;
-use crate::fetch::{Cancel, FetchConfig, Fetcher};
-use crate::mqtt::{Backoff, Link, Message, Net, Protocol, Session, SessionConfig, publisher};
-use crate::reconcile::{Decision, Reconciler, Source};
+use crate::deploy::fetch::{FetchConfig, Fetcher};
+use crate::deploy::pipeline::{Limits, Pipeline};
+use crate::deploy::reconcile::Source;
+use crate::deploy::store::Store;
+use crate::deploy::{Deployer, Deployments};
+use crate::link::connection::{Action, Connection, Event};
+use crate::link::journal::Journal;
+use crate::link::publisher::{Outbox, Outgoing};
+use crate::link::session::{Link, Message, Net, Session};
+use crate::link::{Protocol, SessionConfig};
+use crate::report::Reporter;
 use crate::serve::Engine;
-use crate::status::{ActiveRecord, Outgoing, Reporter};
-use crate::store::Store;
+use crate::serve::http::Endpoint;
+use outpost_protocol::Topics;
 use outpost_protocol::topics::TopicKind;
-use outpost_protocol::{Deployment, ErrorCode, ErrorInfo, InferError, Outcome, Phase, ProtocolError, Topics};
-use rumqttc::QoS;
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
+use tokio::time::{Instant, Interval};
+use tokio_util::task::TaskTracker;
 
 /// Everything `outpost run` needs.
 #[derive(Debug, Clone)]
@@ -43,617 +51,373 @@ pub enum AgentError {
     Tls(String),
 }
 
-enum Job {
-    Deploy(Source, Box<Deployment>, Cancel),
-    Undeploy,
-}
-
 /// Runs the agent until `shutdown` completes; `reload` delivers new live
 /// settings (SIGHUP).
 pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()>,
-    mut reload: mpsc::UnboundedReceiver<crate::config::Live>,
+    reload: mpsc::UnboundedReceiver<crate::config::Live>,
 ) -> Result<(), AgentError> {
-    let mut live = config.live.clone();
-    let store = Arc::new(
-        Store::open(&config.data_dir).map_err(|source| AgentError::DataDir { dir: config.data_dir.clone(), source })?,
-    );
-    let (out_tx, out_rx) = mpsc::unbounded_channel::<Outgoing>();
-    let reporter = Arc::new(Reporter::new(&config.device, config.topics.clone(), out_tx, store.clone()));
-    let engine = Arc::new(Engine::new(live.workers, live.max_queue));
-    let deployer = Arc::new(Deployer {
-        store: store.clone(),
-        fetcher: Fetcher::new(config.fetch.clone()),
-        engine: engine.clone(),
-        reporter: reporter.clone(),
-        limits: arc_swap::ArcSwap::from_pointee(limits(&live)),
-        http: Default::default(),
-        serial: Default::default(),
-    });
+    let mut agent = Agent::wire(config, reload).await?;
+    agent.serve(shutdown).await;
+    agent.drain().await;
+    Ok(())
+}
 
-    // Serve what was active before the restart, before touching the network.
-    let mut reconciler = Reconciler::new();
-    let restored = {
-        let d = deployer.clone();
-        tokio::task::spawn_blocking(move || d.restore()).await.ok().flatten()
-    };
-    let restored_port = restored.as_ref().and_then(|(_, d)| d.serving.http_port);
-    if let Some((source, d)) = restored {
-        reconciler.restore(source, d);
-    }
-    // A deployment rolled back before the restart stays refused: its
-    // retained desired state replays as `unchanged`, not as a new attempt.
-    if let Some(refused) = reporter.record().rolled_back {
-        reconciler.restore(refused.source, refused.deployment);
-    }
-    let interrupted = reporter.record().pending;
-    // Captured requests and answers go out on `capture`, QoS 0, never journaled.
-    let (capture_tx, mut capture_rx) = mpsc::unbounded_channel::<crate::serve::Capture>();
-    engine.on_capture(capture_tx);
-    {
-        let (reporter, topic) = (reporter.clone(), config.topics.capture(&config.device));
-        let limit = config.session.max_packet_size;
-        tokio::spawn(async move {
-            while let Some(c) = capture_rx.recv().await {
-                #[derive(serde::Serialize)]
-                struct Published<'a> {
-                    device: &'a str,
-                    #[serde(flatten)]
-                    capture: crate::serve::Capture,
-                }
-                let payload =
-                    serde_json::to_vec(&Published { device: reporter.device(), capture: c }).unwrap_or_default();
-                if payload.len() + topic.len() + 16 > limit {
-                    tracing::debug!(bytes = payload.len(), "capture over the packet limit: skipped");
-                    continue;
-                }
-                reporter.send(Outgoing {
-                    topic: topic.clone(),
-                    payload,
-                    retain: false,
-                    reliable: false,
-                    correlation: None,
-                });
-            }
-        });
-    }
-    let (verdict_tx, mut verdict_rx) = mpsc::unbounded_channel();
-    engine.on_probation_end(verdict_tx);
-    {
-        let deployer = deployer.clone();
-        tokio::spawn(async move {
-            while let Some(end) = verdict_rx.recv().await {
-                // Persisting a rollback is an fsync: off the reactor.
-                let d = deployer.clone();
-                let _ = tokio::task::spawn_blocking(move || d.probation_ended(end)).await;
-            }
-        });
-    }
+/// The parts of a running agent and the state of its main loop.
+struct Agent {
+    config: Config,
+    live: crate::config::Live,
+    reload: mpsc::UnboundedReceiver<crate::config::Live>,
+    store: Arc<Store>,
+    engine: Arc<Engine>,
+    reporter: Arc<Reporter>,
+    outbox: Outbox,
+    deployments: Deployments,
+    deployer: tokio::task::JoinHandle<()>,
+    http: Option<Arc<Endpoint>>,
+    connection: Connection,
+    session: Session,
+    link: Link,
+    acks: Option<mpsc::UnboundedSender<Message>>,
+    online: watch::Sender<bool>,
+    journal: Arc<Mutex<Journal>>,
+    publisher: tokio::task::JoinHandle<()>,
+    /// Tasks answering MQTT requests: the drain waits for them.
+    requests: TaskTracker,
+    subscriptions: Vec<String>,
+    started: std::time::Instant,
+    telemetry: crate::report::telemetry::Reporter,
+    telemetry_tick: Interval,
+    watchdog: Option<Interval>,
+    pings: u64,
+}
 
-    // The local endpoint serves from the store even while the broker is unreachable.
-    let http = match config.http_bind {
-        Some(addr) => {
-            let ep =
-                crate::http::Endpoint::start(addr, restored_port, engine.clone(), tokio::runtime::Handle::current())
+fn interval(every: Duration, first_after: Duration) -> Interval {
+    let mut tick = tokio::time::interval_at(Instant::now() + first_after, every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick
+}
+
+impl Agent {
+    /// Opens the store, serves what was active before the restart (before
+    /// touching the network), starts the HTTP endpoint, the deployer and the
+    /// publisher, and opens the MQTT session (connected by the first poll).
+    async fn wire(config: Config, reload: mpsc::UnboundedReceiver<crate::config::Live>) -> Result<Agent, AgentError> {
+        let live = config.live.clone();
+        let store = Arc::new(
+            Store::open(&config.data_dir)
+                .map_err(|source| AgentError::DataDir { dir: config.data_dir.clone(), source })?,
+        );
+        let (outbox, inbox) = crate::link::publisher::outbox();
+        let reporter = Arc::new(Reporter::new(&config.device, config.topics.clone(), outbox.clone()));
+        let engine = Arc::new(Engine::new(live.workers, live.max_queue));
+        let pipeline = Arc::new(Pipeline {
+            store: store.clone(),
+            fetcher: Fetcher::new(config.fetch.clone()),
+            engine: engine.clone(),
+            reporter: reporter.clone(),
+            limits: arc_swap::ArcSwap::from_pointee(limits(&live)),
+            http: Default::default(),
+        });
+        let (deployer, deployments, restored) = Deployer::open(pipeline.clone(), reporter.clone()).await;
+        crate::report::publish_captures(&engine, reporter.clone(), config.session.max_packet_size);
+
+        // The local endpoint serves from the store even while the broker is unreachable.
+        let http = match config.http_bind {
+            Some(addr) => {
+                let ep = Endpoint::start(addr, restored.http_port, engine.clone(), tokio::runtime::Handle::current())
                     .map_err(|source| AgentError::HttpBind { addr, source })?;
-            let ep = Arc::new(ep);
-            let _ = deployer.http.set(ep.clone());
-            Some(ep)
-        }
-        None => None,
-    };
+                let ep = Arc::new(ep);
+                let _ = pipeline.http.set(ep.clone());
+                Some(ep)
+            }
+            None => None,
+        };
+        let deployer = tokio::spawn(deployer.run());
 
-    let mut protocol = config.session.protocol;
-    let (client, mut session) =
-        Session::new(&config.session, &config.topics, &config.device, 1024).map_err(AgentError::Tls)?;
-    let link = Link::new(client);
-    let acks = crate::mqtt::acker(link.clone(), config.session.persistent_session);
-    let journal =
-        Arc::new(Mutex::new(crate::journal::Journal::open(&config.data_dir, crate::journal::DEFAULT_MAX_ENTRIES)));
-    let (online_tx, online_rx) = tokio::sync::watch::channel(false);
-    tokio::spawn(publisher(
-        link.clone(),
-        out_rx,
-        config.session.max_packet_size,
-        journal.clone(),
-        online_rx,
-        reporter.delivered.clone(),
-    ));
-    // MQTT requests being answered (their answers not yet handed to the publisher).
-    let mqtt_requests = Arc::new(std::sync::atomic::AtomicU64::new(0));
-
-    let current_cancel: Arc<Mutex<Option<Cancel>>> = Arc::new(Mutex::new(None));
-    let (job_tx, job_rx) = mpsc::unbounded_channel::<Job>();
-    // Set while the deploy worker runs a job: a shutdown waits for it (within
-    // the grace period) so the job's last event is published, not lost.
-    let deploying = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    tokio::spawn(deploy_worker(job_rx, deployer.clone(), reporter.clone(), engine.clone(), deploying.clone()));
-
-    // A deployment accepted before a restart and not finished: resume it
-    // from the store and the registry, without waiting for the broker.
-    if let Some(p) = interrupted
-        && let Decision::Deploy(d) = reconciler.on_message(p.source, Some(Ok(p.deployment)))
-    {
-        start(p.source, d, "resumed after a restart", &reporter, &job_tx, &current_cancel);
+        let (client, session) =
+            Session::new(&config.session, &config.topics, &config.device, 1024).map_err(AgentError::Tls)?;
+        let link = Link::new(client);
+        let acks = crate::link::session::acker(link.clone(), config.session.persistent_session);
+        let journal = Arc::new(Mutex::new(Journal::open(&config.data_dir, crate::link::journal::DEFAULT_MAX_ENTRIES)));
+        let (online, online_rx) = watch::channel(false);
+        let publisher = tokio::spawn(crate::link::publisher::publish(
+            link.clone(),
+            inbox,
+            config.session.max_packet_size,
+            journal.clone(),
+            online_rx,
+        ));
+        let mut subscriptions = vec![config.topics.device_desired(&config.device), config.topics.infer(&config.device)];
+        subscriptions.extend(config.groups.iter().map(|g| config.topics.group_desired(g)));
+        let every = live.telemetry_interval.max(Duration::from_secs(1));
+        // systemd: the watchdog is pinged from the main loop, so a stuck loop stops the pings.
+        let watchdog = crate::sys::systemd::watchdog_interval().map(|every| interval(every, Duration::ZERO));
+        let serving = engine.active().map(|m| format!("serving {}@{}", m.name, m.version));
+        crate::sys::systemd::ready(&format!(
+            "{}; connecting to {}",
+            serving.as_deref().unwrap_or("no model yet"),
+            config.session.broker
+        ));
+        Ok(Agent {
+            connection: Connection::new(config.session.protocol),
+            config,
+            live,
+            reload,
+            store,
+            engine,
+            reporter,
+            outbox,
+            deployments,
+            deployer,
+            http,
+            session,
+            link,
+            acks,
+            online,
+            journal,
+            publisher,
+            requests: TaskTracker::new(),
+            subscriptions,
+            started: std::time::Instant::now(),
+            telemetry: Default::default(),
+            telemetry_tick: interval(every, every),
+            watchdog,
+            pings: 0,
+        })
     }
 
-    let mut subscriptions = vec![config.topics.device_desired(&config.device), config.topics.infer(&config.device)];
-    subscriptions.extend(config.groups.iter().map(|g| config.topics.group_desired(g)));
+    /// The main loop: each arm calls one method. Waiting to reconnect is the
+    /// timer arm (the session is not polled meanwhile), never a sleep, so the
+    /// watchdog, reload and telemetry arms keep running during an outage.
+    async fn serve(&mut self, shutdown: impl Future<Output = ()>) {
+        tokio::pin!(shutdown);
+        loop {
+            let retry_at = self.connection.retry_at();
+            tokio::select! {
+                _ = &mut shutdown => return,
+                _ = tick(&mut self.watchdog), if self.watchdog.is_some() => self.on_watchdog(),
+                Some(new) = self.reload.recv() => self.on_reload(new),
+                _ = self.telemetry_tick.tick() => self.on_telemetry(),
+                _ = tokio::time::sleep_until(retry_at.unwrap_or_else(Instant::now)), if retry_at.is_some() => {
+                    self.connection.on_retry_timer()
+                }
+                net = self.session.poll(), if retry_at.is_none() => self.on_net(net).await,
+            }
+        }
+    }
 
-    let started = std::time::Instant::now();
-    let mut telemetry = crate::telemetry::Reporter::default();
-    let telemetry_tick = |every: Duration| {
-        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every.max(Duration::from_secs(1)));
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        tick
-    };
-    let mut tick = telemetry_tick(live.telemetry_interval);
-    // systemd: the watchdog is pinged from this loop, so a stuck loop stops the pings.
-    let watchdog_every = crate::systemd::watchdog_interval();
-    let mut watchdog = tokio::time::interval(watchdog_every.unwrap_or(Duration::from_secs(3600)));
-    let mut pings = 0u64;
-    watchdog.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let serving = engine.active().map(|m| format!("serving {}@{}", m.name, m.version));
-    crate::systemd::ready(&format!(
-        "{}; connecting to {}",
-        serving.as_deref().unwrap_or("no model yet"),
-        config.session.broker
-    ));
+    fn on_watchdog(&mut self) {
+        self.pings += 1;
+        if self.pings > 5 {
+            crate::sys::fault_point("stall-main-loop");
+        }
+        crate::sys::systemd::watchdog();
+    }
 
-    let mut backoff = Backoff::new();
-    let mut reconnects: u64 = 0;
-    let mut connected_once = false;
-    let mut closed_before_connack = 0u32;
-    tokio::pin!(shutdown);
-    loop {
-        let event = tokio::select! {
-            _ = &mut shutdown => break,
-            _ = watchdog.tick(), if watchdog_every.is_some() => {
-                pings += 1;
-                if pings > 5 {
-                    crate::fault_point("stall-main-loop");
-                }
-                crate::systemd::watchdog();
-                continue;
-            }
-            Some(new) = reload.recv() => {
-                if new.telemetry_interval != live.telemetry_interval {
-                    tick = telemetry_tick(new.telemetry_interval);
-                }
-                deployer.limits.store(Arc::new(limits(&new)));
-                // The pool follows the new defaults unless the deployment sets its own.
-                let serving = reporter.record().active.map(|a| a.deployment.serving);
-                let (workers, queue) = engine.pool_sizes();
-                engine.resize(
-                    serving.as_ref().and_then(|s| s.workers).unwrap_or(new.workers).max(1),
-                    serving.as_ref().and_then(|s| s.max_queue).unwrap_or(new.max_queue),
-                );
-                if engine.pool_sizes() != (workers, queue) {
-                    tracing::info!(pool = ?engine.pool_sizes(), "worker pool resized by the configuration");
-                }
-                live = new;
-                continue;
-            }
-            _ = tick.tick() => {
-                let pending = {
-                    let j = journal.lock().unwrap_or_else(|p| p.into_inner());
-                    (j.len() as u64, j.dropped)
-                };
-                let t = telemetry.report(&config.device, started, &engine, &store, reconnects, pending);
-                reporter.send(Outgoing {
-                    topic: config.topics.telemetry(&config.device),
-                    payload: serde_json::to_vec(&t).unwrap_or_default(),
-                    retain: false,
-                    reliable: false,
-                    correlation: None,
-                });
-                continue;
-            }
-            e = session.poll() => e,
+    fn on_reload(&mut self, new: crate::config::Live) {
+        if new.telemetry_interval != self.live.telemetry_interval {
+            let every = new.telemetry_interval.max(Duration::from_secs(1));
+            self.telemetry_tick = interval(every, every);
+        }
+        self.deployments.set_limits(limits(&new));
+        self.live = new;
+    }
+
+    fn on_telemetry(&mut self) {
+        let pending = {
+            let j = self.journal.lock().unwrap_or_else(|p| p.into_inner());
+            (j.len() as u64, j.dropped)
         };
-        match event {
-            Net::Connected { session_present } => {
-                backoff.reset();
-                let _ = online_tx.send(true);
-                if connected_once {
-                    reconnects += 1;
+        let t = self.telemetry.report(
+            &self.config.device,
+            self.started,
+            &self.engine,
+            {
+                let (bytes, versions) = self.store.usage();
+                outpost_protocol::telemetry::StoreStats { bytes, versions }
+            },
+            self.connection.reconnects,
+            pending,
+        );
+        self.reporter.send(Outgoing {
+            topic: self.config.topics.telemetry(&self.config.device),
+            payload: serde_json::to_vec(&t).unwrap_or_default(),
+            retain: false,
+            reliable: false,
+            correlation: None,
+        });
+    }
+
+    async fn on_net(&mut self, net: Net) {
+        match net {
+            Net::Event(event) => {
+                let failure = match &event {
+                    Event::Failed(kind) => Some(*kind),
+                    Event::ConnAck { .. } => None,
+                };
+                for action in self.connection.on_event(event, Instant::now()) {
+                    self.act(action, failure);
                 }
-                connected_once = true;
-                tracing::info!(broker = %config.session.broker, reconnects, "connected");
-                // A clean session has no subscriptions: subscribe on every ConnAck.
-                // From another task: awaiting a full request channel here would stall the event loop.
-                if !session_present {
-                    let (client, topics) = (link.clone(), subscriptions.clone());
-                    tokio::spawn(async move {
-                        for t in topics {
-                            if let Err(e) = client.subscribe(t.clone(), QoS::AtLeastOnce).await {
-                                tracing::error!(topic = %t, error = %e, "subscribe failed");
-                            }
-                        }
-                    });
+            }
+            Net::Message(m) => self.on_message(m).await,
+            Net::Disconnected | Net::Other => {}
+        }
+    }
+
+    /// Carries out what the connection's state machine decided.
+    fn act(&mut self, action: Action, failure: Option<crate::link::connection::FailureKind>) {
+        match action {
+            Action::Subscribe => {
+                for t in &self.subscriptions {
+                    self.link.try_subscribe(t.clone());
                 }
-                reporter.send(Outgoing {
-                    topic: config.topics.availability(&config.device),
+            }
+            Action::Online { reconnects } => {
+                let _ = self.online.send(true);
+                tracing::info!(broker = %self.config.session.broker, reconnects, "connected");
+                self.reporter.send(Outgoing {
+                    topic: self.config.topics.availability(&self.config.device),
                     payload: b"online".to_vec(),
                     retain: true,
                     reliable: true,
                     correlation: None,
                 });
-                reporter.publish_state();
+                self.reporter.publish_state();
             }
-            Net::Message(m) => {
-                let source = match config.topics.classify(m.topic()) {
-                    Some(TopicKind::DeviceDesired(d)) if d == config.device => Some(Source::Device),
-                    Some(TopicKind::GroupDesired(g)) => config.groups.iter().position(|x| x == g).map(Source::Group),
-                    Some(TopicKind::Infer(d)) if d == config.device => {
-                        let (engine, reporter, topics, device) =
-                            (engine.clone(), reporter.clone(), config.topics.clone(), config.device.clone());
-                        let limit = config.session.max_packet_size;
-                        let request = m.clone();
-                        tokio::spawn(
-                            async move { on_infer(&engine, &reporter, &topics, &device, &request, limit).await },
-                        );
-                        None
+            Action::Offline => {
+                let _ = self.online.send(false);
+            }
+            Action::FallBackToV311 => {
+                tracing::warn!(error = %self.session.last_error(), "the broker does not speak MQTT 5: falling back to MQTT 3.1.1");
+                let cfg = SessionConfig { protocol: Protocol::V311, ..self.config.session.clone() };
+                match Session::new(&cfg, &self.config.topics, &self.config.device, 1024) {
+                    Ok((client, session)) => {
+                        self.link.replace(client);
+                        self.session = session;
                     }
-                    _ => {
-                        tracing::debug!(topic = %m.topic(), "ignored message");
-                        None
-                    }
-                };
-                if let Some(source) = source {
-                    let max = config.session.max_packet_size;
-                    on_desired(&mut reconciler, source, m.payload(), max, &reporter, &job_tx, &current_cancel).await;
-                }
-                // Acked once handled: a desired state only after it is recorded on disk.
-                if let Some(acks) = &acks {
-                    let _ = acks.send(m);
+                    Err(e) => tracing::error!(error = %e, "cannot open an MQTT 3.1.1 session"),
                 }
             }
-            Net::Disconnected | Net::Other => {}
-            Net::Error { text, refused_protocol } => {
-                let _ = online_tx.send(false);
-                // A broker without MQTT 5 refuses it, or (rumqttd, older
-                // brokers) closes the connection before any ConnAck.
-                if protocol == Protocol::V5 && !connected_once && text.contains("closed by peer") {
-                    closed_before_connack += 1;
-                }
-                if protocol == Protocol::V5 && (refused_protocol || closed_before_connack >= 2) {
-                    tracing::warn!(error = %text, "the broker does not speak MQTT 5: falling back to MQTT 3.1.1");
-                    protocol = Protocol::V311;
-                    let cfg = SessionConfig { protocol, ..config.session.clone() };
-                    let (client, s) =
-                        Session::new(&cfg, &config.topics, &config.device, 1024).map_err(AgentError::Tls)?;
-                    link.replace(client);
-                    session = s;
-                    continue;
-                }
-                let delay = backoff.next_delay();
-                match crate::mqtt::diagnose(&text) {
-                    Some(hint) => {
-                        tracing::error!(error = %text, retry_in_ms = delay.as_millis() as u64, "cannot connect to the broker: {hint}")
-                    }
-                    None => {
-                        tracing::warn!(error = %text, retry_in_ms = delay.as_millis() as u64, "MQTT connection lost")
-                    }
-                }
-                tokio::select! {
-                    _ = &mut shutdown => break,
-                    _ = tokio::time::sleep(delay) => {}
+            Action::RetryAt(_, delay) => {
+                let error = self.session.last_error();
+                let retry_in_ms = delay.as_millis() as u64;
+                match failure.and_then(|f| f.hint()) {
+                    Some(hint) => tracing::error!(%error, retry_in_ms, "cannot connect to the broker: {hint}"),
+                    None => tracing::warn!(%error, retry_in_ms, "MQTT connection lost"),
                 }
             }
         }
     }
 
-    // Shutting down: no new requests (MQTT is no longer read, the HTTP
-    // listener closes), those in flight finish within the grace period and
-    // their answers are published; then retained `offline` and a clean
-    // disconnect (which suppresses the Last Will), bounded so a dead broker
-    // cannot hold us.
-    crate::systemd::stopping();
-    tracing::info!(grace_s = live.shutdown_grace.as_secs_f64(), "shutting down: finishing requests in flight");
-    if let Some(c) = current_cancel.lock().unwrap_or_else(|p| p.into_inner()).take() {
-        c.stop();
+    /// A message on one of the agent's subscriptions.
+    async fn on_message(&mut self, m: Message) {
+        let (topics, device) = (&self.config.topics, &self.config.device);
+        match topics.classify(m.topic()) {
+            Some(TopicKind::DeviceDesired(d)) if d == *device => self.on_desired(Source::Device, &m).await,
+            Some(TopicKind::GroupDesired(g)) => match self.config.groups.iter().position(|x| x == g) {
+                Some(i) => self.on_desired(Source::Group(i), &m).await,
+                None => tracing::debug!(topic = %m.topic(), "ignored message"),
+            },
+            Some(TopicKind::Infer(d)) if d == *device => self.on_infer(m.clone()),
+            _ => tracing::debug!(topic = %m.topic(), "ignored message"),
+        }
+        // Acked once handled: a desired state only after it is recorded on disk.
+        if let Some(acks) = &self.acks {
+            let _ = acks.send(m);
+        }
     }
-    let deadline = tokio::time::Instant::now() + live.shutdown_grace;
-    let http_stopped = {
-        let http = http.clone();
-        tokio::spawn(async move {
-            if let Some(ep) = http {
-                ep.stop().await;
+
+    async fn on_desired(&mut self, source: Source, m: &Message) {
+        self.deployments.desired(source, m.payload(), self.config.session.max_packet_size).await;
+    }
+
+    /// Answers a request from its own task, tracked: the drain waits for it.
+    fn on_infer(&mut self, request: Message) {
+        let (engine, out) = (self.engine.clone(), self.outbox.clone());
+        let predictions = self.config.topics.predictions(&self.config.device);
+        let limit = self.config.session.max_packet_size;
+        self.requests.spawn(async move {
+            crate::serve::mqtt::answer(&engine, &out, &predictions, &request, limit).await;
+        });
+    }
+
+    /// Shutting down: no new requests (MQTT is no longer read, the HTTP
+    /// listener closes), the deployment in progress is interrupted (it
+    /// resumes at the next start), the requests in flight finish within the
+    /// grace period and everything said is published; then retained
+    /// `offline` and a clean disconnect (which suppresses the Last Will),
+    /// bounded so a dead broker cannot hold us.
+    async fn drain(mut self) {
+        crate::sys::systemd::stopping();
+        let grace = self.live.shutdown_grace;
+        tracing::info!(grace_s = grace.as_secs_f64(), "shutting down: finishing requests in flight");
+        let deadline = Instant::now() + grace;
+        self.deployments.stop();
+        self.requests.close();
+        let http = self.http.clone();
+        let (requests, outbox) = (self.requests.clone(), self.outbox.clone());
+        let mut deployer = std::mem::replace(&mut self.deployer, tokio::spawn(async {}));
+        let work = async move {
+            // HTTP requests finish inside the endpoint's stop; MQTT ones are tracked.
+            let http_stopped = async {
+                if let Some(ep) = http {
+                    ep.stop().await;
+                }
+            };
+            let _ = tokio::join!(http_stopped, requests.wait(), &mut deployer);
+            // Everything they said, handed to the publisher before this, goes out.
+            outbox.flush().await;
+        };
+        tokio::pin!(work);
+        let drained = tokio::time::timeout_at(deadline, async {
+            loop {
+                // Keep the session moving so answers and acks go out meanwhile.
+                tokio::select! {
+                    biased;
+                    _ = &mut work => break,
+                    _ = self.session.poll() => {}
+                }
             }
         })
-    };
-    let drained = async {
-        loop {
-            let in_flight = engine.in_flight() + mqtt_requests.load(std::sync::atomic::Ordering::SeqCst);
-            let deploying = deploying.load(std::sync::atomic::Ordering::SeqCst);
-            if in_flight == 0 && !deploying && reporter.unsent() == 0 {
-                break;
-            }
-            // Keep the session moving so answers and acks go out meanwhile.
-            tokio::select! {
-                _ = session.poll() => {}
-                _ = tokio::time::sleep(Duration::from_millis(5)) => {}
-            }
+        .await;
+        if drained.is_err() {
+            tracing::warn!(
+                in_flight = self.engine.in_flight() + self.requests.len() as u64,
+                "grace period over: requests still in flight are dropped"
+            );
         }
-    };
-    if tokio::time::timeout_at(deadline, drained).await.is_err() {
-        tracing::warn!(in_flight = engine.in_flight(), "grace period over: requests still in flight are dropped");
-    }
-    let _ = tokio::time::timeout_at(deadline + Duration::from_millis(100), http_stopped).await;
-    link.try_publish(config.topics.availability(&config.device), QoS::AtLeastOnce, true, "offline");
-    link.try_disconnect();
-    let _ = tokio::time::timeout(Duration::from_secs(2), async {
-        loop {
-            match session.poll().await {
-                Net::Disconnected | Net::Error { .. } => break,
-                _ => {}
+        self.link.try_publish(self.config.topics.availability(&self.config.device), true, "offline");
+        self.link.try_disconnect();
+        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+            loop {
+                match self.session.poll().await {
+                    Net::Event(Event::Failed(_)) | Net::Disconnected => break,
+                    _ => {}
+                }
             }
-        }
-    })
-    .await;
-    tracing::info!("stopped");
-    Ok(())
-}
-
-/// Handles a desired-state message. A deployment (or undeployment) is
-/// recorded on disk before this returns, so the message can be acked.
-async fn on_desired(
-    reconciler: &mut Reconciler,
-    source: Source,
-    payload: &[u8],
-    max: usize,
-    reporter: &Arc<Reporter>,
-    jobs: &mpsc::UnboundedSender<Job>,
-    current: &Mutex<Option<Cancel>>,
-) {
-    let parsed = if payload.is_empty() {
-        None
-    } else if payload.len() > max {
-        Some(Err(ProtocolError {
-            code: ErrorCode::TooLarge,
-            path: String::new(),
-            expected: format!("a desired state of at most {max} bytes (--max-packet-size)"),
-            found: format!("{} bytes", payload.len()),
-        }))
-    } else {
-        Some(Deployment::from_json(payload))
-    };
-    match reconciler.on_message(source, parsed) {
-        Decision::Deploy(d) => {
-            crate::crash_point("desired-received");
-            let pending = ActiveRecord { source, deployment: d.clone(), since: crate::status::now_rfc3339() };
-            record_pending(reporter, Some(pending)).await;
-            start(source, d, "", reporter, jobs, current);
-        }
-        Decision::Undeploy => {
-            record_pending(reporter, None).await;
-            if let Some(old) = current.lock().unwrap_or_else(|p| p.into_inner()).take() {
-                old.cancel();
-            }
-            let _ = jobs.send(Job::Undeploy);
-        }
-        Decision::Unchanged(d) => {
-            let in_progress = reporter
-                .record()
-                .pending
-                .is_some_and(|p| p.deployment.deployment_id == d.deployment_id && p.deployment.revision == d.revision);
-            if in_progress {
-                // A redelivery or retained replay while it deploys: its own events follow.
-                tracing::debug!(deployment = %d.deployment_id, "desired state seen again while it deploys");
-            } else {
-                reporter.event(&d, Phase::Unchanged, None, None, Some("already applied".into()))
-            }
-        }
-        Decision::Stale { deployment, newest } => reporter.event(
-            &deployment,
-            Phase::Failed,
-            None,
-            Some(ErrorInfo::new(
-                ErrorCode::StaleRevision,
-                format!(
-                    "revision {} is not newer than revision {newest} already received from this topic",
-                    deployment.revision
-                ),
-            )),
-            None,
-        ),
-        Decision::Shadowed(d) => reporter.event(
-            &d,
-            Phase::Unchanged,
-            None,
-            None,
-            Some("shadowed by a desired state of higher precedence (device topic or an earlier group)".into()),
-        ),
-        Decision::Invalid(e) => invalid_desired(reporter, payload, &e),
-        Decision::Nothing => {}
+        })
+        .await;
+        self.publisher.abort();
+        tracing::info!("stopped");
     }
 }
 
-fn limits(live: &crate::config::Live) -> crate::deploy::Limits {
-    crate::deploy::Limits {
+async fn tick(i: &mut Option<Interval>) {
+    match i {
+        Some(i) => {
+            i.tick().await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
+fn limits(live: &crate::config::Live) -> Limits {
+    Limits {
         workers: live.workers,
         max_queue: live.max_queue,
         store_quota: live.store_quota,
         max_model_size: live.max_model_size,
     }
-}
-
-/// Clears a busy flag when the job that set it ends, however it ends.
-struct IdleOnDrop<'a>(&'a std::sync::atomic::AtomicBool);
-
-impl Drop for IdleOnDrop<'_> {
-    fn drop(&mut self) {
-        self.0.store(false, std::sync::atomic::Ordering::SeqCst);
-    }
-}
-
-/// Persists what is being deployed (an fsync: off the reactor).
-async fn record_pending(reporter: &Arc<Reporter>, pending: Option<ActiveRecord>) {
-    let r = reporter.clone();
-    let _ = tokio::task::spawn_blocking(move || r.set_pending(pending)).await;
-}
-
-/// Starts deploying `d`, superseding whatever deployment is in progress.
-fn start(
-    source: Source,
-    d: Deployment,
-    why: &str,
-    reporter: &Reporter,
-    jobs: &mpsc::UnboundedSender<Job>,
-    current: &Mutex<Option<Cancel>>,
-) {
-    let cancel = Cancel::default();
-    if let Some(old) = current.lock().unwrap_or_else(|p| p.into_inner()).replace(cancel.clone()) {
-        old.cancel();
-    }
-    let what = format!("{}@{}", d.model.name, d.model.version);
-    let detail = if why.is_empty() { what } else { format!("{what} ({why})") };
-    reporter.event(&d, Phase::Received, None, None, Some(detail));
-    let _ = jobs.send(Job::Deploy(source, Box::new(d), cancel));
-}
-
-/// A desired message that is not a valid deployment: report it under the id
-/// it claims (if any), change nothing.
-fn invalid_desired(reporter: &Reporter, payload: &[u8], e: &ProtocolError) {
-    #[derive(serde::Deserialize)]
-    struct Claimed {
-        deployment_id: Option<serde_json::Value>,
-        revision: Option<serde_json::Value>,
-    }
-    let claimed: Option<Claimed> = serde_json::from_slice(payload).ok();
-    let id = claimed.as_ref().and_then(|c| c.deployment_id.as_ref()).and_then(|v| v.as_str()).unwrap_or("").to_string();
-    let rev = claimed.as_ref().and_then(|c| c.revision.as_ref()).and_then(|v| v.as_u64()).unwrap_or(0);
-    reporter.event_for(
-        &id,
-        rev,
-        Phase::Failed,
-        None,
-        Some(e.info()),
-        Some("desired state refused; the active model keeps serving".into()),
-    );
-}
-
-async fn deploy_worker(
-    mut rx: mpsc::UnboundedReceiver<Job>,
-    deployer: Arc<Deployer>,
-    reporter: Arc<Reporter>,
-    engine: Arc<Engine>,
-    busy: Arc<std::sync::atomic::AtomicBool>,
-) {
-    while let Some(mut job) = rx.recv().await {
-        busy.store(true, std::sync::atomic::Ordering::SeqCst);
-        let _idle = IdleOnDrop(&busy);
-        // Latest wins: jobs queued behind this one supersede it before it starts.
-        while let Ok(newer) = rx.try_recv() {
-            if let Job::Deploy(_, d, _) = &job {
-                reporter.event(
-                    d,
-                    Phase::Superseded,
-                    None,
-                    None,
-                    Some("a newer desired state arrived before it started".into()),
-                );
-            }
-            job = newer;
-        }
-        match job {
-            Job::Deploy(source, d, cancel) => {
-                let dep = deployer.clone();
-                // Every log line of the deployment carries its id, revision and model version.
-                let span = tracing::info_span!(
-                    "deployment",
-                    id = %d.deployment_id,
-                    revision = d.revision,
-                    model = %format!("{}@{}", d.model.name, d.model.version)
-                );
-                let result = tokio::task::spawn_blocking(move || span.in_scope(|| dep.run(source, &d, &cancel))).await;
-                match result {
-                    Ok(Ended::Active(m, probation)) => {
-                        tracing::info!(model = %m.name, version = %m.version, "active");
-                        if let Some((token, window)) = probation {
-                            let engine = engine.clone();
-                            tokio::spawn(async move {
-                                tokio::time::sleep(window).await;
-                                engine.close_probation(token);
-                            });
-                        }
-                    }
-                    Ok(Ended::Failed(_)) | Ok(Ended::Superseded) => {}
-                    Err(e) => {
-                        tracing::error!(error = %e, "deployment task panicked; the active model keeps serving")
-                    }
-                }
-            }
-            Job::Undeploy => {
-                // Persisting is an fsync: off the reactor.
-                let (engine, reporter) = (engine.clone(), reporter.clone());
-                let _ = tokio::task::spawn_blocking(move || {
-                    let old = engine.swap(None);
-                    engine.set_capture_rate(0.0);
-                    match reporter.record().active {
-                        Some(active) => {
-                            let d = active.deployment;
-                            reporter.set_outcome(&d, Outcome::Undeployed, None, Some(None));
-                            let detail = "desired state withdrawn: no model serves".to_string();
-                            reporter.event(&d, Phase::Undeployed, None, None, Some(detail));
-                        }
-                        None => reporter.publish_state(),
-                    }
-                    drop(old);
-                })
-                .await;
-            }
-        }
-    }
-}
-
-async fn on_infer(
-    engine: &Engine,
-    reporter: &Reporter,
-    topics: &Topics,
-    device: &str,
-    request: &Message,
-    max_packet: usize,
-) {
-    let payload = request.payload();
-    let answer = if payload.len() > max_packet {
-        // Refused unread (the limit protects memory); the id is still salvaged for the answer.
-        let message = format!(
-            "the request is {} bytes, over the MQTT packet limit of {max_packet} (--max-packet-size): send a smaller batch, or use the HTTP endpoint",
-            payload.len()
-        );
-        engine.refuse(payload, InferFailure { code: ErrorCode::TooLarge, message })
-    } else {
-        engine.infer_body(payload, None).await
-    };
-    // MQTT 5's response topic first, then `reply_to` in the request, then `predictions`.
-    let topic = request
-        .response_topic()
-        .map(str::to_string)
-        .filter(|t| valid_reply_topic(t))
-        .or(answer.reply_to.filter(|t| valid_reply_topic(t)))
-        .unwrap_or_else(|| topics.predictions(device));
-    let mut body = match answer.result {
-        Ok(resp) => serde_json::to_vec(&resp),
-        Err(f) => serde_json::to_vec(&InferError { id: answer.id.clone(), error: f.message, code: f.code }),
-    }
-    .unwrap_or_default();
-    // An answer over the packet limit would be dropped (or break the
-    // connection): answer why instead.
-    if body.len() + topic.len() + 16 > max_packet {
-        let error = format!(
-            "the answer is {} bytes, over the MQTT packet limit of {max_packet}: send a smaller batch, or use the HTTP endpoint",
-            body.len()
-        );
-        body = serde_json::to_vec(&InferError { id: answer.id, error, code: ErrorCode::TooLarge }).unwrap_or_default();
-    }
-    let correlation = request.correlation().map(<[u8]>::to_vec);
-    reporter.send(Outgoing { topic, payload: body, retain: false, reliable: true, correlation });
-}
-
-/// A reply topic must be publishable: no wildcards, not empty.
-fn valid_reply_topic(t: &str) -> bool {
-    !t.is_empty() && t.len() <= 1024 && !t.contains(['+', '#', '\0'])
 }

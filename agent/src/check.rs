@@ -4,12 +4,11 @@
 //! step, so an operator can try a bundle on a lab device or in CI before
 //! rolling it out. Nothing is published and nothing serves.
 
-use crate::deploy::{Deployer, Ended};
-use crate::fetch::{Cancel, FetchConfig, Fetcher};
-use crate::reconcile::Source;
+use crate::deploy::fetch::{Cancel, FetchConfig, Fetcher};
+use crate::deploy::pipeline::{Ended, Pipeline};
+use crate::deploy::store::Store;
+use crate::report::Reporter;
 use crate::serve::Engine;
-use crate::status::Reporter;
-use crate::store::Store;
 use outpost_protocol::{Deployment, DeploymentEvent, ErrorInfo, Manifest, ModelRef, Topics};
 use std::sync::Arc;
 
@@ -21,7 +20,7 @@ pub fn manifest_url(bundle: &str) -> Result<String, String> {
     let path = std::fs::canonicalize(bundle).map_err(|e| format!("{bundle}: {e}"))?;
     let path = if path.is_dir() { path.join("manifest.json") } else { path };
     let path = path.to_str().ok_or_else(|| format!("{bundle}: the path is not UTF-8"))?;
-    Ok(format!("file://{}", crate::fetch::percent_encode_path(path)))
+    Ok(format!("file://{}", crate::deploy::fetch::percent_encode_path(path)))
 }
 
 /// Checks the bundle at `url`; `sha256` is the manifest digest a deployment
@@ -60,16 +59,15 @@ pub async fn check_bundle(url: &str, sha256: Option<String>, fetch: FetchConfig)
         policy: Default::default(),
     };
     d.validate().map_err(|e| e.info())?;
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let reporter = Arc::new(Reporter::new("check-bundle", Topics::default(), tx, store.clone()));
-    let deployer = Arc::new(Deployer {
+    let (tx, mut rx) = crate::link::publisher::outbox();
+    let reporter = Arc::new(Reporter::new("check-bundle", Topics::default(), tx));
+    let pipeline = Arc::new(Pipeline {
         store,
         fetcher,
         engine: Arc::new(Engine::new(1, 0)),
         reporter,
-        limits: arc_swap::ArcSwap::from_pointee(crate::deploy::Limits::new(1, 0)),
+        limits: arc_swap::ArcSwap::from_pointee(crate::deploy::pipeline::Limits::new(1, 0)),
         http: Default::default(),
-        serial: Default::default(),
     });
     let printer = tokio::spawn(async move {
         while let Some(m) = rx.recv().await {
@@ -78,12 +76,13 @@ pub async fn check_bundle(url: &str, sha256: Option<String>, fetch: FetchConfig)
             }
         }
     });
-    let ended = tokio::task::spawn_blocking(move || deployer.run(Source::Device, &d, &Cancel::default()))
+    let ended = tokio::task::spawn_blocking(move || pipeline.prepare(&d, &Cancel::default(), &[]))
         .await
         .map_err(|e| internal("the check stopped", &e))?;
     let _ = tokio::time::timeout(std::time::Duration::from_millis(200), printer).await;
     match ended {
-        Ended::Active(model, _) => {
+        Ok(prepared) => {
+            let model = prepared.model;
             let tensors = |l: Vec<(String, outpost_protocol::Datatype, Vec<i64>)>| {
                 l.into_iter().map(|(n, d, s)| format!("{n} {d} {s:?}")).collect::<Vec<_>>().join(", ")
             };
@@ -97,7 +96,7 @@ pub async fn check_bundle(url: &str, sha256: Option<String>, fetch: FetchConfig)
                 model.validation
             ))
         }
-        Ended::Failed(e) => Err(e),
-        Ended::Superseded => Err(ErrorInfo::new(outpost_protocol::ErrorCode::Internal, "interrupted")),
+        Err(Ended::Failed(e)) => Err(e),
+        Err(Ended::Superseded) => Err(ErrorInfo::new(outpost_protocol::ErrorCode::Internal, "interrupted")),
     }
 }

@@ -8,7 +8,7 @@
 //! flag) and what was expected, and `outpost check-config` prints each
 //! effective value with its origin.
 
-use crate::mqtt::{BrokerUrl, Protocol};
+use crate::link::{BrokerUrl, Protocol};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;

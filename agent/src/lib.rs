@@ -1,39 +1,30 @@
 //! The Outpost device agent.
 //!
-//! Map of the crate (one module per job, in the order a deployment meets them):
-//! - [`mqtt`]: broker URL, session options, reconnect backoff, the publisher task.
-//! - [`reconcile`]: desired vs actual, a pure decision function.
-//! - [`fetch`]: streaming downloads with sha256, size caps, timeouts and retries.
-//! - [`store`]: content-addressed blobs and versions, crash-safe writes.
-//! - [`memory`]: will a model fit beside the serving one (checked before loading).
-//! - [`engine`]: tract model loading, golden-sample validation, inference.
-//! - [`serve`]: the active model behind an atomic swap, a bounded worker pool.
-//! - [`probation`]: judging a new version after the swap, for automatic rollback.
-//! - [`deploy`]: one deployment from manifest to swap.
-//! - [`status`]: events, retained state and what survives a restart.
-//! - [`journal`]: the on-disk outbox of events while the broker is unreachable.
-//! - [`http`]: the local Open Inference Protocol v2 endpoint and `/metrics`.
-//! - [`telemetry`]: periodic health reports.
-//! - [`agent`]: the main loop that wires them together.
-//! - [`check`]: `outpost check-bundle`, the deployment pipeline on a throw-away store.
+//! Map of the crate, by folder (each depends only on those above it):
+//! - [`sys`]: systemd notify/watchdog, TLS trust, time, fault injection.
+//! - [`link`]: the broker — URL and session options, the MQTT session, its
+//!   lifecycle as a pure state machine (`connection`), the publisher and its
+//!   offline journal.
+//! - [`serve`]: serving — the tract [`serve::model`] (load, golden sample,
+//!   inference), the [`serve::Engine`] (active model behind an atomic swap, a
+//!   bounded worker pool, probation), the HTTP endpoint, MQTT requests.
+//! - [`report`]: what the device says — events and retained state, telemetry,
+//!   captures.
+//! - [`deploy`]: deployments — the [`deploy::Deployer`] (sole owner of the
+//!   deployment record), the pure [`deploy::reconcile`] decision, the
+//!   [`deploy::pipeline`] (fetch, store, memory check, load, validate).
+//! - [`agent`]: the main loop that wires them together and drains them.
+//! - [`config`]: configuration files, drop-ins, flags; [`check`]:
+//!   `outpost check-bundle`, the pipeline on a throw-away store.
 
 pub mod agent;
 pub mod check;
 pub mod config;
 pub mod deploy;
-pub mod engine;
-pub mod fetch;
-pub mod http;
-pub mod journal;
-pub mod memory;
-pub mod mqtt;
-pub mod probation;
-pub mod reconcile;
+pub mod link;
+pub mod report;
 pub mod serve;
-pub mod status;
-pub mod store;
-pub mod systemd;
-pub mod telemetry;
+pub mod sys;
 
 pub use agent::{Config, run};
 
@@ -48,36 +39,6 @@ pub fn parse_args<T: clap::Parser>() -> Result<T, std::process::ExitCode> {
         let _ = e.print();
         std::process::ExitCode::from(code)
     })
-}
-
-/// Fault injection for crash tests: when the environment variable
-/// `OUTPOST_CRASH_AT` names this point, the process aborts here, as a power
-/// cut would stop it (no destructor, no further write). The points are the
-/// instants between two durable steps of installing a version:
-/// `desired-received` (a deployment message handled, not yet recorded or acked),
-/// `blob-stored`, `version-unrenamed`, `version-installed`, `state-persisted`.
-pub fn crash_point(point: &str) {
-    if fault_at(point) {
-        eprintln!("outpost: OUTPOST_CRASH_AT={point}: aborting");
-        std::process::abort();
-    }
-}
-
-fn fault_at(point: &str) -> bool {
-    static AT: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
-    AT.get_or_init(|| std::env::var("OUTPOST_CRASH_AT").ok()).as_deref() == Some(point)
-}
-
-/// Fault injection for the watchdog test: when `OUTPOST_CRASH_AT` names
-/// this point (`stall-main-loop`), the calling thread hangs here for good,
-/// as a deadlocked loop would.
-pub fn fault_point(point: &str) {
-    if fault_at(point) {
-        eprintln!("outpost: OUTPOST_CRASH_AT={point}: hanging");
-        loop {
-            std::thread::sleep(std::time::Duration::from_secs(3600));
-        }
-    }
 }
 
 /// Parses a byte size: a whole number with an optional unit, `K`/`KB`
@@ -102,34 +63,6 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         _ => return Err(format!("'{s}': unknown unit '{unit}' (expected B, KB, KiB, MB, MiB, GB, GiB, TB or TiB)")),
     };
     n.checked_mul(mult).ok_or_else(|| format!("'{s}': too large"))
-}
-
-/// The delay before retry number `attempt` (0-based): `base * 2^attempt`,
-/// capped at `max`, then jittered into [d/2, d] so devices that failed
-/// together do not retry together. Used for reconnects and downloads alike.
-pub fn backoff_delay(base: std::time::Duration, attempt: u32, max: std::time::Duration) -> std::time::Duration {
-    base.saturating_mul(1u32 << attempt.min(16)).min(max).mul_f64(0.5 + 0.5 * jitter())
-}
-
-/// A number in [0, 1) for backoff jitter. Not for cryptography: it only has
-/// to differ between devices and attempts.
-pub fn jitter() -> f64 {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static STATE: AtomicU64 = AtomicU64::new(0);
-    let mut x = STATE.load(Ordering::Relaxed);
-    if x == 0 {
-        let t = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos() as u64)
-            .unwrap_or(1);
-        x = t ^ (u64::from(std::process::id()) << 32) | 1;
-    }
-    // xorshift64*
-    x ^= x >> 12;
-    x ^= x << 25;
-    x ^= x >> 27;
-    STATE.store(x, Ordering::Relaxed);
-    (x.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 11) as f64 / (1u64 << 53) as f64
 }
 
 #[cfg(test)]

@@ -2,8 +2,8 @@
 
 use clap::{Parser, Subcommand};
 use outpost_agent::config::{Layers, Settings};
-use outpost_agent::fetch::FetchConfig;
-use outpost_agent::mqtt::SessionConfig;
+use outpost_agent::deploy::fetch::FetchConfig;
+use outpost_agent::link::SessionConfig;
 use outpost_protocol::Topics;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -314,12 +314,12 @@ async fn reload_on_sighup(
 ) {
     let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else { return };
     while hup.recv().await.is_some() {
-        outpost_agent::systemd::reloading();
+        outpost_agent::sys::systemd::reloading();
         let (new_layers, new_settings) = match configure(&args) {
             Ok((l, s, _)) => (l, s),
             Err(msg) => {
                 tracing::error!("configuration not reloaded, the running one stays: {msg}");
-                outpost_agent::systemd::ready("configuration reload refused; running as before");
+                outpost_agent::sys::systemd::ready("configuration reload refused; running as before");
                 continue;
             }
         };
@@ -337,13 +337,13 @@ async fn reload_on_sighup(
         }
         tracing::info!(applied = ?now, "configuration reloaded");
         (layers, settings) = (new_layers, new_settings);
-        outpost_agent::systemd::ready("configuration reloaded");
+        outpost_agent::sys::systemd::ready("configuration reloaded");
     }
 }
 
 fn check_bundle(a: CheckArgs) -> ExitCode {
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let roots = match a.ca_file.as_deref().map(outpost_agent::fetch::load_certs).transpose() {
+    let roots = match a.ca_file.as_deref().map(outpost_agent::sys::tls::load_certs).transpose() {
         Ok(r) => r,
         Err(m) => {
             eprintln!("outpost: --ca-file {m}");
@@ -381,12 +381,12 @@ fn check_bundle(a: CheckArgs) -> ExitCode {
 type Security = (
     Option<Vec<rustls::pki_types::CertificateDer<'static>>>,
     Option<std::sync::Arc<rustls::ClientConfig>>,
-    Option<outpost_agent::mqtt::Credentials>,
+    Option<outpost_agent::link::Credentials>,
 );
 
 /// CA file, TLS client configuration and broker login.
 fn security(s: &Settings) -> Result<Security, String> {
-    use outpost_agent::fetch::{load_certs, load_key};
+    use outpost_agent::sys::tls::{load_certs, load_key};
     let roots = s.ca_file.as_deref().map(load_certs).transpose().map_err(|m| format!("tls.ca_file: {m}"))?;
     let client = match (&s.client_cert, &s.client_key) {
         (Some(c), Some(k)) => Some((
@@ -396,7 +396,7 @@ fn security(s: &Settings) -> Result<Security, String> {
         _ => None,
     };
     let tls = if s.broker.tls {
-        Some(outpost_agent::mqtt::tls_config(roots.as_deref(), client)?)
+        Some(outpost_agent::link::tls_config(roots.as_deref(), client)?)
     } else if client.is_some() {
         return Err("tls.client_cert: only for an mqtts:// broker".into());
     } else {
@@ -415,7 +415,7 @@ fn security(s: &Settings) -> Result<Security, String> {
                 (None, Some(p)) => p.clone(),
                 (None, None) => String::new(),
             };
-            Some(outpost_agent::mqtt::Credentials { username: username.clone(), password })
+            Some(outpost_agent::link::Credentials { username: username.clone(), password })
         }
     };
     Ok((roots, tls, credentials))

@@ -11,7 +11,7 @@
 //! (without the large models, part 2 covers the digits CNN only).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use outpost_agent::engine::Model;
+use outpost_agent::serve::model::Model;
 use outpost_protocol::{Executor, InferRequest, Manifest};
 use outpost_sim::registry::{RegisterSpec, register};
 use std::path::{Path, PathBuf};
@@ -96,7 +96,7 @@ fn main() {
     }
 
     println!("\n2. executor: single thread vs a pool of every core (one request at a time)");
-    if !outpost_agent::engine::MULTITHREAD {
+    if !outpost_agent::serve::model::MULTITHREAD {
         println!("  (skipped: built without the multi-thread executor; add --features multithread)");
         return;
     }

@@ -6,7 +6,7 @@
 
 use crate::operator::{Operator, deployment};
 use crate::registry::{RegisterSpec, register};
-use outpost_agent::mqtt::BrokerUrl;
+use outpost_agent::link::BrokerUrl;
 use outpost_protocol::{DeploymentEvent, Phase, Topics};
 use serde_json::{Value, json};
 use std::io::{BufRead, BufReader, Read, Write};
@@ -550,7 +550,7 @@ async fn engine_in_process(registry: &Path, body: &[u8], n: usize) -> Result<Ser
     let bytes = std::fs::read(dir.join("manifest.json")).map_err(|e| e.to_string())?;
     let manifest = outpost_protocol::Manifest::from_json(&bytes).map_err(|e| e.to_string())?;
     let sha = crate::registry::sha256(&bytes);
-    let mut model = outpost_agent::engine::Model::load(&dir, &manifest, &sha).map_err(|e| e.to_string())?;
+    let mut model = outpost_agent::serve::model::Model::load(&dir, &manifest, &sha).map_err(|e| e.to_string())?;
     model.validate(&dir, &manifest).map_err(|e| e.message)?;
     let engine = outpost_agent::serve::Engine::new(2, 64);
     engine.swap(Some(std::sync::Arc::new(model)));
@@ -893,9 +893,9 @@ fn sha256_bench(dir: &Path, mb: usize) -> Result<Value, String> {
         }
     }
     // Warm the page cache for both.
-    let _ = outpost_agent::fetch::sha256_file(&path);
+    let _ = outpost_agent::deploy::store::sha256_file(&path);
     let t = Instant::now();
-    let (ours, _) = outpost_agent::fetch::sha256_file(&path).map_err(|e| e.to_string())?;
+    let (ours, _) = outpost_agent::deploy::store::sha256_file(&path).map_err(|e| e.to_string())?;
     let agent = t.elapsed();
     let t = Instant::now();
     let out = Command::new("sha256sum").arg(&path).output().map_err(|e| format!("sha256sum: {e}"))?;

@@ -4,8 +4,8 @@
 
 use crate::operator::{Operator, deployment, resolve_manifest, succeeded, wait_for_outcome};
 use crate::registry::{RegisterSpec, register};
-use outpost_agent::fetch::FetchConfig;
-use outpost_agent::mqtt::{BrokerUrl, SessionConfig};
+use outpost_agent::deploy::fetch::FetchConfig;
+use outpost_agent::link::{BrokerUrl, SessionConfig};
 use outpost_protocol::infer::{InferReply, OutData};
 use outpost_protocol::{ErrorCode, Phase, Topics};
 use std::collections::BTreeMap;

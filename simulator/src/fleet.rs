@@ -6,8 +6,8 @@
 
 use crate::operator::{Operator, deployment};
 use crate::registry::{RegisterSpec, register, splitmix, unit};
-use outpost_agent::fetch::FetchConfig;
-use outpost_agent::mqtt::{BrokerUrl, SessionConfig};
+use outpost_agent::deploy::fetch::FetchConfig;
+use outpost_agent::link::{BrokerUrl, SessionConfig};
 use outpost_protocol::{DeploymentEvent, Phase, Topics};
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -149,12 +149,12 @@ fn start_agent(id: &str, group: &str, broker: &BrokerUrl, data: &std::path::Path
 }
 
 fn rss_mb() -> f64 {
-    outpost_agent::telemetry::rss_bytes().map_or(0.0, |b| b as f64 / 1e6)
+    outpost_agent::report::telemetry::rss_bytes().map_or(0.0, |b| b as f64 / 1e6)
 }
 
 fn cpu_s() -> f64 {
     // Linux reports CPU time in ticks of 1/100 s.
-    outpost_agent::telemetry::cpu_ticks().map_or(0.0, |t| t as f64 / 100.0)
+    outpost_agent::report::telemetry::cpu_ticks().map_or(0.0, |t| t as f64 / 100.0)
 }
 
 /// Runs the simulation; Err only when it cannot be set up.

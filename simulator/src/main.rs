@@ -1,7 +1,7 @@
 //! `outpost-sim`: register models, serve a registry and broker, deploy, infer, demo.
 
 use clap::{Parser, Subcommand};
-use outpost_agent::mqtt::BrokerUrl;
+use outpost_agent::link::BrokerUrl;
 use outpost_protocol::{Phase, Topics};
 use outpost_sim::operator::{self, Operator};
 use outpost_sim::registry::{RegisterSpec, register};

@@ -2,7 +2,7 @@
 //! state and inference requests and follows what devices report. Used by the
 //! `deploy` and `infer` commands, the demo and the end-to-end tests.
 
-use outpost_agent::mqtt::BrokerUrl;
+use outpost_agent::link::BrokerUrl;
 use outpost_protocol::deployment::SCHEMA;
 use outpost_protocol::{Deployment, DeploymentEvent, InferReply, ModelRef, Phase, Topics};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, Publish, QoS};
@@ -37,7 +37,7 @@ impl Operator {
         opts.set_clean_session(clean);
         opts.set_max_packet_size(16 * 1024 * 1024, 16 * 1024 * 1024);
         let (client, mut eventloop) = AsyncClient::new(opts, 1024);
-        eventloop.set_network_options(outpost_agent::mqtt::network_options());
+        eventloop.set_network_options(outpost_agent::link::network_options());
         let (tx, incoming) = mpsc::unbounded_channel();
         let (sub_tx, subacks) = mpsc::unbounded_channel();
         let (conn_tx, mut conn_rx) = mpsc::unbounded_channel::<Result<(), String>>();
@@ -210,7 +210,7 @@ pub async fn infer_once(
     mut request: serde_json::Value,
     timeout: Duration,
 ) -> Result<InferReply, String> {
-    let reply_to = format!("outpost-sim/replies/{}-{}", std::process::id(), outpost_agent::jitter().to_bits());
+    let reply_to = format!("outpost-sim/replies/{}-{}", std::process::id(), outpost_agent::sys::jitter().to_bits());
     op.subscribe(&reply_to).await?;
     request["reply_to"] = serde_json::Value::String(reply_to.clone());
     op.publish(&op.topics.infer(device), serde_json::to_vec(&request).map_err(|e| e.to_string())?, false).await?;

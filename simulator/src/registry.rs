@@ -6,7 +6,7 @@
 //! REGISTRY/{name}/{version}/model.onnx, labels.txt, sample/input.json, sample/expected.json
 //! ```
 
-use outpost_agent::engine::{self, ExpectedOutputs, Model};
+use outpost_agent::serve::model::{self, ExpectedOutputs, Model};
 use outpost_protocol::infer::TensorData;
 use outpost_protocol::manifest::{ModelSpec, Postprocess, TensorSpec, Validation};
 use outpost_protocol::{Datatype, FileEntry, InferRequest, Manifest, TensorIn, hex};
@@ -90,7 +90,7 @@ pub fn register(spec: &RegisterSpec) -> Result<Registered, String> {
     for (what, v) in [("--name", &spec.name), ("--version", &spec.version)] {
         outpost_protocol::topics::validate_name(what, v).map_err(|e| e.to_string())?;
     }
-    let sig = engine::read_signature(&spec.model, &spec.shapes)
+    let sig = model::read_signature(&spec.model, &spec.shapes)
         .map_err(|e| format!("{}: {}", spec.model.display(), e.message))?;
     let dir = spec.registry.join(&spec.name).join(&spec.version);
     if dir.join("manifest.json").exists() {

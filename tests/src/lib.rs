@@ -164,8 +164,8 @@ impl Mosquitto {
         self.spawn();
     }
 
-    pub fn url(&self) -> outpost_agent::mqtt::BrokerUrl {
-        outpost_agent::mqtt::BrokerUrl { host: "127.0.0.1".into(), port: self.port, tls: false }
+    pub fn url(&self) -> outpost_agent::link::BrokerUrl {
+        outpost_agent::link::BrokerUrl { host: "127.0.0.1".into(), port: self.port, tls: false }
     }
 }
 
@@ -267,6 +267,18 @@ impl Agent {
 
     /// Like `start`, with extra `outpost run` flags (later flags win).
     pub fn start_with(broker_port: u16, device: &str, data_dir: &Path, groups: &[&str], extra: &[&str]) -> Agent {
+        Agent::start_with_env(broker_port, device, data_dir, groups, extra, &[])
+    }
+
+    /// Like `start_with`, with extra environment variables.
+    pub fn start_with_env(
+        broker_port: u16,
+        device: &str,
+        data_dir: &Path,
+        groups: &[&str],
+        extra: &[&str],
+        env: &[(String, String)],
+    ) -> Agent {
         let http_port = outpost_sim::broker::free_port().unwrap();
         let mut args = vec!["run".to_string()];
         if !extra.contains(&"--broker") {
@@ -292,7 +304,7 @@ impl Agent {
             log: data_dir.with_extension("log"),
             child: None,
             args,
-            env: Vec::new(),
+            env: env.to_vec(),
         };
         a.spawn();
         a
@@ -339,6 +351,19 @@ impl Agent {
         let child = self.child.as_ref().expect("the agent is running");
         let pid = rustix::process::Pid::from_raw(child.id() as i32).expect("a pid");
         rustix::process::kill_process(pid, signal).expect("kill");
+    }
+
+    /// Waits until the agent's log holds `what` at least `times` times.
+    pub fn wait_log(&self, what: &str, times: usize, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+            if log.matches(what).count() >= times {
+                return;
+            }
+            assert!(Instant::now() < deadline, "{what:?} not logged {times} time(s) within {timeout:?}:\n{log}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     pub fn kill(&mut self) {
@@ -516,13 +541,64 @@ pub async fn lab(
     groups: &[&str],
     extra: &[&str],
 ) -> (Mosquitto, Registry, tempfile::TempDir, Watcher, Agent) {
-    let broker = Mosquitto::start();
-    let reg = Registry::start().await;
-    let data = tempfile::tempdir().unwrap();
-    let mut w = Watcher::new(&broker, device).await;
-    let agent = Agent::start_with(broker.port, device, &data.path().join(device), groups, extra);
-    w.online().await;
-    (broker, reg, data, w, agent)
+    Lab::device(device).groups(groups).flags(extra).start().await
+}
+
+/// Builds the cast of [`lab`] step by step, e.g.
+/// `Lab::device("cam-1").model("digits-mlp.onnx", "digits", "1").env("OUTPOST_DELAY_AT", "before-swap:3000").start()`.
+#[derive(Debug, Default)]
+pub struct Lab {
+    device: String,
+    groups: Vec<String>,
+    flags: Vec<String>,
+    env: Vec<(String, String)>,
+    models: Vec<(String, String, String)>,
+}
+
+impl Lab {
+    pub fn device(device: &str) -> Lab {
+        Lab { device: device.into(), ..Default::default() }
+    }
+
+    pub fn groups(mut self, groups: &[&str]) -> Lab {
+        self.groups.extend(groups.iter().map(|g| g.to_string()));
+        self
+    }
+
+    /// Extra `outpost run` flags (later flags win).
+    pub fn flags(mut self, flags: &[&str]) -> Lab {
+        self.flags.extend(flags.iter().map(|f| f.to_string()));
+        self
+    }
+
+    /// An environment variable of the agent's process.
+    pub fn env(mut self, key: &str, value: &str) -> Lab {
+        self.env.push((key.into(), value.into()));
+        self
+    }
+
+    /// A fixture model registered as `name@version` before the agent starts.
+    pub fn model(mut self, fixture_model: &str, name: &str, version: &str) -> Lab {
+        self.models.push((fixture_model.into(), name.into(), version.into()));
+        self
+    }
+
+    /// Starts everything; returns once the device says it is online.
+    pub async fn start(self) -> (Mosquitto, Registry, tempfile::TempDir, Watcher, Agent) {
+        let broker = Mosquitto::start();
+        let reg = Registry::start().await;
+        for (fixture_model, name, version) in &self.models {
+            reg.register(fixture_model, name, version);
+        }
+        let data = tempfile::tempdir().unwrap();
+        let mut w = Watcher::new(&broker, &self.device).await;
+        let groups: Vec<&str> = self.groups.iter().map(String::as_str).collect();
+        let flags: Vec<&str> = self.flags.iter().map(String::as_str).collect();
+        let dir = data.path().join(&self.device);
+        let agent = Agent::start_with_env(broker.port, &self.device, &dir, &groups, &flags, &self.env);
+        w.online().await;
+        (broker, reg, data, w, agent)
+    }
 }
 
 /// Held-out digits from the fixtures: (images, labels).
@@ -870,6 +946,19 @@ impl NotifySocket {
             }
         }
         panic!("no notification with {what:?} within {timeout:?}; seen {seen:?}");
+    }
+
+    /// Everything received within `window`, with when it arrived.
+    pub fn collect_timed(&self, window: Duration) -> Vec<(Instant, String)> {
+        let deadline = Instant::now() + window;
+        let mut seen = Vec::new();
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            match self.next(left) {
+                Some(m) => seen.push(m),
+                None => break,
+            }
+        }
+        seen
     }
 
     /// Everything received within `window`.

@@ -10,7 +10,7 @@ use outpost_protocol::{ErrorCode, ErrorInfo, hex, short_digest};
 use sha2::{Digest, Sha256};
 use std::io::{Read, Seek, Write};
 use std::os::unix::fs::OpenOptionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -65,70 +65,8 @@ pub struct FetchConfig {
     pub backoff_base: Duration,
     pub backoff_max: Duration,
     /// Certificate authorities trusted for `https://`, instead of the
-    /// system's ([`system_roots`]) (`--ca-file`: a private registry's CA).
+    /// system's ([`crate::sys::tls::system_roots`]) (`--ca-file`: a private registry's CA).
     pub roots: Option<Vec<rustls::pki_types::CertificateDer<'static>>>,
-}
-
-/// Where Linux distributions keep the bundle of CAs the system trusts
-/// (Debian, Ubuntu, Alpine, Arch; Fedora, RHEL; openSUSE; others), after
-/// `SSL_CERT_FILE`, the variable OpenSSL reads too.
-pub const SYSTEM_CA_BUNDLES: &[&str] = &[
-    "/etc/ssl/certs/ca-certificates.crt",
-    "/etc/pki/tls/certs/ca-bundle.crt",
-    "/etc/ssl/ca-bundle.pem",
-    "/etc/ssl/cert.pem",
-];
-
-/// The CAs the system trusts, used for `https://` and `mqtts://` when
-/// `tls.ca_file` is not set: read once, on first use, from the file named by
-/// `SSL_CERT_FILE` or else the first of [`SYSTEM_CA_BUNDLES`] that exists.
-/// The device's bundle is what its package manager keeps current (and where
-/// `update-ca-certificates` puts a site's own CA).
-pub fn system_roots() -> Result<Arc<Vec<rustls::pki_types::CertificateDer<'static>>>, String> {
-    type Roots = Result<Arc<Vec<rustls::pki_types::CertificateDer<'static>>>, String>;
-    static ROOTS: std::sync::OnceLock<Roots> = std::sync::OnceLock::new();
-    ROOTS
-        .get_or_init(|| {
-            let from_env = std::env::var_os("SSL_CERT_FILE").map(PathBuf::from);
-            let named = from_env.is_some();
-            let path = system_bundle(from_env, SYSTEM_CA_BUNDLES)?;
-            load_certs(&path)
-                .map(Arc::new)
-                .map_err(|e| if named { format!("{e} (the file SSL_CERT_FILE names)") } else { e })
-        })
-        .clone()
-}
-
-/// `from_env` if set, else the first of `candidates` that exists.
-fn system_bundle(from_env: Option<PathBuf>, candidates: &[&str]) -> Result<PathBuf, String> {
-    from_env.or_else(|| candidates.iter().map(PathBuf::from).find(|p| p.exists())).ok_or_else(|| {
-        format!(
-            "no system CA bundle ({} not found; SSL_CERT_FILE not set): install the ca-certificates package or \
-             set tls.ca_file",
-            candidates.join(", ")
-        )
-    })
-}
-
-/// Reads every certificate of a PEM file (`--ca-file`, `--client-cert`).
-pub fn load_certs(path: &Path) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, String> {
-    use rustls::pki_types::pem::PemObject;
-    let pem = std::fs::read(path).map_err(|e| format!("{}: cannot read it: {e}", path.display()))?;
-    let certs = rustls::pki_types::CertificateDer::pem_slice_iter(&pem)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| format!("{}: not valid PEM: {e}", path.display()))?;
-    if certs.is_empty() {
-        return Err(format!("{}: expected PEM certificates (-----BEGIN CERTIFICATE-----), found none", path.display()));
-    }
-    Ok(certs)
-}
-
-/// Reads a PEM private key (`--client-key`).
-pub fn load_key(path: &Path) -> Result<rustls::pki_types::PrivateKeyDer<'static>, String> {
-    use rustls::pki_types::pem::PemObject;
-    let pem = std::fs::read(path).map_err(|e| format!("{}: cannot read it: {e}", path.display()))?;
-    rustls::pki_types::PrivateKeyDer::from_pem_slice(&pem)
-        .map_err(|e| format!("{}: expected a PEM private key: {e}", path.display()))
 }
 
 impl Default for FetchConfig {
@@ -210,7 +148,8 @@ impl Fetcher {
         let config = &self.config;
         // Without tls.ca_file and without a system bundle nothing is trusted:
         // `open` says why before trying an https:// URL.
-        let system = if config.roots.is_none() { system_roots().unwrap_or_default() } else { Arc::default() };
+        let system =
+            if config.roots.is_none() { crate::sys::tls::system_roots().unwrap_or_default() } else { Arc::default() };
         let roots = config.roots.as_deref().unwrap_or(&system);
         let certs: Vec<_> = roots.iter().map(|c| ureq::tls::Certificate::from_der(c.as_ref()).to_owned()).collect();
         let tls = ureq::tls::TlsConfig::builder().root_certs(ureq::tls::RootCerts::new_with_certs(&certs));
@@ -359,10 +298,10 @@ impl Fetcher {
         )))
     }
 
-    /// [`crate::backoff_delay`] from `backoff_base`; a server's Retry-After is
+    /// [`crate::sys::backoff_delay`] from `backoff_base`; a server's Retry-After is
     /// honoured up to `backoff_max`.
     fn backoff(&self, attempt: u32, retry_after: Option<Duration>) -> Duration {
-        let jittered = crate::backoff_delay(self.config.backoff_base, attempt, self.config.backoff_max);
+        let jittered = crate::sys::backoff_delay(self.config.backoff_base, attempt, self.config.backoff_max);
         match retry_after {
             Some(r) => r.min(self.config.backoff_max).max(jittered),
             None => jittered,
@@ -385,7 +324,7 @@ impl Fetcher {
         }
         if url.starts_with("https://")
             && self.config.roots.is_none()
-            && let Err(e) = system_roots()
+            && let Err(e) = crate::sys::tls::system_roots()
         {
             return Err(permanent(ErrorCode::DownloadFailed, format!("{what}: {url}: cannot verify the server: {e}")));
         }
@@ -399,7 +338,7 @@ impl Fetcher {
                 return Err(permanent(ErrorCode::DownloadFailed, format!("{what}: {url}: {e}")));
             }
             // A certificate the device does not trust will not become trusted by retrying.
-            Err(e) if e.to_string().contains("invalid peer certificate") => {
+            Err(e) if untrusted_certificate(&e) => {
                 return Err(permanent(
                     ErrorCode::DownloadFailed,
                     format!(
@@ -569,13 +508,24 @@ fn io_error(what: &str, e: &std::io::Error) -> AttemptError {
     permanent(code, format!("{what}: writing to the store: {e}"))
 }
 
+/// Whether a request failed because the server's certificate is not trusted
+/// (sorted by the error's type, wherever ureq carries the TLS error).
+fn untrusted_certificate(e: &ureq::Error) -> bool {
+    let tls = match e {
+        ureq::Error::Rustls(r) => Some(r),
+        ureq::Error::Io(io) => io.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()),
+        _ => None,
+    };
+    matches!(tls, Some(rustls::Error::InvalidCertificate(_)))
+}
+
 fn describe_io(e: &std::io::Error) -> String {
-    let text = e.to_string();
-    if e.kind() == std::io::ErrorKind::TimedOut || text.contains("timeout") {
-        format!("stalled: no data within the stall timeout ({text})")
-    } else {
-        text
-    }
+    // A read timeout comes as TimedOut, or as ureq's own Timeout wrapped in an io::Error.
+    let timed_out = e.kind() == std::io::ErrorKind::TimedOut
+        || e.get_ref()
+            .and_then(|i| i.downcast_ref::<ureq::Error>())
+            .is_some_and(|u| matches!(u, ureq::Error::Timeout(_)));
+    if timed_out { format!("stalled: no data within the stall timeout ({e})") } else { e.to_string() }
 }
 
 fn percent_decode(s: &str) -> String {
@@ -639,42 +589,9 @@ pub fn percent_encode_path(path: &str) -> String {
     out
 }
 
-/// sha256 of a file on disk, streamed.
-pub fn sha256_file(path: &std::path::Path) -> std::io::Result<(String, u64)> {
-    let mut f = std::fs::File::open(path)?;
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 256 * 1024];
-    let mut n = 0u64;
-    loop {
-        let k = f.read(&mut buf)?;
-        if k == 0 {
-            break;
-        }
-        hasher.update(&buf[..k]);
-        n += k as u64;
-    }
-    let digest: [u8; 32] = hasher.finalize().into();
-    Ok((hex(&digest), n))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn the_system_bundle_is_ssl_cert_file_else_the_first_that_exists() {
-        let dir = tempfile::tempdir().unwrap();
-        let (a, b) = (dir.path().join("a.pem"), dir.path().join("b.pem"));
-        std::fs::write(&b, "").unwrap();
-        let names = [a.to_str().unwrap(), b.to_str().unwrap()];
-        assert_eq!(system_bundle(None, &names).unwrap(), b);
-        assert_eq!(system_bundle(Some(a.clone()), &names).unwrap(), a);
-        let none = system_bundle(None, &names[..1]).unwrap_err();
-        assert!(none.starts_with(&format!("no system CA bundle ({} not found;", a.display())), "{none}");
-        assert!(none.ends_with("install the ca-certificates package or set tls.ca_file"), "{none}");
-        // An empty bundle is refused by name, not trusted as "nothing".
-        assert!(load_certs(&b).unwrap_err().contains("found none"));
-    }
 
     #[test]
     fn file_urls_resolve_relative_to_the_manifest() {
@@ -709,7 +626,7 @@ mod tests {
         std::fs::write(&p, b"hello world").unwrap();
         let url = format!("file://{}", p.display());
         let f = Fetcher::new(FetchConfig { attempts: 1, ..Default::default() });
-        let (good, _) = sha256_file(&p).unwrap();
+        let (good, _) = crate::deploy::store::sha256_file(&p).unwrap();
         let c = Cancel::default();
         let mut no_retry = |_: u32, _: &ErrorInfo, _: Duration| {};
         assert_eq!(f.fetch_bytes(&url, "blob", &good, 100, &c, &mut no_retry).unwrap(), b"hello world");

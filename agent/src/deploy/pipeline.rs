@@ -1,41 +1,33 @@
-//! One deployment, start to finish: manifest → files → version → load →
-//! golden sample → swap. Runs on a blocking thread; reports every phase.
-//! Any failure leaves the model already serving untouched.
+//! One deployment up to its swap: manifest → files → version → memory
+//! check → load → golden sample → the HTTP port bound. Runs on a blocking
+//! thread and reports every phase; writes no state (the deployer swaps the
+//! result in and records it). Any failure leaves the model already serving
+//! untouched.
 
-use crate::engine::Model;
-use crate::fetch::{Cancel, FetchError, Fetcher, MAX_MANIFEST_BYTES, OnRetry, Wanted, file_url};
-use crate::probation::Verdict;
-use crate::reconcile::Source;
-use crate::serve::{Engine, ProbationContext, ProbationEnd};
-use crate::status::{ActiveRecord, Reporter, now_rfc3339};
-use crate::store::Store;
-use outpost_protocol::{Deployment, ErrorCode, ErrorInfo, Manifest, Outcome, Phase, Progress};
+use crate::deploy::fetch::{Cancel, FetchError, Fetcher, MAX_MANIFEST_BYTES, OnRetry, Wanted, file_url};
+use crate::deploy::store::Store;
+use crate::report::Reporter;
+use crate::serve::Engine;
+use crate::serve::model::Model;
+use outpost_protocol::{Deployment, ErrorCode, ErrorInfo, Manifest, Phase, Progress};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// Versions kept in the store besides the active one, unless the deployment's policy says otherwise.
-pub const DEFAULT_KEEP_VERSIONS: usize = 3;
-
 /// Minimum time between two `downloading` progress events.
 const PROGRESS_INTERVAL: Duration = Duration::from_millis(500);
 
+/// What a deployment needs to run, shared with the blocking thread it runs on.
 #[derive(Debug)]
-pub struct Deployer {
+pub struct Pipeline {
     pub store: Arc<Store>,
     pub fetcher: Fetcher,
     pub engine: Arc<Engine>,
     pub reporter: Arc<Reporter>,
     /// The agent's limits (configuration; SIGHUP replaces them).
     pub limits: arc_swap::ArcSwap<Limits>,
-    /// Held by a deployment from start to its `active` record and by a
-    /// probation verdict: a verdict reached while the deployment is still
-    /// recording itself (fast traffic fills a probation window in
-    /// milliseconds) waits for it, so a rollback is never overwritten by the
-    /// `active` record it undoes.
-    pub serial: std::sync::Mutex<()>,
     /// The local HTTP endpoint, which a deployment's `serving.http_port` moves (unset: HTTP is off).
-    pub http: std::sync::OnceLock<Arc<crate::http::Endpoint>>,
+    pub http: std::sync::OnceLock<Arc<crate::serve::http::Endpoint>>,
 }
 
 /// Limits from the agent's configuration.
@@ -57,152 +49,67 @@ impl Limits {
 }
 
 /// Milliseconds, to 0.01.
-fn ms(d: Duration) -> f64 {
+pub(crate) fn ms(d: Duration) -> f64 {
     (d.as_secs_f64() * 100_000.0).round() / 100.0
 }
 
 /// Free space left on the filesystem after a download, for the state file and logs.
 const DISK_HEADROOM: u64 = 1 << 20;
 
-/// How a deployment ended.
+/// How a deployment ended, when it did not end prepared.
 #[derive(Debug)]
 pub enum Ended {
-    /// Serving; with the token and length of its probation window, if on probation.
-    Active(Arc<Model>, Option<(u64, Duration)>),
     Failed(ErrorInfo),
     Superseded,
 }
 
-impl Deployer {
-    /// Runs a deployment and reports its outcome (events + state).
-    pub fn run(&self, source: Source, d: &Deployment, cancel: &Cancel) -> Ended {
-        let _serial = self.serial.lock().unwrap_or_else(|p| p.into_inner());
+impl From<FetchError> for Ended {
+    fn from(e: FetchError) -> Ended {
+        match e {
+            FetchError::Cancelled => Ended::Superseded,
+            FetchError::Failed(e) => Ended::Failed(e),
+        }
+    }
+}
+
+impl From<ErrorInfo> for Ended {
+    fn from(e: ErrorInfo) -> Ended {
+        Ended::Failed(e)
+    }
+}
+
+/// A version ready to swap in: loaded, its golden sample reproduced, and
+/// (if the deployment moves the HTTP endpoint) its port already bound.
+#[derive(Debug)]
+pub struct Prepared {
+    pub model: Arc<Model>,
+    /// The new port, bound; the endpoint moves to it at the swap (dropped,
+    /// it closes: a superseded deployment moves nothing).
+    pub listener: Option<tokio::net::TcpListener>,
+    pub started: Instant,
+    pub timings: outpost_protocol::Timings,
+}
+
+impl Pipeline {
+    /// Everything up to (not including) the swap, reporting each phase.
+    /// `protected`: versions retention may not evict to make room.
+    pub fn prepare(&self, d: &Deployment, cancel: &Cancel, protected: &[String]) -> Result<Prepared, Ended> {
         let started = Instant::now();
-        self.reporter.set_outcome(d, Outcome::InProgress, None, None);
         let mut timings = outpost_protocol::Timings::default();
-        let ended = match self.prepare(d, cancel, &mut timings) {
-            Ok(model) => {
-                let activating = Instant::now();
-                if cancel.is_cancelled() {
-                    Ended::Superseded
-                } else {
-                    let (workers, queue) = self.engine.pool_sizes();
-                    self.engine.resize(
-                        d.serving.workers.unwrap_or(self.limits.load().workers).max(1),
-                        d.serving.max_queue.unwrap_or(self.limits.load().max_queue),
-                    );
-                    if self.engine.pool_sizes() != (workers, queue) {
-                        tracing::info!(pool = ?self.engine.pool_sizes(), "worker pool resized by the deployment");
-                    }
-                    let probation = self.swap_in(source, d, &model);
-                    self.engine.set_capture_rate(d.serving.capture_rate.unwrap_or(0.0));
-                    let keep = self.reporter.push_history(
-                        &d.model.manifest_sha256,
-                        d.policy.keep_versions.unwrap_or(DEFAULT_KEEP_VERSIONS),
-                    );
-                    // Persist before announcing: a device that said `active` comes back with it after a power cut.
-                    let record = ActiveRecord { source, deployment: d.clone(), since: now_rfc3339() };
-                    self.reporter.set_outcome(d, Outcome::Active, None, Some(Some(record)));
-                    crate::crash_point("state-persisted");
-                    // Retention before the event too: when `active` arrives, the store is as it stays.
-                    let (removed, freed) = self.store.retain(&keep, &[]);
-                    let (bytes, versions) = self.store.usage();
-                    tracing::info!(removed, freed, store_bytes = bytes, versions, "store retention applied");
-                    let mut detail = format!(
-                        "{}@{} serving (deployed in {:.2}s)",
-                        model.name,
-                        model.version,
-                        started.elapsed().as_secs_f64()
-                    );
-                    // What the golden sample showed and how requests run (one thread or every core).
-                    if !model.validation.is_empty() {
-                        detail.push_str(&format!("; {}", model.validation));
-                    }
-                    if let Some((_, _, described)) = &probation {
-                        detail.push_str(&format!("; {described}"));
-                    }
-                    timings.activate = ms(activating.elapsed());
-                    timings.total = ms(started.elapsed());
-                    self.reporter.active_event(d, detail, timings);
-                    Ended::Active(model, probation.map(|(token, window, _)| (token, window)))
-                }
-            }
-            Err(FetchError::Cancelled) => Ended::Superseded,
-            Err(FetchError::Failed(e)) => {
-                self.reporter.set_outcome(d, Outcome::Failed, Some(e.clone()), None);
-                self.reporter.event(d, Phase::Failed, None, Some(e.clone()), None);
-                Ended::Failed(e)
-            }
+        let model = self.load(d, cancel, protected, &mut timings)?;
+        // The port is the last thing that can fail: after it, the swap.
+        let listener = match self.http.get() {
+            Some(http) => http.bind_port(d.serving.http_port)?,
+            None => None,
         };
-        if matches!(ended, Ended::Superseded) && cancel.is_stopping() {
-            // Still pending on disk: the next start resumes it.
-            tracing::info!(deployment = %d.deployment_id, "deployment interrupted by shutdown; it resumes at start-up");
-        } else if matches!(ended, Ended::Superseded) {
-            self.reporter.set_outcome(d, Outcome::Superseded, None, None);
-            self.reporter.event(d, Phase::Superseded, None, None, Some("a newer desired state arrived".into()));
-        }
-        ended
+        Ok(Prepared { model, listener, started, timings })
     }
 
-    /// Puts `model` in service: on probation when it replaces another version
-    /// and the policy does not turn probation off (token, window, description).
-    fn swap_in(&self, source: Source, d: &Deployment, model: &Arc<Model>) -> Option<(u64, Duration, String)> {
-        let limits = crate::probation::Limits::from_policy(d.policy.probation.as_ref());
-        let previous =
-            self.reporter.record().active.filter(|a| a.deployment.model.manifest_sha256 != model.manifest_sha256);
-        match (limits, previous, self.engine.active()) {
-            (Some(limits), Some(previous), Some(previous_model)) => {
-                let (window, described) = (limits.window, limits.describe());
-                let context = ProbationContext { source, deployment: d.clone(), previous };
-                let token = self.engine.swap_on_probation(model.clone(), previous_model, limits, context);
-                Some((token, window, described))
-            }
-            _ => {
-                self.engine.swap(Some(model.clone()));
-                None
-            }
-        }
-    }
-
-    /// Reports the end of a probation. A failed one was already rolled back
-    /// by the engine: persist that the previous version serves again.
-    pub fn probation_ended(&self, end: ProbationEnd) {
-        let _serial = self.serial.lock().unwrap_or_else(|p| p.into_inner());
-        let ProbationEnd { context, model, previous, verdict } = end;
-        let d = &context.deployment;
-        match verdict {
-            Verdict::Pass(summary) => self.reporter.event(d, Phase::Active, None, None, Some(summary)),
-            Verdict::Fail(evidence) => {
-                let serving = &context.previous.deployment.serving;
-                self.engine.set_capture_rate(serving.capture_rate.unwrap_or(0.0));
-                if let Some(http) = self.http.get()
-                    && let Err(e) = http.move_to(serving.http_port)
-                {
-                    tracing::error!(error = %e, "rollback: the previous version's HTTP port");
-                }
-                self.engine.resize(
-                    serving.workers.unwrap_or(self.limits.load().workers).max(1),
-                    serving.max_queue.unwrap_or(self.limits.load().max_queue),
-                );
-                let error =
-                    ErrorInfo::new(ErrorCode::ProbationFailed, format!("{}@{}: {evidence}", model.name, model.version));
-                let from = ActiveRecord { source: context.source, deployment: d.clone(), since: now_rfc3339() };
-                let restored = ActiveRecord { since: now_rfc3339(), ..context.previous.clone() };
-                self.reporter.set_rolled_back(from, restored, error.clone());
-                let keep = context.previous.deployment.policy.keep_versions.unwrap_or(DEFAULT_KEEP_VERSIONS);
-                self.reporter.push_history(&context.previous.deployment.model.manifest_sha256, keep);
-                let detail = format!("rolled back: {}@{} serves again", previous.name, previous.version);
-                self.reporter.event(d, Phase::RolledBack, None, Some(error), Some(detail));
-            }
-            Verdict::Watching => {}
-        }
-    }
-
-    /// Everything up to (not including) the swap.
-    fn prepare(
+    fn load(
         &self,
         d: &Deployment,
         cancel: &Cancel,
+        protected: &[String],
         timings: &mut outpost_protocol::Timings,
     ) -> Result<Arc<Model>, FetchError> {
         let sha = &d.model.manifest_sha256;
@@ -219,7 +126,7 @@ impl Deployer {
                 );
                 (dir, manifest)
             }
-            Err(_) => self.download(d, cancel, timings)?,
+            Err(_) => self.download(d, cancel, protected, timings)?,
         };
         if cancel.is_cancelled() {
             return Err(FetchError::Cancelled);
@@ -235,7 +142,7 @@ impl Deployer {
             .into());
         }
         let model_bytes = manifest.file(&manifest.model.file).map_or(0, |f| f.size);
-        crate::memory::check_fits(&manifest.model.file, model_bytes, crate::memory::available())?;
+        crate::deploy::memory::check_fits(&manifest.model.file, model_bytes, crate::deploy::memory::available())?;
         self.reporter.event(d, Phase::Loading, None, None, Some(manifest.model.file.clone()));
         let t = Instant::now();
         let mut model = Model::load(&dir, &manifest, sha)?;
@@ -256,10 +163,6 @@ impl Deployer {
         if cancel.is_cancelled() {
             return Err(FetchError::Cancelled);
         }
-        // The port is the last thing that can fail: after it, the swap.
-        if let Some(http) = self.http.get() {
-            http.move_to(d.serving.http_port)?;
-        }
         Ok(Arc::new(model))
     }
 
@@ -267,6 +170,7 @@ impl Deployer {
         &self,
         d: &Deployment,
         cancel: &Cancel,
+        protected: &[String],
         timings: &mut outpost_protocol::Timings,
     ) -> Result<(PathBuf, Manifest), FetchError> {
         let t = Instant::now();
@@ -289,7 +193,7 @@ impl Deployer {
         let missing: Vec<_> = manifest.files.iter().filter(|f| !self.store.has_blob(&f.sha256, f.size)).collect();
         let to_fetch: u64 = missing.iter().map(|f| f.size).sum();
         let reused = manifest.files.len() - missing.len();
-        self.make_room(d, &missing)?;
+        self.make_room(d, &missing, protected)?;
         let detail = format!(
             "{} file(s), {} bytes to fetch{}",
             missing.len(),
@@ -323,7 +227,7 @@ impl Deployer {
                 fetcher.fetch_file(&wanted, &part, c, on_retry, progress)
             })?;
             self.store.commit_blob(&partial, &f.sha256)?;
-            crate::crash_point("blob-stored");
+            crate::sys::crash_point("blob-stored");
             done += f.size;
         }
         if to_fetch > 0 {
@@ -339,7 +243,7 @@ impl Deployer {
             Some(format!("{} file(s), {total} bytes, sha256 verified", manifest.files.len())),
         );
         let dir = self.store.materialize(&manifest, &bytes, &d.model.manifest_sha256)?;
-        crate::crash_point("version-installed");
+        crate::sys::crash_point("version-installed");
         timings.verify = ms(t.elapsed());
         Ok((dir, manifest))
     }
@@ -348,7 +252,12 @@ impl Deployer {
     /// store quota and on the filesystem. If they do not, versions kept only
     /// for rollback are evicted first; if that is not enough, `disk_full`
     /// with the figures. The active version is never touched.
-    fn make_room(&self, d: &Deployment, missing: &[&outpost_protocol::FileEntry]) -> Result<(), ErrorInfo> {
+    fn make_room(
+        &self,
+        d: &Deployment,
+        missing: &[&outpost_protocol::FileEntry],
+        protected: &[String],
+    ) -> Result<(), ErrorInfo> {
         let held: u64 = missing.iter().map(|f| self.store.partial_len(&f.sha256).min(f.size)).sum();
         let need = missing.iter().map(|f| f.size).sum::<u64>().saturating_sub(held);
         if need == 0 {
@@ -372,10 +281,8 @@ impl Deployer {
             Ok(None)
         };
         let Some(first) = shortfall()? else { return Ok(()) };
-        let active: Vec<String> =
-            self.reporter.record().active.map(|a| a.deployment.model.manifest_sha256).into_iter().collect();
         let partials: Vec<&str> = missing.iter().map(|f| f.sha256.as_str()).collect();
-        let (removed, freed) = self.store.retain(&active, &partials);
+        let (removed, freed) = self.store.retain(protected, &partials);
         if removed > 0 || freed > 0 {
             let detail = format!("{first}: evicted {removed} version(s) kept for rollback, {freed} bytes freed");
             tracing::warn!("{detail}");
@@ -452,34 +359,21 @@ impl Deployer {
     }
 
     /// Loads the last active version from the store at start-up, before and
-    /// without any network, re-verifying its files first.
-    pub fn restore(&self) -> Option<(Source, Deployment)> {
-        let record = self.reporter.record();
-        let active = record.active?;
-        let sha = &active.deployment.model.manifest_sha256;
-        let loaded = self
-            .store
-            .verify_version(sha)
-            .and_then(|(dir, manifest, _)| Model::load(&dir, &manifest, sha).map(|m| (m, dir, manifest)))
-            .and_then(|(mut m, dir, manifest)| m.validate(&dir, &manifest).map(|_| m));
-        match loaded {
-            Ok(model) => {
-                tracing::info!(model = %model.name, version = %model.version, "serving the last active version from the store");
-                let serving = &active.deployment.serving;
-                self.engine.resize(
-                    serving.workers.unwrap_or(self.limits.load().workers),
-                    serving.max_queue.unwrap_or(self.limits.load().max_queue),
-                );
-                self.engine.swap(Some(Arc::new(model)));
-                self.engine.set_capture_rate(serving.capture_rate.unwrap_or(0.0));
-                Some((active.source, active.deployment))
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "the stored active version cannot serve; waiting for a deployment");
-                // The state must not claim a model that does not serve.
-                self.reporter.set_outcome(&active.deployment, Outcome::Failed, Some(e), Some(None));
-                None
-            }
-        }
+    /// without any network, re-verifying its files and its golden sample,
+    /// and puts it in service.
+    pub fn restore(&self, d: &Deployment) -> Result<(), ErrorInfo> {
+        let sha = &d.model.manifest_sha256;
+        let (dir, manifest, _) = self.store.verify_version(sha)?;
+        let mut model = Model::load(&dir, &manifest, sha)?;
+        model.validate(&dir, &manifest)?;
+        tracing::info!(model = %model.name, version = %model.version, "serving the last active version from the store");
+        let serving = &d.serving;
+        self.engine.resize(
+            serving.workers.unwrap_or(self.limits.load().workers),
+            serving.max_queue.unwrap_or(self.limits.load().max_queue),
+        );
+        self.engine.swap(Some(Arc::new(model)));
+        self.engine.set_capture_rate(serving.capture_rate.unwrap_or(0.0));
+        Ok(())
     }
 }

@@ -57,6 +57,7 @@ impl Reconciler {
     }
 
     /// What the agent currently aims at.
+    #[cfg(test)]
     pub fn target(&self) -> Option<&(Source, Deployment)> {
         self.target.as_ref()
     }

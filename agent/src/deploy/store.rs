@@ -12,9 +12,11 @@
 //! directory fsynced, so a power cut leaves either the old state or the new
 //! one. A version directory appears in one rename, whole or not at all.
 
-use outpost_protocol::{ErrorCode, ErrorInfo, Manifest, short_digest};
+use outpost_protocol::manifest::MANIFEST_FILE;
+use outpost_protocol::{ErrorCode, ErrorInfo, Manifest, hex, short_digest};
+use sha2::{Digest, Sha256};
 use std::fs::{self, File};
-use std::io::Write;
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -88,6 +90,14 @@ impl Store {
         if dest.join("manifest.json").is_file() {
             return Ok(dest);
         }
+        // The agent writes the manifest beside the files: a file of that name
+        // would be a hard link to a blob other versions share.
+        if let Some(f) = manifest.files.iter().find(|f| f.path.eq_ignore_ascii_case(MANIFEST_FILE)) {
+            return Err(ErrorInfo::new(
+                ErrorCode::InvalidManifest,
+                format!("files: \"{}\" is the name of the manifest itself, which the agent writes", f.path),
+            ));
+        }
         let tmp = self.tmp_path("version");
         fs::create_dir_all(&tmp).map_err(|e| internal("creating a version", &e))?;
         for f in &manifest.files {
@@ -103,9 +113,9 @@ impl Store {
                     .map_err(|e| internal(&format!("{}: copying from the blob store", f.path), &e))?;
             }
         }
-        write_file_synced(&tmp.join("manifest.json"), manifest_bytes).map_err(|e| internal("manifest.json", &e))?;
+        write_file_synced(&tmp.join(MANIFEST_FILE), manifest_bytes).map_err(|e| internal(MANIFEST_FILE, &e))?;
         sync_tree(&tmp).map_err(|e| internal("syncing a version", &e))?;
-        crate::crash_point("version-unrenamed");
+        crate::sys::crash_point("version-unrenamed");
         if let Err(e) = fs::rename(&tmp, &dest) {
             let _ = fs::remove_dir_all(&tmp);
             if dest.join("manifest.json").is_file() {
@@ -123,8 +133,7 @@ impl Store {
         let dir = self.version_dir(manifest_sha256);
         let bytes = fs::read(dir.join("manifest.json"))
             .map_err(|e| internal(&format!("stored version {}", short_digest(manifest_sha256)), &e))?;
-        let (digest, _) =
-            crate::fetch::sha256_file(&dir.join("manifest.json")).map_err(|e| internal("manifest.json", &e))?;
+        let (digest, _) = sha256_file(&dir.join("manifest.json")).map_err(|e| internal("manifest.json", &e))?;
         if digest != manifest_sha256 {
             return Err(ErrorInfo::new(
                 ErrorCode::DigestMismatch,
@@ -137,7 +146,7 @@ impl Store {
         }
         let manifest = Manifest::from_json(&bytes).map_err(|e| e.info())?;
         for f in &manifest.files {
-            let (d, n) = crate::fetch::sha256_file(&dir.join(&f.path)).map_err(|e| internal(&f.path, &e))?;
+            let (d, n) = sha256_file(&dir.join(&f.path)).map_err(|e| internal(&f.path, &e))?;
             if n != f.size || d != f.sha256 {
                 return Err(ErrorInfo::new(
                     ErrorCode::DigestMismatch,
@@ -234,8 +243,10 @@ impl Store {
     }
 }
 
+/// Writes a new file: never through an existing one, which could be a hard
+/// link to a blob that other versions share.
 fn write_file_synced(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let mut f = File::create(path)?;
+    let mut f = fs::OpenOptions::new().write(true).create_new(true).open(path)?;
     f.write_all(bytes)?;
     f.sync_all()
 }
@@ -252,6 +263,24 @@ fn sync_tree(dir: &Path) -> std::io::Result<()> {
         }
     }
     sync_dir(dir)
+}
+
+/// sha256 of a file on disk, streamed.
+pub fn sha256_file(path: &std::path::Path) -> std::io::Result<(String, u64)> {
+    let mut f = std::fs::File::open(path)?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut n = 0u64;
+    loop {
+        let k = f.read(&mut buf)?;
+        if k == 0 {
+            break;
+        }
+        hasher.update(&buf[..k]);
+        n += k as u64;
+    }
+    let digest: [u8; 32] = hasher.finalize().into();
+    Ok((hex(&digest), n))
 }
 
 #[cfg(test)]
@@ -336,5 +365,59 @@ mod tests {
         assert_eq!(internal("storing a blob", &e).code, ErrorCode::DiskFull);
         let dir = tempfile::tempdir().unwrap();
         assert!(Store::open(dir.path()).unwrap().available().unwrap() > 0);
+    }
+}
+
+#[cfg(test)]
+mod shared_blob_tests {
+    use super::*;
+    use outpost_protocol::hex;
+    use sha2::{Digest, Sha256};
+
+    fn sha(b: &[u8]) -> String {
+        let d: [u8; 32] = Sha256::digest(b).into();
+        hex(&d)
+    }
+
+    fn manifest(name: &str, files: &[(&str, &[u8])]) -> (Manifest, Vec<u8>, String) {
+        let files: Vec<_> =
+            files.iter().map(|(p, b)| serde_json::json!({"path": p, "sha256": sha(b), "size": b.len()})).collect();
+        let json = serde_json::json!({"schema": "outpost.manifest.v1", "name": name, "version": "1",
+            "files": files,
+            "model": {"format": "onnx", "file": "model.onnx",
+                      "inputs": [{"name": "x", "datatype": "FP32", "shape": [1]}],
+                      "outputs": [{"name": "y", "datatype": "FP32", "shape": [1]}]}});
+        let bytes = serde_json::to_vec(&json).unwrap();
+        // Parsed without validation: the store must hold even if a check upstream did not.
+        (serde_json::from_slice(&bytes).unwrap(), bytes.clone(), sha(&bytes))
+    }
+
+    fn commit(store: &Store, body: &[u8]) {
+        let tmp = store.tmp_path("t");
+        fs::write(&tmp, body).unwrap();
+        store.commit_blob(&tmp, &sha(body)).unwrap();
+    }
+
+    /// Regression (issue 13, defect 7): a bundle that names a file
+    /// `manifest.json` whose content is another version's model got that
+    /// blob hard-linked at the path where the agent then wrote its own
+    /// manifest, through the link: the other version's model was overwritten.
+    #[test]
+    fn installing_a_version_never_writes_through_a_shared_blob() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let model: &[u8] = b"the model of version one";
+        commit(&store, model);
+        let (m1, b1, s1) = manifest("one", &[("model.onnx", model)]);
+        store.materialize(&m1, &b1, &s1).unwrap();
+
+        // The hostile bundle: its `manifest.json` is version one's model blob.
+        let other: &[u8] = b"another model";
+        commit(&store, other);
+        let (m2, b2, s2) = manifest("two", &[("model.onnx", other), ("manifest.json", model)]);
+        let _ = store.materialize(&m2, &b2, &s2);
+
+        assert_eq!(fs::read(store.blob_path(&sha(model))).unwrap(), model, "the shared blob was written through");
+        assert!(store.verify_version(&s1).is_ok(), "version one no longer verifies");
     }
 }

@@ -7,7 +7,7 @@
 //! Retained messages (state, availability) are not journaled: the agent
 //! republishes its current state on every connection, which is the truth.
 
-use crate::status::Outgoing;
+use super::publisher::Outgoing;
 use std::collections::VecDeque;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -59,10 +59,6 @@ impl Journal {
         self.entries.len()
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
-    }
-
     /// Whether a message belongs in the journal when the broker is away:
     /// reliable, not retained.
     pub fn keeps(m: &Outgoing) -> bool {
@@ -91,13 +87,20 @@ impl Journal {
         }
     }
 
-    /// Takes every message, oldest first, and empties the file.
-    pub fn take_all(&mut self) -> Vec<Outgoing> {
-        let all: Vec<Outgoing> = self.entries.drain(..).collect();
-        if !all.is_empty() {
+    /// Every message, oldest first, left in the journal: it is trimmed
+    /// ([`Journal::forget_first`]) only once they are published, so a crash
+    /// during the replay loses nothing.
+    pub fn pending(&self) -> Vec<Outgoing> {
+        self.entries.iter().cloned().collect()
+    }
+
+    /// Forgets the `n` oldest messages (published) and rewrites the file.
+    pub fn forget_first(&mut self, n: usize) {
+        let n = n.min(self.entries.len());
+        if n > 0 {
+            self.entries.drain(..n);
             self.rewrite();
         }
-        all
     }
 
     /// Writes the whole journal anew (temp file, fsync, rename).
@@ -152,12 +155,17 @@ mod tests {
             .write_all(b"{\"topic\":")
             .unwrap();
         let mut j = Journal::open(dir.path(), 100);
-        let all = j.take_all();
+        let all = j.pending();
         assert_eq!(
             all.iter().map(|m| String::from_utf8_lossy(&m.payload).into_owned()).collect::<Vec<_>>(),
             ["{\"n\":0}", "{\"n\":1}", "{\"n\":2}"]
         );
-        assert!(Journal::open(dir.path(), 100).is_empty());
+        // Read for a replay but not yet published: still there after a crash.
+        assert_eq!(Journal::open(dir.path(), 100).len(), 3);
+        j.push(msg(3));
+        j.forget_first(all.len());
+        let left = Journal::open(dir.path(), 100).pending();
+        assert_eq!(left.iter().map(|m| m.payload.clone()).collect::<Vec<_>>(), [b"{\"n\":3}".to_vec()]);
     }
 
     #[test]
@@ -168,7 +176,7 @@ mod tests {
             j.push(msg(n));
         }
         assert_eq!((j.len(), j.dropped), (19, 6));
-        let reopened = Journal::open(dir.path(), 20).take_all();
+        let reopened = Journal::open(dir.path(), 20).pending();
         assert_eq!(reopened.first().map(|m| m.payload.clone()), Some(b"{\"n\":6}".to_vec()));
         assert_eq!(reopened.len(), 19);
         assert!(Journal::keeps(&msg(1)));

@@ -15,8 +15,8 @@
 //! Errors are `{"error": "..."}` with 400 (bad input), 404 (no such model or
 //! version), 413 (body too large), 503 (overloaded or no model) or 500.
 
-use crate::engine::Model;
 use crate::serve::Engine;
+use crate::serve::model::Model;
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, Path, State};
@@ -352,11 +352,22 @@ impl Endpoint {
     /// Moves to `port` on the same address (`None`: the `--http-bind` port).
     /// Call from a blocking thread. On error the endpoint stays where it was.
     pub fn move_to(&self, port: Option<u16>) -> Result<(), outpost_protocol::ErrorInfo> {
+        if let Some(listener) = self.bind_port(port)? {
+            self.take_over(listener);
+        }
+        Ok(())
+    }
+
+    /// Binds `port` (`None`: the `--http-bind` port) without moving to it
+    /// yet: None when the endpoint is there already. A deployment binds its
+    /// port before its swap (where a taken port fails it, changing nothing)
+    /// and moves at the swap ([`Endpoint::take_over`]).
+    pub fn bind_port(&self, port: Option<u16>) -> Result<Option<tokio::net::TcpListener>, outpost_protocol::ErrorInfo> {
         let addr = std::net::SocketAddr::new(self.ip, port.unwrap_or(self.default_port));
         if self.addr() == Some(addr) {
-            return Ok(());
+            return Ok(None);
         }
-        let listener = self.bind(addr).map_err(|e| {
+        self.bind(addr).map(Some).map_err(|e| {
             outpost_protocol::ErrorInfo::new(
                 ErrorCode::PortUnavailable,
                 format!(
@@ -364,9 +375,13 @@ impl Endpoint {
                     self.addr().map(|a| a.to_string()).unwrap_or_else(|| "none".into())
                 ),
             )
-        })?;
+        })
+    }
+
+    /// Moves to a port bound by [`Endpoint::bind_port`]: the old one stops
+    /// taking connections and lets the open ones finish.
+    pub fn take_over(&self, listener: tokio::net::TcpListener) {
         self.run(listener);
-        Ok(())
     }
 
     /// Stops listening; open connections get at most 2 s.

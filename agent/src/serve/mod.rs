@@ -6,10 +6,16 @@
 //! request ends. When every worker is busy and the queue is full, a request
 //! is refused at once with `overloaded` instead of queueing without bound.
 
-use crate::engine::{InferFailure, Model};
-use crate::probation::{Limits, Outcome as ProbationOutcome, Verdict, Watch};
+pub mod http;
+pub mod latency;
+pub mod model;
+pub(crate) mod mqtt;
+pub(crate) mod probation;
+
 use arc_swap::ArcSwapOption;
+use model::{InferFailure, Model};
 use outpost_protocol::{ErrorCode, InferRequest, InferResponse};
+use probation::{Limits, Outcome as ProbationOutcome, Verdict, Watch};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use tokio::sync::Semaphore;
@@ -113,30 +119,21 @@ impl Drop for Gauge<'_> {
 }
 
 /// A version on probation: the model, the one it replaced (kept loaded for
-/// an instant rollback, and to answer requests the new one fails), and what
-/// the agent needs to report the verdict.
+/// an instant rollback, and to answer requests the new one fails), and the
+/// token its verdict carries.
 #[derive(Debug)]
 struct OnProbation {
     token: u64,
     model: Arc<Model>,
     previous: Arc<Model>,
     watch: Watch,
-    context: ProbationContext,
 }
 
-/// What the agent needs to report a probation verdict.
-#[derive(Debug, Clone)]
-pub struct ProbationContext {
-    pub source: crate::reconcile::Source,
-    pub deployment: outpost_protocol::Deployment,
-    /// The state record of the version that would be restored.
-    pub previous: crate::status::ActiveRecord,
-}
-
-/// The end of a probation, sent to the agent to report (and persist).
+/// The end of a probation, sent to the deployer to record and report.
 #[derive(Debug)]
 pub struct ProbationEnd {
-    pub context: ProbationContext,
+    /// Which probation this judges ([`Engine::swap_on_probation`]'s token).
+    pub token: u64,
     pub model: Arc<Model>,
     pub previous: Arc<Model>,
     /// `Fail` (already rolled back) or `Pass`.
@@ -181,7 +178,7 @@ pub struct Engine {
     pool: arc_swap::ArcSwap<Pool>,
     pub counters: Counters,
     /// Per-interval latencies of answered requests, for telemetry.
-    pub latencies: crate::telemetry::Latencies,
+    pub latencies: latency::Latencies,
 }
 
 impl Engine {
@@ -253,7 +250,7 @@ impl Engine {
     /// [`CAPTURES_PER_SECOND`].
     fn sample_capture(&self) -> bool {
         let rate = f64::from_bits(self.capture_rate.load(Ordering::Relaxed));
-        if rate <= 0.0 || crate::jitter() >= rate {
+        if rate <= 0.0 || crate::sys::jitter() >= rate {
             return false;
         }
         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
@@ -269,7 +266,7 @@ impl Engine {
         if let Some(tx) = self.captures.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
             let _ = tx.send(Capture {
                 schema: "outpost.capture.v1",
-                at: crate::status::now_rfc3339(),
+                at: crate::sys::now_rfc3339(),
                 model_name: response.model_name.clone(),
                 model_version: response.model_version.clone(),
                 request,
@@ -290,22 +287,16 @@ impl Engine {
     /// Swaps in `model` on probation: until the window closes it is watched,
     /// requests it fails are answered by `previous`, and breaking a limit
     /// swaps `previous` back at once. Returns a token for [`Engine::close_probation`].
-    pub fn swap_on_probation(
-        &self,
-        model: Arc<Model>,
-        previous: Arc<Model>,
-        limits: Limits,
-        context: ProbationContext,
-    ) -> u64 {
+    pub fn swap_on_probation(&self, model: Arc<Model>, previous: Arc<Model>, limits: Limits) -> u64 {
         let baseline = {
             let id = Arc::as_ptr(&previous) as usize;
             let recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
             let samples: Vec<u64> = recent.iter().filter(|(m, _)| *m == id).map(|(_, us)| *us).collect();
-            crate::probation::p99_us(&samples).map(std::time::Duration::from_micros)
+            crate::serve::probation::p99_us(&samples).map(std::time::Duration::from_micros)
         };
         let token = self.probation_tokens.fetch_add(1, Ordering::Relaxed) + 1;
         let mut p = self.lock_probation();
-        *p = Some(OnProbation { token, model: model.clone(), previous, watch: Watch::new(limits, baseline), context });
+        *p = Some(OnProbation { token, model: model.clone(), previous, watch: Watch::new(limits, baseline) });
         self.on_probation.store(true, Ordering::SeqCst);
         self.active.store(Some(model));
         token
@@ -315,7 +306,7 @@ impl Engine {
     /// version passes, or is rolled back if it broke a limit.
     pub fn close_probation(&self, token: u64) {
         let mut guard = self.lock_probation();
-        if let Some(p) = self.take_probation(&mut guard, |p| p.token == token) {
+        if let Some(mut p) = self.take_probation(&mut guard, |p| p.token == token) {
             let verdict = p.watch.close();
             self.end_probation(p, verdict);
         }
@@ -332,7 +323,7 @@ impl Engine {
             }
         }
         if let Some(tx) = self.verdicts.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
-            let _ = tx.send(ProbationEnd { context: p.context, model: p.model, previous: p.previous, verdict });
+            let _ = tx.send(ProbationEnd { token: p.token, model: p.model, previous: p.previous, verdict });
         }
     }
 
@@ -394,7 +385,7 @@ impl Engine {
             }
             Err(e) => {
                 let head = binary_header.and_then(|n| body.get(..n)).unwrap_or(body);
-                self.refuse(head, InferFailure { code: e.code, message: e.to_string() })
+                self.refuse(head, InferFailure::new(e.code, e.to_string()))
             }
         }
     }
@@ -428,17 +419,14 @@ impl Engine {
 
     async fn infer_inner(&self, req: InferRequest) -> Result<InferResponse, InferFailure> {
         let Some(model) = self.active.load_full() else {
-            return Err(InferFailure {
-                code: ErrorCode::NoModel,
-                message: "no model is deployed on this device".into(),
-            });
+            return Err(InferFailure::new(ErrorCode::NoModel, "no model is deployed on this device"));
         };
         let pool = self.pool.load_full();
         let Ok(_admitted) = pool.admission.clone().try_acquire_owned() else {
-            return Err(InferFailure {
-                code: ErrorCode::Overloaded,
-                message: "every worker is busy and the queue is full: retry later".into(),
-            });
+            return Err(InferFailure::new(
+                ErrorCode::Overloaded,
+                "every worker is busy and the queue is full: retry later",
+            ));
         };
         let queued = Gauge::enter(&self.counters.waiting);
         let _worker = pool
@@ -446,7 +434,7 @@ impl Engine {
             .clone()
             .acquire_owned()
             .await
-            .map_err(|_| InferFailure { code: ErrorCode::Internal, message: "worker pool closed".into() })?;
+            .map_err(|_| InferFailure::new(ErrorCode::Internal, "worker pool closed"))?;
         drop(queued);
         let _running = Gauge::enter(&self.counters.running);
         let fallback = self.fallback_for(&model);
@@ -467,23 +455,21 @@ impl Engine {
         // A model that answers in microseconds runs here: handing it to the
         // blocking pool and back would cost more than the run.
         let (first, took, second) = if inline {
-            std::panic::catch_unwind(std::panic::AssertUnwindSafe(work)).map_err(|_| InferFailure {
-                code: ErrorCode::Internal,
-                message: "inference worker failed: the model panicked".into(),
-            })?
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(work))
+                .map_err(|_| InferFailure::new(ErrorCode::Internal, "inference worker failed: the model panicked"))?
         } else {
-            tokio::task::spawn_blocking(work).await.map_err(|e| InferFailure {
-                code: ErrorCode::Internal,
-                message: format!("inference worker failed: {e}"),
-            })?
+            tokio::task::spawn_blocking(work)
+                .await
+                .map_err(|e| InferFailure::new(ErrorCode::Internal, format!("inference worker failed: {e}")))?
         };
         match &first {
             Ok(_) => {
                 self.remember_latency(&model, took.as_micros() as u64);
                 self.watch(&model, ProbationOutcome::Answered(took));
             }
-            Err(e) if e.is_model_failure() => self
-                .watch(&model, ProbationOutcome::Failed { message: e.message.clone(), non_finite: e.is_non_finite() }),
+            Err(e) if e.is_model_failure() => {
+                self.watch(&model, ProbationOutcome::Failed { message: e.message.clone(), non_finite: e.non_finite })
+            }
             Err(_) => {}
         }
         if let Some(second) = second {

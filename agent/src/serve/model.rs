@@ -49,28 +49,27 @@ fn thread_pool(_cores: usize) -> Option<Executor> {
 pub struct InferFailure {
     pub code: ErrorCode,
     pub message: String,
+    /// The model returned NaN or infinity for a finite input (a failure
+    /// probation rolls back on at once).
+    pub non_finite: bool,
 }
 
-/// How the message of a non-finite output on a finite input starts.
-const NON_FINITE: &str = "non-finite output";
-
 impl InferFailure {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        InferFailure { code, message: message.into(), non_finite: false }
+    }
+
     fn bad_input(message: impl Into<String>) -> Self {
-        InferFailure { code: ErrorCode::BadInput, message: message.into() }
+        InferFailure::new(ErrorCode::BadInput, message)
     }
 
     fn model(message: impl Into<String>) -> Self {
-        InferFailure { code: ErrorCode::InferenceFailed, message: message.into() }
+        InferFailure::new(ErrorCode::InferenceFailed, message)
     }
 
     /// The model, not the request, is at fault.
     pub fn is_model_failure(&self) -> bool {
         self.code == ErrorCode::InferenceFailed
-    }
-
-    /// The model returned NaN or infinity for a finite input.
-    pub fn is_non_finite(&self) -> bool {
-        self.is_model_failure() && self.message.starts_with(NON_FINITE)
     }
 }
 
@@ -82,9 +81,12 @@ fn non_finite(output: &str, at: usize, req: &InferRequest) -> InferFailure {
         Some((input, j)) => InferFailure::bad_input(format!(
             "input '{input}' holds NaN or infinity at element {j}, which this model cannot take (its output '{output}' is not finite)"
         )),
-        None => InferFailure::model(format!(
-            "{NON_FINITE}: '{output}' holds NaN or infinity at element {at} for a finite input"
-        )),
+        None => InferFailure {
+            non_finite: true,
+            ..InferFailure::model(format!(
+                "non-finite output: '{output}' holds NaN or infinity at element {at} for a finite input"
+            ))
+        },
     }
 }
 
@@ -553,10 +555,9 @@ impl Model {
             .map_err(|e| InferFailure::model(format!("model run failed: {e:#}")))?;
         let mut outputs = Vec::new();
         for slot in &self.outputs {
-            let value = results.get(slot.index).ok_or_else(|| InferFailure {
-                code: ErrorCode::Internal,
-                message: "model returned too few outputs".into(),
-            })?;
+            let value = results
+                .get(slot.index)
+                .ok_or_else(|| InferFailure::new(ErrorCode::Internal, "model returned too few outputs"))?;
             let (mut out, rows_cols) = from_tensor(&slot.name, value)?;
             if let OutData::Numbers(data) = &out.data
                 && let Some(at) = data.first_non_finite()
@@ -753,7 +754,7 @@ fn to_tensor(slot: &InputSlot, t: &outpost_protocol::TensorIn) -> Result<Tensor,
     }
     tensor
         .into_shape(&shape)
-        .map_err(|e| InferFailure { code: ErrorCode::Internal, message: format!("input '{}': {e:#}", slot.name) })
+        .map_err(|e| InferFailure::new(ErrorCode::Internal, format!("input '{}': {e:#}", slot.name)))
 }
 
 fn build_tensor(slot: &InputSlot, t: &outpost_protocol::TensorIn) -> Result<Tensor, InferFailure> {
@@ -842,7 +843,7 @@ fn build_tensor(slot: &InputSlot, t: &outpost_protocol::TensorIn) -> Result<Tens
         in_range(name, slot.datatype, &ints)?;
         tensor_of(&shape, ints).and_then(|t| t.cast_to_dt(datum_of(dt)).map(|c| c.into_owned()))
     };
-    tensor.map_err(|e| InferFailure { code: ErrorCode::Internal, message: format!("input '{name}': {e:#}") })
+    tensor.map_err(|e| InferFailure::new(ErrorCode::Internal, format!("input '{name}': {e:#}")))
 }
 
 /// A tensor that takes ownership of `v` (no copy).
@@ -917,8 +918,7 @@ fn from_tensor(name: &str, value: &TValue) -> Result<(TensorOut, (usize, usize))
     let shape: Vec<usize> = value.shape().to_vec();
     let cols = shape.last().copied().unwrap_or(1).max(1);
     let rows = value.len() / cols;
-    let internal =
-        |e: TractError| InferFailure { code: ErrorCode::Internal, message: format!("output '{name}': {e:#}") };
+    let internal = |e: TractError| InferFailure::new(ErrorCode::Internal, format!("output '{name}': {e:#}"));
     let dt = value.datum_type();
     let (data, datatype) = match dt {
         DatumType::F32 => (TensorData::F32(plain::<f32>(value).map_err(internal)?), "FP32"),

@@ -5,8 +5,9 @@
 use outpost_protocol::Probation;
 use std::time::Duration;
 
-/// Most latencies kept per window: enough for a p99, bounded in memory.
-const MAX_SAMPLES: usize = 65_536;
+/// The longest latency the window's histogram resolves, in microseconds
+/// (longer ones count as this; the summary's `max` is exact).
+const MAX_TRACKED_US: u64 = 60_000_000;
 
 /// The limits a deployment's policy sets, with defaults filled in.
 #[derive(Debug, Clone, PartialEq)]
@@ -50,7 +51,11 @@ impl Limits {
     }
 }
 
-/// What the new version did so far.
+/// What the new version did so far. Recording a request costs O(1): its
+/// latency goes into a histogram (constant memory, 2 significant digits),
+/// and the p99 is computed only when it can have crossed a limit — when
+/// the request just recorded is slower than the limit (a faster one can
+/// only lower the p99), or when `min_requests` is reached.
 #[derive(Debug, Clone)]
 pub struct Watch {
     pub limits: Limits,
@@ -59,7 +64,11 @@ pub struct Watch {
     pub requests: u64,
     pub failures: u64,
     first_failure: Option<String>,
-    latencies_us: Vec<u64>,
+    latencies_us: hdrhistogram::Histogram<u32>,
+    /// The slowest answer, exact (the histogram rounds up within 1%).
+    max_us: u64,
+    /// How many times the p99 was computed (for the cost test).
+    judged: u64,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -89,18 +98,42 @@ fn ms(d: Duration) -> f64 {
 
 impl Watch {
     pub fn new(limits: Limits, baseline_p99: Option<Duration>) -> Watch {
-        Watch { limits, baseline_p99, requests: 0, failures: 0, first_failure: None, latencies_us: Vec::new() }
+        let latencies_us = hdrhistogram::Histogram::new_with_bounds(1, MAX_TRACKED_US, 2)
+            .expect("constant bounds that hdrhistogram accepts (tested)");
+        Watch {
+            limits,
+            baseline_p99,
+            requests: 0,
+            failures: 0,
+            first_failure: None,
+            latencies_us,
+            max_us: 0,
+            judged: 0,
+        }
+    }
+
+    /// The latency above which one answer can move the p99 over a limit.
+    fn latency_threshold_us(&self) -> Option<u64> {
+        let absolute = self.limits.max_p99.map(|d| d.as_micros() as u64);
+        let relative = match (self.limits.max_p99_ratio, self.baseline_p99) {
+            (Some(r), Some(base)) => Some((base.as_micros() as f64 * r) as u64),
+            _ => None,
+        };
+        absolute.into_iter().chain(relative).min()
     }
 
     /// Counts one request and judges at once: a non-finite output fails the
     /// version on the spot, error rate and latency once `min_requests` are in.
     pub fn record(&mut self, outcome: Outcome) -> Verdict {
         self.requests += 1;
+        let mut latency_may_breach = false;
         match outcome {
             Outcome::Answered(latency) => {
-                if self.latencies_us.len() < MAX_SAMPLES {
-                    self.latencies_us.push(latency.as_micros() as u64);
-                }
+                let us = latency.as_micros() as u64;
+                self.latencies_us.saturating_record(us.clamp(1, MAX_TRACKED_US));
+                self.max_us = self.max_us.max(us);
+                latency_may_breach = self.latency_threshold_us().is_some_and(|t| us > t)
+                    || self.latencies_us.len() == self.limits.min_requests;
             }
             Outcome::Failed { message, non_finite } => {
                 self.failures += 1;
@@ -110,16 +143,19 @@ impl Watch {
                 self.first_failure.get_or_insert(message);
             }
         }
-        match self.breach() {
-            Some(evidence) => Verdict::Fail(evidence),
-            None => Verdict::Watching,
+        if let Some(evidence) = self.error_rate_breach() {
+            return Verdict::Fail(evidence);
         }
+        if latency_may_breach && let Some(evidence) = self.latency_breach() {
+            return Verdict::Fail(evidence);
+        }
+        Verdict::Watching
     }
 
     /// The verdict when the window closes: within the limits it passes, also
     /// with fewer requests than `min_requests` (a quiet device must not stay on
     /// probation forever; the summary says how little was seen).
-    pub fn close(&self) -> Verdict {
+    pub fn close(&mut self) -> Verdict {
         if let Some(evidence) = self.breach() {
             return Verdict::Fail(evidence);
         }
@@ -134,11 +170,16 @@ impl Watch {
     }
 
     pub fn p99(&self) -> Option<Duration> {
-        p99_us(&self.latencies_us).map(Duration::from_micros)
+        (!self.latencies_us.is_empty())
+            .then(|| Duration::from_micros(self.latencies_us.value_at_quantile(0.99).min(self.max_us)))
     }
 
     /// The first limit broken, judged only on `min_requests` or more.
-    fn breach(&self) -> Option<String> {
+    fn breach(&mut self) -> Option<String> {
+        self.error_rate_breach().or_else(|| self.latency_breach())
+    }
+
+    fn error_rate_breach(&self) -> Option<String> {
         if self.requests < self.limits.min_requests {
             return None;
         }
@@ -153,9 +194,14 @@ impl Watch {
                 self.first_failure.as_deref().unwrap_or("-")
             ));
         }
-        if (self.latencies_us.len() as u64) < self.limits.min_requests {
+        None
+    }
+
+    fn latency_breach(&mut self) -> Option<String> {
+        if self.latencies_us.len() < self.limits.min_requests || self.latency_threshold_us().is_none() {
             return None;
         }
+        self.judged += 1;
         let p99 = self.p99()?;
         if let Some(max) = self.limits.max_p99
             && p99 > max
@@ -272,5 +318,24 @@ mod tests {
         );
         assert_eq!(p99_us(&(1..=100).collect::<Vec<_>>()), Some(99));
         assert_eq!(p99_us(&[7]), Some(7));
+    }
+
+    /// Regression (issue 13, defect 8): every answered request recomputed a
+    /// p99 over up to 65,536 samples (copy + select), also with no latency
+    /// limit: ~200 us a request against a 7 us model, for a whole window.
+    /// Judging must cost O(1) a request: 300,000 requests (a 60 s window at
+    /// 5,000 req/s) take milliseconds; the old cost was minutes.
+    #[test]
+    fn judging_a_request_costs_the_same_however_many_came_before() {
+        let l = limits(Probation { max_p99_ms: Some(50.0), min_requests: Some(20), ..Default::default() });
+        let mut w = Watch::new(l, Some(Duration::from_micros(900)));
+        let started = std::time::Instant::now();
+        for i in 0..300_000u64 {
+            assert_eq!(w.record(ok(500 + i % 1000)), Verdict::Watching);
+        }
+        let took = started.elapsed();
+        assert!(took < Duration::from_secs(10), "300,000 requests judged in {took:?}");
+        let Verdict::Pass(summary) = w.close() else { panic!("must pass") };
+        assert!(summary.starts_with("probation passed: 300000 request(s), 0 failed, p99 1."), "{summary}");
     }
 }

@@ -1,0 +1,584 @@
+//! Deployments: from a desired state to a version serving, and back.
+//!
+//! One task, the [`Deployer`], owns the device's deployment record
+//! (`agent.json`: what is active, pending, refused, kept) and is the only one
+//! to write it, in the order things happen. It decides with the
+//! [`reconcile::Reconciler`], runs the [`pipeline`] (download, verify, load,
+//! validate) on a blocking thread it can cancel, and swaps the result in
+//! itself, so a newer desired state, a probation verdict and a finished
+//! deployment are handled one after the other, never at once:
+//! - a deployment superseded before its swap changes nothing (not even the
+//!   HTTP port: the pipeline only binds it, the swap moves it);
+//! - a probation verdict names the probation it judges (its token); a stale
+//!   one is reported but rewrites nothing newer;
+//! - "previous" is what the engine actually serves, not what a record says.
+
+pub mod fetch;
+pub(crate) mod memory;
+pub(crate) mod pipeline;
+pub(crate) mod reconcile;
+pub(crate) mod record;
+pub mod store;
+
+use crate::report::Reporter;
+use crate::serve::probation::{Limits as ProbationLimits, Verdict};
+use crate::serve::{Engine, ProbationEnd};
+use fetch::Cancel;
+use outpost_protocol::{Deployment, ErrorCode, ErrorInfo, Outcome, Phase, ProtocolError};
+use pipeline::{Ended, Pipeline, Prepared};
+use reconcile::{Decision, Reconciler, Source};
+use record::{ActiveRecord, Record};
+use std::sync::Arc;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+
+/// Versions kept in the store besides the active one, unless the deployment's policy says otherwise.
+pub const DEFAULT_KEEP_VERSIONS: usize = 3;
+
+/// What the rest of the agent asks of the deployer.
+#[derive(Debug)]
+enum Command {
+    /// A message on a desired topic; `recorded` is answered once what it
+    /// asks for is on disk (the message may then be acked).
+    Desired { source: Source, payload: Vec<u8>, max_bytes: usize, recorded: oneshot::Sender<()> },
+    /// New limits from the configuration (SIGHUP).
+    Limits(pipeline::Limits),
+    /// The agent stops: interrupt the deployment in progress (it resumes
+    /// at the next start) and end.
+    Stop,
+}
+
+/// The handle the main loop holds.
+#[derive(Debug, Clone)]
+pub(crate) struct Deployments {
+    tx: mpsc::UnboundedSender<Command>,
+}
+
+impl Deployments {
+    /// Hands over a desired-state message; returns once it is recorded.
+    pub async fn desired(&self, source: Source, payload: &[u8], max_bytes: usize) {
+        let (recorded, done) = oneshot::channel();
+        let cmd = Command::Desired { source, payload: payload.to_vec(), max_bytes, recorded };
+        if self.tx.send(cmd).is_ok() {
+            let _ = done.await;
+        }
+    }
+
+    pub fn set_limits(&self, limits: pipeline::Limits) {
+        let _ = self.tx.send(Command::Limits(limits));
+    }
+
+    pub fn stop(&self) {
+        let _ = self.tx.send(Command::Stop);
+    }
+}
+
+/// A deployment the pipeline is running.
+struct Running {
+    source: Source,
+    deployment: Deployment,
+    cancel: Cancel,
+    job: tokio::task::JoinHandle<Result<Prepared, Ended>>,
+}
+
+/// The version on probation and what its verdict needs.
+#[derive(Debug)]
+struct OnProbation {
+    token: u64,
+    closes_at: Instant,
+    record: ActiveRecord,
+    /// The version it replaced, which a failed verdict restores.
+    previous: ActiveRecord,
+}
+
+/// The owner of deployment state. See the module's documentation.
+pub(crate) struct Deployer {
+    pipeline: Arc<Pipeline>,
+    reporter: Arc<Reporter>,
+    engine: Arc<Engine>,
+    reconciler: Reconciler,
+    record: Record,
+    /// The record of the version the engine serves (None: no model).
+    serving: Option<ActiveRecord>,
+    probation: Option<OnProbation>,
+    running: Option<Running>,
+    /// The newest desired state received while another deployment runs.
+    queued: Option<(Source, Deployment, &'static str)>,
+    commands: mpsc::UnboundedReceiver<Command>,
+    verdicts: mpsc::UnboundedReceiver<ProbationEnd>,
+    stopping: bool,
+}
+
+/// What the start-up restore found, for the wiring.
+pub(crate) struct Restored {
+    /// The HTTP port of the version that serves again.
+    pub http_port: Option<u16>,
+}
+
+impl Deployer {
+    /// Reads the record, serves the last active version from the store
+    /// (re-verified, before and without any network), and returns the
+    /// deployer with its handle. A deployment interrupted by the last stop
+    /// resumes when [`Deployer::run`] starts.
+    pub async fn open(pipeline: Arc<Pipeline>, reporter: Arc<Reporter>) -> (Deployer, Deployments, Restored) {
+        let engine = pipeline.engine.clone();
+        let record = Record::read(&pipeline.store);
+        reporter.resume_seq(record.seq);
+        let (tx, commands) = mpsc::unbounded_channel();
+        let (verdict_tx, verdicts) = mpsc::unbounded_channel();
+        engine.on_probation_end(verdict_tx);
+        let mut d = Deployer {
+            pipeline,
+            reporter,
+            engine,
+            reconciler: Reconciler::new(),
+            record,
+            serving: None,
+            probation: None,
+            running: None,
+            queued: None,
+            commands,
+            verdicts,
+            stopping: false,
+        };
+        let restored = d.restore().await;
+        (d, Deployments { tx }, restored)
+    }
+
+    async fn restore(&mut self) -> Restored {
+        self.publish_view();
+        let mut http_port = None;
+        if let Some(active) = self.record.active.clone() {
+            let p = self.pipeline.clone();
+            let d = active.deployment.clone();
+            let loaded = tokio::task::spawn_blocking(move || p.restore(&d))
+                .await
+                .unwrap_or_else(|e| Err(ErrorInfo::new(ErrorCode::Internal, format!("restoring panicked: {e}"))));
+            match loaded {
+                Ok(()) => {
+                    http_port = active.deployment.serving.http_port;
+                    self.reconciler.restore(active.source, active.deployment.clone());
+                    self.serving = Some(active);
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "the stored active version cannot serve; waiting for a deployment");
+                    // The state must not claim a model that does not serve.
+                    self.set_outcome(&active.deployment, Outcome::Failed, Some(e));
+                    self.record.active = None;
+                    self.persist().await;
+                }
+            }
+        }
+        // A deployment rolled back before the restart stays refused: its
+        // retained desired state replays as `unchanged`, not as a new attempt.
+        if let Some(refused) = self.record.rolled_back.clone() {
+            self.reconciler.restore(refused.source, refused.deployment);
+        }
+        Restored { http_port }
+    }
+
+    /// Runs until stopped: commands, the running deployment's end, probation
+    /// verdicts and the probation window's timer, one at a time.
+    pub async fn run(mut self) {
+        // A deployment accepted before a restart and not finished: resume it
+        // from the store and the registry, without waiting for the broker.
+        if let Some(p) = self.record.pending.clone()
+            && let Decision::Deploy(d) = self.reconciler.on_message(p.source, Some(Ok(p.deployment)))
+        {
+            self.start(p.source, d, "resumed after a restart").await;
+        }
+        loop {
+            let window = self.probation.as_ref().map(|p| p.closes_at);
+            tokio::select! {
+                cmd = self.commands.recv() => match cmd {
+                    Some(Command::Desired { source, payload, max_bytes, recorded }) => {
+                        self.on_desired(source, &payload, max_bytes, recorded).await
+                    }
+                    Some(Command::Limits(l)) => self.on_limits(l),
+                    Some(Command::Stop) | None => self.on_stop(),
+                },
+                ended = async { (&mut self.running.as_mut().expect("guarded").job).await }, if self.running.is_some() => {
+                    self.on_job_ended(ended).await
+                }
+                Some(end) = self.verdicts.recv() => self.on_verdict(end).await,
+                _ = tokio::time::sleep_until(window.unwrap_or_else(Instant::now)), if window.is_some() => {
+                    self.on_window_closed()
+                }
+            }
+            if self.stopping && self.running.is_none() {
+                break;
+            }
+        }
+    }
+
+    fn on_stop(&mut self) {
+        self.stopping = true;
+        self.queued = None;
+        if let Some(r) = &self.running {
+            r.cancel.stop();
+        }
+    }
+
+    fn on_limits(&mut self, limits: pipeline::Limits) {
+        self.pipeline.limits.store(Arc::new(limits));
+        // The pool follows the new defaults unless the deployment sets its own.
+        let serving = self.serving.as_ref().map(|a| a.deployment.serving.clone()).unwrap_or_default();
+        let before = self.engine.pool_sizes();
+        self.engine
+            .resize(serving.workers.unwrap_or(limits.workers).max(1), serving.max_queue.unwrap_or(limits.max_queue));
+        if self.engine.pool_sizes() != before {
+            tracing::info!(pool = ?self.engine.pool_sizes(), "worker pool resized by the configuration");
+        }
+    }
+
+    /// A desired-state message. A deployment (or undeployment) is recorded
+    /// on disk before `recorded` is answered, so the message can be acked.
+    async fn on_desired(&mut self, source: Source, payload: &[u8], max: usize, recorded: oneshot::Sender<()>) {
+        let parsed = if payload.is_empty() {
+            None
+        } else if payload.len() > max {
+            Some(Err(ProtocolError {
+                code: ErrorCode::TooLarge,
+                path: String::new(),
+                expected: format!("a desired state of at most {max} bytes (--max-packet-size)"),
+                found: format!("{} bytes", payload.len()),
+            }))
+        } else {
+            Some(Deployment::from_json(payload))
+        };
+        match self.reconciler.on_message(source, parsed) {
+            Decision::Deploy(d) => {
+                crate::sys::crash_point("desired-received");
+                self.record.pending =
+                    Some(ActiveRecord { source, deployment: d.clone(), since: crate::sys::now_rfc3339() });
+                self.persist().await;
+                let _ = recorded.send(());
+                self.start(source, d, "").await;
+            }
+            Decision::Undeploy => {
+                self.record.pending = None;
+                self.persist().await;
+                let _ = recorded.send(());
+                self.undeploy().await;
+            }
+            Decision::Unchanged(d) => {
+                let in_progress = self.record.pending.as_ref().is_some_and(|p| {
+                    p.deployment.deployment_id == d.deployment_id && p.deployment.revision == d.revision
+                });
+                if in_progress {
+                    // A redelivery or retained replay while it deploys: its own events follow.
+                    tracing::debug!(deployment = %d.deployment_id, "desired state seen again while it deploys");
+                } else {
+                    self.reporter.event(&d, Phase::Unchanged, None, None, Some("already applied".into()))
+                }
+            }
+            Decision::Stale { deployment, newest } => self.reporter.event(
+                &deployment,
+                Phase::Failed,
+                None,
+                Some(ErrorInfo::new(
+                    ErrorCode::StaleRevision,
+                    format!(
+                        "revision {} is not newer than revision {newest} already received from this topic",
+                        deployment.revision
+                    ),
+                )),
+                None,
+            ),
+            Decision::Shadowed(d) => self.reporter.event(
+                &d,
+                Phase::Unchanged,
+                None,
+                None,
+                Some("shadowed by a desired state of higher precedence (device topic or an earlier group)".into()),
+            ),
+            Decision::Invalid(e) => self.reporter.invalid_desired(payload, &e),
+            Decision::Nothing => {}
+        }
+    }
+
+    /// Starts deploying `d`, superseding whatever deployment is in progress:
+    /// the running one is cancelled and `d` starts when it has ended.
+    async fn start(&mut self, source: Source, d: Deployment, why: &'static str) {
+        let what = format!("{}@{}", d.model.name, d.model.version);
+        let detail = if why.is_empty() { what } else { format!("{what} ({why})") };
+        self.reporter.event(&d, Phase::Received, None, None, Some(detail));
+        match &self.running {
+            Some(r) => {
+                r.cancel.cancel();
+                // Latest wins: one queued behind a running one is superseded before it starts.
+                if let Some((_, old, _)) = self.queued.replace((source, d, why)) {
+                    self.reporter.event(
+                        &old,
+                        Phase::Superseded,
+                        None,
+                        None,
+                        Some("a newer desired state arrived before it started".into()),
+                    );
+                }
+            }
+            None => self.launch(source, d).await,
+        }
+    }
+
+    async fn launch(&mut self, source: Source, d: Deployment) {
+        self.set_outcome(&d, Outcome::InProgress, None);
+        self.persist().await;
+        let cancel = Cancel::default();
+        let (pipeline, c, dep) = (self.pipeline.clone(), cancel.clone(), d.clone());
+        // What retention must not evict to make room: what serves and what a rollback restores.
+        let protected: Vec<String> = self
+            .serving
+            .iter()
+            .chain(self.probation.as_ref().map(|p| &p.previous))
+            .map(|a| a.deployment.model.manifest_sha256.clone())
+            .collect();
+        // Every log line of the deployment carries its id, revision and model version.
+        let span = tracing::info_span!(
+            "deployment",
+            id = %d.deployment_id,
+            revision = d.revision,
+            model = %format!("{}@{}", d.model.name, d.model.version)
+        );
+        let job = tokio::task::spawn_blocking(move || {
+            let prepared = span.in_scope(|| pipeline.prepare(&dep, &c, &protected));
+            // Fault injection: the window between the last check and the swap.
+            crate::sys::delay_point_blocking("before-swap");
+            prepared
+        });
+        self.running = Some(Running { source, deployment: d, cancel, job });
+    }
+
+    async fn on_job_ended(&mut self, ended: Result<Result<Prepared, Ended>, tokio::task::JoinError>) {
+        let Some(Running { source, deployment: d, cancel, .. }) = self.running.take() else { return };
+        let ended = match ended {
+            Ok(Ok(prepared)) if !cancel.is_cancelled() => {
+                self.swap_in(source, &d, prepared).await;
+                None
+            }
+            Ok(Ok(_)) => Some(Ended::Superseded),
+            Ok(Err(e)) => Some(e),
+            // A panic in the pipeline (a model that makes tract panic) fails
+            // this deployment; the serving model is untouched.
+            Err(e) => Some(Ended::Failed(ErrorInfo::new(
+                ErrorCode::Internal,
+                format!("the deployment stopped unexpectedly: {}", panic_text(e)),
+            ))),
+        };
+        match ended {
+            None => {}
+            Some(Ended::Superseded) if cancel.is_stopping() => {
+                // Still pending on disk: the next start resumes it.
+                tracing::info!(deployment = %d.deployment_id, "deployment interrupted by shutdown; it resumes at start-up");
+            }
+            Some(Ended::Superseded) => {
+                self.set_outcome(&d, Outcome::Superseded, None);
+                self.persist().await;
+                self.reporter.event(&d, Phase::Superseded, None, None, Some("a newer desired state arrived".into()));
+            }
+            Some(Ended::Failed(e)) => {
+                self.set_outcome(&d, Outcome::Failed, Some(e.clone()));
+                self.persist().await;
+                self.reporter.event(&d, Phase::Failed, None, Some(e), None);
+            }
+        }
+        if let Some((source, d, _)) = self.queued.take() {
+            self.launch(source, d).await;
+        }
+    }
+
+    /// Puts a prepared version in service, records it, then announces it.
+    async fn swap_in(&mut self, source: Source, d: &Deployment, prepared: Prepared) {
+        let Prepared { model, listener, started, mut timings } = prepared;
+        let activating = std::time::Instant::now();
+        if let (Some(http), Some(l)) = (self.pipeline.http.get(), listener) {
+            http.take_over(l);
+        }
+        let limits = self.pipeline.limits.load();
+        let before = self.engine.pool_sizes();
+        self.engine.resize(
+            d.serving.workers.unwrap_or(limits.workers).max(1),
+            d.serving.max_queue.unwrap_or(limits.max_queue),
+        );
+        if self.engine.pool_sizes() != before {
+            tracing::info!(pool = ?self.engine.pool_sizes(), "worker pool resized by the deployment");
+        }
+        let record = ActiveRecord { source, deployment: d.clone(), since: crate::sys::now_rfc3339() };
+        // Previous is what actually serves: after a rollback whose verdict
+        // is still queued, that is the restored version, not the one on probation.
+        let serving_now = self.engine.active();
+        let previous = serving_now.as_ref().and_then(|m| {
+            self.serving
+                .iter()
+                .chain(self.probation.as_ref().map(|p| &p.previous))
+                .find(|a| a.deployment.model.manifest_sha256 == m.manifest_sha256)
+                .cloned()
+        });
+        let limits = ProbationLimits::from_policy(d.policy.probation.as_ref());
+        let mut described = None;
+        self.probation = None;
+        match (limits, previous, serving_now) {
+            (Some(limits), Some(previous), Some(previous_model))
+                if previous.deployment.model.manifest_sha256 != model.manifest_sha256 =>
+            {
+                let (window, text) = (limits.window, limits.describe());
+                let token = self.engine.swap_on_probation(model.clone(), previous_model, limits);
+                self.probation =
+                    Some(OnProbation { token, closes_at: Instant::now() + window, record: record.clone(), previous });
+                described = Some(text);
+            }
+            _ => {
+                self.engine.swap(Some(model.clone()));
+            }
+        }
+        self.engine.set_capture_rate(d.serving.capture_rate.unwrap_or(0.0));
+        let keep =
+            self.record.push_history(&d.model.manifest_sha256, d.policy.keep_versions.unwrap_or(DEFAULT_KEEP_VERSIONS));
+        // Persist before announcing: a device that said `active` comes back with it after a power cut.
+        self.record.active = Some(record.clone());
+        self.serving = Some(record);
+        self.set_outcome(d, Outcome::Active, None);
+        self.persist().await;
+        crate::sys::crash_point("state-persisted");
+        // Retention before the event too: when `active` arrives, the store is as it stays.
+        let mut protected = keep;
+        protected.extend(self.probation.as_ref().map(|p| p.previous.deployment.model.manifest_sha256.clone()));
+        let store = self.pipeline.store.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            let (removed, freed) = store.retain(&protected, &[]);
+            let (bytes, versions) = store.usage();
+            tracing::info!(removed, freed, store_bytes = bytes, versions, "store retention applied");
+        })
+        .await;
+        let mut detail =
+            format!("{}@{} serving (deployed in {:.2}s)", model.name, model.version, started.elapsed().as_secs_f64());
+        // What the golden sample showed and how requests run (one thread or every core).
+        if !model.validation.is_empty() {
+            detail.push_str(&format!("; {}", model.validation));
+        }
+        if let Some(described) = described {
+            detail.push_str(&format!("; {described}"));
+        }
+        timings.activate = pipeline::ms(activating.elapsed());
+        timings.total = pipeline::ms(started.elapsed());
+        self.reporter.active_event(d, detail, timings);
+        tracing::info!(model = %model.name, version = %model.version, "active");
+    }
+
+    fn on_window_closed(&mut self) {
+        if let Some(p) = &self.probation {
+            // The engine judges and answers on the verdict channel.
+            self.engine.close_probation(p.token);
+            // Until the verdict arrives, no second close.
+            if let Some(p) = self.probation.as_mut() {
+                p.closes_at = Instant::now() + std::time::Duration::from_secs(3600);
+            }
+        }
+    }
+
+    /// A probation ended. The engine already put the previous version back
+    /// if it failed; record and report it. A verdict on a probation that is
+    /// no longer the current one (a newer version was swapped in after the
+    /// engine rolled back) is reported, and refuses its version, but
+    /// changes nothing else: what serves now was recorded by its own swap.
+    async fn on_verdict(&mut self, end: ProbationEnd) {
+        let current = self.probation.as_ref().is_some_and(|p| p.token == end.token);
+        let Some(p) = (if current { self.probation.take() } else { None }) else {
+            if let Verdict::Fail(evidence) = end.verdict {
+                tracing::warn!(%evidence, "a probation verdict on a version already replaced");
+            }
+            return;
+        };
+        let d = p.record.deployment.clone();
+        match end.verdict {
+            Verdict::Pass(summary) => self.reporter.event(&d, Phase::Active, None, None, Some(summary)),
+            Verdict::Fail(evidence) => {
+                let serving = &p.previous.deployment.serving;
+                let limits = self.pipeline.limits.load();
+                self.engine.set_capture_rate(serving.capture_rate.unwrap_or(0.0));
+                if let Some(http) = self.pipeline.http.get()
+                    && let Err(e) = http.move_to(serving.http_port)
+                {
+                    tracing::error!(error = %e, "rollback: the previous version's HTTP port");
+                }
+                self.engine.resize(
+                    serving.workers.unwrap_or(limits.workers).max(1),
+                    serving.max_queue.unwrap_or(limits.max_queue),
+                );
+                let error = ErrorInfo::new(
+                    ErrorCode::ProbationFailed,
+                    format!("{}@{}: {evidence}", end.model.name, end.model.version),
+                );
+                let restored = ActiveRecord { since: crate::sys::now_rfc3339(), ..p.previous.clone() };
+                self.record.rolled_back = Some(p.record.clone());
+                self.record.active = Some(restored.clone());
+                self.serving = Some(restored);
+                let keep = p.previous.deployment.policy.keep_versions.unwrap_or(DEFAULT_KEEP_VERSIONS);
+                self.record.push_history(&p.previous.deployment.model.manifest_sha256, keep);
+                self.set_outcome(&d, Outcome::RolledBack, Some(error.clone()));
+                self.persist().await;
+                let detail = format!("rolled back: {}@{} serves again", end.previous.name, end.previous.version);
+                self.reporter.event(&d, Phase::RolledBack, None, Some(error), Some(detail));
+            }
+            Verdict::Watching => {}
+        }
+    }
+
+    async fn undeploy(&mut self) {
+        self.queued = None;
+        if let Some(r) = &self.running {
+            r.cancel.cancel();
+        }
+        self.probation = None;
+        let old = self.engine.swap(None);
+        self.engine.set_capture_rate(0.0);
+        self.serving = None;
+        match self.record.active.take() {
+            Some(active) => {
+                let d = active.deployment;
+                self.set_outcome(&d, Outcome::Undeployed, None);
+                self.persist().await;
+                let detail = "desired state withdrawn: no model serves".to_string();
+                self.reporter.event(&d, Phase::Undeployed, None, None, Some(detail));
+            }
+            None => {
+                self.persist().await;
+            }
+        }
+        // The model is freed off the reactor (tract's plans can be large).
+        let _ = tokio::task::spawn_blocking(move || drop(old)).await;
+    }
+
+    /// Records the outcome of `d` (in memory: [`Deployer::persist`] writes).
+    fn set_outcome(&mut self, d: &Deployment, outcome: Outcome, error: Option<ErrorInfo>) {
+        self.record.set_outcome(d, outcome, error);
+    }
+
+    /// Writes the record (an fsync: off the reactor, awaited, so writes land
+    /// in the order they were made) and republishes the retained state.
+    async fn persist(&mut self) {
+        self.record.seq = self.reporter.seq();
+        let (store, record) = (self.pipeline.store.clone(), self.record.clone());
+        let _ = tokio::task::spawn_blocking(move || record.write(&store)).await;
+        self.publish_view();
+    }
+
+    fn publish_view(&self) {
+        self.reporter.set_view(self.record.view());
+        self.reporter.publish_state();
+    }
+}
+
+fn panic_text(e: tokio::task::JoinError) -> String {
+    match e.try_into_panic() {
+        Ok(p) => p
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_else(|| "a panic".into()),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests;

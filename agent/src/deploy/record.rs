@@ -1,0 +1,97 @@
+//! The device's deployment record, `DATA/agent.json`: what serves, what is
+//! being deployed, what was refused, which versions retention keeps, and
+//! the last event number. Only the [`super::Deployer`] holds it; it writes
+//! the file whole (temp file, fsync, rename) after each change, awaiting
+//! each write, so the file never holds an older record than a newer one
+//! already written.
+
+use super::reconcile::Source;
+use super::store::Store;
+use crate::report::View;
+use outpost_protocol::{ActiveModel, Deployment, ErrorInfo, LastDeployment, Outcome};
+use serde::{Deserialize, Serialize};
+
+/// What survives a restart.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Record {
+    pub seq: u64,
+    pub active: Option<ActiveRecord>,
+    pub last_deployment: Option<LastDeployment>,
+    /// Manifest digests of the versions that served, most recent first: what
+    /// retention keeps (the active one and `keep_versions` before it).
+    #[serde(default)]
+    pub history: Vec<String>,
+    /// The deployment the agent rolled back from, so that replaying its
+    /// retained desired state after a restart does not deploy it again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rolled_back: Option<ActiveRecord>,
+    /// A desired state accepted (and acked to the broker) whose deployment
+    /// has not ended: resumed after a restart, broker or not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pending: Option<ActiveRecord>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ActiveRecord {
+    pub source: Source,
+    pub deployment: Deployment,
+    pub since: String,
+}
+
+/// The file's name in the data directory.
+pub const FILE: &str = "agent.json";
+
+impl Record {
+    /// The record of the last run (an unreadable one counts as none).
+    pub fn read(store: &Store) -> Record {
+        store.read(FILE).and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default()
+    }
+
+    /// Writes it durably (an fsync: from a blocking thread).
+    pub fn write(&self, store: &Store) {
+        if let Err(e) = store.write_atomic(FILE, &serde_json::to_vec_pretty(self).unwrap_or_default()) {
+            tracing::error!(error = %e, "cannot persist agent state; it will be lost at restart");
+        }
+    }
+
+    /// Records the outcome of `d`. An ended deployment is no longer pending;
+    /// one that goes active clears the refusal of an earlier one.
+    pub fn set_outcome(&mut self, d: &Deployment, outcome: Outcome, error: Option<ErrorInfo>) {
+        self.last_deployment =
+            Some(LastDeployment { deployment_id: d.deployment_id.clone(), revision: d.revision, outcome, error });
+        if outcome == Outcome::Active {
+            self.rolled_back = None;
+        }
+        if outcome != Outcome::InProgress
+            && self
+                .pending
+                .as_ref()
+                .is_some_and(|p| p.deployment.deployment_id == d.deployment_id && p.deployment.revision == d.revision)
+        {
+            self.pending = None;
+        }
+    }
+
+    /// Records `sha` as the version serving now and returns the versions to
+    /// keep: it and at most `keep_previous` before it.
+    pub fn push_history(&mut self, sha: &str, keep_previous: usize) -> Vec<String> {
+        self.history.retain(|h| h != sha);
+        self.history.insert(0, sha.to_string());
+        self.history.truncate(keep_previous + 1);
+        self.history.clone()
+    }
+
+    pub fn view(&self) -> View {
+        View {
+            active: self.active.as_ref().map(|a| ActiveModel {
+                name: a.deployment.model.name.clone(),
+                version: a.deployment.model.version.clone(),
+                manifest_sha256: a.deployment.model.manifest_sha256.clone(),
+                deployment_id: a.deployment.deployment_id.clone(),
+                revision: a.deployment.revision,
+                since: a.since.clone(),
+            }),
+            last_deployment: self.last_deployment.clone(),
+        }
+    }
+}

@@ -1,0 +1,65 @@
+//! Requests over MQTT: a request on `infer` is answered on its MQTT 5
+//! response topic, its `reply_to`, or `predictions`, with its correlation data.
+
+use super::Engine;
+use super::model::InferFailure;
+use crate::link::publisher::{Outbox, Outgoing};
+use crate::link::session::Message;
+use outpost_protocol::{ErrorCode, InferError};
+
+/// Runs one request and hands its answer to the publisher; `predictions`
+/// is where it goes when the request names no reply topic.
+pub async fn answer(engine: &Engine, out: &Outbox, predictions: &str, request: &Message, max_packet: usize) {
+    // Fault injection: the window between a request's arrival and its parsing.
+    crate::sys::delay_point("mqtt-request").await;
+    let payload = request.payload();
+    let answer = if payload.len() > max_packet {
+        // Refused unread (the limit protects memory); the id is still salvaged for the answer.
+        let message = format!(
+            "the request is {} bytes, over the MQTT packet limit of {max_packet} (--max-packet-size): send a smaller batch, or use the HTTP endpoint",
+            payload.len()
+        );
+        engine.refuse(payload, InferFailure::new(ErrorCode::TooLarge, message))
+    } else {
+        engine.infer_body(payload, None).await
+    };
+    // MQTT 5's response topic first, then `reply_to` in the request, then `predictions`.
+    let topic = request
+        .response_topic()
+        .map(str::to_string)
+        .filter(|t| valid_reply_topic(t))
+        .or(answer.reply_to.filter(|t| valid_reply_topic(t)))
+        .unwrap_or_else(|| predictions.to_string());
+    let mut body = match answer.result {
+        Ok(resp) => serde_json::to_vec(&resp),
+        Err(f) => serde_json::to_vec(&InferError { id: answer.id.clone(), error: f.message, code: f.code }),
+    }
+    .unwrap_or_default();
+    // An answer over the packet limit would be dropped (or break the
+    // connection): answer why instead.
+    if body.len() + topic.len() + 16 > max_packet {
+        let error = format!(
+            "the answer is {} bytes, over the MQTT packet limit of {max_packet}: send a smaller batch, or use the HTTP endpoint",
+            body.len()
+        );
+        body = serde_json::to_vec(&InferError { id: answer.id, error, code: ErrorCode::TooLarge }).unwrap_or_default();
+    }
+    let correlation = request.correlation().map(<[u8]>::to_vec);
+    out.send(Outgoing { topic, payload: body, retain: false, reliable: true, correlation });
+}
+
+/// A reply topic must be publishable: no wildcards, not empty.
+fn valid_reply_topic(t: &str) -> bool {
+    !t.is_empty() && t.len() <= 1024 && !t.contains(['+', '#', '\0'])
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn reply_topics_must_be_publishable() {
+        assert!(super::valid_reply_topic("clients/7/answers"));
+        for t in ["", "a/+/b", "a/#", "a\0b"] {
+            assert!(!super::valid_reply_topic(t), "{t:?}");
+        }
+    }
+}

@@ -1,0 +1,100 @@
+//! What the agent needs from the system around it: systemd's notify and
+//! watchdog ([`systemd`]), TLS trust ([`tls`]), time, jitter, and the
+//! fault-injection points the crash and race tests use.
+
+pub mod systemd;
+pub mod tls;
+
+/// Now, as RFC 3339 to the second (event and state timestamps).
+pub fn now_rfc3339() -> String {
+    humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
+}
+
+/// Fault injection for crash tests: when the environment variable
+/// `OUTPOST_CRASH_AT` names this point, the process aborts here, as a power
+/// cut would stop it (no destructor, no further write). The points are the
+/// instants between two durable steps of installing a version:
+/// `desired-received` (a deployment message handled, not yet recorded or acked),
+/// `blob-stored`, `version-unrenamed`, `version-installed`, `state-persisted`.
+pub fn crash_point(point: &str) {
+    if fault_at(point) {
+        eprintln!("outpost: OUTPOST_CRASH_AT={point}: aborting");
+        std::process::abort();
+    }
+}
+
+fn fault_at(point: &str) -> bool {
+    static AT: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    AT.get_or_init(|| std::env::var("OUTPOST_CRASH_AT").ok()).as_deref() == Some(point)
+}
+
+/// Fault injection for the watchdog test: when `OUTPOST_CRASH_AT` names
+/// this point (`stall-main-loop`), the calling thread hangs here for good,
+/// as a deadlocked loop would.
+pub fn fault_point(point: &str) {
+    if fault_at(point) {
+        eprintln!("outpost: OUTPOST_CRASH_AT={point}: hanging");
+        loop {
+            std::thread::sleep(std::time::Duration::from_secs(3600));
+        }
+    }
+}
+
+/// Fault injection for race tests: when `OUTPOST_DELAY_AT` is
+/// `POINT:MILLISECONDS` and names this point, the caller waits that long
+/// here (logged, so a test knows the instant is reached). Opens the windows
+/// between two steps that are otherwise microseconds apart. Points:
+/// `before-swap` (a deployment prepared, not yet swapped in),
+/// `mqtt-request` (an MQTT request received, not yet parsed).
+pub async fn delay_point(point: &str) {
+    if let Some(ms) = delay_at(point) {
+        eprintln!("outpost: OUTPOST_DELAY_AT={point}: delaying {ms} ms");
+        tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+    }
+}
+
+/// [`delay_point`] for blocking threads.
+pub fn delay_point_blocking(point: &str) {
+    if let Some(ms) = delay_at(point) {
+        eprintln!("outpost: OUTPOST_DELAY_AT={point}: delaying {ms} ms");
+        std::thread::sleep(std::time::Duration::from_millis(ms));
+    }
+}
+
+fn delay_at(point: &str) -> Option<u64> {
+    static AT: std::sync::OnceLock<Option<(String, u64)>> = std::sync::OnceLock::new();
+    let at = AT.get_or_init(|| {
+        let v = std::env::var("OUTPOST_DELAY_AT").ok()?;
+        let (p, ms) = v.rsplit_once(':')?;
+        Some((p.to_string(), ms.parse().ok()?))
+    });
+    at.as_ref().filter(|(p, _)| p == point).map(|(_, ms)| *ms)
+}
+
+/// The delay before retry number `attempt` (0-based): `base * 2^attempt`,
+/// capped at `max`, then jittered into [d/2, d] so devices that failed
+/// together do not retry together. Used for reconnects and downloads alike.
+pub fn backoff_delay(base: std::time::Duration, attempt: u32, max: std::time::Duration) -> std::time::Duration {
+    base.saturating_mul(1u32 << attempt.min(16)).min(max).mul_f64(0.5 + 0.5 * jitter())
+}
+
+/// A number in [0, 1) for backoff jitter. Not for cryptography: it only has
+/// to differ between devices and attempts.
+pub fn jitter() -> f64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static STATE: AtomicU64 = AtomicU64::new(0);
+    let mut x = STATE.load(Ordering::Relaxed);
+    if x == 0 {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(1);
+        x = t ^ (u64::from(std::process::id()) << 32) | 1;
+    }
+    // xorshift64*
+    x ^= x >> 12;
+    x ^= x << 25;
+    x ^= x >> 27;
+    STATE.store(x, Ordering::Relaxed);
+    (x.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 11) as f64 / (1u64 << 53) as f64
+}
