@@ -270,9 +270,16 @@ impl Agent {
     fn act(&mut self, action: Action, failure: Option<crate::link::connection::FailureKind>) {
         match action {
             Action::Subscribe => {
-                for t in &self.subscriptions {
-                    self.link.try_subscribe(t.clone());
-                }
+                // From a task: the loop must keep polling the session that
+                // drains the request channel these wait on.
+                let (link, topics) = (self.link.clone(), self.subscriptions.clone());
+                tokio::spawn(async move {
+                    for t in topics {
+                        if let Err(e) = link.subscribe(t.clone()).await {
+                            tracing::error!(topic = %t, error = %e, "subscribe failed");
+                        }
+                    }
+                });
             }
             Action::Online { reconnects } => {
                 let _ = self.online.send(true);
@@ -357,7 +364,7 @@ impl Agent {
         self.deployments.stop();
         self.requests.close();
         let http = self.http.clone();
-        let (requests, outbox) = (self.requests.clone(), self.outbox.clone());
+        let (requests, outbox, deployments) = (self.requests.clone(), self.outbox.clone(), self.deployments.clone());
         let mut deployer = std::mem::replace(&mut self.deployer, tokio::spawn(async {}));
         let work = async move {
             // HTTP requests finish inside the endpoint's stop; MQTT ones are tracked.
@@ -366,18 +373,37 @@ impl Agent {
                     ep.stop().await;
                 }
             };
-            let _ = tokio::join!(http_stopped, requests.wait(), &mut deployer);
+            tokio::join!(http_stopped, requests.wait());
+            // No request can reach a version on probation any more: the
+            // deployer records the last verdicts and ends.
+            deployments.finish();
+            let _ = (&mut deployer).await;
             // Everything they said, handed to the publisher before this, goes out.
             outbox.flush().await;
         };
         tokio::pin!(work);
         let drained = tokio::time::timeout_at(deadline, async {
             loop {
-                // Keep the session moving so answers and acks go out meanwhile.
+                // Keep the session moving so answers and acks go out meanwhile,
+                // and follow the connection (offline: the publisher journals).
+                let retry_at = self.connection.retry_at();
                 tokio::select! {
                     biased;
                     _ = &mut work => break,
-                    _ = self.session.poll() => {}
+                    _ = tokio::time::sleep_until(retry_at.unwrap_or_else(Instant::now)), if retry_at.is_some() => {
+                        self.connection.on_retry_timer()
+                    }
+                    net = self.session.poll(), if retry_at.is_none() => {
+                        if let Net::Event(event) = net {
+                            for action in self.connection.on_event(event, Instant::now()) {
+                                match action {
+                                    Action::Online { .. } => drop(self.online.send(true)),
+                                    Action::Offline => drop(self.online.send(false)),
+                                    _ => {}
+                                }
+                            }
+                        }
+                    }
                 }
             }
         })

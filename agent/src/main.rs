@@ -241,7 +241,11 @@ fn main() -> ExitCode {
     };
     let (live_tx, live_rx) = tokio::sync::mpsc::unbounded_channel();
     runtime.spawn(reload_on_sighup(args, layers, settings, log, live_tx));
-    match runtime.block_on(outpost_agent::run(config, shutdown_signal(), live_rx)) {
+    let ran = runtime.block_on(outpost_agent::run(config, shutdown_signal(), live_rx));
+    // A model load or an inference still running on a blocking thread past
+    // the grace period is not waited for.
+    runtime.shutdown_timeout(std::time::Duration::from_millis(500));
+    match ran {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("outpost: {e}");

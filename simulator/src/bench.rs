@@ -271,9 +271,23 @@ struct Lab {
 impl Lab {
     /// Publishes a deployment to `device` and waits for its final event.
     async fn deploy(&mut self, device: &str, name: &str, version: &str) -> Result<(DeploymentEvent, Duration), String> {
+        self.deploy_with(device, name, version, None).await
+    }
+
+    /// The same with a probation window (`Some(0)`: none).
+    async fn deploy_with(
+        &mut self,
+        device: &str,
+        name: &str,
+        version: &str,
+        probation_s: Option<u64>,
+    ) -> Result<(DeploymentEvent, Duration), String> {
         let (url, sha) = crate::operator::resolve_manifest(&self.registry_url, name, version).await?;
         self.revision += 1;
         let mut d = deployment(name, version, &url, &sha, None, None);
+        if let Some(seconds) = probation_s {
+            d.policy.probation = Some(outpost_protocol::Probation { seconds: Some(seconds), ..Default::default() });
+        }
         d.revision = self.revision;
         d.deployment_id = format!("bench-{name}-{version}-{}", self.revision);
         let t = Instant::now();
@@ -369,6 +383,9 @@ pub async fn run(spec: BenchSpec) -> Result<Value, String> {
     let mut specs = vec![
         reg(fixtures.join("digits-mlp.onnx"), "digits", "1"),
         reg(fixtures.join("digits-cnn.onnx"), "digits", "2"),
+        // The same model under another version: a swap that changes nothing
+        // but puts it on probation (section 3b).
+        reg(fixtures.join("digits-mlp.onnx"), "digits", "3"),
     ];
     let dense = spec.large_models.join("dense-10mb.onnx");
     let detector = spec.large_models.join("detector-480x640.onnx");
@@ -429,7 +446,9 @@ pub async fn run(spec: BenchSpec) -> Result<Value, String> {
             "ratio_vs_baseline": round2((wall.as_secs_f64() * 1e3) / (baseline.0 + baseline.1)),
         }));
     }
-    let (ev, wall) = lab.deploy("bench", "digits", "1").await?;
+    // Without probation: the figures below are the steady state (section 3b
+    // measures serving on probation).
+    let (ev, wall) = lab.deploy_with("bench", "digits", "1", Some(0)).await?;
     deployments.push(json!({
         "model": "digits@1", "fresh": false, "wall_ms": round(wall.as_secs_f64() * 1e3),
         "timings_ms": ev.timings_ms.unwrap_or_default(),
@@ -464,6 +483,10 @@ pub async fn run(spec: BenchSpec) -> Result<Value, String> {
         ),
     }
     results["http_scoring"] = scoring;
+
+    // 3b. Serving on probation against off probation, the same model.
+    eprintln!("[bench] probation cost");
+    results["probation"] = probation_cost(&mut lab, http, &body, n).await?;
 
     // 2. MQTT round trip through Mosquitto, against a bare echo client.
     eprintln!("[bench] MQTT round trip");
@@ -520,6 +543,41 @@ pub async fn run(spec: BenchSpec) -> Result<Value, String> {
     std::fs::write(&spec.report, markdown(&results, &svg_path))
         .map_err(|e| format!("{}: {e}", spec.report.display()))?;
     Ok(results)
+}
+
+/// Throughput and latency of the same model (digits@1 and digits@3 are the
+/// same file) while it is on probation and while it is not, alternated so
+/// the machine's noise falls on both: off (digits@1, no probation), on
+/// (digits@3 replacing it, 600 s window), three times each, 2 clients.
+async fn probation_cost(lab: &mut Lab, http: u16, body: &[u8], n: usize) -> Result<Value, String> {
+    let path = "/v2/models/digits/infer";
+    let (mut off, mut on) = (Vec::new(), Vec::new());
+    for _ in 0..3 {
+        lab.deploy_with("bench", "digits", "1", Some(0)).await?;
+        let _ = load(http, path, body, n / 10, 2);
+        off.push(load(http, path, body, n, 2));
+        let (ev, _) = lab.deploy_with("bench", "digits", "3", Some(600)).await?;
+        if !ev.detail.as_deref().is_some_and(|d| d.contains("on probation")) {
+            return Err(format!("digits@3 is not on probation: {}", ev.summary()));
+        }
+        let _ = load(http, path, body, n / 10, 2);
+        on.push(load(http, path, body, n, 2));
+    }
+    // Back to the steady state for what follows.
+    lab.deploy_with("bench", "digits", "1", Some(0)).await?;
+    let median = |v: &[Series], f: fn(&Series) -> f64| {
+        let mut x: Vec<f64> = v.iter().map(f).collect();
+        x.sort_by(f64::total_cmp);
+        x[x.len() / 2]
+    };
+    let failed: usize = off.iter().chain(&on).map(|s| s.failed).sum();
+    let (off_rps, on_rps) = (median(&off, |s| s.per_s), median(&on, |s| s.per_s));
+    Ok(json!({
+        "off_probation": off, "on_probation": on, "failed": failed,
+        "off_per_s_median": round(off_rps), "on_per_s_median": round(on_rps),
+        "on_over_off_throughput": round2(on_rps / off_rps.max(1e-9)),
+        "on_over_off_p99": round2(median(&on, |s| s.p99_us) / median(&off, |s| s.p99_us).max(1e-9)),
+    }))
 }
 
 fn round2(x: f64) -> f64 {
@@ -937,6 +995,12 @@ fn goals(r: &Value) -> String {
     let w = &r["swap_under_load"];
     check("no failed request through the swaps", num(&w["failed"]), &|x| x == 0.0, &|x| format!("{x} failed"));
     check("p99 in swap windows ≤ 2x steady", num(&w["p99_swap_over_steady"]), &|x| x <= 2.0, &|x| format!("{x}x"));
+    check(
+        "throughput on probation ≥ 0.9x off probation",
+        num(&r["probation"]["on_over_off_throughput"]),
+        &|x| x >= 0.9,
+        &|x| format!("{x}x"),
+    );
     for d in r["deployment"].as_array().cloned().unwrap_or_default() {
         if d["fresh"] == json!(true) {
             let goal = format!("{}: deployment ≤ 1.2x (download + tract load)", d["model"].as_str().unwrap_or(""));
@@ -1045,6 +1109,27 @@ fn markdown(r: &Value, svg: &Path) -> String {
         "\np99 in swap windows / steady p99: {}.\n\n![timeline]({})\n\n",
         f(&w["p99_swap_over_steady"]),
         svg.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
+    ));
+    let p = &r["probation"];
+    md.push_str(&format!(
+        "## 3b. Serving on probation\n\nThe same model (digits@1 and digits@3 are the same file) served off probation and on probation (digits@3 replacing digits@1 with a 600 s window), alternated three times, 2 keep-alive clients, {} failed requests. The HTTP scoring of section 1 runs off probation.\n\n| | p50 µs | p99 µs | req/s | failed |\n|---|---|---|---|---|\n",
+        f(&p["failed"])
+    ));
+    for (i, (off, on)) in p["off_probation"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .iter()
+        .zip(p["on_probation"].as_array().cloned().unwrap_or_default().iter())
+        .enumerate()
+    {
+        md.push_str(&row(&format!("off probation, round {}", i + 1), off));
+        md.push_str(&row(&format!("on probation, round {}", i + 1), on));
+    }
+    md.push_str(&format!(
+        "\nthroughput on / off probation (medians): {}; p99 on / off: {}.\n\n",
+        f(&p["on_over_off_throughput"]),
+        f(&p["on_over_off_p99"])
     ));
     md.push_str("## 4. Deployment latency (desired → active)\n\n| model | store | wall ms | download | verify | load | validate | activate | baseline download + tract load ms | ratio |\n|---|---|---|---|---|---|---|---|---|---|\n");
     for d in r["deployment"].as_array().cloned().unwrap_or_default() {

@@ -44,8 +44,10 @@ enum Command {
     /// New limits from the configuration (SIGHUP).
     Limits(pipeline::Limits),
     /// The agent stops: interrupt the deployment in progress (it resumes
-    /// at the next start) and end.
+    /// at the next start). Verdicts are still recorded until `Finish`.
     Stop,
+    /// The requests have drained: end once the interrupted deployment has.
+    Finish,
 }
 
 /// The handle the main loop holds.
@@ -70,6 +72,12 @@ impl Deployments {
 
     pub fn stop(&self) {
         let _ = self.tx.send(Command::Stop);
+    }
+
+    /// After [`Deployments::stop`], once no request can reach a version on
+    /// probation any more: the deployer records the last verdicts and ends.
+    pub fn finish(&self) {
+        let _ = self.tx.send(Command::Finish);
     }
 }
 
@@ -101,12 +109,16 @@ pub(crate) struct Deployer {
     /// The record of the version the engine serves (None: no model).
     serving: Option<ActiveRecord>,
     probation: Option<OnProbation>,
+    /// The probation a swap last ended (token, record): a failed verdict it
+    /// sent before it ended still refuses its version.
+    replaced: Option<(u64, ActiveRecord)>,
     running: Option<Running>,
     /// The newest desired state received while another deployment runs.
     queued: Option<(Source, Deployment, &'static str)>,
     commands: mpsc::UnboundedReceiver<Command>,
     verdicts: mpsc::UnboundedReceiver<ProbationEnd>,
     stopping: bool,
+    finishing: bool,
 }
 
 /// What the start-up restore found, for the wiring.
@@ -135,11 +147,13 @@ impl Deployer {
             record,
             serving: None,
             probation: None,
+            replaced: None,
             running: None,
             queued: None,
             commands,
             verdicts,
             stopping: false,
+            finishing: false,
         };
         let restored = d.restore().await;
         (d, Deployments { tx }, restored)
@@ -182,30 +196,50 @@ impl Deployer {
     pub async fn run(mut self) {
         // A deployment accepted before a restart and not finished: resume it
         // from the store and the registry, without waiting for the broker.
-        if let Some(p) = self.record.pending.clone()
-            && let Decision::Deploy(d) = self.reconciler.on_message(p.source, Some(Ok(p.deployment)))
-        {
-            self.start(p.source, d, "resumed after a restart").await;
+        if let Some(p) = self.record.pending.clone() {
+            match self.reconciler.on_message(p.source, Some(Ok(p.deployment.clone()))) {
+                Decision::Deploy(d) => self.start(p.source, d, "resumed after a restart").await,
+                // What the device restored outranks it now (the withdrawal
+                // that made it the target is not replayed): it ends here
+                // rather than staying in progress for good.
+                _ => {
+                    self.record.pending = None;
+                    let d = p.deployment;
+                    self.set_outcome(&d, Outcome::Superseded, None);
+                    self.persist().await;
+                    let detail = "not resumed after a restart: a desired state of higher precedence applies";
+                    self.reporter.event(&d, Phase::Superseded, None, None, Some(detail.into()));
+                }
+            }
         }
         loop {
             let window = self.probation.as_ref().map(|p| p.closes_at);
             tokio::select! {
+                // A verdict first: it concerns what serves now.
+                biased;
+                Some(end) = self.verdicts.recv() => self.on_verdict(end).await,
                 cmd = self.commands.recv() => match cmd {
                     Some(Command::Desired { source, payload, max_bytes, recorded }) => {
                         self.on_desired(source, &payload, max_bytes, recorded).await
                     }
                     Some(Command::Limits(l)) => self.on_limits(l),
-                    Some(Command::Stop) | None => self.on_stop(),
+                    Some(Command::Stop) => self.on_stop(),
+                    Some(Command::Finish) | None => {
+                        self.on_stop();
+                        self.finishing = true;
+                    }
                 },
                 ended = async { (&mut self.running.as_mut().expect("guarded").job).await }, if self.running.is_some() => {
                     self.on_job_ended(ended).await
                 }
-                Some(end) = self.verdicts.recv() => self.on_verdict(end).await,
                 _ = tokio::time::sleep_until(window.unwrap_or_else(Instant::now)), if window.is_some() => {
                     self.on_window_closed()
                 }
             }
-            if self.stopping && self.running.is_none() {
+            if self.finishing && self.running.is_none() {
+                while let Ok(end) = self.verdicts.try_recv() {
+                    self.on_verdict(end).await;
+                }
                 break;
             }
         }
@@ -382,7 +416,7 @@ impl Deployer {
                 self.reporter.event(&d, Phase::Failed, None, Some(e), None);
             }
         }
-        if let Some((source, d, _)) = self.queued.take() {
+        if let Some((source, d, _)) = self.queued.take().filter(|_| !self.stopping) {
             self.launch(source, d).await;
         }
     }
@@ -391,8 +425,16 @@ impl Deployer {
     async fn swap_in(&mut self, source: Source, d: &Deployment, prepared: Prepared) {
         let Prepared { model, listener, started, mut timings } = prepared;
         let activating = std::time::Instant::now();
-        if let (Some(http), Some(l)) = (self.pipeline.http.get(), listener) {
-            http.take_over(l);
+        if let Some(http) = self.pipeline.http.get() {
+            match listener {
+                Some(l) => http.take_over(l),
+                // Bound already when prepared; a rollback since may have moved it.
+                None => {
+                    if let Err(e) = http.move_to(d.serving.http_port) {
+                        tracing::error!(error = %e, "the deployment's HTTP port");
+                    }
+                }
+            }
         }
         let limits = self.pipeline.limits.load();
         let before = self.engine.pool_sizes();
@@ -404,30 +446,45 @@ impl Deployer {
             tracing::info!(pool = ?self.engine.pool_sizes(), "worker pool resized by the deployment");
         }
         let record = ActiveRecord { source, deployment: d.clone(), since: crate::sys::now_rfc3339() };
-        // Previous is what actually serves: after a rollback whose verdict
-        // is still queued, that is the restored version, not the one on probation.
-        let serving_now = self.engine.active();
-        let previous = serving_now.as_ref().and_then(|m| {
-            self.serving
-                .iter()
-                .chain(self.probation.as_ref().map(|p| &p.previous))
-                .find(|a| a.deployment.model.manifest_sha256 == m.manifest_sha256)
-                .cloned()
-        });
-        let limits = ProbationLimits::from_policy(d.policy.probation.as_ref());
+        // A probation in progress ends here; its verdict, if one is already
+        // on its way, is recognised as stale by its token.
+        let old = self.probation.take();
+        let known: Vec<ActiveRecord> =
+            self.serving.iter().cloned().chain(old.as_ref().map(|p| p.previous.clone())).collect();
+        if let Some(old) = old {
+            self.replaced = Some((old.token, old.record));
+        }
         let mut described = None;
-        self.probation = None;
-        match (limits, previous, serving_now) {
-            (Some(limits), Some(previous), Some(previous_model))
-                if previous.deployment.model.manifest_sha256 != model.manifest_sha256 =>
-            {
+        match ProbationLimits::from_policy(d.policy.probation.as_ref()) {
+            Some(limits) => {
                 let (window, text) = (limits.window, limits.describe());
-                let token = self.engine.swap_on_probation(model.clone(), previous_model, limits);
-                self.probation =
-                    Some(OnProbation { token, closes_at: Instant::now() + window, record: record.clone(), previous });
-                described = Some(text);
+                // "Previous" is what the engine actually serves at the swap:
+                // after a rollback whose verdict is still queued, the restored
+                // version, not the one that was on probation.
+                if let Some((token, previous_model)) = self.engine.swap_on_probation(model.clone(), limits) {
+                    let previous = known
+                        .iter()
+                        .find(|a| a.deployment.model.manifest_sha256 == previous_model.manifest_sha256)
+                        .or(known.first())
+                        .cloned();
+                    match previous {
+                        Some(previous) => {
+                            self.probation = Some(OnProbation {
+                                token,
+                                closes_at: Instant::now() + window,
+                                record: record.clone(),
+                                previous,
+                            });
+                            described = Some(text);
+                        }
+                        // Nothing on record to roll back to: serve without probation.
+                        None => {
+                            self.engine.swap(Some(model.clone()));
+                        }
+                    }
+                }
             }
-            _ => {
+            None => {
                 self.engine.swap(Some(model.clone()));
             }
         }
@@ -484,8 +541,22 @@ impl Deployer {
     async fn on_verdict(&mut self, end: ProbationEnd) {
         let current = self.probation.as_ref().is_some_and(|p| p.token == end.token);
         let Some(p) = (if current { self.probation.take() } else { None }) else {
-            if let Verdict::Fail(evidence) = end.verdict {
-                tracing::warn!(%evidence, "a probation verdict on a version already replaced");
+            // Stale: the engine rolled back, then a newer version was swapped
+            // in before this was read. The version is refused; what serves
+            // now was recorded by its own swap.
+            let replaced = self.replaced.take_if(|(token, _)| *token == end.token);
+            if let (Verdict::Fail(evidence), Some((_, refused))) = (end.verdict, replaced) {
+                let error = ErrorInfo::new(
+                    ErrorCode::ProbationFailed,
+                    format!("{}@{}: {evidence}", end.model.name, end.model.version),
+                );
+                self.record.rolled_back = Some(refused.clone());
+                self.persist().await;
+                let detail = format!(
+                    "rolled back to {}@{}, which a newer deployment has since replaced",
+                    end.previous.name, end.previous.version
+                );
+                self.reporter.event(&refused.deployment, Phase::RolledBack, None, Some(error), Some(detail));
             }
             return;
         };
@@ -525,7 +596,10 @@ impl Deployer {
     }
 
     async fn undeploy(&mut self) {
-        self.queued = None;
+        if let Some((_, queued, _)) = self.queued.take() {
+            let detail = "the desired state was withdrawn before it started".to_string();
+            self.reporter.event(&queued, Phase::Superseded, None, None, Some(detail));
+        }
         if let Some(r) = &self.running {
             r.cancel.cancel();
         }

@@ -158,6 +158,7 @@ async fn after_a_burst_of_desired_states_the_file_is_the_last_published_state() 
         s.await.unwrap();
     }
     lab.deployments.stop();
+    lab.deployments.finish();
     lab.task.await.unwrap();
     let mut last_state = None;
     while let Ok(Some(m)) = tokio::time::timeout(Duration::from_millis(100), lab.inbox.recv()).await {
@@ -177,4 +178,45 @@ async fn after_a_burst_of_desired_states_the_file_is_the_last_published_state() 
         "the file and the retained state disagree on what is active"
     );
     assert!(on_disk.seq <= last_state.seq);
+}
+
+/// A version on probation that fails a request while the agent drains (the
+/// deployment is stopped, requests still finish): the rollback is recorded
+/// before the deployer ends, so the restarted agent serves the old version.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollback_during_the_drain_is_recorded() {
+    let mut lab = Lab::start().await;
+    let v1 = bundle(&lab.registry, "digits", "1", "digits-mlp.onnx");
+    let v2 = bundle(&lab.registry, "digits", "2", "digits-fragile.onnx");
+    let d1 = desired("digits", "1", &v1, 1);
+    lab.publish(&d1).await;
+    assert_eq!(lab.until_final(&d1).await.phase, Phase::Active);
+    let mut d2 = desired("digits", "2", &v2, 2);
+    d2.policy.probation = Some(outpost_protocol::Probation { seconds: Some(600), ..Default::default() });
+    lab.publish(&d2).await;
+    assert_eq!(lab.until_final(&d2).await.phase, Phase::Active);
+
+    lab.deployments.stop();
+    // The first pixel at 16 turns the fragile model non-finite: v1 answers.
+    let mut pixels = vec![0.0f64; 64];
+    pixels[0] = 16.0;
+    let req = outpost_protocol::InferRequest::from_json(
+        serde_json::json!({"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "data": pixels}]})
+            .to_string()
+            .as_bytes(),
+    )
+    .unwrap();
+    assert_eq!(lab.engine.infer(req).await.unwrap().model_version, "1");
+    lab.deployments.finish();
+    (&mut lab.task).await.unwrap();
+    let on_disk: record::Record = serde_json::from_slice(&std::fs::read(lab.data.join(record::FILE)).unwrap()).unwrap();
+    assert_eq!(on_disk.active.unwrap().deployment.model.version, "1");
+    assert_eq!(on_disk.rolled_back.unwrap().deployment.deployment_id, d2.deployment_id);
+    let rolled_back = loop {
+        let ev = lab.event().await;
+        if ev.phase == Phase::RolledBack {
+            break ev;
+        }
+    };
+    assert_eq!(rolled_back.deployment_id, d2.deployment_id);
 }

@@ -94,7 +94,7 @@ pub async fn publish(
         };
         let is_online = *online.borrow();
         if is_online {
-            replay(&client, &journal, max_packet_size).await;
+            replay(&client, &journal, max_packet_size, &online).await;
         }
         match item {
             None => {}
@@ -117,17 +117,22 @@ fn lock(j: &Mutex<Journal>) -> std::sync::MutexGuard<'_, Journal> {
     j.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Publishes what the journal holds, oldest first, then trims it.
-async fn replay(client: &Link, journal: &Arc<Mutex<Journal>>, max_packet_size: usize) {
+/// Publishes what the journal holds, oldest first, then trims what went
+/// out; stops early if the connection drops meanwhile.
+async fn replay(client: &Link, journal: &Arc<Mutex<Journal>>, max_packet_size: usize, online: &watch::Receiver<bool>) {
     let pending = lock(journal).pending();
     if pending.is_empty() {
         return;
     }
     tracing::info!(messages = pending.len(), "publishing what was journaled while offline");
     crate::sys::crash_point("journal-taken");
-    let n = pending.len();
+    let mut n = 0;
     for m in pending {
+        if !*online.borrow() {
+            break;
+        }
         send(client, m, max_packet_size).await;
+        n += 1;
     }
     let j = journal.clone();
     let _ = tokio::task::spawn_blocking(move || lock(&j).forget_first(n)).await;

@@ -121,16 +121,12 @@ impl Link {
         }
     }
 
-    /// Queues a subscription without waiting (the main loop never waits on
-    /// the request channel it must keep draining).
-    pub fn try_subscribe(&self, topic: String) {
+    /// Subscribes at QoS 1 (waits for room in the request channel).
+    pub async fn subscribe(&self, topic: String) -> Result<(), String> {
         let qos = QoS::AtLeastOnce;
-        let queued = match &*self.0.load_full() {
-            Client::V4(c) => c.try_subscribe(topic.clone(), qos).map_err(|e| e.to_string()),
-            Client::V5(c) => c.try_subscribe(topic.clone(), qos5(qos)).map_err(|e| e.to_string()),
-        };
-        if let Err(e) = queued {
-            tracing::error!(topic = %topic, error = %e, "subscribe failed");
+        match &*self.0.load_full() {
+            Client::V4(c) => c.subscribe(topic, qos).await.map_err(|e| e.to_string()),
+            Client::V5(c) => c.subscribe(topic, qos5(qos)).await.map_err(|e| e.to_string()),
         }
     }
 

@@ -249,11 +249,13 @@ async fn metrics(State(engine): State<Arc<Engine>>) -> Response {
 }
 
 /// Serves the router on `listener` until `shutdown` completes; connections
-/// still open then get at most 2 s more.
+/// still open then get at most 2 s more, or all the time they need when the
+/// agent is `stopping` (its drain bounds that by the grace period).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     engine: Arc<Engine>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    stopping: Arc<std::sync::atomic::AtomicBool>,
 ) {
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     use axum::serve::ListenerExt;
@@ -269,7 +271,11 @@ pub async fn serve(
     let handle = tokio::spawn(async move { server.await });
     shutdown.await;
     let _ = tx.send(());
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), handle).await;
+    if stopping.load(std::sync::atomic::Ordering::SeqCst) {
+        let _ = handle.await;
+    } else {
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), handle).await;
+    }
 }
 
 /// The local endpoint, which a deployment's `serving.http_port` can move to
@@ -284,6 +290,9 @@ pub struct Endpoint {
     engine: Arc<Engine>,
     runtime: tokio::runtime::Handle,
     current: std::sync::Mutex<Option<Running>>,
+    /// Set by [`Endpoint::stop`]: no new port, and requests in flight get
+    /// all the time the agent's drain gives them.
+    stopping: Arc<std::sync::atomic::AtomicBool>,
 }
 
 #[derive(Debug)]
@@ -308,6 +317,7 @@ impl Endpoint {
             engine,
             runtime,
             current: std::sync::Mutex::new(None),
+            stopping: Default::default(),
         };
         if let Some(p) = port.filter(|p| *p != bind.port()) {
             match ep.move_to(Some(p)) {
@@ -337,11 +347,20 @@ impl Endpoint {
     }
 
     fn run(&self, listener: tokio::net::TcpListener) {
+        if self.stopping.load(std::sync::atomic::Ordering::SeqCst) {
+            // The agent is stopping: the listener closes as it drops.
+            return;
+        }
         let addr = listener.local_addr().unwrap_or_else(|_| std::net::SocketAddr::new(self.ip, self.default_port));
         let (stop, rx) = tokio::sync::oneshot::channel::<()>();
-        let task = self.runtime.spawn(serve(listener, self.engine.clone(), async move {
-            let _ = rx.await;
-        }));
+        let task = self.runtime.spawn(serve(
+            listener,
+            self.engine.clone(),
+            async move {
+                let _ = rx.await;
+            },
+            self.stopping.clone(),
+        ));
         tracing::info!(%addr, "Open Inference Protocol endpoint listening");
         if let Some(old) = self.lock().replace(Running { addr, stop, task }) {
             tracing::info!(addr = %old.addr, "the HTTP endpoint moved; the old port closes");
@@ -384,8 +403,9 @@ impl Endpoint {
         self.run(listener);
     }
 
-    /// Stops listening; open connections get at most 2 s.
+    /// Stops listening; open connections finish (the caller bounds the wait).
     pub async fn stop(&self) {
+        self.stopping.store(true, std::sync::atomic::Ordering::SeqCst);
         let running = self.lock().take();
         if let Some(r) = running {
             let _ = r.stop.send(());

@@ -285,21 +285,36 @@ impl Engine {
     }
 
     /// Swaps in `model` on probation: until the window closes it is watched,
-    /// requests it fails are answered by `previous`, and breaking a limit
-    /// swaps `previous` back at once. Returns a token for [`Engine::close_probation`].
-    pub fn swap_on_probation(&self, model: Arc<Model>, previous: Arc<Model>, limits: Limits) -> u64 {
+    /// requests it fails are answered by the version it replaced, and
+    /// breaking a limit swaps that version back at once. The version it
+    /// replaces is read under the probation lock, so a rollback in progress
+    /// is seen: returns the probation's token and that version, or None (no
+    /// model served, or the same version) after a plain swap. Any probation
+    /// in progress ends (without a verdict: it was replaced).
+    pub fn swap_on_probation(&self, model: Arc<Model>, limits: Limits) -> Option<(u64, Arc<Model>)> {
+        let mut p = self.lock_probation();
+        self.take_probation(&mut p, |_| true);
+        let previous = self.active.load_full().filter(|m| m.manifest_sha256 != model.manifest_sha256);
+        let Some(previous) = previous else {
+            self.active.store(Some(model));
+            return None;
+        };
         let baseline = {
             let id = Arc::as_ptr(&previous) as usize;
             let recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
             let samples: Vec<u64> = recent.iter().filter(|(m, _)| *m == id).map(|(_, us)| *us).collect();
-            crate::serve::probation::p99_us(&samples).map(std::time::Duration::from_micros)
+            probation::p99_us(&samples).map(std::time::Duration::from_micros)
         };
         let token = self.probation_tokens.fetch_add(1, Ordering::Relaxed) + 1;
-        let mut p = self.lock_probation();
-        *p = Some(OnProbation { token, model: model.clone(), previous, watch: Watch::new(limits, baseline) });
+        *p = Some(OnProbation {
+            token,
+            model: model.clone(),
+            previous: previous.clone(),
+            watch: Watch::new(limits, baseline),
+        });
         self.on_probation.store(true, Ordering::SeqCst);
         self.active.store(Some(model));
-        token
+        Some((token, previous))
     }
 
     /// Closes the window of probation `token` (if it is still running): the

@@ -51,11 +51,12 @@ impl Limits {
     }
 }
 
-/// What the new version did so far. Recording a request costs O(1): its
-/// latency goes into a histogram (constant memory, 2 significant digits),
-/// and the p99 is computed only when it can have crossed a limit — when
-/// the request just recorded is slower than the limit (a faster one can
-/// only lower the p99), or when `min_requests` is reached.
+/// What the new version did so far. Recording a request costs O(1): the
+/// answers slower than each latency limit are counted, which judges the
+/// limit exactly (the p99 is over a limit when more than 1% of the answers
+/// are: the nearest-rank p99 is the answer at rank ceil(0.99 n)), and the
+/// latency goes into a histogram (constant memory, 2 significant digits)
+/// that only words the evidence and the summary.
 #[derive(Debug, Clone)]
 pub struct Watch {
     pub limits: Limits,
@@ -67,7 +68,10 @@ pub struct Watch {
     latencies_us: hdrhistogram::Histogram<u32>,
     /// The slowest answer, exact (the histogram rounds up within 1%).
     max_us: u64,
-    /// How many times the p99 was computed (for the cost test).
+    /// Answers slower than `max_p99`, and than `max_p99_ratio` x the baseline.
+    over_absolute: u64,
+    over_relative: u64,
+    /// How many times the histogram was read for a p99 (for the cost test).
     judged: u64,
 }
 
@@ -108,18 +112,25 @@ impl Watch {
             first_failure: None,
             latencies_us,
             max_us: 0,
+            over_absolute: 0,
+            over_relative: 0,
             judged: 0,
         }
     }
 
-    /// The latency above which one answer can move the p99 over a limit.
-    fn latency_threshold_us(&self) -> Option<u64> {
-        let absolute = self.limits.max_p99.map(|d| d.as_micros() as u64);
-        let relative = match (self.limits.max_p99_ratio, self.baseline_p99) {
-            (Some(r), Some(base)) => Some((base.as_micros() as f64 * r) as u64),
+    /// The relative limit, when there is a baseline to judge against.
+    fn relative_limit(&self) -> Option<Duration> {
+        match (self.limits.max_p99_ratio, self.baseline_p99) {
+            (Some(r), Some(base)) => Some(base.mul_f64(r)),
             _ => None,
-        };
-        absolute.into_iter().chain(relative).min()
+        }
+    }
+
+    /// Whether more than 1% of the `answered` answers are in `over`: the
+    /// nearest-rank p99 is then above the limit they were counted against.
+    fn p99_over(over: u64, answered: u64) -> bool {
+        let at_or_below = (answered as f64 * 0.99).ceil() as u64;
+        over > answered - at_or_below.min(answered)
     }
 
     /// Counts one request and judges at once: a non-finite output fails the
@@ -132,8 +143,14 @@ impl Watch {
                 let us = latency.as_micros() as u64;
                 self.latencies_us.saturating_record(us.clamp(1, MAX_TRACKED_US));
                 self.max_us = self.max_us.max(us);
-                latency_may_breach = self.latency_threshold_us().is_some_and(|t| us > t)
-                    || self.latencies_us.len() == self.limits.min_requests;
+                let over_absolute = self.limits.max_p99.is_some_and(|max| latency > max);
+                let over_relative = self.relative_limit().is_some_and(|max| latency > max);
+                self.over_absolute += u64::from(over_absolute);
+                self.over_relative += u64::from(over_relative);
+                // A faster answer can only lower the p99: the limits are judged
+                // again only on a slower one, or when `min_requests` is reached.
+                latency_may_breach =
+                    over_absolute || over_relative || self.latencies_us.len() == self.limits.min_requests;
             }
             Outcome::Failed { message, non_finite } => {
                 self.failures += 1;
@@ -165,6 +182,9 @@ impl Watch {
         }
         if self.requests < self.limits.min_requests {
             summary.push_str(&format!(" (fewer than the {} needed to judge)", self.limits.min_requests));
+        }
+        if self.limits.max_p99_ratio.is_some() && self.baseline_p99.is_none() {
+            summary.push_str("; the p99 ratio was not judged: the previous version had no recent traffic");
         }
         Verdict::Pass(summary)
     }
@@ -198,29 +218,31 @@ impl Watch {
     }
 
     fn latency_breach(&mut self) -> Option<String> {
-        if self.latencies_us.len() < self.limits.min_requests || self.latency_threshold_us().is_none() {
+        let answered = self.latencies_us.len();
+        if answered < self.limits.min_requests {
+            return None;
+        }
+        let absolute = self.limits.max_p99.filter(|_| Self::p99_over(self.over_absolute, answered));
+        let relative = self.relative_limit().filter(|_| Self::p99_over(self.over_relative, answered));
+        if absolute.is_none() && relative.is_none() {
             return None;
         }
         self.judged += 1;
-        let p99 = self.p99()?;
-        if let Some(max) = self.limits.max_p99
-            && p99 > max
-        {
+        // The p99 for the evidence, from the histogram (within 1%), and at
+        // least over the limit it broke (which the exact count says it is).
+        let shown = |limit: Duration| self.p99().unwrap_or_default().max(limit + Duration::from_micros(1));
+        if let Some(max) = absolute {
             return Some(format!(
-                "p99 latency {:.2} ms over the limit of {:.2} ms ({} requests)",
-                ms(p99),
-                ms(max),
-                self.latencies_us.len()
+                "p99 latency {:.2} ms over the limit of {:.2} ms ({answered} requests)",
+                ms(shown(max)),
+                ms(max)
             ));
         }
-        if let (Some(ratio), Some(base)) = (self.limits.max_p99_ratio, self.baseline_p99)
-            && p99.as_secs_f64() > base.as_secs_f64() * ratio
-        {
+        if let (Some(limit), Some(ratio), Some(base)) = (relative, self.limits.max_p99_ratio, self.baseline_p99) {
             return Some(format!(
-                "p99 latency {:.2} ms over {ratio} x the previous version's {:.2} ms ({} requests)",
-                ms(p99),
-                ms(base),
-                self.latencies_us.len()
+                "p99 latency {:.2} ms over {ratio} x the previous version's {:.2} ms ({answered} requests)",
+                ms(shown(limit)),
+                ms(base)
             ));
         }
         None
@@ -337,5 +359,25 @@ mod tests {
         assert!(took < Duration::from_secs(10), "300,000 requests judged in {took:?}");
         let Verdict::Pass(summary) = w.close() else { panic!("must pass") };
         assert!(summary.starts_with("probation passed: 300000 request(s), 0 failed, p99 1."), "{summary}");
+    }
+
+    /// The limit is judged exactly, not from the histogram's rounded buckets:
+    /// 5 slow answers in 1000 leave the p99 at 9.99 ms, under a 10 ms limit;
+    /// 11 put it over.
+    #[test]
+    fn the_p99_limit_is_exact_at_its_edge() {
+        let l = limits(Probation { max_p99_ms: Some(10.0), min_requests: Some(20), ..Default::default() });
+        let mut w = Watch::new(l.clone(), None);
+        for i in 0..1000 {
+            let us = if i >= 995 { 50_000 } else { 9_990 };
+            assert_eq!(w.record(ok(us)), Verdict::Watching, "request {i}");
+        }
+        assert!(matches!(w.close(), Verdict::Pass(_)));
+        let mut w = Watch::new(l, None);
+        let verdicts: Vec<Verdict> = (0..1000).map(|i| w.record(ok(if i < 11 { 50_000 } else { 9_990 }))).collect();
+        let Some(Verdict::Fail(e)) = verdicts.into_iter().find(|v| v != &Verdict::Watching) else {
+            panic!("11 slow answers in 1000 must fail")
+        };
+        assert!(e.starts_with("p99 latency ") && e.contains("over the limit of 10.00 ms"), "{e}");
     }
 }

@@ -8,34 +8,8 @@ use super::*;
 /// publishes them in order: the operator sees every phase, and a true state.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_during_a_broker_outage_are_journaled_and_replayed_in_order() {
-    let mut broker = Mosquitto::start_with(true);
-    let reg = Registry::start().await;
-    reg.register("digits-mlp.onnx", "digits", "1");
-    reg.register("digits-cnn.onnx", "digits", "2");
-    let faulty = FaultyRegistry::start(reg.root().to_path_buf()).await;
-    let data = tempfile::tempdir().unwrap();
-    let dir = data.path().join("dev20");
-    // A watcher whose session the broker keeps across its restart.
-    let mut w = Watcher::connect(&broker, "dev20", "", false).await;
-    let agent =
-        Agent::start_with(broker.port, "dev20", &dir, &[], &["--stall-timeout", "1", "--download-attempts", "4"]);
-    w.online().await;
-    assert_eq!(w.deploy(&reg, "digits", "1").await.0.phase, Phase::Active);
-
-    // v2's model stalls for a while: the broker goes down during the download.
-    faulty.inject("digits/2/model.onnx", &[Fault::Stall(2000, Duration::from_secs(3))]);
-    let (url, sha) = outpost_sim::operator::resolve_manifest(&reg.url, "digits", "2").await.unwrap();
-    let d = outpost_sim::operator::deployment("digits", "2", &url.replace(&reg.url, &faulty.url), &sha, None, None);
-    w.publish_desired(d.to_json()).await;
-    let mut seen = vec![w.event(|e| e.deployment_id == d.deployment_id && e.phase == Phase::Downloading).await];
-    broker.stop();
-
-    // The deployment completes while the broker is away.
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while persisted_active(&dir).as_deref() != Some("2") {
-        assert!(std::time::Instant::now() < deadline, "the deployment did not complete offline");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let Outage { mut broker, dir, mut w, agent, d, mut seen, _reg, _faulty, _data } =
+        deploy_through_an_outage("dev20").await;
     let journal = std::fs::read_to_string(dir.join("journal.jsonl")).unwrap();
     assert!(journal.lines().count() >= 4, "{journal}");
     // The local endpoint serves the new version while the broker is still away.

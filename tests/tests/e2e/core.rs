@@ -2,7 +2,7 @@
 //! watchdog during a broker outage, late probation verdicts, requests at
 //! SIGTERM, superseded deployments, a crash while the journal is replayed.
 
-use super::persisted_active;
+use super::{Outage, persisted_active};
 use outpost_protocol::{ErrorCode, Outcome, Phase, Probation};
 use outpost_sim::operator::{deployment, resolve_manifest};
 use outpost_tests::*;
@@ -177,33 +177,8 @@ async fn a_superseded_deployment_leaves_the_http_port_where_it_was() {
 /// messages were published, so a crash during the replay lost them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crash_while_the_journal_is_replayed_loses_nothing() {
-    let mut broker = Mosquitto::start_with(true);
-    let reg = Registry::start().await;
-    reg.register("digits-mlp.onnx", "digits", "1");
-    reg.register("digits-cnn.onnx", "digits", "2");
-    let faulty = FaultyRegistry::start(reg.root().to_path_buf()).await;
-    let data = tempfile::tempdir().unwrap();
-    let dir = data.path().join("core6");
-    let mut w = Watcher::connect(&broker, "core6", "", false).await;
-    let mut agent =
-        Agent::start_with(broker.port, "core6", &dir, &[], &["--stall-timeout", "1", "--download-attempts", "4"]);
-    w.online().await;
-    assert_eq!(w.deploy(&reg, "digits", "1").await.0.phase, Phase::Active);
-
-    // v2 completes while the broker is away: its events go to the journal.
-    faulty.inject("digits/2/model.onnx", &[Fault::Stall(2000, Duration::from_secs(3))]);
-    let (url, sha) = resolve_manifest(&reg.url, "digits", "2").await.unwrap();
-    let d = deployment("digits", "2", &url.replace(&reg.url, &faulty.url), &sha, None, None);
-    w.publish_desired(d.to_json()).await;
-    w.event(|e| e.deployment_id == d.deployment_id && e.phase == Phase::Downloading).await;
-    broker.stop();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let journaled = |dir: &std::path::Path| std::fs::read_to_string(dir.join("journal.jsonl")).unwrap_or_default();
-    while persisted_active(&dir).as_deref() != Some("2") || !journaled(&dir).contains(r#"\"phase\":\"active\""#) {
-        assert!(Instant::now() < deadline, "the deployment did not complete offline: {}", journaled(&dir));
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-
+    let Outage { mut broker, dir, mut w, mut agent, d, _reg, _faulty, _data, .. } =
+        super::deploy_through_an_outage("core6").await;
     // The broker returns; the agent dies while it replays the journal.
     restart_with(&mut agent, &[("OUTPOST_CRASH_AT", "journal-taken")]);
     broker.restart();
