@@ -53,6 +53,12 @@ impl From<ErrorInfo> for FetchError {
     }
 }
 
+impl From<crate::deploy::store::StoreError> for FetchError {
+    fn from(e: crate::deploy::store::StoreError) -> Self {
+        FetchError::Failed(e.into())
+    }
+}
+
 /// Timeouts and retry policy.
 #[derive(Debug, Clone)]
 pub struct FetchConfig {

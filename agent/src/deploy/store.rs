@@ -26,9 +26,49 @@ pub struct Store {
     tmp_counter: AtomicU64,
 }
 
-fn internal(what: &str, e: &std::io::Error) -> ErrorInfo {
-    let code = if e.raw_os_error() == Some(28) { ErrorCode::DiskFull } else { ErrorCode::Internal };
-    ErrorInfo::new(code, format!("{what}: {e}"))
+/// What can go wrong in the store. [`StoreError::code`] is the wire's error
+/// code; the message is what the operator reads.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// A filesystem operation failed (`disk_full` when the disk is full).
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A stored file no longer has the digest or size its manifest gives.
+    #[error("stored {path}: expected sha256 {}, got {}", short_digest(expected), short_digest(found))]
+    Corrupted { path: String, expected: String, found: String },
+    /// The stored manifest is not a valid manifest.
+    #[error("{0}")]
+    Manifest(#[from] outpost_protocol::ProtocolError),
+    /// A file of the bundle takes the name of the manifest, which the agent writes.
+    #[error("files: \"{0}\" is the name of the manifest itself, which the agent writes")]
+    ReservedName(String),
+}
+
+impl StoreError {
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            StoreError::Io { source, .. } if source.raw_os_error() == Some(28) => ErrorCode::DiskFull,
+            StoreError::Io { .. } => ErrorCode::Internal,
+            StoreError::Corrupted { .. } => ErrorCode::DigestMismatch,
+            StoreError::Manifest(e) => e.code,
+            StoreError::ReservedName(_) => ErrorCode::InvalidManifest,
+        }
+    }
+}
+
+/// At the wire: code and message.
+impl From<StoreError> for ErrorInfo {
+    fn from(e: StoreError) -> ErrorInfo {
+        ErrorInfo::new(e.code(), e.to_string())
+    }
+}
+
+fn internal(what: &str, source: std::io::Error) -> StoreError {
+    StoreError::Io { what: what.to_string(), source }
 }
 
 impl Store {
@@ -67,11 +107,11 @@ impl Store {
     }
 
     /// Moves a fully written and verified temp file into the blob store.
-    pub fn commit_blob(&self, tmp: &Path, sha256: &str) -> Result<(), ErrorInfo> {
-        File::open(tmp).and_then(|f| f.sync_all()).map_err(|e| internal("syncing a download", &e))?;
+    pub fn commit_blob(&self, tmp: &Path, sha256: &str) -> Result<(), StoreError> {
+        File::open(tmp).and_then(|f| f.sync_all()).map_err(|e| internal("syncing a download", e))?;
         let dest = self.blob_path(sha256);
-        fs::rename(tmp, &dest).map_err(|e| internal("storing a blob", &e))?;
-        sync_dir(dest.parent().unwrap_or(&self.root)).map_err(|e| internal("syncing the blob directory", &e))
+        fs::rename(tmp, &dest).map_err(|e| internal("storing a blob", e))?;
+        sync_dir(dest.parent().unwrap_or(&self.root)).map_err(|e| internal("syncing the blob directory", e))
     }
 
     pub fn version_dir(&self, manifest_sha256: &str) -> PathBuf {
@@ -85,7 +125,7 @@ impl Store {
         manifest: &Manifest,
         manifest_bytes: &[u8],
         manifest_sha256: &str,
-    ) -> Result<PathBuf, ErrorInfo> {
+    ) -> Result<PathBuf, StoreError> {
         let dest = self.version_dir(manifest_sha256);
         if dest.join("manifest.json").is_file() {
             return Ok(dest);
@@ -93,65 +133,56 @@ impl Store {
         // The agent writes the manifest beside the files: a file of that name
         // would be a hard link to a blob other versions share.
         if let Some(f) = manifest.files.iter().find(|f| f.path.eq_ignore_ascii_case(MANIFEST_FILE)) {
-            return Err(ErrorInfo::new(
-                ErrorCode::InvalidManifest,
-                format!("files: \"{}\" is the name of the manifest itself, which the agent writes", f.path),
-            ));
+            return Err(StoreError::ReservedName(f.path.clone()));
         }
         let tmp = self.tmp_path("version");
-        fs::create_dir_all(&tmp).map_err(|e| internal("creating a version", &e))?;
+        fs::create_dir_all(&tmp).map_err(|e| internal("creating a version", e))?;
         for f in &manifest.files {
             let target = tmp.join(&f.path);
             if let Some(parent) = target.parent() {
-                fs::create_dir_all(parent).map_err(|e| internal(&f.path, &e))?;
+                fs::create_dir_all(parent).map_err(|e| internal(&f.path, e))?;
             }
             let blob = self.blob_path(&f.sha256);
             // Hard links cost no space; blobs are immutable, so sharing is safe
             // (tract memory-maps the model: a file is never rewritten in place).
             if fs::hard_link(&blob, &target).is_err() {
                 fs::copy(&blob, &target)
-                    .map_err(|e| internal(&format!("{}: copying from the blob store", f.path), &e))?;
+                    .map_err(|e| internal(&format!("{}: copying from the blob store", f.path), e))?;
             }
         }
-        write_file_synced(&tmp.join(MANIFEST_FILE), manifest_bytes).map_err(|e| internal(MANIFEST_FILE, &e))?;
-        sync_tree(&tmp).map_err(|e| internal("syncing a version", &e))?;
+        write_file_synced(&tmp.join(MANIFEST_FILE), manifest_bytes).map_err(|e| internal(MANIFEST_FILE, e))?;
+        sync_tree(&tmp).map_err(|e| internal("syncing a version", e))?;
         crate::sys::crash_point("version-unrenamed");
         if let Err(e) = fs::rename(&tmp, &dest) {
             let _ = fs::remove_dir_all(&tmp);
             if dest.join("manifest.json").is_file() {
                 return Ok(dest);
             }
-            return Err(internal("installing a version", &e));
+            return Err(internal("installing a version", e));
         }
-        sync_dir(&self.root.join("versions")).map_err(|e| internal("syncing versions", &e))?;
+        sync_dir(&self.root.join("versions")).map_err(|e| internal("syncing versions", e))?;
         Ok(dest)
     }
 
     /// Re-reads a stored version and checks every file against its manifest,
     /// so a corrupted disk is caught before the model is loaded.
-    pub fn verify_version(&self, manifest_sha256: &str) -> Result<(PathBuf, Manifest, Vec<u8>), ErrorInfo> {
+    pub fn verify_version(&self, manifest_sha256: &str) -> Result<(PathBuf, Manifest, Vec<u8>), StoreError> {
         let dir = self.version_dir(manifest_sha256);
         let bytes = fs::read(dir.join("manifest.json"))
-            .map_err(|e| internal(&format!("stored version {}", short_digest(manifest_sha256)), &e))?;
-        let (digest, _) = sha256_file(&dir.join("manifest.json")).map_err(|e| internal("manifest.json", &e))?;
+            .map_err(|e| internal(&format!("stored version {}", short_digest(manifest_sha256)), e))?;
+        let (digest, _) = sha256_file(&dir.join("manifest.json")).map_err(|e| internal("manifest.json", e))?;
         if digest != manifest_sha256 {
-            return Err(ErrorInfo::new(
-                ErrorCode::DigestMismatch,
-                format!(
-                    "stored manifest.json: expected sha256 {}, got {}",
-                    short_digest(manifest_sha256),
-                    short_digest(&digest)
-                ),
-            ));
+            return Err(StoreError::Corrupted {
+                path: MANIFEST_FILE.into(),
+                expected: manifest_sha256.into(),
+                found: digest,
+            });
         }
-        let manifest = Manifest::from_json(&bytes).map_err(|e| e.info())?;
+        let manifest = Manifest::from_json(&bytes)?;
         for f in &manifest.files {
-            let (d, n) = sha256_file(&dir.join(&f.path)).map_err(|e| internal(&f.path, &e))?;
+            let (d, n) = sha256_file(&dir.join(&f.path)).map_err(|e| internal(&f.path, e))?;
             if n != f.size || d != f.sha256 {
-                return Err(ErrorInfo::new(
-                    ErrorCode::DigestMismatch,
-                    format!("stored {}: expected sha256 {}, got {}", f.path, short_digest(&f.sha256), short_digest(&d)),
-                ));
+                return Err(StoreError::Corrupted { path: f.path.clone(), expected: f.sha256.clone(), found: d });
             }
         }
         Ok((dir, manifest, bytes))
@@ -236,9 +267,9 @@ impl Store {
     }
 
     /// Bytes the filesystem holding the store can still give an unprivileged writer.
-    pub fn available(&self) -> Result<u64, ErrorInfo> {
+    pub fn available(&self) -> Result<u64, StoreError> {
         let st =
-            rustix::fs::statvfs(&self.root).map_err(|e| internal("reading free space", &std::io::Error::from(e)))?;
+            rustix::fs::statvfs(&self.root).map_err(|e| internal("reading free space", std::io::Error::from(e)))?;
         Ok(st.f_bavail.saturating_mul(st.f_frsize))
     }
 }
@@ -331,8 +362,8 @@ mod tests {
         fs::remove_file(vdir.join("model.onnx")).unwrap();
         fs::write(vdir.join("model.onnx"), b"model bytez").unwrap();
         let e = store.verify_version(&msha).unwrap_err();
-        assert_eq!(e.code, ErrorCode::DigestMismatch);
-        assert!(e.message.starts_with("stored model.onnx: expected sha256 "), "{}", e.message);
+        assert_eq!(e.code(), ErrorCode::DigestMismatch);
+        assert!(e.to_string().starts_with("stored model.onnx: expected sha256 "), "{e}");
         assert!(blob.is_file());
     }
 
@@ -362,7 +393,10 @@ mod tests {
         // /dev/full answers every write with ENOSPC, like a full filesystem.
         let mut f = fs::OpenOptions::new().write(true).open("/dev/full").unwrap();
         let e = f.write_all(&[0u8; 4096]).and_then(|_| f.flush()).unwrap_err();
-        assert_eq!(internal("storing a blob", &e).code, ErrorCode::DiskFull);
+        let e = internal("storing a blob", e);
+        assert_eq!(e.code(), ErrorCode::DiskFull);
+        // The cause is kept as the error's source, for the log's cause chain.
+        assert!(std::error::Error::source(&e).is_some());
         let dir = tempfile::tempdir().unwrap();
         assert!(Store::open(dir.path()).unwrap().available().unwrap() > 0);
     }
