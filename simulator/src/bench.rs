@@ -609,7 +609,7 @@ async fn engine_in_process(registry: &Path, body: &[u8], n: usize) -> Result<Ser
     let manifest = outpost_protocol::Manifest::from_json(&bytes).map_err(|e| e.to_string())?;
     let sha = crate::registry::sha256(&bytes);
     let mut model = outpost_agent::serve::model::Model::load(&dir, &manifest, &sha).map_err(|e| e.to_string())?;
-    model.validate(&dir, &manifest).map_err(|e| e.message)?;
+    model.validate(&dir, &manifest).map_err(|e| e.to_string())?;
     let engine = outpost_agent::serve::Engine::new(2, 64);
     engine.swap(Some(std::sync::Arc::new(model)));
     for _ in 0..n.min(100) {

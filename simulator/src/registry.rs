@@ -90,8 +90,7 @@ pub fn register(spec: &RegisterSpec) -> Result<Registered, String> {
     for (what, v) in [("--name", &spec.name), ("--version", &spec.version)] {
         outpost_protocol::topics::validate_name(what, v).map_err(|e| e.to_string())?;
     }
-    let sig = model::read_signature(&spec.model, &spec.shapes)
-        .map_err(|e| format!("{}: {}", spec.model.display(), e.message))?;
+    let sig = model::read_signature(&spec.model, &spec.shapes).map_err(|e| format!("{}: {e}", spec.model.display()))?;
     let dir = spec.registry.join(&spec.name).join(&spec.version);
     if dir.join("manifest.json").exists() {
         return Err(format!(
@@ -163,7 +162,7 @@ pub fn register(spec: &RegisterSpec) -> Result<Registered, String> {
         validation: None,
     };
     manifest.validate().map_err(|e| e.to_string())?;
-    let model = Model::load(&dir, &manifest, "").map_err(|e| format!("{}: {}", spec.model.display(), e.message))?;
+    let model = Model::load(&dir, &manifest, "").map_err(|e| format!("{}: {e}", spec.model.display()))?;
     let response = model.infer(&request).map_err(|e| format!("golden sample: {e}"))?;
     let mut expected =
         serde_json::to_vec_pretty(&ExpectedOutputs { outputs: response.outputs }).map_err(|e| e.to_string())?;

@@ -53,6 +53,12 @@ impl From<ErrorInfo> for FetchError {
     }
 }
 
+impl From<crate::serve::model::ModelError> for FetchError {
+    fn from(e: crate::serve::model::ModelError) -> Self {
+        FetchError::Failed(e.into())
+    }
+}
+
 impl From<crate::deploy::store::StoreError> for FetchError {
     fn from(e: crate::deploy::store::StoreError) -> Self {
         FetchError::Failed(e.into())

@@ -90,12 +90,45 @@ fn non_finite(output: &str, at: usize, req: &InferRequest) -> InferFailure {
     }
 }
 
-/// Why a model could not be made to serve: `model_load_failed`,
-/// `validation_failed` or `invalid_manifest`.
-pub type LoadError = ErrorInfo;
+/// Why a model could not be made to serve. [`ModelError::code`] is the
+/// wire's error code; the message names the file and what was found.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ModelError {
+    /// tract cannot parse, type or plan the model, or an input or output
+    /// has a type Outpost cannot serve (`model_load_failed`).
+    #[error("{0}")]
+    Load(String),
+    /// The manifest does not describe the model, or names a file it cannot
+    /// read (`invalid_manifest`).
+    #[error("{0}")]
+    Manifest(String),
+    /// The golden sample does not run or is not reproduced (`validation_failed`).
+    #[error("{0}")]
+    Validation(String),
+}
 
-fn load_failed(message: impl Into<String>) -> LoadError {
-    ErrorInfo::new(ErrorCode::ModelLoadFailed, message)
+impl ModelError {
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            ModelError::Load(_) => ErrorCode::ModelLoadFailed,
+            ModelError::Manifest(_) => ErrorCode::InvalidManifest,
+            ModelError::Validation(_) => ErrorCode::ValidationFailed,
+        }
+    }
+}
+
+/// At the wire: code and message.
+impl From<ModelError> for ErrorInfo {
+    fn from(e: ModelError) -> ErrorInfo {
+        ErrorInfo::new(e.code(), e.to_string())
+    }
+}
+
+/// Kept for the simulator and tests: loading's error.
+pub type LoadError = ModelError;
+
+fn load_failed(message: impl Into<String>) -> ModelError {
+    ModelError::Load(message.into())
 }
 
 #[derive(Debug)]
@@ -328,10 +361,7 @@ impl Model {
                 // concrete inputs ("Impossible to unify ..."); they load without it.
                 match build_plan(&path, manifest, true, false) {
                     Ok(p) => {
-                        notes.push(format!(
-                            "loaded with the file's value_info ignored (it clashed: {})",
-                            first_err.message
-                        ));
+                        notes.push(format!("loaded with the file's value_info ignored (it clashed: {})", first_err));
                         ignore_value_info = true;
                         p
                     }
@@ -352,7 +382,7 @@ impl Model {
             match build_plan(&path, manifest, ignore_value_info, true) {
                 Ok((p, _)) => Some(p),
                 Err(e) => {
-                    notes.push(format!("no batch-1 plan ({})", e.message));
+                    notes.push(format!("no batch-1 plan ({})", e));
                     None
                 }
             }
@@ -375,19 +405,15 @@ impl Model {
         let mut outputs = Vec::new();
         for spec in &manifest.model.outputs {
             let index = outputs_named.iter().position(|n| n == &spec.name).ok_or_else(|| {
-                ErrorInfo::new(
-                    ErrorCode::InvalidManifest,
-                    format!(
-                        "{file}: manifest output '{}' is not an output of the model, which has {outputs_named:?}",
-                        spec.name
-                    ),
-                )
+                ModelError::Manifest(format!(
+                    "{file}: manifest output '{}' is not an output of the model, which has {outputs_named:?}",
+                    spec.name
+                ))
             })?;
             let labels = match spec.postprocess.as_ref().and_then(|p| p.labels.as_ref()) {
                 Some(l) => {
-                    let text = std::fs::read_to_string(dir.join(l)).map_err(|e| {
-                        ErrorInfo::new(ErrorCode::InvalidManifest, format!("{l}: cannot read labels: {e}"))
-                    })?;
+                    let text = std::fs::read_to_string(dir.join(l))
+                        .map_err(|e| ModelError::Manifest(format!("{l}: cannot read labels: {e}")))?;
                     Some(text.lines().map(|s| s.trim_end_matches('\r').to_string()).collect())
                 }
                 None => None,
@@ -420,7 +446,7 @@ impl Model {
     /// expected output within the manifest's tolerance; outputs must be finite.
     /// Checks the golden sample, then settles how requests run (the
     /// manifest's `executor`, measured on the sample when `auto`).
-    pub fn validate(&mut self, dir: &Path, manifest: &Manifest) -> Result<String, ErrorInfo> {
+    pub fn validate(&mut self, dir: &Path, manifest: &Manifest) -> Result<String, ModelError> {
         let verdict = self.check_golden_sample(dir, manifest)?;
         let choice = manifest.model.executor.unwrap_or(outpost_protocol::Executor::Auto);
         let note = self.choose_executor(choice, dir, manifest);
@@ -428,11 +454,11 @@ impl Model {
         Ok(self.validation.clone())
     }
 
-    fn check_golden_sample(&self, dir: &Path, manifest: &Manifest) -> Result<String, ErrorInfo> {
+    fn check_golden_sample(&self, dir: &Path, manifest: &Manifest) -> Result<String, ModelError> {
         let Some(v) = &manifest.validation else {
             return Ok("no golden sample in the manifest: validation skipped".into());
         };
-        let invalid = |m: String| ErrorInfo::new(ErrorCode::InvalidManifest, m);
+        let invalid = ModelError::Manifest;
         let input = std::fs::read(dir.join(&v.input)).map_err(|e| invalid(format!("{}: {e}", v.input)))?;
         let request = InferRequest::from_json(&input)
             .map_err(|e| invalid(format!("{}: not an inference request: {e}", v.input)))?;
@@ -440,11 +466,10 @@ impl Model {
             std::fs::read(dir.join(&v.expected)).map_err(|e| invalid(format!("{}: {e}", v.expected)))?;
         let expected: ExpectedOutputs = serde_json::from_slice(&expected_bytes)
             .map_err(|e| invalid(format!("{}: expected {{\"outputs\": [...]}}: {e}", v.expected)))?;
-        let response = self.infer(&request).map_err(|e| {
-            ErrorInfo::new(ErrorCode::ValidationFailed, format!("golden sample {} does not run: {e}", v.input))
-        })?;
-        compare_outputs(&expected.outputs, &response.outputs, v.tolerance)
-            .map_err(|m| ErrorInfo::new(ErrorCode::ValidationFailed, m))
+        let response = self
+            .infer(&request)
+            .map_err(|e| ModelError::Validation(format!("golden sample {} does not run: {e}", v.input)))?;
+        compare_outputs(&expected.outputs, &response.outputs, v.tolerance).map_err(ModelError::Validation)
     }
 
     /// Whether `req` is small enough to run on the calling thread (see `inline_max_elements`).
@@ -703,10 +728,9 @@ fn build_plan(
         || manifest.model.inputs.iter().any(|t| !declared_names.contains(&t.name.as_str()))
     {
         let listed: Vec<&str> = manifest.model.inputs.iter().map(|t| t.name.as_str()).collect();
-        return Err(ErrorInfo::new(
-            ErrorCode::InvalidManifest,
-            format!("{file}: the manifest lists inputs {listed:?}, the model has {declared_names:?}"),
-        ));
+        return Err(ModelError::Manifest(format!(
+            "{file}: the manifest lists inputs {listed:?}, the model has {declared_names:?}"
+        )));
     }
     for (i, (name, fact)) in declared.iter().enumerate() {
         let Some(spec) = manifest.model.inputs.iter().find(|t| &t.name == name) else {
@@ -715,10 +739,9 @@ fn build_plan(
         let rank = fact.shape.dims().count();
         let want_rank = spec.preprocess.as_ref().and_then(|p| p.shape.as_ref()).map_or(spec.shape.len(), Vec::len);
         if !fact.shape.is_open() && rank != want_rank {
-            return Err(ErrorInfo::new(
-                ErrorCode::InvalidManifest,
-                format!("{file}: input '{name}' has rank {rank} in the model, {want_rank} in the manifest"),
-            ));
+            return Err(ModelError::Manifest(format!(
+                "{file}: input '{name}' has rank {rank} in the model, {want_rank} in the manifest"
+            )));
         }
         let pre = spec.preprocess.as_ref();
         let model_dt = pre.and_then(|p| p.datatype).unwrap_or(spec.datatype);
