@@ -10,12 +10,17 @@
 //!   bounded worker pool, probation), the HTTP endpoint, MQTT requests.
 //! - [`report`]: what the device says — events and retained state, telemetry,
 //!   captures.
-//! - [`deploy`]: deployments — the [`deploy::Deployer`] (sole owner of the
-//!   deployment record), the pure [`deploy::reconcile`] decision, the
-//!   [`deploy::pipeline`] (fetch, store, memory check, load, validate).
+//! - [`deploy`]: deployments — the `Deployer` task (sole owner of the
+//!   deployment record, `agent.json`), the pure `reconcile` decision, the
+//!   `pipeline` (fetch, store, memory check, load, validate, bind the port).
 //! - [`agent`]: the main loop that wires them together and drains them.
 //! - [`config`]: configuration files, drop-ins, flags; [`check`]:
 //!   `outpost check-bundle`, the pipeline on a throw-away store.
+//!
+//! Modules are `pub(crate)` except what the `outpost` binary and the
+//! simulator use (the broker URL and session options, the fetch
+//! configuration, the store, the tract model, telemetry's process figures,
+//! systemd and TLS helpers, configuration).
 
 pub mod agent;
 pub mod check;

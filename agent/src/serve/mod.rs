@@ -6,8 +6,8 @@
 //! request ends. When every worker is busy and the queue is full, a request
 //! is refused at once with `overloaded` instead of queueing without bound.
 
-pub mod http;
-pub mod latency;
+pub(crate) mod http;
+pub(crate) mod latency;
 pub mod model;
 pub(crate) mod mqtt;
 pub(crate) mod probation;
@@ -178,7 +178,7 @@ pub struct Engine {
     pool: arc_swap::ArcSwap<Pool>,
     pub counters: Counters,
     /// Per-interval latencies of answered requests, for telemetry.
-    pub latencies: latency::Latencies,
+    pub(crate) latencies: latency::Latencies,
 }
 
 impl Engine {
