@@ -199,6 +199,11 @@ impl Deployer {
         if let Some(p) = self.record.pending.clone() {
             match self.reconciler.on_message(p.source, Some(Ok(p.deployment.clone()))) {
                 Decision::Deploy(d) => self.start(p.source, d, "resumed after a restart").await,
+                // Already what serves: nothing was left to do.
+                Decision::Unchanged(_) => {
+                    self.record.pending = None;
+                    self.persist().await;
+                }
                 // What the device restored outranks it now (the withdrawal
                 // that made it the target is not replayed): it ends here
                 // rather than staying in progress for good.
