@@ -833,6 +833,15 @@ fn build_tensor(slot: &InputSlot, t: &outpost_protocol::TensorIn) -> Result<Tens
         match dt {
             Datatype::Fp64 => tensor_of(&shape, v.to_vec()),
             _ => {
+                // A number finite in JSON but not in the model's datatype
+                // (1e300 as FP32) is the client's error: sent on, it would
+                // turn the model's output non-finite and count against it.
+                let largest = if dt == Datatype::Fp16 { 65504.0 } else { f64::from(f32::MAX) };
+                if let Some((i, x)) = v.iter().enumerate().find(|(_, x)| x.abs() > largest && x.is_finite()) {
+                    return Err(InferFailure::bad_input(format!(
+                        "input '{name}': value {x:e} at element {i} does not fit {dt} (largest magnitude {largest:e})"
+                    )));
+                }
                 let t = tensor_of(&shape, v.iter().map(|x| *x as f32).collect());
                 if dt == Datatype::Fp16 {
                     t.and_then(|t| t.cast_to_dt(DatumType::F16).map(|c| c.into_owned()))

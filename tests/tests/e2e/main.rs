@@ -10,6 +10,7 @@ mod broker;
 mod core;
 mod deploy;
 mod download;
+mod hostile;
 mod lifecycle;
 mod serving;
 mod store;
@@ -94,4 +95,9 @@ async fn deploy_through_an_outage(device: &str) -> Outage {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     Outage { broker, _reg: reg, _faulty: faulty, _data: data, dir, w, agent, d, seen }
+}
+
+fn with_probation(mut d: outpost_protocol::Deployment, p: outpost_protocol::Probation) -> outpost_protocol::Deployment {
+    d.policy.probation = Some(p);
+    d
 }

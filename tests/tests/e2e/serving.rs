@@ -402,11 +402,6 @@ async fn capture_publishes_sampled_inputs_with_their_predictions() {
     }
 }
 
-fn with_probation(mut d: outpost_protocol::Deployment, p: outpost_protocol::Probation) -> outpost_protocol::Deployment {
-    d.policy.probation = Some(p);
-    d
-}
-
 /// After a swap the new version is on probation: a request it fails is
 /// answered by the version it replaced, and breaking a limit rolls back by
 /// itself, with the evidence. A refused version stays refused after a restart.
