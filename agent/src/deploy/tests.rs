@@ -74,6 +74,22 @@ impl Lab {
         Lab { _dir: dir, data, registry, deployments, inbox, engine, task }
     }
 
+    /// digits@1 (the MLP) active, then digits@2 (`fixture`) swapped in on
+    /// probation for `seconds`: digits@2's deployment and its `active` event.
+    async fn on_probation(&mut self, fixture: &str, seconds: u64) -> (Deployment, DeploymentEvent) {
+        let v1 = bundle(&self.registry, "digits", "1", "digits-mlp.onnx");
+        let v2 = bundle(&self.registry, "digits", "2", fixture);
+        let d1 = desired("digits", "1", &v1, 1);
+        self.publish(&d1).await;
+        assert_eq!(self.until_final(&d1).await.phase, Phase::Active);
+        let mut d2 = desired("digits", "2", &v2, 2);
+        d2.policy.probation = Some(outpost_protocol::Probation { seconds: Some(seconds), ..Default::default() });
+        self.publish(&d2).await;
+        let active = self.until_final(&d2).await;
+        assert_eq!(active.phase, Phase::Active, "{active:?}");
+        (d2, active)
+    }
+
     async fn publish(&self, d: &Deployment) {
         self.deployments.desired(Source::Device, &d.to_json(), 1 << 20).await;
     }
@@ -105,15 +121,7 @@ impl Lab {
 #[tokio::test(start_paused = true)]
 async fn a_probation_window_closes_on_its_timer() {
     let mut lab = Lab::start().await;
-    let v1 = bundle(&lab.registry, "digits", "1", "digits-mlp.onnx");
-    let v2 = bundle(&lab.registry, "digits", "2", "digits-cnn.onnx");
-    let d1 = desired("digits", "1", &v1, 1);
-    lab.publish(&d1).await;
-    assert_eq!(lab.until_final(&d1).await.phase, Phase::Active);
-    let mut d2 = desired("digits", "2", &v2, 2);
-    d2.policy.probation = Some(outpost_protocol::Probation { seconds: Some(60), ..Default::default() });
-    lab.publish(&d2).await;
-    let active = lab.until_final(&d2).await;
+    let (d2, active) = lab.on_probation("digits-cnn.onnx", 60).await;
     assert!(active.detail.unwrap().contains("on probation for 60 s"));
 
     tokio::time::advance(Duration::from_secs(59)).await;
@@ -186,15 +194,7 @@ async fn after_a_burst_of_desired_states_the_file_is_the_last_published_state() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rollback_during_the_drain_is_recorded() {
     let mut lab = Lab::start().await;
-    let v1 = bundle(&lab.registry, "digits", "1", "digits-mlp.onnx");
-    let v2 = bundle(&lab.registry, "digits", "2", "digits-fragile.onnx");
-    let d1 = desired("digits", "1", &v1, 1);
-    lab.publish(&d1).await;
-    assert_eq!(lab.until_final(&d1).await.phase, Phase::Active);
-    let mut d2 = desired("digits", "2", &v2, 2);
-    d2.policy.probation = Some(outpost_protocol::Probation { seconds: Some(600), ..Default::default() });
-    lab.publish(&d2).await;
-    assert_eq!(lab.until_final(&d2).await.phase, Phase::Active);
+    let (d2, _) = lab.on_probation("digits-fragile.onnx", 600).await;
 
     lab.deployments.stop();
     // The first pixel at 16 turns the fragile model non-finite: v1 answers.
