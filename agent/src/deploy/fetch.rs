@@ -111,34 +111,80 @@ pub struct Fetcher {
     config: FetchConfig,
 }
 
+/// Why a download failed. [`DownloadError::code`] is the wire's error code;
+/// the message names the file, the URL and what was found.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum DownloadError {
+    /// The transfer failed: connection, HTTP status, TLS, a stall, a
+    /// `file://` path that cannot be read (`download_failed`).
+    #[error("{0}")]
+    Transfer(String),
+    /// The bytes are not those the digest names (`digest_mismatch`).
+    #[error("{0}")]
+    Digest(String),
+    /// Fewer bytes than declared (`size_mismatch`).
+    #[error("{0}")]
+    Size(String),
+    /// More bytes than declared or allowed (`too_large`).
+    #[error("{0}")]
+    TooLarge(String),
+    /// Writing what arrived to the store failed (`disk_full` when it is full).
+    #[error("{message}")]
+    Write { message: String, disk_full: bool },
+    /// Every attempt failed, the last one so.
+    #[error("{last} (gave up after {attempts} attempts)")]
+    GaveUp { last: Box<DownloadError>, attempts: u32 },
+}
+
+impl DownloadError {
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            DownloadError::Transfer(_) => ErrorCode::DownloadFailed,
+            DownloadError::Digest(_) => ErrorCode::DigestMismatch,
+            DownloadError::Size(_) => ErrorCode::SizeMismatch,
+            DownloadError::TooLarge(_) => ErrorCode::TooLarge,
+            DownloadError::Write { disk_full: true, .. } => ErrorCode::DiskFull,
+            DownloadError::Write { .. } => ErrorCode::Internal,
+            DownloadError::GaveUp { last, .. } => last.code(),
+        }
+    }
+}
+
+/// At the wire: code and message.
+impl From<DownloadError> for ErrorInfo {
+    fn from(e: DownloadError) -> ErrorInfo {
+        ErrorInfo::new(e.code(), e.to_string())
+    }
+}
+
 /// One attempt's failure, and whether trying again may help.
 struct AttemptError {
-    info: ErrorInfo,
+    error: DownloadError,
     transient: bool,
     /// The server's Retry-After, if it sent one.
     retry_after: Option<Duration>,
     cancelled: bool,
 }
 
-fn permanent(code: ErrorCode, message: String) -> AttemptError {
-    AttemptError { info: ErrorInfo::new(code, message), transient: false, retry_after: None, cancelled: false }
+fn permanent(error: DownloadError) -> AttemptError {
+    AttemptError { error, transient: false, retry_after: None, cancelled: false }
 }
 
 fn cancelled() -> AttemptError {
     AttemptError {
-        info: ErrorInfo::new(ErrorCode::Internal, "cancelled"),
+        error: DownloadError::Transfer("cancelled".into()),
         transient: false,
         retry_after: None,
         cancelled: true,
     }
 }
 
-fn transient(code: ErrorCode, message: String) -> AttemptError {
-    AttemptError { info: ErrorInfo::new(code, message), transient: true, retry_after: None, cancelled: false }
+fn transient(error: DownloadError) -> AttemptError {
+    AttemptError { error, transient: true, retry_after: None, cancelled: false }
 }
 
 /// Called before each retry with (attempt number that failed, its error, delay).
-pub type OnRetry<'a> = &'a mut dyn FnMut(u32, &ErrorInfo, Duration);
+pub type OnRetry<'a> = &'a mut dyn FnMut(u32, &DownloadError, Duration);
 
 impl Fetcher {
     /// Attempts per download.
@@ -189,7 +235,7 @@ impl Fetcher {
         on_retry: OnRetry<'_>,
     ) -> Result<Vec<u8>, FetchError> {
         let (bytes, digest) = self.fetch_document(url, what, max, cancel, on_retry)?;
-        check_digest(what, expected_sha256, &digest).map_err(|e| FetchError::Failed(e.info))?;
+        check_digest(what, expected_sha256, &digest).map_err(|e| FetchError::Failed(e.error.into()))?;
         Ok(bytes)
     }
 
@@ -219,7 +265,7 @@ impl Fetcher {
             let (reader, _) = self.open(url, what, 0)?;
             let (hasher, n) = copy_capped(reader, &mut out, Sha256::new(), 0, max, what, url, cancel, &mut |_| {})?;
             if n > max {
-                return Err(permanent(ErrorCode::TooLarge, format!("{what}: larger than the {max}-byte limit")));
+                return Err(permanent(DownloadError::TooLarge(format!("{what}: larger than the {max}-byte limit"))));
             }
             digest = hasher.finalize().into();
             Ok(())
@@ -258,14 +304,13 @@ impl Fetcher {
             let (hasher, n) = copy_capped(reader, &mut f, hasher, start, size, what, url, cancel, progress)?;
             if n > size {
                 let _ = std::fs::remove_file(partial);
-                return Err(permanent(
-                    ErrorCode::TooLarge,
-                    format!("{what}: larger than the {size} bytes the manifest declares (stopped at {n})"),
-                ));
+                return Err(permanent(DownloadError::TooLarge(format!(
+                    "{what}: larger than the {size} bytes the manifest declares (stopped at {n})"
+                ))));
             }
             if n < size {
                 // A short body is usually a dropped connection: the next try resumes.
-                return Err(transient(ErrorCode::SizeMismatch, format!("{what}: expected {size} bytes, got {n}")));
+                return Err(transient(DownloadError::Size(format!("{what}: expected {size} bytes, got {n}"))));
             }
             let result = check_digest(what, expected_sha256, &hasher.finalize().into());
             if result.is_err() {
@@ -291,23 +336,20 @@ impl Fetcher {
             match attempt(n) {
                 Ok(()) => return Ok(()),
                 Err(e) if e.cancelled => return Err(FetchError::Cancelled),
-                Err(e) if !e.transient => return Err(FetchError::Failed(e.info)),
+                Err(e) if !e.transient => return Err(FetchError::Failed(e.error.into())),
                 Err(e) => {
-                    tracing::warn!(url, attempt = n + 1, error = %e.info, "transient download failure");
+                    tracing::warn!(url, attempt = n + 1, error = %e.error, "transient download failure");
                     if n + 1 < attempts {
                         let delay = self.backoff(n, e.retry_after);
-                        on_retry(n + 1, &e.info, delay);
+                        on_retry(n + 1, &e.error, delay);
                         sleep_cancellable(delay, cancel)?;
                     }
-                    last = Some(e.info);
+                    last = Some(e.error);
                 }
             }
         }
-        let info = last.unwrap_or_else(|| ErrorInfo::new(ErrorCode::DownloadFailed, format!("{url}: no attempt made")));
-        Err(FetchError::Failed(ErrorInfo::new(
-            info.code,
-            format!("{} (gave up after {attempts} attempts)", info.message),
-        )))
+        let last = last.unwrap_or_else(|| DownloadError::Transfer(format!("{url}: no attempt made")));
+        Err(FetchError::Failed(DownloadError::GaveUp { last: Box::new(last), attempts }.into()))
     }
 
     /// [`crate::sys::backoff_delay`] from `backoff_base`; a server's Retry-After is
@@ -328,8 +370,8 @@ impl Fetcher {
             let mut f = std::fs::File::open(&path).map_err(|e| {
                 // A missing file will not appear by retrying; an I/O error might.
                 let t = !matches!(e.kind(), std::io::ErrorKind::NotFound | std::io::ErrorKind::PermissionDenied);
-                let info = ErrorInfo::new(ErrorCode::DownloadFailed, format!("{what}: cannot open {path}: {e}"));
-                AttemptError { info, transient: t, retry_after: None, cancelled: false }
+                let error = DownloadError::Transfer(format!("{what}: cannot open {path}: {e}"));
+                AttemptError { error, transient: t, retry_after: None, cancelled: false }
             })?;
             let resumed = from > 0 && f.seek(std::io::SeekFrom::Start(from)).is_ok();
             return Ok((Box::new(f), resumed));
@@ -338,7 +380,7 @@ impl Fetcher {
             && self.config.roots.is_none()
             && let Err(e) = crate::sys::tls::system_roots()
         {
-            return Err(permanent(ErrorCode::DownloadFailed, format!("{what}: {url}: cannot verify the server: {e}")));
+            return Err(permanent(DownloadError::Transfer(format!("{what}: {url}: cannot verify the server: {e}"))));
         }
         let mut req = self.agent().get(url);
         if from > 0 {
@@ -347,23 +389,20 @@ impl Fetcher {
         let resp = match req.call() {
             Ok(r) => r,
             Err(e @ (ureq::Error::BadUri(_) | ureq::Error::RequireHttpsOnly(_) | ureq::Error::TooManyRedirects)) => {
-                return Err(permanent(ErrorCode::DownloadFailed, format!("{what}: {url}: {e}")));
+                return Err(permanent(DownloadError::Transfer(format!("{what}: {url}: {e}"))));
             }
             // A certificate the device does not trust will not become trusted by retrying.
             Err(e) if untrusted_certificate(&e) => {
-                return Err(permanent(
-                    ErrorCode::DownloadFailed,
-                    format!(
-                        "{what}: {url}: {e} ({})",
-                        if self.config.roots.is_some() {
-                            "is the registry's CA in the agent's tls.ca_file / --ca-file?"
-                        } else {
-                            "is the registry's CA in the system's CA bundle? a private CA goes in tls.ca_file"
-                        }
-                    ),
-                ));
+                return Err(permanent(DownloadError::Transfer(format!(
+                    "{what}: {url}: {e} ({})",
+                    if self.config.roots.is_some() {
+                        "is the registry's CA in the agent's tls.ca_file / --ca-file?"
+                    } else {
+                        "is the registry's CA in the system's CA bundle? a private CA goes in tls.ca_file"
+                    }
+                ))));
             }
-            Err(e) => return Err(transient(ErrorCode::DownloadFailed, format!("{what}: {url}: {e}"))),
+            Err(e) => return Err(transient(DownloadError::Transfer(format!("{what}: {url}: {e}")))),
         };
         let status = resp.status().as_u16();
         let retry_after = resp
@@ -378,10 +417,7 @@ impl Fetcher {
             416 => {
                 // The range no longer fits the file (it changed, or we hold too much): start over.
                 Err(AttemptError {
-                    info: ErrorInfo::new(
-                        ErrorCode::DownloadFailed,
-                        format!("{what}: HTTP 416 from {url} for bytes={from}-"),
-                    ),
+                    error: DownloadError::Transfer(format!("{what}: HTTP 416 from {url} for bytes={from}-")),
                     transient: true,
                     retry_after: None,
                     cancelled: false,
@@ -392,13 +428,13 @@ impl Fetcher {
                 let msg = format!("{what}: HTTP {s} from {url}");
                 if s >= 500 || s == 408 || s == 429 {
                     Err(AttemptError {
-                        info: ErrorInfo::new(ErrorCode::DownloadFailed, msg),
+                        error: DownloadError::Transfer(msg),
                         transient: true,
                         retry_after,
                         cancelled: false,
                     })
                 } else {
-                    Err(permanent(ErrorCode::DownloadFailed, msg))
+                    Err(permanent(DownloadError::Transfer(msg)))
                 }
             }
         }
@@ -485,10 +521,7 @@ fn copy_capped(
             Err(e) => {
                 // Keep what was written: the next attempt resumes from there.
                 let _ = w.flush();
-                return Err(transient(
-                    ErrorCode::DownloadFailed,
-                    format!("{what}: reading {url}: {}", describe_io(&e)),
-                ));
+                return Err(transient(DownloadError::Transfer(format!("{what}: reading {url}: {}", describe_io(&e)))));
             }
         };
         if cancel.is_cancelled() {
@@ -508,16 +541,19 @@ fn check_digest(what: &str, expected: &str, got: &[u8; 32]) -> Result<(), Attemp
     if got == expected {
         Ok(())
     } else {
-        Err(permanent(
-            ErrorCode::DigestMismatch,
-            format!("{what}: expected sha256 {}, got {}", short_digest(expected), short_digest(&got)),
-        ))
+        Err(permanent(DownloadError::Digest(format!(
+            "{what}: expected sha256 {}, got {}",
+            short_digest(expected),
+            short_digest(&got)
+        ))))
     }
 }
 
 fn io_error(what: &str, e: &std::io::Error) -> AttemptError {
-    let code = if e.raw_os_error() == Some(28) { ErrorCode::DiskFull } else { ErrorCode::Internal };
-    permanent(code, format!("{what}: writing to the store: {e}"))
+    permanent(DownloadError::Write {
+        message: format!("{what}: writing to the store: {e}"),
+        disk_full: e.raw_os_error() == Some(28),
+    })
 }
 
 /// Whether a request failed because the server's certificate is not trusted
@@ -606,6 +642,19 @@ mod tests {
     use super::*;
 
     #[test]
+    fn download_errors_map_to_the_wires_codes_and_keep_their_words() {
+        let short = DownloadError::Size("model.onnx: expected 10 bytes, got 5".into());
+        let gave_up = DownloadError::GaveUp { last: Box::new(short), attempts: 4 };
+        let info: ErrorInfo = gave_up.into();
+        assert_eq!(info.code, ErrorCode::SizeMismatch);
+        assert_eq!(info.message, "model.onnx: expected 10 bytes, got 5 (gave up after 4 attempts)");
+        let full = std::io::Error::from_raw_os_error(28);
+        assert_eq!(io_error("model.onnx", &full).error.code(), ErrorCode::DiskFull);
+        assert_eq!(DownloadError::Digest("x".into()).code(), ErrorCode::DigestMismatch);
+        assert_eq!(DownloadError::TooLarge("x".into()).code(), ErrorCode::TooLarge);
+    }
+
+    #[test]
     fn file_urls_resolve_relative_to_the_manifest() {
         assert_eq!(
             file_url("http://r:8/digits/2/manifest.json", "sample/in.json", None).unwrap(),
@@ -640,7 +689,7 @@ mod tests {
         let f = Fetcher::new(FetchConfig { attempts: 1, ..Default::default() });
         let (good, _) = crate::deploy::store::sha256_file(&p).unwrap();
         let c = Cancel::default();
-        let mut no_retry = |_: u32, _: &ErrorInfo, _: Duration| {};
+        let mut no_retry = |_: u32, _: &DownloadError, _: Duration| {};
         assert_eq!(f.fetch_bytes(&url, "blob", &good, 100, &c, &mut no_retry).unwrap(), b"hello world");
         let Err(FetchError::Failed(e)) = f.fetch_bytes(&url, "blob", &"0".repeat(64), 100, &c, &mut no_retry) else {
             panic!()

@@ -4,7 +4,7 @@
 //! result in and records it). Any failure leaves the model already serving
 //! untouched.
 
-use crate::deploy::fetch::{Cancel, FetchError, Fetcher, MAX_MANIFEST_BYTES, OnRetry, Wanted, file_url};
+use crate::deploy::fetch::{Cancel, DownloadError, FetchError, Fetcher, MAX_MANIFEST_BYTES, OnRetry, Wanted, file_url};
 use crate::deploy::store::Store;
 use crate::report::Reporter;
 use crate::serve::Engine;
@@ -311,7 +311,7 @@ impl Pipeline {
     ) -> Result<T, FetchError> {
         enum Msg<T> {
             Progress(u64),
-            Retry(u32, ErrorInfo, Duration),
+            Retry(u32, DownloadError, Duration),
             Done(Result<T, FetchError>),
         }
         let (tx, rx) = std::sync::mpsc::channel::<Msg<T>>();
@@ -320,7 +320,7 @@ impl Pipeline {
             .name("outpost-fetch".into())
             .spawn(move || {
                 let (t_retry, t_progress) = (tx.clone(), tx.clone());
-                let mut on_retry = |a, e: &ErrorInfo, delay| {
+                let mut on_retry = |a, e: &DownloadError, delay| {
                     let _ = t_retry.send(Msg::Retry(a, e.clone(), delay));
                 };
                 let mut on_progress = |n| {
@@ -347,12 +347,11 @@ impl Pipeline {
     }
 
     /// A retry is visible to the operator as a `downloading` event.
-    fn report_retry(&self, d: &Deployment, what: &str, attempt: u32, e: &ErrorInfo, delay: Duration) {
+    fn report_retry(&self, d: &Deployment, what: &str, attempt: u32, e: &DownloadError, delay: Duration) {
         let detail = format!(
-            "{what}: attempt {attempt} of {} failed ({}: {}); retrying in {:.1} s",
+            "{what}: attempt {attempt} of {} failed ({}: {e}); retrying in {:.1} s",
             self.fetcher.attempts(),
-            e.code,
-            e.message,
+            e.code(),
             delay.as_secs_f64()
         );
         self.reporter.event(d, Phase::Downloading, None, None, Some(detail));
