@@ -321,7 +321,7 @@ impl Engine {
     /// version passes, or is rolled back if it broke a limit.
     pub fn close_probation(&self, token: u64) {
         let mut guard = self.lock_probation();
-        if let Some(mut p) = self.take_probation(&mut guard, |p| p.token == token) {
+        if let Some(p) = self.take_probation(&mut guard, |p| p.token == token) {
             let verdict = p.watch.close();
             self.end_probation(p, verdict);
         }

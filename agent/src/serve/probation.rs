@@ -71,8 +71,6 @@ pub struct Watch {
     /// Answers slower than `max_p99`, and than `max_p99_ratio` x the baseline.
     over_absolute: u64,
     over_relative: u64,
-    /// How many times the histogram was read for a p99 (for the cost test).
-    judged: u64,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -114,7 +112,6 @@ impl Watch {
             max_us: 0,
             over_absolute: 0,
             over_relative: 0,
-            judged: 0,
         }
     }
 
@@ -137,20 +134,13 @@ impl Watch {
     /// version on the spot, error rate and latency once `min_requests` are in.
     pub fn record(&mut self, outcome: Outcome) -> Verdict {
         self.requests += 1;
-        let mut latency_may_breach = false;
         match outcome {
             Outcome::Answered(latency) => {
                 let us = latency.as_micros() as u64;
                 self.latencies_us.saturating_record(us.clamp(1, MAX_TRACKED_US));
                 self.max_us = self.max_us.max(us);
-                let over_absolute = self.limits.max_p99.is_some_and(|max| latency > max);
-                let over_relative = self.relative_limit().is_some_and(|max| latency > max);
-                self.over_absolute += u64::from(over_absolute);
-                self.over_relative += u64::from(over_relative);
-                // A faster answer can only lower the p99: the limits are judged
-                // again only on a slower one, or when `min_requests` is reached.
-                latency_may_breach =
-                    over_absolute || over_relative || self.latencies_us.len() == self.limits.min_requests;
+                self.over_absolute += u64::from(self.limits.max_p99.is_some_and(|max| latency > max));
+                self.over_relative += u64::from(self.relative_limit().is_some_and(|max| latency > max));
             }
             Outcome::Failed { message, non_finite } => {
                 self.failures += 1;
@@ -163,16 +153,16 @@ impl Watch {
         if let Some(evidence) = self.error_rate_breach() {
             return Verdict::Fail(evidence);
         }
-        if latency_may_breach && let Some(evidence) = self.latency_breach() {
-            return Verdict::Fail(evidence);
+        match self.latency_breach() {
+            Some(evidence) => Verdict::Fail(evidence),
+            None => Verdict::Watching,
         }
-        Verdict::Watching
     }
 
     /// The verdict when the window closes: within the limits it passes, also
     /// with fewer requests than `min_requests` (a quiet device must not stay on
     /// probation forever; the summary says how little was seen).
-    pub fn close(&mut self) -> Verdict {
+    pub fn close(&self) -> Verdict {
         if let Some(evidence) = self.breach() {
             return Verdict::Fail(evidence);
         }
@@ -195,7 +185,7 @@ impl Watch {
     }
 
     /// The first limit broken, judged only on `min_requests` or more.
-    fn breach(&mut self) -> Option<String> {
+    fn breach(&self) -> Option<String> {
         self.error_rate_breach().or_else(|| self.latency_breach())
     }
 
@@ -217,7 +207,7 @@ impl Watch {
         None
     }
 
-    fn latency_breach(&mut self) -> Option<String> {
+    fn latency_breach(&self) -> Option<String> {
         let answered = self.latencies_us.len();
         if answered < self.limits.min_requests {
             return None;
@@ -227,7 +217,6 @@ impl Watch {
         if absolute.is_none() && relative.is_none() {
             return None;
         }
-        self.judged += 1;
         // The p99 for the evidence, from the histogram (within 1%), and at
         // least over the limit it broke (which the exact count says it is).
         let shown = |limit: Duration| self.p99().unwrap_or_default().max(limit + Duration::from_micros(1));
