@@ -836,13 +836,25 @@ fn build_tensor(slot: &InputSlot, t: &outpost_protocol::TensorIn) -> Result<Tens
                 // A number finite in JSON but not in the model's datatype
                 // (1e300 as FP32) is the client's error: sent on, it would
                 // turn the model's output non-finite and count against it.
+                // One pass: cast, and find the first number that did not fit.
                 let largest = if dt == Datatype::Fp16 { 65504.0 } else { f64::from(f32::MAX) };
-                if let Some((i, x)) = v.iter().enumerate().find(|(_, x)| x.abs() > largest && x.is_finite()) {
+                let mut overflow = None;
+                let cast: Vec<f32> = v
+                    .iter()
+                    .enumerate()
+                    .map(|(i, x)| {
+                        if overflow.is_none() && x.abs() > largest && x.is_finite() {
+                            overflow = Some((i, *x));
+                        }
+                        *x as f32
+                    })
+                    .collect();
+                if let Some((i, x)) = overflow {
                     return Err(InferFailure::bad_input(format!(
-                        "input '{name}': value {x:e} at element {i} does not fit {dt} (largest magnitude {largest:e})"
+                        "input '{name}': value {x:e} at element {i} does not fit {dt} (largest magnitude {largest:e}); send it in range or scaled"
                     )));
                 }
-                let t = tensor_of(&shape, v.iter().map(|x| *x as f32).collect());
+                let t = tensor_of(&shape, cast);
                 if dt == Datatype::Fp16 {
                     t.and_then(|t| t.cast_to_dt(DatumType::F16).map(|c| c.into_owned()))
                 } else {
