@@ -401,7 +401,10 @@ impl Deployer {
             // this deployment; the serving model is untouched.
             Err(e) => Some(Ended::Failed(ErrorInfo::new(
                 ErrorCode::Internal,
-                format!("the deployment stopped unexpectedly: {}", panic_text(e)),
+                format!(
+                    "the deployment stopped unexpectedly: {} (the serving model is untouched; `outpost check-bundle` runs the same steps on a lab device)",
+                    panic_text(e)
+                ),
             ))),
         };
         match ended {
@@ -470,7 +473,6 @@ impl Deployer {
                     let previous = known
                         .iter()
                         .find(|a| a.deployment.model.manifest_sha256 == previous_model.manifest_sha256)
-                        .or(known.first())
                         .cloned();
                     match previous {
                         Some(previous) => {
@@ -482,8 +484,10 @@ impl Deployer {
                             });
                             described = Some(text);
                         }
-                        // Nothing on record to roll back to: serve without probation.
+                        // The engine serves a version the record does not know
+                        // (it cannot roll back to it truthfully): no probation.
                         None => {
+                            tracing::error!(version = %previous_model.version, "the serving version has no record: the new one serves without probation");
                             self.engine.swap(Some(model.clone()));
                         }
                     }
