@@ -365,7 +365,7 @@ impl Agent {
         self.requests.close();
         let http = self.http.clone();
         let (requests, outbox, deployments) = (self.requests.clone(), self.outbox.clone(), self.deployments.clone());
-        let mut deployer = std::mem::replace(&mut self.deployer, tokio::spawn(async {}));
+        let deployer = self.deployer;
         let work = async move {
             // HTTP requests finish inside the endpoint's stop; MQTT ones are tracked.
             let http_stopped = async {
@@ -377,7 +377,7 @@ impl Agent {
             // No request can reach a version on probation any more: the
             // deployer records the last verdicts and ends.
             deployments.finish();
-            let _ = (&mut deployer).await;
+            let _ = deployer.await;
             // Everything they said, handed to the publisher before this, goes out.
             outbox.flush().await;
         };

@@ -147,13 +147,13 @@ impl Reporter {
                 "deployment event"
             ),
         }
-        self.send(Outgoing {
-            topic: self.topics.events(&self.device),
-            payload: serde_json::to_vec(&ev).unwrap_or_default(),
-            retain: false,
-            reliable: true,
-            correlation: None,
-        });
+        self.send_json(self.topics.events(&self.device), &ev, false);
+    }
+
+    /// A QoS 1 message of JSON (while `order` is held: it carries a seq).
+    fn send_json(&self, topic: String, body: &impl serde::Serialize, retain: bool) {
+        let payload = serde_json::to_vec(body).unwrap_or_default();
+        self.send(Outgoing { topic, payload, retain, reliable: true, correlation: None });
     }
 
     /// What the retained state shows from now on (the deployer's record).
@@ -162,7 +162,7 @@ impl Reporter {
     }
 
     /// The current `DeviceState`, with a fresh seq.
-    pub fn state(&self) -> DeviceState {
+    fn state(&self) -> DeviceState {
         let view = self.view.lock().unwrap_or_else(|p| p.into_inner()).clone();
         DeviceState {
             schema: outpost_protocol::state::SCHEMA.into(),
@@ -177,14 +177,7 @@ impl Reporter {
     /// Publishes the retained state.
     pub fn publish_state(&self) {
         let _order = self.order.lock().unwrap_or_else(|p| p.into_inner());
-        let state = self.state();
-        self.send(Outgoing {
-            topic: self.topics.state(&self.device),
-            payload: serde_json::to_vec(&state).unwrap_or_default(),
-            retain: true,
-            reliable: true,
-            correlation: None,
-        });
+        self.send_json(self.topics.state(&self.device), &self.state(), true);
     }
 }
 
