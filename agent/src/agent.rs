@@ -39,6 +39,9 @@ pub struct Config {
     pub http_bind: Option<std::net::SocketAddr>,
     /// What SIGHUP may change: telemetry interval, shutdown grace, limits.
     pub live: crate::config::Live,
+    /// Where new versions are first loaded and validated (the `outpost`
+    /// binary: a child process of itself).
+    pub isolation: crate::deploy::isolate::Isolation,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -119,6 +122,7 @@ impl Agent {
             reporter: reporter.clone(),
             limits: arc_swap::ArcSwap::from_pointee(limits(&live)),
             http: Default::default(),
+            isolation: config.isolation.clone(),
         });
         let (deployer, deployments, restored) = Deployer::open(pipeline.clone(), reporter.clone()).await;
         crate::report::publish_captures(&engine, reporter.clone(), config.session.max_packet_size);
@@ -445,5 +449,10 @@ fn limits(live: &crate::config::Live) -> Limits {
         max_queue: live.max_queue,
         store_quota: live.store_quota,
         max_model_size: live.max_model_size,
+        validation_memory: live.validation_memory,
+        validation_timeout: live.validation_timeout,
+        disk_reserve: live.disk_reserve,
+        revalidate_at_start: live.revalidate_at_start,
+        breaker: live.breaker,
     }
 }

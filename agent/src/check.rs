@@ -68,6 +68,8 @@ pub async fn check_bundle(url: &str, sha256: Option<String>, fetch: FetchConfig)
         reporter,
         limits: arc_swap::ArcSwap::from_pointee(crate::deploy::pipeline::Limits::new(1, 0)),
         http: Default::default(),
+        // `outpost check-bundle`: the model runs isolated, as on a device.
+        isolation: crate::deploy::isolate::Isolation::this_binary(),
     });
     let printer = tokio::spawn(async move {
         while let Some(m) = rx.recv().await {
@@ -76,7 +78,7 @@ pub async fn check_bundle(url: &str, sha256: Option<String>, fetch: FetchConfig)
             }
         }
     });
-    let ended = tokio::task::spawn_blocking(move || pipeline.prepare(&d, &Cancel::default(), &[]))
+    let ended = tokio::task::spawn_blocking(move || pipeline.prepare(&d, &Cancel::default(), &[], &|| true))
         .await
         .map_err(|e| internal("the check stopped", &e))?;
     let _ = tokio::time::timeout(std::time::Duration::from_millis(200), printer).await;

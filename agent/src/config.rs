@@ -94,6 +94,17 @@ pub const KEYS: &[Key] = &[
     live(key("limits.max_queue", "--max-queue", "0 to 100000", "64")),
     live(key("limits.store_quota", "--store-quota", "a size (e.g. 2GiB); 0 = no quota", "0")),
     live(key("limits.max_model_size", "--max-model-size", "a size (e.g. 500MB); 0 = no limit", "0")),
+    live(key(
+        "limits.validation_memory",
+        "--validation-memory",
+        "a size (e.g. 512MiB); 0 = what the device has available less 32 MiB",
+        "0",
+    )),
+    live(key("limits.validation_timeout", "--validation-timeout", "1 to 86400 seconds", "120")),
+    live(key("limits.revalidate_at_start", "--revalidate-at-start", "true or false", "false")),
+    live(key("limits.disk_reserve", "--disk-reserve", "a size (e.g. 64MiB) downloads leave free", "64MiB")),
+    live(key("limits.crash_loop_max", "--crash-loop-max", "0 to 100 (0: only a crash while installing counts)", "3")),
+    live(key("limits.crash_loop_window", "--crash-loop-window", "1 to 86400 seconds", "600")),
     key("download.attempts", "--download-attempts", "1 to 100", "4"),
     key("download.stall_timeout", "--stall-timeout", "1 to 3600 seconds", "30"),
 ];
@@ -227,6 +238,16 @@ impl Layers {
                 as usize,
             store_quota: r.size("limits.store_quota", 0, u64::MAX)?.filter(|q| *q > 0),
             max_model_size: r.size("limits.max_model_size", 0, u64::MAX)?.filter(|q| *q > 0),
+            validation_memory: r.size("limits.validation_memory", 0, u64::MAX)?.filter(|q| *q > 0),
+            validation_timeout: Duration::from_secs(r.int("limits.validation_timeout", 1, 86_400)?.unwrap_or(120)),
+            revalidate_at_start: r.boolean("limits.revalidate_at_start")?.unwrap_or(false),
+            disk_reserve: r
+                .size("limits.disk_reserve", 0, u64::MAX)?
+                .unwrap_or(crate::deploy::pipeline::DEFAULT_DISK_RESERVE),
+            breaker: crate::deploy::breaker::Policy {
+                max_crashes: r.int("limits.crash_loop_max", 0, 100)?.unwrap_or(3) as u32,
+                window: Duration::from_secs(r.int("limits.crash_loop_window", 1, 86_400)?.unwrap_or(600)),
+            },
             download_attempts: r.int("download.attempts", 1, 100)?.unwrap_or(4) as u32,
             stall_timeout: Duration::from_secs(r.int("download.stall_timeout", 1, 3600)?.unwrap_or(30)),
         };
@@ -422,6 +443,11 @@ pub struct Settings {
     pub max_queue: usize,
     pub store_quota: Option<u64>,
     pub max_model_size: Option<u64>,
+    pub validation_memory: Option<u64>,
+    pub validation_timeout: Duration,
+    pub revalidate_at_start: bool,
+    pub disk_reserve: u64,
+    pub breaker: crate::deploy::breaker::Policy,
     pub download_attempts: u32,
     pub stall_timeout: Duration,
 }
@@ -435,6 +461,11 @@ pub struct Live {
     pub max_queue: usize,
     pub store_quota: Option<u64>,
     pub max_model_size: Option<u64>,
+    pub validation_memory: Option<u64>,
+    pub validation_timeout: Duration,
+    pub revalidate_at_start: bool,
+    pub disk_reserve: u64,
+    pub breaker: crate::deploy::breaker::Policy,
 }
 
 impl Default for Live {
@@ -446,6 +477,11 @@ impl Default for Live {
             max_queue: crate::serve::DEFAULT_MAX_QUEUE,
             store_quota: None,
             max_model_size: None,
+            validation_memory: None,
+            validation_timeout: crate::deploy::pipeline::DEFAULT_VALIDATION_TIMEOUT,
+            revalidate_at_start: false,
+            disk_reserve: crate::deploy::pipeline::DEFAULT_DISK_RESERVE,
+            breaker: Default::default(),
         }
     }
 }
@@ -459,6 +495,11 @@ impl Settings {
             max_queue: self.max_queue,
             store_quota: self.store_quota,
             max_model_size: self.max_model_size,
+            validation_memory: self.validation_memory,
+            validation_timeout: self.validation_timeout,
+            revalidate_at_start: self.revalidate_at_start,
+            disk_reserve: self.disk_reserve,
+            breaker: self.breaker,
         }
     }
 }

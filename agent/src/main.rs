@@ -10,6 +10,11 @@ use std::process::ExitCode;
 
 use outpost_agent::EXIT_USAGE;
 
+/// The system allocator; in the isolated validation child, a refused
+/// allocation ends the child with a code the agent reports (see `sys::alloc`).
+#[global_allocator]
+static ALLOCATOR: outpost_agent::sys::alloc::Allocator = outpost_agent::sys::alloc::Allocator;
+
 /// The version, and the optional features this binary was built with.
 #[cfg(feature = "multithread")]
 const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (features: multithread)");
@@ -41,6 +46,19 @@ enum Command {
     /// store, without serving it. Exit 0 when the agent would serve it, 1
     /// when it would refuse it (the error code says why).
     CheckBundle(CheckArgs),
+    /// Internal: the isolated first load and golden sample of a stored
+    /// version, run by the agent itself as a child process.
+    #[command(hide = true, name = "validate-model")]
+    ValidateModel(ValidateArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct ValidateArgs {
+    dir: PathBuf,
+    #[arg(long)]
+    manifest_sha256: String,
+    #[arg(long)]
+    memory_limit: Option<u64>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -97,6 +115,18 @@ struct RunArgs {
     #[arg(long)]
     max_queue: Option<String>,
     /// [download.attempts] Download attempts per file before a deployment fails (default 4).
+    #[arg(long)]
+    validation_memory: Option<String>,
+    #[arg(long)]
+    validation_timeout: Option<String>,
+    #[arg(long)]
+    revalidate_at_start: Option<String>,
+    #[arg(long)]
+    disk_reserve: Option<String>,
+    #[arg(long)]
+    crash_loop_max: Option<String>,
+    #[arg(long)]
+    crash_loop_window: Option<String>,
     #[arg(long)]
     download_attempts: Option<String>,
     /// [download.stall_timeout] Seconds without a byte before a download counts as stalled (default 30).
@@ -161,7 +191,7 @@ impl RunArgs {
         }
         // Each flag is the one `config::KEYS` names for its key (a test checks
         // that every one of those is a flag of `outpost run`).
-        let flags: [(&str, &Option<String>); 22] = [
+        let flags: [(&str, &Option<String>); 28] = [
             ("mqtt.broker", &self.broker),
             ("device", &self.device),
             ("data_dir", &self.data_dir),
@@ -172,6 +202,12 @@ impl RunArgs {
             ("limits.max_model_size", &self.max_model_size),
             ("limits.workers", &self.workers),
             ("limits.max_queue", &self.max_queue),
+            ("limits.validation_memory", &self.validation_memory),
+            ("limits.validation_timeout", &self.validation_timeout),
+            ("limits.revalidate_at_start", &self.revalidate_at_start),
+            ("limits.disk_reserve", &self.disk_reserve),
+            ("limits.crash_loop_max", &self.crash_loop_max),
+            ("limits.crash_loop_window", &self.crash_loop_window),
             ("download.attempts", &self.download_attempts),
             ("download.stall_timeout", &self.stall_timeout),
             ("telemetry_interval", &self.telemetry_interval),
@@ -191,8 +227,12 @@ impl RunArgs {
                 // Numbers as numbers where the key takes one, so check-config shows them as such.
                 let numeric =
                     outpost_agent::config::KEYS.iter().any(|k| k.name == key && k.default.parse::<u64>().is_ok());
-                match v.parse::<i64>() {
-                    Ok(n) if numeric => l.set(key, toml::Value::Integer(n), flag),
+                let boolean = outpost_agent::config::KEYS
+                    .iter()
+                    .any(|k| k.name == key && (k.default == "true" || k.default == "false"));
+                match (v.parse::<i64>(), v.parse::<bool>()) {
+                    (Ok(n), _) if numeric => l.set(key, toml::Value::Integer(n), flag),
+                    (_, Ok(b)) if boolean => l.set(key, toml::Value::Boolean(b), flag),
                     _ => l.set(key, s(v), flag),
                 }
             }
@@ -222,6 +262,9 @@ fn main() -> ExitCode {
         Command::Run(args) => *args,
         Command::CheckBundle(a) => return check_bundle(a),
         Command::CheckConfig(args) => return check_config(&args),
+        Command::ValidateModel(a) => {
+            return ExitCode::from(outpost_agent::deploy::isolate::child(&a.dir, &a.manifest_sha256, a.memory_limit));
+        }
     };
     let _ = rustls::crypto::ring::default_provider().install_default();
     let (layers, settings, config) = match configure(&args) {
@@ -302,6 +345,7 @@ fn agent_config(s: &Settings) -> Result<outpost_agent::Config, String> {
         },
         http_bind: s.http_bind,
         live: s.live(),
+        isolation: outpost_agent::deploy::isolate::Isolation::this_binary(),
     })
 }
 

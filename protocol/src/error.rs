@@ -36,6 +36,12 @@ pub enum ErrorCode {
     InsufficientMemory,
     /// An unexpected failure inside the agent (I/O error on its own data dir, a bug).
     Internal,
+    /// The model's first load or golden sample broke a limit of the isolated
+    /// validation (memory or time); the message gives the evidence.
+    ResourceLimit,
+    /// The agent died while installing this version, or repeatedly while
+    /// serving it (the crash-loop breaker): quarantined until a new revision.
+    ModelCrashed,
 }
 
 impl ErrorCode {
@@ -63,6 +69,8 @@ impl ErrorCode {
             ErrorCode::PortUnavailable => "port_unavailable",
             ErrorCode::InsufficientMemory => "insufficient_memory",
             ErrorCode::Internal => "internal",
+            ErrorCode::ResourceLimit => "resource_limit",
+            ErrorCode::ModelCrashed => "model_crashed",
         }
     }
 }

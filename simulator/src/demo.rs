@@ -121,6 +121,7 @@ pub async fn run() -> Result<(), String> {
         },
         fetch: FetchConfig::default(),
         http_bind: Some(std::net::SocketAddr::from(([127, 0, 0, 1], http_port))),
+        isolation: outpost_agent::deploy::isolate::Isolation::InProcess,
         live: outpost_agent::config::Live { max_queue: 512, ..Default::default() },
     };
     let (_reload, reload_rx) = tokio::sync::mpsc::unbounded_channel();

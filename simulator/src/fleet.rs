@@ -116,6 +116,7 @@ fn agent_config(id: &str, group: &str, broker: &BrokerUrl, data: &std::path::Pat
             ..FetchConfig::default()
         },
         http_bind: None,
+        isolation: outpost_agent::deploy::isolate::Isolation::InProcess,
         live: outpost_agent::config::Live {
             workers: 1,
             max_queue: 4,

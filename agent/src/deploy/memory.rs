@@ -60,6 +60,20 @@ fn headroom(limit: &str, usage: &str) -> Option<u64> {
     Some(limit.saturating_sub(usage))
 }
 
+/// Memory kept for the agent itself when the isolated validation's limit
+/// comes from what is available.
+pub const VALIDATION_RESERVE: u64 = 32 << 20;
+/// The smallest automatic validation limit.
+pub const VALIDATION_MIN: u64 = 64 << 20;
+
+/// The isolated validation's memory limit when the configuration sets
+/// none: what this process could still allocate, less a reserve for the
+/// agent (`None`: the system cannot tell; the OOM killer still picks the
+/// child first).
+pub fn validation_limit(available: Option<u64>) -> Option<u64> {
+    available.map(|a| a.saturating_sub(VALIDATION_RESERVE).max(VALIDATION_MIN))
+}
+
 /// Refuses a model of `model_bytes` (its file) when loading it beside the
 /// serving one would not fit in `available` bytes.
 pub fn check_fits(what: &str, model_bytes: u64, available: Option<u64>) -> Result<(), ErrorInfo> {

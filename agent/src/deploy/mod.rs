@@ -13,7 +13,9 @@
 //!   one is reported but rewrites nothing newer;
 //! - "previous" is what the engine actually serves, not what a record says.
 
+pub(crate) mod breaker;
 pub mod fetch;
+pub mod isolate;
 pub(crate) mod memory;
 pub(crate) mod pipeline;
 pub(crate) mod reconcile;
@@ -23,7 +25,7 @@ pub mod store;
 use crate::report::Reporter;
 use crate::serve::probation::{Limits as ProbationLimits, Verdict};
 use crate::serve::{Engine, ProbationEnd};
-use fetch::Cancel;
+use fetch::{Cancel, FetchError};
 use outpost_protocol::{Deployment, ErrorCode, ErrorInfo, Outcome, Phase, ProtocolError};
 use pipeline::{Ended, Pipeline, Prepared};
 use reconcile::{Decision, Reconciler, Source};
@@ -48,6 +50,10 @@ enum Command {
     Stop,
     /// The requests have drained: end once the interrupted deployment has.
     Finish,
+    /// The pipeline is about to run a version's model code for the first
+    /// time: recorded (the breaker blames an unclean exit on it) before
+    /// `recorded` is answered (false: stopping, do not start it).
+    Installing { deployment: Box<Deployment>, recorded: std::sync::mpsc::Sender<bool> },
 }
 
 /// The handle the main loop holds.
@@ -116,6 +122,8 @@ pub(crate) struct Deployer {
     /// The newest desired state received while another deployment runs.
     queued: Option<(Source, Deployment, &'static str)>,
     commands: mpsc::UnboundedReceiver<Command>,
+    /// Its own command channel, for the pipeline's `Installing`.
+    own: mpsc::UnboundedSender<Command>,
     verdicts: mpsc::UnboundedReceiver<ProbationEnd>,
     stopping: bool,
     finishing: bool,
@@ -134,8 +142,12 @@ impl Deployer {
     /// resumes when [`Deployer::run`] starts.
     pub async fn open(pipeline: Arc<Pipeline>, reporter: Arc<Reporter>) -> (Deployer, Deployments, Restored) {
         let engine = pipeline.engine.clone();
-        let record = Record::read(&pipeline.store);
+        let mut record = Record::read(&pipeline.store);
         reporter.resume_seq(record.seq);
+        let limits = **pipeline.limits.load();
+        let tripped = breaker::judge(&mut record, limits.breaker, std::time::SystemTime::now());
+        // From now on an exit that does not go through `run`'s end is unclean.
+        record.running = true;
         let (tx, commands) = mpsc::unbounded_channel();
         let (verdict_tx, verdicts) = mpsc::unbounded_channel();
         engine.on_probation_end(verdict_tx);
@@ -151,10 +163,15 @@ impl Deployer {
             running: None,
             queued: None,
             commands,
+            own: tx.clone(),
             verdicts,
             stopping: false,
             finishing: false,
         };
+        d.persist().await;
+        if let Some(t) = tripped {
+            d.report_tripped(t);
+        }
         let restored = d.restore().await;
         (d, Deployments { tx }, restored)
     }
@@ -164,10 +181,15 @@ impl Deployer {
         let mut http_port = None;
         if let Some(active) = self.record.active.clone() {
             let p = self.pipeline.clone();
-            let d = active.deployment.clone();
-            let loaded = tokio::task::spawn_blocking(move || p.restore(&d))
-                .await
-                .unwrap_or_else(|e| Err(ErrorInfo::new(ErrorCode::Internal, format!("restoring panicked: {e}"))));
+            let a = active.clone();
+            let loaded = tokio::task::spawn_blocking(move || {
+                p.restore(&a).map_err(|e| match e {
+                    FetchError::Failed(e) => e,
+                    FetchError::Cancelled => ErrorInfo::new(ErrorCode::Internal, "restoring was cancelled"),
+                })
+            })
+            .await
+            .unwrap_or_else(|e| Err(ErrorInfo::new(ErrorCode::Internal, format!("restoring panicked: {e}"))));
             match loaded {
                 Ok(()) => {
                     http_port = active.deployment.serving.http_port;
@@ -188,7 +210,29 @@ impl Deployer {
         if let Some(refused) = self.record.rolled_back.clone() {
             self.reconciler.restore(refused.source, refused.deployment);
         }
+        // So is one the breaker quarantined.
+        if let Some(q) = self.record.quarantined.clone() {
+            self.reconciler.restore(q.record.source, q.record.deployment);
+        }
         Restored { http_port }
+    }
+
+    /// Reports what the breaker did at start-up (the events wait in the
+    /// journal until the broker is reached).
+    fn report_tripped(&mut self, t: breaker::Tripped) {
+        let d = &t.quarantined.deployment;
+        match &t.restored {
+            Some(r) => {
+                let detail =
+                    format!("quarantined; {}@{} serves again", r.deployment.model.name, r.deployment.model.version);
+                self.reporter.event(d, Phase::RolledBack, None, Some(t.error.clone()), Some(detail));
+            }
+            None if t.was_active => {
+                let detail = "quarantined; no earlier version to serve".to_string();
+                self.reporter.event(d, Phase::RolledBack, None, Some(t.error.clone()), Some(detail));
+            }
+            None => self.reporter.event(d, Phase::Failed, None, Some(t.error.clone()), Some("quarantined".into())),
+        }
     }
 
     /// Runs until stopped: commands, the running deployment's end, probation
@@ -228,6 +272,7 @@ impl Deployer {
                         self.on_desired(source, &payload, max_bytes, recorded).await
                     }
                     Some(Command::Limits(l)) => self.on_limits(l),
+                    Some(Command::Installing { deployment, recorded }) => self.on_installing(*deployment, recorded).await,
                     Some(Command::Stop) => self.on_stop(),
                     Some(Command::Finish) | None => {
                         self.on_stop();
@@ -248,6 +293,24 @@ impl Deployer {
                 break;
             }
         }
+        self.clean_exit().await;
+    }
+
+    /// Records that this run ends cleanly (the breaker counts the others).
+    pub async fn clean_exit(&mut self) {
+        self.record.running = false;
+        self.persist().await;
+    }
+
+    async fn on_installing(&mut self, d: Deployment, recorded: std::sync::mpsc::Sender<bool>) {
+        if self.stopping {
+            let _ = recorded.send(false);
+            return;
+        }
+        let source = self.running.as_ref().map_or(Source::Device, |r| r.source);
+        self.record.installing = Some(ActiveRecord::new(source, d));
+        self.persist().await;
+        let _ = recorded.send(true);
     }
 
     fn on_stop(&mut self) {
@@ -288,8 +351,7 @@ impl Deployer {
         match self.reconciler.on_message(source, parsed) {
             Decision::Deploy(d) => {
                 crate::sys::crash_point("desired-received");
-                self.record.pending =
-                    Some(ActiveRecord { source, deployment: d.clone(), since: crate::sys::now_rfc3339() });
+                self.record.pending = Some(ActiveRecord::new(source, d.clone()));
                 self.persist().await;
                 let _ = recorded.send(());
                 self.start(source, d, "").await;
@@ -304,9 +366,13 @@ impl Deployer {
                 let in_progress = self.record.pending.as_ref().is_some_and(|p| {
                     p.deployment.deployment_id == d.deployment_id && p.deployment.revision == d.revision
                 });
+                let quarantined = self.record.quarantined.as_ref().filter(|q| q.record.same(&d));
                 if in_progress {
                     // A redelivery or retained replay while it deploys: its own events follow.
                     tracing::debug!(deployment = %d.deployment_id, "desired state seen again while it deploys");
+                } else if let Some(q) = quarantined {
+                    let detail = format!("quarantined ({}); not retried until a new revision", q.error);
+                    self.reporter.event(&d, Phase::Unchanged, None, None, Some(detail))
                 } else {
                     self.reporter.event(&d, Phase::Unchanged, None, None, Some("already applied".into()))
                 }
@@ -379,8 +445,14 @@ impl Deployer {
             revision = d.revision,
             model = %format!("{}@{}", d.model.name, d.model.version)
         );
+        let own = self.own.clone();
         let job = tokio::task::spawn_blocking(move || {
-            let prepared = span.in_scope(|| pipeline.prepare(&dep, &c, &protected));
+            let installing = || {
+                let (recorded, done) = std::sync::mpsc::channel();
+                let _ = own.send(Command::Installing { deployment: Box::new(dep.clone()), recorded });
+                done.recv().unwrap_or(false)
+            };
+            let prepared = span.in_scope(|| pipeline.prepare(&dep, &c, &protected, &installing));
             // Fault injection: the window between the last check and the swap.
             crate::sys::delay_point_blocking("before-swap");
             prepared
@@ -453,7 +525,7 @@ impl Deployer {
         if self.engine.pool_sizes() != before {
             tracing::info!(pool = ?self.engine.pool_sizes(), "worker pool resized by the deployment");
         }
-        let record = ActiveRecord { source, deployment: d.clone(), since: crate::sys::now_rfc3339() };
+        let record = ActiveRecord { settled: Some(model.settled()), ..ActiveRecord::new(source, d.clone()) };
         // A probation in progress ends here; its verdict, if one is already
         // on its way, is recognised as stale by its token.
         let old = self.probation.take();
@@ -501,7 +573,11 @@ impl Deployer {
         let keep =
             self.record.push_history(&d.model.manifest_sha256, d.policy.keep_versions.unwrap_or(DEFAULT_KEEP_VERSIONS));
         // Persist before announcing: a device that said `active` comes back with it after a power cut.
-        self.record.active = Some(record.clone());
+        let before = self.record.active.replace(record.clone());
+        if before.as_ref().is_none_or(|b| b.deployment.model.manifest_sha256 != d.model.manifest_sha256) {
+            self.record.previous = before;
+            self.record.crashes.clear();
+        }
         self.serving = Some(record);
         self.set_outcome(d, Outcome::Active, None);
         self.persist().await;
@@ -592,6 +668,8 @@ impl Deployer {
                 let restored = ActiveRecord { since: crate::sys::now_rfc3339(), ..p.previous.clone() };
                 self.record.rolled_back = Some(p.record.clone());
                 self.record.active = Some(restored.clone());
+                self.record.previous = None;
+                self.record.crashes.clear();
                 self.serving = Some(restored);
                 let keep = p.previous.deployment.policy.keep_versions.unwrap_or(DEFAULT_KEEP_VERSIONS);
                 self.record.push_history(&p.previous.deployment.model.manifest_sha256, keep);

@@ -5,6 +5,7 @@
 //! untouched.
 
 use crate::deploy::fetch::{Cancel, DownloadError, FetchError, Fetcher, MAX_MANIFEST_BYTES, OnRetry, Wanted, file_url};
+use crate::deploy::isolate::{Bounds, Isolation};
 use crate::deploy::store::Store;
 use crate::report::Reporter;
 use crate::serve::Engine;
@@ -28,6 +29,8 @@ pub struct Pipeline {
     pub limits: arc_swap::ArcSwap<Limits>,
     /// The local HTTP endpoint, which a deployment's `serving.http_port` moves (unset: HTTP is off).
     pub http: std::sync::OnceLock<Arc<crate::serve::http::Endpoint>>,
+    /// Where a new version's first load and golden sample run.
+    pub isolation: Isolation,
 }
 
 /// Limits from the agent's configuration.
@@ -40,11 +43,37 @@ pub struct Limits {
     pub store_quota: Option<u64>,
     /// Largest bundle (sum of its files) accepted; `None`: no limit.
     pub max_model_size: Option<u64>,
+    /// Memory the isolated validation may allocate; `None`: what the device
+    /// has available (see `memory::validation_limit`).
+    pub validation_memory: Option<u64>,
+    /// Longest the isolated first load and golden sample may take.
+    pub validation_timeout: Duration,
+    /// Free space downloads leave on the filesystem.
+    pub disk_reserve: u64,
+    /// Restart: run the stored active version's golden sample again (isolated) before serving it.
+    pub revalidate_at_start: bool,
+    /// The crash-loop breaker's threshold.
+    pub breaker: crate::deploy::breaker::Policy,
 }
+
+/// Default of `limits.validation_timeout`.
+pub const DEFAULT_VALIDATION_TIMEOUT: Duration = Duration::from_secs(120);
+/// Default of `limits.disk_reserve`.
+pub const DEFAULT_DISK_RESERVE: u64 = 64 << 20;
 
 impl Limits {
     pub fn new(workers: usize, max_queue: usize) -> Limits {
-        Limits { workers, max_queue, store_quota: None, max_model_size: None }
+        Limits {
+            workers,
+            max_queue,
+            store_quota: None,
+            max_model_size: None,
+            validation_memory: None,
+            validation_timeout: DEFAULT_VALIDATION_TIMEOUT,
+            disk_reserve: DEFAULT_DISK_RESERVE,
+            revalidate_at_start: false,
+            breaker: Default::default(),
+        }
     }
 }
 
@@ -52,9 +81,6 @@ impl Limits {
 pub(crate) fn ms(d: Duration) -> f64 {
     (d.as_secs_f64() * 100_000.0).round() / 100.0
 }
-
-/// Free space left on the filesystem after a download, for the state file and logs.
-const DISK_HEADROOM: u64 = 1 << 20;
 
 /// How a deployment ended, when it did not end prepared.
 #[derive(Debug)]
@@ -93,10 +119,18 @@ pub struct Prepared {
 impl Pipeline {
     /// Everything up to (not including) the swap, reporting each phase.
     /// `protected`: versions retention may not evict to make room.
-    pub fn prepare(&self, d: &Deployment, cancel: &Cancel, protected: &[String]) -> Result<Prepared, Ended> {
+    /// `installing` is called (and must have recorded it) before the
+    /// model's code first runs; false: the agent is stopping.
+    pub fn prepare(
+        &self,
+        d: &Deployment,
+        cancel: &Cancel,
+        protected: &[String],
+        installing: &dyn Fn() -> bool,
+    ) -> Result<Prepared, Ended> {
         let started = Instant::now();
         let mut timings = outpost_protocol::Timings::default();
-        let model = self.load(d, cancel, protected, &mut timings)?;
+        let model = self.load(d, cancel, protected, installing, &mut timings)?;
         // The port is the last thing that can fail: after it, the swap.
         let listener = match self.http.get() {
             Some(http) => http.bind_port(d.serving.http_port)?,
@@ -110,6 +144,7 @@ impl Pipeline {
         d: &Deployment,
         cancel: &Cancel,
         protected: &[String],
+        installing: &dyn Fn() -> bool,
         timings: &mut outpost_protocol::Timings,
     ) -> Result<Arc<Model>, FetchError> {
         let sha = &d.model.manifest_sha256;
@@ -143,27 +178,79 @@ impl Pipeline {
         }
         let model_bytes = manifest.file(&manifest.model.file).map_or(0, |f| f.size);
         crate::deploy::memory::check_fits(&manifest.model.file, model_bytes, crate::deploy::memory::available())?;
-        self.reporter.event(d, Phase::Loading, None, None, Some(manifest.model.file.clone()));
-        let t = Instant::now();
-        let mut model = Model::load(&dir, &manifest, sha)?;
-        timings.load = ms(t.elapsed());
-        let load_detail = format!(
-            "loaded in {} ms{}",
-            t.elapsed().as_millis(),
-            model.load_notes.iter().map(|n| format!("; {n}")).collect::<String>()
-        );
-        if cancel.is_cancelled() {
+        // From here on the model's own code runs: the deployer records that
+        // this version is installing, so an unclean exit from now until the
+        // swap is blamed on it (the crash-loop breaker) and not retried.
+        if !installing() {
             return Err(FetchError::Cancelled);
         }
-        self.reporter.event(d, Phase::Validating, None, None, Some(load_detail));
-        let t = Instant::now();
-        let verdict = model.validate(&dir, &manifest)?;
-        timings.validate = ms(t.elapsed());
-        tracing::info!(model = %manifest.name, version = %manifest.version, "{verdict}");
+        self.reporter.event(d, Phase::Loading, None, None, Some(manifest.model.file.clone()));
+        let model = match &self.isolation {
+            Isolation::Child(exe) => {
+                let bounds = self.bounds();
+                let v = crate::deploy::isolate::validate(exe, &dir, sha, bounds, cancel)?;
+                timings.load = v.load_ms;
+                timings.validate = v.validate_ms;
+                let notes: String = v.load_notes.iter().map(|n| format!("; {n}")).collect();
+                let memory = bounds.memory.map_or_else(|| "no limit".into(), |m| format!("limit {} MiB", m >> 20));
+                self.reporter.event(
+                    d,
+                    Phase::Validating,
+                    None,
+                    None,
+                    Some(format!(
+                        "loaded in {:.0} ms{notes}; golden sample run in {:.0} ms, isolated (peak {} MiB, {memory}, timeout {} s)",
+                        v.load_ms,
+                        v.validate_ms,
+                        v.peak_bytes >> 20,
+                        bounds.timeout.as_secs()
+                    )),
+                );
+                if cancel.is_cancelled() {
+                    return Err(FetchError::Cancelled);
+                }
+                // The same bytes just loaded within the limit: load them here,
+                // and run them the way the validation settled.
+                let mut model = Model::load(&dir, &manifest, sha)?;
+                model.settle(&v.settled);
+                model
+            }
+            Isolation::InProcess => {
+                let t = Instant::now();
+                let mut model = Model::load(&dir, &manifest, sha)?;
+                timings.load = ms(t.elapsed());
+                let load_detail = format!(
+                    "loaded in {} ms{}",
+                    t.elapsed().as_millis(),
+                    model.load_notes.iter().map(|n| format!("; {n}")).collect::<String>()
+                );
+                if cancel.is_cancelled() {
+                    return Err(FetchError::Cancelled);
+                }
+                self.reporter.event(d, Phase::Validating, None, None, Some(load_detail));
+                let t = Instant::now();
+                model.validate(&dir, &manifest)?;
+                timings.validate = ms(t.elapsed());
+                model
+            }
+        };
+        tracing::info!(model = %manifest.name, version = %manifest.version, "{}", model.validation);
         if cancel.is_cancelled() {
             return Err(FetchError::Cancelled);
         }
         Ok(Arc::new(model))
+    }
+
+    /// The isolated validation's limits now: the configured memory limit,
+    /// or what this process could still allocate less a reserve.
+    fn bounds(&self) -> Bounds {
+        let limits = self.limits.load();
+        Bounds {
+            memory: limits
+                .validation_memory
+                .or_else(|| crate::deploy::memory::validation_limit(crate::deploy::memory::available())),
+            timeout: limits.validation_timeout,
+        }
     }
 
     fn download(
@@ -273,9 +360,10 @@ impl Pipeline {
                 }
             }
             let free = self.store.available()?;
-            if need.saturating_add(DISK_HEADROOM) > free {
+            let reserve = self.limits.load().disk_reserve;
+            if need.saturating_add(reserve) > free {
                 return Ok(Some(format!(
-                    "{need} more bytes would not fit on the filesystem ({free} bytes free, {DISK_HEADROOM} kept in reserve)"
+                    "{need} more bytes would not fit on the filesystem ({free} bytes free, {reserve} kept in reserve: limits.disk_reserve)"
                 )));
             }
             Ok(None)
@@ -357,14 +445,25 @@ impl Pipeline {
         self.reporter.event(d, Phase::Downloading, None, None, Some(detail));
     }
 
-    /// Loads the last active version from the store at start-up, before and
-    /// without any network, re-verifying its files and its golden sample,
-    /// and puts it in service.
-    pub fn restore(&self, d: &Deployment) -> Result<(), ErrorInfo> {
+    /// Puts the last active version back in service at start-up, before
+    /// and without any network: its files are re-verified against their
+    /// digests, it is loaded and run the way its validation settled. Its
+    /// golden sample runs again (isolated) only with `limits.revalidate_at_start`.
+    pub fn restore(&self, active: &crate::deploy::record::ActiveRecord) -> Result<(), FetchError> {
+        let d = &active.deployment;
         let sha = &d.model.manifest_sha256;
         let (dir, manifest, _) = self.store.verify_version(sha)?;
+        let settled = match (&self.isolation, self.limits.load().revalidate_at_start) {
+            (Isolation::Child(exe), true) => {
+                Some(crate::deploy::isolate::validate(exe, &dir, sha, self.bounds(), &Cancel::default())?.settled)
+            }
+            _ => active.settled.clone(),
+        };
         let mut model = Model::load(&dir, &manifest, sha)?;
-        model.validate(&dir, &manifest)?;
+        // A record from before settlements were kept: single-threaded.
+        if let Some(s) = &settled {
+            model.settle(s);
+        }
         tracing::info!(model = %model.name, version = %model.version, "serving the last active version from the store");
         let serving = &d.serving;
         self.engine.resize(

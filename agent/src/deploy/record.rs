@@ -29,6 +29,24 @@ pub struct Record {
     /// has not ended: resumed after a restart, broker or not.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pending: Option<ActiveRecord>,
+    /// Set while a version's model code runs for the first time (isolated
+    /// validation, then its load in the agent, up to the swap): an unclean
+    /// exit meanwhile quarantines it (the crash-loop breaker).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub installing: Option<ActiveRecord>,
+    /// True while an agent runs on this record; false after a clean exit.
+    #[serde(default)]
+    pub running: bool,
+    /// When the agent exited uncleanly while serving the active version
+    /// (Unix seconds, oldest first; cleared when another version serves).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub crashes: Vec<u64>,
+    /// What served before the active version: where the breaker falls back to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous: Option<ActiveRecord>,
+    /// A version the breaker quarantined, and why: not retried until a new revision.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quarantined: Option<Quarantined>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -36,6 +54,26 @@ pub struct ActiveRecord {
     pub source: Source,
     pub deployment: Deployment,
     pub since: String,
+    /// How its validation settled that it runs (restored without rerunning it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub settled: Option<crate::serve::model::Settled>,
+}
+
+impl ActiveRecord {
+    pub fn new(source: Source, deployment: Deployment) -> ActiveRecord {
+        ActiveRecord { source, deployment, since: crate::sys::now_rfc3339(), settled: None }
+    }
+
+    /// Whether both name the same deployment (id and revision).
+    pub fn same(&self, d: &Deployment) -> bool {
+        self.deployment.deployment_id == d.deployment_id && self.deployment.revision == d.revision
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Quarantined {
+    pub record: ActiveRecord,
+    pub error: ErrorInfo,
 }
 
 /// The file's name in the data directory.
@@ -62,13 +100,13 @@ impl Record {
         if outcome == Outcome::Active {
             self.rolled_back = None;
         }
-        if outcome != Outcome::InProgress
-            && self
-                .pending
-                .as_ref()
-                .is_some_and(|p| p.deployment.deployment_id == d.deployment_id && p.deployment.revision == d.revision)
-        {
-            self.pending = None;
+        if outcome != Outcome::InProgress {
+            if self.pending.as_ref().is_some_and(|p| p.same(d)) {
+                self.pending = None;
+            }
+            if self.installing.as_ref().is_some_and(|p| p.same(d)) {
+                self.installing = None;
+            }
         }
     }
 

@@ -68,6 +68,7 @@ impl Lab {
             reporter: reporter.clone(),
             limits: arc_swap::ArcSwap::from_pointee(pipeline::Limits::new(1, 8)),
             http: Default::default(),
+            isolation: crate::deploy::isolate::Isolation::InProcess,
         });
         let (deployer, deployments, _) = Deployer::open(pipeline, reporter).await;
         let task = tokio::spawn(deployer.run());

@@ -182,6 +182,17 @@ pub struct Model {
     inline_max_elements: usize,
 }
 
+/// What a validation settled about how a model runs (see [`Model::settled`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Settled {
+    /// Requests split over a pool of every core (else one thread each).
+    pub multi_thread: bool,
+    /// See `Model::inline_max_elements`.
+    pub inline_max_elements: usize,
+    /// The golden sample's verdict and the executor choice, for the log.
+    pub validation: String,
+}
+
 /// A model whose golden sample runs faster than this serves small requests inline.
 const INLINE_BELOW: std::time::Duration = std::time::Duration::from_micros(100);
 
@@ -470,6 +481,28 @@ impl Model {
             .infer(&request)
             .map_err(|e| ModelError::Validation(format!("golden sample {} does not run: {e}", v.input)))?;
         compare_outputs(&expected.outputs, &response.outputs, v.tolerance).map_err(ModelError::Validation)
+    }
+
+    /// What validation settled about how this model runs, to apply to the
+    /// same bundle loaded in another process (the agent, after an isolated
+    /// validation) or after a restart (which does not revalidate).
+    pub fn settled(&self) -> Settled {
+        Settled {
+            multi_thread: !matches!(self.executor, Executor::SingleThread),
+            inline_max_elements: self.inline_max_elements,
+            validation: self.validation.clone(),
+        }
+    }
+
+    /// Applies what a validation of this same bundle settled.
+    pub fn settle(&mut self, s: &Settled) {
+        self.executor = match s.multi_thread {
+            true => thread_pool(std::thread::available_parallelism().map_or(1, |n| n.get()))
+                .unwrap_or(Executor::SingleThread),
+            false => Executor::SingleThread,
+        };
+        self.inline_max_elements = s.inline_max_elements;
+        self.validation = s.validation.clone();
     }
 
     /// Whether `req` is small enough to run on the calling thread (see `inline_max_elements`).

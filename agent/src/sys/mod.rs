@@ -2,6 +2,7 @@
 //! watchdog ([`systemd`]), TLS trust ([`tls`]), time, jitter, and the
 //! fault-injection points the crash and race tests use.
 
+pub mod alloc;
 pub mod systemd;
 pub mod tls;
 

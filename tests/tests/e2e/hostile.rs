@@ -42,3 +42,188 @@ async fn a_value_that_does_not_fit_the_datatype_is_bad_input_and_vetoes_nothing(
     .await;
     assert!(rolled_back.is_err(), "one client vetoed the rollout: {rolled_back:?}");
 }
+
+/// Deploys hostile fixture `stem` as digits-like `name@version` and waits
+/// for its final event, checking meanwhile that `v1` keeps answering.
+async fn deploy_hostile(
+    w: &mut Watcher,
+    reg: &Registry,
+    agent: &Agent,
+    stem: &str,
+    version: &str,
+) -> (outpost_protocol::DeploymentEvent, Vec<outpost_protocol::DeploymentEvent>) {
+    let sha = reg.register_hostile(stem, "bomb", version);
+    let url = reg.manifest_url("bomb", version);
+    let d = outpost_sim::operator::deployment("bomb", version, &url, &sha, None, None);
+    w.publish_desired(d.to_json()).await;
+    let infer = format!("http://127.0.0.1:{}/v2/models/digits/infer", agent.http_port);
+    let health = format!("http://127.0.0.1:{}/v2/health/ready", agent.http_port);
+    let serving = tokio::spawn(async move {
+        let mut answered = 0;
+        loop {
+            let (status, body) =
+                http("POST", infer.clone(), Some(serde_json::to_vec(&digits_request(1)).unwrap())).await;
+            assert_eq!((status, body["model_version"].as_str()), (200, Some("1")), "{body}");
+            assert_eq!(http("GET", health.clone(), None).await.0, 200);
+            answered += 1;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            if answered > 10_000 {
+                return answered;
+            }
+        }
+    });
+    let ended = w.events_until_final(&d.deployment_id).await;
+    assert!(!serving.is_finished(), "digits@1 stopped answering: {:?}", serving.await);
+    serving.abort();
+    ended
+}
+
+/// A model's first load and golden sample run isolated under memory and
+/// time limits: a memory bomb, a 40 GB allocation that makes tract panic,
+/// a bomb folded at load time, and a minute-long MatMul chain are each
+/// `failed` with `resource_limit` and the evidence, while the agent keeps
+/// serving digits@1 and answering health throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_models_fail_their_isolated_validation_and_the_agent_serves_on() {
+    let (broker, reg, _data, mut w, agent) = Lab::device("hostile2")
+        .model("digits-mlp.onnx", "digits", "1")
+        .flags(&["--validation-memory", "256MiB", "--validation-timeout", "4"])
+        .start()
+        .await;
+    assert_eq!(w.deploy(&reg, "digits", "1").await.0.phase, Phase::Active);
+
+    for (stem, version, stage, evidence) in [
+        (
+            "expand-bomb",
+            "1",
+            "running the golden sample",
+            "an allocation of 6400000000 bytes was refused (limit 256 MiB",
+        ),
+        ("alloc-panic", "2", "running the golden sample", "an allocation of 40000000000 bytes was refused"),
+        ("constant-bomb", "3", "", "was refused (limit 256 MiB"),
+        (
+            "slow-chain",
+            "4",
+            "running the golden sample",
+            "took longer than the limit of 4 s (limits.validation_timeout)",
+        ),
+    ] {
+        let (last, _) = deploy_hostile(&mut w, &reg, &agent, stem, version).await;
+        assert_eq!(last.phase, Phase::Failed, "{stem}: {last:?}");
+        let error = last.error.unwrap();
+        eprintln!("{stem}: {}", error.message);
+        assert_eq!(error.code, ErrorCode::ResourceLimit, "{stem}: {error:?}");
+        assert!(error.message.contains(stage) && error.message.contains(evidence), "{stem}: {}", error.message);
+        assert!(
+            error.message.contains(" s") && error.message.contains("the serving model is untouched"),
+            "{}",
+            error.message
+        );
+    }
+    let state = w
+        .state(&broker, |s| {
+            s.last_deployment.as_ref().is_some_and(|l| l.revision == 4 || l.deployment_id.contains("bomb"))
+        })
+        .await;
+    assert_eq!(state.active.unwrap().version, "1");
+}
+
+/// The crash-loop breaker, install side: the agent dies (`kill -9`) while a
+/// new version's isolated validation runs. At the restart that version is
+/// quarantined (`model_crashed`, with when it started installing), the
+/// previous one serves, READY and health come within 5 s, and the retained
+/// desired state of the quarantined revision is not tried again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dying_while_installing_quarantines_the_version_and_the_previous_serves() {
+    let (_broker, reg, _data, mut w, mut agent) = Lab::device("breaker1")
+        .model("digits-mlp.onnx", "digits", "1")
+        .flags(&["--validation-timeout", "300"])
+        .start()
+        .await;
+    assert_eq!(w.deploy(&reg, "digits", "1").await.0.phase, Phase::Active);
+    let sha = reg.register_hostile("slow-chain", "bomb", "1");
+    let d = outpost_sim::operator::deployment("bomb", "1", &reg.manifest_url("bomb", "1"), &sha, None, None);
+    w.publish_desired(d.to_json()).await;
+    w.event(|e| e.deployment_id == d.deployment_id && e.phase == Phase::Loading).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let notify = NotifySocket::new();
+    agent.env.push(("NOTIFY_SOCKET".into(), notify.path.display().to_string()));
+    let started = std::time::Instant::now();
+    agent.kill_and_restart();
+    let (ready, status) = notify.wait_for("READY=1", Duration::from_secs(5));
+    assert!(ready.duration_since(started) < Duration::from_secs(5), "READY after {:?}", ready.duration_since(started));
+    assert!(status.contains("serving digits@1"), "{status}");
+    let health = format!("http://127.0.0.1:{}/v2/health/ready", agent.http_port);
+    assert_eq!(http("GET", health, None).await.0, 200);
+
+    let failed = w.event(|e| e.deployment_id == d.deployment_id && e.phase == Phase::Failed).await;
+    let error = failed.error.unwrap();
+    assert_eq!(error.code, ErrorCode::ModelCrashed, "{error:?}");
+    assert!(error.message.contains("bomb@1: the agent stopped uncleanly while installing it"), "{}", error.message);
+    // The retained desired state replays at the reconnection: not retried.
+    let unchanged = w.event(|e| e.deployment_id == d.deployment_id && e.phase == Phase::Unchanged).await;
+    assert!(unchanged.detail.as_deref().unwrap_or_default().contains("quarantined"), "{unchanged:?}");
+    let infer = format!("http://127.0.0.1:{}/v2/models/digits/infer", agent.http_port);
+    let (status, body) = http("POST", infer, Some(serde_json::to_vec(&digits_request(1)).unwrap())).await;
+    assert_eq!((status, body["model_version"].as_str()), (200, Some("1")), "{body}");
+    assert!(!std::fs::read_to_string(&agent.log).unwrap().contains("validate-model"), "no validation reran");
+
+    // A new revision of the same deployment is tried again.
+    let mut d2 = d.clone();
+    d2.revision += 1;
+    agent.env.retain(|(k, _)| k != "NOTIFY_SOCKET");
+    w.publish_desired(d2.to_json()).await;
+    w.event(|e| e.deployment_id == d2.deployment_id && e.revision == d2.revision && e.phase == Phase::Loading).await;
+}
+
+/// The crash-loop breaker, serving side: three unclean exits within the
+/// window while digits@2 serves quarantine it; digits@1 serves again,
+/// `rolled_back` with `model_crashed` and the times as evidence.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repeated_crashes_while_serving_quarantine_the_version() {
+    let (broker, reg, _data, mut w, mut agent) = Lab::device("breaker2")
+        .model("digits-mlp.onnx", "digits", "1")
+        .model("digits-cnn.onnx", "digits", "2")
+        .flags(&["--crash-loop-max", "3", "--crash-loop-window", "600"])
+        .start()
+        .await;
+    assert_eq!(w.deploy(&reg, "digits", "1").await.0.phase, Phase::Active);
+    let (v2, _) = w.deploy(&reg, "digits", "2").await;
+    assert_eq!(v2.phase, Phase::Active);
+    let infer = format!("http://127.0.0.1:{}/v2/models/digits/infer", agent.http_port);
+    for crash in 1..=2 {
+        agent.kill_and_restart();
+        ready(&agent).await;
+        let (status, body) = http("POST", infer.clone(), Some(serde_json::to_vec(&digits_request(1)).unwrap())).await;
+        assert_eq!((status, body["model_version"].as_str()), (200, Some("2")), "after crash {crash}: {body}");
+    }
+    agent.kill_and_restart();
+    let rolled = w.event(|e| e.deployment_id == v2.deployment_id && e.phase == Phase::RolledBack).await;
+    ready(&agent).await;
+    let (status, body) = http("POST", infer.clone(), Some(serde_json::to_vec(&digits_request(1)).unwrap())).await;
+    assert_eq!((status, body["model_version"].as_str()), (200, Some("1")), "after crash 3: {body}");
+    let error = rolled.error.unwrap();
+    assert_eq!(error.code, ErrorCode::ModelCrashed);
+    assert!(error.message.contains("3 unclean exits of the agent within 600 s while it served"), "{}", error.message);
+    assert!(rolled.detail.unwrap_or_default().contains("digits@1 serves again"));
+    let state = w.state(&broker, |s| s.active.as_ref().is_some_and(|a| a.version == "1")).await;
+    assert_eq!(state.last_deployment.unwrap().outcome, Outcome::RolledBack);
+    // A clean stop and start counts nothing.
+    agent.signal(rustix::process::Signal::TERM);
+    assert!(agent.wait_exit(Duration::from_secs(15)).is_some_and(|s| s.success()));
+    agent.kill_and_restart();
+    ready(&agent).await;
+    let (status, body) = http("POST", infer, Some(serde_json::to_vec(&digits_request(1)).unwrap())).await;
+    assert_eq!((status, body["model_version"].as_str()), (200, Some("1")), "{body}");
+}
+
+/// Waits until the agent's HTTP endpoint answers health (after a restart).
+async fn ready(agent: &Agent) {
+    let health = format!("http://127.0.0.1:{}/v2/health/ready", agent.http_port);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while try_http("GET", health.clone(), None).await.map(|r| r.0) != Ok(200) {
+        assert!(std::time::Instant::now() < deadline, "the agent did not come back");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -1,0 +1,371 @@
+//! A new version's first load and golden sample run in a child process:
+//! the agent's own binary, `outpost validate-model DIR`. Whatever the model
+//! does there (allocate without bound, compute for minutes, make tract
+//! panic, crash the runtime) happens to the child, under a memory limit
+//! (`RLIMIT_DATA`, and the first in line for the OOM killer) and a time
+//! limit (the agent kills it), while the agent goes on serving and talking
+//! to the broker. The agent then loads the version itself, knowing its load
+//! fits (the same bytes just loaded within the limit), and applies what the
+//! child settled (the executor) without running the model again.
+//!
+//! The child speaks one JSON object per line on stdout (`Said`); how it
+//! ended is judged by its exit status, never by the text it printed.
+
+use crate::deploy::fetch::{Cancel, FetchError};
+use crate::serve::model::{Model, Settled};
+use crate::sys::alloc::EXIT_ALLOC_REFUSED;
+use outpost_protocol::manifest::MANIFEST_FILE;
+use outpost_protocol::{ErrorCode, ErrorInfo, Manifest};
+use serde::{Deserialize, Serialize};
+use std::io::Read;
+use std::os::unix::process::ExitStatusExt;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::time::{Duration, Instant};
+
+/// The subcommand the agent runs itself as.
+pub const SUBCOMMAND: &str = "validate-model";
+
+/// Where a new version's first load and golden sample run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Isolation {
+    /// In a child process of this executable, which must be the `outpost`
+    /// binary (it has the `validate-model` subcommand): `/proc/self/exe`.
+    Child(std::path::PathBuf),
+    /// In the calling process, without limits: the simulator's in-process
+    /// devices and the unit tests, whose executable is not `outpost`.
+    InProcess,
+}
+
+impl Isolation {
+    /// The running `outpost` binary (even if replaced on disk since it started).
+    pub fn this_binary() -> Isolation {
+        Isolation::Child("/proc/self/exe".into())
+    }
+}
+
+/// The limits of one isolated validation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Bounds {
+    /// Most bytes the child may allocate (`None`: no limit of its own).
+    pub memory: Option<u64>,
+    /// Longest the first load and golden sample may take together.
+    pub timeout: Duration,
+}
+
+/// What a successful isolated validation found.
+#[derive(Debug, Clone)]
+pub struct Validated {
+    pub settled: Settled,
+    pub load_notes: Vec<String>,
+    pub load_ms: f64,
+    pub validate_ms: f64,
+    /// The child's peak resident memory.
+    pub peak_bytes: u64,
+}
+
+/// Where the child was when it stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Stage {
+    Starting,
+    Loading,
+    Validating,
+}
+
+impl Stage {
+    fn doing(self) -> &'static str {
+        match self {
+            Stage::Starting => "starting",
+            Stage::Loading => "loading the model",
+            Stage::Validating => "running the golden sample",
+        }
+    }
+}
+
+/// One line of the child's report.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "outcome", rename_all = "snake_case")]
+enum Said {
+    Loaded {
+        load_ms: f64,
+        notes: Vec<String>,
+    },
+    Valid {
+        settled: Settled,
+        validate_ms: f64,
+    },
+    Failed {
+        error: ErrorInfo,
+    },
+    Panicked {
+        stage: Stage,
+        message: String,
+    },
+    /// Written by the allocator (`sys::alloc`) just before it ends the child.
+    AllocRefused {
+        bytes: u64,
+    },
+}
+
+fn mib(b: u64) -> String {
+    format!("{:.0} MiB", b as f64 / (1u64 << 20) as f64)
+}
+
+/// Validates the version in `dir` in a child process within `bounds`.
+/// Cancelling kills the child.
+pub fn validate(
+    exe: &Path,
+    dir: &Path,
+    manifest_sha256: &str,
+    bounds: Bounds,
+    cancel: &Cancel,
+) -> Result<Validated, FetchError> {
+    let started = Instant::now();
+    let mut cmd = Command::new(exe);
+    cmd.arg(SUBCOMMAND).arg(dir).arg("--manifest-sha256").arg(manifest_sha256);
+    if let Some(m) = bounds.memory {
+        cmd.arg("--memory-limit").arg(m.to_string());
+    }
+    // The child is not the service: systemd must not hear from it.
+    for var in ["NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "OUTPOST_CRASH_AT", "OUTPOST_DELAY_AT"] {
+        cmd.env_remove(var);
+    }
+    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    let internal = |what: String| FetchError::Failed(ErrorInfo::new(ErrorCode::Internal, what));
+    let mut child =
+        cmd.spawn().map_err(|e| internal(format!("cannot start the isolated validation ({}): {e}", exe.display())))?;
+    let pid = child.id();
+    let stdout = child.stdout.take().map(|o| reader(o, 1 << 20, false));
+    let stderr = child.stderr.take().map(|e| reader(e, 2048, true));
+    let mut peak = 0u64;
+    let mut timed_out = false;
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(s)) => break s,
+            Ok(None) => {}
+            Err(e) => return Err(internal(format!("isolated validation: {e}"))),
+        }
+        peak = peak.max(peak_rss(pid).unwrap_or(0));
+        if cancel.is_cancelled() {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(FetchError::Cancelled);
+        }
+        if started.elapsed() >= bounds.timeout {
+            timed_out = true;
+            let _ = child.kill();
+            match child.wait() {
+                Ok(s) => break s,
+                Err(e) => return Err(internal(format!("isolated validation: {e}"))),
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let seconds = started.elapsed().as_secs_f64();
+    let out = stdout.and_then(|t| t.join().ok()).unwrap_or_default();
+    let err = stderr.and_then(|t| t.join().ok()).unwrap_or_default();
+    let said: Vec<Said> = out.split(|b| *b == b'\n').filter_map(|l| serde_json::from_slice(l).ok()).collect();
+    let loaded = said.iter().find_map(|s| match s {
+        Said::Loaded { load_ms, notes } => Some((*load_ms, notes.clone())),
+        _ => None,
+    });
+    let stage = if loaded.is_some() { Stage::Validating } else { Stage::Loading };
+    // A child that ends within the first poll shows no peak: the refused size is the evidence then.
+    let evidence = match peak {
+        0 => format!("after {seconds:.1} s"),
+        p => format!("after {seconds:.1} s, peak memory {}", mib(p)),
+    };
+    let limit_text = bounds.memory.map_or_else(|| "no memory limit".to_string(), |m| format!("limit {}", mib(m)));
+    let failed = |code: ErrorCode, message: String| Err(FetchError::Failed(ErrorInfo::new(code, message)));
+    if timed_out {
+        return failed(
+            ErrorCode::ResourceLimit,
+            format!(
+                "{} took longer than the limit of {} s (limits.validation_timeout) and was stopped ({evidence}); the serving model is untouched",
+                stage.doing(),
+                bounds.timeout.as_secs()
+            ),
+        );
+    }
+    for s in &said {
+        match s {
+            Said::AllocRefused { bytes } => {
+                return failed(
+                    ErrorCode::ResourceLimit,
+                    format!(
+                        "{}: an allocation of {bytes} bytes was refused ({limit_text}, limits.validation_memory; {evidence}); the serving model is untouched",
+                        stage.doing()
+                    ),
+                );
+            }
+            Said::Failed { error } => return Err(FetchError::Failed(error.clone())),
+            Said::Panicked { stage, message } => {
+                let code =
+                    if *stage == Stage::Validating { ErrorCode::ValidationFailed } else { ErrorCode::ModelLoadFailed };
+                return failed(
+                    code,
+                    format!(
+                        "the runtime panicked while {}: {message} (isolated validation; the serving model is untouched)",
+                        stage.doing()
+                    ),
+                );
+            }
+            Said::Valid { settled, validate_ms } if status.success() => {
+                let (load_ms, load_notes) = loaded.clone().unwrap_or_default();
+                return Ok(Validated {
+                    settled: settled.clone(),
+                    load_notes,
+                    load_ms,
+                    validate_ms: *validate_ms,
+                    peak_bytes: peak,
+                });
+            }
+            _ => {}
+        }
+    }
+    let tail = String::from_utf8_lossy(&err).trim().to_string();
+    let tail = if tail.is_empty() { String::new() } else { format!("; its last words: {tail}") };
+    match (status.signal(), status.code()) {
+        // Not our timer: the kernel's OOM killer (the child is first in line).
+        (Some(9), _) => failed(
+            ErrorCode::ResourceLimit,
+            format!(
+                "killed while {} by the system, out of memory ({limit_text}; {evidence}){tail}; the serving model is untouched",
+                stage.doing()
+            ),
+        ),
+        (Some(sig), _) => failed(
+            ErrorCode::ModelCrashed,
+            format!(
+                "the runtime crashed while {} (signal {sig}; {evidence}){tail}; the serving model is untouched",
+                stage.doing()
+            ),
+        ),
+        (None, Some(EXIT_ALLOC_REFUSED)) => failed(
+            ErrorCode::ResourceLimit,
+            format!(
+                "{}: an allocation was refused ({limit_text}; {evidence}); the serving model is untouched",
+                stage.doing()
+            ),
+        ),
+        (None, code) => failed(
+            ErrorCode::Internal,
+            format!(
+                "the isolated validation ended without a verdict (exit code {}; {evidence}){tail}",
+                code.map_or_else(|| "none".into(), |c| c.to_string())
+            ),
+        ),
+    }
+}
+
+/// Reads a child's pipe to its end, keeping at most `cap` bytes (the first
+/// ones, or the last ones when `tail`).
+fn reader(mut r: impl Read + Send + 'static, cap: usize, tail: bool) -> std::thread::JoinHandle<Vec<u8>> {
+    std::thread::spawn(move || {
+        let mut kept = Vec::new();
+        let mut buf = [0u8; 8192];
+        loop {
+            match r.read(&mut buf) {
+                Ok(0) | Err(_) => return kept,
+                Ok(n) => {
+                    kept.extend_from_slice(&buf[..n]);
+                    if kept.len() > cap {
+                        if tail {
+                            kept.drain(..kept.len() - cap);
+                        } else {
+                            kept.truncate(cap);
+                        }
+                    }
+                }
+            }
+        }
+    })
+}
+
+/// Peak resident memory (`VmHWM`) of a process, in bytes.
+fn peak_rss(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    line.split_whitespace().nth(1)?.parse::<u64>().ok().map(|kib| kib * 1024)
+}
+
+static STAGE: AtomicU8 = AtomicU8::new(0);
+
+fn stage() -> Stage {
+    match STAGE.load(Ordering::SeqCst) {
+        1 => Stage::Loading,
+        2 => Stage::Validating,
+        _ => Stage::Starting,
+    }
+}
+
+fn say(s: &Said) {
+    use std::io::Write;
+    let mut line = serde_json::to_vec(s).unwrap_or_default();
+    line.push(b'\n');
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_all(&line);
+    let _ = out.flush();
+}
+
+/// The child: `outpost validate-model DIR --manifest-sha256 SHA [--memory-limit BYTES]`.
+/// Loads the verified version in `dir` and runs its golden sample, saying
+/// how it went on stdout. Returns the exit code.
+pub fn child(dir: &Path, manifest_sha256: &str, memory: Option<u64>) -> u8 {
+    crate::sys::alloc::exit_on_refusal();
+    // Dies with the agent: a validation the agent no longer waits for stops.
+    let _ = rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL));
+    // First in line for the OOM killer, before the agent (raising one's
+    // own score needs no privilege).
+    let _ = std::fs::write("/proc/self/oom_score_adj", "1000");
+    if let Some(m) = memory {
+        let limit = rustix::process::Rlimit { current: Some(m), maximum: Some(m) };
+        if let Err(e) = rustix::process::setrlimit(rustix::process::Resource::Data, limit) {
+            eprintln!("cannot set the memory limit: {e}");
+        }
+    }
+    std::panic::set_hook(Box::new(|info| {
+        let payload = info.payload();
+        let text = payload
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "(no message)".into());
+        let at = info.location().map(|l| format!(" at {}:{}", l.file(), l.line())).unwrap_or_default();
+        say(&Said::Panicked { stage: stage(), message: format!("{text}{at}") });
+    }));
+    let manifest = match std::fs::read(dir.join(MANIFEST_FILE)) {
+        Ok(bytes) => match Manifest::from_json(&bytes) {
+            Ok(m) => m,
+            Err(e) => {
+                say(&Said::Failed { error: ErrorInfo::new(e.code, format!("{MANIFEST_FILE}: {e}")) });
+                return 0;
+            }
+        },
+        Err(e) => {
+            say(&Said::Failed {
+                error: ErrorInfo::new(ErrorCode::Internal, format!("{}: {e}", dir.join(MANIFEST_FILE).display())),
+            });
+            return 0;
+        }
+    };
+    STAGE.store(1, Ordering::SeqCst);
+    let t = Instant::now();
+    let mut model = match Model::load(dir, &manifest, manifest_sha256) {
+        Ok(m) => m,
+        Err(e) => {
+            say(&Said::Failed { error: e.into() });
+            return 0;
+        }
+    };
+    say(&Said::Loaded { load_ms: crate::deploy::pipeline::ms(t.elapsed()), notes: model.load_notes.clone() });
+    STAGE.store(2, Ordering::SeqCst);
+    let t = Instant::now();
+    match model.validate(dir, &manifest) {
+        Ok(_) => say(&Said::Valid { settled: model.settled(), validate_ms: crate::deploy::pipeline::ms(t.elapsed()) }),
+        Err(e) => say(&Said::Failed { error: e.into() }),
+    }
+    0
+}

@@ -1,0 +1,99 @@
+//! The agent's global allocator: the system's, plus one thing. In the
+//! isolated validation child (see `deploy::isolate`), an allocation the
+//! system refuses (its memory limit, `RLIMIT_DATA`, is reached) ends the
+//! child at once with [`EXIT_ALLOC_REFUSED`] after writing the refused size
+//! to stdout, so the agent reports `resource_limit` with the figure by the
+//! exit code, whichever code path asked (tract panics on some refused
+//! allocations, Rust's standard library aborts on others). In the agent
+//! itself nothing changes: a refused allocation returns null as usual.
+//!
+//! This is the only module with `unsafe` code: a `GlobalAlloc` is unsafe
+//! by definition, and so are `write(2)` and `_exit(2)` (the only calls that
+//! may be made from inside an allocator that cannot allocate).
+#![allow(unsafe_code)]
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// The validation child's exit code when an allocation was refused.
+pub const EXIT_ALLOC_REFUSED: i32 = 86;
+
+static CHILD: AtomicBool = AtomicBool::new(false);
+
+/// The system allocator, ending the validation child on a refusal.
+#[derive(Debug)]
+pub struct Allocator;
+
+/// Called once by the validation child, before it loads anything.
+pub fn exit_on_refusal() {
+    CHILD.store(true, Ordering::SeqCst);
+}
+
+#[cold]
+fn refused(size: usize) -> ! {
+    // `{"outcome":"alloc_refused","bytes":N}` without allocating.
+    let mut line = [0u8; 64];
+    let head = b"{\"outcome\":\"alloc_refused\",\"bytes\":";
+    line[..head.len()].copy_from_slice(head);
+    let mut digits = [0u8; 20];
+    let (mut n, mut i) = (size, digits.len());
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    let mut len = head.len();
+    for d in &digits[i..] {
+        line[len] = *d;
+        len += 1;
+    }
+    line[len] = b'}';
+    line[len + 1] = b'\n';
+    len += 2;
+    // SAFETY: writes `len` initialised bytes of a stack buffer to fd 1, then
+    // ends the process without running anything else (no handler could
+    // allocate any more than this call could).
+    unsafe {
+        libc::write(1, line.as_ptr().cast(), len);
+        libc::_exit(EXIT_ALLOC_REFUSED)
+    }
+}
+
+// SAFETY: every call is forwarded to `System` unchanged; on a null result
+// the validation child exits instead of returning it.
+unsafe impl GlobalAlloc for Allocator {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        // SAFETY: the caller's guarantees are passed on to `System`.
+        let p = unsafe { System.alloc(layout) };
+        if p.is_null() && CHILD.load(Ordering::Relaxed) {
+            refused(layout.size());
+        }
+        p
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        // SAFETY: as above.
+        let p = unsafe { System.alloc_zeroed(layout) };
+        if p.is_null() && CHILD.load(Ordering::Relaxed) {
+            refused(layout.size());
+        }
+        p
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: as above.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        // SAFETY: as above.
+        let p = unsafe { System.realloc(ptr, layout, new_size) };
+        if p.is_null() && CHILD.load(Ordering::Relaxed) {
+            refused(new_size);
+        }
+        p
+    }
+}
