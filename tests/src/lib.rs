@@ -291,6 +291,8 @@ pub struct Agent {
     args: Vec<String>,
     /// Extra environment for the next spawns.
     pub env: Vec<(String, String)>,
+    /// The memory cgroup the next spawns run in (see [`MemoryCgroup`]).
+    pub cgroup: Option<PathBuf>,
 }
 
 impl Agent {
@@ -338,6 +340,7 @@ impl Agent {
             child: None,
             args,
             env: env.to_vec(),
+            cgroup: None,
         };
         a.spawn();
         a
@@ -353,6 +356,9 @@ impl Agent {
             .stderr(log)
             .spawn()
             .unwrap();
+        if let Some(cg) = &self.cgroup {
+            std::fs::write(cg.join("cgroup.procs"), child.id().to_string()).unwrap();
+        }
         self.child = Some(child);
     }
 
@@ -410,6 +416,48 @@ impl Agent {
 impl Drop for Agent {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+/// A cgroup v1 memory cgroup with a limit, what systemd's `MemoryMax=`
+/// gives a service; removed on drop. `None` where this machine does not
+/// allow creating one (the test says so and skips that part).
+pub struct MemoryCgroup {
+    pub dir: PathBuf,
+}
+
+impl MemoryCgroup {
+    pub fn new(name: &str, limit: u64) -> Option<MemoryCgroup> {
+        let own = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+        let path = own.lines().find_map(|l| {
+            let mut parts = l.splitn(3, ':');
+            let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
+            controllers.split(',').any(|c| c == "memory").then(|| path.to_string())
+        })?;
+        let dir = PathBuf::from(format!("/sys/fs/cgroup/memory{path}/{name}-{}", std::process::id()));
+        std::fs::create_dir(&dir).ok()?;
+        let cg = MemoryCgroup { dir };
+        std::fs::write(cg.dir.join("memory.limit_in_bytes"), limit.to_string()).ok()?;
+        // No swap to escape to, where the kernel accounts it.
+        let _ = std::fs::write(cg.dir.join("memory.memsw.limit_in_bytes"), limit.to_string());
+        Some(cg)
+    }
+
+    /// How many times the kernel's OOM killer acted in it.
+    pub fn oom_kills(&self) -> u64 {
+        let text = std::fs::read_to_string(self.dir.join("memory.oom_control")).unwrap_or_default();
+        text.lines().find_map(|l| l.strip_prefix("oom_kill ")).and_then(|n| n.trim().parse().ok()).unwrap_or(0)
+    }
+}
+
+impl Drop for MemoryCgroup {
+    fn drop(&mut self) {
+        for _ in 0..50 {
+            if std::fs::remove_dir(&self.dir).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 }
 

@@ -218,12 +218,70 @@ async fn repeated_crashes_while_serving_quarantine_the_version() {
     assert_eq!((status, body["model_version"].as_str()), (200, Some("1")), "{body}");
 }
 
-/// Waits until the agent's HTTP endpoint answers health (after a restart).
+/// Waits until the agent's HTTP endpoint answers (after a restart).
 async fn ready(agent: &Agent) {
-    let health = format!("http://127.0.0.1:{}/v2/health/ready", agent.http_port);
+    let health = format!("http://127.0.0.1:{}/v2/health/live", agent.http_port);
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while try_http("GET", health.clone(), None).await.map(|r| r.0) != Ok(200) {
-        assert!(std::time::Instant::now() < deadline, "the agent did not come back");
+        if std::time::Instant::now() > deadline {
+            let log = std::fs::read_to_string(&agent.log).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(30).collect::<Vec<_>>().into_iter().rev().collect();
+            panic!("the agent did not come back:\n{}", tail.join("\n"));
+        }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// The OOM path for real, under a memory cgroup of 512 MiB (what
+/// `MemoryMax=512M` gives the service): a validation allowed more than the
+/// cgroup holds is killed by the kernel's OOM killer, which takes the
+/// child, not the agent (`resource_limit`, "out of memory"); then a model
+/// whose allocation comes from a request value passes its golden sample
+/// and one request OOM-kills the agent itself: after three such deaths the
+/// breaker quarantines it and digits@1 serves again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_a_memory_cgroup_the_oom_killer_takes_the_validation_and_the_breaker_the_rest() {
+    let Some(cgroup) = MemoryCgroup::new("outpost-oom", 512 << 20) else {
+        eprintln!(
+            "SKIPPED: this machine does not allow a memory cgroup (needs a writable cgroup v1 memory controller)"
+        );
+        return;
+    };
+    let (_broker, reg, _data, mut w, mut agent) = Lab::device("oom1")
+        .model("digits-mlp.onnx", "digits", "1")
+        .flags(&["--validation-memory", "8GiB"])
+        .start()
+        .await;
+    agent.cgroup = Some(cgroup.dir.clone());
+    agent.kill_and_restart();
+    ready(&agent).await;
+    assert_eq!(w.deploy(&reg, "digits", "1").await.0.phase, Phase::Active);
+
+    let (last, _) = deploy_hostile(&mut w, &reg, &agent, "expand-bomb", "1").await;
+    let error = last.error.unwrap();
+    assert_eq!(error.code, ErrorCode::ResourceLimit, "{error:?}");
+    assert!(error.message.contains("by the system, out of memory"), "{}", error.message);
+    assert!(agent.is_running(), "the OOM killer took the agent");
+    assert!(cgroup.oom_kills() >= 1);
+
+    let (last, _) = deploy_hostile(&mut w, &reg, &agent, "value-bomb", "2").await;
+    assert_eq!(last.phase, Phase::Active, "{last:?}");
+    let bomb_url = format!("http://127.0.0.1:{}/v2/models/bomb/infer", agent.http_port);
+    let request =
+        serde_json::json!({"inputs": [{"name": "n", "shape": [1], "datatype": "INT64", "data": [300_000_000]}]});
+    for death in 1..=3 {
+        let _ = try_http("POST", bomb_url.clone(), Some(serde_json::to_vec(&request).unwrap())).await;
+        assert!(
+            agent.wait_exit(Duration::from_secs(20)).is_some(),
+            "death {death}: the request did not kill the agent"
+        );
+        agent.kill_and_restart();
+        ready(&agent).await;
+    }
+    let rolled = w.event(|e| e.phase == Phase::RolledBack).await;
+    assert_eq!(rolled.error.unwrap().code, ErrorCode::ModelCrashed);
+    let infer = format!("http://127.0.0.1:{}/v2/models/digits/infer", agent.http_port);
+    let (status, body) = http("POST", infer, Some(serde_json::to_vec(&digits_request(1)).unwrap())).await;
+    assert_eq!((status, body["model_version"].as_str()), (200, Some("1")), "{body}");
+    agent.kill();
 }
