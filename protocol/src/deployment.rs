@@ -87,12 +87,19 @@ pub struct Probation {
     /// Highest p99 latency as a multiple of the replaced version's p99 just before the swap.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_p99_ratio: Option<f64>,
+    /// Non-finite outputs (NaN or infinity for a finite input) that roll the
+    /// version back at once, without waiting for `min_requests`: more than
+    /// one by default, so one request cannot veto a rollout; they count as
+    /// failures in the error rate too.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_non_finite: Option<u64>,
 }
 
 impl Probation {
     pub const DEFAULT_SECONDS: u64 = 60;
     pub const DEFAULT_MIN_REQUESTS: u64 = 20;
     pub const DEFAULT_MAX_ERROR_RATE: f64 = 0.05;
+    pub const DEFAULT_MAX_NON_FINITE: u64 = 3;
 }
 
 impl Deployment {
@@ -178,6 +185,9 @@ impl Deployment {
                 && !(r >= 1.0 && r.is_finite())
             {
                 return Err(ProtocolError::invalid("policy.probation.max_p99_ratio", "a number >= 1.0", r.to_string()));
+            }
+            if p.max_non_finite == Some(0) {
+                return Err(ProtocolError::invalid("policy.probation.max_non_finite", "a count >= 1", "0"));
             }
         }
         if self.serving.http_port == Some(0) {

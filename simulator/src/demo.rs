@@ -241,8 +241,12 @@ pub async fn run() -> Result<(), String> {
     let finals = wait_for_outcome(&mut op, &d.deployment_id, 1, Duration::from_secs(30), true).await?;
     let live = finals.first().is_some_and(succeeded);
     let before = classify(&mut client, &heldout_slice(&heldout, 20), None, 3000).await?;
+    // Three bad inputs: one alone (one client) cannot roll a version back
+    // (policy.probation.max_non_finite, 3 by default).
     let mut poisoned = heldout_slice(&heldout, 20);
-    poisoned.images[7][0] = 16;
+    for i in [5, 7, 9] {
+        poisoned.images[i][0] = 16;
+    }
     let during = classify(&mut client, &poisoned, None, 3001).await?;
     let rolled = wait_for_phase(&mut op, &d.deployment_id, Phase::RolledBack, Duration::from_secs(10)).await;
     if let Some(ev) = &rolled {
@@ -250,7 +254,7 @@ pub async fn run() -> Result<(), String> {
     }
     let after = classify(&mut client, &heldout_slice(&heldout, 20), None, 3002).await?;
     println!(
-        "    answers before {:?}, with a bad input among them {:?}, after {:?}: 0 failed requests",
+        "    answers before {:?}, with three bad inputs among them {:?}, after {:?}: 0 failed requests",
         before.versions, during.versions, after.versions
     );
     steps.push(Step {

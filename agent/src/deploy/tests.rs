@@ -207,7 +207,10 @@ async fn a_rollback_during_the_drain_is_recorded() {
             .as_bytes(),
     )
     .unwrap();
-    assert_eq!(lab.engine.infer(req).await.unwrap().model_version, "1");
+    // The third non-finite output rolls back (policy.probation.max_non_finite).
+    for _ in 0..3 {
+        assert_eq!(lab.engine.infer(req.clone()).await.unwrap().model_version, "1");
+    }
     lab.deployments.finish();
     (&mut lab.task).await.unwrap();
     let on_disk: record::Record = serde_json::from_slice(&std::fs::read(lab.data.join(record::FILE)).unwrap()).unwrap();

@@ -17,6 +17,8 @@ pub struct Limits {
     pub max_error_rate: f64,
     pub max_p99: Option<Duration>,
     pub max_p99_ratio: Option<f64>,
+    /// The non-finite output that rolls back at once (the N-th).
+    pub max_non_finite: u64,
 }
 
 impl Limits {
@@ -30,6 +32,7 @@ impl Limits {
             max_error_rate: p.max_error_rate.unwrap_or(Probation::DEFAULT_MAX_ERROR_RATE),
             max_p99: p.max_p99_ms.map(|ms| Duration::from_secs_f64(ms / 1000.0)),
             max_p99_ratio: p.max_p99_ratio,
+            max_non_finite: p.max_non_finite.unwrap_or(Probation::DEFAULT_MAX_NON_FINITE).max(1),
         })
     }
 
@@ -46,7 +49,10 @@ impl Limits {
         if let Some(r) = self.max_p99_ratio {
             s.push_str(&format!(", if p99 exceeds {r} x the previous version's"));
         }
-        s.push_str(" or on a non-finite output");
+        match self.max_non_finite {
+            1 => s.push_str(" or on a non-finite output"),
+            n => s.push_str(&format!(" or on {n} non-finite outputs")),
+        }
         s
     }
 }
@@ -64,6 +70,8 @@ pub struct Watch {
     pub baseline_p99: Option<Duration>,
     pub requests: u64,
     pub failures: u64,
+    /// Failures that were non-finite outputs.
+    non_finite: u64,
     first_failure: Option<String>,
     latencies_us: hdrhistogram::Histogram<u32>,
     /// The slowest answer, exact (the histogram rounds up within 1%).
@@ -107,6 +115,7 @@ impl Watch {
             baseline_p99,
             requests: 0,
             failures: 0,
+            non_finite: 0,
             first_failure: None,
             latencies_us,
             max_us: 0,
@@ -130,8 +139,10 @@ impl Watch {
         over > answered - at_or_below.min(answered)
     }
 
-    /// Counts one request and judges at once: a non-finite output fails the
-    /// version on the spot, error rate and latency once `min_requests` are in.
+    /// Counts one request and judges at once: the `max_non_finite`-th
+    /// non-finite output fails the version on the spot (one client cannot:
+    /// more than one is needed by default), error rate and latency once
+    /// `min_requests` are in.
     pub fn record(&mut self, outcome: Outcome) -> Verdict {
         self.requests += 1;
         match outcome {
@@ -145,7 +156,15 @@ impl Watch {
             Outcome::Failed { message, non_finite } => {
                 self.failures += 1;
                 if non_finite {
-                    return Verdict::Fail(message);
+                    self.non_finite += 1;
+                    if self.non_finite >= self.limits.max_non_finite {
+                        return Verdict::Fail(match self.non_finite {
+                            1 => message,
+                            n => format!(
+                                "{n} non-finite outputs (policy.probation.max_non_finite = {n}); the last: {message}"
+                            ),
+                        });
+                    }
                 }
                 self.first_failure.get_or_insert(message);
             }
@@ -285,10 +304,23 @@ mod tests {
     }
 
     #[test]
-    fn a_non_finite_output_fails_at_once() {
+    fn non_finite_outputs_fail_at_the_policys_count_not_before() {
+        let nan = || Outcome::Failed { message: "non-finite output: 'y' holds NaN".into(), non_finite: true };
+        // The default: one request (one client) cannot veto; the third one fails it.
         let mut w = Watch::new(limits(Probation::default()), None);
-        let v = w.record(Outcome::Failed { message: "non-finite output: 'y' holds NaN".into(), non_finite: true });
-        assert_eq!(v, Verdict::Fail("non-finite output: 'y' holds NaN".into()));
+        assert_eq!(w.record(nan()), Verdict::Watching);
+        assert_eq!(w.record(ok(100)), Verdict::Watching);
+        assert_eq!(w.record(nan()), Verdict::Watching);
+        assert_eq!(
+            w.record(nan()),
+            Verdict::Fail(
+                "3 non-finite outputs (policy.probation.max_non_finite = 3); the last: non-finite output: 'y' holds NaN"
+                    .into()
+            )
+        );
+        // A policy of 1: at once.
+        let mut w = Watch::new(limits(Probation { max_non_finite: Some(1), ..Default::default() }), None);
+        assert_eq!(w.record(nan()), Verdict::Fail("non-finite output: 'y' holds NaN".into()));
     }
 
     #[test]

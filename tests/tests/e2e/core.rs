@@ -72,7 +72,8 @@ async fn a_probation_verdict_reached_during_a_newer_deployment_does_not_rewrite_
     assert_eq!(w.deploy(&reg, "digits", "1").await.0.phase, Phase::Active);
     let (url, sha) = resolve_manifest(&reg.url, "digits", "2").await.unwrap();
     let mut d2 = deployment("digits", "2", &url, &sha, None, None);
-    d2.policy.probation = Some(Probation { seconds: Some(120), min_requests: Some(5), ..Default::default() });
+    d2.policy.probation =
+        Some(Probation { seconds: Some(120), min_requests: Some(5), max_non_finite: Some(1), ..Default::default() });
     w.publish_desired(d2.to_json()).await;
     assert_eq!(w.events_until_final(&d2.deployment_id).await.0.phase, Phase::Active);
 
