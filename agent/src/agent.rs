@@ -37,6 +37,10 @@ pub struct Config {
     pub fetch: FetchConfig,
     /// Where the local Open Inference Protocol endpoint listens (None: off).
     pub http_bind: Option<std::net::SocketAddr>,
+    /// What clients of that endpoint may hold.
+    pub http_limits: crate::serve::http::Limits,
+    /// Bytes MQTT requests in flight may hold together.
+    pub mqtt_max_inflight_bytes: usize,
     /// What SIGHUP may change: telemetry interval, shutdown grace, limits.
     pub live: crate::config::Live,
     /// Where new versions are first loaded and validated (the `outpost`
@@ -88,6 +92,8 @@ struct Agent {
     publisher: tokio::task::JoinHandle<()>,
     /// Tasks answering MQTT requests: the drain waits for them.
     requests: TaskTracker,
+    /// KiB of MQTT request payloads in flight (`mqtt.max_inflight_bytes`).
+    mqtt_inflight_kib: Arc<tokio::sync::Semaphore>,
     subscriptions: Vec<String>,
     started: std::time::Instant,
     telemetry: crate::report::telemetry::Reporter,
@@ -130,8 +136,14 @@ impl Agent {
         // The local endpoint serves from the store even while the broker is unreachable.
         let http = match config.http_bind {
             Some(addr) => {
-                let ep = Endpoint::start(addr, restored.http_port, engine.clone(), tokio::runtime::Handle::current())
-                    .map_err(|source| AgentError::HttpBind { addr, source })?;
+                let ep = Endpoint::start(
+                    addr,
+                    restored.http_port,
+                    engine.clone(),
+                    config.http_limits,
+                    tokio::runtime::Handle::current(),
+                )
+                .map_err(|source| AgentError::HttpBind { addr, source })?;
                 let ep = Arc::new(ep);
                 let _ = pipeline.http.set(ep.clone());
                 Some(ep)
@@ -164,6 +176,7 @@ impl Agent {
             serving.as_deref().unwrap_or("no model yet"),
             config.session.broker
         ));
+        let mqtt_inflight_kib = Arc::new(tokio::sync::Semaphore::new((config.mqtt_max_inflight_bytes / 1024).max(1)));
         Ok(Agent {
             connection: Connection::new(config.session.protocol),
             config,
@@ -183,6 +196,7 @@ impl Agent {
             journal,
             publisher,
             requests: TaskTracker::new(),
+            mqtt_inflight_kib,
             subscriptions,
             started: std::time::Instant::now(),
             telemetry: Default::default(),
@@ -302,14 +316,14 @@ impl Agent {
             }
             Action::FallBackToV311 => {
                 tracing::warn!(error = %self.session.last_error(), "the broker does not speak MQTT 5: falling back to MQTT 3.1.1");
-                let cfg = SessionConfig { protocol: Protocol::V311, ..self.config.session.clone() };
-                match Session::new(&cfg, &self.config.topics, &self.config.device, 1024) {
-                    Ok((client, session)) => {
-                        self.link.replace(client);
-                        self.session = session;
-                    }
-                    Err(e) => tracing::error!(error = %e, "cannot open an MQTT 3.1.1 session"),
-                }
+                self.switch_protocol(Protocol::V311);
+            }
+            Action::UpgradeToV5 => {
+                tracing::warn!(
+                    error = %self.session.last_error(),
+                    "the broker sent a packet over mqtt.max_packet_size, which MQTT 3.1.1 cannot tell it: trying MQTT 5, which does (the broker then drops what is over the limit)"
+                );
+                self.switch_protocol(Protocol::V5);
             }
             Action::RetryAt(_, delay) => {
                 let error = self.session.last_error();
@@ -345,13 +359,36 @@ impl Agent {
     }
 
     /// Answers a request from its own task, tracked: the drain waits for it.
+    /// The bytes of requests in flight are bounded (`mqtt.max_inflight_bytes`):
+    /// past it a request is answered `overloaded` at once, unread.
     fn on_infer(&mut self, request: Message) {
         let (engine, out) = (self.engine.clone(), self.outbox.clone());
         let predictions = self.config.topics.predictions(&self.config.device);
         let limit = self.config.session.max_packet_size;
-        self.requests.spawn(async move {
-            crate::serve::mqtt::answer(&engine, &out, &predictions, &request, limit).await;
+        let kib = request.payload().len().div_ceil(1024).max(1).min(u32::MAX as usize) as u32;
+        let held = self.mqtt_inflight_kib.clone().try_acquire_many_owned(kib).ok();
+        let overloaded = held.is_none().then(|| {
+            format!(
+                "the requests in flight already hold close to {} bytes (mqtt.max_inflight_bytes): retry later",
+                self.config.mqtt_max_inflight_bytes
+            )
         });
+        self.requests.spawn(async move {
+            crate::serve::mqtt::answer(&engine, &out, &predictions, &request, limit, overloaded).await;
+            drop(held);
+        });
+    }
+
+    /// Opens a new session speaking `protocol` (connected by the next poll).
+    fn switch_protocol(&mut self, protocol: Protocol) {
+        let cfg = SessionConfig { protocol, ..self.config.session.clone() };
+        match Session::new(&cfg, &self.config.topics, &self.config.device, 1024) {
+            Ok((client, session)) => {
+                self.link.replace(client);
+                self.session = session;
+            }
+            Err(e) => tracing::error!(error = %e, %protocol, "cannot open an MQTT session"),
+        }
     }
 
     /// Shutting down: no new requests (MQTT is no longer read, the HTTP

@@ -82,6 +82,7 @@ pub const KEYS: &[Key] = &[
     key("mqtt.version", "--mqtt-version", "3.1.1 or 5", "3.1.1"),
     key("mqtt.keep_alive", "--keep-alive", "5 to 3600 seconds", "15"),
     key("mqtt.max_packet_size", "--max-packet-size", "a size from 64KiB to 256MiB (bytes, or 4MiB, 500KB)", "4MiB"),
+    key("mqtt.max_inflight_bytes", "--mqtt-max-inflight-bytes", "a size from 1MiB (e.g. 64MiB)", "64MiB"),
     key("mqtt.persistent_session", "--persistent-session", "true or false", "false"),
     key("mqtt.username", "--username", "a user name", ""),
     Key { secret: true, ..key("mqtt.password", "OUTPOST_MQTT_PASSWORD", "a password", "") },
@@ -90,6 +91,11 @@ pub const KEYS: &[Key] = &[
     key("tls.client_cert", "--client-cert", "a PEM certificate chain", ""),
     key("tls.client_key", "--client-key", "a PEM private key", ""),
     key("http.bind", "--http-bind", "IP:PORT (e.g. 127.0.0.1:8080) or off", "127.0.0.1:8080"),
+    key("http.header_timeout", "--http-header-timeout", "1 to 3600 seconds", "10"),
+    key("http.body_timeout", "--http-body-timeout", "1 to 3600 seconds", "30"),
+    key("http.max_connections", "--http-max-connections", "1 to 100000", "256"),
+    key("http.max_body", "--http-max-body", "a size from 1KiB (e.g. 64MiB)", "64MiB"),
+    key("http.max_inflight_bytes", "--http-max-inflight-bytes", "a size from 1MiB (e.g. 256MiB)", "256MiB"),
     live(key("limits.workers", "--workers", "1 to 256", "2")),
     live(key("limits.max_queue", "--max-queue", "0 to 100000", "64")),
     live(key("limits.store_quota", "--store-quota", "a size (e.g. 2GiB); 0 = no quota", "0")),
@@ -226,6 +232,7 @@ impl Layers {
             keep_alive: Duration::from_secs(r.int("mqtt.keep_alive", 5, 3600)?.unwrap_or(15)),
             max_packet_size: r.size("mqtt.max_packet_size", 64 * 1024, 256 * 1024 * 1024)?.unwrap_or(4 << 20),
             persistent_session: r.boolean("mqtt.persistent_session")?.unwrap_or(false),
+            mqtt_max_inflight_bytes: r.size("mqtt.max_inflight_bytes", 1 << 20, 1 << 40)?.unwrap_or(64 << 20) as usize,
             username: r.string("mqtt.username")?,
             password: r.string("mqtt.password")?,
             password_file: r.string("mqtt.password_file")?.map(PathBuf::from),
@@ -233,6 +240,13 @@ impl Layers {
             client_cert: r.string("tls.client_cert")?.map(PathBuf::from),
             client_key: r.string("tls.client_key")?.map(PathBuf::from),
             http_bind,
+            http_limits: crate::serve::http::Limits {
+                header_timeout: Duration::from_secs(r.int("http.header_timeout", 1, 3600)?.unwrap_or(10)),
+                body_timeout: Duration::from_secs(r.int("http.body_timeout", 1, 3600)?.unwrap_or(30)),
+                max_connections: r.int("http.max_connections", 1, 100_000)?.unwrap_or(256) as usize,
+                max_body: r.size("http.max_body", 1024, u32::MAX as u64)?.unwrap_or(64 << 20) as usize,
+                max_inflight_bytes: r.size("http.max_inflight_bytes", 1 << 20, 1 << 40)?.unwrap_or(256 << 20) as usize,
+            },
             workers: r.int("limits.workers", 1, 256)?.unwrap_or(crate::serve::DEFAULT_WORKERS as u64) as usize,
             max_queue: r.int("limits.max_queue", 0, 100_000)?.unwrap_or(crate::serve::DEFAULT_MAX_QUEUE as u64)
                 as usize,
@@ -251,6 +265,12 @@ impl Layers {
             download_attempts: r.int("download.attempts", 1, 100)?.unwrap_or(4) as u32,
             stall_timeout: Duration::from_secs(r.int("download.stall_timeout", 1, 3600)?.unwrap_or(30)),
         };
+        if settings.http_limits.max_inflight_bytes < settings.http_limits.max_body {
+            return Err(r.error(
+                "http.max_inflight_bytes",
+                "a size of at least http.max_body (a body of unknown length holds that much while it is read)",
+            ));
+        }
         if settings.client_cert.is_some() != settings.client_key.is_some() {
             let k = if settings.client_cert.is_some() { "tls.client_key" } else { "tls.client_cert" };
             return Err(ConfigError {
@@ -432,6 +452,7 @@ pub struct Settings {
     pub keep_alive: Duration,
     pub max_packet_size: u64,
     pub persistent_session: bool,
+    pub mqtt_max_inflight_bytes: usize,
     pub username: Option<String>,
     pub password: Option<String>,
     pub password_file: Option<PathBuf>,
@@ -439,6 +460,7 @@ pub struct Settings {
     pub client_cert: Option<PathBuf>,
     pub client_key: Option<PathBuf>,
     pub http_bind: Option<std::net::SocketAddr>,
+    pub http_limits: crate::serve::http::Limits,
     pub workers: usize,
     pub max_queue: usize,
     pub store_quota: Option<u64>,

@@ -102,6 +102,8 @@ struct RunArgs {
     /// [mqtt.max_packet_size] Largest MQTT packet sent or received (default 4MiB).
     #[arg(long)]
     max_packet_size: Option<String>,
+    #[arg(long)]
+    mqtt_max_inflight_bytes: Option<String>,
     /// [limits.store_quota] Most disk space the model store may use (e.g. 500MB, 2GiB); 0 = only the filesystem limits it.
     #[arg(long)]
     store_quota: Option<String>,
@@ -141,6 +143,16 @@ struct RunArgs {
     /// [http.bind] Address of the local Open Inference Protocol v2 endpoint (default 127.0.0.1:8080); `off` disables it.
     #[arg(long)]
     http_bind: Option<String>,
+    #[arg(long)]
+    http_header_timeout: Option<String>,
+    #[arg(long)]
+    http_body_timeout: Option<String>,
+    #[arg(long)]
+    http_max_connections: Option<String>,
+    #[arg(long)]
+    http_max_body: Option<String>,
+    #[arg(long)]
+    http_max_inflight_bytes: Option<String>,
     /// [tls.ca_file] PEM file of the certificate authorities trusted for HTTPS downloads and
     /// an mqtts:// broker, instead of the system's CA bundle (a private CA).
     #[arg(long)]
@@ -191,13 +203,14 @@ impl RunArgs {
         }
         // Each flag is the one `config::KEYS` names for its key (a test checks
         // that every one of those is a flag of `outpost run`).
-        let flags: [(&str, &Option<String>); 28] = [
+        let flags: [(&str, &Option<String>); 34] = [
             ("mqtt.broker", &self.broker),
             ("device", &self.device),
             ("data_dir", &self.data_dir),
             ("topic_prefix", &self.topic_prefix),
             ("mqtt.keep_alive", &self.keep_alive),
             ("mqtt.max_packet_size", &self.max_packet_size),
+            ("mqtt.max_inflight_bytes", &self.mqtt_max_inflight_bytes),
             ("limits.store_quota", &self.store_quota),
             ("limits.max_model_size", &self.max_model_size),
             ("limits.workers", &self.workers),
@@ -213,6 +226,11 @@ impl RunArgs {
             ("telemetry_interval", &self.telemetry_interval),
             ("shutdown_grace", &self.shutdown_grace),
             ("http.bind", &self.http_bind),
+            ("http.header_timeout", &self.http_header_timeout),
+            ("http.body_timeout", &self.http_body_timeout),
+            ("http.max_connections", &self.http_max_connections),
+            ("http.max_body", &self.http_max_body),
+            ("http.max_inflight_bytes", &self.http_max_inflight_bytes),
             ("tls.ca_file", &self.ca_file),
             ("tls.client_cert", &self.client_cert),
             ("tls.client_key", &self.client_key),
@@ -344,6 +362,8 @@ fn agent_config(s: &Settings) -> Result<outpost_agent::Config, String> {
             ..FetchConfig::default()
         },
         http_bind: s.http_bind,
+        http_limits: s.http_limits,
+        mqtt_max_inflight_bytes: s.mqtt_max_inflight_bytes,
         live: s.live(),
         isolation: outpost_agent::deploy::isolate::Isolation::this_binary(),
     })

@@ -122,6 +122,8 @@ pub async fn run() -> Result<(), String> {
         fetch: FetchConfig::default(),
         http_bind: Some(std::net::SocketAddr::from(([127, 0, 0, 1], http_port))),
         isolation: outpost_agent::deploy::isolate::Isolation::InProcess,
+        http_limits: Default::default(),
+        mqtt_max_inflight_bytes: 64 << 20,
         live: outpost_agent::config::Live { max_queue: 512, ..Default::default() },
     };
     let (_reload, reload_rx) = tokio::sync::mpsc::unbounded_channel();

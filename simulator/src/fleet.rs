@@ -117,6 +117,8 @@ fn agent_config(id: &str, group: &str, broker: &BrokerUrl, data: &std::path::Pat
         },
         http_bind: None,
         isolation: outpost_agent::deploy::isolate::Isolation::InProcess,
+        http_limits: Default::default(),
+        mqtt_max_inflight_bytes: 64 << 20,
         live: outpost_agent::config::Live {
             workers: 1,
             max_queue: 4,

@@ -419,6 +419,32 @@ impl Drop for Agent {
     }
 }
 
+/// Writes `head` (and `body`) on a new connection and reads what comes back
+/// within `wait`: (status, text); status 0 when the server said nothing.
+pub async fn raw_http(port: u16, head: &str, body: &[u8], wait: Duration) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    tcp.write_all(head.as_bytes()).await.unwrap();
+    let _ = tcp.write_all(body).await;
+    let mut got = Vec::new();
+    let _ = tokio::time::timeout(wait, async {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = tcp.read(&mut buf).await {
+            if n == 0 {
+                break;
+            }
+            got.extend_from_slice(&buf[..n]);
+            if got.windows(4).any(|w| w == b"\r\n\r\n") && got.ends_with(b"}") {
+                break;
+            }
+        }
+    })
+    .await;
+    let text = String::from_utf8_lossy(&got).to_string();
+    let status = text.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0);
+    (status, text)
+}
+
 /// A cgroup v1 memory cgroup with a limit, what systemd's `MemoryMax=`
 /// gives a service; removed on drop. `None` where this machine does not
 /// allow creating one (the test says so and skips that part).

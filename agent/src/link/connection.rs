@@ -26,6 +26,8 @@ pub(crate) enum FailureKind {
     LoginRefused,
     /// The TLS handshake met something that is not TLS.
     NotTls,
+    /// The broker sent a packet over `mqtt.max_packet_size`.
+    OversizePacket,
     /// Anything else: a passing network fault.
     Other,
 }
@@ -43,6 +45,9 @@ impl FailureKind {
             ),
             FailureKind::NotTls => Some(
                 "TLS handshake failed: is this a TLS port? Use mqtt:// for a plain listener, mqtts:// for a TLS one",
+            ),
+            FailureKind::OversizePacket => Some(
+                "the broker sent a packet over mqtt.max_packet_size and the connection was closed before reading it; with MQTT 3.1.1 the broker cannot be told the limit, so a retained message over it on one of this device's topics comes back at every connection: clear it on the broker (mosquitto_pub -r -n -t TOPIC), raise --max-packet-size, or use --mqtt-version 5 (the broker then drops what is over the limit)",
             ),
             FailureKind::ProtocolRefused | FailureKind::ClosedByPeer | FailureKind::Other => None,
         }
@@ -67,6 +72,11 @@ pub(crate) enum Action {
     Offline,
     /// Open a new session speaking MQTT 3.1.1 and connect at once.
     FallBackToV311,
+    /// The broker sent a packet over the limit on MQTT 3.1.1, which cannot
+    /// tell it the limit: open a new session speaking MQTT 5, which does
+    /// (the broker then drops what is over it, so a retained oversize
+    /// message cannot break every connection), and connect at once.
+    UpgradeToV5,
     /// Connect again at this instant (the delay, for the log), not before.
     RetryAt(Instant, Duration),
 }
@@ -95,6 +105,10 @@ impl Backoff {
 pub(crate) struct Connection {
     protocol: Protocol,
     connected_once: bool,
+    /// A connection was made with MQTT 5 (a later close is an ordinary failure).
+    v5_connected: bool,
+    /// MQTT 5 was tried because of an oversize packet (only once).
+    v5_tried: bool,
     /// MQTT 5 connections the broker closed before any ConnAck.
     closed_before_connack: u32,
     backoff: Backoff,
@@ -110,6 +124,8 @@ impl Connection {
         Connection {
             protocol,
             connected_once: false,
+            v5_connected: false,
+            v5_tried: false,
             closed_before_connack: 0,
             backoff: Backoff::default(),
             reconnects: 0,
@@ -147,6 +163,7 @@ impl Connection {
                     self.reconnects += 1;
                 }
                 self.connected_once = true;
+                self.v5_connected |= self.protocol == Protocol::V5;
                 self.online = true;
                 let mut actions = Vec::with_capacity(2);
                 // A clean session has no subscriptions: subscribe on every new one.
@@ -161,7 +178,7 @@ impl Connection {
                 if std::mem::replace(&mut self.online, false) {
                     actions.push(Action::Offline);
                 }
-                if self.protocol == Protocol::V5 && !self.connected_once {
+                if self.protocol == Protocol::V5 && !self.v5_connected {
                     if kind == FailureKind::ClosedByPeer {
                         self.closed_before_connack += 1;
                     }
@@ -170,6 +187,13 @@ impl Connection {
                         actions.push(Action::FallBackToV311);
                         return actions;
                     }
+                }
+                if kind == FailureKind::OversizePacket && self.protocol == Protocol::V311 && !self.v5_tried {
+                    self.v5_tried = true;
+                    self.protocol = Protocol::V5;
+                    self.closed_before_connack = 0;
+                    actions.push(Action::UpgradeToV5);
+                    return actions;
                 }
                 let delay = self.backoff.next_delay();
                 let at = now + delay;
@@ -253,6 +277,25 @@ mod tests {
             c.on_event(Event::Failed(FailureKind::ClosedByPeer), now);
             c.on_retry_timer();
         }
+        assert_eq!(c.protocol(), Protocol::V5);
+    }
+
+    #[test]
+    fn an_oversize_packet_on_311_tries_mqtt5_once_and_falls_back_if_refused() {
+        let now = Instant::now();
+        let mut c = Connection::new(Protocol::V311);
+        c.on_event(Event::ConnAck { session_present: false }, now);
+        assert_eq!(c.on_event(Event::Failed(FailureKind::OversizePacket), now), [Action::Offline, Action::UpgradeToV5]);
+        assert_eq!(c.protocol(), Protocol::V5);
+        // A broker without MQTT 5: back to 3.1.1, and never again.
+        assert_eq!(c.on_event(Event::Failed(FailureKind::ProtocolRefused), now), [Action::FallBackToV311]);
+        retry_delay(&c.on_event(Event::Failed(FailureKind::OversizePacket), now));
+        assert_eq!(c.protocol(), Protocol::V311);
+        // With MQTT 5 connected, an oversize packet is an ordinary failure.
+        let mut c = Connection::new(Protocol::V311);
+        c.on_event(Event::Failed(FailureKind::OversizePacket), now);
+        c.on_event(Event::ConnAck { session_present: false }, now);
+        retry_delay(&c.on_event(Event::Failed(FailureKind::OversizePacket), now));
         assert_eq!(c.protocol(), Protocol::V5);
     }
 

@@ -129,11 +129,10 @@ pub fn options(cfg: &SessionConfig, topics: &Topics, device: &str) -> Result<Mqt
     let mut o = MqttOptions::new(cfg.client_id.clone(), cfg.broker.host.clone(), cfg.broker.port);
     o.set_keep_alive(cfg.keep_alive);
     o.set_last_will(LastWill::new(topics.availability(device), "offline", QoS::AtLeastOnce, true));
-    // Incoming: MQTT's own maximum, so no message the broker delivers can
-    // break the connection (a retained oversize desired state would otherwise
-    // break it again on every reconnect); the agent refuses oversize payloads
-    // itself, with an error. Outgoing: the configured limit.
-    o.set_max_packet_size(MQTT_MAX_PACKET, cfg.max_packet_size);
+    // Both ways: the configured limit. A packet over it is refused from its
+    // fixed header, before its bytes are read (the connection closes: see
+    // `FailureKind::OversizePacket` for what a retained one does on 3.1.1).
+    o.set_max_packet_size(cfg.max_packet_size, cfg.max_packet_size);
     // Manual acks with a persistent session: a desired state is acked once it
     // is recorded on disk (see `acker`), so a message the broker considers
     // delivered is never lost. With a clean session the broker drops unacked
@@ -162,7 +161,9 @@ pub fn options_v5(cfg: &SessionConfig, topics: &Topics, device: &str) -> Result<
         true,
         None,
     ));
-    o.set_max_packet_size(Some(MQTT_MAX_PACKET as u32));
+    // Told to the broker in CONNECT: it drops what is over it for this
+    // client rather than sending it, and rumqttc refuses it too.
+    o.set_max_packet_size(Some(cfg.max_packet_size.min(MQTT_MAX_PACKET) as u32));
     o.set_manual_acks(cfg.persistent_session);
     o.set_network_options(network_options());
     o.set_clean_start(!cfg.persistent_session);

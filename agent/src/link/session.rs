@@ -220,6 +220,9 @@ fn classify_v4(e: &rumqttc::ConnectionError) -> FailureKind {
         E::ConnectionRefused(Code::BadUserNamePassword | Code::NotAuthorized) => FailureKind::LoginRefused,
         E::ConnectionRefused(Code::RefusedProtocolVersion) => FailureKind::ProtocolRefused,
         E::MqttState(rumqttc::StateError::ConnectionAborted) => FailureKind::ClosedByPeer,
+        E::MqttState(rumqttc::StateError::Deserialization(rumqttc::mqttbytes::Error::PayloadSizeLimitExceeded(_))) => {
+            FailureKind::OversizePacket
+        }
         E::Tls(t) => classify_tls(t),
         _ => FailureKind::Other,
     }
@@ -233,6 +236,9 @@ fn classify_v5(e: &rumqttc::v5::ConnectionError) -> FailureKind {
         E::ConnectionRefused(Code::BadUserNamePassword | Code::NotAuthorized) => FailureKind::LoginRefused,
         E::ConnectionRefused(Code::UnsupportedProtocolVersion) => FailureKind::ProtocolRefused,
         E::MqttState(rumqttc::v5::StateError::ConnectionAborted) => FailureKind::ClosedByPeer,
+        E::MqttState(rumqttc::v5::StateError::Deserialization(
+            rumqttc::v5::mqttbytes::Error::PayloadSizeLimitExceeded { .. },
+        )) => FailureKind::OversizePacket,
         E::Tls(t) => classify_tls(t),
         _ => FailureKind::Other,
     }

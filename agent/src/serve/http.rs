@@ -18,9 +18,8 @@
 use crate::serve::Engine;
 use crate::serve::model::Model;
 use axum::Router;
-use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, Path, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::extract::{Path, State};
+use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use outpost_protocol::ErrorCode;
@@ -28,8 +27,57 @@ use serde_json::json;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-/// Largest request body accepted: a 640×640×3 FP32 image as JSON text is ~25 MB.
-pub const MAX_BODY_BYTES: usize = 64 * 1024 * 1024;
+/// What one client, or many, may hold of the endpoint: set by the `http.*`
+/// configuration keys, defaults in [`Limits::default`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// A connection must send a complete request head within this time of
+    /// opening, or of its previous answer (slow headers and idle keep-alive
+    /// connections are closed after it).
+    pub header_timeout: std::time::Duration,
+    /// A request's body must arrive within this time of its head.
+    pub body_timeout: std::time::Duration,
+    /// Open connections; one more is answered 503 and closed.
+    pub max_connections: usize,
+    /// Largest request body; a model whose input shapes are all fixed
+    /// lowers it to what they need (see `Model::max_body_bytes`).
+    pub max_body: usize,
+    /// Bytes all request bodies in flight may hold together; a request that
+    /// would pass it is refused `overloaded` before its body is read.
+    pub max_inflight_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            header_timeout: std::time::Duration::from_secs(10),
+            body_timeout: std::time::Duration::from_secs(30),
+            max_connections: 256,
+            // A 640×640×3 FP32 image as JSON text is ~25 MB.
+            max_body: 64 << 20,
+            max_inflight_bytes: 256 << 20,
+        }
+    }
+}
+
+/// What the endpoint's connections share: the limits and the bytes held.
+#[derive(Debug)]
+pub struct Admission {
+    pub limits: Limits,
+    /// KiB of request bodies in flight (`max_inflight_bytes` / 1024 permits).
+    inflight_kib: Arc<tokio::sync::Semaphore>,
+    connections: Arc<tokio::sync::Semaphore>,
+}
+
+impl Admission {
+    pub fn new(limits: Limits) -> Arc<Admission> {
+        Arc::new(Admission {
+            limits,
+            inflight_kib: Arc::new(tokio::sync::Semaphore::new((limits.max_inflight_bytes / 1024).max(1))),
+            connections: Arc::new(tokio::sync::Semaphore::new(limits.max_connections.max(1))),
+        })
+    }
+}
 
 fn error(status: StatusCode, message: impl Into<String>) -> Response {
     (status, axum::Json(json!({"error": message.into()}))).into_response()
@@ -45,7 +93,7 @@ fn status_of(code: ErrorCode) -> StatusCode {
 }
 
 /// The OIP router over an engine.
-pub fn router(engine: Arc<Engine>) -> Router {
+pub fn router(engine: Arc<Engine>, admission: Arc<Admission>) -> Router {
     Router::new()
         .route("/v2/health/live", get(|| async { axum::Json(json!({"live": true})) }))
         .route("/v2/health/ready", get(ready))
@@ -60,10 +108,10 @@ pub fn router(engine: Arc<Engine>) -> Router {
             "/v2/models/{name}/versions/{version}/ready",
             get(|s, Path((n, v)): Path<(String, String)>| model_ready(s, n, Some(v))),
         )
-        .route("/v2/models/{name}/infer", post(|s, Path(name): Path<String>, h, body| infer(s, name, None, h, body)))
+        .route("/v2/models/{name}/infer", post(|s, a, Path(name): Path<String>, r| infer(s, a, name, None, r)))
         .route(
             "/v2/models/{name}/versions/{version}/infer",
-            post(|s, Path((n, v)): Path<(String, String)>, h, body| infer(s, n, Some(v), h, body)),
+            post(|s, a, Path((n, v)): Path<(String, String)>, r| infer(s, a, n, Some(v), r)),
         )
         .route("/metrics", get(metrics))
         .fallback(|| async {
@@ -72,7 +120,7 @@ pub fn router(engine: Arc<Engine>) -> Router {
                 "no such route: see /v2/health/ready, /v2/models/{name}, /v2/models/{name}/infer",
             )
         })
-        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(axum::Extension(admission))
         .with_state(engine)
 }
 
@@ -143,14 +191,16 @@ async fn model_ready(State(engine): State<Arc<Engine>>, name: String, version: O
 
 async fn infer(
     State(engine): State<Arc<Engine>>,
+    axum::Extension(admission): axum::Extension<Arc<Admission>>,
     name: String,
     version: Option<String>,
-    headers: HeaderMap,
-    body: Bytes,
+    request: axum::extract::Request,
 ) -> Response {
-    if let Err(r) = find(&engine, &name, version.as_deref()) {
-        return r.into_response();
-    }
+    let model = match find(&engine, &name, version.as_deref()) {
+        Ok(m) => m,
+        Err(r) => return r.into_response(),
+    };
+    let headers = request.headers();
     let binary_header = match headers.get(outpost_protocol::binary::HEADER) {
         None => None,
         Some(v) => match v.to_str().ok().and_then(|v| v.trim().parse::<usize>().ok()) {
@@ -162,6 +212,60 @@ async fn infer(
                 );
             }
         },
+    };
+    // Admission, before a byte of the body is read: its size against the
+    // cap, a free place in the queue, and room among the bytes in flight.
+    let limits = admission.limits;
+    let (cap, why) = match model.max_body_bytes() {
+        Some(m) if m < limits.max_body => (m, "what this model's input shapes need"),
+        _ => (limits.max_body, "http.max_body"),
+    };
+    let declared = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<usize>().ok());
+    if let Some(n) = declared
+        && n > cap
+    {
+        return refused(
+            &engine,
+            ErrorCode::TooLarge,
+            format!("the body is {n} bytes, over the limit of {cap} bytes ({why})"),
+        );
+    }
+    if !engine.has_room() {
+        return refused(
+            &engine,
+            ErrorCode::Overloaded,
+            "every worker is busy and the queue is full: retry later".into(),
+        );
+    }
+    let hold = declared.unwrap_or(cap).div_ceil(1024).max(1);
+    let Ok(_held) = admission.inflight_kib.clone().try_acquire_many_owned(hold.min(u32::MAX as usize) as u32) else {
+        return refused(
+            &engine,
+            ErrorCode::Overloaded,
+            format!(
+                "the requests in flight already hold close to {} bytes (http.max_inflight_bytes): retry later",
+                limits.max_inflight_bytes
+            ),
+        );
+    };
+    let body = match tokio::time::timeout(limits.body_timeout, axum::body::to_bytes(request.into_body(), cap)).await {
+        Ok(Ok(b)) => b,
+        Ok(Err(e)) => {
+            let too_large = std::error::Error::source(&e)
+                .is_some_and(|s| s.downcast_ref::<http_body_util::LengthLimitError>().is_some());
+            return match too_large {
+                true => {
+                    refused(&engine, ErrorCode::TooLarge, format!("the body is over the limit of {cap} bytes ({why})"))
+                }
+                false => error(StatusCode::BAD_REQUEST, format!("cannot read the body: {e}")),
+            };
+        }
+        Err(_) => {
+            return error(
+                StatusCode::REQUEST_TIMEOUT,
+                format!("the body did not arrive within {} s (http.body_timeout)", limits.body_timeout.as_secs()),
+            );
+        }
     };
     // The swap may happen between `find` and the run: the answer names the
     // version that computed it, as over MQTT.
@@ -180,6 +284,12 @@ async fn infer(
         },
         Err(f) => error(status_of(f.code), f.message),
     }
+}
+
+/// A request refused before its body was read, counted like the engine's refusals.
+fn refused(engine: &Engine, code: ErrorCode, message: String) -> Response {
+    engine.count_refusal(code);
+    error(status_of(code), message)
 }
 
 async fn metrics(State(engine): State<Arc<Engine>>) -> Response {
@@ -251,31 +361,87 @@ async fn metrics(State(engine): State<Arc<Engine>>) -> Response {
 /// Serves the router on `listener` until `shutdown` completes; connections
 /// still open then get at most 2 s more, or all the time they need when the
 /// agent is `stopping` (its drain bounds that by the grace period).
+///
+/// Each connection is hyper's HTTP/1 with a tokio timer, so the header
+/// timeout holds; past `max_connections` a connection is answered 503 and
+/// closed at once.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     engine: Arc<Engine>,
+    admission: Arc<Admission>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     stopping: Arc<std::sync::atomic::AtomicBool>,
 ) {
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    use axum::serve::ListenerExt;
-    // No Nagle delay on answers: a client waits for each one.
-    let listener = listener.tap_io(|tcp| {
+    let app = router(engine.clone(), admission.clone());
+    let connections = tokio_util::task::TaskTracker::new();
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::pin!(shutdown);
+    loop {
+        let (tcp, _) = tokio::select! {
+            _ = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of file descriptors, most often: wait for some to close.
+                    tracing::warn!(error = %e, "HTTP accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        // No Nagle delay on answers: a client waits for each one.
         if let Err(e) = tcp.set_nodelay(true) {
             tracing::debug!(error = %e, "TCP_NODELAY not set");
         }
-    });
-    let server = axum::serve(listener, router(engine)).with_graceful_shutdown(async move {
-        let _ = rx.await;
-    });
-    let handle = tokio::spawn(async move { server.await });
-    shutdown.await;
-    let _ = tx.send(());
-    if stopping.load(std::sync::atomic::Ordering::SeqCst) {
-        let _ = handle.await;
-    } else {
-        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), handle).await;
+        let Ok(permit) = admission.connections.clone().try_acquire_owned() else {
+            engine.count_refusal(ErrorCode::Overloaded);
+            tokio::spawn(turn_away(tcp, admission.limits.max_connections));
+            continue;
+        };
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        let mut stop = stop_rx.clone();
+        let header_timeout = admission.limits.header_timeout;
+        connections.spawn(async move {
+            let _permit = permit;
+            let mut http = hyper::server::conn::http1::Builder::new();
+            http.timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(header_timeout);
+            let conn = http.serve_connection(hyper_util::rt::TokioIo::new(tcp), service);
+            tokio::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => {}
+                _ = stop.changed() => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.await;
+                }
+            }
+        });
     }
+    drop(listener);
+    let _ = stop_tx.send(true);
+    connections.close();
+    if stopping.load(std::sync::atomic::Ordering::SeqCst) {
+        connections.wait().await;
+    } else {
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), connections.wait()).await;
+    }
+}
+
+/// A connection over the cap: a 503 with the reason, then closed.
+async fn turn_away(mut tcp: tokio::net::TcpStream, max: usize) {
+    use tokio::io::AsyncWriteExt;
+    let body = format!(
+        "{{\"error\":\"overloaded: this endpoint already holds {max} connections (http.max_connections); retry later\"}}"
+    );
+    let head = format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        body.len()
+    );
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), async {
+        let _ = tcp.write_all(head.as_bytes()).await;
+        let _ = tcp.write_all(body.as_bytes()).await;
+        let _ = tcp.shutdown().await;
+    })
+    .await;
 }
 
 /// The local endpoint, which a deployment's `serving.http_port` can move to
@@ -289,6 +455,7 @@ pub struct Endpoint {
     default_port: u16,
     engine: Arc<Engine>,
     runtime: tokio::runtime::Handle,
+    admission: Arc<Admission>,
     current: std::sync::Mutex<Option<Running>>,
     /// Set by [`Endpoint::stop`]: no new port, and requests in flight get
     /// all the time the agent's drain gives them.
@@ -309,6 +476,7 @@ impl Endpoint {
         bind: std::net::SocketAddr,
         port: Option<u16>,
         engine: Arc<Engine>,
+        limits: Limits,
         runtime: tokio::runtime::Handle,
     ) -> std::io::Result<Endpoint> {
         let ep = Endpoint {
@@ -316,6 +484,7 @@ impl Endpoint {
             default_port: bind.port(),
             engine,
             runtime,
+            admission: Admission::new(limits),
             current: std::sync::Mutex::new(None),
             stopping: Default::default(),
         };
@@ -356,6 +525,7 @@ impl Endpoint {
         let task = self.runtime.spawn(serve(
             listener,
             self.engine.clone(),
+            self.admission.clone(),
             async move {
                 let _ = rx.await;
             },

@@ -409,10 +409,22 @@ impl Engine {
     /// counted as a failed request, answered with `failure` under the `id`
     /// and `reply_to` salvaged from it.
     pub fn refuse(&self, body: &[u8], failure: InferFailure) -> Answer {
-        self.counters.requests.fetch_add(1, Ordering::Relaxed);
-        self.counters.errors.fetch_add(1, Ordering::Relaxed);
+        self.count_refusal(failure.code);
         let (id, reply_to) = InferRequest::salvage(body);
         Answer { id, reply_to, binary: Default::default(), result: Err(failure) }
+    }
+
+    /// Whether a request would find a place in the queue now (checked before
+    /// a body is read; the run takes its place for real).
+    pub fn has_room(&self) -> bool {
+        self.pool.load().admission.available_permits() > 0
+    }
+
+    /// Counts a request refused before it was read (`overloaded` or too large).
+    pub fn count_refusal(&self, code: ErrorCode) {
+        self.counters.requests.fetch_add(1, Ordering::Relaxed);
+        let counter = if code == ErrorCode::Overloaded { &self.counters.rejected } else { &self.counters.errors };
+        counter.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Runs one request on a worker thread, or refuses it at once.

@@ -483,6 +483,19 @@ impl Model {
         compare_outputs(&expected.outputs, &response.outputs, v.tolerance).map_err(ModelError::Validation)
     }
 
+    /// The largest request body this model's inputs can need, when every
+    /// input dimension is fixed: 64 bytes per element (a JSON number with
+    /// its separator and generous whitespace) plus 64 KiB for the rest.
+    /// `None` when a dimension is dynamic (the configured cap applies).
+    pub fn max_body_bytes(&self) -> Option<usize> {
+        let mut elements: usize = 0;
+        for slot in &self.inputs {
+            let n = slot.dims.iter().try_fold(1usize, |acc, d| d.and_then(|d| acc.checked_mul(d)))?;
+            elements = elements.checked_add(n)?;
+        }
+        elements.checked_mul(64)?.checked_add(64 << 10)
+    }
+
     /// What validation settled about how this model runs, to apply to the
     /// same bundle loaded in another process (the agent, after an isolated
     /// validation) or after a restart (which does not revalidate).

@@ -9,11 +9,22 @@ use outpost_protocol::{ErrorCode, InferError};
 
 /// Runs one request and hands its answer to the publisher; `predictions`
 /// is where it goes when the request names no reply topic.
-pub async fn answer(engine: &Engine, out: &Outbox, predictions: &str, request: &Message, max_packet: usize) {
+/// `overloaded`: the request is refused unread with this reason (the bytes
+/// of requests in flight are at their bound).
+pub async fn answer(
+    engine: &Engine,
+    out: &Outbox,
+    predictions: &str,
+    request: &Message,
+    max_packet: usize,
+    overloaded: Option<String>,
+) {
     // Fault injection: the window between a request's arrival and its parsing.
     crate::sys::delay_point("mqtt-request").await;
     let payload = request.payload();
-    let answer = if payload.len() > max_packet {
+    let answer = if let Some(why) = overloaded {
+        engine.refuse(payload, InferFailure::new(ErrorCode::Overloaded, why))
+    } else if payload.len() > max_packet {
         // Refused unread (the limit protects memory); the id is still salvaged for the answer.
         let message = format!(
             "the request is {} bytes, over the MQTT packet limit of {max_packet} (--max-packet-size): send a smaller batch, or use the HTTP endpoint",

@@ -285,3 +285,173 @@ async fn under_a_memory_cgroup_the_oom_killer_takes_the_validation_and_the_break
     assert_eq!((status, body["model_version"].as_str()), (200, Some("1")), "{body}");
     agent.kill();
 }
+
+/// Bounded HTTP: half-open requests (slow-loris) are closed after the
+/// header timeout and cannot hold more than the connection cap (the next
+/// connection is told 503 at once); a body over the cap is refused 413
+/// before it is read; a body that stops arriving gets 408; a request that
+/// would take the bytes in flight over the bound is `overloaded` before its
+/// body is read. digits@1 answers once the attack stops, and meanwhile the
+/// MQTT side serves as usual.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_loris_and_oversize_bodies_are_bounded_and_the_model_keeps_serving() {
+    use tokio::io::AsyncWriteExt;
+    let (_broker, reg, _data, mut w, agent) = Lab::device("http1")
+        .model("digits-mlp.onnx", "digits", "1")
+        .flags(&[
+            "--http-header-timeout",
+            "2",
+            "--http-body-timeout",
+            "2",
+            "--http-max-connections",
+            "40",
+            "--http-max-body",
+            "2MiB",
+            "--http-max-inflight-bytes",
+            "3MiB",
+        ])
+        .start()
+        .await;
+    assert_eq!(w.deploy(&reg, "digits", "1").await.0.phase, Phase::Active);
+    let port = agent.http_port;
+    let infer = format!("http://127.0.0.1:{port}/v2/models/digits/infer");
+    let good = serde_json::to_vec(&digits_request(1)).unwrap();
+
+    // 60 half-open requests: 40 are held (and closed after 2 s), 20 turned away at once.
+    let mut loris = Vec::new();
+    for _ in 0..60 {
+        let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        tcp.write_all(b"POST /v2/models/digits/infer HTTP/1.1\r\nHost: x\r\nX-Slow: ").await.unwrap();
+        loris.push(tcp);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (status, text) =
+        raw_http(port, "GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n", b"", Duration::from_secs(1)).await;
+    assert_eq!(status, 503, "{text}");
+    assert!(text.contains("http.max_connections"), "{text}");
+    assert_eq!(w.infer("during-loris", digits_request(1)).await["model_version"], "1");
+    let started = std::time::Instant::now();
+    let mut closed = 0;
+    for mut tcp in loris {
+        use tokio::io::AsyncReadExt;
+        let mut buf = [0u8; 1024];
+        // Closed by the server (EOF or an error), within the timeout and a margin.
+        if let Ok(Ok(_)) = tokio::time::timeout(Duration::from_secs(5), tcp.read(&mut buf)).await {
+            closed += 1;
+        }
+    }
+    assert_eq!(closed, 60, "every half-open connection is closed");
+    assert!(started.elapsed() < Duration::from_secs(5), "closed after {:?}", started.elapsed());
+    let (status, body) = http("POST", infer.clone(), Some(good.clone())).await;
+    assert_eq!((status, body["model_version"].as_str()), (200, Some("1")), "{body}");
+
+    // A declared body over the cap: 413 before a byte of it is sent.
+    let (status, text) = raw_http(
+        port,
+        "POST /v2/models/digits/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 61000000\r\n\r\n",
+        b"",
+        Duration::from_secs(2),
+    )
+    .await;
+    assert_eq!(status, 413, "{text}");
+    assert!(text.contains("the body is 61000000 bytes, over the limit of 2097152 bytes (http.max_body)"), "{text}");
+    // Chunked, no length: cut at the cap.
+    let chunk = vec![b' '; 1 << 20];
+    let mut chunked = Vec::new();
+    for _ in 0..5 {
+        chunked.extend_from_slice(format!("{:x}\r\n", chunk.len()).as_bytes());
+        chunked.extend_from_slice(&chunk);
+        chunked.extend_from_slice(b"\r\n");
+    }
+    chunked.extend_from_slice(b"0\r\n\r\n");
+    let (status, text) = raw_http(
+        port,
+        "POST /v2/models/digits/infer HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n",
+        &chunked,
+        Duration::from_secs(5),
+    )
+    .await;
+    assert_eq!(status, 413, "{text}");
+    // A body that stops arriving: 408 after the body timeout.
+    let (status, text) = raw_http(
+        port,
+        "POST /v2/models/digits/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n",
+        b"{\"inputs\"",
+        Duration::from_secs(5),
+    )
+    .await;
+    assert_eq!(status, 408, "{text}");
+    assert!(text.contains("http.body_timeout"), "{text}");
+
+    // Bytes in flight: one request holding 2 MB (its body trickling in) leaves
+    // no room for a second one of 2 MB, refused before its body is read.
+    let mut holder = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    holder
+        .write_all(b"POST /v2/models/digits/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 2000000\r\n\r\n{")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (status, text) = raw_http(
+        port,
+        "POST /v2/models/digits/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 2000000\r\n\r\n",
+        b"",
+        Duration::from_secs(2),
+    )
+    .await;
+    assert_eq!(status, 503, "{text}");
+    assert!(text.contains("http.max_inflight_bytes"), "{text}");
+    drop(holder);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (status, body) = http("POST", infer, Some(good)).await;
+    assert_eq!((status, body["model_version"].as_str()), (200, Some("1")), "{body}");
+    let metrics = reqwest_text(format!("http://127.0.0.1:{port}/metrics")).await;
+    assert!(metrics.contains("outpost_inference_rejected_total"), "{metrics}");
+}
+
+async fn reqwest_text(url: String) -> String {
+    tokio::task::spawn_blocking(move || {
+        let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
+        agent.get(&url).call().unwrap().body_mut().read_to_string().unwrap()
+    })
+    .await
+    .unwrap()
+}
+
+/// The MQTT requests in flight are bounded in bytes: with room for about
+/// two 400 KB requests, a burst of ten that each take a second (a fault
+/// point delays them) gets the others answered `overloaded`, unread, naming
+/// the bound; all ten are answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt_requests_in_flight_are_bounded_in_bytes() {
+    let (_broker, reg, _data, mut w, _agent) = Lab::device("mqtt1")
+        .model("slow.onnx", "slow", "1")
+        .flags(&["--mqtt-max-inflight-bytes", "1MiB", "--workers", "1"])
+        .env("OUTPOST_DELAY_AT", "mqtt-request:1000")
+        .start()
+        .await;
+    assert_eq!(w.deploy(&reg, "slow", "1").await.0.phase, Phase::Active);
+    let mut request = digits_request(64);
+    request["pad"] = "x".repeat(400_000).into();
+    for i in 0..10 {
+        request["id"] = format!("burst-{i}").into();
+        w.client.publish(&w.topics.infer(&w.device), serde_json::to_vec(&request).unwrap(), false).await.unwrap();
+    }
+    let (mut answered, mut overloaded) = (0, 0);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while answered + overloaded < 10 && std::time::Instant::now() < deadline {
+        let Some(m) = w.client.next(Duration::from_millis(200)).await else { continue };
+        let v: serde_json::Value = serde_json::from_slice(&m.payload).unwrap();
+        if !v["id"].as_str().unwrap_or_default().starts_with("burst-") {
+            continue;
+        }
+        if v["model_version"] == "1" {
+            answered += 1;
+        } else {
+            assert_eq!(v["code"], "overloaded", "{v}");
+            assert!(v["error"].as_str().unwrap().contains("mqtt.max_inflight_bytes"), "{v}");
+            overloaded += 1;
+        }
+    }
+    assert_eq!(answered + overloaded, 10, "every request is answered");
+    assert!(answered >= 1 && overloaded >= 1, "answered {answered}, overloaded {overloaded}");
+}

@@ -32,7 +32,16 @@ fn assert_store_consistent(data_dir: &std::path::Path) {
         let name = entry.unwrap().file_name().into_string().unwrap();
         store.verify_version(&name).unwrap_or_else(|e| panic!("stored version {name}: {e}"));
     }
-    assert_eq!(std::fs::read_dir(data_dir.join("tmp")).unwrap().count(), 0, "leftovers in tmp/");
+    // A running agent may be in the middle of a write (its temp file, then a rename).
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    loop {
+        let left: Vec<_> = std::fs::read_dir(data_dir.join("tmp")).unwrap().flatten().map(|e| e.file_name()).collect();
+        if left.is_empty() {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "leftovers in tmp/: {left:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// Deploys digits@`version` from `reg` under manifest digest `sha`, expects
