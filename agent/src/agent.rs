@@ -41,6 +41,8 @@ pub struct Config {
     pub http_limits: crate::serve::http::Limits,
     /// Bytes MQTT requests in flight may hold together.
     pub mqtt_max_inflight_bytes: usize,
+    /// Bytes the outage journal may take on disk.
+    pub journal_max_bytes: u64,
     /// What SIGHUP may change: telemetry interval, shutdown grace, limits.
     pub live: crate::config::Live,
     /// Where new versions are first loaded and validated (the `outpost`
@@ -156,7 +158,7 @@ impl Agent {
             Session::new(&config.session, &config.topics, &config.device, 1024).map_err(AgentError::Tls)?;
         let link = Link::new(client);
         let acks = crate::link::session::acker(link.clone(), config.session.persistent_session);
-        let journal = Arc::new(Mutex::new(Journal::open(&config.data_dir, crate::link::journal::DEFAULT_MAX_ENTRIES)));
+        let journal = Arc::new(Mutex::new(Journal::open(&config.data_dir, config.journal_max_bytes)));
         let (online, online_rx) = watch::channel(false);
         let publisher = tokio::spawn(crate::link::publisher::publish(
             link.clone(),
@@ -246,7 +248,7 @@ impl Agent {
     fn on_telemetry(&mut self) {
         let pending = {
             let j = self.journal.lock().unwrap_or_else(|p| p.into_inner());
-            (j.len() as u64, j.dropped)
+            (j.len() as u64, j.dropped, j.bytes())
         };
         let t = self.telemetry.report(
             &self.config.device,

@@ -83,6 +83,7 @@ pub const KEYS: &[Key] = &[
     key("mqtt.keep_alive", "--keep-alive", "5 to 3600 seconds", "15"),
     key("mqtt.max_packet_size", "--max-packet-size", "a size from 64KiB to 256MiB (bytes, or 4MiB, 500KB)", "4MiB"),
     key("mqtt.max_inflight_bytes", "--mqtt-max-inflight-bytes", "a size from 1MiB (e.g. 64MiB)", "64MiB"),
+    key("mqtt.journal_max_bytes", "--journal-max-bytes", "a size from 64KiB (e.g. 16MiB)", "16MiB"),
     key("mqtt.persistent_session", "--persistent-session", "true or false", "false"),
     key("mqtt.username", "--username", "a user name", ""),
     Key { secret: true, ..key("mqtt.password", "OUTPOST_MQTT_PASSWORD", "a password", "") },
@@ -232,6 +233,9 @@ impl Layers {
             keep_alive: Duration::from_secs(r.int("mqtt.keep_alive", 5, 3600)?.unwrap_or(15)),
             max_packet_size: r.size("mqtt.max_packet_size", 64 * 1024, 256 * 1024 * 1024)?.unwrap_or(4 << 20),
             persistent_session: r.boolean("mqtt.persistent_session")?.unwrap_or(false),
+            journal_max_bytes: r
+                .size("mqtt.journal_max_bytes", 64 << 10, 1 << 40)?
+                .unwrap_or(crate::link::journal::DEFAULT_MAX_BYTES),
             mqtt_max_inflight_bytes: r.size("mqtt.max_inflight_bytes", 1 << 20, 1 << 40)?.unwrap_or(64 << 20) as usize,
             username: r.string("mqtt.username")?,
             password: r.string("mqtt.password")?,
@@ -452,6 +456,7 @@ pub struct Settings {
     pub keep_alive: Duration,
     pub max_packet_size: u64,
     pub persistent_session: bool,
+    pub journal_max_bytes: u64,
     pub mqtt_max_inflight_bytes: usize,
     pub username: Option<String>,
     pub password: Option<String>,

@@ -104,6 +104,8 @@ struct RunArgs {
     max_packet_size: Option<String>,
     #[arg(long)]
     mqtt_max_inflight_bytes: Option<String>,
+    #[arg(long)]
+    journal_max_bytes: Option<String>,
     /// [limits.store_quota] Most disk space the model store may use (e.g. 500MB, 2GiB); 0 = only the filesystem limits it.
     #[arg(long)]
     store_quota: Option<String>,
@@ -203,7 +205,7 @@ impl RunArgs {
         }
         // Each flag is the one `config::KEYS` names for its key (a test checks
         // that every one of those is a flag of `outpost run`).
-        let flags: [(&str, &Option<String>); 34] = [
+        let flags: [(&str, &Option<String>); 35] = [
             ("mqtt.broker", &self.broker),
             ("device", &self.device),
             ("data_dir", &self.data_dir),
@@ -211,6 +213,7 @@ impl RunArgs {
             ("mqtt.keep_alive", &self.keep_alive),
             ("mqtt.max_packet_size", &self.max_packet_size),
             ("mqtt.max_inflight_bytes", &self.mqtt_max_inflight_bytes),
+            ("mqtt.journal_max_bytes", &self.journal_max_bytes),
             ("limits.store_quota", &self.store_quota),
             ("limits.max_model_size", &self.max_model_size),
             ("limits.workers", &self.workers),
@@ -364,6 +367,7 @@ fn agent_config(s: &Settings) -> Result<outpost_agent::Config, String> {
         http_bind: s.http_bind,
         http_limits: s.http_limits,
         mqtt_max_inflight_bytes: s.mqtt_max_inflight_bytes,
+        journal_max_bytes: s.journal_max_bytes,
         live: s.live(),
         isolation: outpost_agent::deploy::isolate::Isolation::this_binary(),
     })

@@ -58,7 +58,11 @@ pub struct MqttStats {
     /// Events and answers waiting in the on-disk journal for the broker.
     #[serde(default)]
     pub journal_pending: u64,
-    /// Journaled messages dropped (oldest first) to keep the journal's bound, since start.
+    /// Journaled messages dropped to keep the journal's bound (telemetry
+    /// first, then answers, deployment events last; oldest first), since start.
     #[serde(default)]
     pub journal_dropped: u64,
+    /// Bytes the journal takes on disk (bounded by `mqtt.journal_max_bytes`).
+    #[serde(default)]
+    pub journal_bytes: u64,
 }

@@ -124,6 +124,7 @@ pub async fn run() -> Result<(), String> {
         isolation: outpost_agent::deploy::isolate::Isolation::InProcess,
         http_limits: Default::default(),
         mqtt_max_inflight_bytes: 64 << 20,
+        journal_max_bytes: 16 << 20,
         live: outpost_agent::config::Live { max_queue: 512, ..Default::default() },
     };
     let (_reload, reload_rx) = tokio::sync::mpsc::unbounded_channel();

@@ -119,6 +119,7 @@ fn agent_config(id: &str, group: &str, broker: &BrokerUrl, data: &std::path::Pat
         isolation: outpost_agent::deploy::isolate::Isolation::InProcess,
         http_limits: Default::default(),
         mqtt_max_inflight_bytes: 64 << 20,
+        journal_max_bytes: 16 << 20,
         live: outpost_agent::config::Live {
             workers: 1,
             max_queue: 4,

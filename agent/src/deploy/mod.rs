@@ -496,8 +496,19 @@ impl Deployer {
                 self.reporter.event(&d, Phase::Failed, None, Some(e), None);
             }
         }
-        if let Some((source, d, _)) = self.queued.take().filter(|_| !self.stopping) {
-            self.launch(source, d).await;
+        match self.queued.take().filter(|_| !self.stopping) {
+            Some((source, d, _)) => self.launch(source, d).await,
+            // Nothing comes next (and the agent is not stopping, when a
+            // download is kept to resume): what a deployment that ended
+            // without serving downloaded in part is of no further use.
+            None if !self.stopping => {
+                let store = self.pipeline.store.clone();
+                let freed = tokio::task::spawn_blocking(move || store.remove_partials()).await.unwrap_or(0);
+                if freed > 0 {
+                    tracing::info!(freed, "partial downloads of the ended deployment removed");
+                }
+            }
+            None => {}
         }
     }
 

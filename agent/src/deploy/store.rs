@@ -249,6 +249,19 @@ impl Store {
         (removed, freed)
     }
 
+    /// Removes every partial download (none is in progress): what a failed
+    /// or superseded deployment leaves. Returns the bytes freed.
+    pub fn remove_partials(&self) -> u64 {
+        let mut freed = 0;
+        for entry in fs::read_dir(self.root.join("partial")).into_iter().flatten().flatten() {
+            let len = entry.metadata().map(|m| m.len()).unwrap_or(0);
+            if fs::remove_file(entry.path()).is_ok() {
+                freed += len;
+            }
+        }
+        freed
+    }
+
     /// Bytes the store holds (blobs and partial downloads) and the number of
     /// stored versions. Version directories are hard links: they add nothing.
     pub fn usage(&self) -> (u64, u64) {

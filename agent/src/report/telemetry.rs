@@ -26,7 +26,7 @@ impl Reporter {
         engine: &Engine,
         store: StoreStats,
         reconnects: u64,
-        journal: (u64, u64),
+        journal: (u64, u64, u64),
     ) -> Telemetry {
         let c = &engine.counters;
         let (requests, errors, rejected) =
@@ -56,7 +56,12 @@ impl Reporter {
             inference,
             process: ProcessStats { rss_bytes: rss_bytes().unwrap_or(0), cpu_percent },
             store,
-            mqtt: MqttStats { reconnects, journal_pending: journal.0, journal_dropped: journal.1 },
+            mqtt: MqttStats {
+                reconnects,
+                journal_pending: journal.0,
+                journal_dropped: journal.1,
+                journal_bytes: journal.2,
+            },
         }
     }
 }

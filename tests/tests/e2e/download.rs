@@ -6,7 +6,7 @@ use super::*;
 /// file larger than declared, each with the outcome an operator needs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn downloads_retry_resume_and_stop_at_the_declared_size() {
-    let (broker, reg, _data, mut w, _agent) =
+    let (broker, reg, data, mut w, _agent) =
         lab("dev8", &[], &["--download-attempts", "4", "--stall-timeout", "1"]).await;
     reg.register("digits-mlp.onnx", "digits", "1");
     reg.register("digits-cnn.onnx", "digits", "2");
@@ -52,6 +52,17 @@ async fn downloads_retry_resume_and_stop_at_the_declared_size() {
         "{}",
         e.message
     );
+
+    // Cut four times: failed, and what it downloaded in part is removed.
+    faulty.inject("digits/2/model.onnx", &[Fault::Truncate(1000); 4]);
+    let (last, _) = w.deploy_raw("digits", "2", &faulty_url2, &sha2).await;
+    assert_eq!(last.error.unwrap().code, ErrorCode::DownloadFailed);
+    let partial = data.path().join("dev8").join("partial");
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while std::fs::read_dir(&partial).unwrap().count() > 0 {
+        assert!(std::time::Instant::now() < deadline, "partial downloads left after a failed deployment");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 
     // A body longer than declared is stopped at the declared size, not read to the end.
     faulty.inject("digits/2/model.onnx", &[Fault::Append(10_000_000)]);

@@ -141,6 +141,15 @@ async fn a_store_quota_refuses_what_does_not_fit_and_damages_nothing() {
     agent.kill_and_restart();
     w.online().await;
     assert_eq!(w.infer("after-restart", digits_request(1)).await["model_version"], "3");
+
+    // A free-space reserve no filesystem has: nothing is downloaded into it.
+    agent.kill();
+    let _agent = Agent::start_with(broker.port, "dev14", &dir, &[], &["--disk-reserve", "1000TiB"]);
+    w.online().await;
+    let err = refused(&mut w, &reg, "2", &resolve("2", &reg).await).await;
+    assert_eq!(err.code, ErrorCode::DiskFull, "{err}");
+    assert!(err.message.contains("kept in reserve: limits.disk_reserve"), "{}", err.message);
+    assert_eq!(w.infer("reserve", digits_request(1)).await["model_version"], "3");
 }
 
 /// A deployment message is acked only once it is recorded on disk: a crash
