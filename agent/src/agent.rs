@@ -132,30 +132,37 @@ impl Agent {
             http: Default::default(),
             isolation: config.isolation.clone(),
         });
-        let (deployer, deployments, restored) = Deployer::open(pipeline.clone(), reporter.clone()).await;
+        // The MQTT session's settings fail before the record is touched.
+        let (client, session) =
+            Session::new(&config.session, &config.topics, &config.device, 1024).map_err(AgentError::Tls)?;
+        let (mut deployer, deployments, restored) = Deployer::open(pipeline.clone(), reporter.clone()).await;
         crate::report::publish_captures(&engine, reporter.clone(), config.session.max_packet_size);
 
         // The local endpoint serves from the store even while the broker is unreachable.
         let http = match config.http_bind {
             Some(addr) => {
-                let ep = Endpoint::start(
+                let started = Endpoint::start(
                     addr,
                     restored.http_port,
                     engine.clone(),
                     config.http_limits,
                     tokio::runtime::Handle::current(),
-                )
-                .map_err(|source| AgentError::HttpBind { addr, source })?;
+                );
+                let ep = match started {
+                    Ok(ep) => ep,
+                    Err(source) => {
+                        // A setting, not a model: the breaker must not count this exit.
+                        deployer.clean_exit().await;
+                        return Err(AgentError::HttpBind { addr, source });
+                    }
+                };
                 let ep = Arc::new(ep);
                 let _ = pipeline.http.set(ep.clone());
                 Some(ep)
             }
             None => None,
         };
-        let deployer = tokio::spawn(deployer.run());
 
-        let (client, session) =
-            Session::new(&config.session, &config.topics, &config.device, 1024).map_err(AgentError::Tls)?;
         let link = Link::new(client);
         let acks = crate::link::session::acker(link.clone(), config.session.persistent_session);
         let journal = Arc::new(Mutex::new(Journal::open(&config.data_dir, config.journal_max_bytes)));
@@ -178,6 +185,9 @@ impl Agent {
             serving.as_deref().unwrap_or("no model yet"),
             config.session.broker
         ));
+        // Pending work resumes once the device is READY: a new version's
+        // model code runs isolated, but the control plane comes first.
+        let deployer = tokio::spawn(deployer.run());
         let mqtt_inflight_kib = Arc::new(tokio::sync::Semaphore::new((config.mqtt_max_inflight_bytes / 1024).max(1)));
         Ok(Agent {
             connection: Connection::new(config.session.protocol),
