@@ -31,6 +31,8 @@ pub struct BenchSpec {
     pub large_models: PathBuf,
     /// The repository root (fixtures, scripts).
     pub root: PathBuf,
+    /// An earlier build of the agent to measure side by side (section 9).
+    pub baseline_agent: Option<PathBuf>,
 }
 
 /// Latency figures of one series, in microseconds, and its throughput.
@@ -123,6 +125,16 @@ fn tree_rss_kb(pid: u32) -> u64 {
         total += tree_rss_kb(c);
     }
     total
+}
+
+/// The status of a GET on a new connection (None: no answer).
+fn get_status(port: u16, path: &str) -> Option<u16> {
+    let mut tcp = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    tcp.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    tcp.write_all(format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").as_bytes()).ok()?;
+    let mut line = String::new();
+    BufReader::new(tcp).read_line(&mut line).ok()?;
+    line.split_whitespace().nth(1)?.parse().ok()
 }
 
 /// A minimal HTTP/1.1 client: keep-alive when the server allows it,
@@ -307,6 +319,28 @@ impl Lab {
         }
         Err(format!("{name}@{version}: no final event within 120 s"))
     }
+
+    /// Publishes a deployment of `name@version` (registered) to `device` and
+    /// waits until it reaches `phase`.
+    async fn deploy_until(&mut self, device: &str, name: &str, version: &str, phase: Phase) -> Result<(), String> {
+        let (url, sha) = crate::operator::resolve_manifest(&self.registry_url, name, version).await?;
+        self.revision += 1;
+        let mut d = deployment(name, version, &url, &sha, None, None);
+        d.revision = self.revision;
+        d.deployment_id = format!("bench-{name}-{version}-{}", self.revision);
+        self.op.publish(&Topics::default().device_desired(device), d.to_json(), true).await?;
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while Instant::now() < deadline {
+            let Some(m) = self.op.next(Duration::from_millis(100)).await else { continue };
+            if let Ok(ev) = DeploymentEvent::from_json(&m.payload)
+                && ev.deployment_id == d.deployment_id
+                && ev.phase == phase
+            {
+                return Ok(());
+            }
+        }
+        Err(format!("{name}@{version}: no {phase:?} event within 120 s"))
+    }
 }
 
 fn start_mosquitto() -> Result<(Proc, u16), String> {
@@ -324,6 +358,32 @@ fn start_mosquitto() -> Result<(Proc, u16), String> {
     let p = Proc(child);
     wait_port(port, Duration::from_secs(10))?;
     Ok((p, port))
+}
+
+/// Starts `bin` as `device` and returns when its HTTP port listens (and,
+/// with `notify`, systemd's notify socket is passed).
+fn start_device(
+    bin: &Path,
+    broker: u16,
+    data: &Path,
+    device: &str,
+    notify: Option<&Path>,
+) -> Result<(Proc, u16), String> {
+    let http = free_port()?;
+    let mut cmd = Command::new(bin);
+    cmd.args(["run", "--broker", &format!("mqtt://127.0.0.1:{broker}"), "--device", device])
+        .args(["--data-dir", &data.display().to_string(), "--http-bind", &format!("127.0.0.1:{http}")])
+        .env("OUTPOST_LOG", "warn")
+        .env_remove("OUTPOST_CONFIG")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    if let Some(n) = notify {
+        cmd.env("NOTIFY_SOCKET", n);
+    }
+    let child = cmd.spawn().map_err(|e| format!("{}: {e} (cargo build --release)", bin.display()))?;
+    let p = Proc(child);
+    wait_port(http, Duration::from_secs(30))?;
+    Ok((p, http))
 }
 
 fn start_agent(spec: &BenchSpec, broker: u16, data: &Path) -> Result<(Proc, u16), String> {
@@ -534,6 +594,15 @@ pub async fn run(spec: BenchSpec) -> Result<Value, String> {
     eprintln!("[bench] sha256");
     results["sha256"] = sha256_bench(work.path(), if spec.quick { 20 } else { 200 })?;
 
+    // 9. The hostile-world limits: their cost against a baseline build, and
+    // the start with a hostile deployment pending.
+    eprintln!("[bench] limits and start-up");
+    results["hardening"] = hardening(&mut lab, &spec, &fixtures, if spec.quick { 200 } else { 3000 }).await?;
+    if spec.baseline_agent.is_none() {
+        skipped
+            .push("the limits against a baseline build: pass --baseline-agent PATH (an earlier release build)".into());
+    }
+
     results["skipped"] = json!(skipped);
     let json_path = spec.report.with_extension("json");
     let svg_path = spec.report.with_file_name("bench-swap-timeline.svg");
@@ -578,6 +647,102 @@ async fn probation_cost(lab: &mut Lab, http: u16, body: &[u8], n: usize) -> Resu
         "on_over_off_throughput": round2(on_rps / off_rps.max(1e-9)),
         "on_over_off_p99": round2(median(&on, |s| s.p99_us) / median(&off, |s| s.p99_us).max(1e-9)),
     }))
+}
+
+/// Section 9. HTTP scoring of this agent and of a baseline build (one
+/// from before the limits), each serving digits, alternated three times
+/// so the machine's noise falls on both; then, for each binary, the time
+/// from start to READY (systemd's notify socket) and to `/v2/health/ready`
+/// with a hostile deployment pending: a minute-long MatMul chain
+/// (`fixtures/hostile/slow-chain.onnx`) interrupted by a clean stop while
+/// it validates, so the start resumes it.
+async fn hardening(lab: &mut Lab, spec: &BenchSpec, fixtures: &Path, n: usize) -> Result<Value, String> {
+    let work = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let broker = lab.broker.port;
+    let path = "/v2/models/digits/infer";
+    let (_, body) = digits_body(1);
+    let mut out = json!({});
+    let agents: Vec<(&str, PathBuf)> = std::iter::once(("this agent", spec.agent.clone()))
+        .chain(spec.baseline_agent.clone().map(|b| ("baseline", b)))
+        .collect();
+    if agents.len() == 2 {
+        let mut serving = Vec::new();
+        for (i, (_, bin)) in agents.iter().enumerate() {
+            let device = format!("limits-{i}");
+            let (p, port) = start_device(bin, broker, &work.path().join(&device), &device, None)?;
+            lab.deploy_with(&device, "digits", "1", Some(0)).await?;
+            serving.push((p, port));
+        }
+        let mut rounds: Vec<Vec<(Series, Series)>> = vec![Vec::new(), Vec::new()];
+        for _ in 0..3 {
+            for (i, (_, port)) in serving.iter().enumerate() {
+                let _ = load(*port, path, &body, n / 10, 1);
+                rounds[i].push((load(*port, path, &body, n, 1), load(*port, path, &body, n / 2, 2)));
+            }
+        }
+        let median = |v: &[(Series, Series)], f: &dyn Fn(&(Series, Series)) -> f64| {
+            let mut x: Vec<f64> = v.iter().map(f).collect();
+            x.sort_by(f64::total_cmp);
+            x[x.len() / 2]
+        };
+        let p50 = |i: usize| median(&rounds[i], &|r| r.0.p50_us);
+        let seq = |i: usize| median(&rounds[i], &|r| r.0.per_s);
+        let two = |i: usize| median(&rounds[i], &|r| r.1.per_s);
+        out["http"] = json!({
+            "this_agent": rounds[0].iter().map(|r| json!({"sequential": r.0, "2_clients": r.1})).collect::<Vec<_>>(),
+            "baseline": rounds[1].iter().map(|r| json!({"sequential": r.0, "2_clients": r.1})).collect::<Vec<_>>(),
+            "p50_this_over_baseline": round2(p50(0) / p50(1).max(1e-9)),
+            "throughput_this_over_baseline": round2(seq(0) / seq(1).max(1e-9)),
+            "throughput_2_clients_this_over_baseline": round2(two(0) / two(1).max(1e-9)),
+            "baseline_agent": spec.baseline_agent.as_ref().map(|b| b.display().to_string()),
+        });
+        drop(serving);
+    }
+    crate::registry::register_hostile(fixtures, "slow-chain", &lab.registry, "slow-chain", "1")?;
+    let mut starts = Vec::new();
+    for (i, (who, bin)) in agents.iter().enumerate() {
+        let device = format!("ready-{i}");
+        let data = work.path().join(&device);
+        let (p, _) = start_device(bin, broker, &data, &device, None)?;
+        lab.deploy_with(&device, "digits", "1", Some(0)).await?;
+        lab.deploy_until(&device, "slow-chain", "1", Phase::Validating).await?;
+        // A clean stop: the deployment stays pending and the start resumes it.
+        let _ = Command::new("kill").args(["-TERM", &p.0.id().to_string()]).status();
+        let mut p = p;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while p.0.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let socket_path = work.path().join(format!("notify-{i}"));
+        let socket = std::os::unix::net::UnixDatagram::bind(&socket_path).map_err(|e| e.to_string())?;
+        socket.set_read_timeout(Some(Duration::from_secs(60))).map_err(|e| e.to_string())?;
+        let started = Instant::now();
+        let (_p2, port) = start_device(bin, broker, &data, &device, Some(&socket_path))?;
+        let listening = started.elapsed();
+        let mut ready = None;
+        let mut buf = [0u8; 4096];
+        while ready.is_none() && started.elapsed() < Duration::from_secs(60) {
+            if let Ok(n) = socket.recv(&mut buf)
+                && String::from_utf8_lossy(&buf[..n]).lines().any(|l| l == "READY=1")
+            {
+                ready = Some(started.elapsed());
+            }
+        }
+        let mut health = None;
+        while health.is_none() && started.elapsed() < Duration::from_secs(60) {
+            let status = get_status(port, "/v2/health/ready");
+            if status == Some(200) {
+                health = Some(started.elapsed());
+            } else {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+        let ms = |d: Option<Duration>| d.map(|d| round(d.as_secs_f64() * 1e3));
+        starts.push(json!({"agent": who, "http_listening_ms": ms(Some(listening)), "ready_ms": ms(ready),
+            "health_ready_ms": ms(health)}));
+    }
+    out["start_with_pending_hostile_deployment"] = json!(starts);
+    Ok(out)
 }
 
 fn round2(x: f64) -> f64 {
@@ -1044,7 +1209,7 @@ fn bounds(r: &Value) -> String {
     md
 }
 
-const COMMANDS: &str = "## Reproduce\n\n```sh\napt-get install -y mosquitto            # the broker\ncargo build --release                    # the agent measured\nsimulator/bench/setup_peer.sh            # Azure ML's inference server + onnxruntime in simulator/bench/.venv\npython3 fixtures/make_large_models.py    # detector-sized and 10 MB models (numpy, onnx)\ncargo run --release -p outpost-sim -- bench\ncargo run --release -p outpost-sim -- fleet --devices 1000 --broker mqtt://127.0.0.1:1883\n```\n\n";
+const COMMANDS: &str = "## Reproduce\n\n```sh\napt-get install -y mosquitto            # the broker\ncargo build --release                    # the agent measured\nsimulator/bench/setup_peer.sh            # Azure ML's inference server + onnxruntime in simulator/bench/.venv\npython3 fixtures/make_large_models.py    # detector-sized and 10 MB models (numpy, onnx)\ncargo run --release -p outpost-sim -- bench --baseline-agent target/outpost-baseline   # an earlier release build, for section 9\ncargo run --release -p outpost-sim -- fleet --devices 1000 --broker mqtt://127.0.0.1:1883\n```\n\n";
 
 fn markdown(r: &Value, svg: &Path) -> String {
     let f = |v: &Value| match v {
@@ -1203,6 +1368,42 @@ fn markdown(r: &Value, svg: &Path) -> String {
             f(&fl["resumed"]),
             fl["rss_per_device_kb"].as_f64().unwrap_or(0.0)
         ));
+    }
+    if let Some(h) = r.get("hardening") {
+        md.push_str(
+            "## 9. The hostile-world limits
+
+",
+        );
+        if let Some(http) = h.get("http") {
+            md.push_str(&format!(
+                "HTTP scoring (digits, keep-alive) of this agent, with its header timeout, connection cap, body cap, admission and bound on bytes in flight, against a baseline build from before them (`{}`), each serving digits, alternated three times in one run.\n\n| | p50 µs | p99 µs | req/s | failed |\n|---|---|---|---|---|\n",
+                http["baseline_agent"].as_str().unwrap_or("")
+            ));
+            for (who, key) in [("this agent", "this_agent"), ("baseline", "baseline")] {
+                for (i, round) in http[key].as_array().into_iter().flatten().enumerate() {
+                    md.push_str(&row(&format!("{who}, sequential, round {}", i + 1), &round["sequential"]));
+                    md.push_str(&row(&format!("{who}, 2 clients, round {}", i + 1), &round["2_clients"]));
+                }
+            }
+            md.push_str(&format!(
+                "\nthis agent / baseline (medians): p50 {}, throughput {} sequential, {} with 2 clients.\n\n",
+                f(&http["p50_this_over_baseline"]),
+                f(&http["throughput_this_over_baseline"]),
+                f(&http["throughput_2_clients_this_over_baseline"])
+            ));
+        }
+        md.push_str("Start with a hostile deployment pending (digits active; a minute-long MatMul chain, `fixtures/hostile/slow-chain.onnx`, stopped cleanly while it validated, so the start resumes it): from spawning the agent to its HTTP port listening, to `READY=1` on systemd's notify socket, and to `/v2/health/ready` answering 200.\n\n| agent | HTTP listening ms | READY ms | health ready ms |\n|---|---|---|---|\n");
+        for s in h["start_with_pending_hostile_deployment"].as_array().into_iter().flatten() {
+            md.push_str(&format!(
+                "| {} | {} | {} | {} |\n",
+                s["agent"].as_str().unwrap_or(""),
+                f(&s["http_listening_ms"]),
+                f(&s["ready_ms"]),
+                f(&s["health_ready_ms"])
+            ));
+        }
+        md.push('\n');
     }
     md.push_str(&goals(r));
     md.push_str(&bounds(r));

@@ -133,6 +133,9 @@ enum Command {
         /// Where fixtures/make_large_models.py wrote its models.
         #[arg(long, default_value = "target/large-models")]
         large_models: PathBuf,
+        /// An earlier release build of the agent, measured side by side (section 9).
+        #[arg(long)]
+        baseline_agent: Option<PathBuf>,
     },
     /// Simulate a fleet: N agents (the agent library, each with its own MQTT
     /// session, store and state) receive one group deployment, with flaky
@@ -384,13 +387,20 @@ async fn run(command: Command) -> ExitCode {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => fail(EXIT_FAILED, &e),
         },
-        Command::Bench { agent, quick, report, peer_python, large_models } => {
+        Command::Bench { agent, quick, report, peer_python, large_models, baseline_agent } => {
             let root = std::env::current_dir().unwrap_or_default();
             if !root.join("fixtures/digits-mlp.onnx").is_file() {
                 return fail(EXIT_USAGE, "run outpost-sim bench from the repository root (it uses fixtures/)");
             }
-            let spec =
-                outpost_sim::bench::BenchSpec { agent, quick, report: report.clone(), peer_python, large_models, root };
+            let spec = outpost_sim::bench::BenchSpec {
+                agent,
+                quick,
+                report: report.clone(),
+                peer_python,
+                large_models,
+                root,
+                baseline_agent,
+            };
             match outpost_sim::bench::run(spec).await {
                 Ok(_) => {
                     println!("report: {}", report.display());

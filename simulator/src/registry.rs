@@ -185,6 +185,50 @@ pub fn register(spec: &RegisterSpec) -> Result<Registered, String> {
     })
 }
 
+/// Registers one of the hostile models of `fixtures/hostile/` (made by
+/// `fixtures/make_hostile.py`) as `name@version` with its golden sample,
+/// written as files from `hostile/index.json`: nothing here runs the model
+/// (some are built to exhaust whoever does). Returns the manifest's sha256.
+pub fn register_hostile(
+    fixtures: &Path,
+    stem: &str,
+    registry: &Path,
+    name: &str,
+    version: &str,
+) -> Result<String, String> {
+    let src = fixtures.join("hostile");
+    let index: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(src.join("index.json")).map_err(|e| format!("{}: {e}", src.join("index.json").display()))?,
+    )
+    .map_err(|e| format!("hostile/index.json: {e}"))?;
+    let spec = &index[stem];
+    if !spec.is_object() {
+        return Err(format!("no hostile fixture named {stem}"));
+    }
+    let dir = registry.join(name).join(version);
+    let mut files = Vec::new();
+    for (from, to) in [
+        (format!("{stem}.onnx"), "model.onnx"),
+        (format!("{stem}.sample.json"), "sample/input.json"),
+        (format!("{stem}.expected.json"), "sample/expected.json"),
+    ] {
+        let bytes = std::fs::read(src.join(&from)).map_err(|e| format!("{from}: {e}"))?;
+        write(&dir, to, &bytes)?;
+        files.push(serde_json::json!({"path": to, "sha256": sha256(&bytes), "size": bytes.len()}));
+    }
+    let manifest = serde_json::json!({
+        "schema": outpost_protocol::manifest::SCHEMA,
+        "name": name,
+        "version": version,
+        "files": files,
+        "model": {"format": "onnx", "file": "model.onnx", "inputs": spec["inputs"], "outputs": spec["outputs"]},
+        "validation": {"input": "sample/input.json", "expected": "sample/expected.json", "tolerance": 1e-3},
+    });
+    let bytes = serde_json::to_vec_pretty(&manifest).map_err(|e| e.to_string())?;
+    write(&dir, "manifest.json", &bytes)?;
+    Ok(sha256(&bytes))
+}
+
 /// Serves `root` as static files on `listener` until the process ends: the
 /// registry over HTTP. Paths with `..` or other tricks get 404.
 pub async fn serve_http(root: PathBuf, listener: tokio::net::TcpListener) -> std::io::Result<()> {

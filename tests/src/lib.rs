@@ -226,37 +226,9 @@ impl Registry {
         r.manifest_sha256
     }
 
-    /// Registers one of the hostile models of `fixtures/hostile/` (see
-    /// `fixtures/make_hostile.py`) with its golden sample, written as files:
-    /// nothing here runs the model.
+    /// Registers one of the hostile models of `fixtures/hostile/` without running it.
     pub fn register_hostile(&self, stem: &str, name: &str, version: &str) -> String {
-        let src = fixture("hostile");
-        let index: serde_json::Value = serde_json::from_slice(&std::fs::read(src.join("index.json")).unwrap()).unwrap();
-        let spec = &index[stem];
-        assert!(spec.is_object(), "no hostile fixture {stem}");
-        let dir = self.root().join(name).join(version);
-        std::fs::create_dir_all(dir.join("sample")).unwrap();
-        let mut files = Vec::new();
-        for (from, to) in [
-            (format!("{stem}.onnx"), "model.onnx"),
-            (format!("{stem}.sample.json"), "sample/input.json"),
-            (format!("{stem}.expected.json"), "sample/expected.json"),
-        ] {
-            let bytes = std::fs::read(src.join(from)).unwrap();
-            std::fs::write(dir.join(to), &bytes).unwrap();
-            files.push(serde_json::json!({"path": to, "sha256": sha256(&bytes), "size": bytes.len()}));
-        }
-        let manifest = serde_json::json!({
-            "schema": outpost_protocol::manifest::SCHEMA,
-            "name": name,
-            "version": version,
-            "files": files,
-            "model": {"format": "onnx", "file": "model.onnx", "inputs": spec["inputs"], "outputs": spec["outputs"]},
-            "validation": {"input": "sample/input.json", "expected": "sample/expected.json", "tolerance": 1e-3},
-        });
-        let bytes = serde_json::to_vec_pretty(&manifest).unwrap();
-        std::fs::write(dir.join("manifest.json"), &bytes).unwrap();
-        sha256(&bytes)
+        outpost_sim::registry::register_hostile(&fixture(""), stem, self.root(), name, version).unwrap()
     }
 
     /// Rewrites a version's manifest after its files were changed on purpose,
