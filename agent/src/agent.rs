@@ -328,6 +328,14 @@ impl Agent {
             }
             Action::FallBackToV311 => {
                 tracing::warn!(error = %self.session.last_error(), "the broker does not speak MQTT 5: falling back to MQTT 3.1.1");
+                if self.connection.oversize_seen() {
+                    // It cannot be told the limit and would send the same
+                    // oversize packet at every connection: read it, refuse it.
+                    tracing::warn!(
+                        "this broker speaks only MQTT 3.1.1 and sent a packet over mqtt.max_packet_size: packets up to 256 MiB are read so that one cannot break every connection; payloads over the limit are refused"
+                    );
+                    self.config.session.read_oversize = true;
+                }
                 self.switch_protocol(Protocol::V311);
             }
             Action::UpgradeToV5 => {

@@ -78,7 +78,7 @@ pub async fn check_bundle(url: &str, sha256: Option<String>, fetch: FetchConfig)
             }
         }
     });
-    let ended = tokio::task::spawn_blocking(move || pipeline.prepare(&d, &Cancel::default(), &[], &|| true))
+    let ended = tokio::task::spawn_blocking(move || pipeline.prepare(&d, &Cancel::default(), &[], &|| Ok(())))
         .await
         .map_err(|e| internal("the check stopped", &e))?;
     let _ = tokio::time::timeout(std::time::Duration::from_millis(200), printer).await;

@@ -96,7 +96,12 @@ pub const KEYS: &[Key] = &[
     key("http.body_timeout", "--http-body-timeout", "1 to 3600 seconds", "30"),
     key("http.max_connections", "--http-max-connections", "1 to 100000", "256"),
     key("http.max_body", "--http-max-body", "a size from 1KiB (e.g. 64MiB)", "64MiB"),
-    key("http.max_inflight_bytes", "--http-max-inflight-bytes", "a size from 1MiB (e.g. 256MiB)", "256MiB"),
+    key(
+        "http.max_inflight_bytes",
+        "--http-max-inflight-bytes",
+        "a size of at least 8 x http.max_body (e.g. 512MiB)",
+        "512MiB",
+    ),
     live(key("limits.workers", "--workers", "1 to 256", "2")),
     live(key("limits.max_queue", "--max-queue", "0 to 100000", "64")),
     live(key("limits.store_quota", "--store-quota", "a size (e.g. 2GiB); 0 = no quota", "0")),
@@ -249,7 +254,7 @@ impl Layers {
                 body_timeout: Duration::from_secs(r.int("http.body_timeout", 1, 3600)?.unwrap_or(30)),
                 max_connections: r.int("http.max_connections", 1, 100_000)?.unwrap_or(256) as usize,
                 max_body: r.size("http.max_body", 1024, u32::MAX as u64)?.unwrap_or(64 << 20) as usize,
-                max_inflight_bytes: r.size("http.max_inflight_bytes", 1 << 20, 1 << 40)?.unwrap_or(256 << 20) as usize,
+                max_inflight_bytes: r.size("http.max_inflight_bytes", 1 << 20, 1 << 40)?.unwrap_or(512 << 20) as usize,
             },
             workers: r.int("limits.workers", 1, 256)?.unwrap_or(crate::serve::DEFAULT_WORKERS as u64) as usize,
             max_queue: r.int("limits.max_queue", 0, 100_000)?.unwrap_or(crate::serve::DEFAULT_MAX_QUEUE as u64)
@@ -269,10 +274,12 @@ impl Layers {
             download_attempts: r.int("download.attempts", 1, 100)?.unwrap_or(4) as u32,
             stall_timeout: Duration::from_secs(r.int("download.stall_timeout", 1, 3600)?.unwrap_or(30)),
         };
-        if settings.http_limits.max_inflight_bytes < settings.http_limits.max_body {
+        if settings.http_limits.max_inflight_bytes
+            < settings.http_limits.max_body.saturating_mul(crate::serve::http::PARSED_FACTOR)
+        {
             return Err(r.error(
                 "http.max_inflight_bytes",
-                "a size of at least http.max_body (a body of unknown length holds that much while it is read)",
+                "a size of at least 8 x http.max_body (a body counts 8 times its size, what it takes parsed; one of unknown length counts as http.max_body)",
             ));
         }
         if settings.client_cert.is_some() != settings.client_key.is_some() {

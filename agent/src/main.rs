@@ -59,6 +59,8 @@ struct ValidateArgs {
     manifest_sha256: String,
     #[arg(long)]
     memory_limit: Option<u64>,
+    #[arg(long)]
+    parent_pid: Option<u32>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -102,8 +104,10 @@ struct RunArgs {
     /// [mqtt.max_packet_size] Largest MQTT packet sent or received (default 4MiB).
     #[arg(long)]
     max_packet_size: Option<String>,
+    /// [mqtt.max_inflight_bytes] Bytes the MQTT inference requests in flight may hold; past it `overloaded` (default 64MiB).
     #[arg(long)]
     mqtt_max_inflight_bytes: Option<String>,
+    /// [mqtt.journal_max_bytes] Disk the outage journal may take; telemetry goes first, events last (default 16MiB).
     #[arg(long)]
     journal_max_bytes: Option<String>,
     /// [limits.store_quota] Most disk space the model store may use (e.g. 500MB, 2GiB); 0 = only the filesystem limits it.
@@ -118,19 +122,25 @@ struct RunArgs {
     /// [limits.max_queue] Requests that may wait for a worker before new ones get `overloaded` (default 64).
     #[arg(long)]
     max_queue: Option<String>,
-    /// [download.attempts] Download attempts per file before a deployment fails (default 4).
+    /// [limits.validation_memory] Memory a new model's isolated first load and golden sample may allocate (e.g. 512MiB); 0 = what the device has available less 32 MiB.
     #[arg(long)]
     validation_memory: Option<String>,
+    /// [limits.validation_timeout] Seconds the isolated first load and golden sample may take (default 120).
     #[arg(long)]
     validation_timeout: Option<String>,
+    /// [limits.revalidate_at_start] true: rerun the stored version's golden sample (isolated) before serving it at start (default false).
     #[arg(long)]
     revalidate_at_start: Option<String>,
+    /// [limits.disk_reserve] Free space downloads never consume (default 64MiB).
     #[arg(long)]
     disk_reserve: Option<String>,
+    /// [limits.crash_loop_max] Unclean exits within the window that quarantine the serving version (default 3; 0: only a crash while installing).
     #[arg(long)]
     crash_loop_max: Option<String>,
+    /// [limits.crash_loop_window] The crash-loop breaker's window in seconds (default 600).
     #[arg(long)]
     crash_loop_window: Option<String>,
+    /// [download.attempts] Download attempts per file before a deployment fails (default 4).
     #[arg(long)]
     download_attempts: Option<String>,
     /// [download.stall_timeout] Seconds without a byte before a download counts as stalled (default 30).
@@ -145,14 +155,19 @@ struct RunArgs {
     /// [http.bind] Address of the local Open Inference Protocol v2 endpoint (default 127.0.0.1:8080); `off` disables it.
     #[arg(long)]
     http_bind: Option<String>,
+    /// [http.header_timeout] Seconds a connection has to send a request head, from its start or its previous answer (default 10).
     #[arg(long)]
     http_header_timeout: Option<String>,
+    /// [http.body_timeout] Seconds a request body has to arrive (default 30).
     #[arg(long)]
     http_body_timeout: Option<String>,
+    /// [http.max_connections] Open HTTP connections; one more gets 503 (default 256).
     #[arg(long)]
     http_max_connections: Option<String>,
+    /// [http.max_body] Largest request body, refused 413 before it is read (default 64MiB).
     #[arg(long)]
     http_max_body: Option<String>,
+    /// [http.max_inflight_bytes] Memory the requests in flight may take, each counted as 8 x its body (default 512MiB).
     #[arg(long)]
     http_max_inflight_bytes: Option<String>,
     /// [tls.ca_file] PEM file of the certificate authorities trusted for HTTPS downloads and
@@ -284,7 +299,12 @@ fn main() -> ExitCode {
         Command::CheckBundle(a) => return check_bundle(a),
         Command::CheckConfig(args) => return check_config(&args),
         Command::ValidateModel(a) => {
-            return ExitCode::from(outpost_agent::deploy::isolate::child(&a.dir, &a.manifest_sha256, a.memory_limit));
+            return ExitCode::from(outpost_agent::deploy::isolate::child(
+                &a.dir,
+                &a.manifest_sha256,
+                a.memory_limit,
+                a.parent_pid,
+            ));
         }
     };
     let _ = rustls::crypto::ring::default_provider().install_default();
@@ -305,7 +325,11 @@ fn main() -> ExitCode {
     };
     let (live_tx, live_rx) = tokio::sync::mpsc::unbounded_channel();
     runtime.spawn(reload_on_sighup(args, layers, settings, log, live_tx));
-    let ran = runtime.block_on(outpost_agent::run(config, shutdown_signal(), live_rx));
+    let shutdown = {
+        let _inside = runtime.enter();
+        shutdown_signal()
+    };
+    let ran = runtime.block_on(outpost_agent::run(config, shutdown, live_rx));
     // A model load or an inference still running on a blocking thread past
     // the grace period is not waited for.
     runtime.shutdown_timeout(std::time::Duration::from_millis(500));
@@ -356,6 +380,7 @@ fn agent_config(s: &Settings) -> Result<outpost_agent::Config, String> {
             tls,
             credentials,
             persistent_session: s.persistent_session,
+            read_oversize: false,
             protocol: s.protocol,
         },
         fetch: FetchConfig {
@@ -522,24 +547,27 @@ fn init_logging(json: bool, level: &str) -> LogHandle {
     handle
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(_) => {
-                let _ = ctrl_c.await;
-                return;
+/// SIGTERM or SIGINT. The handlers are installed now (inside the runtime),
+/// not when the future is first polled: a stop during start-up (while the
+/// stored model loads) is a clean stop too, not a kill.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let term = signal(SignalKind::terminate());
+    let int = signal(SignalKind::interrupt());
+    async move {
+        match (term, int) {
+            (Ok(mut term), Ok(mut int)) => {
+                tokio::select! {
+                    _ = term.recv() => {},
+                    _ = int.recv() => {},
+                }
             }
-        };
-        tokio::select! {
-            _ = ctrl_c => {},
-            _ = term.recv() => {},
+            (Ok(mut one), Err(_)) | (Err(_), Ok(mut one)) => {
+                one.recv().await;
+            }
+            (Err(_), Err(_)) => std::future::pending().await,
         }
     }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
 }
 
 #[cfg(test)]

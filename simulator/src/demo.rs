@@ -118,6 +118,7 @@ pub async fn run() -> Result<(), String> {
             credentials: None,
             persistent_session: false,
             protocol: Default::default(),
+            read_oversize: false,
         },
         fetch: FetchConfig::default(),
         http_bind: Some(std::net::SocketAddr::from(([127, 0, 0, 1], http_port))),

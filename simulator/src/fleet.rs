@@ -108,6 +108,7 @@ fn agent_config(id: &str, group: &str, broker: &BrokerUrl, data: &std::path::Pat
             credentials: None,
             persistent_session: false,
             protocol: Default::default(),
+            read_oversize: false,
         },
         fetch: FetchConfig {
             backoff_base: Duration::from_millis(200),

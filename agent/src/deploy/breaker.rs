@@ -1,8 +1,10 @@
 //! The crash-loop breaker: a pure judgement made once at start-up, on the
 //! record the last run left. The record says whether that run ended
-//! cleanly (`running` is cleared by a clean exit only) and what it was
-//! doing: installing a version (its first isolated validation or its load
-//! in the agent), or serving one. An unclean exit while installing X
+//! cleanly (`running` is cleared by a requested stop only), in which boot
+//! (an exit across a reboot is a power cut, not a model's doing), and what
+//! it was doing: installing a version (its model code running in the agent
+//! for the first time: its load after the isolated validation, up to the
+//! swap), or serving one. An unclean exit while installing X
 //! quarantines X at once; `max_crashes` unclean exits within `window`
 //! while serving X quarantine X and the version before it serves again.
 //! A quarantined version is not retried until a new revision.
@@ -39,9 +41,20 @@ fn rfc3339(secs: u64) -> String {
     humantime::format_rfc3339_seconds(SystemTime::UNIX_EPOCH + Duration::from_secs(secs)).to_string()
 }
 
+/// The kernel's id of this boot (empty where there is none).
+pub fn boot_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id").map(|s| s.trim().to_string()).unwrap_or_default()
+}
+
 /// Judges the last run's exit and updates `record` (the caller persists it).
-pub fn judge(record: &mut Record, policy: Policy, now: SystemTime) -> Option<Tripped> {
+pub fn judge(record: &mut Record, policy: Policy, now: SystemTime, boot: &str) -> Option<Tripped> {
     if !record.running {
+        record.installing = None;
+        return None;
+    }
+    if !record.boot_id.is_empty() && record.boot_id != boot {
+        // The machine went down (a power cut, a reboot): not a model's doing.
+        tracing::warn!("the last run ended with the machine (a reboot or a power cut): nothing is blamed on a model");
         record.installing = None;
         return None;
     }
@@ -51,7 +64,7 @@ pub fn judge(record: &mut Record, policy: Policy, now: SystemTime) -> Option<Tri
         let error = ErrorInfo::new(
             ErrorCode::ModelCrashed,
             format!(
-                "{}@{}: the agent stopped uncleanly while installing it (its first load and golden sample, from {}); quarantined until a new revision",
+                "{}@{}: the agent stopped uncleanly while installing it (loading it after its isolated validation, from {}); quarantined until a new revision",
                 m.name, m.version, x.since
             ),
         );
@@ -115,14 +128,27 @@ mod tests {
     #[test]
     fn a_clean_exit_counts_nothing() {
         let mut r = Record { active: Some(rec("1")), installing: Some(rec("2")), ..Record::default() };
-        assert!(judge(&mut r, Policy::default(), at(1000)).is_none());
+        assert!(judge(&mut r, Policy::default(), at(1000), "b1").is_none());
+        assert!(r.crashes.is_empty() && r.installing.is_none() && r.quarantined.is_none());
+    }
+
+    #[test]
+    fn an_exit_across_a_reboot_is_not_blamed_on_a_model() {
+        let mut r = Record {
+            running: true,
+            boot_id: "b0".into(),
+            active: Some(rec("1")),
+            installing: Some(rec("2")),
+            ..Record::default()
+        };
+        assert!(judge(&mut r, Policy { max_crashes: 1, ..Policy::default() }, at(1000), "b1").is_none());
         assert!(r.crashes.is_empty() && r.installing.is_none() && r.quarantined.is_none());
     }
 
     #[test]
     fn dying_while_installing_quarantines_at_once() {
         let mut r = Record { running: true, active: Some(rec("1")), installing: Some(rec("2")), ..Record::default() };
-        let t = judge(&mut r, Policy::default(), at(1000)).unwrap();
+        let t = judge(&mut r, Policy::default(), at(1000), "b1").unwrap();
         assert_eq!(t.quarantined.deployment.model.version, "2");
         assert_eq!(t.error.code, ErrorCode::ModelCrashed);
         assert!(!t.was_active);
@@ -136,15 +162,15 @@ mod tests {
     fn repeated_crashes_while_serving_restore_the_previous_version() {
         let mut r = Record { running: true, active: Some(rec("2")), previous: Some(rec("1")), ..Record::default() };
         let p = Policy { max_crashes: 3, window: Duration::from_secs(600) };
-        assert!(judge(&mut r, p, at(1000)).is_none());
+        assert!(judge(&mut r, p, at(1000), "b1").is_none());
         r.running = true;
         // Outside the window: the first one no longer counts.
-        assert!(judge(&mut r, p, at(1700)).is_none());
+        assert!(judge(&mut r, p, at(1700), "b1").is_none());
         r.running = true;
-        assert!(judge(&mut r, p, at(1800)).is_none());
+        assert!(judge(&mut r, p, at(1800), "b1").is_none());
         assert_eq!(r.crashes, vec![1700, 1800]);
         r.running = true;
-        let t = judge(&mut r, p, at(1900)).unwrap();
+        let t = judge(&mut r, p, at(1900), "b1").unwrap();
         assert!(t.was_active);
         assert!(t.error.message.contains("3 unclean exits of the agent within 600 s"), "{}", t.error.message);
         assert_eq!(r.active.as_ref().unwrap().deployment.model.version, "1");

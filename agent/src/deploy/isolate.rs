@@ -125,13 +125,16 @@ pub fn validate(
     let started = Instant::now();
     let mut cmd = Command::new(exe);
     cmd.arg(SUBCOMMAND).arg(dir).arg("--manifest-sha256").arg(manifest_sha256);
+    cmd.arg("--parent-pid").arg(std::process::id().to_string());
     if let Some(m) = bounds.memory {
         cmd.arg("--memory-limit").arg(m.to_string());
     }
-    // The child is not the service: systemd must not hear from it.
-    for var in ["NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "OUTPOST_CRASH_AT", "OUTPOST_DELAY_AT"] {
-        cmd.env_remove(var);
-    }
+    // The child needs nothing from the environment: not the broker's
+    // password, not systemd's notify socket.
+    cmd.env_clear();
+    // Its own process group: a Ctrl-C in the agent's terminal is the
+    // agent's to handle (it cancels the validation).
+    std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
     cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
     let internal = |what: String| FetchError::Failed(ErrorInfo::new(ErrorCode::Internal, what));
     let mut child =
@@ -163,6 +166,18 @@ pub fn validate(
         }
         std::thread::sleep(Duration::from_millis(20));
     };
+    // A stop or a newer deployment: the agent's signal may have reached the
+    // child first (systemd signals the whole service), so give the cancel a
+    // moment to arrive before judging a child ended by SIGHUP, SIGINT or SIGTERM.
+    if matches!(status.signal(), Some(1 | 2 | 15)) {
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while !cancel.is_cancelled() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    if cancel.is_cancelled() {
+        return Err(FetchError::Cancelled);
+    }
     let seconds = started.elapsed().as_secs_f64();
     let out = stdout.and_then(|t| t.join().ok()).unwrap_or_default();
     let err = stderr.and_then(|t| t.join().ok()).unwrap_or_default();
@@ -174,7 +189,7 @@ pub fn validate(
     let stage = if loaded.is_some() { Stage::Validating } else { Stage::Loading };
     // A child that ends within the first poll shows no peak: the refused size is the evidence then.
     let evidence = match peak {
-        0 => format!("after {seconds:.1} s"),
+        p if p < 1 << 20 => format!("after {seconds:.1} s"),
         p => format!("after {seconds:.1} s, peak memory {}", mib(p)),
     };
     let limit_text = bounds.memory.map_or_else(|| "no memory limit".to_string(), |m| format!("limit {}", mib(m)));
@@ -233,6 +248,13 @@ pub fn validate(
             ErrorCode::ResourceLimit,
             format!(
                 "killed while {} by the system, out of memory ({limit_text}; {evidence}){tail}; the serving model is untouched",
+                stage.doing()
+            ),
+        ),
+        (Some(sig @ (1 | 2 | 15)), _) => failed(
+            ErrorCode::Internal,
+            format!(
+                "the isolated validation was stopped by signal {sig} from outside the agent while {} ({evidence}); deploy a new revision to try again",
                 stage.doing()
             ),
         ),
@@ -313,17 +335,30 @@ fn say(s: &Said) {
 /// The child: `outpost validate-model DIR --manifest-sha256 SHA [--memory-limit BYTES]`.
 /// Loads the verified version in `dir` and runs its golden sample, saying
 /// how it went on stdout. Returns the exit code.
-pub fn child(dir: &Path, manifest_sha256: &str, memory: Option<u64>) -> u8 {
+pub fn child(dir: &Path, manifest_sha256: &str, memory: Option<u64>, parent: Option<u32>) -> u8 {
     crate::sys::alloc::exit_on_refusal();
-    // Dies with the agent: a validation the agent no longer waits for stops.
+    // Dies with the agent: a validation the agent no longer waits for stops
+    // (and if the agent died before this was set, now).
     let _ = rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL));
+    if let Some(p) = parent
+        && rustix::process::getppid().map(|p| p.as_raw_nonzero().get() as u32) != Some(p)
+    {
+        return 3;
+    }
     // First in line for the OOM killer, before the agent (raising one's
     // own score needs no privilege).
     let _ = std::fs::write("/proc/self/oom_score_adj", "1000");
     if let Some(m) = memory {
         let limit = rustix::process::Rlimit { current: Some(m), maximum: Some(m) };
+        // Fails closed: no limit, no model code.
         if let Err(e) = rustix::process::setrlimit(rustix::process::Resource::Data, limit) {
-            eprintln!("cannot set the memory limit: {e}");
+            say(&Said::Failed {
+                error: ErrorInfo::new(
+                    ErrorCode::Internal,
+                    format!("the isolated validation cannot set its memory limit: {e}"),
+                ),
+            });
+            return 0;
         }
     }
     std::panic::set_hook(Box::new(|info| {

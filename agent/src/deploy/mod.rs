@@ -53,7 +53,7 @@ enum Command {
     /// The pipeline is about to run a version's model code for the first
     /// time: recorded (the breaker blames an unclean exit on it) before
     /// `recorded` is answered (false: stopping, do not start it).
-    Installing { deployment: Box<Deployment>, recorded: std::sync::mpsc::Sender<bool> },
+    Installing { deployment: Box<Deployment>, recorded: std::sync::mpsc::Sender<Result<(), FetchError>> },
 }
 
 /// The handle the main loop holds.
@@ -145,7 +145,9 @@ impl Deployer {
         let mut record = Record::read(&pipeline.store);
         reporter.resume_seq(record.seq);
         let limits = **pipeline.limits.load();
-        let tripped = breaker::judge(&mut record, limits.breaker, std::time::SystemTime::now());
+        let boot = breaker::boot_id();
+        let tripped = breaker::judge(&mut record, limits.breaker, std::time::SystemTime::now(), &boot);
+        record.boot_id = boot;
         // From now on an exit that does not go through `run`'s end is unclean.
         record.running = true;
         let (tx, commands) = mpsc::unbounded_channel();
@@ -168,7 +170,7 @@ impl Deployer {
             stopping: false,
             finishing: false,
         };
-        d.persist().await;
+        let _ = d.persist().await;
         if let Some(t) = tripped {
             d.report_tripped(t);
         }
@@ -193,7 +195,6 @@ impl Deployer {
             match loaded {
                 Ok(()) => {
                     http_port = active.deployment.serving.http_port;
-                    self.reconciler.restore(active.source, active.deployment.clone());
                     self.serving = Some(active);
                 }
                 Err(e) => {
@@ -201,18 +202,20 @@ impl Deployer {
                     // The state must not claim a model that does not serve.
                     self.set_outcome(&active.deployment, Outcome::Failed, Some(e));
                     self.record.active = None;
-                    self.persist().await;
+                    let _ = self.persist().await;
                 }
             }
         }
-        // A deployment rolled back before the restart stays refused: its
-        // retained desired state replays as `unchanged`, not as a new attempt.
-        if let Some(refused) = self.record.rolled_back.clone() {
-            self.reconciler.restore(refused.source, refused.deployment);
-        }
-        // So is one the breaker quarantined.
-        if let Some(q) = self.record.quarantined.clone() {
-            self.reconciler.restore(q.record.source, q.record.deployment);
+        // What the reconciler knows per topic: what serves, a deployment
+        // rolled back or quarantined before the restart (its retained desired
+        // state replays as `unchanged`, not as a new attempt), the newest
+        // revision of each topic last so it is the one remembered.
+        let mut known: Vec<ActiveRecord> = self.serving.iter().cloned().collect();
+        known.extend(self.record.rolled_back.clone());
+        known.extend(self.record.quarantined.as_ref().map(|q| q.record.clone()));
+        known.sort_by_key(|a| a.deployment.revision);
+        for a in known {
+            self.reconciler.restore(a.source, a.deployment);
         }
         Restored { http_port }
     }
@@ -246,7 +249,7 @@ impl Deployer {
                 // Already what serves: nothing was left to do.
                 Decision::Unchanged(_) => {
                     self.record.pending = None;
-                    self.persist().await;
+                    let _ = self.persist().await;
                 }
                 // What the device restored outranks it now (the withdrawal
                 // that made it the target is not replayed): it ends here
@@ -255,7 +258,7 @@ impl Deployer {
                     self.record.pending = None;
                     let d = p.deployment;
                     self.set_outcome(&d, Outcome::Superseded, None);
-                    self.persist().await;
+                    let _ = self.persist().await;
                     let detail = "not resumed after a restart: a desired state of higher precedence applies";
                     self.reporter.event(&d, Phase::Superseded, None, None, Some(detail.into()));
                 }
@@ -273,9 +276,9 @@ impl Deployer {
                     }
                     Some(Command::Limits(l)) => self.on_limits(l),
                     Some(Command::Installing { deployment, recorded }) => self.on_installing(*deployment, recorded).await,
-                    Some(Command::Stop) => self.on_stop(),
+                    Some(Command::Stop) => self.on_stop().await,
                     Some(Command::Finish) | None => {
-                        self.on_stop();
+                        self.on_stop().await;
                         self.finishing = true;
                     }
                 },
@@ -299,25 +302,44 @@ impl Deployer {
     /// Records that this run ends cleanly (the breaker counts the others).
     pub async fn clean_exit(&mut self) {
         self.record.running = false;
-        self.persist().await;
+        let _ = self.persist().await;
     }
 
-    async fn on_installing(&mut self, d: Deployment, recorded: std::sync::mpsc::Sender<bool>) {
+    /// Records that `d`'s model code is about to run in the agent. Fails
+    /// closed: a marker that could not be written runs no model code.
+    async fn on_installing(&mut self, d: Deployment, recorded: std::sync::mpsc::Sender<Result<(), FetchError>>) {
         if self.stopping {
-            let _ = recorded.send(false);
+            let _ = recorded.send(Err(FetchError::Cancelled));
             return;
         }
         let source = self.running.as_ref().map_or(Source::Device, |r| r.source);
         self.record.installing = Some(ActiveRecord::new(source, d));
-        self.persist().await;
-        let _ = recorded.send(true);
+        let answer = match self.persist().await {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                self.record.installing = None;
+                Err(FetchError::Failed(ErrorInfo::new(
+                    ErrorCode::Internal,
+                    format!("cannot record that the version is installing ({e}); the serving model is untouched"),
+                )))
+            }
+        };
+        let _ = recorded.send(answer);
     }
 
-    fn on_stop(&mut self) {
+    /// The agent stops: recorded as a clean stop at once (the drain that
+    /// follows may outlast the grace period, and the breaker must not count
+    /// a requested stop as a crash).
+    async fn on_stop(&mut self) {
+        let first = !self.stopping;
         self.stopping = true;
         self.queued = None;
         if let Some(r) = &self.running {
             r.cancel.stop();
+        }
+        if first {
+            self.record.running = false;
+            let _ = self.persist().await;
         }
     }
 
@@ -352,13 +374,13 @@ impl Deployer {
             Decision::Deploy(d) => {
                 crate::sys::crash_point("desired-received");
                 self.record.pending = Some(ActiveRecord::new(source, d.clone()));
-                self.persist().await;
+                let _ = self.persist().await;
                 let _ = recorded.send(());
                 self.start(source, d, "").await;
             }
             Decision::Undeploy => {
                 self.record.pending = None;
-                self.persist().await;
+                let _ = self.persist().await;
                 let _ = recorded.send(());
                 self.undeploy().await;
             }
@@ -428,7 +450,7 @@ impl Deployer {
 
     async fn launch(&mut self, source: Source, d: Deployment) {
         self.set_outcome(&d, Outcome::InProgress, None);
-        self.persist().await;
+        let _ = self.persist().await;
         let cancel = Cancel::default();
         let (pipeline, c, dep) = (self.pipeline.clone(), cancel.clone(), d.clone());
         // What retention must not evict to make room: what serves and what a rollback restores.
@@ -450,7 +472,10 @@ impl Deployer {
             let installing = || {
                 let (recorded, done) = std::sync::mpsc::channel();
                 let _ = own.send(Command::Installing { deployment: Box::new(dep.clone()), recorded });
-                done.recv().unwrap_or(false)
+                let answer = done.recv().unwrap_or(Err(FetchError::Cancelled));
+                // Fault injection: inside the window the breaker blames on this version.
+                crate::sys::delay_point_blocking("installing");
+                answer
             };
             let prepared = span.in_scope(|| pipeline.prepare(&dep, &c, &protected, &installing));
             // Fault injection: the window between the last check and the swap.
@@ -487,12 +512,12 @@ impl Deployer {
             }
             Some(Ended::Superseded) => {
                 self.set_outcome(&d, Outcome::Superseded, None);
-                self.persist().await;
+                let _ = self.persist().await;
                 self.reporter.event(&d, Phase::Superseded, None, None, Some("a newer desired state arrived".into()));
             }
             Some(Ended::Failed(e)) => {
                 self.set_outcome(&d, Outcome::Failed, Some(e.clone()));
-                self.persist().await;
+                let _ = self.persist().await;
                 self.reporter.event(&d, Phase::Failed, None, Some(e), None);
             }
         }
@@ -591,7 +616,7 @@ impl Deployer {
         }
         self.serving = Some(record);
         self.set_outcome(d, Outcome::Active, None);
-        self.persist().await;
+        let _ = self.persist().await;
         crate::sys::crash_point("state-persisted");
         // Retention before the event too: when `active` arrives, the store is as it stays.
         let mut protected = keep;
@@ -647,7 +672,7 @@ impl Deployer {
                     format!("{}@{}: {evidence}", end.model.name, end.model.version),
                 );
                 self.record.rolled_back = Some(refused.clone());
-                self.persist().await;
+                let _ = self.persist().await;
                 let detail = format!(
                     "rolled back to {}@{}, which a newer deployment has since replaced",
                     end.previous.name, end.previous.version
@@ -685,7 +710,7 @@ impl Deployer {
                 let keep = p.previous.deployment.policy.keep_versions.unwrap_or(DEFAULT_KEEP_VERSIONS);
                 self.record.push_history(&p.previous.deployment.model.manifest_sha256, keep);
                 self.set_outcome(&d, Outcome::RolledBack, Some(error.clone()));
-                self.persist().await;
+                let _ = self.persist().await;
                 let detail = format!("rolled back: {}@{} serves again", end.previous.name, end.previous.version);
                 self.reporter.event(&d, Phase::RolledBack, None, Some(error), Some(detail));
             }
@@ -709,12 +734,12 @@ impl Deployer {
             Some(active) => {
                 let d = active.deployment;
                 self.set_outcome(&d, Outcome::Undeployed, None);
-                self.persist().await;
+                let _ = self.persist().await;
                 let detail = "desired state withdrawn: no model serves".to_string();
                 self.reporter.event(&d, Phase::Undeployed, None, None, Some(detail));
             }
             None => {
-                self.persist().await;
+                let _ = self.persist().await;
             }
         }
         // The model is freed off the reactor (tract's plans can be large).
@@ -728,11 +753,14 @@ impl Deployer {
 
     /// Writes the record (an fsync: off the reactor, awaited, so writes land
     /// in the order they were made) and republishes the retained state.
-    async fn persist(&mut self) {
+    async fn persist(&mut self) -> Result<(), String> {
         self.record.seq = self.reporter.seq();
         let (store, record) = (self.pipeline.store.clone(), self.record.clone());
-        let _ = tokio::task::spawn_blocking(move || record.write(&store)).await;
+        let written = tokio::task::spawn_blocking(move || record.write(&store))
+            .await
+            .unwrap_or_else(|e| Err(format!("the write panicked: {e}")));
         self.publish_view();
+        written
     }
 
     fn publish_view(&self) {

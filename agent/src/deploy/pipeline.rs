@@ -120,13 +120,15 @@ impl Pipeline {
     /// Everything up to (not including) the swap, reporting each phase.
     /// `protected`: versions retention may not evict to make room.
     /// `installing` is called (and must have recorded it) before the
-    /// model's code first runs; false: the agent is stopping.
+    /// model's code first runs in this process: from then until the swap an
+    /// unclean exit is blamed on it (the crash-loop breaker). Its error
+    /// ends the deployment (`Cancelled`: the agent is stopping).
     pub fn prepare(
         &self,
         d: &Deployment,
         cancel: &Cancel,
         protected: &[String],
-        installing: &dyn Fn() -> bool,
+        installing: &dyn Fn() -> Result<(), FetchError>,
     ) -> Result<Prepared, Ended> {
         let started = Instant::now();
         let mut timings = outpost_protocol::Timings::default();
@@ -144,7 +146,7 @@ impl Pipeline {
         d: &Deployment,
         cancel: &Cancel,
         protected: &[String],
-        installing: &dyn Fn() -> bool,
+        installing: &dyn Fn() -> Result<(), FetchError>,
         timings: &mut outpost_protocol::Timings,
     ) -> Result<Arc<Model>, FetchError> {
         let sha = &d.model.manifest_sha256;
@@ -178,12 +180,6 @@ impl Pipeline {
         }
         let model_bytes = manifest.file(&manifest.model.file).map_or(0, |f| f.size);
         crate::deploy::memory::check_fits(&manifest.model.file, model_bytes, crate::deploy::memory::available())?;
-        // From here on the model's own code runs: the deployer records that
-        // this version is installing, so an unclean exit from now until the
-        // swap is blamed on it (the crash-loop breaker) and not retried.
-        if !installing() {
-            return Err(FetchError::Cancelled);
-        }
         self.reporter.event(d, Phase::Loading, None, None, Some(manifest.model.file.clone()));
         let model = match &self.isolation {
             Isolation::Child(exe) => {
@@ -211,11 +207,13 @@ impl Pipeline {
                 }
                 // The same bytes just loaded within the limit: load them here,
                 // and run them the way the validation settled.
+                installing()?;
                 let mut model = Model::load(&dir, &manifest, sha)?;
                 model.settle(&v.settled);
                 model
             }
             Isolation::InProcess => {
+                installing()?;
                 let t = Instant::now();
                 let mut model = Model::load(&dir, &manifest, sha)?;
                 timings.load = ms(t.elapsed());

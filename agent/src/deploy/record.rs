@@ -37,6 +37,10 @@ pub struct Record {
     /// True while an agent runs on this record; false after a clean exit.
     #[serde(default)]
     pub running: bool,
+    /// The kernel's boot id when it last ran: an exit across a reboot (a
+    /// power cut) is not blamed on a model.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub boot_id: String,
     /// When the agent exited uncleanly while serving the active version
     /// (Unix seconds, oldest first; cleared when another version serves).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -86,10 +90,11 @@ impl Record {
     }
 
     /// Writes it durably (an fsync: from a blocking thread).
-    pub fn write(&self, store: &Store) {
-        if let Err(e) = store.write_atomic(FILE, &serde_json::to_vec_pretty(self).unwrap_or_default()) {
+    pub fn write(&self, store: &Store) -> Result<(), String> {
+        store.write_atomic(FILE, &serde_json::to_vec_pretty(self).unwrap_or_default()).map_err(|e| {
             tracing::error!(error = %e, "cannot persist agent state; it will be lost at restart");
-        }
+            e.to_string()
+        })
     }
 
     /// Records the outcome of `d`. An ended deployment is no longer pending;
@@ -99,6 +104,13 @@ impl Record {
             Some(LastDeployment { deployment_id: d.deployment_id.clone(), revision: d.revision, outcome, error });
         if outcome == Outcome::Active {
             self.rolled_back = None;
+            // A newer revision from the topic of a quarantined one went active:
+            // the quarantine is over (that topic has moved on).
+            if let Some(q) = &self.quarantined
+                && q.record.deployment.revision < d.revision
+            {
+                self.quarantined = None;
+            }
         }
         if outcome != Outcome::InProgress {
             if self.pending.as_ref().is_some_and(|p| p.same(d)) {

@@ -144,6 +144,11 @@ impl Connection {
         self.online
     }
 
+    /// MQTT 5 was tried because the broker sent an oversize packet.
+    pub(crate) fn oversize_seen(&self) -> bool {
+        self.v5_tried
+    }
+
     /// The instant the session may be polled again, while waiting to reconnect.
     pub(crate) fn retry_at(&self) -> Option<Instant> {
         self.retry_at

@@ -73,7 +73,21 @@ impl Journal {
     pub fn open(dir: &Path, max_bytes: u64) -> Journal {
         let path = dir.join("journal.jsonl");
         let mut j = Journal { path, max_bytes: max_bytes.max(1), lines: VecDeque::new(), bytes: 0, dropped: 0 };
-        let text = std::fs::read(&j.path).unwrap_or_default();
+        j.reload();
+        if !j.lines.is_empty() {
+            tracing::info!(
+                pending = j.lines.len(),
+                bytes = j.bytes,
+                "journal of an earlier outage found: it is published on connect"
+            );
+        }
+        j
+    }
+
+    /// Rebuilds the index from the file (dropping unreadable lines, and
+    /// rewriting the file without them).
+    fn reload(&mut self) {
+        let text = std::fs::read(&self.path).unwrap_or_default();
         let mut clean = true;
         let mut kept: Vec<(Line, &[u8])> = Vec::new();
         for raw in text.split_inclusive(|b| *b == b'\n') {
@@ -84,20 +98,28 @@ impl Journal {
                 _ => clean = false,
             }
         }
-        j.lines = kept.iter().map(|(l, _)| *l).collect();
-        j.bytes = j.lines.iter().map(|l| l.len).sum();
+        self.lines = kept.iter().map(|(l, _)| *l).collect();
+        self.bytes = self.lines.iter().map(|l| l.len).sum();
         if !clean {
             let text: Vec<u8> = kept.iter().flat_map(|(_, raw)| raw.iter().copied()).collect();
-            j.write_all(&text);
+            if self.write_all(&text).is_err() {
+                // The index must describe the file: empty-handed rather than wrong.
+                self.dropped += self.lines.len() as u64;
+                self.lines.clear();
+                self.bytes = 0;
+                let _ = std::fs::remove_file(&self.path);
+            }
         }
-        if !j.lines.is_empty() {
-            tracing::info!(
-                pending = j.lines.len(),
-                bytes = j.bytes,
-                "journal of an earlier outage found: it is published on connect"
-            );
+    }
+
+    /// The index and the file agree (a write that failed half-way, a file
+    /// removed behind the agent's back): else the index is rebuilt from it.
+    fn check(&mut self) {
+        let on_disk = std::fs::metadata(&self.path).map(|m| m.len()).unwrap_or(0);
+        if on_disk != self.bytes {
+            tracing::warn!(on_disk, expected = self.bytes, "the journal file changed under the agent: reindexed");
+            self.reload();
         }
-        j
     }
 
     pub fn len(&self) -> usize {
@@ -118,6 +140,7 @@ impl Journal {
     /// Appends a message (durably). Past the bound, the least important
     /// oldest messages go first (see the module's documentation).
     pub fn push(&mut self, m: Outgoing) {
+        self.check();
         let text = line(&m);
         let new = Line { len: text.len() as u64, kind: Kind::of(&m.topic) };
         if self.bytes + new.len > self.max_bytes && !self.make_room(new) {
@@ -138,6 +161,8 @@ impl Journal {
             Err(e) => {
                 self.dropped += 1;
                 tracing::error!(error = %e, "cannot write the journal; the message is lost");
+                // A part of the line may have been written: cut it off.
+                let _ = std::fs::OpenOptions::new().write(true).open(&self.path).and_then(|f| f.set_len(self.bytes));
             }
         }
     }
@@ -183,6 +208,9 @@ impl Journal {
             }
             at = end;
         }
+        if self.write_all(&kept_text).is_err() {
+            return false;
+        }
         self.lines = kept;
         self.bytes = kept_text.len() as u64;
         self.dropped += gone as u64;
@@ -191,14 +219,17 @@ impl Journal {
             bound = self.max_bytes,
             "journal full: the oldest, least important messages are dropped"
         );
-        self.write_all(&kept_text);
         true
     }
 
     /// Every message, oldest first, read back from the file: it is trimmed
     /// ([`Journal::forget_first`]) only once they are published, so a crash
     /// during the replay loses nothing.
-    pub fn pending(&self) -> Vec<Outgoing> {
+    pub fn pending(&mut self) -> Vec<Outgoing> {
+        if self.lines.is_empty() {
+            return Vec::new();
+        }
+        self.check();
         let text = std::fs::read(&self.path).unwrap_or_default();
         text.split_inclusive(|b| *b == b'\n')
             .take(self.lines.len())
@@ -222,20 +253,24 @@ impl Journal {
         let skip: u64 = self.lines.iter().take(n).map(|l| l.len).sum();
         let text = std::fs::read(&self.path).unwrap_or_default();
         let rest = text.get(skip as usize..).unwrap_or_default().to_vec();
-        self.lines.drain(..n);
-        self.bytes = rest.len() as u64;
-        self.write_all(&rest);
+        // Only once the file says so: else the next replay repeats them (at
+        // least once), and never skips others.
+        if self.write_all(&rest).is_ok() {
+            self.lines.drain(..n);
+            self.bytes = rest.len() as u64;
+        }
     }
 
     /// Writes the whole journal anew (temp file, fsync, rename).
-    fn write_all(&self, text: &[u8]) {
+    fn write_all(&self, text: &[u8]) -> std::io::Result<()> {
         let tmp = self.path.with_extension("jsonl.tmp");
         let result = std::fs::File::create(&tmp)
             .and_then(|mut f| f.write_all(text).and_then(|_| f.sync_all()))
             .and_then(|_| std::fs::rename(&tmp, &self.path));
-        if let Err(e) = result {
+        if let Err(e) = &result {
             tracing::error!(error = %e, "cannot rewrite the journal");
         }
+        result
     }
 }
 
@@ -267,7 +302,7 @@ mod tests {
         }
     }
 
-    fn payloads(j: &Journal) -> Vec<String> {
+    fn payloads(j: &mut Journal) -> Vec<String> {
         j.pending().iter().map(|m| String::from_utf8_lossy(&m.payload).into_owned()).collect()
     }
 
@@ -287,14 +322,37 @@ mod tests {
             .unwrap();
         let mut j = Journal::open(dir.path(), 1 << 20);
         let all = j.pending();
-        assert_eq!(payloads(&j), ["{\"n\":0}", "{\"n\":1}", "{\"n\":2}"]);
+        assert_eq!(payloads(&mut j), ["{\"n\":0}", "{\"n\":1}", "{\"n\":2}"]);
         // Read for a replay but not yet published: still there after a crash.
         assert_eq!(Journal::open(dir.path(), 1 << 20).len(), 3);
         j.push(msg(3));
         j.forget_first(all.len());
-        let left = Journal::open(dir.path(), 1 << 20);
-        assert_eq!(payloads(&left), ["{\"n\":3}"]);
+        let mut left = Journal::open(dir.path(), 1 << 20);
+        assert_eq!(payloads(&mut left), ["{\"n\":3}"]);
         assert_eq!(left.bytes(), std::fs::metadata(dir.path().join("journal.jsonl")).unwrap().len());
+    }
+
+    #[test]
+    fn a_file_changed_behind_the_agent_is_reindexed_not_cut_at_wrong_offsets() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut j = Journal::open(dir.path(), 1 << 20);
+        for n in 0..3 {
+            j.push(msg(n));
+        }
+        std::fs::remove_file(dir.path().join("journal.jsonl")).unwrap();
+        j.push(msg(3));
+        assert_eq!(payloads(&mut j), ["{\"n\":3}"]);
+        // A fragment glued to the end (a write cut short): dropped, the rest kept.
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(dir.path().join("journal.jsonl"))
+            .unwrap()
+            .write_all(b"{\"topic\":\"x")
+            .unwrap();
+        j.push(msg(4));
+        assert_eq!(payloads(&mut j), ["{\"n\":3}", "{\"n\":4}"]);
+        j.forget_first(1);
+        assert_eq!(payloads(&mut Journal::open(dir.path(), 1 << 20)), ["{\"n\":4}"]);
     }
 
     #[test]
@@ -309,23 +367,23 @@ mod tests {
             }
         }
         assert_eq!((j.len(), j.dropped, j.bytes()), (30, 0, bound));
-        let count = |j: &Journal, suffix: &str| j.pending().iter().filter(|m| m.topic.ends_with(suffix)).count();
+        let count = |j: &mut Journal, suffix: &str| j.pending().iter().filter(|m| m.topic.ends_with(suffix)).count();
         // New events push telemetry out first, before any answer or event.
         for n in 20..25 {
             j.push(msg(n));
         }
-        assert_eq!((count(&j, "/events"), count(&j, "/answers")), (15, 10));
-        assert!(count(&j, "/telemetry") < 10 && j.dropped > 0);
+        assert_eq!((count(&mut j, "/events"), count(&mut j, "/answers")), (15, 10));
+        assert!(count(&mut j, "/telemetry") < 10 && j.dropped > 0);
         // Then answers, then (when nothing else is left) the oldest events.
         for n in 25..60 {
             j.push(msg(n));
         }
-        assert_eq!((count(&j, "/telemetry"), count(&j, "/answers")), (0, 0));
+        assert_eq!((count(&mut j, "/telemetry"), count(&mut j, "/answers")), (0, 0));
         // A telemetry message cannot push an event out: it is dropped itself.
-        let before = (j.dropped, count(&j, "/events"));
+        let before = (j.dropped, count(&mut j, "/events"));
         j.push(on("outpost/devices/d/telemetry", 99));
-        assert_eq!((j.dropped, count(&j, "/events")), (before.0 + 1, before.1));
-        let kept = Journal::open(dir.path(), bound);
+        assert_eq!((j.dropped, count(&mut j, "/events")), (before.0 + 1, before.1));
+        let mut kept = Journal::open(dir.path(), bound);
         assert!(kept.bytes() <= bound, "{} > {bound}", kept.bytes());
         let events: Vec<String> =
             kept.pending().iter().map(|m| String::from_utf8_lossy(&m.payload).into_owned()).collect();

@@ -118,6 +118,11 @@ pub struct SessionConfig {
     /// QoS 1 messages sent to it) while it is away.
     pub persistent_session: bool,
     pub protocol: Protocol,
+    /// Read incoming packets up to MQTT's own maximum (the agent then
+    /// refuses oversize payloads itself): for a broker that speaks only MQTT
+    /// 3.1.1 and has sent a packet over `max_packet_size`, which it would
+    /// otherwise send again at every connection.
+    pub read_oversize: bool,
 }
 
 /// How long an MQTT 5 broker keeps a persistent session of a device that is away.
@@ -132,7 +137,8 @@ pub fn options(cfg: &SessionConfig, topics: &Topics, device: &str) -> Result<Mqt
     // Both ways: the configured limit. A packet over it is refused from its
     // fixed header, before its bytes are read (the connection closes: see
     // `FailureKind::OversizePacket` for what a retained one does on 3.1.1).
-    o.set_max_packet_size(cfg.max_packet_size, cfg.max_packet_size);
+    let incoming = if cfg.read_oversize { MQTT_MAX_PACKET } else { cfg.max_packet_size };
+    o.set_max_packet_size(incoming, cfg.max_packet_size);
     // Manual acks with a persistent session: a desired state is acked once it
     // is recorded on disk (see `acker`), so a message the broker considers
     // delivered is never lost. With a clean session the broker drops unacked

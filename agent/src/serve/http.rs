@@ -42,10 +42,16 @@ pub struct Limits {
     /// Largest request body; a model whose input shapes are all fixed
     /// lowers it to what they need (see `Model::max_body_bytes`).
     pub max_body: usize,
-    /// Bytes all request bodies in flight may hold together; a request that
-    /// would pass it is refused `overloaded` before its body is read.
+    /// Memory all requests in flight may hold together, each counted as
+    /// [`PARSED_FACTOR`] times its body (JSON numbers become 8-byte values,
+    /// then tensors); a request that would pass it is refused `overloaded`
+    /// before its body is read.
     pub max_inflight_bytes: usize,
 }
+
+/// What a request body is counted as against `max_inflight_bytes`: the
+/// memory it takes once parsed, estimated as this many times its size.
+pub const PARSED_FACTOR: usize = 8;
 
 impl Default for Limits {
     fn default() -> Limits {
@@ -55,7 +61,8 @@ impl Default for Limits {
             max_connections: 256,
             // A 640×640×3 FP32 image as JSON text is ~25 MB.
             max_body: 64 << 20,
-            max_inflight_bytes: 256 << 20,
+            // One body at the cap at a time, or many small ones.
+            max_inflight_bytes: 512 << 20,
         }
     }
 }
@@ -237,7 +244,7 @@ async fn infer(
             "every worker is busy and the queue is full: retry later".into(),
         );
     }
-    let hold = declared.unwrap_or(cap).div_ceil(1024).max(1);
+    let hold = declared.unwrap_or(cap).saturating_mul(PARSED_FACTOR).div_ceil(1024).max(1);
     let Ok(_held) = admission.inflight_kib.clone().try_acquire_many_owned(hold.min(u32::MAX as usize) as u32) else {
         return refused(
             &engine,

@@ -1,6 +1,7 @@
 //! Hostile clients (issue 14): what one request must not be able to do.
 
 use super::*;
+use outpost_sim::operator::{deployment, resolve_manifest};
 
 /// A value that is finite in JSON but not in the model's datatype (1e300 as
 /// FP32) is the client's error (`bad_input`, 400) before the model sees it:
@@ -87,7 +88,7 @@ async fn deploy_hostile(
 async fn hostile_models_fail_their_isolated_validation_and_the_agent_serves_on() {
     let (broker, reg, _data, mut w, agent) = Lab::device("hostile2")
         .model("digits-mlp.onnx", "digits", "1")
-        .flags(&["--validation-memory", "256MiB", "--validation-timeout", "4"])
+        .flags(&["--validation-memory", "512MiB", "--validation-timeout", "4"])
         .start()
         .await;
     assert_eq!(w.deploy(&reg, "digits", "1").await.0.phase, Phase::Active);
@@ -97,10 +98,10 @@ async fn hostile_models_fail_their_isolated_validation_and_the_agent_serves_on()
             "expand-bomb",
             "1",
             "running the golden sample",
-            "an allocation of 6400000000 bytes was refused (limit 256 MiB",
+            "an allocation of 6400000000 bytes was refused (limit 512 MiB",
         ),
         ("alloc-panic", "2", "running the golden sample", "an allocation of 40000000000 bytes was refused"),
-        ("constant-bomb", "3", "", "was refused (limit 256 MiB"),
+        ("constant-bomb", "3", "", "was refused (limit 512 MiB"),
         (
             "slow-chain",
             "4",
@@ -128,31 +129,48 @@ async fn hostile_models_fail_their_isolated_validation_and_the_agent_serves_on()
     assert_eq!(state.active.unwrap().version, "1");
 }
 
-/// The crash-loop breaker, install side: the agent dies (`kill -9`) while a
-/// new version's isolated validation runs. At the restart that version is
+/// The crash-loop breaker, install side: the agent dies (`kill -9`) while it
+/// loads a new version after the version's isolated validation passed (a
+/// fault point holds that window open). At the restart that version is
 /// quarantined (`model_crashed`, with when it started installing), the
 /// previous one serves, READY and health come within 5 s, and the retained
-/// desired state of the quarantined revision is not tried again.
+/// desired state of the quarantined revision is not tried again; a new
+/// revision is.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dying_while_installing_quarantines_the_version_and_the_previous_serves() {
     let (_broker, reg, _data, mut w, mut agent) = Lab::device("breaker1")
         .model("digits-mlp.onnx", "digits", "1")
-        .flags(&["--validation-timeout", "300"])
+        .model("digits-cnn.onnx", "digits", "2")
+        .env("OUTPOST_DELAY_AT", "installing:5000")
         .start()
         .await;
     assert_eq!(w.deploy(&reg, "digits", "1").await.0.phase, Phase::Active);
-    let sha = reg.register_hostile("slow-chain", "bomb", "1");
-    let d = outpost_sim::operator::deployment("bomb", "1", &reg.manifest_url("bomb", "1"), &sha, None, None);
+    agent.kill();
+    agent.env.clear();
+    agent.kill_and_restart();
+    w.online().await;
+    // digits@1 was installed under the delay too; now the window is held for digits@2 only.
+    agent.env.push(("OUTPOST_DELAY_AT".into(), "installing:5000".into()));
+    agent.kill_and_restart();
+    ready(&agent).await;
+    let (url, sha) = resolve_manifest(&reg.url, "digits", "2").await.unwrap();
+    let d = deployment("digits", "2", &url, &sha, None, None);
     w.publish_desired(d.to_json()).await;
-    w.event(|e| e.deployment_id == d.deployment_id && e.phase == Phase::Loading).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let validated = w.event(|e| e.deployment_id == d.deployment_id && e.phase == Phase::Validating).await;
+    assert!(validated.detail.unwrap_or_default().contains("isolated"), "the golden sample ran in a child");
+    tokio::time::sleep(Duration::from_millis(500)).await;
 
     let notify = NotifySocket::new();
+    agent.env.clear();
     agent.env.push(("NOTIFY_SOCKET".into(), notify.path.display().to_string()));
     let started = std::time::Instant::now();
     agent.kill_and_restart();
-    let (ready, status) = notify.wait_for("READY=1", Duration::from_secs(5));
-    assert!(ready.duration_since(started) < Duration::from_secs(5), "READY after {:?}", ready.duration_since(started));
+    let (ready_at, status) = notify.wait_for("READY=1", Duration::from_secs(5));
+    assert!(
+        ready_at.duration_since(started) < Duration::from_secs(5),
+        "READY after {:?}",
+        ready_at.duration_since(started)
+    );
     assert!(status.contains("serving digits@1"), "{status}");
     let health = format!("http://127.0.0.1:{}/v2/health/ready", agent.http_port);
     assert_eq!(http("GET", health, None).await.0, 200);
@@ -160,21 +178,22 @@ async fn dying_while_installing_quarantines_the_version_and_the_previous_serves(
     let failed = w.event(|e| e.deployment_id == d.deployment_id && e.phase == Phase::Failed).await;
     let error = failed.error.unwrap();
     assert_eq!(error.code, ErrorCode::ModelCrashed, "{error:?}");
-    assert!(error.message.contains("bomb@1: the agent stopped uncleanly while installing it"), "{}", error.message);
+    assert!(error.message.contains("digits@2: the agent stopped uncleanly while installing it"), "{}", error.message);
     // The retained desired state replays at the reconnection: not retried.
     let unchanged = w.event(|e| e.deployment_id == d.deployment_id && e.phase == Phase::Unchanged).await;
     assert!(unchanged.detail.as_deref().unwrap_or_default().contains("quarantined"), "{unchanged:?}");
     let infer = format!("http://127.0.0.1:{}/v2/models/digits/infer", agent.http_port);
-    let (status, body) = http("POST", infer, Some(serde_json::to_vec(&digits_request(1)).unwrap())).await;
+    let (status, body) = http("POST", infer.clone(), Some(serde_json::to_vec(&digits_request(1)).unwrap())).await;
     assert_eq!((status, body["model_version"].as_str()), (200, Some("1")), "{body}");
-    assert!(!std::fs::read_to_string(&agent.log).unwrap().contains("validate-model"), "no validation reran");
 
-    // A new revision of the same deployment is tried again.
+    // A new revision of the same deployment is tried again, and serves.
     let mut d2 = d.clone();
     d2.revision += 1;
-    agent.env.retain(|(k, _)| k != "NOTIFY_SOCKET");
     w.publish_desired(d2.to_json()).await;
-    w.event(|e| e.deployment_id == d2.deployment_id && e.revision == d2.revision && e.phase == Phase::Loading).await;
+    let (last, events) = w.events_until_final(&d2.deployment_id).await;
+    assert_eq!(last.phase, Phase::Active, "{events:?}");
+    let (status, body) = http("POST", infer, Some(serde_json::to_vec(&digits_request(1)).unwrap())).await;
+    assert_eq!((status, body["model_version"].as_str()), (200, Some("2")), "{body}");
 }
 
 /// The crash-loop breaker, serving side: three unclean exits within the
@@ -308,7 +327,7 @@ async fn slow_loris_and_oversize_bodies_are_bounded_and_the_model_keeps_serving(
             "--http-max-body",
             "2MiB",
             "--http-max-inflight-bytes",
-            "3MiB",
+            "24MiB",
         ])
         .start()
         .await;
