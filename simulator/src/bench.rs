@@ -669,6 +669,7 @@ async fn hardening(lab: &mut Lab, spec: &BenchSpec, fixtures: &Path, n: usize) -
         let mut serving = Vec::new();
         for (i, (_, bin)) in agents.iter().enumerate() {
             let device = format!("limits-{i}");
+            lab.op.subscribe(&format!("outpost/devices/{device}/events")).await?;
             let (p, port) = start_device(bin, broker, &work.path().join(&device), &device, None)?;
             lab.deploy_with(&device, "digits", "1", Some(0)).await?;
             serving.push((p, port));
@@ -702,6 +703,7 @@ async fn hardening(lab: &mut Lab, spec: &BenchSpec, fixtures: &Path, n: usize) -
     let mut starts = Vec::new();
     for (i, (who, bin)) in agents.iter().enumerate() {
         let device = format!("ready-{i}");
+        lab.op.subscribe(&format!("outpost/devices/{device}/events")).await?;
         let data = work.path().join(&device);
         let (p, _) = start_device(bin, broker, &data, &device, None)?;
         lab.deploy_with(&device, "digits", "1", Some(0)).await?;

@@ -114,7 +114,14 @@ fn a_quick_bench_measures_every_section() {
         .expect("run outpost-sim bench");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let md = std::fs::read_to_string(&report).expect("the report");
-    for section in ["## 1. Local HTTP scoring", "## 2. MQTT", "## 3. Hot swap", "## 4. Deployment", "## 5. Footprint"] {
+    for section in [
+        "## 1. Local HTTP scoring",
+        "## 2. MQTT",
+        "## 3. Hot swap",
+        "## 4. Deployment",
+        "## 5. Footprint",
+        "## 9. The hostile-world limits",
+    ] {
         assert!(md.contains(section), "{section} missing:\n{md}");
     }
     let json: serde_json::Value =
