@@ -23,9 +23,14 @@ ls -l "$BIN"
 
 # The tests start the agent through this wrapper.
 WRAPPER="$PWD/target/outpost-aarch64-qemu"
+# OUTPOST_SELF_EXE: the agent starts its isolated model validation through
+# the wrapper too (qemu-user cannot execute /proc/self/exe of an ARM binary).
+# The validation runs with an empty environment: qemu by its full path.
+QEMU=$(command -v qemu-aarch64)
 cat > "$WRAPPER" <<WRAP
 #!/bin/sh
-QEMU_LD_PREFIX=/usr/aarch64-linux-gnu exec qemu-aarch64 "$BIN" "\$@"
+export OUTPOST_SELF_EXE="$WRAPPER"
+QEMU_LD_PREFIX=/usr/aarch64-linux-gnu exec "$QEMU" "$BIN" "\$@"
 WRAP
 chmod +x "$WRAPPER"
 "$WRAPPER" --version

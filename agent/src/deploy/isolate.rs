@@ -39,9 +39,15 @@ pub enum Isolation {
 }
 
 impl Isolation {
-    /// The running `outpost` binary (even if replaced on disk since it started).
+    /// The running `outpost` binary (even if replaced on disk since it
+    /// started), or what `OUTPOST_SELF_EXE` names: a command that runs this
+    /// same binary, e.g. under an emulator (the aarch64 tests run the agent
+    /// under qemu-user, which cannot execute `/proc/self/exe` itself).
     pub fn this_binary() -> Isolation {
-        Isolation::Child("/proc/self/exe".into())
+        match std::env::var_os("OUTPOST_SELF_EXE") {
+            Some(exe) if !exe.is_empty() => Isolation::Child(exe.into()),
+            _ => Isolation::Child("/proc/self/exe".into()),
+        }
     }
 }
 
