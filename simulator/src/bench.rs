@@ -548,6 +548,15 @@ pub async fn run(spec: BenchSpec) -> Result<Value, String> {
     eprintln!("[bench] probation cost");
     results["probation"] = probation_cost(&mut lab, http, &body, n).await?;
 
+    // 9. (here, before the fleet loads the broker) The hostile-world limits: their cost against a baseline build, and
+    // the start with a hostile deployment pending.
+    eprintln!("[bench] limits and start-up");
+    results["hardening"] = hardening(&mut lab, &spec, &fixtures, if spec.quick { 200 } else { 3000 }).await?;
+    if spec.baseline_agent.is_none() {
+        skipped
+            .push("the limits against a baseline build: pass --baseline-agent PATH (an earlier release build)".into());
+    }
+
     // 2. MQTT round trip through Mosquitto, against a bare echo client.
     eprintln!("[bench] MQTT round trip");
     results["mqtt"] = mqtt_round_trips(&lab.broker, if spec.quick { 100 } else { 1000 }).await?;
@@ -593,15 +602,6 @@ pub async fn run(spec: BenchSpec) -> Result<Value, String> {
     // 6. sha256: the agent's code against sha256sum.
     eprintln!("[bench] sha256");
     results["sha256"] = sha256_bench(work.path(), if spec.quick { 20 } else { 200 })?;
-
-    // 9. The hostile-world limits: their cost against a baseline build, and
-    // the start with a hostile deployment pending.
-    eprintln!("[bench] limits and start-up");
-    results["hardening"] = hardening(&mut lab, &spec, &fixtures, if spec.quick { 200 } else { 3000 }).await?;
-    if spec.baseline_agent.is_none() {
-        skipped
-            .push("the limits against a baseline build: pass --baseline-agent PATH (an earlier release build)".into());
-    }
 
     results["skipped"] = json!(skipped);
     let json_path = spec.report.with_extension("json");
@@ -707,7 +707,10 @@ async fn hardening(lab: &mut Lab, spec: &BenchSpec, fixtures: &Path, n: usize) -
         let data = work.path().join(&device);
         let (p, _) = start_device(bin, broker, &data, &device, None)?;
         lab.deploy_with(&device, "digits", "1", Some(0)).await?;
-        lab.deploy_until(&device, "slow-chain", "1", Phase::Validating).await?;
+        // Loading: the model's code starts (in a child for this agent, in
+        // process for older builds); a second later the golden sample runs.
+        lab.deploy_until(&device, "slow-chain", "1", Phase::Loading).await?;
+        std::thread::sleep(Duration::from_secs(1));
         // A clean stop: the deployment stays pending and the start resumes it.
         let _ = Command::new("kill").args(["-TERM", &p.0.id().to_string()]).status();
         let mut p = p;
