@@ -90,6 +90,8 @@ struct Device {
     seen: Seen,
     active_at: Option<Duration>,
     stop: Option<oneshot::Sender<()>>,
+    /// The agent's task, awaited at the end so its store outlives it.
+    task: Option<tokio::task::JoinHandle<()>>,
     went_offline: bool,
 }
 
@@ -132,11 +134,16 @@ fn agent_config(id: &str, group: &str, broker: &BrokerUrl, data: &std::path::Pat
 }
 
 /// Starts one agent; dropping or firing the sender stops it.
-fn start_agent(id: &str, group: &str, broker: &BrokerUrl, data: &std::path::Path) -> oneshot::Sender<()> {
+fn start_agent(
+    id: &str,
+    group: &str,
+    broker: &BrokerUrl,
+    data: &std::path::Path,
+) -> (oneshot::Sender<()>, tokio::task::JoinHandle<()>) {
     let (tx, rx) = oneshot::channel::<()>();
     let config = agent_config(id, group, broker, data);
     let id = id.to_string();
-    tokio::spawn(async move {
+    let task = tokio::spawn(async move {
         let (_reload, reload_rx) = tokio::sync::mpsc::unbounded_channel();
         if let Err(e) = outpost_agent::run(
             config,
@@ -150,7 +157,7 @@ fn start_agent(id: &str, group: &str, broker: &BrokerUrl, data: &std::path::Path
             eprintln!("outpost-sim fleet: {id}: {e}");
         }
     });
-    tx
+    (tx, task)
 }
 
 fn rss_mb() -> f64 {
@@ -237,6 +244,7 @@ pub async fn run(spec: FleetSpec) -> Result<FleetReport, String> {
                 seen: Seen::Nothing,
                 active_at: None,
                 stop: None,
+                task: None,
                 went_offline: false,
             }
         })
@@ -249,7 +257,8 @@ pub async fn run(spec: FleetSpec) -> Result<FleetReport, String> {
     let started = Instant::now();
     let upfront = devices.iter().filter(|d| !matches!(d.role, Role::Late(_))).count();
     for d in devices.iter_mut().filter(|d| !matches!(d.role, Role::Late(_))) {
-        d.stop = Some(start_agent(&d.id, &group, &broker, &stores));
+        let (stop, task) = start_agent(&d.id, &group, &broker, &stores);
+        (d.stop, d.task) = (Some(stop), Some(task));
     }
     let mut observed: u64 = 0;
     let mut online = std::collections::HashSet::new();
@@ -297,11 +306,13 @@ pub async fn run(spec: FleetSpec) -> Result<FleetReport, String> {
     while done(&devices) < spec.devices && t0.elapsed() < spec.timeout {
         while late.first().is_some_and(|(after, _)| t0.elapsed() >= *after) {
             let (_, i) = late.remove(0);
-            devices[i].stop = Some(start_agent(&devices[i].id, &group, &broker, &stores));
+            let (stop, task) = start_agent(&devices[i].id, &group, &broker, &stores);
+            (devices[i].stop, devices[i].task) = (Some(stop), Some(task));
         }
         while restarts.first().is_some_and(|(at, _)| Instant::now() >= *at) {
             let (_, i) = restarts.remove(0);
-            devices[i].stop = Some(start_agent(&devices[i].id, &group, &broker, &stores));
+            let (stop, task) = start_agent(&devices[i].id, &group, &broker, &stores);
+            (devices[i].stop, devices[i].task) = (Some(stop), Some(task));
         }
         if let Some(m) = observer.next(Duration::from_millis(50)).await {
             observed += 1;
@@ -399,10 +410,17 @@ pub async fn run(spec: FleetSpec) -> Result<FleetReport, String> {
         rss_per_device_kb: (rss_after - rss_before).max(0.0) * 1000.0 / spec.devices.max(1) as f64,
         cpu_s: cpu_s() - cpu_before,
     };
-    // Stop the agents (each says `offline`), then drop the scratch directory.
+    // Stop the agents (each says `offline` and records its clean stop),
+    // wait for them, then drop the scratch directory.
     for d in devices.iter_mut() {
         if let Some(stop) = d.stop.take() {
             let _ = stop.send(());
+        }
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    for d in devices.iter_mut() {
+        if let Some(task) = d.task.take() {
+            let _ = tokio::time::timeout_at(deadline, task).await;
         }
     }
     // Leave no retained desired state behind on the broker.
