@@ -104,12 +104,6 @@ struct RunArgs {
     /// [mqtt.max_packet_size] Largest MQTT packet sent or received (default 4MiB).
     #[arg(long)]
     max_packet_size: Option<String>,
-    /// [mqtt.max_inflight_bytes] Bytes the MQTT inference requests in flight may hold; past it `overloaded` (default 64MiB).
-    #[arg(long)]
-    mqtt_max_inflight_bytes: Option<String>,
-    /// [mqtt.journal_max_bytes] Disk the outage journal may take; telemetry goes first, events last (default 16MiB).
-    #[arg(long)]
-    journal_max_bytes: Option<String>,
     /// [limits.store_quota] Most disk space the model store may use (e.g. 500MB, 2GiB); 0 = only the filesystem limits it.
     #[arg(long)]
     store_quota: Option<String>,
@@ -122,24 +116,6 @@ struct RunArgs {
     /// [limits.max_queue] Requests that may wait for a worker before new ones get `overloaded` (default 64).
     #[arg(long)]
     max_queue: Option<String>,
-    /// [limits.validation_memory] Memory a new model's isolated first load and golden sample may allocate (e.g. 512MiB); 0 = what the device has available less 32 MiB.
-    #[arg(long)]
-    validation_memory: Option<String>,
-    /// [limits.validation_timeout] Seconds the isolated first load and golden sample may take (default 120).
-    #[arg(long)]
-    validation_timeout: Option<String>,
-    /// [limits.revalidate_at_start] true: rerun the stored version's golden sample (isolated) before serving it at start (default false).
-    #[arg(long)]
-    revalidate_at_start: Option<String>,
-    /// [limits.disk_reserve] Free space downloads never consume (default 64MiB).
-    #[arg(long)]
-    disk_reserve: Option<String>,
-    /// [limits.crash_loop_max] Unclean exits within the window that quarantine the serving version (default 3; 0: only a crash while installing).
-    #[arg(long)]
-    crash_loop_max: Option<String>,
-    /// [limits.crash_loop_window] The crash-loop breaker's window in seconds (default 600).
-    #[arg(long)]
-    crash_loop_window: Option<String>,
     /// [download.attempts] Download attempts per file before a deployment fails (default 4).
     #[arg(long)]
     download_attempts: Option<String>,
@@ -155,21 +131,6 @@ struct RunArgs {
     /// [http.bind] Address of the local Open Inference Protocol v2 endpoint (default 127.0.0.1:8080); `off` disables it.
     #[arg(long)]
     http_bind: Option<String>,
-    /// [http.header_timeout] Seconds a connection has to send a request head, from its start or its previous answer (default 10).
-    #[arg(long)]
-    http_header_timeout: Option<String>,
-    /// [http.body_timeout] Seconds a request body has to arrive (default 30).
-    #[arg(long)]
-    http_body_timeout: Option<String>,
-    /// [http.max_connections] Open HTTP connections; one more gets 503 (default 256).
-    #[arg(long)]
-    http_max_connections: Option<String>,
-    /// [http.max_body] Largest request body, refused 413 before it is read (default 64MiB).
-    #[arg(long)]
-    http_max_body: Option<String>,
-    /// [http.max_inflight_bytes] Memory the requests in flight may take, each counted as 8 x its body (default 512MiB).
-    #[arg(long)]
-    http_max_inflight_bytes: Option<String>,
     /// [tls.ca_file] PEM file of the certificate authorities trusted for HTTPS downloads and
     /// an mqtts:// broker, instead of the system's CA bundle (a private CA).
     #[arg(long)]
@@ -191,6 +152,9 @@ struct RunArgs {
     /// inference requests sent meanwhile are answered when it returns.
     #[arg(long)]
     persistent_session: bool,
+    /// Sets any configuration key, e.g. --set limits.validation_timeout=300 or --set http.max_body=16MiB (repeatable; wins over the files).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
     /// [mqtt.version] MQTT protocol: 3.1.1 (default), or 5 to answer requests on their MQTT 5 response
     /// topic with their correlation data (falls back to 3.1.1 if the broker refuses 5).
     #[arg(long)]
@@ -220,35 +184,22 @@ impl RunArgs {
         }
         // Each flag is the one `config::KEYS` names for its key (a test checks
         // that every one of those is a flag of `outpost run`).
-        let flags: [(&str, &Option<String>); 35] = [
+        let flags: [(&str, &Option<String>); 22] = [
             ("mqtt.broker", &self.broker),
             ("device", &self.device),
             ("data_dir", &self.data_dir),
             ("topic_prefix", &self.topic_prefix),
             ("mqtt.keep_alive", &self.keep_alive),
             ("mqtt.max_packet_size", &self.max_packet_size),
-            ("mqtt.max_inflight_bytes", &self.mqtt_max_inflight_bytes),
-            ("mqtt.journal_max_bytes", &self.journal_max_bytes),
             ("limits.store_quota", &self.store_quota),
             ("limits.max_model_size", &self.max_model_size),
             ("limits.workers", &self.workers),
             ("limits.max_queue", &self.max_queue),
-            ("limits.validation_memory", &self.validation_memory),
-            ("limits.validation_timeout", &self.validation_timeout),
-            ("limits.revalidate_at_start", &self.revalidate_at_start),
-            ("limits.disk_reserve", &self.disk_reserve),
-            ("limits.crash_loop_max", &self.crash_loop_max),
-            ("limits.crash_loop_window", &self.crash_loop_window),
             ("download.attempts", &self.download_attempts),
             ("download.stall_timeout", &self.stall_timeout),
             ("telemetry_interval", &self.telemetry_interval),
             ("shutdown_grace", &self.shutdown_grace),
             ("http.bind", &self.http_bind),
-            ("http.header_timeout", &self.http_header_timeout),
-            ("http.body_timeout", &self.http_body_timeout),
-            ("http.max_connections", &self.http_max_connections),
-            ("http.max_body", &self.http_max_body),
-            ("http.max_inflight_bytes", &self.http_max_inflight_bytes),
             ("tls.ca_file", &self.ca_file),
             ("tls.client_cert", &self.client_cert),
             ("tls.client_key", &self.client_key),
@@ -271,6 +222,32 @@ impl RunArgs {
                     (_, Ok(b)) if boolean => l.set(key, toml::Value::Boolean(b), flag),
                     _ => l.set(key, s(v), flag),
                 }
+            }
+        }
+        for kv in &self.set {
+            let Some((key, v)) = kv.split_once('=') else {
+                return Err(outpost_agent::config::ConfigError {
+                    origin: "--set".into(),
+                    key: kv.clone(),
+                    value: String::new(),
+                    expected: "KEY=VALUE".into(),
+                });
+            };
+            let (key, v) = (key.trim(), v.trim());
+            let Some(k) = outpost_agent::config::KEYS.iter().find(|k| k.name == key) else {
+                return Err(outpost_agent::config::ConfigError {
+                    origin: "--set".into(),
+                    key: key.into(),
+                    value: v.into(),
+                    expected: "one of the keys `outpost check-config` lists".into(),
+                });
+            };
+            let numeric = k.default.parse::<u64>().is_ok();
+            let boolean = k.default == "true" || k.default == "false";
+            match (v.parse::<i64>(), v.parse::<bool>()) {
+                (Ok(n), _) if numeric => l.set(key, toml::Value::Integer(n), "--set"),
+                (_, Ok(b)) if boolean => l.set(key, toml::Value::Boolean(b), "--set"),
+                _ => l.set(key, s(v), "--set"),
             }
         }
         if let Some(v) = &self.log_level {
@@ -583,7 +560,8 @@ mod tests {
         let run = cli.find_subcommand("run").expect("a run subcommand");
         let longs: Vec<&str> = run.get_arguments().filter_map(|a| a.get_long()).collect();
         // (mqtt.password has an environment variable instead: no secret on a command line.)
-        for k in outpost_agent::config::KEYS.iter().filter(|k| k.flag.starts_with("--")) {
+        assert!(longs.contains(&"set"), "--set KEY=VALUE sets the keys without a flag of their own");
+        for k in outpost_agent::config::KEYS.iter().filter(|k| k.flag.starts_with("--") && k.flag != "--set") {
             let flag = k.flag.trim_start_matches("--");
             assert!(longs.contains(&flag), "{}: {} is not a flag of `outpost run` ({longs:?})", k.name, k.flag);
         }

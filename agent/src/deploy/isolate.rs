@@ -92,7 +92,7 @@ impl Stage {
 
 /// One line of the child's report.
 #[derive(Debug, Serialize, Deserialize)]
-#[serde(tag = "outcome", rename_all = "snake_case")]
+#[serde(rename_all = "snake_case")]
 enum Said {
     Loaded {
         load_ms: f64,
@@ -409,4 +409,22 @@ pub fn child(dir: &Path, manifest_sha256: &str, memory: Option<u64>, parent: Opt
         Err(e) => say(&Said::Failed { error: e.into() }),
     }
     0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_allocators_line_is_one_the_agent_reads() {
+        for size in [0usize, 7, 6_400_000_000, usize::MAX] {
+            let mut line = [0u8; 64];
+            let n = crate::sys::alloc::refusal_line(size, &mut line);
+            assert_eq!(line[n - 1], b'\n');
+            match serde_json::from_slice::<Said>(&line[..n - 1]) {
+                Ok(Said::AllocRefused { bytes }) => assert_eq!(bytes, size as u64),
+                other => panic!("{other:?}: {}", String::from_utf8_lossy(&line[..n])),
+            }
+        }
+    }
 }

@@ -29,11 +29,10 @@ pub fn exit_on_refusal() {
     CHILD.store(true, Ordering::SeqCst);
 }
 
-#[cold]
-fn refused(size: usize) -> ! {
-    // `{"outcome":"alloc_refused","bytes":N}` without allocating.
-    let mut line = [0u8; 64];
-    let head = b"{\"outcome\":\"alloc_refused\",\"bytes\":";
+/// `{"alloc_refused":{"bytes":N}}` and a newline (one line of the child's
+/// report), formatted without allocating; returns its length.
+pub(crate) fn refusal_line(size: usize, line: &mut [u8; 64]) -> usize {
+    let head = b"{\"alloc_refused\":{\"bytes\":";
     line[..head.len()].copy_from_slice(head);
     let mut digits = [0u8; 20];
     let (mut n, mut i) = (size, digits.len());
@@ -50,9 +49,14 @@ fn refused(size: usize) -> ! {
         line[len] = *d;
         len += 1;
     }
-    line[len] = b'}';
-    line[len + 1] = b'\n';
-    len += 2;
+    line[len..len + 3].copy_from_slice(b"}}\n");
+    len + 3
+}
+
+#[cold]
+fn refused(size: usize) -> ! {
+    let mut line = [0u8; 64];
+    let len = refusal_line(size, &mut line);
     // SAFETY: writes `len` initialised bytes of a stack buffer to fd 1, then
     // ends the process without running anything else (no handler could
     // allocate any more than this call could).

@@ -88,7 +88,7 @@ async fn deploy_hostile(
 async fn hostile_models_fail_their_isolated_validation_and_the_agent_serves_on() {
     let (broker, reg, _data, mut w, agent) = Lab::device("hostile2")
         .model("digits-mlp.onnx", "digits", "1")
-        .flags(&["--validation-memory", "512MiB", "--validation-timeout", "4"])
+        .flags(&["--set", "limits.validation_memory=512MiB", "--set", "limits.validation_timeout=4"])
         .start()
         .await;
     assert_eq!(w.deploy(&reg, "digits", "1").await.0.phase, Phase::Active);
@@ -204,7 +204,7 @@ async fn repeated_crashes_while_serving_quarantine_the_version() {
     let (broker, reg, _data, mut w, mut agent) = Lab::device("breaker2")
         .model("digits-mlp.onnx", "digits", "1")
         .model("digits-cnn.onnx", "digits", "2")
-        .flags(&["--crash-loop-max", "3", "--crash-loop-window", "600"])
+        .flags(&["--set", "limits.crash_loop_max=3", "--set", "limits.crash_loop_window=600"])
         .start()
         .await;
     assert_eq!(w.deploy(&reg, "digits", "1").await.0.phase, Phase::Active);
@@ -268,7 +268,7 @@ async fn under_a_memory_cgroup_the_oom_killer_takes_the_validation_and_the_break
     };
     let (_broker, reg, _data, mut w, mut agent) = Lab::device("oom1")
         .model("digits-mlp.onnx", "digits", "1")
-        .flags(&["--validation-memory", "8GiB"])
+        .flags(&["--set", "limits.validation_memory=8GiB"])
         .start()
         .await;
     agent.cgroup = Some(cgroup.dir.clone());
@@ -318,16 +318,16 @@ async fn slow_loris_and_oversize_bodies_are_bounded_and_the_model_keeps_serving(
     let (_broker, reg, _data, mut w, agent) = Lab::device("http1")
         .model("digits-mlp.onnx", "digits", "1")
         .flags(&[
-            "--http-header-timeout",
-            "2",
-            "--http-body-timeout",
-            "2",
-            "--http-max-connections",
-            "40",
-            "--http-max-body",
-            "2MiB",
-            "--http-max-inflight-bytes",
-            "24MiB",
+            "--set",
+            "http.header_timeout=2",
+            "--set",
+            "http.body_timeout=2",
+            "--set",
+            "http.max_connections=40",
+            "--set",
+            "http.max_body=2MiB",
+            "--set",
+            "http.max_inflight_bytes=24MiB",
         ])
         .start()
         .await;
@@ -444,7 +444,7 @@ async fn reqwest_text(url: String) -> String {
 async fn mqtt_requests_in_flight_are_bounded_in_bytes() {
     let (_broker, reg, _data, mut w, _agent) = Lab::device("mqtt1")
         .model("slow.onnx", "slow", "1")
-        .flags(&["--mqtt-max-inflight-bytes", "1MiB", "--workers", "1"])
+        .flags(&["--set", "mqtt.max_inflight_bytes=1MiB", "--workers", "1"])
         .env("OUTPOST_DELAY_AT", "mqtt-request:1000")
         .start()
         .await;

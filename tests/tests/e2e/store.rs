@@ -144,7 +144,7 @@ async fn a_store_quota_refuses_what_does_not_fit_and_damages_nothing() {
 
     // A free-space reserve no filesystem has: nothing is downloaded into it.
     agent.kill();
-    let _agent = Agent::start_with(broker.port, "dev14", &dir, &[], &["--disk-reserve", "1000TiB"]);
+    let _agent = Agent::start_with(broker.port, "dev14", &dir, &[], &["--set", "limits.disk_reserve=1000TiB"]);
     w.online().await;
     let err = refused(&mut w, &reg, "2", &resolve("2", &reg).await).await;
     assert_eq!(err.code, ErrorCode::DiskFull, "{err}");
