@@ -36,21 +36,33 @@ fn cgroup_headroom(self_cgroup: &str) -> Option<u64> {
     for line in self_cgroup.lines() {
         let mut parts = line.splitn(3, ':');
         let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
-        let (dir, limit, usage) = match controllers {
-            "" => (format!("/sys/fs/cgroup{path}"), "memory.max", "memory.current"),
-            c if c.split(',').any(|c| c == "memory") => {
-                (format!("/sys/fs/cgroup/memory{path}"), "memory.limit_in_bytes", "memory.usage_in_bytes")
-            }
+        let (dir, limit, usage, inactive) = match controllers {
+            "" => (format!("/sys/fs/cgroup{path}"), "memory.max", "memory.current", "inactive_file"),
+            c if c.split(',').any(|c| c == "memory") => (
+                format!("/sys/fs/cgroup/memory{path}"),
+                "memory.limit_in_bytes",
+                "memory.usage_in_bytes",
+                "total_inactive_file",
+            ),
             _ => continue,
         };
         let read = |f: &str| std::fs::read_to_string(format!("{dir}/{f}")).ok();
         if let (Some(l), Some(u)) = (read(limit), read(usage))
             && let Some(h) = headroom(&l, &u)
         {
-            return Some(h);
+            // The usage counts the page cache too (the blob just downloaded,
+            // for one); its inactive part is reclaimed before anything is
+            // killed, so it is room as well.
+            let reclaimable = read("memory.stat").and_then(|t| stat_value(&t, inactive)).unwrap_or(0);
+            return Some(h.saturating_add(reclaimable));
         }
     }
     None
+}
+
+/// A value of cgroup's `memory.stat`, in bytes.
+fn stat_value(stat: &str, key: &str) -> Option<u64> {
+    stat.lines().find_map(|l| l.strip_prefix(key)?.strip_prefix(' ')?.trim().parse().ok())
 }
 
 /// Limit minus usage; `None` when there is no limit ("max", or v1's huge number).
@@ -108,6 +120,10 @@ mod tests {
         assert_eq!(headroom("9223372036854771712", "5"), None);
         assert_eq!(headroom("1000\n", "300\n"), Some(700));
         assert_eq!(headroom("100", "300"), Some(0));
+        let stat = "cache 100\ninactive_file 4096\ntotal_inactive_file 8192\n";
+        assert_eq!(stat_value(stat, "inactive_file"), Some(4096));
+        assert_eq!(stat_value(stat, "total_inactive_file"), Some(8192));
+        assert_eq!(stat_value(stat, "active_file"), None);
         // This machine answers something, and it is not zero.
         assert!(available().is_some_and(|a| a > 0));
     }
