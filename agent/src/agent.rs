@@ -329,12 +329,9 @@ impl Agent {
             Action::FallBackToV311 => {
                 tracing::warn!(error = %self.session.last_error(), "the broker does not speak MQTT 5: falling back to MQTT 3.1.1");
                 if self.connection.oversize_seen() {
-                    // It cannot be told the limit and would send the same
-                    // oversize packet at every connection: read it, refuse it.
                     tracing::warn!(
                         "this broker speaks only MQTT 3.1.1 and sent a packet over mqtt.max_packet_size: packets up to 256 MiB are read so that one cannot break every connection; payloads over the limit are refused"
                     );
-                    self.config.session.read_oversize = true;
                 }
                 self.switch_protocol(Protocol::V311);
             }
@@ -400,8 +397,12 @@ impl Agent {
     }
 
     /// Opens a new session speaking `protocol` (connected by the next poll).
+    /// On MQTT 3.1.1 after the broker sent an oversize packet (it cannot be
+    /// told the limit and would send it at every connection), packets are
+    /// read whole and refused by the agent.
     fn switch_protocol(&mut self, protocol: Protocol) {
-        let cfg = SessionConfig { protocol, ..self.config.session.clone() };
+        let read_oversize = protocol == Protocol::V311 && self.connection.oversize_seen();
+        let cfg = SessionConfig { protocol, read_oversize, ..self.config.session.clone() };
         match Session::new(&cfg, &self.config.topics, &self.config.device, 1024) {
             Ok((client, session)) => {
                 self.link.replace(client);

@@ -120,6 +120,16 @@ fn known(name: &str) -> Option<&'static Key> {
     KEYS.iter().find(|k| k.name == name)
 }
 
+/// The key named `name`, or an error that lists the known keys of its section.
+fn known_key(name: &str, value: &str, origin: &str) -> Result<&'static Key, ConfigError> {
+    known(name).ok_or_else(|| ConfigError {
+        origin: origin.to_string(),
+        key: name.to_string(),
+        value: value.to_string(),
+        expected: format!("one of the known keys: {}", suggestions(name)),
+    })
+}
+
 impl Layers {
     /// Reads the main file (if it exists; `required`: it must) and its
     /// drop-ins. Unknown keys and values of the wrong type are errors here.
@@ -155,14 +165,7 @@ impl Layers {
         let mut flat = Vec::new();
         flatten("", table, &mut flat);
         for (k, v) in flat {
-            if known(&k).is_none() {
-                return Err(ConfigError {
-                    origin,
-                    key: k.clone(),
-                    value: v.to_string(),
-                    expected: format!("one of the known keys: {}", suggestions(&k)),
-                });
-            }
+            known_key(&k, &v.to_string(), &origin)?;
             self.entries.insert(k, Entry { value: v, origin: origin.clone() });
         }
         self.files.push(path.to_path_buf());
@@ -172,6 +175,20 @@ impl Layers {
     /// Sets a key from a flag or the environment (wins over files).
     pub fn set(&mut self, key: &str, value: toml::Value, origin: &str) {
         self.entries.insert(key.to_string(), Entry { value, origin: origin.to_string() });
+    }
+
+    /// Sets a key from command-line text: a number or a boolean where the
+    /// key takes one (so check-config shows it as such), else a string. An
+    /// unknown key is an error naming the known ones.
+    pub fn set_text(&mut self, key: &str, text: &str, origin: &str) -> Result<(), ConfigError> {
+        let k = known_key(key, text, origin)?;
+        let value = match (text.parse::<i64>(), text.parse::<bool>()) {
+            (Ok(n), _) if k.default.parse::<u64>().is_ok() => toml::Value::Integer(n),
+            (_, Ok(b)) if k.default == "true" || k.default == "false" => toml::Value::Boolean(b),
+            _ => toml::Value::String(text.to_string()),
+        };
+        self.set(key, value, origin);
+        Ok(())
     }
 
     pub fn get(&self, key: &str) -> Option<&Entry> {

@@ -211,17 +211,7 @@ impl RunArgs {
         for (key, value) in flags {
             if let Some(v) = value {
                 let flag = outpost_agent::config::KEYS.iter().find(|k| k.name == key).map_or(key, |k| k.flag);
-                // Numbers as numbers where the key takes one, so check-config shows them as such.
-                let numeric =
-                    outpost_agent::config::KEYS.iter().any(|k| k.name == key && k.default.parse::<u64>().is_ok());
-                let boolean = outpost_agent::config::KEYS
-                    .iter()
-                    .any(|k| k.name == key && (k.default == "true" || k.default == "false"));
-                match (v.parse::<i64>(), v.parse::<bool>()) {
-                    (Ok(n), _) if numeric => l.set(key, toml::Value::Integer(n), flag),
-                    (_, Ok(b)) if boolean => l.set(key, toml::Value::Boolean(b), flag),
-                    _ => l.set(key, s(v), flag),
-                }
+                l.set_text(key, v, flag)?;
             }
         }
         for kv in &self.set {
@@ -230,25 +220,10 @@ impl RunArgs {
                     origin: "--set".into(),
                     key: kv.clone(),
                     value: String::new(),
-                    expected: "KEY=VALUE".into(),
+                    expected: "KEY=VALUE, e.g. --set http.max_body=16MiB".into(),
                 });
             };
-            let (key, v) = (key.trim(), v.trim());
-            let Some(k) = outpost_agent::config::KEYS.iter().find(|k| k.name == key) else {
-                return Err(outpost_agent::config::ConfigError {
-                    origin: "--set".into(),
-                    key: key.into(),
-                    value: v.into(),
-                    expected: "one of the keys `outpost check-config` lists".into(),
-                });
-            };
-            let numeric = k.default.parse::<u64>().is_ok();
-            let boolean = k.default == "true" || k.default == "false";
-            match (v.parse::<i64>(), v.parse::<bool>()) {
-                (Ok(n), _) if numeric => l.set(key, toml::Value::Integer(n), "--set"),
-                (_, Ok(b)) if boolean => l.set(key, toml::Value::Boolean(b), "--set"),
-                _ => l.set(key, s(v), "--set"),
-            }
+            l.set_text(key.trim(), v.trim(), "--set")?;
         }
         if let Some(v) = &self.log_level {
             l.set("log.level", s(v), "--log-level");

@@ -144,7 +144,12 @@ pub fn validate(
     cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
     let internal = |what: String| FetchError::Failed(ErrorInfo::new(ErrorCode::Internal, what));
     let mut child =
-        cmd.spawn().map_err(|e| internal(format!("cannot start the isolated validation ({}): {e}", exe.display())))?;
+        cmd.spawn().map_err(|e| {
+        internal(format!(
+            "cannot start the isolated validation ({}): {e}; the agent runs it as a child of its own binary (OUTPOST_SELF_EXE names another command, e.g. an emulator's wrapper)",
+            exe.display()
+        ))
+    })?;
     let pid = child.id();
     let stdout = child.stdout.take().map(|o| reader(o, 1 << 20, false));
     let stderr = child.stderr.take().map(|e| reader(e, 2048, true));

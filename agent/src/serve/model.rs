@@ -180,6 +180,18 @@ pub struct Model {
     /// more than such a model's run): set when the golden sample runs in
     /// under [`INLINE_BELOW`]. 0: never.
     inline_max_elements: usize,
+    /// See [`Model::max_body_bytes`] (worked out once, at load).
+    max_body: Option<usize>,
+}
+
+/// The largest request body inputs of these shapes need (see [`Model::max_body_bytes`]).
+fn max_body(inputs: &[InputSlot]) -> Option<usize> {
+    let mut elements: usize = 0;
+    for slot in inputs {
+        let n = slot.dims.iter().try_fold(1usize, |acc, d| d.and_then(|d| acc.checked_mul(d)))?;
+        elements = elements.checked_add(n)?;
+    }
+    elements.checked_mul(64)?.checked_add(64 << 10)
 }
 
 /// What a validation settled about how a model runs (see [`Model::settled`]).
@@ -400,7 +412,7 @@ impl Model {
         } else {
             None
         };
-        let inputs = manifest
+        let inputs: Vec<InputSlot> = manifest
             .model
             .inputs
             .iter()
@@ -436,6 +448,7 @@ impl Model {
             version: manifest.version.clone(),
             manifest_sha256: manifest_sha256.to_string(),
             plan,
+            max_body: max_body(&inputs),
             inputs,
             outputs,
             load_notes: notes,
@@ -488,12 +501,7 @@ impl Model {
     /// its separator and generous whitespace) plus 64 KiB for the rest.
     /// `None` when a dimension is dynamic (the configured cap applies).
     pub fn max_body_bytes(&self) -> Option<usize> {
-        let mut elements: usize = 0;
-        for slot in &self.inputs {
-            let n = slot.dims.iter().try_fold(1usize, |acc, d| d.and_then(|d| acc.checked_mul(d)))?;
-            elements = elements.checked_add(n)?;
-        }
-        elements.checked_mul(64)?.checked_add(64 << 10)
+        self.max_body
     }
 
     /// What validation settled about how this model runs, to apply to the
