@@ -294,6 +294,30 @@ impl Lab {
         version: &str,
         probation_s: Option<u64>,
     ) -> Result<(DeploymentEvent, Duration), String> {
+        let t = Instant::now();
+        let ev = self.publish_and_wait(device, name, version, probation_s, |p| p.is_final()).await?;
+        if ev.phase != Phase::Active {
+            return Err(format!("{name}@{version}: {}", ev.summary()));
+        }
+        Ok((ev, t.elapsed()))
+    }
+
+    /// Publishes a deployment of `name@version` (registered) to `device` and
+    /// waits until it reaches `phase`.
+    async fn deploy_until(&mut self, device: &str, name: &str, version: &str, phase: Phase) -> Result<(), String> {
+        self.publish_and_wait(device, name, version, None, |p| p == phase).await.map(|_| ())
+    }
+
+    /// Publishes a deployment (a new revision) and returns its first event
+    /// whose phase satisfies `until`, within 120 s.
+    async fn publish_and_wait(
+        &mut self,
+        device: &str,
+        name: &str,
+        version: &str,
+        probation_s: Option<u64>,
+        until: impl Fn(Phase) -> bool,
+    ) -> Result<DeploymentEvent, String> {
         let (url, sha) = crate::operator::resolve_manifest(&self.registry_url, name, version).await?;
         self.revision += 1;
         let mut d = deployment(name, version, &url, &sha, None, None);
@@ -302,44 +326,18 @@ impl Lab {
         }
         d.revision = self.revision;
         d.deployment_id = format!("bench-{name}-{version}-{}", self.revision);
-        let t = Instant::now();
         self.op.publish(&Topics::default().device_desired(device), d.to_json(), true).await?;
         let deadline = Instant::now() + Duration::from_secs(120);
         while Instant::now() < deadline {
             let Some(m) = self.op.next(Duration::from_millis(100)).await else { continue };
             if let Ok(ev) = DeploymentEvent::from_json(&m.payload)
                 && ev.deployment_id == d.deployment_id
-                && ev.phase.is_final()
+                && until(ev.phase)
             {
-                if ev.phase != Phase::Active {
-                    return Err(format!("{name}@{version}: {}", ev.summary()));
-                }
-                return Ok((ev, t.elapsed()));
+                return Ok(ev);
             }
         }
-        Err(format!("{name}@{version}: no final event within 120 s"))
-    }
-
-    /// Publishes a deployment of `name@version` (registered) to `device` and
-    /// waits until it reaches `phase`.
-    async fn deploy_until(&mut self, device: &str, name: &str, version: &str, phase: Phase) -> Result<(), String> {
-        let (url, sha) = crate::operator::resolve_manifest(&self.registry_url, name, version).await?;
-        self.revision += 1;
-        let mut d = deployment(name, version, &url, &sha, None, None);
-        d.revision = self.revision;
-        d.deployment_id = format!("bench-{name}-{version}-{}", self.revision);
-        self.op.publish(&Topics::default().device_desired(device), d.to_json(), true).await?;
-        let deadline = Instant::now() + Duration::from_secs(120);
-        while Instant::now() < deadline {
-            let Some(m) = self.op.next(Duration::from_millis(100)).await else { continue };
-            if let Ok(ev) = DeploymentEvent::from_json(&m.payload)
-                && ev.deployment_id == d.deployment_id
-                && ev.phase == phase
-            {
-                return Ok(());
-            }
-        }
-        Err(format!("{name}@{version}: no {phase:?} event within 120 s"))
+        Err(format!("{name}@{version} on {device}: the awaited event did not come within 120 s"))
     }
 }
 
