@@ -391,6 +391,12 @@ impl Drop for Agent {
     }
 }
 
+/// A raw POST to digits' infer route with these header lines (each ending
+/// `\r\n`) and `body`, on a new connection: see [`raw_http`].
+pub async fn raw_infer(port: u16, headers: &str, body: &[u8], wait: Duration) -> (u16, String) {
+    raw_http(port, &format!("POST /v2/models/digits/infer HTTP/1.1\r\nHost: x\r\n{headers}\r\n"), body, wait).await
+}
+
 /// Writes `head` (and `body`) on a new connection and reads what comes back
 /// within `wait`: (status, text); status 0 when the server said nothing.
 pub async fn raw_http(port: u16, head: &str, body: &[u8], wait: Duration) -> (u16, String) {

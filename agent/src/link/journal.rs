@@ -302,6 +302,11 @@ mod tests {
         }
     }
 
+    /// Appends bytes to the file behind the journal's back (a write cut short).
+    fn append_raw(dir: &Path, bytes: &[u8]) {
+        std::fs::OpenOptions::new().append(true).open(dir.join("journal.jsonl")).unwrap().write_all(bytes).unwrap();
+    }
+
     fn payloads(j: &mut Journal) -> Vec<String> {
         j.pending().iter().map(|m| String::from_utf8_lossy(&m.payload).into_owned()).collect()
     }
@@ -314,12 +319,7 @@ mod tests {
             j.push(msg(n));
         }
         // A line cut by a power loss is dropped, the rest kept.
-        std::fs::OpenOptions::new()
-            .append(true)
-            .open(dir.path().join("journal.jsonl"))
-            .unwrap()
-            .write_all(b"{\"topic\":")
-            .unwrap();
+        append_raw(dir.path(), b"{\"topic\":");
         let mut j = Journal::open(dir.path(), 1 << 20);
         let all = j.pending();
         assert_eq!(payloads(&mut j), ["{\"n\":0}", "{\"n\":1}", "{\"n\":2}"]);
@@ -343,12 +343,7 @@ mod tests {
         j.push(msg(3));
         assert_eq!(payloads(&mut j), ["{\"n\":3}"]);
         // A fragment glued to the end (a write cut short): dropped, the rest kept.
-        std::fs::OpenOptions::new()
-            .append(true)
-            .open(dir.path().join("journal.jsonl"))
-            .unwrap()
-            .write_all(b"{\"topic\":\"x")
-            .unwrap();
+        append_raw(dir.path(), b"{\"topic\":\"x");
         j.push(msg(4));
         assert_eq!(payloads(&mut j), ["{\"n\":3}", "{\"n\":4}"]);
         j.forget_first(1);

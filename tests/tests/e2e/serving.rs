@@ -227,13 +227,7 @@ async fn binary_tensors_over_http_and_bad_requests_get_precise_errors() {
     assert_eq!(body["error"], "inputs[0]: expected 256 bytes of binary data, found 255 bytes left in the body");
     // A body over the 64 MiB limit: refused from its Content-Length, before it is sent.
     let port = agent.http_port;
-    let (status, text) = raw_http(
-        port,
-        "POST /v2/models/digits/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 68157440\r\n\r\n",
-        b"",
-        Duration::from_secs(2),
-    )
-    .await;
+    let (status, text) = raw_infer(port, "Content-Length: 68157440\r\n", b"", Duration::from_secs(2)).await;
     assert_eq!(status, 413, "{text}");
     assert!(text.contains("over the limit of 67108864 bytes (http.max_body)"), "{text}");
 
