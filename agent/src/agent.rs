@@ -35,6 +35,10 @@ pub struct Config {
     pub topics: Topics,
     pub session: SessionConfig,
     pub fetch: FetchConfig,
+    /// The keys deployments must be signed with (none: any publisher deploys).
+    pub trust: outpost_protocol::trust::Trust,
+    /// Topic prefixes a request's `reply_to` may name.
+    pub reply_prefixes: Vec<String>,
     /// Where the local Open Inference Protocol endpoint listens (None: off).
     pub http_bind: Option<std::net::SocketAddr>,
     /// What clients of that endpoint may hold.
@@ -135,7 +139,16 @@ impl Agent {
         // The MQTT session's settings fail before the record is touched.
         let (client, session) =
             Session::new(&config.session, &config.topics, &config.device, 1024).map_err(AgentError::Tls)?;
-        let (mut deployer, deployments, restored) = Deployer::open(pipeline.clone(), reporter.clone()).await;
+        let (mut deployer, deployments, restored) = Deployer::open(
+            pipeline.clone(),
+            reporter.clone(),
+            crate::deploy::Authority {
+                device: config.device.clone(),
+                groups: config.groups.clone(),
+                trust: config.trust.clone(),
+            },
+        )
+        .await;
         crate::report::publish_captures(&engine, reporter.clone(), config.session.max_packet_size);
 
         // The local endpoint serves from the store even while the broker is unreachable.
@@ -381,6 +394,7 @@ impl Agent {
     fn on_infer(&mut self, request: Message) {
         let (engine, out) = (self.engine.clone(), self.outbox.clone());
         let predictions = self.config.topics.predictions(&self.config.device);
+        let prefixes = self.config.reply_prefixes.clone();
         let limit = self.config.session.max_packet_size;
         let kib = request.payload().len().div_ceil(1024).max(1).min(u32::MAX as usize) as u32;
         let held = self.mqtt_inflight_kib.clone().try_acquire_many_owned(kib).ok();
@@ -391,7 +405,7 @@ impl Agent {
             )
         });
         self.requests.spawn(async move {
-            crate::serve::mqtt::answer(&engine, &out, &predictions, &request, limit, overloaded).await;
+            crate::serve::mqtt::answer(&engine, &out, &predictions, &prefixes, &request, limit, overloaded).await;
             drop(held);
         });
     }

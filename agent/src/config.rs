@@ -79,6 +79,13 @@ pub const KEYS: &[Key] = &[
     key("log.format", "--log-format", "text or json", "text"),
     live(key("log.level", "--log-level", "a filter like info or info,outpost_agent=debug", "info")),
     key("mqtt.broker", "--broker", "mqtt://HOST[:PORT] or mqtts://HOST[:PORT]", ""),
+    key("mqtt.client_id", "--client-id", "an MQTT client id (default outpost-DEVICE)", ""),
+    key(
+        "mqtt.reply_prefixes",
+        "--reply-prefix",
+        "a list of topic prefixes ending in '/' that reply_to may name (default: TOPIC_PREFIX/replies/)",
+        "[]",
+    ),
     key("mqtt.version", "--mqtt-version", "3.1.1 or 5", "3.1.1"),
     key("mqtt.keep_alive", "--keep-alive", "5 to 3600 seconds", "15"),
     key("mqtt.max_packet_size", "--max-packet-size", "a size from 64KiB to 256MiB (bytes, or 4MiB, 500KB)", "4MiB"),
@@ -112,6 +119,18 @@ pub const KEYS: &[Key] = &[
     live(key("limits.disk_reserve", "--set", "a size (e.g. 64MiB) downloads leave free", "64MiB")),
     live(key("limits.crash_loop_max", "--set", "0 to 100 (0: only a crash while installing counts)", "3")),
     live(key("limits.crash_loop_window", "--set", "1 to 86400 seconds", "600")),
+    key(
+        "download.file_root",
+        "--set",
+        "a directory file:// URLs may read from (labs); unset: only http:// and https://",
+        "",
+    ),
+    key(
+        "trust.keys",
+        "--trust-key",
+        "a list of ed25519 public keys: PEM files (openssl pkey -pubout) or ed25519:<base64>",
+        "[]",
+    ),
     key("download.attempts", "--download-attempts", "1 to 100", "4"),
     key("download.stall_timeout", "--stall-timeout", "1 to 3600 seconds", "30"),
 ];
@@ -223,7 +242,27 @@ impl Layers {
             "topic_prefix",
             !topic_prefix.is_empty() && !topic_prefix.contains(['+', '#']) && !topic_prefix.ends_with('/'),
         )?;
-        let broker: BrokerUrl = required("mqtt.broker")?.parse().map_err(|_| r.error("mqtt.broker", ""))?;
+        let (broker_text, login) = split_login(&required("mqtt.broker")?);
+        let broker: BrokerUrl = broker_text.parse().map_err(|_| r.error("mqtt.broker", ""))?;
+        let mut trust = outpost_protocol::trust::Trust::default();
+        for k in r.strings("trust.keys")? {
+            let key = if k.trim_start().starts_with("ed25519:") {
+                outpost_protocol::trust::PublicKey::parse(&k)
+            } else {
+                std::fs::read_to_string(&k)
+                    .map_err(|e| format!("{k}: cannot read it: {e}"))
+                    .and_then(|text| outpost_protocol::trust::PublicKey::parse(&text).map_err(|e| format!("{k}: {e}")))
+            };
+            trust.roots.push(key.map_err(|e| r.error("trust.keys", &format!("{} ({e})", known("trust.keys").map_or("", |x| x.takes))))?);
+        }
+        let reply_prefixes = r.strings("mqtt.reply_prefixes")?;
+        for p in &reply_prefixes {
+            r.check("mqtt.reply_prefixes", p.ends_with('/') && p.len() > 1 && !p.contains(['+', '#']))?;
+        }
+        let client_id = r.string("mqtt.client_id")?;
+        if let Some(c) = &client_id {
+            r.check("mqtt.client_id", !c.is_empty() && c.len() <= 256 && !c.contains(['+', '#', '/']) && !c.chars().any(char::is_control))?;
+        }
         let log_format = r.string("log.format")?.unwrap_or_else(|| "text".into());
         r.check("log.format", log_format == "text" || log_format == "json")?;
         let log_level = r.string("log.level")?.unwrap_or_else(|| "info".into());
@@ -254,8 +293,12 @@ impl Layers {
                 .size("mqtt.journal_max_bytes", 64 << 10, 1 << 40)?
                 .unwrap_or(crate::link::journal::DEFAULT_MAX_BYTES),
             mqtt_max_inflight_bytes: r.size("mqtt.max_inflight_bytes", 1 << 20, 1 << 40)?.unwrap_or(64 << 20) as usize,
-            username: r.string("mqtt.username")?,
-            password: r.string("mqtt.password")?,
+            username: r.string("mqtt.username")?.or_else(|| login.as_ref().map(|l| l.0.clone())),
+            password: r.string("mqtt.password")?.or_else(|| login.as_ref().and_then(|l| l.1.clone())),
+            client_id,
+            reply_prefixes,
+            trust,
+            file_root: r.string("download.file_root")?.filter(|s| !s.is_empty()).map(PathBuf::from),
             password_file: r.string("mqtt.password_file")?.map(PathBuf::from),
             ca_file: r.string("tls.ca_file")?.map(PathBuf::from),
             client_cert: r.string("tls.client_cert")?.map(PathBuf::from),
@@ -323,6 +366,9 @@ impl Layers {
         for k in KEYS {
             let (value, origin) = match self.entries.get(k.name) {
                 Some(e) if k.secret => ("\"***\"".to_string(), e.origin.as_str()),
+                Some(e) if k.name == "mqtt.broker" => {
+                    (format!("{:?}", crate::sys::redact_url(e.value.as_str().unwrap_or_default())), e.origin.as_str())
+                }
                 Some(e) => (e.value.to_string(), e.origin.as_str()),
                 None if k.default.is_empty() => continue,
                 None => (default_literal(k), "default"),
@@ -339,6 +385,48 @@ impl Layers {
             .filter(|k| self.entries.get(k.name).map(|e| &e.value) != other.entries.get(k.name).map(|e| &e.value))
             .map(|k| k.name)
             .collect()
+    }
+}
+
+impl Settings {
+    /// What an operator should know about this configuration's security,
+    /// said at start (log) and by `check-config`.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut w = Vec::new();
+        if !self.trust.enforced() {
+            w.push(
+                "trust.keys is empty: any client that can publish on the broker can deploy to this device \
+                 (configure trust.keys to accept only signed deployments)"
+                    .to_string(),
+            );
+        }
+        if !self.broker.tls && (self.username.is_some() || self.password.is_some() || self.password_file.is_some()) {
+            w.push(format!(
+                "a broker login over plain mqtt:// ({}): the user name and password cross the network in clear text; \
+                 use mqtts://",
+                self.broker
+            ));
+        }
+        if let Some(root) = &self.file_root {
+            w.push(format!("download.file_root = {}: deployments may read files under it (file:// URLs)", root.display()));
+        }
+        w
+    }
+}
+
+/// `mqtt://USER:PASSWORD@HOST:PORT` → (`mqtt://HOST:PORT`, the login).
+fn split_login(url: &str) -> (String, Option<(String, Option<String>)>) {
+    let Some((scheme, rest)) = url.split_once("://") else { return (url.to_string(), None) };
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    match rest[..authority_end].rsplit_once('@') {
+        Some((userinfo, host)) => {
+            let login = match userinfo.split_once(':') {
+                Some((u, p)) => (u.to_string(), Some(p.to_string())),
+                None => (userinfo.to_string(), None),
+            };
+            (format!("{scheme}://{host}{}", &rest[authority_end..]), Some(login))
+        }
+        None => (url.to_string(), None),
     }
 }
 
@@ -382,6 +470,7 @@ impl Resolver<'_> {
             key: key.to_string(),
             value: match entry {
                 Some(_) if secret => "\"***\"".into(),
+                Some(e) if key == "mqtt.broker" => format!("{:?}", crate::sys::redact_url(e.value.as_str().unwrap_or_default())),
                 Some(e) => e.value.to_string(),
                 None => "(not set)".into(),
             },
@@ -479,6 +568,11 @@ pub struct Settings {
     pub mqtt_max_inflight_bytes: usize,
     pub username: Option<String>,
     pub password: Option<String>,
+    pub client_id: Option<String>,
+    /// Topic prefixes `reply_to` may name (empty: the default namespace).
+    pub reply_prefixes: Vec<String>,
+    pub trust: outpost_protocol::trust::Trust,
+    pub file_root: Option<PathBuf>,
     pub password_file: Option<PathBuf>,
     pub ca_file: Option<PathBuf>,
     pub client_cert: Option<PathBuf>,

@@ -148,6 +148,17 @@ struct RunArgs {
     /// process list; or set OUTPOST_MQTT_PASSWORD ([mqtt.password]).
     #[arg(long)]
     password_file: Option<String>,
+    /// [mqtt.client_id] MQTT client id (default outpost-DEVICE).
+    #[arg(long)]
+    client_id: Option<String>,
+    /// [mqtt.reply_prefixes] A topic prefix (ending in '/') that a request's reply_to may name; repeat for
+    /// several (default TOPIC_PREFIX/replies/). Answers to other topics are refused.
+    #[arg(long = "reply-prefix")]
+    reply_prefixes: Vec<String>,
+    /// [trust.keys] An ed25519 public key this device trusts to sign deployments: a PEM file or
+    /// ed25519:<base64>; repeat for several. With keys, unsigned deployments are refused.
+    #[arg(long = "trust-key")]
+    trust_keys: Vec<String>,
     /// [mqtt.persistent_session] Ask the broker to keep this device's session while it is offline, so
     /// inference requests sent meanwhile are answered when it returns.
     #[arg(long)]
@@ -184,7 +195,7 @@ impl RunArgs {
         }
         // Each flag is the one `config::KEYS` names for its key (a test checks
         // that every one of those is a flag of `outpost run`).
-        let flags: [(&str, &Option<String>); 22] = [
+        let flags: [(&str, &Option<String>); 23] = [
             ("mqtt.broker", &self.broker),
             ("device", &self.device),
             ("data_dir", &self.data_dir),
@@ -205,6 +216,7 @@ impl RunArgs {
             ("tls.client_key", &self.client_key),
             ("mqtt.username", &self.username),
             ("mqtt.password_file", &self.password_file),
+            ("mqtt.client_id", &self.client_id),
             ("mqtt.version", &self.mqtt_version),
             ("log.format", &self.log_format),
         ];
@@ -231,8 +243,14 @@ impl RunArgs {
         if self.log_json {
             l.set("log.format", s("json"), "--log-json");
         }
-        if !self.groups.is_empty() {
-            l.set("groups", toml::Value::Array(self.groups.iter().map(|g| s(g)).collect()), "--group");
+        for (key, flag, values) in [
+            ("groups", "--group", &self.groups),
+            ("mqtt.reply_prefixes", "--reply-prefix", &self.reply_prefixes),
+            ("trust.keys", "--trust-key", &self.trust_keys),
+        ] {
+            if !values.is_empty() {
+                l.set(key, toml::Value::Array(values.iter().map(|g| s(g)).collect()), flag);
+            }
         }
         if self.persistent_session {
             l.set("mqtt.persistent_session", toml::Value::Boolean(true), "--persistent-session");
@@ -268,6 +286,9 @@ fn main() -> ExitCode {
         }
     };
     let log = init_logging(settings.log_json, &settings.log_level);
+    for w in settings.warnings() {
+        tracing::warn!("{w}");
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(r) => r,
         Err(e) => {
@@ -306,8 +327,11 @@ fn configure(args: &RunArgs) -> Result<(Layers, Settings, outpost_agent::Config)
 fn check_config(args: &RunArgs) -> ExitCode {
     let _ = rustls::crypto::ring::default_provider().install_default();
     match configure(args) {
-        Ok((layers, _, _)) => {
+        Ok((layers, settings, _)) => {
             print!("{}", layers.render());
+            for w in settings.warnings() {
+                println!("# WARNING: {w}");
+            }
             ExitCode::SUCCESS
         }
         Err(msg) => {
@@ -326,7 +350,7 @@ fn agent_config(s: &Settings) -> Result<outpost_agent::Config, String> {
         topics: Topics::new(s.topic_prefix.clone()),
         session: SessionConfig {
             broker: s.broker.clone(),
-            client_id: format!("outpost-{}", s.device),
+            client_id: s.client_id.clone().unwrap_or_else(|| format!("outpost-{}", s.device)),
             keep_alive: s.keep_alive,
             max_packet_size: s.max_packet_size as usize,
             tls,
@@ -339,7 +363,14 @@ fn agent_config(s: &Settings) -> Result<outpost_agent::Config, String> {
             attempts: s.download_attempts,
             stall_timeout: s.stall_timeout,
             roots,
+            file_root: s.file_root.clone(),
             ..FetchConfig::default()
+        },
+        trust: s.trust.clone(),
+        reply_prefixes: if s.reply_prefixes.is_empty() {
+            vec![format!("{}/replies/", s.topic_prefix)]
+        } else {
+            s.reply_prefixes.clone()
         },
         http_bind: s.http_bind,
         http_limits: s.http_limits,
@@ -414,7 +445,8 @@ fn check_bundle(a: CheckArgs) -> ExitCode {
         }
     };
     println!("checking {url}");
-    let fetch = FetchConfig { roots, ..FetchConfig::default() };
+    // The operator names the bundle on the command line: local files are theirs to read.
+    let fetch = FetchConfig { roots, file_root: Some("/".into()), ..FetchConfig::default() };
     match runtime.block_on(outpost_agent::check::check_bundle(&url, a.sha256, fetch)) {
         Ok(report) => {
             println!("ok: the agent would serve {report}");

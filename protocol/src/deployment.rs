@@ -19,6 +19,11 @@ pub struct Deployment {
     pub serving: Serving,
     #[serde(default)]
     pub policy: Policy,
+    /// Who the deployment is for: `{"device": "cam-17"}` or `{"group":
+    /// "cameras"}`. Required in a signed deployment (see [`crate::trust`]);
+    /// when present, it must be the topic the message arrived on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<crate::trust::Target>,
 }
 
 /// Where the model version's manifest is, and its digest (the root of trust:
@@ -189,6 +194,13 @@ impl Deployment {
             if p.max_non_finite == Some(0) {
                 return Err(ProtocolError::invalid("policy.probation.max_non_finite", "a count >= 1", "0"));
             }
+        }
+        if let Some(t) = &self.target {
+            let (path, name) = match t {
+                crate::trust::Target::Device(d) => ("target.device", d),
+                crate::trust::Target::Group(g) => ("target.group", g),
+            };
+            crate::topics::validate_name(path, name)?;
         }
         if self.serving.http_port == Some(0) {
             return Err(ProtocolError::invalid("serving.http_port", "a port from 1 to 65535", "0"));

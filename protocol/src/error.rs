@@ -21,6 +21,8 @@ pub enum ErrorCode {
     ValidationFailed,
     DiskFull,
     SignatureInvalid,
+    /// Trust keys are configured and the desired state is not signed.
+    SignatureRequired,
     DowngradeRefused,
     Overloaded,
     BadInput,
@@ -42,6 +44,12 @@ pub enum ErrorCode {
     /// The agent died while installing this version, or repeatedly while
     /// serving it (the crash-loop breaker): quarantined until a new revision.
     ModelCrashed,
+    /// An MQTT request's `reply_to` (or MQTT 5 response topic) is outside the
+    /// reply prefixes the device answers on; the answer went to `predictions`.
+    ReplyRefused,
+    /// A URL scheme or location the device is configured not to fetch from
+    /// (`file://` unless `download.file_root` allows it).
+    UrlRefused,
 }
 
 impl ErrorCode {
@@ -60,6 +68,7 @@ impl ErrorCode {
             ErrorCode::ValidationFailed => "validation_failed",
             ErrorCode::DiskFull => "disk_full",
             ErrorCode::SignatureInvalid => "signature_invalid",
+            ErrorCode::SignatureRequired => "signature_required",
             ErrorCode::DowngradeRefused => "downgrade_refused",
             ErrorCode::Overloaded => "overloaded",
             ErrorCode::BadInput => "bad_input",
@@ -71,6 +80,8 @@ impl ErrorCode {
             ErrorCode::Internal => "internal",
             ErrorCode::ResourceLimit => "resource_limit",
             ErrorCode::ModelCrashed => "model_crashed",
+            ErrorCode::ReplyRefused => "reply_refused",
+            ErrorCode::UrlRefused => "url_refused",
         }
     }
 }

@@ -8,6 +8,7 @@
 //! - [`state`], [`event`], [`telemetry`]: what a device reports back.
 //! - [`infer`]: KServe Open Inference Protocol v2 request / response bodies.
 //! - [`binary`]: its binary tensor data extension (raw tensor bytes after the JSON).
+//! - [`trust`]: signed desired state (DSSE envelopes, ed25519 keys, key certificates).
 //! - [`error`]: stable error codes and the precise validation error every parser returns.
 //!
 //! Every message is JSON and carries a `schema`; unknown fields are ignored and an
@@ -23,6 +24,7 @@ pub mod manifest;
 pub mod state;
 pub mod telemetry;
 pub mod topics;
+pub mod trust;
 
 pub use deployment::{Deployment, ModelRef, Policy, Probation, Serving};
 pub use error::{ErrorCode, ErrorInfo, ProtocolError};

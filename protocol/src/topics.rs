@@ -59,6 +59,12 @@ impl Topics {
     pub fn predictions(&self, device: &str) -> String {
         format!("{}/devices/{device}/predictions", self.prefix)
     }
+    /// The reply namespace, `PREFIX/replies/`: where a request's `reply_to`
+    /// (or MQTT 5 response topic) may point by default. A client picks a
+    /// topic of its own under it, e.g. `outpost/replies/<client id>/...`.
+    pub fn replies(&self) -> String {
+        format!("{}/replies/", self.prefix)
+    }
     /// Sampled inputs with their predictions.
     pub fn capture(&self, device: &str) -> String {
         format!("{}/devices/{device}/capture", self.prefix)

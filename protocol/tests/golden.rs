@@ -59,3 +59,25 @@ fn inference() {
     let e = round_trip("infer-error.json", |b| serde_json::from_slice::<InferError>(b).unwrap());
     assert_eq!(e.code, ErrorCode::BadInput);
 }
+
+/// A cross-implementation vector: an envelope signed with openssl alone
+/// (`scripts/sign-deployment.sh`, key `signing-root.pub.pem`) verifies.
+#[test]
+fn signed_desired_state() {
+    use outpost_protocol::trust::{Desired, PublicKey, Target, Trust, Undeploy};
+    let root = PublicKey::parse(std::str::from_utf8(&golden("signing-root.pub.pem")).unwrap()).unwrap();
+    let trust = Trust { roots: vec![root] };
+    let cam = Target::Device("cam-17".into());
+    let now = std::time::SystemTime::now();
+    let (desired, _) = trust.open(&golden("deployment-signed.json"), &cam, now).unwrap();
+    let Desired::Deploy(d) = desired else { panic!("{desired:?}") };
+    assert_eq!((d.revision, d.target), (43, Some(cam.clone())));
+    let (desired, _) = trust.open(&golden("undeploy-signed.json"), &cam, now).unwrap();
+    assert_eq!(desired, Desired::Undeploy { revision: Some(44), deployment_id: None });
+    let u = round_trip("undeploy.json", |b| serde_json::from_slice::<Undeploy>(b).unwrap());
+    assert_eq!(u.revision, 44);
+    round_trip("key-certificate.json", |b| serde_json::from_slice::<outpost_protocol::trust::KeyCertificate>(b).unwrap());
+    // The same envelope on another device's topic is refused.
+    let e = trust.open(&golden("deployment-signed.json"), &Target::Device("cam-18".into()), now).unwrap_err();
+    assert_eq!(e.error.code, ErrorCode::SignatureInvalid);
+}

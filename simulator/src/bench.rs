@@ -321,6 +321,8 @@ impl Lab {
         let (url, sha) = crate::operator::resolve_manifest(&self.registry_url, name, version).await?;
         self.revision += 1;
         let mut d = deployment(name, version, &url, &sha, None, None);
+        // The bench swaps back and forth between versions on purpose.
+        d.policy.allow_downgrade = Some(true);
         if let Some(seconds) = probation_s {
             d.policy.probation = Some(outpost_protocol::Probation { seconds: Some(seconds), ..Default::default() });
         }

@@ -124,6 +124,8 @@ pub async fn run() -> Result<(), String> {
         http_bind: Some(std::net::SocketAddr::from(([127, 0, 0, 1], http_port))),
         isolation: outpost_agent::deploy::isolate::Isolation::InProcess,
         http_limits: Default::default(),
+        trust: Default::default(),
+        reply_prefixes: vec!["outpost/replies/".into()],
         mqtt_max_inflight_bytes: 64 << 20,
         journal_max_bytes: 16 << 20,
         live: outpost_agent::config::Live { max_queue: 512, ..Default::default() },
@@ -139,7 +141,7 @@ pub async fn run() -> Result<(), String> {
     let mut op = Operator::connect(&broker, "outpost-sim-demo", Topics::default()).await?;
     op.subscribe(&op.topics.events(DEVICE)).await?;
     let mut client = Operator::connect(&broker, "outpost-sim-demo-client", Topics::default()).await?;
-    client.subscribe("outpost-sim/demo/replies").await?;
+    client.subscribe("outpost/replies/outpost-sim-demo").await?;
     wait_availability(&mut op).await?;
     println!("[3] agent '{DEVICE}' is online (data dir {})", work.path().join("device").display());
     steps.push(Step { what: "start the agent".into(), ok: true, took: t.elapsed() });
@@ -222,6 +224,8 @@ pub async fn run() -> Result<(), String> {
     let t = Instant::now();
     let mut bad = deployment("digits", "1", &registered[0].manifest_path, &"0".repeat(64), None, None);
     bad.model.manifest_url = format!("{registry_url}/digits/1/manifest.json");
+    // Going back to 1 is allowed here: the point is the digest.
+    bad.policy.allow_downgrade = Some(true);
     println!("\n[7] deploying digits@1 with a wrong manifest_sha256 (a tampered or mistyped bundle):");
     op.publish(&op.topics.device_desired(DEVICE), bad.to_json(), true).await?;
     let finals = wait_for_outcome(&mut op, &bad.deployment_id, 1, Duration::from_secs(30), true).await?;
@@ -335,7 +339,7 @@ async fn classify(op: &mut Operator, h: &Heldout, expected: Option<&Expected>, r
     let t = Instant::now();
     let topic = op.topics.infer(DEVICE);
     for (i, img) in h.images.iter().enumerate() {
-        let req = serde_json::json!({"id": format!("{round}-{i}"), "reply_to": "outpost-sim/demo/replies",
+        let req = serde_json::json!({"id": format!("{round}-{i}"), "reply_to": "outpost/replies/outpost-sim-demo",
             "inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "data": img}]});
         op.publish(&topic, serde_json::to_vec(&req).map_err(|e| e.to_string())?, false).await?;
     }
@@ -345,7 +349,7 @@ async fn classify(op: &mut Operator, h: &Heldout, expected: Option<&Expected>, r
         let Some(m) = op.next(Duration::from_secs(5)).await else {
             continue;
         };
-        if m.topic != "outpost-sim/demo/replies" {
+        if m.topic != "outpost/replies/outpost-sim-demo" {
             continue;
         }
         let reply: InferReply = serde_json::from_slice(&m.payload).map_err(|e| format!("unreadable answer: {e}"))?;

@@ -121,6 +121,8 @@ fn agent_config(id: &str, group: &str, broker: &BrokerUrl, data: &std::path::Pat
         http_bind: None,
         isolation: outpost_agent::deploy::isolate::Isolation::InProcess,
         http_limits: Default::default(),
+        trust: Default::default(),
+        reply_prefixes: vec!["outpost/replies/".into()],
         mqtt_max_inflight_bytes: 64 << 20,
         journal_max_bytes: 16 << 20,
         live: outpost_agent::config::Live {

@@ -13,3 +13,4 @@ pub mod demo;
 pub mod fleet;
 pub mod operator;
 pub mod registry;
+pub mod signing;

@@ -4,6 +4,8 @@ use clap::{Parser, Subcommand};
 use outpost_agent::link::BrokerUrl;
 use outpost_protocol::{Phase, Topics};
 use outpost_sim::operator::{self, Operator};
+use outpost_sim::signing::{self, Signer};
+use outpost_protocol::trust::Target;
 use outpost_sim::registry::{RegisterSpec, register};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -89,8 +91,18 @@ enum Command {
         expect: usize,
         #[arg(long, default_value_t = 120)]
         timeout: u64,
+        /// Sign the deployment with this ed25519 private key (PKCS#8 PEM, e.g. from keygen or
+        /// `openssl genpkey -algorithm ed25519`): devices with trust.keys accept only signed ones.
+        #[arg(long)]
+        sign_key: Option<PathBuf>,
+        /// The signing key's certificate from a root (`certify`), when it is a deploy key.
+        #[arg(long, requires = "sign_key")]
+        certificate: Option<PathBuf>,
+        /// Allow going back to an older version of the model than the one serving.
+        #[arg(long)]
+        allow_downgrade: bool,
     },
-    /// Withdraw the desired state of a device or group (empty retained payload).
+    /// Withdraw the desired state of a device or group (empty retained payload; signed with --sign-key).
     Undeploy {
         #[arg(long)]
         broker: BrokerUrl,
@@ -98,6 +110,43 @@ enum Command {
         device: Option<String>,
         #[arg(long)]
         group: Option<String>,
+        /// Sign the undeployment (required by devices with trust.keys).
+        #[arg(long)]
+        sign_key: Option<PathBuf>,
+        #[arg(long, requires = "sign_key")]
+        certificate: Option<PathBuf>,
+        /// Revision of the signed undeployment (default: from the clock, like deploy).
+        #[arg(long)]
+        revision: Option<u64>,
+    },
+    /// Make an ed25519 key pair: OUT.pem (private, PKCS#8, 0600) and OUT.pub.pem (public, SPKI).
+    Keygen {
+        /// Path without extension, e.g. keys/root.
+        out: PathBuf,
+    },
+    /// Certify a deploy key with a root key, for a scope and until an expiry; writes the
+    /// certificate (a DSSE envelope) to give `deploy --certificate`.
+    Certify {
+        /// The root's private key.
+        #[arg(long)]
+        root_key: PathBuf,
+        /// The deploy key's public key: a PEM file or ed25519:<base64>.
+        #[arg(long)]
+        key: String,
+        /// A name for logs and events (e.g. ci-2026).
+        #[arg(long)]
+        name: Option<String>,
+        /// RFC 3339 time or a duration from now (e.g. 90d).
+        #[arg(long)]
+        expires: String,
+        /// Devices it may deploy to: names, prefix*, or *; repeat or comma-separate.
+        #[arg(long, value_delimiter = ',')]
+        devices: Vec<String>,
+        /// Groups it may deploy to.
+        #[arg(long, value_delimiter = ',')]
+        groups: Vec<String>,
+        #[arg(long)]
+        out: PathBuf,
     },
     /// Send one inference request to a device and print the answer.
     Infer {
@@ -278,18 +327,35 @@ async fn run(command: Command) -> ExitCode {
             wait,
             expect,
             timeout,
+            sign_key,
+            certificate,
+            allow_downgrade,
         } => {
+            let signer = match sign_key.as_deref().map(|k| Signer::load(k, certificate.as_deref())).transpose() {
+                Ok(s) => s,
+                Err(e) => return fail(EXIT_USAGE, &e),
+            };
             let (name, version) = model;
             let (url, sha) = match operator::resolve_manifest(&registry_url, &name, &version).await {
                 Ok(x) => x,
                 Err(e) => return fail(EXIT_UNAVAILABLE, &e),
             };
-            let d = operator::deployment(&name, &version, &url, &sha, revision, deployment_id);
+            let mut d = operator::deployment(&name, &version, &url, &sha, revision, deployment_id);
+            if allow_downgrade {
+                d.policy.allow_downgrade = Some(true);
+            }
             let topics = Topics::default();
-            let (topic, events) = match (&device, &group) {
-                (Some(dev), _) => (topics.device_desired(dev), topics.events(dev)),
-                (None, Some(g)) => (topics.group_desired(g), format!("{}/devices/+/events", topics.prefix())),
+            let (topic, events, target) = match (&device, &group) {
+                (Some(dev), _) => (topics.device_desired(dev), topics.events(dev), Target::Device(dev.clone())),
+                (None, Some(g)) => {
+                    (topics.group_desired(g), format!("{}/devices/+/events", topics.prefix()), Target::Group(g.clone()))
+                }
                 _ => return fail(EXIT_USAGE, "give --device or --group"),
+            };
+            d.target = Some(target);
+            let payload = match &signer {
+                Some(s) => s.deployment(&d),
+                None => d.to_json(),
             };
             let mut op =
                 match Operator::connect(&broker, &format!("outpost-sim-deploy-{}", std::process::id()), topics).await {
@@ -299,10 +365,11 @@ async fn run(command: Command) -> ExitCode {
             if wait && let Err(e) = op.subscribe(&events).await {
                 return fail(EXIT_UNAVAILABLE, &e);
             }
-            if let Err(e) = op.publish(&topic, d.to_json(), true).await {
+            if let Err(e) = op.publish(&topic, payload, true).await {
                 return fail(EXIT_UNAVAILABLE, &e);
             }
-            println!("published {} revision {} ({}@{}) to {topic}", d.deployment_id, d.revision, name, version);
+            let signed = if signer.is_some() { " signed" } else { "" };
+            println!("published{signed} {} revision {} ({}@{}) to {topic}", d.deployment_id, d.revision, name, version);
             if !wait {
                 op.disconnect().await;
                 return ExitCode::SUCCESS;
@@ -331,25 +398,55 @@ async fn run(command: Command) -> ExitCode {
                 Err(e) => fail(EXIT_UNAVAILABLE, &e),
             }
         }
-        Command::Undeploy { broker, device, group } => {
+        Command::Undeploy { broker, device, group, sign_key, certificate, revision } => {
+            let signer = match sign_key.as_deref().map(|k| Signer::load(k, certificate.as_deref())).transpose() {
+                Ok(s) => s,
+                Err(e) => return fail(EXIT_USAGE, &e),
+            };
             let topics = Topics::default();
-            let topic = match (&device, &group) {
-                (Some(d), _) => topics.device_desired(d),
-                (None, Some(g)) => topics.group_desired(g),
+            let (topic, target) = match (&device, &group) {
+                (Some(d), _) => (topics.device_desired(d), Target::Device(d.clone())),
+                (None, Some(g)) => (topics.group_desired(g), Target::Group(g.clone())),
                 _ => return fail(EXIT_USAGE, "give --device or --group"),
             };
+            let revision = revision.unwrap_or_else(operator::clock_revision);
+            let payload = signer.as_ref().map(|s| s.undeploy(target, revision)).unwrap_or_default();
             let op = match Operator::connect(&broker, &format!("outpost-sim-undeploy-{}", std::process::id()), topics)
                 .await
             {
                 Ok(o) => o,
                 Err(e) => return fail(EXIT_UNAVAILABLE, &e),
             };
-            if let Err(e) = op.publish(&topic, Vec::new(), true).await {
+            if let Err(e) = op.publish(&topic, payload, true).await {
                 return fail(EXIT_UNAVAILABLE, &e);
             }
             op.disconnect().await;
-            println!("withdrew the desired state on {topic}");
+            match signer {
+                Some(_) => println!("withdrew the desired state on {topic} (signed, revision {revision})"),
+                None => println!("withdrew the desired state on {topic}"),
+            }
             ExitCode::SUCCESS
+        }
+        Command::Keygen { out } => match signing::keygen(&out) {
+            Ok((private, public, key)) => {
+                println!("private key: {} (keep it secret; PKCS#8 PEM)", private.display());
+                println!("public key:  {} (trust.keys on devices)", public.display());
+                println!("             {}", key.to_text());
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(EXIT_USAGE, &e),
+        },
+        Command::Certify { root_key, key, name, expires, devices, groups, out } => {
+            let scope = outpost_protocol::trust::Scope { devices, groups };
+            match signing::certify(&root_key, &key, name.as_deref(), &expires, scope)
+                .and_then(|c| std::fs::write(&out, c).map_err(|e| format!("{}: {e}", out.display())))
+            {
+                Ok(()) => {
+                    println!("certificate written to {}", out.display());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(EXIT_USAGE, &e),
+            }
         }
         Command::Infer { broker, device, input, timeout } => {
             let body = match std::fs::read(&input)

@@ -130,6 +130,12 @@ pub async fn resolve_manifest(registry_url: &str, name: &str, version: &str) -> 
     Ok((url, crate::registry::sha256(&bytes)))
 }
 
+/// A revision from the clock (milliseconds since 1970): successive
+/// deploys and undeploys from any operator machine increase.
+pub fn clock_revision() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(1)
+}
+
 /// A deployment with a revision from the clock (milliseconds), so successive
 /// deploys from any operator machine increase.
 pub fn deployment(
@@ -140,9 +146,7 @@ pub fn deployment(
     revision: Option<u64>,
     id: Option<String>,
 ) -> Deployment {
-    let revision = revision.unwrap_or_else(|| {
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(1)
-    });
+    let revision = revision.unwrap_or_else(clock_revision);
     Deployment {
         schema: SCHEMA.into(),
         deployment_id: id.unwrap_or_else(|| format!("{name}-{version}-{revision}")),
@@ -155,6 +159,7 @@ pub fn deployment(
         },
         serving: Default::default(),
         policy: Default::default(),
+        target: None,
     }
 }
 
@@ -210,7 +215,7 @@ pub async fn infer_once(
     mut request: serde_json::Value,
     timeout: Duration,
 ) -> Result<InferReply, String> {
-    let reply_to = format!("outpost-sim/replies/{}-{}", std::process::id(), outpost_agent::sys::jitter().to_bits());
+    let reply_to = format!("{}{}-{}", op.topics.replies(), std::process::id(), outpost_agent::sys::jitter().to_bits());
     op.subscribe(&reply_to).await?;
     request["reply_to"] = serde_json::Value::String(reply_to.clone());
     op.publish(&op.topics.infer(device), serde_json::to_vec(&request).map_err(|e| e.to_string())?, false).await?;

@@ -167,6 +167,26 @@ impl Mosquitto {
     pub fn url(&self) -> outpost_agent::link::BrokerUrl {
         outpost_agent::link::BrokerUrl { host: "127.0.0.1".into(), port: self.port, tls: false }
     }
+
+    /// A broker running `conf` (written as `dir`/mosquitto.conf), whose one
+    /// listener is on `port`: e.g. the shipped fleet configuration with its
+    /// paths pointed at files the test put in `dir`. Returns once `port` answers.
+    pub fn start_conf(dir: tempfile::TempDir, conf: &str, port: u16) -> Mosquitto {
+        use std::os::unix::fs::PermissionsExt;
+        // Started as root, Mosquitto reads these, and writes its log and
+        // database here, as its own user.
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+        for entry in std::fs::read_dir(dir.path()).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_file() {
+                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+            }
+        }
+        std::fs::write(dir.path().join("mosquitto.conf"), conf).unwrap();
+        let mut m = Mosquitto { port, tls_port: Some(port), child: None, dir };
+        m.spawn();
+        m
+    }
 }
 
 impl Drop for Mosquitto {

@@ -79,6 +79,10 @@ pub struct FetchConfig {
     /// Certificate authorities trusted for `https://`, instead of the
     /// system's ([`crate::sys::tls::system_roots`]) (`--ca-file`: a private registry's CA).
     pub roots: Option<Vec<rustls::pki_types::CertificateDer<'static>>>,
+    /// The one directory `file://` URLs may read from (`download.file_root`,
+    /// for labs); `None`: `file://` is refused (a deployer must not be able
+    /// to probe or copy the device's own files).
+    pub file_root: Option<std::path::PathBuf>,
 }
 
 impl Default for FetchConfig {
@@ -91,6 +95,7 @@ impl Default for FetchConfig {
             backoff_base: Duration::from_millis(500),
             backoff_max: Duration::from_secs(30),
             roots: None,
+            file_root: None,
         }
     }
 }
@@ -131,6 +136,9 @@ pub enum DownloadError {
     /// Writing what arrived to the store failed (`disk_full` when it is full).
     #[error("{message}")]
     Write { message: String, disk_full: bool },
+    /// A URL the device's configuration does not allow (`url_refused`).
+    #[error("{0}")]
+    Refused(String),
     /// Every attempt failed, the last one so.
     #[error("{last} (gave up after {attempts} attempts)")]
     GaveUp { last: Box<DownloadError>, attempts: u32 },
@@ -140,6 +148,7 @@ impl DownloadError {
     pub fn code(&self) -> ErrorCode {
         match self {
             DownloadError::Transfer(_) => ErrorCode::DownloadFailed,
+            DownloadError::Refused(_) => ErrorCode::UrlRefused,
             DownloadError::Digest(_) => ErrorCode::DigestMismatch,
             DownloadError::Size(_) => ErrorCode::SizeMismatch,
             DownloadError::TooLarge(_) => ErrorCode::TooLarge,
@@ -338,7 +347,7 @@ impl Fetcher {
                 Err(e) if e.cancelled => return Err(FetchError::Cancelled),
                 Err(e) if !e.transient => return Err(FetchError::Failed(e.error.into())),
                 Err(e) => {
-                    tracing::warn!(url, attempt = n + 1, error = %e.error, "transient download failure");
+                    tracing::warn!(url = %crate::sys::redact_url(url), attempt = n + 1, error = %e.error, "transient download failure");
                     if n + 1 < attempts {
                         let delay = self.backoff(n, e.retry_after);
                         on_retry(n + 1, &e.error, delay);
@@ -348,7 +357,7 @@ impl Fetcher {
                 }
             }
         }
-        let last = last.unwrap_or_else(|| DownloadError::Transfer(format!("{url}: no attempt made")));
+        let last = last.unwrap_or_else(|| DownloadError::Transfer(format!("{}: no attempt made", crate::sys::redact_url(url))));
         Err(FetchError::Failed(DownloadError::GaveUp { last: Box::new(last), attempts }.into()))
     }
 
@@ -362,11 +371,43 @@ impl Fetcher {
         }
     }
 
+    /// The file a `file://` URL names, if `download.file_root` allows it:
+    /// resolved (`..`, symbolic links) and inside the root. Nothing is said
+    /// about a path outside it, not even whether it exists.
+    fn local_path(&self, path: &str, what: &str) -> Result<String, DownloadError> {
+        let Some(root) = &self.config.file_root else {
+            return Err(DownloadError::Refused(format!(
+                "{what}: file:// URLs are off on this device (only http:// and https://; a lab can allow a \
+                 directory with download.file_root)"
+            )));
+        };
+        let outside = || {
+            DownloadError::Refused(format!(
+                "{what}: file://{path} is not inside download.file_root ({})",
+                root.display()
+            ))
+        };
+        let root = std::fs::canonicalize(root).map_err(|_| outside())?;
+        match std::fs::canonicalize(path) {
+            Ok(p) if p.starts_with(&root) => Ok(p.to_string_lossy().into_owned()),
+            Ok(_) => Err(outside()),
+            // Missing: said only for a path that would be inside.
+            Err(e) => match std::path::Path::new(path).parent().and_then(|p| std::fs::canonicalize(p).ok()) {
+                Some(parent) if parent.starts_with(&root) => {
+                    Err(DownloadError::Transfer(format!("{what}: cannot open {path}: {e}")))
+                }
+                _ => Err(outside()),
+            },
+        }
+    }
+
     /// Opens `url` from byte `from` on. Returns the body and whether it starts
     /// at `from` (true) or at 0 (the server ignored the range).
     fn open(&self, url: &str, what: &str, from: u64) -> Result<(Box<dyn Read + Send>, bool), AttemptError> {
+        // What messages show: no password, no query string (a presigned URL's token).
+        let shown = crate::sys::redact_url(url);
         if let Some(path) = url.strip_prefix("file://") {
-            let path = percent_decode(path);
+            let path = self.local_path(&percent_decode(path), what).map_err(permanent)?;
             let mut f = std::fs::File::open(&path).map_err(|e| {
                 // A missing file will not appear by retrying; an I/O error might.
                 let t = !matches!(e.kind(), std::io::ErrorKind::NotFound | std::io::ErrorKind::PermissionDenied);
@@ -380,7 +421,7 @@ impl Fetcher {
             && self.config.roots.is_none()
             && let Err(e) = crate::sys::tls::system_roots()
         {
-            return Err(permanent(DownloadError::Transfer(format!("{what}: {url}: cannot verify the server: {e}"))));
+            return Err(permanent(DownloadError::Transfer(format!("{what}: {shown}: cannot verify the server: {e}"))));
         }
         let mut req = self.agent().get(url);
         if from > 0 {
@@ -389,12 +430,12 @@ impl Fetcher {
         let resp = match req.call() {
             Ok(r) => r,
             Err(e @ (ureq::Error::BadUri(_) | ureq::Error::RequireHttpsOnly(_) | ureq::Error::TooManyRedirects)) => {
-                return Err(permanent(DownloadError::Transfer(format!("{what}: {url}: {e}"))));
+                return Err(permanent(DownloadError::Transfer(format!("{what}: {shown}: {e}"))));
             }
             // A certificate the device does not trust will not become trusted by retrying.
             Err(e) if untrusted_certificate(&e) => {
                 return Err(permanent(DownloadError::Transfer(format!(
-                    "{what}: {url}: {e} ({})",
+                    "{what}: {shown}: {e} ({})",
                     if self.config.roots.is_some() {
                         "is the registry's CA in the agent's tls.ca_file / --ca-file?"
                     } else {
@@ -402,7 +443,7 @@ impl Fetcher {
                     }
                 ))));
             }
-            Err(e) => return Err(transient(DownloadError::Transfer(format!("{what}: {url}: {e}")))),
+            Err(e) => return Err(transient(DownloadError::Transfer(format!("{what}: {shown}: {e}")))),
         };
         let status = resp.status().as_u16();
         let retry_after = resp
@@ -417,15 +458,15 @@ impl Fetcher {
             416 => {
                 // The range no longer fits the file (it changed, or we hold too much): start over.
                 Err(AttemptError {
-                    error: DownloadError::Transfer(format!("{what}: HTTP 416 from {url} for bytes={from}-")),
+                    error: DownloadError::Transfer(format!("{what}: HTTP 416 from {shown} for bytes={from}-")),
                     transient: true,
                     retry_after: None,
                     cancelled: false,
                 })
-                .inspect_err(|_| tracing::info!(url, "range refused; the next attempt starts from 0"))
+                .inspect_err(|_| tracing::info!(url = %shown, "range refused; the next attempt starts from 0"))
             }
             s => {
-                let msg = format!("{what}: HTTP {s} from {url}");
+                let msg = format!("{what}: HTTP {s} from {shown}");
                 if s >= 500 || s == 408 || s == 429 {
                     Err(AttemptError {
                         error: DownloadError::Transfer(msg),
@@ -521,7 +562,7 @@ fn copy_capped(
             Err(e) => {
                 // Keep what was written: the next attempt resumes from there.
                 let _ = w.flush();
-                return Err(transient(DownloadError::Transfer(format!("{what}: reading {url}: {}", describe_io(&e)))));
+                return Err(transient(DownloadError::Transfer(format!("{what}: reading {}: {}", crate::sys::redact_url(url), describe_io(&e)))));
             }
         };
         if cancel.is_cancelled() {
@@ -613,7 +654,7 @@ pub fn file_url(manifest_url: &str, path: &str, own: Option<&str>) -> Result<Str
     // its last '/' after the authority.
     let base = &manifest_url[..manifest_url.find(['?', '#']).unwrap_or(manifest_url.len())];
     let authority = base.find("://").map(|i| i + 3).ok_or_else(|| {
-        ErrorInfo::new(ErrorCode::InvalidMessage, format!("model.manifest_url: {manifest_url}: not an absolute URL"))
+        ErrorInfo::new(ErrorCode::InvalidMessage, format!("model.manifest_url: {}: not an absolute URL", crate::sys::redact_url(manifest_url)))
     })?;
     let dir = match base[authority..].rfind('/') {
         Some(i) => base[..authority + i + 1].to_string(),
@@ -686,7 +727,25 @@ mod tests {
         let p = dir.path().join("blob");
         std::fs::write(&p, b"hello world").unwrap();
         let url = format!("file://{}", p.display());
-        let f = Fetcher::new(FetchConfig { attempts: 1, ..Default::default() });
+        let off = Fetcher::new(FetchConfig { attempts: 1, ..Default::default() });
+        let c = Cancel::default();
+        let mut no_retry = |_: u32, _: &DownloadError, _: Duration| {};
+        let Err(FetchError::Failed(e)) = off.fetch_bytes(&url, "blob", &"0".repeat(64), 100, &c, &mut no_retry) else {
+            panic!()
+        };
+        assert_eq!(e.code, ErrorCode::UrlRefused);
+        assert!(e.message.starts_with("blob: file:// URLs are off on this device"), "{}", e.message);
+        let f = Fetcher::new(FetchConfig { attempts: 1, file_root: Some(dir.path().to_path_buf()), ..Default::default() });
+        // Outside the root, existing or not, through `..` or not: the same answer.
+        for outside in ["/etc/passwd", "/etc/nope", &format!("{}/../../etc/passwd", dir.path().display())] {
+            let Err(FetchError::Failed(e)) =
+                f.fetch_bytes(&format!("file://{outside}"), "x", &"0".repeat(64), 100, &c, &mut no_retry)
+            else {
+                panic!()
+            };
+            assert_eq!(e.code, ErrorCode::UrlRefused, "{outside}");
+            assert!(e.message.contains("is not inside download.file_root"), "{}", e.message);
+        }
         let (good, _) = crate::deploy::store::sha256_file(&p).unwrap();
         let c = Cancel::default();
         let mut no_retry = |_: u32, _: &DownloadError, _: Duration| {};

@@ -26,6 +26,7 @@ use crate::report::Reporter;
 use crate::serve::probation::{Limits as ProbationLimits, Verdict};
 use crate::serve::{Engine, ProbationEnd};
 use fetch::{Cancel, FetchError};
+use outpost_protocol::trust::{Desired, Target};
 use outpost_protocol::{Deployment, ErrorCode, ErrorInfo, Outcome, Phase, ProtocolError};
 use pipeline::{Ended, Pipeline, Prepared};
 use reconcile::{Decision, Reconciler, Source};
@@ -54,6 +55,35 @@ enum Command {
     /// time: recorded (the breaker blames an unclean exit on it) before
     /// `recorded` is answered (false: stopping, do not start it).
     Installing { deployment: Box<Deployment>, recorded: std::sync::mpsc::Sender<Result<(), FetchError>> },
+}
+
+/// Who may set the desired state: the topics the device listens on and the
+/// keys it trusts.
+#[derive(Debug, Clone, Default)]
+pub struct Authority {
+    pub device: String,
+    /// In order of precedence (`Source::Group(i)` is `groups[i]`).
+    pub groups: Vec<String>,
+    pub trust: outpost_protocol::trust::Trust,
+}
+
+impl Authority {
+    /// The target a message on `source`'s topic must name.
+    fn target(&self, source: Source) -> Target {
+        match source {
+            Source::Device => Target::Device(self.device.clone()),
+            Source::Group(i) => Target::Group(self.groups.get(i).cloned().unwrap_or_default()),
+        }
+    }
+
+    /// How a source's revision is kept in the record: by topic, not by
+    /// position, so reordering the groups keeps each group's revision.
+    fn key(&self, source: Source) -> String {
+        match self.target(source) {
+            Target::Device(_) => "device".into(),
+            Target::Group(g) => format!("group:{g}"),
+        }
+    }
 }
 
 /// The handle the main loop holds.
@@ -111,6 +141,7 @@ pub(crate) struct Deployer {
     reporter: Arc<Reporter>,
     engine: Arc<Engine>,
     reconciler: Reconciler,
+    authority: Authority,
     record: Record,
     /// The record of the version the engine serves (None: no model).
     serving: Option<ActiveRecord>,
@@ -140,7 +171,11 @@ impl Deployer {
     /// (re-verified, before and without any network), and returns the
     /// deployer with its handle. A deployment interrupted by the last stop
     /// resumes when [`Deployer::run`] starts.
-    pub async fn open(pipeline: Arc<Pipeline>, reporter: Arc<Reporter>) -> (Deployer, Deployments, Restored) {
+    pub async fn open(
+        pipeline: Arc<Pipeline>,
+        reporter: Arc<Reporter>,
+        authority: Authority,
+    ) -> (Deployer, Deployments, Restored) {
         let engine = pipeline.engine.clone();
         let mut record = Record::read(&pipeline.store);
         reporter.resume_seq(record.seq);
@@ -158,6 +193,7 @@ impl Deployer {
             reporter,
             engine,
             reconciler: Reconciler::new(),
+            authority,
             record,
             serving: None,
             probation: None,
@@ -264,6 +300,15 @@ impl Deployer {
                 }
             }
         }
+        // The highest revision each topic reached, whatever became of it
+        // (withdrawn, shadowed, failed): nothing older or equal is accepted
+        // again. (After the pending deployment resumed: it holds its topic's
+        // highest revision itself.)
+        for source in self.sources() {
+            if let Some(r) = self.record.revisions.get(&self.authority.key(source)) {
+                self.reconciler.remember(source, *r);
+            }
+        }
         loop {
             let window = self.probation.as_ref().map(|p| p.closes_at);
             tokio::select! {
@@ -355,22 +400,53 @@ impl Deployer {
         }
     }
 
-    /// A desired-state message. A deployment (or undeployment) is recorded
-    /// on disk before `recorded` is answered, so the message can be acked.
+    fn sources(&self) -> Vec<Source> {
+        std::iter::once(Source::Device).chain((0..self.authority.groups.len()).map(Source::Group)).collect()
+    }
+
+    /// A desired-state message: opened (signature and target checked when
+    /// keys are configured), judged, and a deployment (or undeployment)
+    /// recorded on disk before `recorded` is answered, so the message can be
+    /// acked. A refused message changes nothing and is reported.
     async fn on_desired(&mut self, source: Source, payload: &[u8], max: usize, recorded: oneshot::Sender<()>) {
-        let parsed = if payload.is_empty() {
-            None
-        } else if payload.len() > max {
-            Some(Err(ProtocolError {
+        if payload.len() > max {
+            let e = ProtocolError {
                 code: ErrorCode::TooLarge,
                 path: String::new(),
                 expected: format!("a desired state of at most {max} bytes (--max-packet-size)"),
                 found: format!("{} bytes", payload.len()),
-            }))
-        } else {
-            Some(Deployment::from_json(payload))
+            };
+            self.count_refused();
+            self.reporter.invalid_desired(payload, &e.info());
+            return;
+        }
+        let arrived_on = self.authority.target(source);
+        let decision = match self.authority.trust.open(payload, &arrived_on, std::time::SystemTime::now()) {
+            Err(refused) => {
+                self.count_refused();
+                tracing::warn!(topic = %arrived_on, error = %refused.error, "desired state refused");
+                match &refused.claimed {
+                    Some(d) => self.reporter.refused_desired(d, &refused.error),
+                    None => self.reporter.invalid_desired(payload, &refused.error),
+                }
+                return;
+            }
+            Ok((Desired::Deploy(d), signer)) => {
+                if self.authority.trust.enforced() && self.reconciler.is_new(source, &d) {
+                    tracing::info!(deployment = %d.deployment_id, revision = d.revision, %signer, "signed deployment accepted");
+                }
+                if let Some(e) = self.downgrade(source, &d) {
+                    self.count_refused();
+                    self.reporter.refused_desired(&d, &e);
+                    return;
+                }
+                self.reconciler.on_message(source, Some(Ok(d)))
+            }
+            Ok((Desired::Undeploy { revision: Some(r), .. }, _)) => self.reconciler.on_withdraw(source, r),
+            Ok((Desired::Undeploy { revision: None, .. }, _)) => self.reconciler.on_message(source, None),
         };
-        match self.reconciler.on_message(source, parsed) {
+        self.remember_revision(source);
+        match decision {
             Decision::Deploy(d) => {
                 crate::sys::crash_point("desired-received");
                 self.record.pending = Some(ActiveRecord::new(source, d.clone()));
@@ -399,7 +475,7 @@ impl Deployer {
                     self.reporter.event(&d, Phase::Unchanged, None, None, Some("already applied".into()))
                 }
             }
-            Decision::Stale { deployment, newest } => self.reporter.event(
+            Decision::Stale { deployment, newest } => self.count_refused().reporter.event(
                 &deployment,
                 Phase::Failed,
                 None,
@@ -412,16 +488,61 @@ impl Deployer {
                 )),
                 None,
             ),
-            Decision::Shadowed(d) => self.reporter.event(
-                &d,
-                Phase::Unchanged,
-                None,
-                None,
-                Some("shadowed by a desired state of higher precedence (device topic or an earlier group)".into()),
-            ),
-            Decision::Invalid(e) => self.reporter.invalid_desired(payload, &e),
-            Decision::Nothing => {}
+            Decision::StaleWithdraw { revision, newest } => {
+                let e = ErrorInfo::new(
+                    ErrorCode::StaleRevision,
+                    format!("undeploy revision {revision} is not newer than revision {newest} already received from this topic"),
+                );
+                self.count_refused().reporter.refused(None, revision, &e);
+            }
+            Decision::Shadowed(d) => {
+                let _ = self.persist().await;
+                self.reporter.event(
+                    &d,
+                    Phase::Unchanged,
+                    None,
+                    None,
+                    Some("shadowed by a desired state of higher precedence (device topic or an earlier group)".into()),
+                )
+            }
+            Decision::Invalid(e) => self.count_refused().reporter.invalid_desired(payload, &e.info()),
+            Decision::Nothing => {
+                let _ = self.persist().await;
+            }
         }
+    }
+
+    fn count_refused(&self) -> &Self {
+        self.engine.counters.desired_refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self
+    }
+
+    /// Copies the source's highest revision into the record (persisted with
+    /// what the decision writes next).
+    fn remember_revision(&mut self, source: Source) {
+        if let Some(r) = self.reconciler.newest(source) {
+            self.record.revisions.insert(self.authority.key(source), r);
+        }
+    }
+
+    /// `downgrade_refused` for a new desired state that would replace the
+    /// serving version of the same model by an older one, unless its
+    /// policy allows it.
+    fn downgrade(&self, source: Source, d: &Deployment) -> Option<ErrorInfo> {
+        let serving = &self.serving.as_ref()?.deployment.model;
+        let older = serving.name == d.model.name
+            && version_order(&d.model.version, &serving.version) == std::cmp::Ordering::Less;
+        if !older || d.policy.allow_downgrade == Some(true) || !self.reconciler.is_new(source, d) {
+            return None;
+        }
+        Some(ErrorInfo::new(
+            ErrorCode::DowngradeRefused,
+            format!(
+                "{}@{} is older than {}@{}, which serves; to go back, publish it with \"policy\": \
+                 {{\"allow_downgrade\": true}}",
+                d.model.name, d.model.version, serving.name, serving.version
+            ),
+        ))
     }
 
     /// Starts deploying `d`, superseding whatever deployment is in progress:
@@ -767,6 +888,36 @@ impl Deployer {
         self.reporter.set_view(self.record.view());
         self.reporter.publish_state();
     }
+}
+
+/// Orders model versions as people number them: runs of digits compare as
+/// numbers (`1.10` > `1.9`, `v10` > `v2`), everything else byte by byte.
+pub(crate) fn version_order(a: &str, b: &str) -> std::cmp::Ordering {
+    fn chunks(s: &str) -> Vec<(bool, &str)> {
+        let mut out = Vec::new();
+        let mut start = 0;
+        let b = s.as_bytes();
+        for i in 1..=b.len() {
+            if i == b.len() || b[i].is_ascii_digit() != b[start].is_ascii_digit() {
+                out.push((b[start].is_ascii_digit(), &s[start..i]));
+                start = i;
+            }
+        }
+        out
+    }
+    let (ca, cb) = (chunks(a), chunks(b));
+    for ((da, xa), (db, xb)) in ca.iter().zip(cb.iter()) {
+        let o = if *da && *db {
+            let (ta, tb) = (xa.trim_start_matches('0'), xb.trim_start_matches('0'));
+            ta.len().cmp(&tb.len()).then_with(|| ta.cmp(tb))
+        } else {
+            xa.cmp(xb)
+        };
+        if o != std::cmp::Ordering::Equal {
+            return o;
+        }
+    }
+    ca.len().cmp(&cb.len())
 }
 
 fn panic_text(e: tokio::task::JoinError) -> String {

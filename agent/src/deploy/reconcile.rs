@@ -35,6 +35,8 @@ pub enum Decision {
     Invalid(ProtocolError),
     /// Empty payload for a source that had nothing, or that was shadowed.
     Nothing,
+    /// A signed undeployment older than what this source sent before.
+    StaleWithdraw { revision: u64, newest: u64 },
 }
 
 #[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -99,6 +101,40 @@ impl Reconciler {
         }
     }
 
+    /// A signed undeployment: withdraws the source's desired state like an
+    /// empty payload, and raises its revision like a deployment, so an
+    /// older signed deployment replayed afterwards is stale. Seen again (a
+    /// retained replay) it is nothing.
+    pub fn on_withdraw(&mut self, source: Source, revision: u64) -> Decision {
+        if let Some(newest) = self.newest(source)
+            && revision <= newest
+        {
+            let desired = self.desired.iter().any(|(s, _)| *s == source);
+            return if revision == newest && !desired { Decision::Nothing } else { Decision::StaleWithdraw { revision, newest } };
+        }
+        self.remember(source, revision);
+        self.on_message(source, None)
+    }
+
+    /// The highest revision accepted from `source`.
+    pub fn newest(&self, source: Source) -> Option<u64> {
+        self.newest.iter().find(|(s, _)| *s == source).map(|(_, r)| *r)
+    }
+
+    /// True when `d` would be taken as a new desired state of `source` (not
+    /// a replay, not stale).
+    pub fn is_new(&self, source: Source, d: &Deployment) -> bool {
+        self.newest(source).is_none_or(|n| d.revision > n)
+    }
+
+    /// Raises the highest revision known from `source` (persisted across
+    /// restarts by the deployer); never lowers it.
+    pub fn remember(&mut self, source: Source, revision: u64) {
+        let newest = self.newest(source).map_or(revision, |n| n.max(revision));
+        self.newest.retain(|(s, _)| *s != source);
+        self.newest.push((source, newest));
+    }
+
     fn apply_effective(&mut self, incoming: Option<Deployment>) -> Decision {
         match (self.effective(), &self.target) {
             (None, None) => Decision::Nothing,
@@ -119,8 +155,7 @@ impl Reconciler {
 
     /// Restores the target after a restart, so replayed retained messages are `unchanged`.
     pub fn restore(&mut self, source: Source, d: Deployment) {
-        self.newest.retain(|(s, _)| *s != source);
-        self.newest.push((source, d.revision));
+        self.remember(source, d.revision);
         self.desired.retain(|(s, _)| *s != source);
         self.desired.push((source, d.clone()));
         self.target = Some((source, d));
@@ -190,6 +225,24 @@ mod tests {
         let e = ProtocolError::invalid("revision", "a number", "\"x\"");
         assert_eq!(r.on_message(Source::Device, Some(Err(e.clone()))), Decision::Invalid(e));
         assert_eq!(r.target(), Some(&(Source::Device, d)));
+    }
+
+    #[test]
+    fn a_signed_withdrawal_raises_the_revision_and_replays_as_nothing() {
+        let mut r = Reconciler::new();
+        r.on_message(Source::Device, Some(Ok(dep("d5", 5, "1"))));
+        assert_eq!(r.on_withdraw(Source::Device, 5), Decision::StaleWithdraw { revision: 5, newest: 5 });
+        assert_eq!(r.on_withdraw(Source::Device, 6), Decision::Undeploy);
+        assert_eq!(r.on_withdraw(Source::Device, 6), Decision::Nothing);
+        assert_eq!(r.on_withdraw(Source::Device, 4), Decision::StaleWithdraw { revision: 4, newest: 6 });
+        // The deployment it withdrew, replayed, is stale now.
+        assert!(matches!(r.on_message(Source::Device, Some(Ok(dep("d5", 5, "1")))), Decision::Stale { newest: 6, .. }));
+        // A remembered revision (from the record) is never lowered.
+        r.remember(Source::Group(0), 9);
+        r.remember(Source::Group(0), 3);
+        assert_eq!(r.newest(Source::Group(0)), Some(9));
+        assert!(!r.is_new(Source::Group(0), &dep("g", 9, "1")));
+        assert!(r.is_new(Source::Group(0), &dep("g", 10, "1")));
     }
 
     #[test]

@@ -51,6 +51,10 @@ pub struct Record {
     /// A version the breaker quarantined, and why: not retried until a new revision.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub quarantined: Option<Quarantined>,
+    /// The highest revision accepted per desired topic (`device`,
+    /// `group:NAME`): rollback and freeze protection across restarts.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub revisions: std::collections::BTreeMap<String, u64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -63,14 +63,14 @@ impl Lab {
         let engine = Arc::new(Engine::new(1, 8));
         let pipeline = Arc::new(Pipeline {
             store,
-            fetcher: Fetcher::new(FetchConfig::default()),
+            fetcher: Fetcher::new(FetchConfig { file_root: Some(dir.path().to_path_buf()), ..FetchConfig::default() }),
             engine: engine.clone(),
             reporter: reporter.clone(),
             limits: arc_swap::ArcSwap::from_pointee(pipeline::Limits::new(1, 8)),
             http: Default::default(),
             isolation: crate::deploy::isolate::Isolation::InProcess,
         });
-        let (deployer, deployments, _) = Deployer::open(pipeline, reporter).await;
+        let (deployer, deployments, _) = Deployer::open(pipeline, reporter, super::Authority { device: "dev".into(), ..Default::default() }).await;
         let task = tokio::spawn(deployer.run());
         Lab { _dir: dir, data, registry, deployments, inbox, engine, task }
     }
@@ -223,4 +223,23 @@ async fn a_rollback_during_the_drain_is_recorded() {
         }
     };
     assert_eq!(rolled_back.deployment_id, d2.deployment_id);
+}
+
+#[test]
+fn versions_order_as_people_number_them() {
+    use super::version_order;
+    use std::cmp::Ordering::*;
+    for (a, b, o) in [
+        ("1", "2", Less),
+        ("2", "10", Less),
+        ("1.9", "1.10", Less),
+        ("v2", "v10", Less),
+        ("1.0", "1.0.1", Less),
+        ("2", "2", Equal),
+        ("007", "7", Equal),
+        ("2024-01-02", "2024-01-10", Less),
+        ("b", "a", Greater),
+    ] {
+        assert_eq!(version_order(a, b), o, "{a} vs {b}");
+    }
 }

@@ -8,7 +8,7 @@ pub mod telemetry;
 
 use crate::link::publisher::{Outbox, Outgoing};
 use outpost_protocol::{
-    ActiveModel, Deployment, DeploymentEvent, DeviceState, ErrorInfo, LastDeployment, Phase, Progress, ProtocolError,
+    ActiveModel, Deployment, DeploymentEvent, DeviceState, ErrorInfo, LastDeployment, Phase, Progress,
     Topics,
 };
 use std::sync::Mutex;
@@ -93,18 +93,28 @@ impl Reporter {
 
     /// A desired message that is not a valid deployment: reported under the
     /// id it claims (if any); nothing changes.
-    pub fn invalid_desired(&self, payload: &[u8], e: &ProtocolError) {
+    pub fn invalid_desired(&self, payload: &[u8], e: &ErrorInfo) {
         #[derive(serde::Deserialize)]
         struct Claimed {
             deployment_id: Option<serde_json::Value>,
             revision: Option<serde_json::Value>,
         }
         let claimed: Option<Claimed> = serde_json::from_slice(payload).ok();
-        let id =
-            claimed.as_ref().and_then(|c| c.deployment_id.as_ref()).and_then(|v| v.as_str()).unwrap_or("").to_string();
+        let id = claimed.as_ref().and_then(|c| c.deployment_id.as_ref()).and_then(|v| v.as_str());
         let rev = claimed.as_ref().and_then(|c| c.revision.as_ref()).and_then(|v| v.as_u64()).unwrap_or(0);
+        self.refused(id, rev, e);
+    }
+
+    /// A valid deployment the device refuses (unsigned, badly signed, for
+    /// another target, a downgrade): the active model keeps serving.
+    pub fn refused_desired(&self, d: &Deployment, e: &ErrorInfo) {
+        self.refused(Some(&d.deployment_id), d.revision, e);
+    }
+
+    /// A refused desired state, as far as it can be named.
+    pub fn refused(&self, deployment_id: Option<&str>, revision: u64, e: &ErrorInfo) {
         let detail = Some("desired state refused; the active model keeps serving".into());
-        self.emit(&id, rev, Phase::Failed, None, Some(e.info()), detail, None);
+        self.emit(deployment_id.unwrap_or(""), revision, Phase::Failed, None, Some(e.clone()), detail, None);
     }
 
     #[allow(clippy::too_many_arguments)]

@@ -321,6 +321,16 @@ async fn metrics(State(engine): State<Arc<Engine>>) -> Response {
         "Automatic rollbacks after a failed probation.",
         c.rollbacks.load(Ordering::Relaxed),
     );
+    counter(
+        "outpost_desired_refused_total",
+        "Desired states refused: unsigned, bad signature, wrong target, invalid, stale or a downgrade.",
+        c.desired_refused.load(Ordering::Relaxed),
+    );
+    counter(
+        "outpost_reply_refused_total",
+        "MQTT requests whose reply topic is outside the reply prefixes (answered on predictions instead).",
+        c.reply_refused.load(Ordering::Relaxed),
+    );
     let mut gauge = |name: &str, help: &str, v: String| {
         text.push_str(&format!("# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}\n"));
     };

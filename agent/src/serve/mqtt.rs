@@ -15,6 +15,7 @@ pub async fn answer(
     engine: &Engine,
     out: &Outbox,
     predictions: &str,
+    reply_prefixes: &[String],
     request: &Message,
     max_packet: usize,
     overloaded: Option<String>,
@@ -34,14 +35,28 @@ pub async fn answer(
     } else {
         engine.infer_body(payload, None).await
     };
-    // MQTT 5's response topic first, then `reply_to` in the request, then `predictions`.
-    let topic = request
-        .response_topic()
-        .map(str::to_string)
-        .filter(|t| valid_reply_topic(t))
-        .or(answer.reply_to.filter(|t| valid_reply_topic(t)))
-        .unwrap_or_else(|| predictions.to_string());
-    let mut body = match answer.result {
+    // MQTT 5's response topic first, then `reply_to` in the request, then
+    // `predictions`. A reply topic outside the reply prefixes is not
+    // published on (the agent must not speak for others on their topics):
+    // the refusal goes to `predictions`, counted and logged.
+    let asked = request.response_topic().map(str::to_string).or(answer.reply_to.clone());
+    let (topic, result) = match asked {
+        None => (predictions.to_string(), answer.result),
+        Some(t) if valid_reply_topic(&t) && (t == predictions || reply_prefixes.iter().any(|p| t.starts_with(p.as_str()))) => {
+            (t, answer.result)
+        }
+        Some(t) => {
+            engine.counters.reply_refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tracing::warn!(reply_to = %outpost_protocol::error::excerpt(&t, 120), "a request's reply topic is outside the reply prefixes: answered on predictions");
+            let message = format!(
+                "reply topic {} refused: answers go only to topics under {} (mqtt.reply_prefixes) or to {predictions}",
+                outpost_protocol::error::excerpt(&t, 120),
+                reply_prefixes.join(", ")
+            );
+            (predictions.to_string(), Err(InferFailure::new(ErrorCode::ReplyRefused, message)))
+        }
+    };
+    let mut body = match result {
         Ok(resp) => serde_json::to_vec(&resp),
         Err(f) => serde_json::to_vec(&InferError { id: answer.id.clone(), error: f.message, code: f.code }),
     }

@@ -11,6 +11,31 @@ pub fn now_rfc3339() -> String {
     humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
 }
 
+/// A URL as logs, events and `check-config` show it: a password in its
+/// userinfo becomes `***`, and so does its query string (presigned URLs carry
+/// their token there).
+pub fn redact_url(url: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((b, _)) => (b, "?***"),
+        None => (url, ""),
+    };
+    let base = match base.split_once("://") {
+        Some((scheme, rest)) => {
+            let end = rest.find('/').unwrap_or(rest.len());
+            match rest[..end].rsplit_once('@') {
+                Some((userinfo, host)) => {
+                    let user = userinfo.split_once(':').map_or(userinfo, |(u, _)| u);
+                    let masked = if userinfo.contains(':') { format!("{user}:***") } else { user.to_string() };
+                    format!("{scheme}://{masked}@{host}{}", &rest[end..])
+                }
+                None => base.to_string(),
+            }
+        }
+        None => base.to_string(),
+    };
+    format!("{base}{query}")
+}
+
 /// Fault injection for crash tests: when the environment variable
 /// `OUTPOST_CRASH_AT` names this point, the process aborts here, as a power
 /// cut would stop it (no destructor, no further write). The points are the
@@ -98,4 +123,20 @@ pub fn jitter() -> f64 {
     x ^= x >> 27;
     STATE.store(x, Ordering::Relaxed);
     (x.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 11) as f64 / (1u64 << 53) as f64
+}
+
+#[cfg(test)]
+mod redact_tests {
+    #[test]
+    fn passwords_and_query_strings_are_masked() {
+        use super::redact_url as r;
+        assert_eq!(r("mqtt://admin:hunter2@broker:1883"), "mqtt://admin:***@broker:1883");
+        assert_eq!(r("mqtt://admin@broker"), "mqtt://admin@broker");
+        assert_eq!(
+            r("https://bucket.s3/m/1/manifest.json?X-Amz-Signature=abc&X-Amz-Credential=k"),
+            "https://bucket.s3/m/1/manifest.json?***"
+        );
+        assert_eq!(r("http://u:p@h/a@b?x"), "http://u:***@h/a@b?***");
+        assert_eq!(r("http://registry:8000/m/1/model.onnx"), "http://registry:8000/m/1/model.onnx");
+    }
 }

@@ -14,6 +14,7 @@ mod hostile;
 mod lifecycle;
 mod serving;
 mod store;
+mod trust;
 
 const MLP_EXPECTED: &str = "digits-mlp-expected.json";
 
