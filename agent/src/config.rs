@@ -253,7 +253,9 @@ impl Layers {
                     .map_err(|e| format!("{k}: cannot read it: {e}"))
                     .and_then(|text| outpost_protocol::trust::PublicKey::parse(&text).map_err(|e| format!("{k}: {e}")))
             };
-            trust.roots.push(key.map_err(|e| r.error("trust.keys", &format!("{} ({e})", known("trust.keys").map_or("", |x| x.takes))))?);
+            trust.roots.push(key.map_err(|e| {
+                r.error("trust.keys", &format!("{} ({e})", known("trust.keys").map_or("", |x| x.takes)))
+            })?);
         }
         let reply_prefixes = r.strings("mqtt.reply_prefixes")?;
         for p in &reply_prefixes {
@@ -261,7 +263,10 @@ impl Layers {
         }
         let client_id = r.string("mqtt.client_id")?;
         if let Some(c) = &client_id {
-            r.check("mqtt.client_id", !c.is_empty() && c.len() <= 256 && !c.contains(['+', '#', '/']) && !c.chars().any(char::is_control))?;
+            r.check(
+                "mqtt.client_id",
+                !c.is_empty() && c.len() <= 256 && !c.contains(['+', '#', '/']) && !c.chars().any(char::is_control),
+            )?;
         }
         let log_format = r.string("log.format")?.unwrap_or_else(|| "text".into());
         r.check("log.format", log_format == "text" || log_format == "json")?;
@@ -408,7 +413,10 @@ impl Settings {
             ));
         }
         if let Some(root) = &self.file_root {
-            w.push(format!("download.file_root = {}: deployments may read files under it (file:// URLs)", root.display()));
+            w.push(format!(
+                "download.file_root = {}: deployments may read files under it (file:// URLs)",
+                root.display()
+            ));
         }
         w
     }
@@ -470,7 +478,9 @@ impl Resolver<'_> {
             key: key.to_string(),
             value: match entry {
                 Some(_) if secret => "\"***\"".into(),
-                Some(e) if key == "mqtt.broker" => format!("{:?}", crate::sys::redact_url(e.value.as_str().unwrap_or_default())),
+                Some(e) if key == "mqtt.broker" => {
+                    format!("{:?}", crate::sys::redact_url(e.value.as_str().unwrap_or_default()))
+                }
                 Some(e) => e.value.to_string(),
                 None => "(not set)".into(),
             },

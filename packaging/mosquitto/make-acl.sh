@@ -24,7 +24,7 @@
 # What a device may do comes from `pattern` lines with %u (its CN), which
 # Mosquitto applies to every user; its groups' topics come from its own
 # `user` block. Mosquitto grants an access when any line of the user's block
-# or any pattern grants it (a `deny` line would win over both).
+# or any pattern grants it (none of the lines here is a `deny`).
 #
 # Exit codes: 0 done, 64 bad usage, 65 a bad line in the device list.
 # -f: no file name expansion anywhere (names are split into words, never globbed).

@@ -160,7 +160,9 @@ impl PublicKey {
                 .strip_prefix(&SPKI_PREFIX[..])
                 .and_then(|k| <[u8; 32]>::try_from(k).ok())
                 .map(PublicKey)
-                .ok_or_else(|| "a PUBLIC KEY that is not an ed25519 key (openssl pkey -pubout of an ed25519 key)".into());
+                .ok_or_else(|| {
+                    "a PUBLIC KEY that is not an ed25519 key (openssl pkey -pubout of an ed25519 key)".into()
+                });
         }
         Err("an ed25519 public key: a PEM file (-----BEGIN PUBLIC KEY-----) or ed25519:<base64 of 32 bytes>".into())
     }
@@ -217,7 +219,8 @@ impl SigningKey {
     pub fn from_pem(text: &str) -> Result<SigningKey, String> {
         let der = pem_decode(text, "PRIVATE KEY")?;
         let pair = ring::signature::Ed25519KeyPair::from_pkcs8_maybe_unchecked(&der).map_err(|_| {
-            "a PRIVATE KEY that is not an ed25519 PKCS#8 key (openssl genpkey -algorithm ed25519 writes one)".to_string()
+            "a PRIVATE KEY that is not an ed25519 PKCS#8 key (openssl genpkey -algorithm ed25519 writes one)"
+                .to_string()
         })?;
         // v1 and v2 differ in the outer length and the version; the seed is
         // the OCTET STRING after the algorithm identifier in both.
@@ -279,9 +282,12 @@ impl SigningKey {
 /// What a desired-state payload says, once opened.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Desired {
-    Deploy(Deployment),
+    Deploy(Box<Deployment>),
     /// `revision`: None for the unsigned (empty payload) form.
-    Undeploy { revision: Option<u64>, deployment_id: Option<String> },
+    Undeploy {
+        revision: Option<u64>,
+        deployment_id: Option<String>,
+    },
 }
 
 /// How a desired state was accepted.
@@ -301,7 +307,11 @@ impl std::fmt::Display for Signer {
             Signer::Unchecked => f.write_str("unchecked (no trust keys configured)"),
             Signer::Root(k) => write!(f, "root {k:?}"),
             Signer::Certified { key, name, root } => {
-                write!(f, "deploy key {}{key:?} certified by root {root:?}", name.as_deref().map(|n| format!("{n} ")).unwrap_or_default())
+                write!(
+                    f,
+                    "deploy key {}{key:?} certified by root {root:?}",
+                    name.as_deref().map(|n| format!("{n} ")).unwrap_or_default()
+                )
             }
         }
     }
@@ -313,12 +323,12 @@ impl std::fmt::Display for Signer {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Refused {
     pub error: ErrorInfo,
-    pub claimed: Option<Deployment>,
+    pub claimed: Option<Box<Deployment>>,
 }
 
 impl Refused {
     fn new(code: ErrorCode, message: impl Into<String>, claimed: Option<Deployment>) -> Refused {
-        Refused { error: ErrorInfo::new(code, message), claimed }
+        Refused { error: ErrorInfo::new(code, message), claimed: claimed.map(Box::new) }
     }
 }
 
@@ -366,16 +376,17 @@ impl Trust {
                 return Err(Refused::new(ErrorCode::SignatureRequired, msg, Some(d)));
             }
             check_target(&d.target, arrived_on, false, Some(&d))?;
-            return Ok((Desired::Deploy(d), Signer::Unchecked));
+            return Ok((Desired::Deploy(Box::new(d)), Signer::Unchecked));
         }
         let env: Envelope = parse_json(payload).map_err(|e| Refused { error: e.info(), claimed: None })?;
-        let body = base64_decode(&env.payload).map_err(|e| {
-            Refused { error: ProtocolError::invalid("payload", "base64 of the signed message", e).info(), claimed: None }
+        let body = base64_decode(&env.payload).map_err(|e| Refused {
+            error: ProtocolError::invalid("payload", "base64 of the signed message", e).info(),
+            claimed: None,
         })?;
         let desired = match env.payload_type.as_str() {
             DEPLOYMENT_TYPE => {
                 let d = Deployment::from_json(&body).map_err(|e| Refused { error: e.info(), claimed: None })?;
-                Desired::Deploy(d)
+                Desired::Deploy(Box::new(d))
             }
             UNDEPLOY_TYPE => {
                 check_schema(&body, UNDEPLOY_SCHEMA).map_err(|e| Refused { error: e.info(), claimed: None })?;
@@ -394,7 +405,7 @@ impl Trust {
             }
         };
         let claimed = match &desired {
-            Desired::Deploy(d) => Some(d.clone()),
+            Desired::Deploy(d) => Some(d.as_ref().clone()),
             Desired::Undeploy { .. } => None,
         };
         if let Desired::Deploy(d) = &desired {
@@ -408,7 +419,7 @@ impl Trust {
                 if env.signatures.is_empty() { ErrorCode::SignatureRequired } else { ErrorCode::SignatureInvalid },
                 m,
             ),
-            claimed: claimed.clone(),
+            claimed: claimed.map(Box::new),
         })?;
         Ok((desired, signer))
     }
@@ -421,7 +432,8 @@ impl Trust {
         let message = pae(&env.payload_type, body);
         let mut why = Vec::new();
         for (i, s) in env.signatures.iter().enumerate().take(8) {
-            let hint = s.keyid.as_deref().map(|k| format!(" (keyid {})", crate::error::excerpt(k, 60))).unwrap_or_default();
+            let hint =
+                s.keyid.as_deref().map(|k| format!(" (keyid {})", crate::error::excerpt(k, 60))).unwrap_or_default();
             match self.check_signature(s, &message, target, now) {
                 Ok(signer) => return Ok(signer),
                 Err(e) => why.push(format!("signature {}{hint}: {e}", i + 1)),
@@ -430,7 +442,13 @@ impl Trust {
         Err(why.join("; "))
     }
 
-    fn check_signature(&self, s: &Signature, message: &[u8], target: &Target, now: SystemTime) -> Result<Signer, String> {
+    fn check_signature(
+        &self,
+        s: &Signature,
+        message: &[u8],
+        target: &Target,
+        now: SystemTime,
+    ) -> Result<Signer, String> {
         let sig = base64_decode(&s.sig).map_err(|e| format!("sig is not base64: {e}"))?;
         if sig.len() != 64 {
             return Err(format!("sig is {} bytes, an ed25519 signature is 64", sig.len()));
@@ -478,17 +496,25 @@ impl Trust {
         check_schema(&body, CERTIFICATE_SCHEMA).map_err(|e| format!("certificate: {e}"))?;
         let c: KeyCertificate = parse_json(&body).map_err(|e| format!("certificate: {e}"))?;
         let at = |what: &str, v: &str| {
-            humantime::parse_rfc3339_weak(v).map_err(|e| format!("certificate {what}: expected an RFC 3339 time, found {v:?} ({e})"))
+            humantime::parse_rfc3339_weak(v)
+                .map_err(|e| format!("certificate {what}: expected an RFC 3339 time, found {v:?} ({e})"))
         };
         let name = c.name.as_deref().unwrap_or(&c.key);
         let not_after = at("not_after", &c.not_after)?;
         if now > not_after {
-            return Err(format!("the certificate of deploy key {name} expired at {} (device time {})", c.not_after, fmt_time(now)));
+            return Err(format!(
+                "the certificate of deploy key {name} expired at {} (device time {})",
+                c.not_after,
+                fmt_time(now)
+            ));
         }
         if let Some(nb) = &c.not_before
             && now < at("not_before", nb)?
         {
-            return Err(format!("the certificate of deploy key {name} is not valid before {nb} (device time {})", fmt_time(now)));
+            return Err(format!(
+                "the certificate of deploy key {name} is not valid before {nb} (device time {})",
+                fmt_time(now)
+            ));
         }
         Ok((c, root))
     }
@@ -516,7 +542,9 @@ fn check_target(
         )),
         None if required => Err(Refused::new(
             ErrorCode::SignatureInvalid,
-            format!("a signed message must name its target (\"target\": {{\"device\": ...}} or {{\"group\": ...}}); it arrived on the topic of {arrived_on}"),
+            format!(
+                "a signed message must name its target (\"target\": {{\"device\": ...}} or {{\"group\": ...}}); it arrived on the topic of {arrived_on}"
+            ),
             claimed.cloned(),
         )),
         None => Ok(()),
@@ -641,7 +669,10 @@ mod tests {
 
     #[test]
     fn pae_is_dsse_v1() {
-        assert_eq!(pae("http://example.com/HelloWorld", b"hello world"), b"DSSEv1 29 http://example.com/HelloWorld 11 hello world");
+        assert_eq!(
+            pae("http://example.com/HelloWorld", b"hello world"),
+            b"DSSEv1 29 http://example.com/HelloWorld 11 hello world"
+        );
     }
 
     #[test]
@@ -742,7 +773,12 @@ mod tests {
         assert!(e.error.message.contains("expired at 2027-01-01T00:00:00Z"), "{}", e.error.message);
 
         // A certificate the deploy key wrote for itself is not a root's.
-        let selfmade = deploy.certify(&deploy.public(), None, "2030-01-01T00:00:00Z", Scope { devices: vec!["*".into()], groups: vec![] });
+        let selfmade = deploy.certify(
+            &deploy.public(),
+            None,
+            "2030-01-01T00:00:00Z",
+            Scope { devices: vec!["*".into()], groups: vec![] },
+        );
         let e = trust.open(&seal(cam(), &selfmade), &cam(), now()).unwrap_err();
         assert!(e.error.message.contains("not signed by a trusted root key"), "{}", e.error.message);
     }
@@ -753,6 +789,9 @@ mod tests {
         assert!(trust.open(&deployment(None, 1), &cam(), now()).is_ok());
         let e = trust.open(&deployment(Some(Target::Group("x".into())), 1), &cam(), now()).unwrap_err();
         assert_eq!(e.error.code, ErrorCode::SignatureInvalid);
-        assert_eq!(trust.open(b"", &cam(), now()).unwrap().0, Desired::Undeploy { revision: None, deployment_id: None });
+        assert_eq!(
+            trust.open(b"", &cam(), now()).unwrap().0,
+            Desired::Undeploy { revision: None, deployment_id: None }
+        );
     }
 }

@@ -76,7 +76,9 @@ fn signed_desired_state() {
     assert_eq!(desired, Desired::Undeploy { revision: Some(44), deployment_id: None });
     let u = round_trip("undeploy.json", |b| serde_json::from_slice::<Undeploy>(b).unwrap());
     assert_eq!(u.revision, 44);
-    round_trip("key-certificate.json", |b| serde_json::from_slice::<outpost_protocol::trust::KeyCertificate>(b).unwrap());
+    round_trip("key-certificate.json", |b| {
+        serde_json::from_slice::<outpost_protocol::trust::KeyCertificate>(b).unwrap()
+    });
     // The same envelope on another device's topic is refused.
     let e = trust.open(&golden("deployment-signed.json"), &Target::Device("cam-18".into()), now).unwrap_err();
     assert_eq!(e.error.code, ErrorCode::SignatureInvalid);

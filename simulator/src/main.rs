@@ -2,11 +2,11 @@
 
 use clap::{Parser, Subcommand};
 use outpost_agent::link::BrokerUrl;
+use outpost_protocol::trust::Target;
 use outpost_protocol::{Phase, Topics};
 use outpost_sim::operator::{self, Operator};
-use outpost_sim::signing::{self, Signer};
-use outpost_protocol::trust::Target;
 use outpost_sim::registry::{RegisterSpec, register};
+use outpost_sim::signing::{self, Signer};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -22,6 +22,44 @@ const EXIT_UNAVAILABLE: u8 = 69;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+}
+
+/// How the operator reaches an `mqtts://` broker that wants client
+/// certificates (packaging/mosquitto/).
+#[derive(clap::Args, Debug, Clone)]
+struct TlsArgs {
+    /// CA certificates (PEM) trusted for the broker's certificate (default: the system's).
+    #[arg(long)]
+    ca_file: Option<PathBuf>,
+    /// Client certificate chain (PEM), e.g. the operator's (CN operator).
+    #[arg(long, requires = "client_key")]
+    client_cert: Option<PathBuf>,
+    /// Its private key (PEM).
+    #[arg(long, requires = "client_cert")]
+    client_key: Option<PathBuf>,
+}
+
+impl TlsArgs {
+    fn config(&self, broker: &BrokerUrl) -> Result<Option<std::sync::Arc<rustls::ClientConfig>>, String> {
+        use outpost_agent::sys::tls::{load_certs, load_key};
+        if !broker.tls {
+            if self.ca_file.is_some() || self.client_cert.is_some() {
+                return Err("--ca-file/--client-cert need an mqtts:// broker".into());
+            }
+            return Ok(None);
+        }
+        let roots = self.ca_file.as_deref().map(load_certs).transpose()?;
+        let client = match (&self.client_cert, &self.client_key) {
+            (Some(c), Some(k)) => Some((load_certs(c)?, load_key(k)?)),
+            _ => None,
+        };
+        outpost_agent::link::tls_config(roots.as_deref(), client).map(Some)
+    }
+
+    async fn connect(&self, broker: &BrokerUrl, client_id: &str) -> Result<Operator, (u8, String)> {
+        let tls = self.config(broker).map_err(|e| (EXIT_USAGE, e))?;
+        Operator::connect_tls(broker, client_id, Topics::default(), true, tls).await.map_err(|e| (EXIT_UNAVAILABLE, e))
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -101,6 +139,8 @@ enum Command {
         /// Allow going back to an older version of the model than the one serving.
         #[arg(long)]
         allow_downgrade: bool,
+        #[command(flatten)]
+        tls: TlsArgs,
     },
     /// Withdraw the desired state of a device or group (empty retained payload; signed with --sign-key).
     Undeploy {
@@ -118,6 +158,8 @@ enum Command {
         /// Revision of the signed undeployment (default: from the clock, like deploy).
         #[arg(long)]
         revision: Option<u64>,
+        #[command(flatten)]
+        tls: TlsArgs,
     },
     /// Make an ed25519 key pair: OUT.pem (private, PKCS#8, 0600) and OUT.pub.pem (public, SPKI).
     Keygen {
@@ -159,6 +201,8 @@ enum Command {
         input: PathBuf,
         #[arg(long, default_value_t = 30)]
         timeout: u64,
+        #[command(flatten)]
+        tls: TlsArgs,
     },
     /// The whole workflow on this machine: broker, registry, agent, real digits.
     Demo,
@@ -330,6 +374,7 @@ async fn run(command: Command) -> ExitCode {
             sign_key,
             certificate,
             allow_downgrade,
+            tls,
         } => {
             let signer = match sign_key.as_deref().map(|k| Signer::load(k, certificate.as_deref())).transpose() {
                 Ok(s) => s,
@@ -357,11 +402,10 @@ async fn run(command: Command) -> ExitCode {
                 Some(s) => s.deployment(&d),
                 None => d.to_json(),
             };
-            let mut op =
-                match Operator::connect(&broker, &format!("outpost-sim-deploy-{}", std::process::id()), topics).await {
-                    Ok(o) => o,
-                    Err(e) => return fail(EXIT_UNAVAILABLE, &e),
-                };
+            let mut op = match tls.connect(&broker, &format!("outpost-sim-deploy-{}", std::process::id())).await {
+                Ok(o) => o,
+                Err((code, e)) => return fail(code, &e),
+            };
             if wait && let Err(e) = op.subscribe(&events).await {
                 return fail(EXIT_UNAVAILABLE, &e);
             }
@@ -398,7 +442,7 @@ async fn run(command: Command) -> ExitCode {
                 Err(e) => fail(EXIT_UNAVAILABLE, &e),
             }
         }
-        Command::Undeploy { broker, device, group, sign_key, certificate, revision } => {
+        Command::Undeploy { broker, device, group, sign_key, certificate, revision, tls } => {
             let signer = match sign_key.as_deref().map(|k| Signer::load(k, certificate.as_deref())).transpose() {
                 Ok(s) => s,
                 Err(e) => return fail(EXIT_USAGE, &e),
@@ -411,11 +455,9 @@ async fn run(command: Command) -> ExitCode {
             };
             let revision = revision.unwrap_or_else(operator::clock_revision);
             let payload = signer.as_ref().map(|s| s.undeploy(target, revision)).unwrap_or_default();
-            let op = match Operator::connect(&broker, &format!("outpost-sim-undeploy-{}", std::process::id()), topics)
-                .await
-            {
+            let op = match tls.connect(&broker, &format!("outpost-sim-undeploy-{}", std::process::id())).await {
                 Ok(o) => o,
-                Err(e) => return fail(EXIT_UNAVAILABLE, &e),
+                Err((code, e)) => return fail(code, &e),
             };
             if let Err(e) = op.publish(&topic, payload, true).await {
                 return fail(EXIT_UNAVAILABLE, &e);
@@ -448,7 +490,7 @@ async fn run(command: Command) -> ExitCode {
                 Err(e) => fail(EXIT_USAGE, &e),
             }
         }
-        Command::Infer { broker, device, input, timeout } => {
+        Command::Infer { broker, device, input, timeout, tls } => {
             let body = match std::fs::read(&input)
                 .map_err(|e| e.to_string())
                 .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).map_err(|e| e.to_string()))
@@ -456,15 +498,9 @@ async fn run(command: Command) -> ExitCode {
                 Ok(v) => v,
                 Err(e) => return fail(EXIT_USAGE, &format!("{}: {e}", input.display())),
             };
-            let mut op = match Operator::connect(
-                &broker,
-                &format!("outpost-sim-infer-{}", std::process::id()),
-                Topics::default(),
-            )
-            .await
-            {
+            let mut op = match tls.connect(&broker, &format!("outpost-sim-infer-{}", std::process::id())).await {
                 Ok(o) => o,
-                Err(e) => return fail(EXIT_UNAVAILABLE, &e),
+                Err((code, e)) => return fail(code, &e),
             };
             let result = operator::infer_once(&mut op, &device, body, Duration::from_secs(timeout)).await;
             op.disconnect().await;

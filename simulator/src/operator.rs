@@ -32,7 +32,27 @@ impl Operator {
         topics: Topics,
         clean: bool,
     ) -> Result<Operator, String> {
+        Operator::connect_tls(broker, client_id, topics, clean, None).await
+    }
+
+    /// `mqtts://` with this TLS configuration (CA, client certificate: a
+    /// broker set up as in `packaging/mosquitto/`); `None`: the system's CAs,
+    /// no client certificate.
+    pub async fn connect_tls(
+        broker: &BrokerUrl,
+        client_id: &str,
+        topics: Topics,
+        clean: bool,
+        tls: Option<std::sync::Arc<rustls::ClientConfig>>,
+    ) -> Result<Operator, String> {
         let mut opts = MqttOptions::new(client_id, broker.host.clone(), broker.port);
+        if broker.tls {
+            let config = match tls {
+                Some(c) => c,
+                None => outpost_agent::link::tls_config(None, None)?,
+            };
+            opts.set_transport(rumqttc::Transport::tls_with_config(rumqttc::TlsConfiguration::Rustls(config)));
+        }
         opts.set_keep_alive(Duration::from_secs(15));
         opts.set_clean_session(clean);
         opts.set_max_packet_size(16 * 1024 * 1024, 16 * 1024 * 1024);
@@ -70,11 +90,11 @@ impl Operator {
             match tokio::time::timeout(left, conn_rx.recv()).await {
                 Ok(Some(Ok(()))) => break,
                 Ok(Some(Err(e))) if Instant::now() >= deadline => {
-                    return Err(format!("cannot connect to mqtt://{}:{}: {e}", broker.host, broker.port));
+                    return Err(format!("cannot connect to {broker}: {e}"));
                 }
                 Ok(Some(Err(_))) => continue,
                 _ => {
-                    return Err(format!("cannot connect to mqtt://{}:{} within 10 s", broker.host, broker.port));
+                    return Err(format!("cannot connect to {broker} within 10 s"));
                 }
             }
         }

@@ -1,10 +1,10 @@
 //! The operator's keys: `keygen`, `certify`, and signing what `deploy` and
 //! `undeploy` publish (DSSE envelopes, see `outpost_protocol::trust`).
 
+use outpost_protocol::Deployment;
 use outpost_protocol::trust::{
     self, DEPLOYMENT_TYPE, Envelope, PublicKey, Scope, SigningKey, Target, UNDEPLOY_SCHEMA, UNDEPLOY_TYPE, Undeploy,
 };
-use outpost_protocol::Deployment;
 use std::path::{Path, PathBuf};
 
 /// A key that signs, with its certificate when it is a deploy key.

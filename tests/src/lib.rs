@@ -552,7 +552,10 @@ impl Watcher {
         url: &str,
         sha: &str,
     ) -> (DeploymentEvent, Vec<DeploymentEvent>) {
-        let d = deployment(name, version, url, sha, None, None);
+        let mut d = deployment(name, version, url, sha, None, None);
+        // The tests swap back and forth between versions; the downgrade
+        // rule has its own tests (trust.rs).
+        d.policy.allow_downgrade = Some(true);
         self.publish_desired(d.to_json()).await;
         self.events_until_final(&d.deployment_id).await
     }

@@ -357,7 +357,8 @@ impl Fetcher {
                 }
             }
         }
-        let last = last.unwrap_or_else(|| DownloadError::Transfer(format!("{}: no attempt made", crate::sys::redact_url(url))));
+        let last = last
+            .unwrap_or_else(|| DownloadError::Transfer(format!("{}: no attempt made", crate::sys::redact_url(url))));
         Err(FetchError::Failed(DownloadError::GaveUp { last: Box::new(last), attempts }.into()))
     }
 
@@ -562,7 +563,11 @@ fn copy_capped(
             Err(e) => {
                 // Keep what was written: the next attempt resumes from there.
                 let _ = w.flush();
-                return Err(transient(DownloadError::Transfer(format!("{what}: reading {}: {}", crate::sys::redact_url(url), describe_io(&e)))));
+                return Err(transient(DownloadError::Transfer(format!(
+                    "{what}: reading {}: {}",
+                    crate::sys::redact_url(url),
+                    describe_io(&e)
+                ))));
             }
         };
         if cancel.is_cancelled() {
@@ -654,7 +659,10 @@ pub fn file_url(manifest_url: &str, path: &str, own: Option<&str>) -> Result<Str
     // its last '/' after the authority.
     let base = &manifest_url[..manifest_url.find(['?', '#']).unwrap_or(manifest_url.len())];
     let authority = base.find("://").map(|i| i + 3).ok_or_else(|| {
-        ErrorInfo::new(ErrorCode::InvalidMessage, format!("model.manifest_url: {}: not an absolute URL", crate::sys::redact_url(manifest_url)))
+        ErrorInfo::new(
+            ErrorCode::InvalidMessage,
+            format!("model.manifest_url: {}: not an absolute URL", crate::sys::redact_url(manifest_url)),
+        )
     })?;
     let dir = match base[authority..].rfind('/') {
         Some(i) => base[..authority + i + 1].to_string(),
@@ -735,7 +743,8 @@ mod tests {
         };
         assert_eq!(e.code, ErrorCode::UrlRefused);
         assert!(e.message.starts_with("blob: file:// URLs are off on this device"), "{}", e.message);
-        let f = Fetcher::new(FetchConfig { attempts: 1, file_root: Some(dir.path().to_path_buf()), ..Default::default() });
+        let f =
+            Fetcher::new(FetchConfig { attempts: 1, file_root: Some(dir.path().to_path_buf()), ..Default::default() });
         // Outside the root, existing or not, through `..` or not: the same answer.
         for outside in ["/etc/passwd", "/etc/nope", &format!("{}/../../etc/passwd", dir.path().display())] {
             let Err(FetchError::Failed(e)) =

@@ -440,7 +440,7 @@ impl Deployer {
                     self.reporter.refused_desired(&d, &e);
                     return;
                 }
-                self.reconciler.on_message(source, Some(Ok(d)))
+                self.reconciler.on_message(source, Some(Ok(*d)))
             }
             Ok((Desired::Undeploy { revision: Some(r), .. }, _)) => self.reconciler.on_withdraw(source, r),
             Ok((Desired::Undeploy { revision: None, .. }, _)) => self.reconciler.on_message(source, None),
@@ -491,7 +491,9 @@ impl Deployer {
             Decision::StaleWithdraw { revision, newest } => {
                 let e = ErrorInfo::new(
                     ErrorCode::StaleRevision,
-                    format!("undeploy revision {revision} is not newer than revision {newest} already received from this topic"),
+                    format!(
+                        "undeploy revision {revision} is not newer than revision {newest} already received from this topic"
+                    ),
                 );
                 self.count_refused().reporter.refused(None, revision, &e);
             }

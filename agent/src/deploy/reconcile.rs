@@ -110,7 +110,11 @@ impl Reconciler {
             && revision <= newest
         {
             let desired = self.desired.iter().any(|(s, _)| *s == source);
-            return if revision == newest && !desired { Decision::Nothing } else { Decision::StaleWithdraw { revision, newest } };
+            return if revision == newest && !desired {
+                Decision::Nothing
+            } else {
+                Decision::StaleWithdraw { revision, newest }
+            };
         }
         self.remember(source, revision);
         self.on_message(source, None)

@@ -70,7 +70,8 @@ impl Lab {
             http: Default::default(),
             isolation: crate::deploy::isolate::Isolation::InProcess,
         });
-        let (deployer, deployments, _) = Deployer::open(pipeline, reporter, super::Authority { device: "dev".into(), ..Default::default() }).await;
+        let (deployer, deployments, _) =
+            Deployer::open(pipeline, reporter, super::Authority { device: "dev".into(), ..Default::default() }).await;
         let task = tokio::spawn(deployer.run());
         Lab { _dir: dir, data, registry, deployments, inbox, engine, task }
     }

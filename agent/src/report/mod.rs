@@ -8,8 +8,7 @@ pub mod telemetry;
 
 use crate::link::publisher::{Outbox, Outgoing};
 use outpost_protocol::{
-    ActiveModel, Deployment, DeploymentEvent, DeviceState, ErrorInfo, LastDeployment, Phase, Progress,
-    Topics,
+    ActiveModel, Deployment, DeploymentEvent, DeviceState, ErrorInfo, LastDeployment, Phase, Progress, Topics,
 };
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};

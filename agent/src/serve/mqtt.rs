@@ -42,7 +42,10 @@ pub async fn answer(
     let asked = request.response_topic().map(str::to_string).or(answer.reply_to.clone());
     let (topic, result) = match asked {
         None => (predictions.to_string(), answer.result),
-        Some(t) if valid_reply_topic(&t) && (t == predictions || reply_prefixes.iter().any(|p| t.starts_with(p.as_str()))) => {
+        Some(t)
+            if valid_reply_topic(&t)
+                && (t == predictions || reply_prefixes.iter().any(|p| t.starts_with(p.as_str()))) =>
+        {
             (t, answer.result)
         }
         Some(t) => {

@@ -149,10 +149,10 @@ async fn mqtt5_requests_are_answered_on_their_response_topic_with_their_correlat
             }
         }
     });
-    client.subscribe("replies/mqtt5-client/#", QoS::AtLeastOnce).await.unwrap();
+    client.subscribe("outpost/replies/mqtt5-client/#", QoS::AtLeastOnce).await.unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
     let expected = expected_probabilities(MLP_EXPECTED);
-    for (i, topic) in ["replies/mqtt5-client/a", "replies/mqtt5-client/b"].into_iter().enumerate() {
+    for (i, topic) in ["outpost/replies/mqtt5-client/a", "outpost/replies/mqtt5-client/b"].into_iter().enumerate() {
         let props = PublishProperties {
             response_topic: Some(topic.into()),
             correlation_data: Some(format!("corr-{i}").into_bytes().into()),
@@ -171,7 +171,7 @@ async fn mqtt5_requests_are_answered_on_their_response_topic_with_their_correlat
     }
     // A bad request is answered the same way, with the error.
     let props = PublishProperties {
-        response_topic: Some("replies/mqtt5-client/bad".into()),
+        response_topic: Some("outpost/replies/mqtt5-client/bad".into()),
         correlation_data: Some(b"corr-bad".to_vec().into()),
         ..Default::default()
     };
@@ -183,4 +183,24 @@ async fn mqtt5_requests_are_answered_on_their_response_topic_with_their_correlat
     assert_eq!(&p.properties.unwrap().correlation_data.unwrap()[..], b"corr-bad");
     let answer: serde_json::Value = serde_json::from_slice(&p.payload).unwrap();
     assert_eq!(answer["code"], "bad_input", "{answer}");
+
+    // A response topic outside the reply namespace (here another device's
+    // desired state): nothing is published there; the refusal goes to
+    // predictions, with the correlation data.
+    client.subscribe(w.topics.predictions("dev24"), QoS::AtLeastOnce).await.unwrap();
+    client.subscribe("outpost/devices/dev99/#", QoS::AtLeastOnce).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let props = PublishProperties {
+        response_topic: Some("outpost/devices/dev99/desired".into()),
+        correlation_data: Some(b"corr-deputy".to_vec().into()),
+        ..Default::default()
+    };
+    let body = serde_json::to_vec(&digits_request(1)).unwrap();
+    client.publish_with_properties(w.topics.infer("dev24"), QoS::AtLeastOnce, false, body, props).await.unwrap();
+    let p = tokio::time::timeout(Duration::from_secs(20), rx.recv()).await.expect("an answer").unwrap();
+    assert_eq!(std::str::from_utf8(&p.topic).unwrap(), w.topics.predictions("dev24"));
+    assert_eq!(&p.properties.unwrap().correlation_data.unwrap()[..], b"corr-deputy");
+    let answer: serde_json::Value = serde_json::from_slice(&p.payload).unwrap();
+    assert_eq!(answer["code"], "reply_refused", "{answer}");
+    assert!(tokio::time::timeout(Duration::from_millis(500), rx.recv()).await.is_err(), "published elsewhere");
 }

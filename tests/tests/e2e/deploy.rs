@@ -460,7 +460,8 @@ async fn a_group_of_five_converges_with_an_override_and_a_latecomer() {
 
     // cam-2 is off while the group moves back to v1; it converges on return.
     agents[2].kill();
-    let back = outpost_sim::operator::deployment("digits", "1", &url1, &sha1, None, None);
+    let mut back = outpost_sim::operator::deployment("digits", "1", &url1, &sha1, None, None);
+    back.policy.allow_downgrade = Some(true);
     watchers[0].op.publish(&topics.group_desired("cameras"), back.to_json(), true).await.unwrap();
     for i in [0, 1, 3] {
         watchers[i].state(&broker, |s| s.active.as_ref().is_some_and(|a| a.deployment_id == back.deployment_id)).await;

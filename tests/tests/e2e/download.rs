@@ -144,7 +144,10 @@ async fn a_stalled_download_is_superseded_and_a_restart_resumes_it() {
 /// escaping path is refused before anything is written.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn file_urls_deploy_and_unsafe_paths_are_refused() {
-    let (_broker, reg, data, mut w, _agent) = lab("dev11", &[], &[]).await;
+    // file:// is off unless download.file_root allows a directory (the registry is under it).
+    let tmp = std::env::temp_dir().canonicalize().unwrap();
+    let (_broker, reg, data, mut w, _agent) =
+        lab("dev11", &[], &["--set", &format!("download.file_root={}", tmp.display())]).await;
     reg.register("digits-mlp.onnx", "digits", "1");
     reg.register("digits-mlp.onnx", "digits", "2");
     let root = format!("file://{}", reg.root().display());

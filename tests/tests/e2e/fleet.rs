@@ -92,7 +92,9 @@ async fn the_fleet_broker_keeps_each_device_to_its_own_topics_and_session() {
     // Subscribing is never refused; the ACL decides what is delivered.
     cam2.subscribe(&topics.device_desired("cam-1")).await;
     cam2.subscribe(&topics.infer("cam-1")).await;
-    let forged = desired(&reg, "1", Some(v2.revision + 1_000_000), Some("forged-by-cam-2")).await;
+    // A deployment cam-1 would apply if it got it: newer, and allowed to go back to v1.
+    let mut forged = desired(&reg, "1", Some(v2.revision + 1_000_000), Some("forged-by-cam-2")).await;
+    forged.policy.allow_downgrade = Some(true);
     cam2.publish_acked(&topics.device_desired("cam-1"), forged.to_json(), true).await;
     cam2.publish_acked(&topics.group_desired("cameras"), forged.to_json(), true).await;
     // The broker handled those before this request: cam-1 would have seen them first.

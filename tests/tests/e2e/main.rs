@@ -10,6 +10,7 @@ mod broker;
 mod core;
 mod deploy;
 mod download;
+mod fleet;
 mod hostile;
 mod lifecycle;
 mod serving;

@@ -322,6 +322,7 @@ async fn swaps_under_load_lose_nothing_and_every_answer_names_its_version() {
         let (url, sha) = outpost_sim::operator::resolve_manifest(&reg.url, "digits", version).await.unwrap();
         let mut d = outpost_sim::operator::deployment("digits", version, &url, &sha, None, None);
         d.policy.probation = probation.clone();
+        d.policy.allow_downgrade = Some(true);
         w.publish_desired(d.to_json()).await;
         let (last, events) = w.events_until_final(&d.deployment_id).await;
         if version == "4" {

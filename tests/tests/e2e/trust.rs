@@ -375,12 +375,16 @@ async fn a_lab_may_allow_one_directory_for_file_urls() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn secrets_stay_out_of_check_config_events_and_logs() {
-    let (code, out, err) = outpost(&["check-config", "--broker", "mqtt://admin:hunter2@127.0.0.1:1883", "--device", "d"]);
+    let (code, out, err) =
+        outpost(&["check-config", "--broker", "mqtt://admin:hunter2@127.0.0.1:1883", "--device", "d"]);
     assert_eq!(code, 0, "{out}{err}");
     assert!(!out.contains("hunter2"), "{out}");
     assert!(out.contains("mqtt.broker = \"mqtt://admin:***@127.0.0.1:1883\""), "{out}");
     assert!(out.contains("# WARNING: a broker login over plain mqtt://"), "{out}");
-    assert!(out.contains("# WARNING: trust.keys is empty: any client that can publish on the broker can deploy"), "{out}");
+    assert!(
+        out.contains("# WARNING: trust.keys is empty: any client that can publish on the broker can deploy"),
+        "{out}"
+    );
     // A bad broker URL is shown masked in the error too.
     let (_, out, err) = outpost(&["check-config", "--broker", "bogus://admin:hunter2@h", "--device", "d"]);
     assert!(!format!("{out}{err}").contains("hunter2"), "{out}{err}");
