@@ -83,7 +83,7 @@ pub const KEYS: &[Key] = &[
     key(
         "mqtt.reply_prefixes",
         "--reply-prefix",
-        "a list of topic prefixes ending in '/' that reply_to may name (default: TOPIC_PREFIX/replies/)",
+        "a list of topic prefixes ending in '/' that reply_to may name, outside TOPIC_PREFIX/devices/ and /groups/ (default: TOPIC_PREFIX/replies/)",
         "[]",
     ),
     key("mqtt.version", "--mqtt-version", "3.1.1 or 5", "3.1.1"),
@@ -246,20 +246,30 @@ impl Layers {
         let broker: BrokerUrl = broker_text.parse().map_err(|_| r.error("mqtt.broker", ""))?;
         let mut trust = outpost_protocol::trust::Trust::default();
         for k in r.strings("trust.keys")? {
-            let key = if k.trim_start().starts_with("ed25519:") {
-                outpost_protocol::trust::PublicKey::parse(&k)
+            let keys = if k.trim_start().starts_with("ed25519:") {
+                outpost_protocol::trust::PublicKey::parse(&k).map(|k| vec![k])
             } else {
-                std::fs::read_to_string(&k)
-                    .map_err(|e| format!("{k}: cannot read it: {e}"))
-                    .and_then(|text| outpost_protocol::trust::PublicKey::parse(&text).map_err(|e| format!("{k}: {e}")))
+                std::fs::read_to_string(&k).map_err(|e| format!("{k}: cannot read it: {e}")).and_then(|text| {
+                    outpost_protocol::trust::PublicKey::parse_all(&text).map_err(|e| format!("{k}: {e}"))
+                })
             };
-            trust.roots.push(key.map_err(|e| {
-                r.error("trust.keys", &format!("{} ({e})", known("trust.keys").map_or("", |x| x.takes)))
-            })?);
+            let takes = known("trust.keys").map_or("", |x| x.takes);
+            trust.roots.extend(keys.map_err(|e| r.error("trust.keys", &format!("{takes} ({e})")))?);
         }
         let reply_prefixes = r.strings("mqtt.reply_prefixes")?;
+        // A prefix may not reach the device and group topics: the agent
+        // would publish there for whoever asked.
+        let (device_topics, group_topics) = (format!("{topic_prefix}/devices/"), format!("{topic_prefix}/groups/"));
         for p in &reply_prefixes {
-            r.check("mqtt.reply_prefixes", p.ends_with('/') && p.len() > 1 && !p.contains(['+', '#']))?;
+            let own = |t: &str| t.starts_with(p.as_str()) || p.starts_with(t);
+            r.check(
+                "mqtt.reply_prefixes",
+                p.ends_with('/')
+                    && p.len() > 1
+                    && !p.contains(['+', '#'])
+                    && !own(&device_topics)
+                    && !own(&group_topics),
+            )?;
         }
         let client_id = r.string("mqtt.client_id")?;
         if let Some(c) = &client_id {
@@ -422,17 +432,18 @@ impl Settings {
     }
 }
 
-/// `mqtt://USER:PASSWORD@HOST:PORT` → (`mqtt://HOST:PORT`, the login).
+/// `mqtt://USER:PASSWORD@HOST:PORT` → (`mqtt://HOST:PORT`, the login). A
+/// broker URL has no path, so the login is everything before the last `@`
+/// (a password may hold `/`, `?` or `@`).
 fn split_login(url: &str) -> (String, Option<(String, Option<String>)>) {
     let Some((scheme, rest)) = url.split_once("://") else { return (url.to_string(), None) };
-    let authority_end = rest.find('/').unwrap_or(rest.len());
-    match rest[..authority_end].rsplit_once('@') {
+    match rest.rsplit_once('@') {
         Some((userinfo, host)) => {
             let login = match userinfo.split_once(':') {
                 Some((u, p)) => (u.to_string(), Some(p.to_string())),
                 None => (userinfo.to_string(), None),
             };
-            (format!("{scheme}://{host}{}", &rest[authority_end..]), Some(login))
+            (format!("{scheme}://{host}"), Some(login))
         }
         None => (url.to_string(), None),
     }

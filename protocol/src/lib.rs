@@ -47,7 +47,15 @@ pub(crate) fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, Protoco
         let path = e.path().to_string();
         let inner = e.into_inner();
         let path = if path == "." { String::new() } else { path };
-        ProtocolError::invalid(path, "valid JSON of this message type", inner.to_string())
+        // serde's message quotes the offending value: shortened, since it may
+        // be megabytes an attacker chose.
+        let text = inner.to_string();
+        let text = if text.chars().count() > 200 {
+            format!("{}...", text.chars().take(200).collect::<String>())
+        } else {
+            text
+        };
+        ProtocolError::invalid(path, "valid JSON of this message type", text)
     })
 }
 
@@ -66,9 +74,13 @@ pub(crate) fn check_schema(bytes: &[u8], expected: &str) -> Result<(), ProtocolE
             code: ErrorCode::UnsupportedSchema,
             path: "schema".into(),
             expected: format!("\"{expected}\""),
-            found: format!("\"{s}\""),
+            found: crate::error::excerpt(&s, 80),
         }),
-        Some(other) => Err(ProtocolError::invalid("schema", format!("\"{expected}\""), other.to_string())),
+        Some(other) => Err(ProtocolError::invalid(
+            "schema",
+            format!("\"{expected}\""),
+            crate::error::excerpt(&other.to_string(), 80),
+        )),
     }
 }
 

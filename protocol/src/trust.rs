@@ -167,6 +167,16 @@ impl PublicKey {
         Err("an ed25519 public key: a PEM file (-----BEGIN PUBLIC KEY-----) or ed25519:<base64 of 32 bytes>".into())
     }
 
+    /// Every key of a text: one `ed25519:<base64>`, or each PEM block of a
+    /// file (a bundle of several public keys).
+    pub fn parse_all(text: &str) -> Result<Vec<PublicKey>, String> {
+        let blocks: Vec<&str> = text.split("-----BEGIN").skip(1).collect();
+        if blocks.len() <= 1 {
+            return PublicKey::parse(text).map(|k| vec![k]);
+        }
+        blocks.iter().map(|b| PublicKey::parse(&format!("-----BEGIN{b}"))).collect()
+    }
+
     /// `ed25519:<base64>`: how keys are named in certificates, logs and `keyid`.
     pub fn to_text(&self) -> String {
         format!("ed25519:{}", base64_encode(&self.0))
@@ -367,14 +377,18 @@ impl Trust {
             return Ok((Desired::Undeploy { revision: None, deployment_id: None }, Signer::Unchecked));
         }
         if !is_envelope(payload) {
-            let d = Deployment::from_json(payload).map_err(|e| Refused { error: e.info(), claimed: None })?;
             if self.enforced() {
+                // Not parsed further, and reported under no deployment id:
+                // an unsigned copy of a real deployment must not make it
+                // look failed to whoever follows its events.
                 let msg = format!(
-                    "an unsigned deployment: this device only accepts deployments signed by a trusted key \
-                     (a DSSE envelope of type {DEPLOYMENT_TYPE})"
+                    "an unsigned deployment{}: this device only accepts deployments signed by a trusted key \
+                     (a DSSE envelope of type {DEPLOYMENT_TYPE})",
+                    claims(payload)
                 );
-                return Err(Refused::new(ErrorCode::SignatureRequired, msg, Some(d)));
+                return Err(Refused::new(ErrorCode::SignatureRequired, msg, None));
             }
+            let d = Deployment::from_json(payload).map_err(|e| Refused { error: e.info(), claimed: None })?;
             check_target(&d.target, arrived_on, false, Some(&d))?;
             return Ok((Desired::Deploy(Box::new(d)), Signer::Unchecked));
         }
@@ -383,9 +397,23 @@ impl Trust {
             error: ProtocolError::invalid("payload", "base64 of the signed message", e).info(),
             claimed: None,
         })?;
+        // With keys, the signature is checked before the payload is parsed
+        // (what an attacker wrote is never interpreted, nor echoed back).
+        let signer = if self.enforced() {
+            self.verify(&env, &body, arrived_on, now).map_err(|m| Refused {
+                error: ErrorInfo::new(
+                    if env.signatures.is_empty() { ErrorCode::SignatureRequired } else { ErrorCode::SignatureInvalid },
+                    m,
+                ),
+                claimed: None,
+            })?
+        } else {
+            Signer::Unchecked
+        };
         let desired = match env.payload_type.as_str() {
             DEPLOYMENT_TYPE => {
                 let d = Deployment::from_json(&body).map_err(|e| Refused { error: e.info(), claimed: None })?;
+                check_target(&d.target, arrived_on, self.enforced(), Some(&d))?;
                 Desired::Deploy(Box::new(d))
             }
             UNDEPLOY_TYPE => {
@@ -404,23 +432,6 @@ impl Trust {
                 return Err(Refused { error: e.info(), claimed: None });
             }
         };
-        let claimed = match &desired {
-            Desired::Deploy(d) => Some(d.as_ref().clone()),
-            Desired::Undeploy { .. } => None,
-        };
-        if let Desired::Deploy(d) = &desired {
-            check_target(&d.target, arrived_on, self.enforced(), claimed.as_ref())?;
-        }
-        if !self.enforced() {
-            return Ok((desired, Signer::Unchecked));
-        }
-        let signer = self.verify(&env, &body, arrived_on, now).map_err(|m| Refused {
-            error: ErrorInfo::new(
-                if env.signatures.is_empty() { ErrorCode::SignatureRequired } else { ErrorCode::SignatureInvalid },
-                m,
-            ),
-            claimed: claimed.map(Box::new),
-        })?;
         Ok((desired, signer))
     }
 
@@ -517,6 +528,23 @@ impl Trust {
             ));
         }
         Ok((c, root))
+    }
+}
+
+/// What an unsigned deployment says it is, shortened: for the refusal's message.
+fn claims(payload: &[u8]) -> String {
+    #[derive(Deserialize)]
+    struct Claimed {
+        deployment_id: Option<serde_json::Value>,
+        revision: Option<serde_json::Value>,
+    }
+    match serde_json::from_slice::<Claimed>(payload) {
+        Ok(Claimed { deployment_id: Some(serde_json::Value::String(id)), revision }) => format!(
+            " (it claims deployment_id {}, revision {})",
+            crate::error::excerpt(&id, 64),
+            revision.and_then(|r| r.as_u64()).map_or("?".to_string(), |r| r.to_string())
+        ),
+        _ => String::new(),
     }
 }
 
@@ -685,6 +713,9 @@ mod tests {
         assert!(PublicKey::parse("ed25519:AAAA").unwrap_err().contains("expected 32 bytes, found 3"));
         assert!(PublicKey::parse("hello").unwrap_err().starts_with("an ed25519 public key"));
         assert!(SigningKey::from_pem(&k.public().to_pem()).unwrap_err().contains("PRIVATE KEY"));
+        let other = SigningKey::generate().unwrap();
+        let bundle = format!("{}{}", k.public().to_pem(), other.public().to_pem());
+        assert_eq!(PublicKey::parse_all(&bundle).unwrap(), vec![k.public(), other.public()]);
         let sig = k.sign(b"x");
         assert!(k.public().verify(b"x", &sig));
         assert!(!k.public().verify(b"y", &sig));
@@ -704,7 +735,12 @@ mod tests {
 
         let e = open(&deployment(Some(cam()), u64::MAX)).unwrap_err();
         assert_eq!(e.error.code, ErrorCode::SignatureRequired);
-        assert_eq!(e.claimed.unwrap().revision, u64::MAX);
+        assert!(
+            e.error.message.contains("(it claims deployment_id \"d1\", revision 18446744073709551615)"),
+            "{}",
+            e.error.message
+        );
+        assert!(e.claimed.is_none(), "an unverified message is reported under no deployment id");
         assert_eq!(open(b"").unwrap_err().error.code, ErrorCode::SignatureRequired);
 
         let forged = other.seal(DEPLOYMENT_TYPE, &deployment(Some(cam()), 4), None);

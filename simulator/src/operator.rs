@@ -207,6 +207,12 @@ pub async fn wait_for_outcome(
             continue;
         };
         if ev.deployment_id != deployment_id {
+            // A device refusing an unverified desired state names no
+            // deployment (anyone could claim this one's id): shown, not
+            // counted, so an unsigned deploy to a signing device says why.
+            if verbose && ev.deployment_id.is_empty() && ev.phase == Phase::Failed {
+                print_event(&ev);
+            }
             continue;
         }
         if verbose {

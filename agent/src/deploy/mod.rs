@@ -179,6 +179,23 @@ impl Deployer {
         let engine = pipeline.engine.clone();
         let mut record = Record::read(&pipeline.store);
         reporter.resume_seq(record.seq);
+        record.remap_groups(&authority.groups);
+        // What an unsigned publisher could set before keys were configured
+        // (a revision up to u64::MAX, a deployment still pending) does not
+        // carry into signed operation. What serves keeps serving.
+        let unsigned_history = authority.trust.enforced() && !record.signed_revisions;
+        let mut dropped = None;
+        if unsigned_history {
+            if !record.revisions.is_empty() || record.pending.is_some() {
+                tracing::warn!(
+                    revisions = ?record.revisions,
+                    "trust keys are now configured: revisions and a pending deployment accepted without them are forgotten"
+                );
+            }
+            record.revisions.clear();
+            dropped = record.pending.take();
+        }
+        record.signed_revisions = authority.trust.enforced();
         let limits = **pipeline.limits.load();
         let boot = breaker::boot_id();
         let tripped = breaker::judge(&mut record, limits.breaker, std::time::SystemTime::now(), &boot);
@@ -210,11 +227,16 @@ impl Deployer {
         if let Some(t) = tripped {
             d.report_tripped(t);
         }
-        let restored = d.restore().await;
+        if let Some(p) = dropped.filter(|p| p.source != Source::GONE) {
+            let detail = "accepted without a signature before trust keys were configured: not resumed";
+            d.set_outcome(&p.deployment, Outcome::Superseded, None);
+            d.reporter.event(&p.deployment, Phase::Superseded, None, None, Some(detail.into()));
+        }
+        let restored = d.restore(unsigned_history).await;
         (d, Deployments { tx }, restored)
     }
 
-    async fn restore(&mut self) -> Restored {
+    async fn restore(&mut self, unsigned_history: bool) -> Restored {
         self.publish_view();
         let mut http_port = None;
         if let Some(active) = self.record.active.clone() {
@@ -249,9 +271,13 @@ impl Deployer {
         let mut known: Vec<ActiveRecord> = self.serving.iter().cloned().collect();
         known.extend(self.record.rolled_back.clone());
         known.extend(self.record.quarantined.as_ref().map(|q| q.record.clone()));
+        known.retain(|a| a.source != Source::GONE);
         known.sort_by_key(|a| a.deployment.revision);
         for a in known {
             self.reconciler.restore(a.source, a.deployment);
+        }
+        if unsigned_history {
+            self.reconciler.forget_revisions();
         }
         Restored { http_port }
     }
@@ -280,7 +306,12 @@ impl Deployer {
         // A deployment accepted before a restart and not finished: resume it
         // from the store and the registry, without waiting for the broker.
         if let Some(p) = self.record.pending.clone() {
-            match self.reconciler.on_message(p.source, Some(Ok(p.deployment.clone()))) {
+            let decision = if p.source == Source::GONE {
+                Decision::Nothing
+            } else {
+                self.reconciler.on_message(p.source, Some(Ok(p.deployment.clone())))
+            };
+            match decision {
                 Decision::Deploy(d) => self.start(p.source, d, "resumed after a restart").await,
                 // Already what serves: nothing was left to do.
                 Decision::Unchanged(_) => {
@@ -426,7 +457,17 @@ impl Deployer {
                 self.count_refused();
                 tracing::warn!(topic = %arrived_on, error = %refused.error, "desired state refused");
                 match &refused.claimed {
+                    // Verified (a wrong target): its own id.
                     Some(d) => self.reporter.refused_desired(d, &refused.error),
+                    // Not verified: under no id, so an unsigned copy of a
+                    // real deployment cannot make it look failed.
+                    None if matches!(
+                        refused.error.code,
+                        ErrorCode::SignatureRequired | ErrorCode::SignatureInvalid
+                    ) =>
+                    {
+                        self.reporter.refused(None, 0, &refused.error)
+                    }
                     None => self.reporter.invalid_desired(payload, &refused.error),
                 }
                 return;
@@ -531,6 +572,11 @@ impl Deployer {
     /// serving version of the same model by an older one, unless its
     /// policy allows it.
     fn downgrade(&self, source: Source, d: &Deployment) -> Option<ErrorInfo> {
+        // Judged only for what would take effect (a shadowed group
+        // deployment is recorded; it is judged if it ever applies by arriving again).
+        if self.reconciler.outranked(source) {
+            return None;
+        }
         let serving = &self.serving.as_ref()?.deployment.model;
         let older = serving.name == d.model.name
             && version_order(&d.model.version, &serving.version) == std::cmp::Ordering::Less;
@@ -919,7 +965,14 @@ pub(crate) fn version_order(a: &str, b: &str) -> std::cmp::Ordering {
             return o;
         }
     }
-    ca.len().cmp(&cb.len())
+    // One is the other plus more: a `-` or `~` suffix is a pre-release
+    // (1.0-rc1 < 1.0), anything else is later (1.0.1 > 1.0).
+    let pre = |rest: &(bool, &str)| rest.1.starts_with(['-', '~']);
+    match ca.len().cmp(&cb.len()) {
+        std::cmp::Ordering::Greater if pre(&ca[cb.len()]) => std::cmp::Ordering::Less,
+        std::cmp::Ordering::Less if pre(&cb[ca.len()]) => std::cmp::Ordering::Greater,
+        o => o,
+    }
 }
 
 fn panic_text(e: tokio::task::JoinError) -> String {

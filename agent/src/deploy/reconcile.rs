@@ -18,6 +18,12 @@ pub enum Source {
     Group(usize),
 }
 
+impl Source {
+    /// A group that is no longer configured (a record from before the
+    /// configuration changed): nothing arrives from it any more.
+    pub const GONE: Source = Source::Group(usize::MAX);
+}
+
 /// What the agent should do about a message.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Decision {
@@ -118,6 +124,18 @@ impl Reconciler {
         }
         self.remember(source, revision);
         self.on_message(source, None)
+    }
+
+    /// True when a source of higher precedence has a desired state: what
+    /// `source` sends is shadowed.
+    pub fn outranked(&self, source: Source) -> bool {
+        self.desired.iter().any(|(s, _)| *s < source)
+    }
+
+    /// Forgets every revision (they were accepted without signatures and
+    /// the device now requires them).
+    pub fn forget_revisions(&mut self) {
+        self.newest.clear();
     }
 
     /// The highest revision accepted from `source`.

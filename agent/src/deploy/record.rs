@@ -55,6 +55,43 @@ pub struct Record {
     /// `group:NAME`): rollback and freeze protection across restarts.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub revisions: std::collections::BTreeMap<String, u64>,
+    /// True when `revisions` (and `pending`) were accepted with trust keys
+    /// configured: what an unsigned publisher set before keys were
+    /// configured is not carried into signed operation.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub signed_revisions: bool,
+    /// The groups `Source::Group(i)` indexes, as configured when written:
+    /// a reordered or shortened group list is mapped by name at start.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub groups: Vec<String>,
+}
+
+impl Record {
+    /// Maps the sources of the records from the groups they were written
+    /// with to `groups` (by name); a group no longer configured becomes
+    /// [`Source::GONE`]. Records written before groups were recorded keep
+    /// their positions.
+    pub fn remap_groups(&mut self, groups: &[String]) {
+        let old = std::mem::replace(&mut self.groups, groups.to_vec());
+        if old.is_empty() || old == groups {
+            return;
+        }
+        let map = |a: &mut ActiveRecord| {
+            if let Source::Group(i) = a.source {
+                a.source =
+                    old.get(i).and_then(|g| groups.iter().position(|x| x == g)).map_or(Source::GONE, Source::Group);
+            }
+        };
+        for a in [&mut self.active, &mut self.rolled_back, &mut self.pending, &mut self.installing, &mut self.previous]
+            .into_iter()
+            .flatten()
+        {
+            map(a);
+        }
+        if let Some(q) = &mut self.quarantined {
+            map(&mut q.record);
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -240,6 +240,9 @@ fn versions_order_as_people_number_them() {
         ("007", "7", Equal),
         ("2024-01-02", "2024-01-10", Less),
         ("b", "a", Greater),
+        ("1.0-rc1", "1.0", Less),
+        ("1.0", "1.0-rc2", Greater),
+        ("1.0-rc1", "1.0-rc2", Less),
     ] {
         assert_eq!(version_order(a, b), o, "{a} vs {b}");
     }

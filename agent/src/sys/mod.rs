@@ -11,29 +11,33 @@ pub fn now_rfc3339() -> String {
     humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
 }
 
-/// A URL as logs, events and `check-config` show it: a password in its
-/// userinfo becomes `***`, and so does its query string (presigned URLs carry
-/// their token there).
+/// A URL as logs, events and `check-config` show it: a broker URL's
+/// password becomes `***` (its user name stays: it names the device); an
+/// HTTP URL's whole userinfo (a token as user name), its query string
+/// (presigned URLs carry their token there) and fragment become `***`.
 pub fn redact_url(url: &str) -> String {
-    let (base, query) = match url.split_once('?') {
-        Some((b, _)) => (b, "?***"),
-        None => (url, ""),
+    let Some((scheme, rest)) = url.split_once("://") else { return url.to_string() };
+    if scheme.starts_with("mqtt") || scheme == "tcp" || scheme == "ssl" {
+        // No path: the login is everything before the last '@'.
+        return match rest.rsplit_once('@') {
+            Some((userinfo, host)) => match userinfo.split_once(':') {
+                Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
+                None => format!("{scheme}://{userinfo}@{host}"),
+            },
+            None => url.to_string(),
+        };
+    }
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(end);
+    let authority = match authority.rsplit_once('@') {
+        Some((_, host)) => format!("***@{host}"),
+        None => authority.to_string(),
     };
-    let base = match base.split_once("://") {
-        Some((scheme, rest)) => {
-            let end = rest.find('/').unwrap_or(rest.len());
-            match rest[..end].rsplit_once('@') {
-                Some((userinfo, host)) => {
-                    let user = userinfo.split_once(':').map_or(userinfo, |(u, _)| u);
-                    let masked = if userinfo.contains(':') { format!("{user}:***") } else { user.to_string() };
-                    format!("{scheme}://{masked}@{host}{}", &rest[end..])
-                }
-                None => base.to_string(),
-            }
-        }
-        None => base.to_string(),
+    let tail = match tail.find(['?', '#']) {
+        Some(i) => format!("{}{}***", &tail[..i], &tail[i..=i]),
+        None => tail.to_string(),
     };
-    format!("{base}{query}")
+    format!("{scheme}://{authority}{tail}")
 }
 
 /// Fault injection for crash tests: when the environment variable
@@ -132,11 +136,14 @@ mod redact_tests {
         use super::redact_url as r;
         assert_eq!(r("mqtt://admin:hunter2@broker:1883"), "mqtt://admin:***@broker:1883");
         assert_eq!(r("mqtt://admin@broker"), "mqtt://admin@broker");
+        // Passwords holding '/', '?' or '@' (base64-made ones do).
+        assert_eq!(r("mqtts://admin:hun/ter?2@x@broker:8883"), "mqtts://admin:***@broker:8883");
         assert_eq!(
             r("https://bucket.s3/m/1/manifest.json?X-Amz-Signature=abc&X-Amz-Credential=k"),
             "https://bucket.s3/m/1/manifest.json?***"
         );
-        assert_eq!(r("http://u:p@h/a@b?x"), "http://u:***@h/a@b?***");
+        assert_eq!(r("http://u:p@h/a@b?x"), "http://***@h/a@b?***");
+        assert_eq!(r("https://TOKEN@h/m.json#frag"), "https://***@h/m.json#***");
         assert_eq!(r("http://registry:8000/m/1/model.onnx"), "http://registry:8000/m/1/model.onnx");
     }
 }

@@ -56,6 +56,23 @@ fn failed_with(ev: &DeploymentEvent, code: ErrorCode) -> String {
     e.message
 }
 
+/// A counter of the agent's `/metrics`.
+fn metric(agent: &Agent, name: &str) -> u64 {
+    let url = format!("http://127.0.0.1:{}/metrics", agent.http_port);
+    let text = ureq::get(&url).call().unwrap().into_body().read_to_string().unwrap();
+    let prefix = format!("{name} ");
+    text.lines().find_map(|l| l.strip_prefix(&prefix)).and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("{text}"))
+}
+
+/// The next refusal of an unverified desired state: reported under no
+/// deployment id (an unsigned copy of a real deployment must not make it
+/// look failed); its message.
+async fn refusal(w: &mut Watcher, code: ErrorCode) -> String {
+    let ev = w.event(|e| e.deployment_id.is_empty() && e.phase == Phase::Failed).await;
+    assert_eq!(ev.revision, 0, "{ev:?}");
+    failed_with(&ev, code)
+}
+
 async fn serves(w: &mut Watcher, version: &str) {
     let answer = w.infer(&format!("check-{version}-{}", outpost_agent::sys::jitter()), digits_request(1)).await;
     assert_eq!(answer["model_version"], version, "{answer}");
@@ -86,14 +103,14 @@ async fn with_trust_keys_only_deployments_the_operator_signed_for_this_device_ap
     let (url, sha) = resolve_manifest(&reg.url, "digits", "2").await.unwrap();
     let evil = deployment("digits", "2", &url, &sha, Some(u64::MAX), Some("evil".into()));
     w.publish_desired(evil.to_json()).await;
-    let m = failed_with(&w.events_until_final("evil").await.0, ErrorCode::SignatureRequired);
-    assert!(m.starts_with("an unsigned deployment: this device only accepts deployments signed"), "{m}");
+    let m = refusal(&mut w, ErrorCode::SignatureRequired).await;
+    assert!(m.starts_with("an unsigned deployment (it claims deployment_id \"evil\", revision 18446744073709551615): this device only accepts deployments signed"), "{m}");
     serves(&mut w, "1").await;
 
     // Signed by a key the device does not trust.
-    let (id, env) = signed_deployment(&reg, &stranger, me.clone(), "2", 11, false).await;
+    let (_, env) = signed_deployment(&reg, &stranger, me.clone(), "2", 11, false).await;
     w.publish_desired(env).await;
-    let m = failed_with(&w.events_until_final(&id).await.0, ErrorCode::SignatureInvalid);
+    let m = refusal(&mut w, ErrorCode::SignatureInvalid).await;
     assert!(m.contains("not made by any of the 1 trusted key(s)"), "{m}");
 
     // Signed by the root, but for another device: replayed here, refused.
@@ -109,12 +126,11 @@ async fn with_trust_keys_only_deployments_the_operator_signed_for_this_device_ap
     d.target = Some(me.clone());
     v["payload"] = outpost_protocol::trust::base64_encode(&d.to_json()).into();
     w.publish_desired(serde_json::to_vec(&v).unwrap()).await;
-    failed_with(&w.events_until_final(&id).await.0, ErrorCode::SignatureInvalid);
+    refusal(&mut w, ErrorCode::SignatureInvalid).await;
 
     // An unsigned empty payload does not undeploy.
     w.publish_desired(Vec::new()).await;
-    let ev = w.event(|e| e.phase == Phase::Failed && e.deployment_id.is_empty()).await;
-    let m = failed_with(&ev, ErrorCode::SignatureRequired);
+    let m = refusal(&mut w, ErrorCode::SignatureRequired).await;
     assert!(m.starts_with("an empty (undeploy) payload is unsigned"), "{m}");
     serves(&mut w, "1").await;
 
@@ -158,18 +174,42 @@ async fn with_trust_keys_only_deployments_the_operator_signed_for_this_device_ap
     let ev = w.event(|e| e.deployment_id == id && e.phase.is_final()).await;
     failed_with(&ev, ErrorCode::StaleRevision);
 
-    let metrics = ureq::get(&format!("http://127.0.0.1:{}/metrics", agent.http_port))
-        .call()
-        .unwrap()
-        .into_body()
-        .read_to_string()
-        .unwrap();
-    let refused: u64 = metrics
-        .lines()
-        .find_map(|l| l.strip_prefix("outpost_desired_refused_total "))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("{metrics}"));
-    assert!(refused >= 2, "{metrics}");
+    // Counted since the restart: the two stale ones.
+    assert_eq!(metric(&agent, "outpost_desired_refused_total"), 2);
+}
+
+/// The lock-out, before keys: an anonymous revision u64::MAX went
+/// active and was persisted. Once the operator configures keys, what was
+/// accepted unsigned no longer counts: signed deployments apply.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revisions_taken_without_keys_do_not_lock_out_signed_operation() {
+    let keys = tempfile::tempdir().unwrap();
+    let (root, root_pub) = openssl_key(keys.path(), "root");
+    let (_broker, reg, _data, mut w, mut agent) = Lab::device("cam-9")
+        .model("digits-mlp.onnx", "digits", "1")
+        .model("digits-cnn.onnx", "digits", "2")
+        .start()
+        .await;
+    let (url, sha) = resolve_manifest(&reg.url, "digits", "1").await.unwrap();
+    let evil = deployment("digits", "1", &url, &sha, Some(u64::MAX), Some("evil".into()));
+    w.publish_desired(evil.to_json()).await;
+    assert_eq!(w.events_until_final("evil").await.0.phase, Phase::Active);
+    agent.kill();
+    let trust = root_pub.display().to_string();
+    let http = format!("127.0.0.1:{}", agent.http_port);
+    let _agent = Agent::start_with(
+        _broker.port,
+        "cam-9",
+        &agent.data_dir.clone(),
+        &[],
+        &["--trust-key", &trust, "--http-bind", &http],
+    );
+    w.online().await;
+    serves(&mut w, "1").await;
+    let (id, env) = signed_deployment(&reg, &root, Target::Device("cam-9".into()), "2", 5, false).await;
+    w.publish_desired(env).await;
+    assert_eq!(w.events_until_final(&id).await.0.phase, Phase::Active);
+    serves(&mut w, "2").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -221,12 +261,12 @@ async fn deploy_keys_certified_by_a_root_sign_within_their_scope_until_they_expi
     let id = deploy("1", "1", &["--device", "cam-7"], &cam_cert);
     assert_eq!(w.events_until_final(&id).await.0.phase, Phase::Active);
     // A certificate for the group, used on the device topic: out of scope.
-    let id = deploy("2", "2", &["--device", "cam-7"], &group_cert);
-    let m = failed_with(&w.events_until_final(&id).await.0, ErrorCode::SignatureInvalid);
+    deploy("2", "2", &["--device", "cam-7"], &group_cert);
+    let m = refusal(&mut w, ErrorCode::SignatureInvalid).await;
     assert!(m.contains("does not cover device cam-7 (its scope: devices [], groups [lobby])"), "{m}");
     // Expired.
-    let id = deploy("2", "3", &["--device", "cam-7"], &old_cert);
-    let m = failed_with(&w.events_until_final(&id).await.0, ErrorCode::SignatureInvalid);
+    deploy("2", "3", &["--device", "cam-7"], &old_cert);
+    let m = refusal(&mut w, ErrorCode::SignatureInvalid).await;
     assert!(m.contains("expired at 2020-01-01T00:00:00Z"), "{m}");
     // The group certificate on the group topic: in scope. (The device topic
     // outranks the group, so it is recorded as shadowed, not refused.)
@@ -252,8 +292,8 @@ async fn deploy_keys_certified_by_a_root_sign_within_their_scope_until_they_expi
         &["--trust-key", &new_root, "--http-bind", &format!("127.0.0.1:{}", agent.http_port)],
     );
     w.online().await;
-    let id = deploy("2", "5", &["--device", "cam-7"], &cam_cert);
-    let m = failed_with(&w.events_until_final(&id).await.0, ErrorCode::SignatureInvalid);
+    deploy("2", "5", &["--device", "cam-7"], &cam_cert);
+    let m = refusal(&mut w, ErrorCode::SignatureInvalid).await;
     assert!(m.contains("certificate: not signed by a trusted root key"), "{m}");
     serves(&mut w, "1").await;
     agent.kill();
@@ -301,13 +341,7 @@ async fn answers_go_only_to_the_reply_namespace_and_the_agent_speaks_for_no_one_
     assert_eq!(m.topic, "outpost/replies/client/7");
     // Nothing was published on the victim's topics.
     assert!(victim.next(Duration::from_millis(500)).await.is_none());
-    let metrics = ureq::get(&format!("http://127.0.0.1:{}/metrics", agent.http_port))
-        .call()
-        .unwrap()
-        .into_body()
-        .read_to_string()
-        .unwrap();
-    assert!(metrics.contains("outpost_reply_refused_total 4"), "{metrics}");
+    assert_eq!(metric(&agent, "outpost_reply_refused_total"), 4);
     agent.wait_log("a request's reply topic is outside the reply prefixes", 4, Duration::from_secs(5));
 }
 
@@ -400,4 +434,6 @@ async fn secrets_stay_out_of_check_config_events_and_logs() {
     assert!(all.contains("manifest.json?***"), "{all}");
     let log = std::fs::read_to_string(&agent.log).unwrap();
     assert!(!log.contains("TOPSECRET"), "{log}");
+    // Started without trust keys: it says so.
+    assert!(log.contains("trust.keys is empty: any client that can publish on the broker can deploy"), "{log}");
 }
