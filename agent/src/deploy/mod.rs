@@ -473,13 +473,13 @@ impl Deployer {
                 return;
             }
             Ok((Desired::Deploy(d), signer)) => {
-                if self.authority.trust.enforced() && self.reconciler.is_new(source, &d) {
-                    tracing::info!(deployment = %d.deployment_id, revision = d.revision, %signer, "signed deployment accepted");
-                }
                 if let Some(e) = self.downgrade(source, &d) {
                     self.count_refused();
                     self.reporter.refused_desired(&d, &e);
                     return;
+                }
+                if self.authority.trust.enforced() && self.reconciler.is_new(source, &d) {
+                    tracing::info!(deployment = %d.deployment_id, revision = d.revision, %signer, "signed deployment accepted");
                 }
                 self.reconciler.on_message(source, Some(Ok(*d)))
             }

@@ -25,7 +25,7 @@ const PACKAGING: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../packaging/mosqu
 async fn the_fleet_broker_keeps_each_device_to_its_own_topics_and_session() {
     let topics = Topics::default();
     let certs = tempfile::tempdir().unwrap();
-    make_pki(certs.path(), &["cam-1", "cam-2", "operator"]);
+    make_pki(certs.path(), &["cam-1", "cam-2", "operator", "ci"]);
     let identity = |name: &str| certs.path().join(name);
     let ca = certs.path().join("ca.pem");
 
@@ -34,7 +34,9 @@ async fn the_fleet_broker_keeps_each_device_to_its_own_topics_and_session() {
     for file in ["ca.pem", "broker.pem", "broker.key"] {
         std::fs::copy(certs.path().join(file), broker_dir.path().join(file)).unwrap();
     }
-    std::fs::write(broker_dir.path().join("acl"), make_acl("cam-1 cameras\ncam-2 cameras\n")).unwrap();
+    // Two operator identities: the test's own client, and `ci` for the operator CLI.
+    let acl = make_acl(&["-o", "operator", "-o", "ci"], "cam-1 cameras\ncam-2 cameras\n");
+    std::fs::write(broker_dir.path().join("acl"), acl).unwrap();
     let port = outpost_sim::broker::free_port().unwrap();
     let conf = fleet_conf(broker_dir.path(), port);
     let broker_log = broker_dir.path().join("broker.log");
@@ -134,6 +136,31 @@ async fn the_fleet_broker_keeps_each_device_to_its_own_topics_and_session() {
     let state = op.seen.iter().rev().find(|(t, _)| *t == topics.state("cam-1")).map(|(_, p)| p).unwrap();
     let active = DeviceState::from_json(state).unwrap().active.unwrap();
     assert_eq!((active.version.as_str(), active.deployment_id), ("2", v2.deployment_id.clone()));
+    // The operator CLI reaches the same broker with its own certificate
+    // (README, "Security model"), and cam-1 applies what it publishes.
+    let (ci_cert, ci_key) = (path(identity("ci.pem")), path(identity("ci.key")));
+    let (code, out, err) = sim(&[
+        "deploy",
+        "--broker",
+        &broker_url,
+        "--ca-file",
+        &ca_file,
+        "--client-cert",
+        &ci_cert,
+        "--client-key",
+        &ci_key,
+        "--device",
+        "cam-1",
+        "--model",
+        "digits@1",
+        "--registry-url",
+        &reg.url,
+        "--allow-downgrade",
+        "--wait",
+    ]);
+    assert_eq!(code, 0, "{out}{err}\n{}", broker_log());
+    assert_eq!(served_version(&agent).await, "1");
+
     let log = std::fs::read_to_string(&agent.log).unwrap();
     assert!(!log.contains("forged-by-cam-2"), "the agent received cam-2's deployment:\n{log}");
     let reconnected =
@@ -175,10 +202,11 @@ fn make_pki(dir: &Path, clients: &[&str]) {
     }
 }
 
-/// The ACL `make-acl.sh` writes for this device list (its default operator, `operator`).
-fn make_acl(devices: &str) -> String {
+/// The ACL `make-acl.sh` writes, with these options, for this device list.
+fn make_acl(options: &[&str], devices: &str) -> String {
     let mut child = Command::new("sh")
         .arg(Path::new(PACKAGING).join("make-acl.sh"))
+        .args(options)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
