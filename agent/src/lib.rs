@@ -26,6 +26,8 @@ pub mod agent;
 pub mod check;
 pub mod config;
 pub mod deploy;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod link;
 pub mod report;
 pub mod serve;

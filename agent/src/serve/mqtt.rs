@@ -40,21 +40,13 @@ pub async fn answer(
     // published on (the agent must not speak for others on their topics):
     // the refusal goes to `predictions`, counted and logged.
     let asked = request.response_topic().map(str::to_string).or(answer.reply_to.clone());
-    let (topic, result) = match asked {
-        None => (predictions.to_string(), answer.result),
-        Some(t)
-            if valid_reply_topic(&t)
-                && (t == predictions || reply_prefixes.iter().any(|p| t.starts_with(p.as_str()))) =>
-        {
-            (t, answer.result)
-        }
-        Some(t) => {
+    let (topic, result) = match reply_topic(asked.as_deref(), predictions, reply_prefixes) {
+        Ok(t) => (t, answer.result),
+        Err(message) => {
             engine.counters.reply_refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            tracing::warn!(reply_to = %outpost_protocol::error::excerpt(&t, 120), "a request's reply topic is outside the reply prefixes: answered on predictions");
-            let message = format!(
-                "reply topic {} refused: answers go only to topics under {} (mqtt.reply_prefixes) or to {predictions}",
-                outpost_protocol::error::excerpt(&t, 120),
-                reply_prefixes.join(", ")
+            tracing::warn!(
+                reply_to = %outpost_protocol::error::excerpt(asked.as_deref().unwrap_or_default(), 120),
+                "a request's reply topic is outside the reply prefixes: answered on predictions"
             );
             (predictions.to_string(), Err(InferFailure::new(ErrorCode::ReplyRefused, message)))
         }
@@ -75,6 +67,24 @@ pub async fn answer(
     }
     let correlation = request.correlation().map(<[u8]>::to_vec);
     out.send(Outgoing { topic, payload: body, retain: false, reliable: true, correlation });
+}
+
+/// Where an answer goes: the reply topic the request asked for (MQTT 5
+/// response topic or `reply_to`) if it is publishable and under one of the
+/// reply prefixes (or is `predictions` itself), `predictions` when it asked
+/// for none; `Err` (the refusal's message) otherwise.
+pub(crate) fn reply_topic(asked: Option<&str>, predictions: &str, prefixes: &[String]) -> Result<String, String> {
+    match asked {
+        None => Ok(predictions.to_string()),
+        Some(t) if valid_reply_topic(t) && (t == predictions || prefixes.iter().any(|p| t.starts_with(p.as_str()))) => {
+            Ok(t.to_string())
+        }
+        Some(t) => Err(format!(
+            "reply topic {} refused: answers go only to topics under {} (mqtt.reply_prefixes) or to {predictions}",
+            outpost_protocol::error::excerpt(t, 120),
+            prefixes.join(", ")
+        )),
+    }
 }
 
 /// A reply topic must be publishable: no wildcards, not empty.
