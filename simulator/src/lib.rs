@@ -9,6 +9,7 @@
 
 pub mod bench;
 pub mod broker;
+pub mod chaos;
 pub mod demo;
 pub mod fleet;
 pub mod operator;

@@ -230,6 +230,31 @@ enum Command {
         #[arg(long)]
         baseline_agent: Option<PathBuf>,
     },
+    /// A seeded soak: real agent processes against Mosquitto and a registry
+    /// under a reproducible schedule of faults (kills mid-install and
+    /// mid-replay, broker restarts, registry 503/stall/cut, a full disk,
+    /// hostile models, slow and oversize clients, stale redeliveries), with
+    /// invariants checked throughout. Exit 0 only when every one held.
+    Chaos {
+        #[arg(long, default_value_t = 60)]
+        duration: u64,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        #[arg(long, default_value_t = 3)]
+        devices: usize,
+        /// The agent binary.
+        #[arg(long, default_value = "target/release/outpost")]
+        agent: PathBuf,
+        /// Write the report as JSON here too.
+        #[arg(long)]
+        json: Option<PathBuf>,
+        /// Write a timeline of faults and versions per device (SVG) here.
+        #[arg(long)]
+        svg: Option<PathBuf>,
+        /// Where the devices, broker and registry live (default: a temporary directory).
+        #[arg(long)]
+        work_dir: Option<PathBuf>,
+    },
     /// Simulate a fleet: N agents (the agent library, each with its own MQTT
     /// session, store and state) receive one group deployment, with flaky
     /// downloads, late starters and devices that drop offline; prints
@@ -468,6 +493,25 @@ async fn run(command: Command) -> ExitCode {
                 None => println!("withdrew the desired state on {topic}"),
             }
             ExitCode::SUCCESS
+        }
+        Command::Chaos { duration, seed, devices, agent, json, svg, work_dir } => {
+            if devices == 0 {
+                return fail(EXIT_USAGE, "--devices must be at least 1");
+            }
+            let spec = outpost_sim::chaos::ChaosSpec {
+                agent,
+                duration: Duration::from_secs(duration),
+                seed,
+                devices,
+                json,
+                svg,
+                work_dir,
+            };
+            match outpost_sim::chaos::run(spec).await {
+                Ok(r) if r["ok"].as_bool() == Some(true) => ExitCode::SUCCESS,
+                Ok(_) => ExitCode::from(EXIT_FAILED),
+                Err(e) => fail(EXIT_UNAVAILABLE, &e),
+            }
         }
         Command::Keygen { out } => match signing::keygen(&out) {
             Ok((private, public, key)) => {
