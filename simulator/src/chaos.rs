@@ -166,6 +166,8 @@ struct Seen {
     /// (arrival, "name@version" or "none") from the retained state.
     versions: Vec<(Duration, String)>,
     state: Option<DeviceState>,
+    /// Final events by phase and error code (`failed/disk_full`, `active`...).
+    outcomes: BTreeMap<String, usize>,
     journal_dropped: u64,
     /// Restarts of this device (kill or restart), by time.
     restarts: Vec<Duration>,
@@ -720,6 +722,12 @@ pub async fn run(spec: ChaosSpec) -> Result<Value, String> {
         "schedule_fingerprint": format!("{:016x}", fingerprint(&plan)),
         "faults": by_kind,
         "faults_total": happened.len(),
+        "outcomes": seen_final.values().fold(BTreeMap::<String, usize>::new(), |mut m, s| {
+            for (k, v) in &s.outcomes {
+                *m.entry(k.clone()).or_default() += v;
+            }
+            m
+        }),
         "settled": settled,
         "settled_after_s": (finished_at.saturating_sub(end)).as_secs_f64(),
         "probes": probes,
@@ -831,6 +839,15 @@ fn record(seen: &Arc<Mutex<BTreeMap<String, Seen>>>, now: Duration, topic: &str,
     if topic.ends_with("/events") {
         if let Ok(e) = DeploymentEvent::from_json(payload) {
             s.seqs.push((now, e.seq, "event"));
+            if e.phase.is_final() {
+                let phase = serde_json::to_value(e.phase).ok().and_then(|v| v.as_str().map(str::to_string));
+                let key = match (&phase, &e.error) {
+                    (Some(p), Some(err)) => format!("{p}/{}", err.code),
+                    (Some(p), None) => p.clone(),
+                    _ => "?".into(),
+                };
+                *s.outcomes.entry(key).or_default() += 1;
+            }
         }
     } else if topic.ends_with("/state") {
         if let Ok(st) = DeviceState::from_json(payload) {
@@ -930,6 +947,12 @@ fn verify_store(data: &Path) -> Result<usize, String> {
 fn print_report(r: &Value) {
     println!("\nfaults injected ({}):", r["faults_total"]);
     if let Some(m) = r["faults"].as_object() {
+        for (k, v) in m {
+            println!("  {v:>4}  {k}");
+        }
+    }
+    println!("deployment outcomes (final events, all devices):");
+    if let Some(m) = r["outcomes"].as_object() {
         for (k, v) in m {
             println!("  {v:>4}  {k}");
         }
