@@ -1419,5 +1419,12 @@ fn markdown(r: &Value, svg: &Path) -> String {
             md.push_str(&format!("- {}\n", s.as_str().unwrap_or("")));
         }
     }
+    // Robustness figures come from other runs (fuzzing, the chaos soak):
+    // kept in their own file and carried into every report.
+    let robustness = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/RESULTS.md");
+    if let Ok(text) = std::fs::read_to_string(robustness) {
+        md.push('\n');
+        md.push_str(&text);
+    }
     md
 }
