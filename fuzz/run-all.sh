@@ -12,7 +12,8 @@ set -eu
 cd "$(dirname "$0")"
 secs=${1:-600}
 jobs=${2:-1}
-targets=$(cargo +nightly fuzz list)
+# TARGETS="a b" runs only those; TABLE_ONLY=1 prints the table of the last runs.
+targets=${TARGETS:-$(cargo +nightly fuzz list)}
 mkdir -p logs
 run() {
     t=$1
@@ -24,7 +25,8 @@ run() {
         -timeout=20 -rss_limit_mb=3072 $extra > "logs/$t.log" 2>&1 || true
 }
 n=0
-for t in $targets; do
+[ -n "${TABLE_ONLY:-}" ] && targets_to_run="" || targets_to_run=$targets
+for t in $targets_to_run; do
     run "$t" &
     n=$((n + 1))
     if [ "$n" -ge "$jobs" ]; then wait; n=0; fi
@@ -32,14 +34,18 @@ done
 wait
 echo "| target | executions | exec/s | coverage (cov / ft) | corpus | crashes | ooms | timeouts |"
 echo "|---|---|---|---|---|---|---|---|"
-for t in $targets; do
+for t in ${TABLE_TARGETS:-$(cargo +nightly fuzz list)}; do
     log="logs/$t.log"
-    execs=$(grep -o 'stat::number_of_executed_units: [0-9]*' "$log" | tail -1 | awk '{print $2}')
-    speed=$(grep -o 'stat::average_exec_per_sec: [0-9]*' "$log" | tail -1 | awk '{print $2}')
-    cov=$(grep -o 'cov: [0-9]* ft: [0-9]*' "$log" | tail -1 | awk '{print $2 " / " $4}')
+    execs=$(grep -ao 'stat::number_of_executed_units: [0-9]*' "$log" | tail -1 | awk '{print $2}')
+    # Fork mode (the model target) prints "#N: cov: ... oom/timeout/crash: a/b/c" instead.
+    [ -z "$execs" ] && execs=$(grep -ao '^#[0-9]*' "$log" | tail -1 | tr -d '#')
+    speed=$(grep -ao 'stat::average_exec_per_sec: [0-9]*' "$log" | tail -1 | awk '{print $2}')
+    [ -z "$speed" ] && speed=$(grep -ao 'exec/s: [0-9]*' "$log" | tail -1 | awk '{print $2}')
+    cov=$(grep -ao 'cov: [0-9]* ft: [0-9]*' "$log" | tail -1 | awk '{print $2 " / " $4}')
     corpus=$(ls "corpus/$t" | wc -l)
-    crashes=$(ls "artifacts/$t" 2>/dev/null | grep -c '^crash-' || true)
-    ooms=$(grep -c 'out-of-memory' "$log" || true)
-    timeouts=$(ls "artifacts/$t" 2>/dev/null | grep -c '^timeout-' || true)
+    crashes=$(ls "artifacts/$t" 2>/dev/null | grep -ac '^crash-' || true)
+    ooms=$(grep -ao 'oom/timeout/crash: [0-9]*' "$log" | tail -1 | awk '{print $2}')
+    [ -z "$ooms" ] && ooms=$(grep -ac 'out-of-memory' "$log" || true)
+    timeouts=$(ls "artifacts/$t" 2>/dev/null | grep -ac '^timeout-' || true)
     echo "| $t | ${execs:-?} | ${speed:-?} | ${cov:-?} | $corpus | $crashes | $ooms | $timeouts |"
 done

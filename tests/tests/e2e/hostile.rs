@@ -497,3 +497,51 @@ async fn mqtt_requests_in_flight_are_bounded_in_bytes() {
     assert_eq!(answered + overloaded, 10, "every request is answered");
     assert!(answered >= 1 && overloaded >= 1, "answered {answered}, overloaded {overloaded}");
 }
+
+/// The first finding of fuzzing (`fuzz/regressions/model/`): a mutated
+/// digits model on which tract's ONNX parser panics ("no entry found for
+/// key"). The panic happens in the isolated validation's child: the
+/// deployment fails `model_load_failed` with the panic's message, the agent
+/// never goes down and the version serving keeps answering.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_that_makes_tract_panic_while_parsing_is_refused_and_the_agent_serves_on() {
+    let (_broker, reg, _data, mut w, mut agent) =
+        Lab::device("hostile-fz").model("digits-mlp.onnx", "digits", "1").start().await;
+    assert_eq!(w.deploy(&reg, "digits", "1").await.0.phase, Phase::Active);
+    let model = std::fs::read(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../fuzz/regressions/model/tract-parse-panic-no-entry-for-key.onnx"),
+    )
+    .unwrap();
+    // A bundle around it: the digits manifest, labels and a golden sample.
+    let dir = reg.root().join("fuzzed/1");
+    std::fs::create_dir_all(dir.join("sample")).unwrap();
+    let golden = reg.root().join("digits/1");
+    let mut files = Vec::new();
+    for (path, bytes) in [
+        ("model.onnx", model),
+        ("labels.txt", std::fs::read(golden.join("labels.txt")).unwrap()),
+        ("sample/input.json", std::fs::read(golden.join("sample/input.json")).unwrap()),
+        ("sample/expected.json", std::fs::read(golden.join("sample/expected.json")).unwrap()),
+    ] {
+        std::fs::write(dir.join(path), &bytes).unwrap();
+        files.push(
+            serde_json::json!({"path": path, "sha256": outpost_sim::registry::sha256(&bytes), "size": bytes.len()}),
+        );
+    }
+    let mut manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(golden.join("manifest.json")).unwrap()).unwrap();
+    manifest["name"] = "fuzzed".into();
+    manifest["files"] = files.into();
+    let bytes = serde_json::to_vec(&manifest).unwrap();
+    std::fs::write(dir.join("manifest.json"), &bytes).unwrap();
+    let url = reg.manifest_url("fuzzed", "1");
+    let (last, events) = w.deploy_raw("fuzzed", "1", &url, &outpost_sim::registry::sha256(&bytes)).await;
+    assert_eq!(last.phase, Phase::Failed, "{events:?}");
+    let e = last.error.unwrap();
+    assert_eq!(e.code, ErrorCode::ModelLoadFailed, "{e:?}");
+    assert!(e.message.contains("no entry found for key"), "{e:?}");
+    assert!(agent.is_running());
+    let answer = w.infer("after-fuzzed", digits_request(1)).await;
+    assert_eq!((answer["model_name"].as_str(), answer["model_version"].as_str()), (Some("digits"), Some("1")));
+}
