@@ -309,7 +309,7 @@ impl Deployer {
             let decision = if p.source == Source::GONE {
                 Decision::Nothing
             } else {
-                self.reconciler.on_message(p.source, Some(Ok(p.deployment.clone())))
+                self.reconciler.on_message(p.source, Some(p.deployment.clone()))
             };
             match decision {
                 Decision::Deploy(d) => self.start(p.source, d, "resumed after a restart").await,
@@ -481,7 +481,7 @@ impl Deployer {
                 if self.authority.trust.enforced() && self.reconciler.is_new(source, &d) {
                     tracing::info!(deployment = %d.deployment_id, revision = d.revision, %signer, "signed deployment accepted");
                 }
-                self.reconciler.on_message(source, Some(Ok(*d)))
+                self.reconciler.on_message(source, Some(*d))
             }
             Ok((Desired::Undeploy { revision: Some(r), .. }, _)) => self.reconciler.on_withdraw(source, r),
             Ok((Desired::Undeploy { revision: None, .. }, _)) => self.reconciler.on_message(source, None),
@@ -548,7 +548,6 @@ impl Deployer {
                     Some("shadowed by a desired state of higher precedence (device topic or an earlier group)".into()),
                 )
             }
-            Decision::Invalid(e) => self.count_refused().reporter.invalid_desired(payload, &e.info()),
             Decision::Nothing => {
                 let _ = self.persist().await;
             }

@@ -8,7 +8,7 @@
 //! before; the same deployment seen again (QoS 1 redelivery, reconnect,
 //! retained replay) is a no-op.
 
-use outpost_protocol::{Deployment, ProtocolError};
+use outpost_protocol::Deployment;
 
 /// Where a desired state came from. Ordered by precedence: Device first, then
 /// groups in the order they are configured.
@@ -37,8 +37,6 @@ pub enum Decision {
     Stale { deployment: Deployment, newest: u64 },
     /// Valid, but shadowed by a source of higher precedence: nothing to do.
     Shadowed(Deployment),
-    /// The message is not a valid deployment: report the error, change nothing.
-    Invalid(ProtocolError),
     /// Empty payload for a source that had nothing, or that was shadowed.
     Nothing,
     /// A signed undeployment older than what this source sent before.
@@ -64,21 +62,15 @@ impl Reconciler {
         Self::default()
     }
 
-    /// What the agent currently aims at.
-    #[cfg(test)]
-    pub fn target(&self) -> Option<&(Source, Deployment)> {
-        self.target.as_ref()
-    }
-
     fn effective(&self) -> Option<(Source, Deployment)> {
         self.desired.iter().min_by_key(|(s, _)| *s).cloned()
     }
 
-    /// Handles one message on a desired topic: `None` payload means empty.
-    pub fn on_message(&mut self, source: Source, payload: Option<Result<Deployment, ProtocolError>>) -> Decision {
+    /// Handles one desired state of `source` (already parsed and, with trust
+    /// keys, verified): `None` withdraws it (an empty payload).
+    pub fn on_message(&mut self, source: Source, payload: Option<Deployment>) -> Decision {
         match payload {
-            Some(Err(e)) => Decision::Invalid(e),
-            Some(Ok(d)) => {
+            Some(d) => {
                 if let Some((_, newest)) = self.newest.iter().find(|(s, _)| *s == source).copied() {
                     let current = self.desired.iter().find(|(s, _)| *s == source).map(|(_, d)| d);
                     if current.is_some_and(|c| same(c, &d))
@@ -203,20 +195,17 @@ mod tests {
     fn first_deployment_deploys_and_replay_is_unchanged() {
         let mut r = Reconciler::new();
         let d = dep("d1", 1, "1");
-        assert_eq!(r.on_message(Source::Device, Some(Ok(d.clone()))), Decision::Deploy(d.clone()));
-        assert_eq!(r.on_message(Source::Device, Some(Ok(d.clone()))), Decision::Unchanged(d));
+        assert_eq!(r.on_message(Source::Device, Some(d.clone())), Decision::Deploy(d.clone()));
+        assert_eq!(r.on_message(Source::Device, Some(d.clone())), Decision::Unchanged(d));
     }
 
     #[test]
     fn older_or_equal_revision_is_stale() {
         let mut r = Reconciler::new();
-        r.on_message(Source::Device, Some(Ok(dep("d5", 5, "1"))));
-        assert!(matches!(r.on_message(Source::Device, Some(Ok(dep("d4", 4, "0")))), Decision::Stale { newest: 5, .. }));
-        assert!(matches!(
-            r.on_message(Source::Device, Some(Ok(dep("other", 5, "2")))),
-            Decision::Stale { newest: 5, .. }
-        ));
-        assert_eq!(r.on_message(Source::Device, Some(Ok(dep("d6", 6, "2")))), Decision::Deploy(dep("d6", 6, "2")));
+        r.on_message(Source::Device, Some(dep("d5", 5, "1")));
+        assert!(matches!(r.on_message(Source::Device, Some(dep("d4", 4, "0"))), Decision::Stale { newest: 5, .. }));
+        assert!(matches!(r.on_message(Source::Device, Some(dep("other", 5, "2"))), Decision::Stale { newest: 5, .. }));
+        assert_eq!(r.on_message(Source::Device, Some(dep("d6", 6, "2"))), Decision::Deploy(dep("d6", 6, "2")));
     }
 
     #[test]
@@ -225,13 +214,13 @@ mod tests {
         let g1 = dep("g1", 1, "g1");
         let g0 = dep("g0", 1, "g0");
         let dv = dep("dv", 1, "dv");
-        assert_eq!(r.on_message(Source::Group(1), Some(Ok(g1.clone()))), Decision::Deploy(g1.clone()));
-        assert_eq!(r.on_message(Source::Group(0), Some(Ok(g0.clone()))), Decision::Deploy(g0.clone()));
+        assert_eq!(r.on_message(Source::Group(1), Some(g1.clone())), Decision::Deploy(g1.clone()));
+        assert_eq!(r.on_message(Source::Group(0), Some(g0.clone())), Decision::Deploy(g0.clone()));
         assert_eq!(
-            r.on_message(Source::Group(1), Some(Ok(dep("g1b", 2, "g1b")))),
+            r.on_message(Source::Group(1), Some(dep("g1b", 2, "g1b"))),
             Decision::Shadowed(dep("g1b", 2, "g1b"))
         );
-        assert_eq!(r.on_message(Source::Device, Some(Ok(dv.clone()))), Decision::Deploy(dv.clone()));
+        assert_eq!(r.on_message(Source::Device, Some(dv.clone())), Decision::Deploy(dv.clone()));
         // withdrawing the device override falls back to the first group
         assert_eq!(r.on_message(Source::Device, None), Decision::Deploy(g0.clone()));
         assert_eq!(r.on_message(Source::Group(0), None), Decision::Deploy(dep("g1b", 2, "g1b")));
@@ -240,25 +229,15 @@ mod tests {
     }
 
     #[test]
-    fn invalid_messages_change_nothing() {
-        let mut r = Reconciler::new();
-        let d = dep("d1", 1, "1");
-        r.on_message(Source::Device, Some(Ok(d.clone())));
-        let e = ProtocolError::invalid("revision", "a number", "\"x\"");
-        assert_eq!(r.on_message(Source::Device, Some(Err(e.clone()))), Decision::Invalid(e));
-        assert_eq!(r.target(), Some(&(Source::Device, d)));
-    }
-
-    #[test]
     fn a_signed_withdrawal_raises_the_revision_and_replays_as_nothing() {
         let mut r = Reconciler::new();
-        r.on_message(Source::Device, Some(Ok(dep("d5", 5, "1"))));
+        r.on_message(Source::Device, Some(dep("d5", 5, "1")));
         assert_eq!(r.on_withdraw(Source::Device, 5), Decision::StaleWithdraw { revision: 5, newest: 5 });
         assert_eq!(r.on_withdraw(Source::Device, 6), Decision::Undeploy);
         assert_eq!(r.on_withdraw(Source::Device, 6), Decision::Nothing);
         assert_eq!(r.on_withdraw(Source::Device, 4), Decision::StaleWithdraw { revision: 4, newest: 6 });
         // The deployment it withdrew, replayed, is stale now.
-        assert!(matches!(r.on_message(Source::Device, Some(Ok(dep("d5", 5, "1")))), Decision::Stale { newest: 6, .. }));
+        assert!(matches!(r.on_message(Source::Device, Some(dep("d5", 5, "1"))), Decision::Stale { newest: 6, .. }));
         // A remembered revision (from the record) is never lowered.
         r.remember(Source::Group(0), 9);
         r.remember(Source::Group(0), 3);
@@ -272,6 +251,6 @@ mod tests {
         let mut r = Reconciler::new();
         let d = dep("d1", 3, "1");
         r.restore(Source::Device, d.clone());
-        assert_eq!(r.on_message(Source::Device, Some(Ok(d.clone()))), Decision::Unchanged(d));
+        assert_eq!(r.on_message(Source::Device, Some(d.clone())), Decision::Unchanged(d));
     }
 }

@@ -302,35 +302,26 @@ fn refused(engine: &Engine, code: ErrorCode, message: String) -> Response {
 async fn metrics(State(engine): State<Arc<Engine>>) -> Response {
     let c = &engine.counters;
     let mut text = String::new();
-    let mut counter = |name: &str, help: &str, v: u64| {
+    let counters: [(&str, &str, &std::sync::atomic::AtomicU64); 6] = [
+        ("outpost_inference_requests_total", "Inference requests received.", &c.requests),
+        ("outpost_inference_errors_total", "Inference requests answered with an error.", &c.errors),
+        ("outpost_inference_rejected_total", "Inference requests refused as overloaded.", &c.rejected),
+        ("outpost_rollbacks_total", "Automatic rollbacks after a failed probation.", &c.rollbacks),
+        (
+            "outpost_desired_refused_total",
+            "Desired states refused: unsigned, bad signature, wrong target, invalid, stale or a downgrade.",
+            &c.desired_refused,
+        ),
+        (
+            "outpost_reply_refused_total",
+            "MQTT requests whose reply topic is outside the reply prefixes (answered on predictions instead).",
+            &c.reply_refused,
+        ),
+    ];
+    for (name, help, v) in counters {
+        let v = v.load(Ordering::Relaxed);
         text.push_str(&format!("# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}\n"));
-    };
-    counter("outpost_inference_requests_total", "Inference requests received.", c.requests.load(Ordering::Relaxed));
-    counter(
-        "outpost_inference_errors_total",
-        "Inference requests answered with an error.",
-        c.errors.load(Ordering::Relaxed),
-    );
-    counter(
-        "outpost_inference_rejected_total",
-        "Inference requests refused as overloaded.",
-        c.rejected.load(Ordering::Relaxed),
-    );
-    counter(
-        "outpost_rollbacks_total",
-        "Automatic rollbacks after a failed probation.",
-        c.rollbacks.load(Ordering::Relaxed),
-    );
-    counter(
-        "outpost_desired_refused_total",
-        "Desired states refused: unsigned, bad signature, wrong target, invalid, stale or a downgrade.",
-        c.desired_refused.load(Ordering::Relaxed),
-    );
-    counter(
-        "outpost_reply_refused_total",
-        "MQTT requests whose reply topic is outside the reply prefixes (answered on predictions instead).",
-        c.reply_refused.load(Ordering::Relaxed),
-    );
+    }
     let mut gauge = |name: &str, help: &str, v: String| {
         text.push_str(&format!("# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}\n"));
     };

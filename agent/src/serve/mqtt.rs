@@ -39,7 +39,7 @@ pub async fn answer(
     // `predictions`. A reply topic outside the reply prefixes is not
     // published on (the agent must not speak for others on their topics):
     // the refusal goes to `predictions`, counted and logged.
-    let asked = request.response_topic().map(str::to_string).or(answer.reply_to.clone());
+    let asked = request.response_topic().map(str::to_string).or(answer.reply_to);
     let (topic, result) = match reply_topic(asked.as_deref(), predictions, reply_prefixes) {
         Ok(t) => (t, answer.result),
         Err(message) => {
