@@ -395,8 +395,8 @@ pub async fn run(spec: ChaosSpec) -> Result<Value, String> {
     let url = BrokerUrl { host: "127.0.0.1".into(), port: broker.port, tls: false };
     let topics = Topics::default();
     let mut op = Operator::connect_with(&url, "chaos-operator", topics.clone(), false).await?;
-    const WATCH: [&str; 3] = ["outpost/devices/+/events", "outpost/devices/+/state", "outpost/devices/+/telemetry"];
-    for f in WATCH {
+    // (The operator subscribes again by itself when a restarted broker lost its session.)
+    for f in ["outpost/devices/+/events", "outpost/devices/+/state", "outpost/devices/+/telemetry"] {
         op.subscribe(f).await?;
     }
 
@@ -561,11 +561,6 @@ pub async fn run(spec: ChaosSpec) -> Result<Value, String> {
             broker.spawn()?;
             note_broker(&seen, now);
             broker_back_at = None;
-            // The session is persistent, but subscribe again all the same:
-            // the watcher must not go blind.
-            for f in WATCH {
-                op.subscribe(f).await?;
-            }
             kill_after_deploy.push((now + kill_after, kill));
         }
         if registry_normal_at.is_some_and(|at| at <= now) {

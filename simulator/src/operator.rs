@@ -15,6 +15,9 @@ pub struct Operator {
     pub topics: Topics,
     incoming: mpsc::UnboundedReceiver<Publish>,
     subacks: mpsc::UnboundedReceiver<()>,
+    /// What it subscribed to: subscribed again whenever the broker comes
+    /// back without the session (restarted, or without persistence).
+    filters: std::sync::Arc<std::sync::Mutex<Vec<(String, QoS)>>>,
 }
 
 impl Operator {
@@ -61,10 +64,22 @@ impl Operator {
         let (tx, incoming) = mpsc::unbounded_channel();
         let (sub_tx, subacks) = mpsc::unbounded_channel();
         let (conn_tx, mut conn_rx) = mpsc::unbounded_channel::<Result<(), String>>();
+        let filters: std::sync::Arc<std::sync::Mutex<Vec<(String, QoS)>>> = Default::default();
+        let (again, resubscribe) = (client.clone(), filters.clone());
         tokio::spawn(async move {
+            // SubAcks of resubscriptions are not the caller's.
+            let mut skip = 0usize;
             loop {
                 match eventloop.poll().await {
-                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                    Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                        if !ack.session_present {
+                            let wanted = resubscribe.lock().map(|f| f.clone()).unwrap_or_default();
+                            for (filter, qos) in wanted {
+                                if again.try_subscribe(filter, qos).is_ok() {
+                                    skip += 1;
+                                }
+                            }
+                        }
                         let _ = conn_tx.send(Ok(()));
                     }
                     Ok(Event::Incoming(Packet::Publish(p))) => {
@@ -72,6 +87,7 @@ impl Operator {
                             break;
                         }
                     }
+                    Ok(Event::Incoming(Packet::SubAck(_))) if skip > 0 => skip -= 1,
                     Ok(Event::Incoming(Packet::SubAck(_))) => {
                         let _ = sub_tx.send(());
                     }
@@ -98,7 +114,7 @@ impl Operator {
                 }
             }
         }
-        Ok(Operator { client, topics, incoming, subacks })
+        Ok(Operator { client, topics, incoming, subacks, filters })
     }
 
     /// Subscribes and waits for the broker to confirm.
@@ -110,6 +126,9 @@ impl Operator {
     /// its queue of unacknowledged ones is full (Mosquitto's
     /// `max_queued_messages`, 1000 by default): for observing a large fleet.
     pub async fn subscribe_with(&mut self, filter: &str, qos: QoS) -> Result<(), String> {
+        if let Ok(mut f) = self.filters.lock() {
+            f.push((filter.to_string(), qos));
+        }
         self.client.subscribe(filter, qos).await.map_err(|e| e.to_string())?;
         tokio::time::timeout(Duration::from_secs(10), self.subacks.recv())
             .await
