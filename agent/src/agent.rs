@@ -17,7 +17,7 @@ use crate::report::Reporter;
 use crate::serve::Engine;
 use crate::serve::http::Endpoint;
 use outpost_protocol::Topics;
-use outpost_protocol::topics::TopicKind;
+use outpost_protocol::topics::{TopicKind, same_name};
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -106,6 +106,8 @@ struct Agent {
     telemetry_tick: Interval,
     watchdog: Option<Interval>,
     pings: u64,
+    /// Topics already warned about by [`Agent::unplaced`].
+    unplaced: std::collections::HashSet<String>,
 }
 
 fn interval(every: Duration, first_after: Duration) -> Interval {
@@ -228,6 +230,7 @@ impl Agent {
             telemetry_tick: interval(every, every),
             watchdog,
             pings: 0,
+            unplaced: Default::default(),
         })
     }
 
@@ -370,17 +373,35 @@ impl Agent {
     async fn on_message(&mut self, m: Message) {
         let (topics, device) = (&self.config.topics, &self.config.device);
         match topics.classify(m.topic()) {
-            Some(TopicKind::DeviceDesired(d)) if d == *device => self.on_desired(Source::Device, &m).await,
-            Some(TopicKind::GroupDesired(g)) => match self.config.groups.iter().position(|x| x == g) {
+            Some(TopicKind::DeviceDesired(d)) if same_name(d, device) => self.on_desired(Source::Device, &m).await,
+            Some(TopicKind::GroupDesired(g)) => match self.config.groups.iter().position(|x| same_name(g, x)) {
                 Some(i) => self.on_desired(Source::Group(i), &m).await,
-                None => tracing::debug!(topic = %m.topic(), "ignored message"),
+                None => self.unplaced(m.topic()),
             },
-            Some(TopicKind::Infer(d)) if d == *device => self.on_infer(m.clone()),
-            _ => tracing::debug!(topic = %m.topic(), "ignored message"),
+            Some(TopicKind::Infer(d)) if same_name(d, device) => self.on_infer(m.clone()),
+            _ => self.unplaced(m.topic()),
         }
         // Acked once handled: a desired state only after it is recorded on disk.
         if let Some(acks) = &self.acks {
             let _ = acks.send(m);
+        }
+    }
+
+    /// A message on a topic the agent cannot place (a broker that rewrites
+    /// topics, a misconfigured prefix): warned once per topic, so the
+    /// operator sees why a deployment never arrives, and a flood of
+    /// distinct topics cannot fill the log or memory.
+    fn unplaced(&mut self, topic: &str) {
+        if self.unplaced.len() < 64 && self.unplaced.insert(topic.to_string()) {
+            tracing::warn!(
+                topic = %outpost_protocol::error::excerpt(topic, 200),
+                "ignored a message on a topic this agent cannot place (warned once per topic): \
+                 expected {p}/devices/{d}/desired|infer or {p}/groups/GROUP/desired",
+                p = self.config.topics.prefix(),
+                d = self.config.device
+            );
+        } else {
+            tracing::debug!(topic = %outpost_protocol::error::excerpt(topic, 200), "ignored message");
         }
     }
 

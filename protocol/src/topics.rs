@@ -71,11 +71,23 @@ impl Topics {
     }
 
     /// What a device/group topic refers to, if it is one of ours.
+    ///
+    /// Brokers that bridge MQTT to AMQP (RabbitMQ's MQTT plugin) deliver a
+    /// topic with every `.` turned into `/`: a message published on
+    /// `outpost/devices/cam.18/desired` arrives as
+    /// `outpost/devices/cam/18/desired`. So the name is everything between
+    /// the scope and the leaf, and [`same_name`] compares it with a device
+    /// or group name either way; the prefix is matched either way too.
     pub fn classify<'a>(&self, topic: &'a str) -> Option<TopicKind<'a>> {
-        let rest = topic.strip_prefix(self.prefix.as_str())?.strip_prefix('/')?;
-        let mut parts = rest.split('/');
-        let (scope, name, leaf) = (parts.next()?, parts.next()?, parts.next()?);
-        if parts.next().is_some() {
+        let rest = match topic.strip_prefix(self.prefix.as_str()) {
+            Some(rest) => rest,
+            None if self.prefix.contains('.') => topic.strip_prefix(self.prefix.replace('.', "/").as_str())?,
+            None => return None,
+        };
+        let rest = rest.strip_prefix('/')?;
+        let (scope, rest) = rest.split_once('/')?;
+        let (name, leaf) = rest.rsplit_once('/')?;
+        if name.is_empty() || name.starts_with('/') || name.ends_with('/') || name.contains("//") {
             return None;
         }
         match (scope, leaf) {
@@ -85,6 +97,16 @@ impl Topics {
             _ => None,
         }
     }
+}
+
+/// True when `wire`, a name taken from a received topic, is `name` as
+/// published, or `name` with its dots turned into slashes by the broker
+/// (RabbitMQ's MQTT plugin does that).
+pub fn same_name(wire: &str, name: &str) -> bool {
+    wire == name
+        || (name.contains('.')
+            && wire.len() == name.len()
+            && wire.bytes().zip(name.bytes()).all(|(w, n)| w == n || (n == b'.' && w == b'/')))
 }
 
 /// The topics an agent subscribes to.
@@ -137,6 +159,27 @@ mod tests {
         assert_eq!(t.classify("fleet/a/devices/d/state"), None);
         assert_eq!(t.classify("fleet/ab/devices/d/desired"), None);
         assert_eq!(t.classify("fleet/a/devices/d/desired/x"), None);
+        assert_eq!(t.classify("fleet/a/devices//desired"), None);
+        assert_eq!(t.classify("fleet/a/devices/desired"), None);
+    }
+
+    #[test]
+    fn dotted_names_arrive_as_slashes_on_rabbitmq_and_still_match() {
+        let t = Topics::new("fleet.a");
+        // As published (Mosquitto) and as RabbitMQ's MQTT plugin delivers it.
+        for topic in ["fleet.a/devices/cam.18/desired", "fleet/a/devices/cam/18/desired"] {
+            let Some(TopicKind::DeviceDesired(name)) = t.classify(topic) else { panic!("{topic}") };
+            assert!(same_name(name, "cam.18"), "{topic}");
+            assert!(!same_name(name, "cam"), "{topic}");
+        }
+        let Some(TopicKind::GroupDesired(g)) = t.classify("fleet/a/groups/site.1/desired") else { panic!() };
+        assert!(same_name(g, "site.1"));
+        assert!(!same_name(g, "site-1"));
+        let Some(TopicKind::Infer(d)) = t.classify("fleet/a/devices/a/b/infer") else { panic!() };
+        assert!(same_name(d, "a.b"));
+        // A slash in the name never matches a name without a dot there.
+        assert!(!same_name("a/b", "a_b"));
+        assert!(!same_name("cam.18", "cam/18"));
     }
 
     #[test]
