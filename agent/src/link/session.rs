@@ -40,6 +40,14 @@ impl Message {
             Received::V5(p) => p.properties.as_ref()?.response_topic.as_deref(),
         }
     }
+    /// Whether it came at QoS 1 or 2 (answers go at the request's QoS: a
+    /// client that asked at QoS 0 is not made to wait for acknowledgements).
+    pub fn reliable(&self) -> bool {
+        match &self.0 {
+            Received::V4(p) => p.qos != QoS::AtMostOnce,
+            Received::V5(p) => p.qos != rumqttc::v5::mqttbytes::QoS::AtMostOnce,
+        }
+    }
     /// MQTT 5: what the sender wants echoed with the answer.
     pub fn correlation(&self) -> Option<&[u8]> {
         match &self.0 {
@@ -100,14 +108,18 @@ impl Link {
     ) -> Result<(), String> {
         match &*self.0.load_full() {
             Client::V4(c) => c.publish(topic, qos, retain, payload).await.map_err(|e| e.to_string()),
-            Client::V5(c) => match correlation {
-                Some(data) => {
-                    let props = m5::PublishProperties { correlation_data: Some(data.into()), ..Default::default() };
-                    c.publish_with_properties(topic, qos5(qos), retain, payload, props).await
-                }
-                None => c.publish(topic, qos5(qos), retain, payload).await,
+            Client::V5(c) => {
+                // Everything the agent says in JSON is an object; the rest
+                // (availability's online/offline) is plain text.
+                let json = payload.first() == Some(&b'{');
+                let props = m5::PublishProperties {
+                    correlation_data: correlation.map(Into::into),
+                    payload_format_indicator: Some(1),
+                    content_type: Some(if json { "application/json" } else { "text/plain" }.to_string()),
+                    ..Default::default()
+                };
+                c.publish_with_properties(topic, qos5(qos), retain, payload, props).await.map_err(|e| e.to_string())
             }
-            .map_err(|e| e.to_string()),
         }
     }
 

@@ -66,7 +66,7 @@ pub async fn answer(
         body = serde_json::to_vec(&InferError { id: answer.id, error, code: ErrorCode::TooLarge }).unwrap_or_default();
     }
     let correlation = request.correlation().map(<[u8]>::to_vec);
-    out.send(Outgoing { topic, payload: body, retain: false, reliable: true, correlation });
+    out.send(Outgoing { topic, payload: body, retain: false, reliable: request.reliable(), correlation });
 }
 
 /// Where an answer goes: the reply topic the request asked for (MQTT 5

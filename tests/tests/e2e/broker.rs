@@ -164,11 +164,29 @@ async fn mqtt5_requests_are_answered_on_their_response_topic_with_their_correlat
         assert_eq!(std::str::from_utf8(&p.topic).unwrap(), topic);
         let corr = p.properties.as_ref().and_then(|pr| pr.correlation_data.clone()).expect("correlation data");
         assert_eq!(&corr[..], format!("corr-{i}").as_bytes());
+        // The answer says what it is (MQTT 5 content type) and comes at the
+        // request's QoS (the subscription allows QoS 1).
+        let pr = p.properties.as_ref().expect("properties");
+        assert_eq!(pr.content_type.as_deref(), Some("application/json"));
+        assert_eq!(pr.payload_format_indicator, Some(1));
+        assert_eq!(p.qos, QoS::AtLeastOnce);
         let answer: serde_json::Value = serde_json::from_slice(&p.payload).unwrap();
         assert_eq!(answer["model_version"], "1", "{answer}");
         let (max_diff, _) = score(&answer, &expected[..3]);
         assert!(max_diff < 1e-4, "max diff {max_diff}");
     }
+    // A request at QoS 0 is answered at QoS 0: the client asked for no
+    // acknowledgements and is not made to wait on them.
+    let props = PublishProperties {
+        response_topic: Some("outpost/replies/mqtt5-client/q0".into()),
+        correlation_data: Some(b"corr-q0".to_vec().into()),
+        ..Default::default()
+    };
+    let body = serde_json::to_vec(&digits_request(1)).unwrap();
+    client.publish_with_properties(w.topics.infer("dev24"), QoS::AtMostOnce, false, body, props).await.unwrap();
+    let p = tokio::time::timeout(Duration::from_secs(20), rx.recv()).await.expect("an answer").unwrap();
+    assert_eq!(std::str::from_utf8(&p.topic).unwrap(), "outpost/replies/mqtt5-client/q0");
+    assert_eq!(p.qos, QoS::AtMostOnce, "a QoS 0 request is answered at QoS 0");
     // A bad request is answered the same way, with the error.
     let props = PublishProperties {
         response_topic: Some("outpost/replies/mqtt5-client/bad".into()),
