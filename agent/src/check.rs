@@ -86,7 +86,7 @@ pub async fn check_bundle(url: &str, sha256: Option<String>, fetch: FetchConfig)
     match ended {
         Ok(prepared) => {
             let model = prepared.model;
-            let tensors = |l: Vec<(String, outpost_protocol::Datatype, Vec<i64>)>| {
+            let tensors = |l: Vec<(String, &str, Vec<i64>)>| {
                 l.into_iter().map(|(n, d, s)| format!("{n} {d} {s:?}")).collect::<Vec<_>>().join(", ")
             };
             Ok(format!(

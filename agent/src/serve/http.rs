@@ -86,8 +86,15 @@ impl Admission {
     }
 }
 
+/// An OIP error body: `{"error": "..."}`.
 fn error(status: StatusCode, message: impl Into<String>) -> Response {
     (status, axum::Json(json!({"error": message.into()}))).into_response()
+}
+
+/// An OIP error body with the protocol's error code beside the message
+/// (`{"error": "...", "code": "bad_input"}`), as MQTT answers carry it.
+fn coded(code: ErrorCode, message: impl Into<String>) -> Response {
+    (status_of(code), axum::Json(json!({"error": message.into(), "code": code}))).into_response()
 }
 
 fn status_of(code: ErrorCode) -> StatusCode {
@@ -127,6 +134,10 @@ pub fn router(engine: Arc<Engine>, admission: Arc<Admission>) -> Router {
                 "no such route: see /v2/health/ready, /v2/models/{name}, /v2/models/{name}/infer",
             )
         })
+        .method_not_allowed_fallback(|method: axum::http::Method, uri: axum::http::Uri| async move {
+            let allowed = if uri.path().ends_with("/infer") { "POST" } else { "GET" };
+            error(StatusCode::METHOD_NOT_ALLOWED, format!("{method} is not allowed on {}: use {allowed}", uri.path()))
+        })
         .layer(axum::Extension(admission))
         .with_state(engine)
 }
@@ -134,7 +145,8 @@ pub fn router(engine: Arc<Engine>, admission: Arc<Admission>) -> Router {
 async fn ready(State(engine): State<Arc<Engine>>) -> Response {
     match engine.active() {
         Some(_) => axum::Json(json!({"ready": true})).into_response(),
-        None => (StatusCode::SERVICE_UNAVAILABLE, axum::Json(json!({"ready": false}))).into_response(),
+        // OIP v2: 200 means ready, a 4xx not ready (Triton answers 400).
+        None => (StatusCode::BAD_REQUEST, axum::Json(json!({"ready": false}))).into_response(),
     }
 }
 
@@ -143,30 +155,37 @@ async fn server_metadata() -> Response {
         .into_response()
 }
 
-/// A 404 for a model or version this device does not serve.
-struct NotServed(String);
+/// A model or version this device does not serve: 404 `no_model`, or 503
+/// `no_model` (retry later) when nothing is deployed at all.
+struct NotServed(StatusCode, String);
 
 impl IntoResponse for NotServed {
     fn into_response(self) -> Response {
-        error(StatusCode::NOT_FOUND, self.0)
+        (self.0, axum::Json(json!({"error": self.1, "code": ErrorCode::NoModel}))).into_response()
     }
 }
 
 /// The active model if it is the one the path names.
 fn find(engine: &Engine, name: &str, version: Option<&str>) -> Result<Arc<Model>, NotServed> {
     let Some(model) = engine.active() else {
-        return Err(NotServed(format!("model '{name}' is not served here: no model is deployed")));
+        return Err(NotServed(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("model '{name}' is not served here: no model is deployed"),
+        ));
     };
     if model.name != name {
-        return Err(NotServed(format!("model '{name}' is not served here; this device serves '{}'", model.name)));
+        return Err(NotServed(
+            StatusCode::NOT_FOUND,
+            format!("model '{name}' is not served here; this device serves '{}'", model.name),
+        ));
     }
     if let Some(v) = version
         && v != model.version
     {
-        return Err(NotServed(format!(
-            "version '{v}' of '{name}' is not served here; this device serves version '{}'",
-            model.version
-        )));
+        return Err(NotServed(
+            StatusCode::NOT_FOUND,
+            format!("version '{v}' of '{name}' is not served here; this device serves version '{}'", model.version),
+        ));
     }
     Ok(model)
 }
@@ -174,9 +193,10 @@ fn find(engine: &Engine, name: &str, version: Option<&str>) -> Result<Arc<Model>
 async fn metadata(State(engine): State<Arc<Engine>>, name: String, version: Option<String>) -> Response {
     let model = match find(&engine, &name, version.as_deref()) {
         Ok(m) => m,
-        Err(r) => return r.into_response(),
+        // Metadata of a model that is not here is a 404, deployed or not.
+        Err(NotServed(_, message)) => return NotServed(StatusCode::NOT_FOUND, message).into_response(),
     };
-    let tensors = |list: Vec<(String, outpost_protocol::Datatype, Vec<i64>)>| {
+    let tensors = |list: Vec<(String, &str, Vec<i64>)>| {
         list.into_iter().map(|(n, d, s)| json!({"name": n, "datatype": d, "shape": s})).collect::<Vec<_>>()
     };
     axum::Json(json!({
@@ -192,7 +212,11 @@ async fn metadata(State(engine): State<Arc<Engine>>, name: String, version: Opti
 async fn model_ready(State(engine): State<Arc<Engine>>, name: String, version: Option<String>) -> Response {
     match find(&engine, &name, version.as_deref()) {
         Ok(_) => axum::Json(json!({"name": name, "ready": true})).into_response(),
-        Err(r) => r.into_response(),
+        // OIP v2: not ready is a 4xx; 404 for a model not served here.
+        Err(NotServed(status, message)) => {
+            let status = if status == StatusCode::NOT_FOUND { status } else { StatusCode::BAD_REQUEST };
+            (status, axum::Json(json!({"name": name, "ready": false, "error": message}))).into_response()
+        }
     }
 }
 
@@ -289,14 +313,14 @@ async fn infer(
             )
                 .into_response(),
         },
-        Err(f) => error(status_of(f.code), f.message),
+        Err(f) => coded(f.code, f.message),
     }
 }
 
 /// A request refused before its body was read, counted like the engine's refusals.
 fn refused(engine: &Engine, code: ErrorCode, message: String) -> Response {
     engine.count_refusal(code);
-    error(status_of(code), message)
+    coded(code, message)
 }
 
 async fn metrics(State(engine): State<Arc<Engine>>) -> Response {

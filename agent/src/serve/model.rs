@@ -174,7 +174,7 @@ pub struct Model {
     executor: Executor,
     /// The same model with a dynamic batch fixed to 1, for one-sample requests.
     plan_one: Option<Arc<TypedRunnableModel>>,
-    output_specs: Vec<(String, Datatype, Vec<i64>)>,
+    output_specs: Vec<(String, &'static str, Vec<i64>)>,
     /// Requests with at most this many input elements run on the calling
     /// thread instead of a blocking-pool thread (two thread hand-offs cost
     /// more than such a model's run): set when the golden sample runs in
@@ -457,12 +457,7 @@ impl Model {
             executor: Executor::SingleThread,
             plan_one,
             inline_max_elements: 0,
-            output_specs: manifest
-                .model
-                .outputs
-                .iter()
-                .map(|t| (t.name.clone(), t.datatype, t.shape.clone()))
-                .collect(),
+            output_specs: output_specs(manifest),
         })
     }
 
@@ -675,15 +670,15 @@ impl Model {
     }
 
     /// Output metadata as `(name, datatype, shape with -1 for dynamic)`, from the manifest.
-    pub fn output_signature(&self) -> Vec<(String, Datatype, Vec<i64>)> {
+    pub fn output_signature(&self) -> Vec<(String, &'static str, Vec<i64>)> {
         self.output_specs.clone()
     }
 
     /// Input metadata as `(name, datatype, shape with -1 for dynamic)`.
-    pub fn input_signature(&self) -> Vec<(String, Datatype, Vec<i64>)> {
+    pub fn input_signature(&self) -> Vec<(String, &'static str, Vec<i64>)> {
         self.inputs
             .iter()
-            .map(|s| (s.name.clone(), s.datatype, s.dims.iter().map(|d| d.map_or(-1, |n| n as i64)).collect()))
+            .map(|s| (s.name.clone(), s.datatype.as_str(), s.dims.iter().map(|d| d.map_or(-1, |n| n as i64)).collect()))
             .collect()
     }
 }
@@ -1056,6 +1051,24 @@ fn softmax_rows(data: &mut OutData, cols: usize) {
         }
         row.iter_mut().for_each(|x| *x /= sum);
     }
+}
+
+/// What infer can answer, for the model metadata: every output the manifest
+/// declares, then the `{name}_top_k` output of each one with a `top_k`
+/// postprocess (`BYTES` labels with a labels file, else `INT64` indices; one
+/// row per row of the output, `k` columns).
+fn output_specs(manifest: &Manifest) -> Vec<(String, &'static str, Vec<i64>)> {
+    let declared = manifest.model.outputs.iter().map(|t| (t.name.clone(), t.datatype.as_str(), t.shape.clone()));
+    let top_k = manifest.model.outputs.iter().filter_map(|t| {
+        let post = t.postprocess.as_ref()?;
+        let k = post.top_k? as i64;
+        let (cols, lead) = t.shape.split_last().map_or((-1, &[][..]), |(c, l)| (*c, l));
+        let rows = if lead.iter().any(|d| *d < 0) { -1 } else { lead.iter().product::<i64>() };
+        let k = if cols >= 0 { k.min(cols) } else { k };
+        let datatype = if post.labels.is_some() { "BYTES" } else { Datatype::Int64.as_str() };
+        Some((format!("{}_top_k", t.name), datatype, vec![rows, k]))
+    });
+    declared.chain(top_k).collect()
 }
 
 /// The k best classes per row, as labels when the bundle has a labels file,

@@ -11,9 +11,17 @@ async fn the_local_http_endpoint_speaks_open_inference_protocol_v2() {
     let base = format!("http://127.0.0.1:{}", agent.http_port);
 
     assert_eq!(http("GET", format!("{base}/v2/health/live"), None).await.0, 200);
-    assert_eq!(http("GET", format!("{base}/v2/health/ready"), None).await.0, 503, "not ready before a deployment");
+    // Not ready is a 4xx, as the OIP v2 health API says (and Triton answers 400).
+    assert_eq!(http("GET", format!("{base}/v2/health/ready"), None).await.0, 400, "not ready before a deployment");
+    assert_eq!(http("GET", format!("{base}/v2/models/digits/ready"), None).await.0, 400, "model not ready");
+    // Nothing deployed yet: 503 no_model (retry later), as the protocol reference says.
     let (status, body) = http("POST", format!("{base}/v2/models/digits/infer"), Some(b"{}".to_vec())).await;
-    assert_eq!(status, 404, "{body}");
+    assert_eq!((status, body["code"].as_str()), (503, Some("no_model")), "{body}");
+    assert!(body["error"].as_str().unwrap().contains("no model is deployed"), "{body}");
+    // A wrong method is a 405 that says so in the OIP error body.
+    let (status, body) = http("GET", format!("{base}/v2/models/digits/infer"), None).await;
+    assert_eq!(status, 405, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("GET"), "{body}");
 
     assert_eq!(w.deploy(&reg, "digits", "1").await.0.phase, Phase::Active);
     assert_eq!(http("GET", format!("{base}/v2/health/ready"), None).await.0, 200);
@@ -21,7 +29,14 @@ async fn the_local_http_endpoint_speaks_open_inference_protocol_v2() {
     assert_eq!(status, 200);
     assert_eq!(meta["versions"], serde_json::json!(["1"]));
     assert_eq!(meta["inputs"], serde_json::json!([{"name": "input", "datatype": "FP32", "shape": [-1, 64]}]));
-    assert_eq!(meta["outputs"][0]["name"], "probabilities");
+    // Every output infer answers, the top-k postprocess's too.
+    assert_eq!(
+        meta["outputs"],
+        serde_json::json!([
+            {"name": "probabilities", "datatype": "FP32", "shape": [-1, 10]},
+            {"name": "probabilities_top_k", "datatype": "BYTES", "shape": [-1, 3]},
+        ])
+    );
 
     let mut req = digits_request(450);
     req["id"] = "h-1".into();
