@@ -41,6 +41,8 @@ pub struct Config {
     pub reply_prefixes: Vec<String>,
     /// Where the local Open Inference Protocol endpoint listens (None: off).
     pub http_bind: Option<std::net::SocketAddr>,
+    /// Where `/metrics` is served alone (`metrics.bind`), if anywhere.
+    pub metrics_bind: Option<std::net::SocketAddr>,
     /// What clients of that endpoint may hold.
     pub http_limits: crate::serve::http::Limits,
     /// Bytes MQTT requests in flight may hold together.
@@ -106,6 +108,8 @@ struct Agent {
     telemetry_tick: Interval,
     watchdog: Option<Interval>,
     pings: u64,
+    /// Reconnections so far, for `/metrics`.
+    reconnects: Arc<std::sync::atomic::AtomicU64>,
     /// Topics already warned about by [`Agent::unplaced`].
     unplaced: std::collections::HashSet<String>,
 }
@@ -178,10 +182,31 @@ impl Agent {
             None => None,
         };
 
+        if let Some(addr) = config.metrics_bind {
+            match tokio::net::TcpListener::bind(addr).await {
+                Ok(listener) => {
+                    tracing::info!(%addr, "serving /metrics");
+                    tokio::spawn(crate::serve::http::serve_metrics(listener, engine.clone()));
+                }
+                Err(source) => {
+                    deployer.clean_exit().await;
+                    return Err(AgentError::HttpBind { addr, source });
+                }
+            }
+        }
+
         let link = Link::new(client);
         let acks = crate::link::session::acker(link.clone(), config.session.persistent_session);
         let journal = Arc::new(Mutex::new(Journal::open(&config.data_dir, config.journal_max_bytes)));
         let (online, online_rx) = watch::channel(false);
+        reporter.count_outcomes_in(engine.counters.tally.clone());
+        let reconnects = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let _ = engine.metrics_source.set(Box::new(LinkMetrics {
+            online: online_rx.clone(),
+            reconnects: reconnects.clone(),
+            journal: journal.clone(),
+            store: store.clone(),
+        }));
         let publisher = tokio::spawn(crate::link::publisher::publish(
             link.clone(),
             inbox,
@@ -231,6 +256,7 @@ impl Agent {
             watchdog,
             pings: 0,
             unplaced: Default::default(),
+            reconnects,
         })
     }
 
@@ -328,6 +354,7 @@ impl Agent {
                 });
             }
             Action::Online { reconnects } => {
+                self.reconnects.store(reconnects, std::sync::atomic::Ordering::Relaxed);
                 let _ = self.online.send(true);
                 tracing::info!(broker = %self.config.session.broker, reconnects, "connected");
                 self.reporter.send(Outgoing {
@@ -547,5 +574,49 @@ fn limits(live: &crate::config::Live) -> Limits {
         disk_reserve: live.disk_reserve,
         revalidate_at_start: live.revalidate_at_start,
         breaker: live.breaker,
+    }
+}
+
+/// The agent loop's part of `/metrics`: the MQTT link, the outage journal
+/// and the model store.
+#[derive(Debug)]
+struct LinkMetrics {
+    online: watch::Receiver<bool>,
+    reconnects: Arc<std::sync::atomic::AtomicU64>,
+    journal: Arc<Mutex<Journal>>,
+    store: Arc<Store>,
+}
+
+impl crate::serve::metrics::Source for LinkMetrics {
+    fn render(&self, out: &mut crate::serve::metrics::Exposition) {
+        let connected = u8::from(*self.online.borrow());
+        out.single("outpost_mqtt_connected", "gauge", "1 while the MQTT session is up.", connected);
+        let reconnects = self.reconnects.load(std::sync::atomic::Ordering::Relaxed);
+        out.single("outpost_mqtt_reconnects_total", "counter", "MQTT reconnections since start.", reconnects);
+        let (events, bytes, dropped) = {
+            let j = self.journal.lock().unwrap_or_else(|p| p.into_inner());
+            (j.len(), j.bytes(), j.dropped)
+        };
+        out.single(
+            "outpost_journal_events",
+            "gauge",
+            "Messages kept in the outage journal until the broker takes them.",
+            events,
+        );
+        out.single("outpost_journal_bytes", "gauge", "Bytes of the outage journal on disk.", bytes);
+        out.single(
+            "outpost_journal_dropped_total",
+            "counter",
+            "Messages the full journal dropped (least important first).",
+            dropped,
+        );
+        let (bytes, versions) = self.store.usage();
+        out.single(
+            "outpost_store_bytes",
+            "gauge",
+            "Bytes of model files in the store (partial downloads included).",
+            bytes,
+        );
+        out.single("outpost_store_versions", "gauge", "Model versions kept in the store.", versions);
     }
 }

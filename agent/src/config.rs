@@ -99,6 +99,12 @@ pub const KEYS: &[Key] = &[
     key("tls.client_cert", "--client-cert", "a PEM certificate chain", ""),
     key("tls.client_key", "--client-key", "a PEM private key", ""),
     key("http.bind", "--http-bind", "IP:PORT (e.g. 127.0.0.1:8080) or off", "127.0.0.1:8080"),
+    key(
+        "metrics.bind",
+        "--set",
+        "IP:PORT (e.g. 0.0.0.0:9464) serving GET /metrics alone, for a central Prometheus; unset: /metrics only on http.bind",
+        "",
+    ),
     key("http.header_timeout", "--set", "1 to 3600 seconds", "10"),
     key("http.body_timeout", "--set", "1 to 3600 seconds", "30"),
     key("http.max_connections", "--set", "1 to 100000", "256"),
@@ -287,7 +293,12 @@ impl Layers {
             Some("off") => None,
             Some(s) => Some(s.parse().map_err(|_| r.error("http.bind", ""))?),
         };
+        let metrics_bind = match r.string("metrics.bind")?.as_deref() {
+            None | Some("off") | Some("") => None,
+            Some(s) => Some(s.parse().map_err(|_| r.error("metrics.bind", ""))?),
+        };
         let settings = Settings {
+            metrics_bind,
             device,
             groups,
             data_dir: r.string("data_dir")?.map(PathBuf::from).unwrap_or_else(|| DEFAULT_DATA_DIR.into()),
@@ -599,6 +610,7 @@ pub struct Settings {
     pub client_cert: Option<PathBuf>,
     pub client_key: Option<PathBuf>,
     pub http_bind: Option<std::net::SocketAddr>,
+    pub metrics_bind: Option<std::net::SocketAddr>,
     pub http_limits: crate::serve::http::Limits,
     pub workers: usize,
     pub max_queue: usize,

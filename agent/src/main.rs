@@ -54,11 +54,15 @@ enum Command {
 
 #[derive(clap::Args, Debug)]
 struct ValidateArgs {
+    /// The stored version's directory (already verified).
     dir: PathBuf,
+    /// The manifest sha256 of the deployment being validated.
     #[arg(long)]
     manifest_sha256: String,
+    /// Most memory the validation may allocate, in bytes (RLIMIT_DATA).
     #[arg(long)]
     memory_limit: Option<u64>,
+    /// The agent's pid: the validation stops if its parent is another process.
     #[arg(long)]
     parent_pid: Option<u32>,
 }
@@ -83,7 +87,8 @@ struct RunArgs {
     /// drop-ins are read from agent.d/*.toml next to it).
     #[arg(long)]
     config: Option<PathBuf>,
-    /// [mqtt.broker] MQTT broker: mqtt://HOST[:PORT], or mqtts://HOST[:PORT] for TLS.
+    /// [mqtt.broker] MQTT broker: mqtt://HOST[:PORT] (port 1883; tcp:// is the same), or
+    /// mqtts://HOST[:PORT] for TLS (port 8883; ssl:// is the same).
     #[arg(long)]
     broker: Option<String>,
     /// [device] This device's id: [A-Za-z0-9_.-]{1,64}.
@@ -373,6 +378,7 @@ fn agent_config(s: &Settings) -> Result<outpost_agent::Config, String> {
             s.reply_prefixes.clone()
         },
         http_bind: s.http_bind,
+        metrics_bind: s.metrics_bind,
         http_limits: s.http_limits,
         mqtt_max_inflight_bytes: s.mqtt_max_inflight_bytes,
         journal_max_bytes: s.journal_max_bytes,
@@ -558,6 +564,47 @@ fn shutdown_signal() -> impl std::future::Future<Output = ()> {
 mod tests {
     use super::*;
     use clap::CommandFactory;
+
+    /// Every subcommand and argument under `cmd` that has no help, by path.
+    fn without_help(cmd: &clap::Command, path: &str, out: &mut Vec<String>) {
+        for a in cmd.get_arguments() {
+            let help = a.get_help().or(a.get_long_help()).map(|h| h.to_string()).unwrap_or_default();
+            if help.trim().is_empty() {
+                out.push(format!(
+                    "{path} {}",
+                    a.get_long().map(|l| format!("--{l}")).unwrap_or(a.get_id().to_string())
+                ));
+            }
+        }
+        for sub in cmd.get_subcommands() {
+            let sub_path = format!("{path} {}", sub.get_name());
+            if sub.get_about().or(sub.get_long_about()).is_none_or(|h| h.to_string().trim().is_empty()) {
+                out.push(sub_path.clone());
+            }
+            without_help(sub, &sub_path, out);
+        }
+    }
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    /// `outpost --help` and each subcommand's say what every flag does
+    /// (the hidden `validate-model` too: it shows up in process lists).
+    #[test]
+    fn every_subcommand_and_argument_has_help() {
+        let probe = clap::Command::new("probe")
+            .arg(clap::Arg::new("quiet").long("quiet").help("Say less"))
+            .subcommand(clap::Command::new("sub").arg(clap::Arg::new("x").long("x")));
+        let mut found = Vec::new();
+        without_help(&probe, "probe", &mut found);
+        assert_eq!(found, ["probe sub", "probe sub --x"], "the walk finds what lacks help, at any depth");
+
+        let mut missing = Vec::new();
+        without_help(&Cli::command(), "outpost", &mut missing);
+        assert!(missing.is_empty(), "without help text: {missing:?}");
+    }
 
     /// Every configuration key's flag, as `config::KEYS` names it (in
     /// check-config's origins and in errors), is a flag of `outpost run`.

@@ -122,6 +122,7 @@ pub async fn run() -> Result<(), String> {
         },
         fetch: FetchConfig::default(),
         http_bind: Some(std::net::SocketAddr::from(([127, 0, 0, 1], http_port))),
+        metrics_bind: None,
         isolation: outpost_agent::deploy::isolate::Isolation::InProcess,
         http_limits: Default::default(),
         trust: Default::default(),

@@ -119,6 +119,7 @@ fn agent_config(id: &str, group: &str, broker: &BrokerUrl, data: &std::path::Pat
             ..FetchConfig::default()
         },
         http_bind: None,
+        metrics_bind: None,
         isolation: outpost_agent::deploy::isolate::Isolation::InProcess,
         http_limits: Default::default(),
         trust: Default::default(),

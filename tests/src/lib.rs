@@ -12,6 +12,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+mod rabbitmq;
+pub use rabbitmq::RabbitMq;
+
 mod outpost_agent_bin {
     use std::path::PathBuf;
 
@@ -1087,4 +1090,21 @@ impl Default for NotifySocket {
     fn default() -> Self {
         Self::new()
     }
+}
+
+/// The sum of every sample of one family in a Prometheus text exposition
+/// (all label sets of a counter), 0 when it has none.
+pub fn metric_total(text: &str, name: &str) -> u64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let rest = l.strip_prefix(name)?;
+            let value = match rest.chars().next()? {
+                '{' => rest.rsplit_once(' ')?.1,
+                ' ' => rest.trim(),
+                _ => return None,
+            };
+            value.parse::<f64>().ok()
+        })
+        .sum::<f64>() as u64
 }

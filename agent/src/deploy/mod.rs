@@ -447,14 +447,14 @@ impl Deployer {
                 expected: format!("a desired state of at most {max} bytes (--max-packet-size)"),
                 found: format!("{} bytes", payload.len()),
             };
-            self.count_refused();
+            self.count_refused(ErrorCode::TooLarge);
             self.reporter.invalid_desired(payload, &e.info());
             return;
         }
         let arrived_on = self.authority.target(source);
         let decision = match self.authority.trust.open(payload, &arrived_on, std::time::SystemTime::now()) {
             Err(refused) => {
-                self.count_refused();
+                self.count_refused(refused.error.code);
                 tracing::warn!(topic = %arrived_on, error = %refused.error, "desired state refused");
                 match &refused.claimed {
                     // Verified (a wrong target): its own id.
@@ -474,7 +474,7 @@ impl Deployer {
             }
             Ok((Desired::Deploy(d), signer)) => {
                 if let Some(e) = self.downgrade(source, &d) {
-                    self.count_refused();
+                    self.count_refused(e.code);
                     self.reporter.refused_desired(&d, &e);
                     return;
                 }
@@ -516,7 +516,7 @@ impl Deployer {
                     self.reporter.event(&d, Phase::Unchanged, None, None, Some("already applied".into()))
                 }
             }
-            Decision::Stale { deployment, newest } => self.count_refused().reporter.event(
+            Decision::Stale { deployment, newest } => self.count_refused(ErrorCode::StaleRevision).reporter.event(
                 &deployment,
                 Phase::Failed,
                 None,
@@ -536,7 +536,7 @@ impl Deployer {
                         "undeploy revision {revision} is not newer than revision {newest} already received from this topic"
                     ),
                 );
-                self.count_refused().reporter.refused(None, revision, &e);
+                self.count_refused(ErrorCode::StaleRevision).reporter.refused(None, revision, &e);
             }
             Decision::Shadowed(d) => {
                 let _ = self.persist().await;
@@ -554,8 +554,9 @@ impl Deployer {
         }
     }
 
-    fn count_refused(&self) -> &Self {
+    fn count_refused(&self, code: ErrorCode) -> &Self {
         self.engine.counters.desired_refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.engine.counters.tally.desired_refused(code);
         self
     }
 

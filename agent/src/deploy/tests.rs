@@ -210,7 +210,7 @@ async fn a_rollback_during_the_drain_is_recorded() {
     .unwrap();
     // The third non-finite output rolls back (policy.probation.max_non_finite).
     for _ in 0..3 {
-        assert_eq!(lab.engine.infer(req.clone()).await.unwrap().model_version, "1");
+        assert_eq!(lab.engine.infer(req.clone(), crate::serve::Transport::Http).await.unwrap().model_version, "1");
     }
     lab.deployments.finish();
     (&mut lab.task).await.unwrap();

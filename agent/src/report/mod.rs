@@ -10,8 +10,8 @@ use crate::link::publisher::{Outbox, Outgoing};
 use outpost_protocol::{
     ActiveModel, Deployment, DeploymentEvent, DeviceState, ErrorInfo, LastDeployment, Phase, Progress, Topics,
 };
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 /// What the retained state shows of the record.
 #[derive(Debug, Clone, Default)]
@@ -34,6 +34,7 @@ pub(crate) struct Reporter {
     /// the publisher (and the broker) in `seq` order.
     order: Mutex<()>,
     view: Mutex<View>,
+    tally: std::sync::OnceLock<Arc<crate::serve::metrics::Tally>>,
 }
 
 impl Reporter {
@@ -45,7 +46,13 @@ impl Reporter {
             seq: AtomicU64::new(0),
             order: Mutex::new(()),
             view: Default::default(),
+            tally: Default::default(),
         }
+    }
+
+    /// Where deployment outcomes are counted for `/metrics`.
+    pub fn count_outcomes_in(&self, tally: Arc<crate::serve::metrics::Tally>) {
+        let _ = self.tally.set(tally);
     }
 
     /// Continues the numbering of an earlier run (`seq` as last persisted).
@@ -82,11 +89,23 @@ impl Reporter {
         error: Option<ErrorInfo>,
         detail: Option<String>,
     ) {
+        // A stale message is a refused desired state, not a deployment's end.
+        let stale = error.as_ref().is_some_and(|e| e.code == outpost_protocol::ErrorCode::StaleRevision);
+        if phase.is_final() && !stale {
+            self.count_outcome(phase);
+        }
         self.emit(&d.deployment_id, d.revision, phase, progress, error, detail, None);
+    }
+
+    fn count_outcome(&self, phase: Phase) {
+        if let Some(t) = self.tally.get() {
+            t.outcome(phase);
+        }
     }
 
     /// The `active` event, with where the deployment's time went.
     pub fn active_event(&self, d: &Deployment, detail: String, timings: outpost_protocol::Timings) {
+        self.count_outcome(Phase::Active);
         self.emit(&d.deployment_id, d.revision, Phase::Active, None, None, Some(detail), Some(timings));
     }
 

@@ -15,8 +15,8 @@
 //! Errors are `{"error": "..."}` with 400 (bad input), 404 (no such model or
 //! version), 413 (body too large), 503 (overloaded or no model) or 500.
 
-use crate::serve::Engine;
 use crate::serve::model::Model;
+use crate::serve::{Engine, Transport};
 use axum::Router;
 use axum::extract::{Path, State};
 use axum::http::{StatusCode, header};
@@ -25,7 +25,6 @@ use axum::routing::{get, post};
 use outpost_protocol::ErrorCode;
 use serde_json::json;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 /// What one client, or many, may hold of the endpoint: set by the `http.*`
 /// configuration keys, defaults in [`Limits::default`].
@@ -300,7 +299,7 @@ async fn infer(
     };
     // The swap may happen between `find` and the run: the answer names the
     // version that computed it, as over MQTT.
-    let answer = engine.infer_body(&body, binary_header).await;
+    let answer = engine.infer_body(&body, binary_header, Transport::Http).await;
     match answer.result {
         Ok(resp) => match outpost_protocol::binary::encode_response(&resp, &answer.binary) {
             (body, None) => ([(header::CONTENT_TYPE, "application/json")], body).into_response(),
@@ -319,75 +318,13 @@ async fn infer(
 
 /// A request refused before its body was read, counted like the engine's refusals.
 fn refused(engine: &Engine, code: ErrorCode, message: String) -> Response {
-    engine.count_refusal(code);
+    engine.count_refusal(code, Transport::Http);
     coded(code, message)
 }
 
 async fn metrics(State(engine): State<Arc<Engine>>) -> Response {
-    let c = &engine.counters;
-    let mut text = String::new();
-    let counters: [(&str, &str, &std::sync::atomic::AtomicU64); 6] = [
-        ("outpost_inference_requests_total", "Inference requests received.", &c.requests),
-        ("outpost_inference_errors_total", "Inference requests answered with an error.", &c.errors),
-        ("outpost_inference_rejected_total", "Inference requests refused as overloaded.", &c.rejected),
-        ("outpost_rollbacks_total", "Automatic rollbacks after a failed probation.", &c.rollbacks),
-        (
-            "outpost_desired_refused_total",
-            "Desired states refused: unsigned, bad signature, wrong target, invalid, stale or a downgrade.",
-            &c.desired_refused,
-        ),
-        (
-            "outpost_reply_refused_total",
-            "MQTT requests whose reply topic is outside the reply prefixes (answered on predictions instead).",
-            &c.reply_refused,
-        ),
-    ];
-    for (name, help, v) in counters {
-        let v = v.load(Ordering::Relaxed);
-        text.push_str(&format!("# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}\n"));
-    }
-    let mut gauge = |name: &str, help: &str, v: String| {
-        text.push_str(&format!("# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}\n"));
-    };
-    gauge(
-        "outpost_inference_queue_depth",
-        "Requests admitted and waiting for a worker.",
-        c.waiting.load(Ordering::Relaxed).to_string(),
-    );
-    gauge(
-        "outpost_inference_in_flight",
-        "Requests a worker is running.",
-        c.running.load(Ordering::Relaxed).to_string(),
-    );
-    let (workers, queue) = engine.pool_sizes();
-    gauge("outpost_inference_workers", "Inference worker threads.", workers.to_string());
-    gauge("outpost_inference_queue_limit", "Requests that may wait before `overloaded`.", queue.to_string());
-    if let Some(m) = engine.active() {
-        gauge(
-            "outpost_model_load_seconds",
-            "Time the serving model took to load and optimise.",
-            format!("{:.6}", m.load_time.as_secs_f64()),
-        );
-    }
-    let (buckets, sum_us) = c.latency.snapshot();
-    text.push_str("# HELP outpost_inference_latency_seconds Latency of answered requests, from arrival to answer.\n# TYPE outpost_inference_latency_seconds histogram\n");
-    for (bound, n) in crate::serve::LATENCY_BUCKETS_US.iter().zip(&buckets) {
-        text.push_str(&format!("outpost_inference_latency_seconds_bucket{{le=\"{}\"}} {n}\n", *bound as f64 / 1e6));
-    }
-    let total = buckets.last().copied().unwrap_or(0);
-    text.push_str(&format!("outpost_inference_latency_seconds_bucket{{le=\"+Inf\"}} {total}\n"));
-    text.push_str(&format!("outpost_inference_latency_seconds_sum {:.6}\n", sum_us as f64 / 1e6));
-    text.push_str(&format!("outpost_inference_latency_seconds_count {total}\n"));
-    text.push_str("# HELP outpost_model_info The model serving (1), labelled with its name and version.\n# TYPE outpost_model_info gauge\n");
-    if let Some(m) = engine.active() {
-        text.push_str(&format!(
-            "outpost_model_info{{name=\"{}\",version=\"{}\",manifest_sha256=\"{}\"}} 1\n",
-            m.name.replace(['"', '\\', '\n'], "_"),
-            m.version.replace(['"', '\\', '\n'], "_"),
-            m.manifest_sha256
-        ));
-    }
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
+    let text = super::metrics::render(&engine);
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response()
 }
 
 /// Serves the router on `listener` until `shutdown` completes; connections
@@ -405,6 +342,36 @@ pub async fn serve(
     stopping: Arc<std::sync::atomic::AtomicBool>,
 ) {
     let app = router(engine.clone(), admission.clone());
+    serve_app(listener, app, Some(engine), admission, shutdown, stopping).await
+}
+
+/// `/metrics` alone, for `metrics.bind`: a central Prometheus can scrape it
+/// without reaching the inference routes.
+pub fn metrics_router(engine: Arc<Engine>) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .fallback(|| async { error(StatusCode::NOT_FOUND, "only /metrics is served on this address (metrics.bind)") })
+        .method_not_allowed_fallback(|| async { error(StatusCode::METHOD_NOT_ALLOWED, "use GET /metrics") })
+        .with_state(engine)
+}
+
+/// Serves the `/metrics` address of `metrics.bind` until the agent stops.
+pub async fn serve_metrics(listener: tokio::net::TcpListener, engine: Arc<Engine>) {
+    let admission = Admission::new(Limits { max_connections: 16, ..Limits::default() });
+    let app = metrics_router(engine);
+    serve_app(listener, app, None, admission, std::future::pending(), Default::default()).await
+}
+
+/// The connection loop under `app`; connections over the cap are counted
+/// as refused requests of `engine` when it is given (the inference port).
+async fn serve_app(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    engine: Option<Arc<Engine>>,
+    admission: Arc<Admission>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    stopping: Arc<std::sync::atomic::AtomicBool>,
+) {
     let connections = tokio_util::task::TaskTracker::new();
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     tokio::pin!(shutdown);
@@ -426,7 +393,9 @@ pub async fn serve(
             tracing::debug!(error = %e, "TCP_NODELAY not set");
         }
         let Ok(permit) = admission.connections.clone().try_acquire_owned() else {
-            engine.count_refusal(ErrorCode::Overloaded);
+            if let Some(engine) = &engine {
+                engine.count_refusal(ErrorCode::Overloaded, Transport::Http);
+            }
             tokio::spawn(turn_away(tcp, admission.limits.max_connections));
             continue;
         };

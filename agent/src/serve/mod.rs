@@ -8,11 +8,13 @@
 
 pub(crate) mod http;
 pub(crate) mod latency;
+pub mod metrics;
 pub mod model;
 pub(crate) mod mqtt;
 pub(crate) mod probation;
 
 use arc_swap::ArcSwapOption;
+pub use metrics::Transport;
 use model::{InferFailure, Model};
 use outpost_protocol::{ErrorCode, InferRequest, InferResponse};
 use probation::{Limits, Outcome as ProbationOutcome, Verdict, Watch};
@@ -75,11 +77,16 @@ pub struct Counters {
     pub reply_refused: AtomicU64,
     /// Latencies of answered requests since start (for `/metrics`).
     pub latency: Histogram,
+    /// The labelled counters of `/metrics`.
+    pub tally: Arc<metrics::Tally>,
 }
 
 /// Upper bounds of the latency histogram buckets, in microseconds.
-pub const LATENCY_BUCKETS_US: [u64; 14] =
-    [100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000, 1_000_000, 2_500_000];
+/// From 10 µs: a small model answers in tens of microseconds.
+pub const LATENCY_BUCKETS_US: [u64; 19] = [
+    10, 25, 50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000, 1_000_000,
+    2_500_000, 5_000_000, 10_000_000,
+];
 
 /// A cumulative latency histogram with fixed buckets (Prometheus style).
 #[derive(Debug, Default)]
@@ -184,6 +191,8 @@ pub struct Engine {
     pub counters: Counters,
     /// Per-interval latencies of answered requests, for telemetry.
     pub(crate) latencies: latency::Latencies,
+    /// What the agent loop adds to `/metrics` (MQTT link, journal, store).
+    pub metrics_source: std::sync::OnceLock<Box<dyn metrics::Source>>,
 }
 
 impl Engine {
@@ -201,6 +210,7 @@ impl Engine {
             pool: arc_swap::ArcSwap::from_pointee(Pool::new(workers, max_queue)),
             counters: Counters::default(),
             latencies: Default::default(),
+            metrics_source: Default::default(),
         }
     }
 
@@ -214,6 +224,14 @@ impl Engine {
         if self.pool_sizes() != (workers.max(1), max_queue) {
             self.pool.store(Arc::new(Pool::new(workers, max_queue)));
         }
+    }
+
+    /// Name and version of the model on probation, if one is.
+    pub fn probation_of(&self) -> Option<(String, String)> {
+        if !self.on_probation.load(Ordering::SeqCst) {
+            return None;
+        }
+        self.lock_probation().as_ref().map(|p| (p.model.name.clone(), p.model.version.clone()))
     }
 
     /// The model serving now.
@@ -387,7 +405,7 @@ impl Engine {
     /// body that is not a request is counted as a failed request and answered
     /// `bad_input` with the field at fault. `binary_header` is the length of
     /// the JSON part of a body in the binary tensor extension (HTTP).
-    pub async fn infer_body(&self, body: &[u8], binary_header: Option<usize>) -> Answer {
+    pub async fn infer_body(&self, body: &[u8], binary_header: Option<usize>, transport: Transport) -> Answer {
         let parsed = match binary_header {
             Some(n) => outpost_protocol::binary::decode_request(body, n),
             None => InferRequest::from_json(body),
@@ -397,7 +415,7 @@ impl Engine {
                 let (id, reply_to) = (req.id.clone(), req.reply_to.take());
                 let binary = outpost_protocol::binary::BinaryOutputs::of(&req);
                 let sampled = self.sample_capture().then(|| req.clone());
-                let result = self.infer(req).await;
+                let result = self.infer(req, transport).await;
                 if let (Some(req), Ok(resp)) = (sampled, &result) {
                     self.capture(req, resp);
                 }
@@ -405,7 +423,7 @@ impl Engine {
             }
             Err(e) => {
                 let head = binary_header.and_then(|n| body.get(..n)).unwrap_or(body);
-                self.refuse(head, InferFailure::new(e.code, e.to_string()))
+                self.refuse(head, InferFailure::new(e.code, e.to_string()), transport)
             }
         }
     }
@@ -413,8 +431,8 @@ impl Engine {
     /// Answers a body that is not run (unreadable, or over a size limit):
     /// counted as a failed request, answered with `failure` under the `id`
     /// and `reply_to` salvaged from it.
-    pub fn refuse(&self, body: &[u8], failure: InferFailure) -> Answer {
-        self.count_refusal(failure.code);
+    pub fn refuse(&self, body: &[u8], failure: InferFailure, transport: Transport) -> Answer {
+        self.count_refusal(failure.code, transport);
         let (id, reply_to) = InferRequest::salvage(body);
         Answer { id, reply_to, binary: Default::default(), result: Err(failure) }
     }
@@ -426,15 +444,26 @@ impl Engine {
     }
 
     /// Counts a request refused before it was read (`overloaded` or too large).
-    pub fn count_refusal(&self, code: ErrorCode) {
+    pub fn count_refusal(&self, code: ErrorCode, transport: Transport) {
+        self.count_request(transport);
+        self.count_error(code, transport);
+    }
+
+    fn count_request(&self, transport: Transport) {
         self.counters.requests.fetch_add(1, Ordering::Relaxed);
+        let active = self.active.load();
+        self.counters.tally.request(transport, active.as_ref().map_or("", |m| m.name.as_str()));
+    }
+
+    fn count_error(&self, code: ErrorCode, transport: Transport) {
         let counter = if code == ErrorCode::Overloaded { &self.counters.rejected } else { &self.counters.errors };
         counter.fetch_add(1, Ordering::Relaxed);
+        self.counters.tally.error(transport, code);
     }
 
     /// Runs one request on a worker thread, or refuses it at once.
-    pub async fn infer(&self, req: InferRequest) -> Result<InferResponse, InferFailure> {
-        self.counters.requests.fetch_add(1, Ordering::Relaxed);
+    pub async fn infer(&self, req: InferRequest, transport: Transport) -> Result<InferResponse, InferFailure> {
+        self.count_request(transport);
         let started = std::time::Instant::now();
         let result = self.infer_inner(req).await;
         if result.is_ok() {
@@ -443,8 +472,7 @@ impl Engine {
             self.counters.latency.record(us);
         }
         if let Err(e) = &result {
-            let counter = if e.code == ErrorCode::Overloaded { &self.counters.rejected } else { &self.counters.errors };
-            counter.fetch_add(1, Ordering::Relaxed);
+            self.count_error(e.code, transport);
         }
         result
     }

@@ -1,8 +1,8 @@
 //! Requests over MQTT: a request on `infer` is answered on its MQTT 5
 //! response topic, its `reply_to`, or `predictions`, with its correlation data.
 
-use super::Engine;
 use super::model::InferFailure;
+use super::{Engine, Transport};
 use crate::link::publisher::{Outbox, Outgoing};
 use crate::link::session::Message;
 use outpost_protocol::{ErrorCode, InferError};
@@ -24,16 +24,16 @@ pub async fn answer(
     crate::sys::delay_point("mqtt-request").await;
     let payload = request.payload();
     let answer = if let Some(why) = overloaded {
-        engine.refuse(payload, InferFailure::new(ErrorCode::Overloaded, why))
+        engine.refuse(payload, InferFailure::new(ErrorCode::Overloaded, why), Transport::Mqtt)
     } else if payload.len() > max_packet {
         // Refused unread (the limit protects memory); the id is still salvaged for the answer.
         let message = format!(
             "the request is {} bytes, over the MQTT packet limit of {max_packet} (--max-packet-size): send a smaller batch, or use the HTTP endpoint",
             payload.len()
         );
-        engine.refuse(payload, InferFailure::new(ErrorCode::TooLarge, message))
+        engine.refuse(payload, InferFailure::new(ErrorCode::TooLarge, message), Transport::Mqtt)
     } else {
-        engine.infer_body(payload, None).await
+        engine.infer_body(payload, None, Transport::Mqtt).await
     };
     // MQTT 5's response topic first, then `reply_to` in the request, then
     // `predictions`. A reply topic outside the reply prefixes is not

@@ -197,8 +197,8 @@ async fn malformed_messages_get_precise_errors_and_the_agent_keeps_running() {
     assert_eq!(answer["model_version"], "1");
     let (_, metrics) = http("GET", format!("http://127.0.0.1:{}/metrics", agent.http_port), None).await;
     let text = metrics.as_str().unwrap();
-    assert!(text.contains("outpost_inference_requests_total 6\n"), "{text}");
-    assert!(text.contains("outpost_inference_errors_total 5\n"), "{text}");
+    assert_eq!(outpost_tests::metric_total(text, "outpost_inference_requests_total"), 6, "{text}");
+    assert_eq!(outpost_tests::metric_total(text, "outpost_inference_errors_total"), 5, "{text}");
 }
 
 #[test]

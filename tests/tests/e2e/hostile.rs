@@ -451,11 +451,7 @@ async fn slow_loris_and_oversize_bodies_are_bounded_and_the_model_keeps_serving(
     // Every refusal counted: 20 connections turned away, one request over the bound.
     let (_, metrics) = http("GET", format!("http://127.0.0.1:{port}/metrics"), None).await;
     let metrics = metrics.as_str().unwrap_or_default();
-    let rejected: u64 = metrics
-        .lines()
-        .find_map(|l| l.strip_prefix("outpost_inference_rejected_total "))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0);
+    let rejected = outpost_tests::metric_total(metrics, "outpost_inference_rejected_total");
     assert!(rejected >= 21, "{metrics}");
 }
 

@@ -73,13 +73,67 @@ async fn the_local_http_endpoint_speaks_open_inference_protocol_v2() {
     let (status, metrics) = http("GET", format!("{base}/metrics"), None).await;
     assert_eq!(status, 200);
     let text = metrics.as_str().unwrap();
-    assert!(text.contains("outpost_inference_requests_total 4"), "{text}");
+    assert!(text.contains("outpost_inference_requests_total{transport=\"http\",model=\"digits\"} 4\n"), "{text}");
+    assert!(text.contains("outpost_inference_errors_total{transport=\"http\",code=\"bad_input\"} 2\n"), "{text}");
     assert!(text.contains("outpost_model_info{name=\"digits\",version=\"1\",manifest_sha256=\""), "{text}");
     // Two answered requests: both in the histogram, the +Inf bucket equal to the count.
     assert!(text.contains("outpost_inference_latency_seconds_bucket{le=\"+Inf\"} 2\n"), "{text}");
     assert!(text.contains("outpost_inference_latency_seconds_count 2\n"), "{text}");
     assert!(text.contains("outpost_inference_queue_depth 0\n") && text.contains("outpost_inference_in_flight 0\n"));
     assert!(text.contains("outpost_model_load_seconds "), "{text}");
+}
+
+/// `/metrics` as Prometheus users expect it: labelled counters, the
+/// `process_*` and build families, the link, journal, store, deployments by
+/// outcome, latency buckets from 10 µs; and served alone on `metrics.bind`,
+/// so a central Prometheus can scrape it without reaching inference.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_are_labelled_and_can_be_served_on_their_own_address() {
+    let metrics_port = outpost_sim::broker::free_port().unwrap();
+    let bind = format!("metrics.bind=127.0.0.1:{metrics_port}");
+    let (_broker, reg, _data, mut w, agent) = lab("dev-metrics", &[], &["--set", &bind]).await;
+    reg.register("digits-mlp.onnx", "digits", "1");
+    assert_eq!(w.deploy(&reg, "digits", "1").await.0.phase, Phase::Active);
+    let base = format!("http://127.0.0.1:{}", agent.http_port);
+    let req = serde_json::to_vec(&digits_request(1)).unwrap();
+    assert_eq!(http("POST", format!("{base}/v2/models/digits/infer"), Some(req)).await.0, 200);
+    assert_eq!(w.infer("m-1", digits_request(1)).await["model_version"], "1");
+    w.infer_raw("m-2", b"{\"id\": \"m-2\", \"inputs\": 7}".to_vec()).await;
+
+    let only = format!("http://127.0.0.1:{metrics_port}");
+    let (status, metrics) = http("GET", format!("{only}/metrics"), None).await;
+    assert_eq!(status, 200);
+    let text = metrics.as_str().unwrap().to_string();
+    for sample in [
+        "outpost_inference_requests_total{transport=\"http\",model=\"digits\"} 1\n",
+        "outpost_inference_requests_total{transport=\"mqtt\",model=\"digits\"} 2\n",
+        "outpost_inference_errors_total{transport=\"mqtt\",code=\"bad_input\"} 1\n",
+        "outpost_inference_rejected_total{transport=\"http\"} 0\n",
+        "outpost_inference_latency_seconds_bucket{le=\"0.00001\"} ",
+        "outpost_deployments_total{outcome=\"active\"} 1\n",
+        "outpost_mqtt_connected 1\n",
+        "outpost_mqtt_reconnects_total 0\n",
+        "outpost_journal_events 0\n",
+        "outpost_journal_dropped_total 0\n",
+        "outpost_store_versions 1\n",
+        "outpost_build_info{version=\"",
+        "outpost_model_info{name=\"digits\",version=\"1\",",
+        "# TYPE outpost_probation gauge\n",
+        "# TYPE process_resident_memory_bytes gauge\n",
+        "# TYPE process_cpu_seconds_total counter\n",
+        "# TYPE process_open_fds gauge\n",
+        "# TYPE process_max_fds gauge\n",
+        "# TYPE process_start_time_seconds gauge\n",
+    ] {
+        assert!(text.contains(sample), "{sample:?} missing:\n{text}");
+    }
+    let store_bytes: u64 =
+        text.lines().find_map(|l| l.strip_prefix("outpost_store_bytes ")).and_then(|v| v.parse().ok()).unwrap();
+    assert!(store_bytes > 10_000, "the digits model is in the store: {store_bytes}");
+    // Only /metrics there: inference is not reachable on the metrics address.
+    let (status, body) = http("POST", format!("{only}/v2/models/digits/infer"), Some(b"{}".to_vec())).await;
+    assert_eq!(status, 404, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("only /metrics"), "{body}");
 }
 
 /// The deployment's `serving` bounds the worker pool: with one worker and no
@@ -115,7 +169,9 @@ async fn a_full_worker_pool_answers_overloaded_at_once() {
     assert_eq!(ok + overloaded, 80);
     assert!(ok > 0 && overloaded > 0, "ok {ok}, overloaded {overloaded}");
     let (_, metrics) = http("GET", format!("http://127.0.0.1:{}/metrics", agent.http_port), None).await;
-    assert!(metrics.as_str().unwrap().contains(&format!("outpost_inference_rejected_total {overloaded}")));
+    let text = metrics.as_str().unwrap();
+    assert_eq!(outpost_tests::metric_total(text, "outpost_inference_rejected_total"), overloaded as u64, "{text}");
+    assert!(text.contains(&format!("outpost_inference_rejected_total{{transport=\"http\"}} {overloaded}\n")), "{text}");
 }
 
 async fn http_burst(url: String, body: Vec<u8>, n: usize) -> Vec<(u16, serde_json::Value)> {
@@ -366,8 +422,8 @@ async fn swaps_under_load_lose_nothing_and_every_answer_names_its_version() {
     assert!(total.len() >= 2 && answered > 100 && mqtt_answers > 10, "{total:?}, {mqtt_answers}");
     let (_, metrics) = http("GET", format!("http://127.0.0.1:{}/metrics", agent.http_port), None).await;
     let text = metrics.as_str().unwrap();
-    assert!(text.contains("outpost_inference_errors_total 0\n"), "{text}");
-    assert!(text.contains("outpost_inference_rejected_total 0\n"), "{text}");
+    assert_eq!(outpost_tests::metric_total(text, "outpost_inference_errors_total"), 0, "{text}");
+    assert_eq!(outpost_tests::metric_total(text, "outpost_inference_rejected_total"), 0, "{text}");
 }
 
 /// With `serving.capture_rate`, sampled inputs with their predictions and

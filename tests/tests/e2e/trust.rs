@@ -60,8 +60,8 @@ fn failed_with(ev: &DeploymentEvent, code: ErrorCode) -> String {
 fn metric(agent: &Agent, name: &str) -> u64 {
     let url = format!("http://127.0.0.1:{}/metrics", agent.http_port);
     let text = ureq::get(&url).call().unwrap().into_body().read_to_string().unwrap();
-    let prefix = format!("{name} ");
-    text.lines().find_map(|l| l.strip_prefix(&prefix)).and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("{text}"))
+    assert!(text.contains(&format!("# TYPE {name} ")), "{name} missing: {text}");
+    outpost_tests::metric_total(&text, name)
 }
 
 /// The next refusal of an unverified desired state: reported under no
