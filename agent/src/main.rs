@@ -514,24 +514,31 @@ type LogHandle = tracing_subscriber::reload::Handle<tracing_subscriber::filter::
 /// and without timestamps under systemd (the journal adds its own); or JSON
 /// lines. The filter can be changed at run time (SIGHUP).
 fn init_logging(json: bool, level: &str) -> LogHandle {
+    use outpost_agent::sys::journald::Prioritised;
     use std::io::IsTerminal;
     use tracing_subscriber::prelude::*;
     let filter: tracing_subscriber::filter::Targets =
         level.parse().unwrap_or_else(|_| tracing_subscriber::filter::Targets::new().with_default(tracing::Level::INFO));
     let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
     let registry = tracing_subscriber::registry().with(filter);
-    let journald = std::env::var_os("JOURNAL_STREAM").is_some();
+    // Under systemd: `<N>` priorities for journald, no timestamps (the
+    // journal adds its own).
+    let journald = outpost_agent::sys::journald::stderr_is_journal();
     if json {
-        registry.with(tracing_subscriber::fmt::layer().json().with_writer(std::io::stderr)).init();
-    } else {
-        let layer = tracing_subscriber::fmt::layer()
-            .with_writer(std::io::stderr)
-            .with_ansi(std::io::stderr().is_terminal())
-            .with_target(false);
+        let format = tracing_subscriber::fmt::format().json();
+        let layer = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
         if journald {
-            registry.with(layer.without_time()).init();
+            registry.with(layer.json().event_format(Prioritised(format))).init();
         } else {
-            registry.with(layer).init();
+            registry.with(layer.json().event_format(format)).init();
+        }
+    } else {
+        let format = tracing_subscriber::fmt::format().with_target(false).with_ansi(std::io::stderr().is_terminal());
+        let layer = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+        if journald {
+            registry.with(layer.event_format(Prioritised(format.without_time()))).init();
+        } else {
+            registry.with(layer.event_format(format)).init();
         }
     }
     handle

@@ -481,7 +481,8 @@ pub async fn run(spec: BenchSpec) -> Result<Value, String> {
     let rss_idle_kb = memory_kb(pid).0;
 
     // 4. Deployment latency, split; the same files fetched plainly and the model loaded by tract as the baseline.
-    eprintln!("[bench] deployment latency");
+    let mut phases = crate::progress::Phases::new("bench");
+    phases.start("deployment latency");
     let mut deployments = Vec::new();
     let mut cases = vec![("digits", "1", fixtures.join("digits-mlp.onnx"), vec![1usize, 64])];
     if dense.is_file() {
@@ -516,7 +517,7 @@ pub async fn run(spec: BenchSpec) -> Result<Value, String> {
     results["deployment"] = Value::Array(deployments);
 
     // 1. Local HTTP scoring, against tract in-process and the peer.
-    eprintln!("[bench] HTTP scoring");
+    phases.start("HTTP scoring");
     let (_, body) = digits_body(1);
     let path = "/v2/models/digits/infer";
     let seq = load(http, path, &body, n, 1);
@@ -545,12 +546,12 @@ pub async fn run(spec: BenchSpec) -> Result<Value, String> {
     results["http_scoring"] = scoring;
 
     // 3b. Serving on probation against off probation, the same model.
-    eprintln!("[bench] probation cost");
+    phases.start("probation cost");
     results["probation"] = probation_cost(&mut lab, http, &body, n).await?;
 
     // 9. (here, before the fleet loads the broker) The hostile-world limits: their cost against a baseline build, and
     // the start with a hostile deployment pending.
-    eprintln!("[bench] limits and start-up");
+    phases.start("limits and start-up");
     results["hardening"] = hardening(&mut lab, &spec, &fixtures, if spec.quick { 200 } else { 3000 }).await?;
     if spec.baseline_agent.is_none() {
         skipped
@@ -558,11 +559,11 @@ pub async fn run(spec: BenchSpec) -> Result<Value, String> {
     }
 
     // 2. MQTT round trip through Mosquitto, against a bare echo client.
-    eprintln!("[bench] MQTT round trip");
+    phases.start("MQTT round trip");
     results["mqtt"] = mqtt_round_trips(&lab.broker, if spec.quick { 100 } else { 1000 }).await?;
 
     // 3. Hot swap under load.
-    eprintln!("[bench] hot swap under load");
+    phases.start("hot swap under load");
     let (swap, timeline) = swap_under_load(&mut lab, http, if spec.quick { 4 } else { 16 }).await?;
     results["swap_under_load"] = swap;
     let (rss_now, hwm) = memory_kb(pid);
@@ -577,13 +578,13 @@ pub async fn run(spec: BenchSpec) -> Result<Value, String> {
 
     // 7. A detector-sized model, end to end, against tract and onnxruntime in-process.
     if detector.is_file() {
-        eprintln!("[bench] detector 480x640");
+        phases.start("detector 480x640");
         results["detector"] = detector_bench(&mut lab, http, &detector, &spec, if spec.quick { 3 } else { 30 }).await?;
     }
     drop(agent);
 
     // 8. A fleet on the same Mosquitto: every device converges.
-    eprintln!("[bench] fleet");
+    phases.start("fleet");
     let fleet = crate::fleet::run(crate::fleet::FleetSpec {
         devices: if spec.quick { 20 } else { 1000 },
         broker: Some(lab.broker.clone()),
@@ -600,8 +601,9 @@ pub async fn run(spec: BenchSpec) -> Result<Value, String> {
     results["fleet"] = serde_json::to_value(&fleet).unwrap_or_default();
 
     // 6. sha256: the agent's code against sha256sum.
-    eprintln!("[bench] sha256");
+    phases.start("sha256");
     results["sha256"] = sha256_bench(work.path(), if spec.quick { 20 } else { 200 })?;
+    phases.finish();
 
     results["skipped"] = json!(skipped);
     let json_path = spec.report.with_extension("json");

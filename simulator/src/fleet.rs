@@ -10,7 +10,6 @@ use outpost_agent::deploy::fetch::FetchConfig;
 use outpost_agent::link::{BrokerUrl, SessionConfig};
 use outpost_protocol::{DeploymentEvent, Phase, Topics};
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
@@ -305,6 +304,7 @@ pub async fn run(spec: FleetSpec) -> Result<FleetReport, String> {
     let (mut retries, mut resumed) = (0usize, 0usize);
     let mut failures: BTreeMap<String, usize> = BTreeMap::new();
     let mut last_print = Instant::now();
+    let mut progress = spec.progress.then(|| crate::progress::Counts::new(spec.devices as u64, "active"));
     let done = |devices: &[Device]| devices.iter().filter(|d| d.seen >= Seen::Active).count();
     while done(&devices) < spec.devices && t0.elapsed() < spec.timeout {
         while late.first().is_some_and(|(after, _)| t0.elapsed() >= *after) {
@@ -369,14 +369,17 @@ pub async fn run(spec: FleetSpec) -> Result<FleetReport, String> {
                 }
             }
         }
-        if spec.progress && last_print.elapsed() >= Duration::from_millis(500) {
+        if let Some(p) = progress.as_mut()
+            && last_print.elapsed() >= Duration::from_millis(500)
+        {
             last_print = Instant::now();
-            progress_line(&devices, t0.elapsed());
+            let (active, text) = progress_counts(&devices);
+            p.update(active, &text);
         }
     }
-    if spec.progress {
-        progress_line(&devices, t0.elapsed());
-        eprintln!();
+    if let Some(mut p) = progress {
+        let (active, text) = progress_counts(&devices);
+        p.finish(active, &text);
     }
 
     let mut times: Vec<f64> = devices.iter().filter_map(|d| d.active_at).map(|t| t.as_secs_f64()).collect();
@@ -432,20 +435,17 @@ pub async fn run(spec: FleetSpec) -> Result<FleetReport, String> {
     Ok(report)
 }
 
-fn progress_line(devices: &[Device], elapsed: Duration) {
+/// Devices active, and the rest of the picture in words (crate::progress draws it).
+fn progress_counts(devices: &[Device]) -> (u64, String) {
     let count = |s: Seen| devices.iter().filter(|d| d.seen == s).count();
     let received = devices.iter().filter(|d| d.seen >= Seen::Received).count();
-    let mut err = std::io::stderr();
-    let _ = write!(
-        err,
-        "\r{:>6.1} s  received {received:>5}/{}  downloading {:>5}  active {:>5}  failed {:>4}  ",
-        elapsed.as_secs_f64(),
+    let text = format!(
+        "received {received}/{}  downloading {}  failed {}",
         devices.len(),
         count(Seen::Downloading),
-        count(Seen::Active),
-        count(Seen::Failed),
+        count(Seen::Failed)
     );
-    let _ = err.flush();
+    (count(Seen::Active) as u64, text)
 }
 
 impl std::fmt::Display for FleetReport {

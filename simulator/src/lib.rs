@@ -3,6 +3,7 @@
 //! - [`broker`]: the embedded MQTT broker (rumqttd).
 //! - [`registry`]: `register` (write a model version as static files) and a static HTTP server.
 //! - [`operator`]: an MQTT client that deploys, follows events and sends inference requests.
+//! - [`progress`]: progress lines for a terminal (indicatif) or a log.
 //! - [`demo`]: the one-command tour.
 //! - [`bench`]: Outpost side by side with its floors and peers, one run, ratios.
 //! - [`fleet`]: N agents in one process against a broker, one group deployment, a fault mix.
@@ -13,5 +14,6 @@ pub mod chaos;
 pub mod demo;
 pub mod fleet;
 pub mod operator;
+pub mod progress;
 pub mod registry;
 pub mod signing;

@@ -12,10 +12,28 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use outpost_agent::EXIT_USAGE;
-/// A deployment that failed on a device.
+/// A deployment that failed on a device (or was rolled back there), a
+/// command that failed.
 const EXIT_FAILED: u8 = 1;
+/// `deploy --wait`: a device did not apply the deployment (shadowed by a
+/// desired state of higher precedence, its version quarantined, superseded,
+/// withdrawn).
+const EXIT_NOT_APPLIED: u8 = 3;
 /// Could not reach the broker or registry, or timed out.
 const EXIT_UNAVAILABLE: u8 = 69;
+
+/// `deploy --help`: what its exit status means (README.md, "Exit codes", says the same).
+const DEPLOY_EXIT_CODES: &str = "\
+Exit codes:
+  0   published (without --wait); with --wait, every device serves this deployment:
+      `active`, or `unchanged` because it already served exactly this deployment
+  1   a device failed the deployment or rolled it back (`failed`, `rolled_back`)
+  3   a device did not apply it: `unchanged` because a desired state of higher
+      precedence shadows it or its version is quarantined, `superseded`, `undeployed`
+  64  usage: a bad flag, or a key, certificate or TLS file that cannot be used
+  69  unavailable: the broker or registry cannot be reached, or not every device
+      finished within --timeout (the retained desired state stays published)
+With several devices (--group --expect N), 1 wins over 3.";
 
 #[derive(Parser, Debug)]
 #[command(name = "outpost-sim", version, about = "Outpost's operator side and lab")]
@@ -34,7 +52,7 @@ struct TlsArgs {
     /// Client certificate chain (PEM), e.g. the operator's (CN operator).
     #[arg(long, requires = "client_key")]
     client_cert: Option<PathBuf>,
-    /// Its private key (PEM).
+    /// Private key (PEM) of --client-cert.
     #[arg(long, requires = "client_cert")]
     client_key: Option<PathBuf>,
 }
@@ -66,11 +84,15 @@ impl TlsArgs {
 enum Command {
     /// Register an ONNX model as NAME/VERSION in a registry directory.
     Register {
+        /// The ONNX model file.
         model: PathBuf,
+        /// Model name ([A-Za-z0-9_.-]), as deployments and requests name it.
         #[arg(long)]
         name: String,
+        /// Version ([A-Za-z0-9_.-]); versions are immutable, register a new one instead of rewriting.
         #[arg(long)]
         version: String,
+        /// Registry directory the version is written under (NAME/VERSION/manifest.json and files).
         #[arg(long)]
         registry: PathBuf,
         /// Labels file, one class per line: answers include the top-k labels.
@@ -85,6 +107,7 @@ enum Command {
         /// Largest allowed |difference| when the device reproduces the golden sample.
         #[arg(long, default_value_t = 1e-4)]
         tolerance: f64,
+        /// How many of the most probable labels answers carry (with --labels).
         #[arg(long, default_value_t = 3)]
         top_k: usize,
         /// Multiply the first input by this on the device before the model sees it.
@@ -93,10 +116,13 @@ enum Command {
     },
     /// Run an embedded MQTT broker and a static HTTP server for a registry until Ctrl-C.
     Serve {
+        /// TCP port of the MQTT broker (0: any free port).
         #[arg(long, default_value_t = 1883)]
         mqtt_port: u16,
+        /// TCP port of the registry's HTTP server (0: any free port).
         #[arg(long, default_value_t = 8000)]
         http_port: u16,
+        /// Registry directory to serve (created if missing).
         #[arg(long, default_value = "registry")]
         registry: PathBuf,
         /// Address to bind both servers to.
@@ -104,29 +130,43 @@ enum Command {
         bind: std::net::IpAddr,
     },
     /// Publish the retained desired state for a device or group.
+    ///
+    /// Looks the version up in the registry (its manifest's sha256 goes into
+    /// the deployment), publishes it retained on
+    /// outpost/devices/DEVICE/desired or outpost/groups/GROUP/desired, and
+    /// with --wait follows the devices' events until each one finished.
+    #[command(after_help = DEPLOY_EXIT_CODES)]
     Deploy {
+        /// MQTT broker: mqtt://HOST[:PORT] (port 1883; tcp:// is the same) or mqtts://HOST[:PORT]
+        /// for TLS (port 8883; ssl:// is the same).
         #[arg(long)]
         broker: BrokerUrl,
+        /// The device to deploy to (its own desired topic, which outranks its groups').
         #[arg(long, conflicts_with = "group", required_unless_present = "group")]
         device: Option<String>,
+        /// The group to deploy to (every device started with --group GROUP).
         #[arg(long)]
         group: Option<String>,
-        /// NAME@VERSION
+        /// The registered model version to deploy, as NAME@VERSION.
         #[arg(long, value_parser = parse_model)]
         model: (String, String),
         /// Base URL of the registry (http://, https:// or file://).
         #[arg(long)]
         registry_url: String,
+        /// Revision of the deployment; devices take only a higher one than the topic's last
+        /// (default: milliseconds since 1970, so later deploys from any machine are higher).
         #[arg(long)]
         revision: Option<u64>,
+        /// Id the devices' events and state name it by (default: NAME-VERSION-REVISION).
         #[arg(long)]
         deployment_id: Option<String>,
-        /// Follow the events; exit 0 on active, 1 on failed.
+        /// Follow the devices' events until each finished; the exit code says how (below).
         #[arg(long)]
         wait: bool,
         /// With --group --wait: how many devices must finish.
         #[arg(long, default_value_t = 1)]
         expect: usize,
+        /// With --wait: seconds to wait for every device to finish.
         #[arg(long, default_value_t = 120)]
         timeout: u64,
         /// Sign the deployment with this ed25519 private key (PKCS#8 PEM, e.g. from keygen or
@@ -144,15 +184,21 @@ enum Command {
     },
     /// Withdraw the desired state of a device or group (empty retained payload; signed with --sign-key).
     Undeploy {
+        /// MQTT broker: mqtt://HOST[:PORT] (port 1883; tcp:// is the same) or mqtts://HOST[:PORT]
+        /// for TLS (port 8883; ssl:// is the same).
         #[arg(long)]
         broker: BrokerUrl,
+        /// The device whose own desired state is withdrawn (its groups' then apply).
         #[arg(long, conflicts_with = "group", required_unless_present = "group")]
         device: Option<String>,
+        /// The group whose desired state is withdrawn.
         #[arg(long)]
         group: Option<String>,
-        /// Sign the undeployment (required by devices with trust.keys).
+        /// Sign the undeployment with this ed25519 private key (PKCS#8 PEM; required by devices
+        /// with trust.keys).
         #[arg(long)]
         sign_key: Option<PathBuf>,
+        /// The signing key's certificate from a root (`certify`), when it is a deploy key.
         #[arg(long, requires = "sign_key")]
         certificate: Option<PathBuf>,
         /// Revision of the signed undeployment (default: from the clock, like deploy).
@@ -184,21 +230,27 @@ enum Command {
         /// Devices it may deploy to: names, prefix*, or *; repeat or comma-separate.
         #[arg(long, value_delimiter = ',')]
         devices: Vec<String>,
-        /// Groups it may deploy to.
+        /// Groups it may deploy to: names, prefix*, or *; repeat or comma-separate.
         #[arg(long, value_delimiter = ',')]
         groups: Vec<String>,
+        /// File the certificate is written to (JSON), for `deploy --certificate`.
         #[arg(long)]
         out: PathBuf,
     },
     /// Send one inference request to a device and print the answer.
     Infer {
+        /// MQTT broker: mqtt://HOST[:PORT] (port 1883; tcp:// is the same) or mqtts://HOST[:PORT]
+        /// for TLS (port 8883; ssl:// is the same).
         #[arg(long)]
         broker: BrokerUrl,
+        /// The device to ask.
         #[arg(long)]
         device: String,
-        /// An Open Inference Protocol v2 request body.
-        #[arg(long)]
+        /// File holding the request body: an Open Inference Protocol v2 request in JSON
+        /// ({"inputs": [...]}); its reply_to is set to a private reply topic.
+        #[arg(long, value_name = "FILE")]
         input: PathBuf,
+        /// Seconds to wait for the answer.
         #[arg(long, default_value_t = 30)]
         timeout: u64,
         #[command(flatten)]
@@ -236,10 +288,14 @@ enum Command {
     /// hostile models, slow and oversize clients, stale redeliveries), with
     /// invariants checked throughout. Exit 0 only when every one held.
     Chaos {
+        /// Length of the run in seconds: faults first, then a quiet end (a quarter, at least 20 s)
+        /// before the final checks.
         #[arg(long, default_value_t = 60)]
         duration: u64,
+        /// Seed of the fault schedule: the same seed replays the same schedule.
         #[arg(long, default_value_t = 1)]
         seed: u64,
+        /// How many agent processes to run.
         #[arg(long, default_value_t = 3)]
         devices: usize,
         /// The agent binary.
@@ -260,6 +316,7 @@ enum Command {
     /// downloads, late starters and devices that drop offline; prints
     /// progress and a report. Exit 0 when every device is active.
     Fleet {
+        /// How many simulated devices.
         #[arg(long, default_value_t = 100)]
         devices: usize,
         /// A broker to use, e.g. mqtt://127.0.0.1:1883 (Mosquitto); default: an embedded one.
@@ -277,6 +334,7 @@ enum Command {
         /// The ONNX model to deploy (default: the digits MLP).
         #[arg(long)]
         model: Option<PathBuf>,
+        /// Seconds to wait for every device to finish (half of it for them to come online).
         #[arg(long, default_value_t = 120)]
         timeout: u64,
         /// Write the report as JSON here too.
@@ -285,6 +343,7 @@ enum Command {
         /// Where the devices' stores go (default: a temporary directory, in /dev/shm if present).
         #[arg(long)]
         work_dir: Option<PathBuf>,
+        /// Seed of which devices are flaky, late or offline: the same seed, the same fleet.
         #[arg(long, default_value_t = 1)]
         seed: u64,
     },
@@ -444,28 +503,68 @@ async fn run(command: Command) -> ExitCode {
                 return ExitCode::SUCCESS;
             }
             let expect = if device.is_some() { 1 } else { expect };
-            let result =
-                operator::wait_for_outcome(&mut op, &d.deployment_id, expect, Duration::from_secs(timeout), true).await;
-            op.disconnect().await;
-            match result {
-                Ok(finals) if finals.iter().all(operator::succeeded) => ExitCode::SUCCESS,
-                Ok(finals) => {
-                    for f in finals.iter().filter(|f| !operator::succeeded(f)) {
-                        let why = f
-                            .error
-                            .as_ref()
-                            .map(|e| format!("{}: {}", e.code, e.message))
-                            .unwrap_or_else(|| format!("{:?}", f.phase));
-                        eprintln!(
-                            "outpost-sim: {} {}: {why}",
-                            f.device,
-                            if f.phase == Phase::Failed { "failed" } else { "did not activate" }
-                        );
-                    }
-                    ExitCode::from(EXIT_FAILED)
+            let mut progress = outpost_sim::progress::Deployments::new();
+            let result = operator::wait_for_outcome_with(
+                &mut op,
+                &d.deployment_id,
+                expect,
+                Duration::from_secs(timeout),
+                |ev| progress.event(ev),
+            )
+            .await;
+            progress.finish();
+            let finals = match result {
+                Ok(finals) => finals,
+                Err(e) => {
+                    op.disconnect().await;
+                    return fail(EXIT_UNAVAILABLE, &e);
                 }
-                Err(e) => fail(EXIT_UNAVAILABLE, &e),
+            };
+            let mut code = ExitCode::SUCCESS;
+            let mut failed = false;
+            for f in &finals {
+                // `unchanged` is a success only when the device serves this very deployment.
+                let state = match f.phase {
+                    Phase::Unchanged => operator::device_state(&mut op, &f.device, Duration::from_secs(5)).await,
+                    _ => None,
+                };
+                let why = || {
+                    let mut why = f.phase.as_str().to_string();
+                    if let Some(e) = &f.error {
+                        why.push_str(&format!(" {}: {}", e.code, e.message));
+                    }
+                    if let Some(detail) = &f.detail {
+                        why.push_str(&format!(" ({detail})"));
+                    }
+                    why
+                };
+                match operator::verdict(f, &d, state.as_ref()) {
+                    operator::Verdict::Serving => {}
+                    operator::Verdict::Failed => {
+                        eprintln!("outpost-sim: {} failed deployment {}: {}", f.device, d.deployment_id, why());
+                        (code, failed) = (ExitCode::from(EXIT_FAILED), true);
+                    }
+                    operator::Verdict::NotApplied => {
+                        let serving = match state.as_ref().map(|s| s.active.as_ref()) {
+                            Some(Some(a)) => format!("; it serves {}@{} ({})", a.name, a.version, a.deployment_id),
+                            Some(None) => "; it serves nothing".into(),
+                            None if f.phase == Phase::Unchanged => "; its state did not say what it serves".into(),
+                            None => String::new(),
+                        };
+                        eprintln!(
+                            "outpost-sim: {} did not apply deployment {}: {}{serving}",
+                            f.device,
+                            d.deployment_id,
+                            why()
+                        );
+                        if !failed {
+                            code = ExitCode::from(EXIT_NOT_APPLIED);
+                        }
+                    }
+                }
             }
+            op.disconnect().await;
+            code
         }
         Command::Undeploy { broker, device, group, sign_key, certificate, revision, tls } => {
             let signer = match sign_key.as_deref().map(|k| Signer::load(k, certificate.as_deref())).transpose() {
@@ -536,10 +635,16 @@ async fn run(command: Command) -> ExitCode {
         }
         Command::Infer { broker, device, input, timeout, tls } => {
             let body = match std::fs::read(&input)
-                .map_err(|e| e.to_string())
-                .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).map_err(|e| e.to_string()))
+                .map_err(|e| format!("cannot read it: {e}"))
+                .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).map_err(|e| format!("not JSON: {e}")))
             {
-                Ok(v) => v,
+                Ok(v) if v.is_object() => v,
+                Ok(_) => {
+                    return fail(
+                        EXIT_USAGE,
+                        &format!("{}: expected a JSON object ({{\"inputs\": [...]}})", input.display()),
+                    );
+                }
                 Err(e) => return fail(EXIT_USAGE, &format!("{}: {e}", input.display())),
             };
             let mut op = match tls.connect(&broker, &format!("outpost-sim-infer-{}", std::process::id())).await {
@@ -630,4 +735,67 @@ async fn run(command: Command) -> ExitCode {
 fn fail(code: u8, msg: &str) -> ExitCode {
     eprintln!("outpost-sim: {msg}");
     ExitCode::from(code)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    /// Every subcommand and argument under `cmd` that has no help, by path.
+    fn without_help(cmd: &clap::Command, path: &str, out: &mut Vec<String>) {
+        for a in cmd.get_arguments() {
+            let help = a.get_help().or(a.get_long_help()).map(|h| h.to_string()).unwrap_or_default();
+            if help.trim().is_empty() {
+                out.push(format!(
+                    "{path} {}",
+                    a.get_long().map(|l| format!("--{l}")).unwrap_or(a.get_id().to_string())
+                ));
+            }
+        }
+        for sub in cmd.get_subcommands() {
+            let sub_path = format!("{path} {}", sub.get_name());
+            if sub.get_about().or(sub.get_long_about()).is_none_or(|h| h.to_string().trim().is_empty()) {
+                out.push(sub_path.clone());
+            }
+            without_help(sub, &sub_path, out);
+        }
+    }
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn every_subcommand_and_argument_has_help() {
+        // The walk finds what lacks help, at any depth.
+        let probe = clap::Command::new("probe")
+            .arg(clap::Arg::new("quiet").long("quiet").help("Say less"))
+            .subcommand(clap::Command::new("sub").arg(clap::Arg::new("x").long("x")));
+        let mut found = Vec::new();
+        without_help(&probe, "probe", &mut found);
+        assert_eq!(found, ["probe sub", "probe sub --x"]);
+
+        let mut missing = Vec::new();
+        without_help(&Cli::command(), "outpost-sim", &mut missing);
+        assert!(missing.is_empty(), "without help text: {missing:?}");
+    }
+
+    #[test]
+    fn deploy_help_lists_every_exit_code_it_uses() {
+        let mut cli = Cli::command();
+        let help = cli.find_subcommand_mut("deploy").expect("deploy").render_long_help().to_string();
+        for code in [0, EXIT_FAILED, EXIT_NOT_APPLIED, EXIT_USAGE, EXIT_UNAVAILABLE] {
+            assert!(help.contains(&format!("\n  {code:<3} ")), "exit code {code} is not in deploy --help:\n{help}");
+        }
+    }
+
+    #[test]
+    fn infer_input_is_a_file() {
+        let cli = Cli::command();
+        let infer = cli.find_subcommand("infer").expect("infer");
+        let input = infer.get_arguments().find(|a| a.get_id() == "input").expect("--input");
+        assert!(input.get_help().is_some_and(|h| h.to_string().starts_with("File holding the request body")));
+    }
 }

@@ -4,7 +4,7 @@
 
 use outpost_agent::link::BrokerUrl;
 use outpost_protocol::deployment::SCHEMA;
-use outpost_protocol::{Deployment, DeploymentEvent, InferReply, ModelRef, Phase, Topics};
+use outpost_protocol::{Deployment, DeploymentEvent, DeviceState, InferReply, ModelRef, Phase, Topics};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, Publish, QoS};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
@@ -211,6 +211,23 @@ pub async fn wait_for_outcome(
     timeout: Duration,
     verbose: bool,
 ) -> Result<Vec<DeploymentEvent>, String> {
+    wait_for_outcome_with(op, deployment_id, expect, timeout, |ev| {
+        if verbose {
+            print_event(ev)
+        }
+    })
+    .await
+}
+
+/// [`wait_for_outcome`], handing every event of the deployment (and every
+/// refusal that names no deployment) to `on_event` as it comes.
+pub async fn wait_for_outcome_with(
+    op: &mut Operator,
+    deployment_id: &str,
+    expect: usize,
+    timeout: Duration,
+    mut on_event: impl FnMut(&DeploymentEvent),
+) -> Result<Vec<DeploymentEvent>, String> {
     let deadline = Instant::now() + timeout;
     let mut finals: Vec<DeploymentEvent> = Vec::new();
     while finals.len() < expect {
@@ -229,14 +246,12 @@ pub async fn wait_for_outcome(
             // A device refusing an unverified desired state names no
             // deployment (anyone could claim this one's id): shown, not
             // counted, so an unsigned deploy to a signing device says why.
-            if verbose && ev.deployment_id.is_empty() && ev.phase == Phase::Failed {
-                print_event(&ev);
+            if ev.deployment_id.is_empty() && ev.phase == Phase::Failed {
+                on_event(&ev);
             }
             continue;
         }
-        if verbose {
-            print_event(&ev);
-        }
+        on_event(&ev);
         if ev.phase.is_final() && !finals.iter().any(|f| f.device == ev.device) {
             finals.push(ev);
         }
@@ -245,12 +260,63 @@ pub async fn wait_for_outcome(
 }
 
 pub fn print_event(ev: &DeploymentEvent) {
-    println!("  {:<12} {}", ev.device, ev.summary());
+    println!("{}", crate::progress::event_line(ev, None));
 }
 
 /// True when a final event means success.
 pub fn succeeded(ev: &DeploymentEvent) -> bool {
     matches!(ev.phase, Phase::Active | Phase::Unchanged)
+}
+
+/// What a device's final event for deployment `d` means to the operator who published it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// The device serves `d`.
+    Serving,
+    /// The device tried `d` and it did not work (`failed`, `rolled_back`).
+    Failed,
+    /// The device did not apply `d`: shadowed by a desired state of higher
+    /// precedence, its version quarantined, superseded, withdrawn.
+    NotApplied,
+}
+
+/// `active` is serving; `unchanged` is serving only when the device's
+/// `state` says `d` itself serves (a replay of what it already applied),
+/// not when `d` is shadowed or quarantined, whatever the detail says.
+pub fn verdict(ev: &DeploymentEvent, d: &Deployment, state: Option<&DeviceState>) -> Verdict {
+    match ev.phase {
+        Phase::Active => Verdict::Serving,
+        Phase::Failed | Phase::RolledBack => Verdict::Failed,
+        Phase::Unchanged
+            if state.and_then(|s| s.active.as_ref()).is_some_and(|a| {
+                a.deployment_id == d.deployment_id
+                    && a.revision == d.revision
+                    && a.name == d.model.name
+                    && a.version == d.model.version
+            }) =>
+        {
+            Verdict::Serving
+        }
+        _ => Verdict::NotApplied,
+    }
+}
+
+/// The device's retained state (`{prefix}/devices/{device}/state`), or
+/// `None` when none came within `timeout`. Subscribes to that exact topic
+/// (brokers such as RabbitMQ hand retained messages to exact subscribers
+/// only); other messages meanwhile are dropped.
+pub async fn device_state(op: &mut Operator, device: &str, timeout: Duration) -> Option<DeviceState> {
+    let topic = op.topics.state(device);
+    op.subscribe(&topic).await.ok()?;
+    let deadline = Instant::now() + timeout;
+    loop {
+        let msg = op.next(deadline.saturating_duration_since(Instant::now())).await?;
+        if msg.topic == topic
+            && let Ok(state) = DeviceState::from_json(&msg.payload)
+        {
+            return Some(state);
+        }
+    }
 }
 
 /// Sends one request to a device and waits for its answer on a private reply topic.

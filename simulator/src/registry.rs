@@ -90,7 +90,11 @@ pub fn register(spec: &RegisterSpec) -> Result<Registered, String> {
     for (what, v) in [("--name", &spec.name), ("--version", &spec.version)] {
         outpost_protocol::topics::validate_name(what, v).map_err(|e| e.to_string())?;
     }
-    let sig = model::read_signature(&spec.model, &spec.shapes).map_err(|e| format!("{}: {e}", spec.model.display()))?;
+    let sig = model::read_signature(&spec.model, &spec.shapes).map_err(|e| {
+        // Named once: most of these errors already start with the file.
+        let (file, e) = (spec.model.display().to_string(), e.to_string());
+        if e.starts_with(&file) { e } else { format!("{file}: {e}") }
+    })?;
     let dir = spec.registry.join(&spec.name).join(&spec.version);
     if dir.join("manifest.json").exists() {
         return Err(format!(

@@ -3,6 +3,7 @@
 //! fault-injection points the crash and race tests use.
 
 pub mod alloc;
+pub mod journald;
 pub mod systemd;
 pub mod tls;
 

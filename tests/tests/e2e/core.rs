@@ -230,3 +230,38 @@ async fn a_bundle_file_named_manifest_json_is_refused_and_damages_nothing() {
     assert_eq!(w.infer("restarted", digits_request(1)).await["model_version"], "1");
     super::assert_store_consistent(&data.path().join("core7"));
 }
+
+/// Under systemd, every line carries its syslog priority (`<4>` for a
+/// warning) so `journalctl -p warning` finds it; only when stderr is the
+/// stream `JOURNAL_STREAM` names (an inherited variable with another stderr
+/// gets the plain format).
+#[test]
+fn under_journald_log_lines_carry_their_priority() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir().unwrap();
+    let run = |journal_stream: Option<&str>, log: &std::path::Path| {
+        let file = std::fs::File::create(log).unwrap();
+        let stream = journal_stream.map(str::to_string).unwrap_or_else(|| {
+            let m = file.metadata().unwrap();
+            format!("{}:{}", m.dev(), m.ino())
+        });
+        let mut child = std::process::Command::new(agent_binary())
+            .args(["run", "--device", "journal-1", "--broker", "mqtt://127.0.0.1:9", "--http-bind", "off"])
+            .arg("--data-dir")
+            .arg(dir.path())
+            .env("JOURNAL_STREAM", stream)
+            .stderr(file)
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(1500));
+        let _ = child.kill();
+        let _ = child.wait();
+        std::fs::read_to_string(log).unwrap()
+    };
+    let text = run(None, &dir.path().join("journal.log"));
+    let first = text.lines().next().unwrap_or_default();
+    assert!(first.starts_with("<4> WARN trust.keys is empty"), "{text}");
+    assert!(text.lines().all(|l| l.starts_with('<')), "{text}");
+    let text = run(Some("1:2"), &dir.path().join("plain.log"));
+    assert!(!text.contains("<4>") && text.contains("WARN"), "{text}");
+}

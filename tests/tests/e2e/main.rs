@@ -7,6 +7,7 @@ use outpost_tests::*;
 use std::time::Duration;
 
 mod broker;
+mod cli;
 mod core;
 mod deploy;
 mod download;
