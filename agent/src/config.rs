@@ -35,7 +35,6 @@ pub struct Layers {
 
 /// A configuration error: which key, which value, from where, and what was expected.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{origin}: {key} = {value}: expected {expected}")]
 pub struct ConfigError {
     pub origin: String,
     pub key: String,
@@ -47,6 +46,51 @@ impl ConfigError {
     fn file(path: &Path, what: String) -> ConfigError {
         ConfigError { origin: path.display().to_string(), key: String::new(), value: String::new(), expected: what }
     }
+}
+
+/// `FILE[:LINE]: KEY = VALUE: expected ...`, or `FILE[:LINE[:COLUMN]]:
+/// expected ...` for an error about the file itself (unreadable, not TOML).
+impl std::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.key.is_empty() {
+            true => write!(f, "{}: expected {}", self.origin, self.expected),
+            false => write!(f, "{}: {} = {}: expected {}", self.origin, self.key, self.value, self.expected),
+        }
+    }
+}
+
+/// The 1-based line and column of a byte offset of `text`.
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let col = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, col)
+}
+
+/// The line where a flattened key (`mqtt.keep_alive`) is set in a TOML
+/// document written the usual way (`[mqtt]` then `keep_alive = ...`, or
+/// `mqtt.keep_alive = ...`); None for the rarer forms (inline tables).
+fn line_of(text: &str, key: &str) -> Option<usize> {
+    let bare =
+        |s: &str| s.split('.').map(|p| p.trim().trim_matches('"').trim_matches('\'')).collect::<Vec<_>>().join(".");
+    let mut section = String::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if let Some(h) = line.strip_prefix('[').filter(|h| !h.starts_with('[')) {
+            section = bare(h.split(']').next().unwrap_or_default());
+            continue;
+        }
+        let Some((k, _)) = line.split_once('=') else { continue };
+        if line.starts_with('#') {
+            continue;
+        }
+        let k = bare(k);
+        let full = if section.is_empty() { k } else { format!("{section}.{k}") };
+        if full == key {
+            return Some(i + 1);
+        }
+    }
+    None
 }
 
 /// Every key the agent knows, with its flag, what it takes, and its
@@ -184,14 +228,29 @@ impl Layers {
 
     /// Adds one TOML document (later sources win key by key).
     pub fn add_file(&mut self, path: &Path, text: &str) -> Result<(), ConfigError> {
-        let table: toml::Table =
-            text.parse().map_err(|e: toml::de::Error| ConfigError::file(path, format!("valid TOML: {e}")))?;
-        let origin = path.display().to_string();
+        let table: toml::Table = text.parse().map_err(|e: toml::de::Error| {
+            let at = match e.span() {
+                Some(span) => {
+                    let (line, col) = line_col(text, span.start);
+                    format!("{}:{line}:{col}", path.display())
+                }
+                None => path.display().to_string(),
+            };
+            let message = e.message().trim().replace('\n', "; ");
+            ConfigError {
+                origin: at,
+                expected: format!("valid TOML ({message})"),
+                ..ConfigError::file(path, String::new())
+            }
+        })?;
+        let file = path.display().to_string();
         let mut flat = Vec::new();
         flatten("", table, &mut flat);
         for (k, v) in flat {
+            // Errors about a key name the line it is set on.
+            let origin = line_of(text, &k).map_or_else(|| file.clone(), |n| format!("{file}:{n}"));
             known_key(&k, &v.to_string(), &origin)?;
-            self.entries.insert(k, Entry { value: v, origin: origin.clone() });
+            self.entries.insert(k, Entry { value: v, origin });
         }
         self.files.push(path.to_path_buf());
         Ok(())
@@ -229,8 +288,9 @@ impl Layers {
                 key: k.into(),
                 value: "(not set)".into(),
                 expected: format!(
-                    "{} (set `{k}` in {DEFAULT_PATH} or pass {})",
+                    "{} (set `{k}` in {} or pass {})",
                     known(k).map_or("", |x| x.takes),
+                    self.files.first().map_or_else(|| DEFAULT_PATH.to_string(), |p| p.display().to_string()),
                     known(k).map_or("", |x| x.flag)
                 ),
             })
@@ -728,11 +788,11 @@ store_quota = "2GiB"
         assert_eq!(s.store_quota, Some(2 << 30));
         assert_eq!(s.broker.port, 1883);
         assert_eq!(s.data_dir, PathBuf::from(DEFAULT_DATA_DIR));
-        assert_eq!(l.get("mqtt.keep_alive").unwrap().origin, "agent.d/20-more.toml");
+        assert_eq!(l.get("mqtt.keep_alive").unwrap().origin, "agent.d/20-more.toml:1");
         let shown = l.render();
         assert!(shown.contains("mqtt.password = \"***\""), "{shown}");
         assert!(!shown.contains("hunter2"), "{shown}");
-        assert!(shown.contains("# agent.d/20-more.toml"), "{shown}");
+        assert!(shown.contains("# agent.d/20-more.toml:1"), "{shown}");
         assert!(shown.contains("mqtt.version = \"3.1.1\""), "{shown}");
         assert!(shown.contains("# --telemetry-interval"), "{shown}");
         // What is shown parses as TOML again.
@@ -745,27 +805,41 @@ store_quota = "2GiB"
         let err =
             |extra: &str| layers(&[("agent.toml", BASE), ("x.toml", extra)]).and_then(|l| l.resolve().map(|_| ()));
         let e = err("[mqtt]\nkeep_alive = 2\n").unwrap_err();
-        assert_eq!(e.to_string(), "x.toml: mqtt.keep_alive = 2: expected 5 to 3600 seconds");
+        // The file and the line the value is on.
+        assert_eq!(e.to_string(), "x.toml:2: mqtt.keep_alive = 2: expected 5 to 3600 seconds");
+        let e = err("# comment\ndevice = \"d\"\n\n[mqtt]\nbroker = \"mqtt://b\"\n[mqtt.x]\n[limits]\n workers = 0\n")
+            .unwrap_err();
+        assert_eq!(e.to_string(), "x.toml:8: limits.workers = 0: expected 1 to 256");
+        let e = err("mqtt.keep_alive = 1\n").unwrap_err();
+        assert!(e.to_string().starts_with("x.toml:1: mqtt.keep_alive = 1"), "{e}");
         let e = err("[mqtt]\nkep_alive = 20\n").unwrap_err();
         assert_eq!(e.key, "mqtt.kep_alive");
         assert!(e.expected.contains("mqtt.keep_alive"), "{e}");
         let e = err("[mqtt]\nbroker = \"http://x\"\n").unwrap_err();
         assert_eq!(
             e.to_string(),
-            "x.toml: mqtt.broker = \"http://x\": expected mqtt://HOST[:PORT] or mqtts://HOST[:PORT]"
+            "x.toml:2: mqtt.broker = \"http://x\": expected mqtt://HOST[:PORT] or mqtts://HOST[:PORT]"
         );
         let e = err("[limits]\nstore_quota = \"lots\"\n").unwrap_err();
-        assert!(e.to_string().starts_with("x.toml: limits.store_quota = \"lots\": expected a size"), "{e}");
+        assert!(e.to_string().starts_with("x.toml:2: limits.store_quota = \"lots\": expected a size"), "{e}");
         let e = err("device = \"a/b\"\n").unwrap_err();
-        assert!(e.to_string().starts_with("x.toml: device = \"a/b\": expected a device id"), "{e}");
+        assert!(e.to_string().starts_with("x.toml:1: device = \"a/b\": expected a device id"), "{e}");
         let e = err("[http]\nbind = \"localhost\"\n").unwrap_err();
         assert!(e.to_string().contains("expected IP:PORT"), "{e}");
         let e = err("mqtt.persistent_session = \"yes\"\n").unwrap_err();
         assert_eq!(e.key, "mqtt.persistent_session");
         let e = err("tls.client_cert = \"c.pem\"\n").unwrap_err();
         assert_eq!(e.key, "tls.client_key");
+        // A syntax error: file, line and column, and what the parser wanted
+        // (it printed `x.toml:  = : expected valid TOML: ...` over lines).
+        let e = err("device = \"d\"\n[mqtt]\nbroker = \n").unwrap_err();
+        assert!(
+            e.to_string().starts_with("x.toml:3:10: expected valid TOML (invalid string; expected `\"`, `'`)"),
+            "{e}"
+        );
+        assert!(!e.to_string().contains('\n'), "{e}");
         let e = err("device = [\n").unwrap_err();
-        assert!(e.to_string().starts_with("x.toml: "), "{e}");
+        assert!(e.to_string().starts_with("x.toml:"), "{e}");
         assert!(e.expected.contains("valid TOML"), "{e}");
         // A secret is masked in errors as well.
         let e = err("mqtt.password = 5\n").unwrap_err();
@@ -773,6 +847,8 @@ store_quota = "2GiB"
         let missing = layers(&[("agent.toml", "[mqtt]\nbroker = \"mqtt://b\"\n")]).unwrap().resolve().unwrap_err();
         assert_eq!(missing.key, "device");
         assert!(missing.expected.contains("--device"), "{missing}");
+        // The file in use is named (OUTPOST_CONFIG / --config), not always /etc/outpost.
+        assert!(missing.expected.contains("set `device` in agent.toml or pass --device"), "{missing}");
     }
 
     /// The configuration file the package installs documents every key, and

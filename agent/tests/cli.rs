@@ -106,7 +106,7 @@ fn configuration_files_merge_and_check_config_reports_them() {
     std::fs::write(dir.path().join("agent.d/30-bad.toml"), "[mqtt]\nkeep_alive = 2\n").expect("write");
     let (code, _, err) = outpost_env(&["check-config"], Some(&main));
     assert_eq!(code, 64);
-    assert!(err.contains("30-bad.toml: mqtt.keep_alive = 2: expected 5 to 3600 seconds"), "{err}");
+    assert!(err.contains("30-bad.toml:2: mqtt.keep_alive = 2: expected 5 to 3600 seconds"), "{err}");
     // The same refusal stops `run` before it touches anything.
     let (code, _, err) = outpost_env(&["run"], Some(&main));
     assert_eq!(code, 64);

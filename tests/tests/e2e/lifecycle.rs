@@ -188,7 +188,7 @@ async fn sighup_reloads_what_can_change_and_refuses_a_bad_configuration() {
     notify.wait_for("configuration reload refused", Duration::from_secs(5));
     let log = std::fs::read_to_string(&agent.log).unwrap();
     assert!(log.contains("configuration not reloaded, the running one stays"), "{log}");
-    assert!(log.contains("60-bad.toml: limits.workers = 0: expected 1 to 256"), "{log}");
+    assert!(log.contains("60-bad.toml:2: limits.workers = 0: expected 1 to 256"), "{log}");
     assert!(agent.is_running());
     let (status, _) = http("GET", format!("http://127.0.0.1:{}/v2/health/live", agent.http_port), None).await;
     assert_eq!(status, 200);
