@@ -87,10 +87,10 @@ fn configuration_files_merge_and_check_config_reports_them() {
     let (code, out, err) = outpost_env(&["check-config", "--workers", "3"], Some(&main));
     assert_eq!(code, 0, "{err}");
     let line = |key: &str| out.lines().find(|l| l.starts_with(&format!("{key} = "))).unwrap_or_default().to_string();
-    assert!(line("device").contains("\"cam-17\"") && line("device").ends_with("agent.toml"), "{out}");
-    assert!(line("groups").ends_with("10-site.toml"), "{out}");
+    assert!(line("device").contains("\"cam-17\"") && line("device").ends_with("agent.toml:1"), "{out}");
+    assert!(line("groups").ends_with("10-site.toml:1"), "{out}");
     assert!(line("mqtt.keep_alive").starts_with("mqtt.keep_alive = 30"), "{out}");
-    assert!(line("limits.store_quota").ends_with("20-limits.toml"), "{out}");
+    assert!(line("limits.store_quota").ends_with("20-limits.toml:2"), "{out}");
     assert!(line("limits.workers").starts_with("limits.workers = 3") && line("limits.workers").ends_with("--workers"));
     assert!(line("mqtt.password").contains("\"***\""), "{out}");
     assert!(!out.contains("hunter2"), "{out}");
