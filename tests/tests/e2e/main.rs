@@ -16,6 +16,7 @@ mod fleet;
 mod hostile;
 mod lifecycle;
 mod packaging;
+mod rabbitmq;
 mod serving;
 mod store;
 mod trust;
