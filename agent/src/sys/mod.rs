@@ -110,24 +110,10 @@ pub fn backoff_delay(base: std::time::Duration, attempt: u32, max: std::time::Du
 }
 
 /// A number in [0, 1) for backoff jitter. Not for cryptography: it only has
-/// to differ between devices and attempts.
+/// to differ between devices and attempts (fastrand's generator is seeded
+/// per thread from the OS).
 pub fn jitter() -> f64 {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static STATE: AtomicU64 = AtomicU64::new(0);
-    let mut x = STATE.load(Ordering::Relaxed);
-    if x == 0 {
-        let t = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos() as u64)
-            .unwrap_or(1);
-        x = t ^ (u64::from(std::process::id()) << 32) | 1;
-    }
-    // xorshift64*
-    x ^= x >> 12;
-    x ^= x << 25;
-    x ^= x >> 27;
-    STATE.store(x, Ordering::Relaxed);
-    (x.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 11) as f64 / (1u64 << 53) as f64
+    fastrand::f64()
 }
 
 #[cfg(test)]

@@ -2,7 +2,7 @@
 //! keys, and the client configuration of `mqtts://` (`https://` downloads
 //! use the same roots).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 /// The TLS client configuration for `mqtts://`: the CAs trusted for the
@@ -40,45 +40,43 @@ pub fn tls_config(
     Ok(std::sync::Arc::new(config))
 }
 
-/// Where Linux distributions keep the bundle of CAs the system trusts
-/// (Debian, Ubuntu, Alpine, Arch; Fedora, RHEL; openSUSE; others), after
-/// `SSL_CERT_FILE`, the variable OpenSSL reads too.
-pub const SYSTEM_CA_BUNDLES: &[&str] = &[
-    "/etc/ssl/certs/ca-certificates.crt",
-    "/etc/pki/tls/certs/ca-bundle.crt",
-    "/etc/ssl/ca-bundle.pem",
-    "/etc/ssl/cert.pem",
-];
-
 /// The CAs the system trusts, used for `https://` and `mqtts://` when
-/// `tls.ca_file` is not set: read once, on first use, from the file named by
-/// `SSL_CERT_FILE` or else the first of [`SYSTEM_CA_BUNDLES`] that exists.
-/// The device's bundle is what its package manager keeps current (and where
-/// `update-ca-certificates` puts a site's own CA).
+/// `tls.ca_file` is not set: read once, on first use, by
+/// `rustls-native-certs` as OpenSSL finds them: the file `SSL_CERT_FILE`
+/// names and the hashed directories of `SSL_CERT_DIR` when set, else the
+/// distribution's bundle and certificate directory (Debian, Fedora,
+/// openSUSE, Alpine, ...). The device's bundle is what its package manager
+/// keeps current (and where `update-ca-certificates` puts a site's own CA).
 pub fn system_roots() -> Result<Arc<Vec<rustls::pki_types::CertificateDer<'static>>>, String> {
     type Roots = Result<Arc<Vec<rustls::pki_types::CertificateDer<'static>>>, String>;
     static ROOTS: std::sync::OnceLock<Roots> = std::sync::OnceLock::new();
     ROOTS
         .get_or_init(|| {
-            let from_env = std::env::var_os("SSL_CERT_FILE").map(PathBuf::from);
-            let named = from_env.is_some();
-            let path = system_bundle(from_env, SYSTEM_CA_BUNDLES)?;
-            load_certs(&path)
-                .map(Arc::new)
-                .map_err(|e| if named { format!("{e} (the file SSL_CERT_FILE names)") } else { e })
+            let loaded = rustls_native_certs::load_native_certs();
+            let named: Vec<&str> = ["SSL_CERT_FILE", "SSL_CERT_DIR"]
+                .into_iter()
+                .filter(|v| std::env::var_os(v).is_some_and(|x| !x.is_empty()))
+                .collect();
+            if !loaded.certs.is_empty() {
+                for e in &loaded.errors {
+                    tracing::warn!(error = %e, "a system CA certificate source was skipped");
+                }
+                return Ok(Arc::new(loaded.certs));
+            }
+            let why = loaded.errors.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("; ");
+            Err(match named.is_empty() {
+                true => format!(
+                    "no system CA certificates found{}: install the ca-certificates package or set tls.ca_file",
+                    if why.is_empty() { String::new() } else { format!(" ({why})") }
+                ),
+                false => format!(
+                    "no CA certificate could be read from what {} names{}",
+                    named.join(" and "),
+                    if why.is_empty() { String::new() } else { format!(": {why}") }
+                ),
+            })
         })
         .clone()
-}
-
-/// `from_env` if set, else the first of `candidates` that exists.
-fn system_bundle(from_env: Option<PathBuf>, candidates: &[&str]) -> Result<PathBuf, String> {
-    from_env.or_else(|| candidates.iter().map(PathBuf::from).find(|p| p.exists())).ok_or_else(|| {
-        format!(
-            "no system CA bundle ({} not found; SSL_CERT_FILE not set): install the ca-certificates package or \
-             set tls.ca_file",
-            candidates.join(", ")
-        )
-    })
 }
 
 /// Reads every certificate of a PEM file (`--ca-file`, `--client-cert`).
@@ -107,16 +105,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_system_bundle_is_ssl_cert_file_else_the_first_that_exists() {
+    fn an_empty_pem_file_is_refused_by_name() {
         let dir = tempfile::tempdir().unwrap();
-        let (a, b) = (dir.path().join("a.pem"), dir.path().join("b.pem"));
+        let b = dir.path().join("b.pem");
         std::fs::write(&b, "").unwrap();
-        let names = [a.to_str().unwrap(), b.to_str().unwrap()];
-        assert_eq!(system_bundle(None, &names).unwrap(), b);
-        assert_eq!(system_bundle(Some(a.clone()), &names).unwrap(), a);
-        let none = system_bundle(None, &names[..1]).unwrap_err();
-        assert!(none.starts_with(&format!("no system CA bundle ({} not found;", a.display())), "{none}");
-        assert!(none.ends_with("install the ca-certificates package or set tls.ca_file"), "{none}");
         // An empty bundle is refused by name, not trusted as "nothing".
         assert!(load_certs(&b).unwrap_err().contains("found none"));
     }

@@ -262,6 +262,7 @@ async fn without_a_ca_file_https_registries_are_verified_against_the_systems_ca_
     reg.register("digits-mlp.onnx", "digits", "1");
     reg.register("digits-cnn.onnx", "digits", "2");
     reg.register("digits-mlp.onnx", "digits", "3");
+    reg.register("digits-cnn.onnx", "digits", "4");
     assert_eq!(w.deploy(&reg, "digits", "1").await.0.phase, Phase::Active);
     let https = FaultyRegistry::start_tls(reg.root().to_path_buf(), &pki).await;
     let (url2, sha2) = outpost_sim::operator::resolve_manifest(&reg.url, "digits", "2").await.unwrap();
@@ -286,22 +287,34 @@ async fn without_a_ca_file_https_registries_are_verified_against_the_systems_ca_
     assert_eq!(last.phase, Phase::Active, "{events:#?}");
     assert_eq!(w.infer("v2", digits_request(1)).await["model_version"], "2");
 
-    // No bundle at all: refused before connecting, not retried.
-    agent.env = vec![("SSL_CERT_FILE".into(), "/nonexistent/ca-bundle.pem".into())];
+    // A certificate directory, as OpenSSL's SSL_CERT_DIR names one (it was ignored).
+    let certs = tempfile::tempdir().unwrap();
+    std::fs::copy(&pki.ca, certs.path().join("site-ca.pem")).unwrap();
+    agent.env = vec![("SSL_CERT_DIR".into(), certs.path().display().to_string())];
     agent.kill_and_restart();
     w.online().await;
     let (url3, sha3) = outpost_sim::operator::resolve_manifest(&reg.url, "digits", "3").await.unwrap();
     let (last, events) = w.deploy_raw("digits", "3", &url3.replace(&reg.url, &https.url), &sha3).await;
+    assert_eq!(last.phase, Phase::Active, "{events:#?}");
+
+    // No bundle at all: refused before connecting, not retried.
+    // (SSL_CERT_DIR emptied: a developer's shell may name the system's.)
+    agent.env =
+        vec![("SSL_CERT_FILE".into(), "/nonexistent/ca-bundle.pem".into()), ("SSL_CERT_DIR".into(), String::new())];
+    agent.kill_and_restart();
+    w.online().await;
+    let (url4, sha4) = outpost_sim::operator::resolve_manifest(&reg.url, "digits", "4").await.unwrap();
+    let (last, events) = w.deploy_raw("digits", "4", &url4.replace(&reg.url, &https.url), &sha4).await;
     assert_eq!(last.phase, Phase::Failed, "{events:#?}");
     let err = last.error.unwrap();
     assert_eq!(err.code, ErrorCode::DownloadFailed);
     assert!(
-        err.message.contains("cannot verify the server: /nonexistent/ca-bundle.pem: cannot read it")
-            && err.message.ends_with("(the file SSL_CERT_FILE names)"),
+        err.message.contains("cannot verify the server: no CA certificate could be read from what SSL_CERT_FILE names")
+            && err.message.contains("/nonexistent/ca-bundle.pem"),
         "{}",
         err.message
     );
     assert!(!events.iter().any(|e| e.detail.as_deref().is_some_and(|d| d.contains("retrying"))), "{events:#?}");
-    assert_eq!(https.requests("digits/3/manifest.json").len(), 0);
-    assert_eq!(w.infer("still-v2", digits_request(1)).await["model_version"], "2");
+    assert_eq!(https.requests("digits/4/manifest.json").len(), 0);
+    assert_eq!(w.infer("still-v3", digits_request(1)).await["model_version"], "3");
 }
