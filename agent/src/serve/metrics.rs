@@ -33,8 +33,10 @@ impl Transport {
 /// Labelled counters. Each is a short list searched linearly: a device
 /// serves a handful of models and sees a handful of error codes, so this
 /// costs less per request than hashing, and no series ever goes away (a
-/// counter that vanished and came back at 0 would look like a reset).
-#[derive(Debug, Default)]
+/// counter that vanished and came back at 0 would look like a reset). The
+/// label values known in advance start at 0, so the first failure is an
+/// increase Prometheus can see (a series born at 1 has no increase).
+#[derive(Debug)]
 pub struct Tally {
     /// (transport, model name) → requests received.
     requests: Mutex<Vec<(Transport, String, u64)>>,
@@ -46,6 +48,34 @@ pub struct Tally {
     desired_refused: Mutex<Vec<(ErrorCode, u64)>>,
     /// final phase → deployments that ended so.
     outcomes: Mutex<Vec<(&'static str, u64)>>,
+}
+
+impl Default for Tally {
+    fn default() -> Tally {
+        use outpost_protocol::Phase;
+        let errors = [ErrorCode::BadInput, ErrorCode::Overloaded, ErrorCode::NoModel, ErrorCode::InferenceFailed];
+        let refusals = [
+            ErrorCode::SignatureRequired,
+            ErrorCode::SignatureInvalid,
+            ErrorCode::StaleRevision,
+            ErrorCode::DowngradeRefused,
+            ErrorCode::InvalidMessage,
+        ];
+        let outcomes =
+            [Phase::Active, Phase::Failed, Phase::RolledBack, Phase::Unchanged, Phase::Superseded, Phase::Undeployed];
+        Tally {
+            requests: Default::default(),
+            errors: Mutex::new(
+                [Transport::Http, Transport::Mqtt]
+                    .into_iter()
+                    .flat_map(|t| errors.iter().map(move |c| ((t, *c), 0)))
+                    .collect(),
+            ),
+            rejected: Default::default(),
+            desired_refused: Mutex::new(refusals.iter().map(|c| (*c, 0)).collect()),
+            outcomes: Mutex::new(outcomes.iter().map(|p| (p.as_str(), 0)).collect()),
+        }
+    }
 }
 
 fn bump<K: PartialEq>(list: &Mutex<Vec<(K, u64)>>, key: K) {
@@ -325,7 +355,12 @@ mod tests {
         assert_eq!(requests, vec![(Transport::Http, "digits".into(), 2), (Transport::Mqtt, "digits".into(), 1)]);
         assert_eq!(t.rejected[Transport::Mqtt as usize].load(Ordering::Relaxed), 1);
         assert_eq!(t.rejected[Transport::Http as usize].load(Ordering::Relaxed), 0);
-        assert_eq!(t.errors.lock().unwrap().len(), 2);
+        let errors = t.errors.lock().unwrap().clone();
+        assert!(errors.contains(&((Transport::Http, ErrorCode::BadInput), 1)), "{errors:?}");
+        assert!(errors.contains(&((Transport::Mqtt, ErrorCode::Overloaded), 1)), "{errors:?}");
+        // Known label values exist from the start, at 0.
+        assert!(errors.contains(&((Transport::Mqtt, ErrorCode::NoModel), 0)), "{errors:?}");
+        assert!(t.outcomes.lock().unwrap().contains(&("rolled_back", 0)));
     }
 
     #[cfg(target_os = "linux")]
