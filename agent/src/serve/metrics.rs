@@ -286,7 +286,7 @@ pub fn render(engine: &Engine) -> String {
 /// (absent where there is none).
 fn process(out: &mut Exposition) {
     let page = rustix::param::page_size() as u64;
-    if let Some(statm) = std::fs::read_to_string("/proc/self/statm").ok() {
+    if let Ok(statm) = std::fs::read_to_string("/proc/self/statm") {
         let mut f = statm.split_whitespace().map(|v| v.parse::<u64>().unwrap_or(0));
         let (size, resident) = (f.next().unwrap_or(0), f.next().unwrap_or(0));
         out.single("process_virtual_memory_bytes", "gauge", "Virtual memory size in bytes.", size * page);
@@ -294,7 +294,7 @@ fn process(out: &mut Exposition) {
     }
     // Linux reports times in clock ticks of 1/100 s (USER_HZ).
     const HZ: f64 = 100.0;
-    if let Some(stat) = std::fs::read_to_string("/proc/self/stat").ok()
+    if let Ok(stat) = std::fs::read_to_string("/proc/self/stat")
         && let Some((_, rest)) = stat.rsplit_once(')')
     {
         let f: Vec<&str> = rest.split_whitespace().collect();

@@ -13,7 +13,7 @@ use tracing_subscriber::registry::LookupSpan;
 pub fn stderr_is_journal() -> bool {
     let Some(v) = std::env::var_os("JOURNAL_STREAM") else { return false };
     let Ok(stat) = rustix::fs::fstat(std::io::stderr()) else { return false };
-    names_stream(&v.to_string_lossy(), stat.st_dev as u64, stat.st_ino as u64)
+    names_stream(&v.to_string_lossy(), stat.st_dev, stat.st_ino)
 }
 
 /// `JOURNAL_STREAM` is `DEVICE:INODE`, both decimal.
