@@ -311,12 +311,19 @@ pub async fn device_state(op: &mut Operator, device: &str, timeout: Duration) ->
     let deadline = Instant::now() + timeout;
     loop {
         let msg = op.next(deadline.saturating_duration_since(Instant::now())).await?;
-        if msg.topic == topic
+        if delivered_as(&msg.topic, &topic)
             && let Ok(state) = DeviceState::from_json(&msg.payload)
         {
             return Some(state);
         }
     }
+}
+
+/// True when a message received on `wire` was published on `topic`: RabbitMQ's
+/// MQTT plugin delivers every `.` of a topic as `/` (`outpost/devices/cam.18/state`
+/// arrives as `outpost/devices/cam/18/state`).
+fn delivered_as(wire: &str, topic: &str) -> bool {
+    wire == topic || (topic.contains('.') && wire == topic.replace('.', "/"))
 }
 
 /// Sends one request to a device and waits for its answer on a private reply topic.
@@ -335,7 +342,7 @@ pub async fn infer_once(
         let left = deadline.saturating_duration_since(Instant::now());
         let msg =
             op.next(left).await.ok_or_else(|| format!("no answer from {device} within {} s", timeout.as_secs()))?;
-        if msg.topic == reply_to {
+        if delivered_as(&msg.topic, &reply_to) {
             return serde_json::from_slice(&msg.payload).map_err(|e| format!("unreadable answer: {e}"));
         }
     }

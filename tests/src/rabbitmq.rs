@@ -23,16 +23,13 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// Where Debian (and the RPMs) put the real scripts; `OUTPOST_RABBITMQ_BIN`
-/// names another directory holding `rabbitmq-server` (e.g. an unpacked
-/// generic-unix release's `sbin`).
+/// `rabbitmq-server` in the directory `OUTPOST_RABBITMQ_BIN` names (e.g. an
+/// unpacked generic-unix release's `sbin`), else where Debian (and the RPMs)
+/// put the real scripts.
 fn server_script() -> Option<PathBuf> {
-    let dirs: Vec<PathBuf> = std::env::var_os("OUTPOST_RABBITMQ_BIN")
-        .map(PathBuf::from)
-        .into_iter()
-        .chain([PathBuf::from("/usr/lib/rabbitmq/bin")])
-        .collect();
-    dirs.into_iter().map(|d| d.join("rabbitmq-server")).find(|p| p.is_file())
+    let dir =
+        std::env::var_os("OUTPOST_RABBITMQ_BIN").map_or_else(|| PathBuf::from("/usr/lib/rabbitmq/bin"), PathBuf::from);
+    Some(dir.join("rabbitmq-server")).filter(|p| p.is_file())
 }
 
 /// True when a missing RabbitMQ must fail the tests rather than skip them.

@@ -65,10 +65,17 @@ async fn operator_flow(test: &str, device: &str, group: &str) {
     assert!(!group_wait || (out.contains(device) && out.contains("active")), "{out}");
     device_state(&broker, &agent, |s| s.active.as_ref().is_some_and(|a| a.version == "1")).await;
     assert_eq!(served(&agent).await, "1");
-    let (code, out, err) = sim_async(&deploy("--device", device, "digits@2", &["--wait"])).await;
+    let v2 = deploy("--device", device, "digits@2", &["--wait", "--deployment-id", "rmq-2", "--revision", "100"]);
+    let (code, out, err) = sim_async(&v2).await;
     assert_eq!(code, 0, "deploy --device {device} digits@2 --wait:\n{out}{err}\nagent log:\n{}", log(&agent));
     assert!(out.contains(device) && out.contains("active"), "{out}");
     assert_eq!(served(&agent).await, "2");
+    // The same deployment again (a script run twice): the device answers
+    // `unchanged`, which deploy --wait confirms from the device's retained
+    // state (read on its exact topic, delivered with the broker's `/`s).
+    let (code, out, err) = sim_async(&v2).await;
+    assert_eq!(code, 0, "the same deploy again:\n{out}{err}\nagent log:\n{}", log(&agent));
+    assert!(out.contains("unchanged"), "{out}");
     let state = device_state(&broker, &agent, |s| s.active.as_ref().is_some_and(|a| a.version == "2")).await;
     assert_eq!(state.last_deployment.unwrap().outcome, Outcome::Active);
 
