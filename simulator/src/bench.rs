@@ -8,6 +8,7 @@ use crate::operator::{Operator, deployment};
 use crate::registry::{RegisterSpec, register};
 use outpost_agent::link::BrokerUrl;
 use outpost_protocol::{DeploymentEvent, Phase, Topics};
+use rumqttc::QoS;
 use serde_json::{Value, json};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
@@ -33,7 +34,14 @@ pub struct BenchSpec {
     pub root: PathBuf,
     /// An earlier build of the agent to measure side by side (section 9).
     pub baseline_agent: Option<PathBuf>,
+    /// Run only these sections (see [`SECTIONS`]) and print their report
+    /// instead of writing the whole one; empty: everything.
+    pub only: Vec<String>,
 }
+
+/// The sections `--only` can pick: `http` (1, with wrk), `mqtt` (2 and 2b,
+/// the default and the tuned Mosquitto), `swap` (3, and its SVG).
+pub const SECTIONS: &[&str] = &["http", "mqtt", "swap"];
 
 /// Latency figures of one series, in microseconds, and its throughput.
 #[derive(Debug, Clone, Default, serde::Serialize)]
@@ -344,10 +352,16 @@ impl Lab {
 }
 
 fn start_mosquitto() -> Result<(Proc, u16), String> {
+    start_mosquitto_with(true)
+}
+
+/// Mosquitto with `set_tcp_nodelay true` (tuned) or its defaults: Mosquitto
+/// 2.0 delays small packets (Nagle) unless told not to.
+fn start_mosquitto_with(nodelay: bool) -> Result<(Proc, u16), String> {
     let port = free_port()?;
-    // Mosquitto delays small packets (Nagle) unless told not to.
     let conf = std::env::temp_dir().join(format!("outpost-bench-mosquitto-{port}.conf"));
-    std::fs::write(&conf, format!("listener {port} 127.0.0.1\nallow_anonymous true\nset_tcp_nodelay true\n"))
+    let tuning = if nodelay { "set_tcp_nodelay true\n" } else { "" };
+    std::fs::write(&conf, format!("listener {port} 127.0.0.1\nallow_anonymous true\n{tuning}"))
         .map_err(|e| e.to_string())?;
     let child = Command::new("mosquitto")
         .args(["-c", &conf.display().to_string()])
@@ -479,6 +493,9 @@ pub async fn run(spec: BenchSpec) -> Result<Value, String> {
     let pid = agent.0.id();
     tokio::time::sleep(Duration::from_secs(1)).await;
     let rss_idle_kb = memory_kb(pid).0;
+    if !spec.only.is_empty() {
+        return only(&spec, &mut lab, http, skipped, results).await;
+    }
 
     // 4. Deployment latency, split; the same files fetched plainly and the model loaded by tract as the baseline.
     let mut phases = crate::progress::Phases::new("bench");
@@ -518,32 +535,9 @@ pub async fn run(spec: BenchSpec) -> Result<Value, String> {
 
     // 1. Local HTTP scoring, against tract in-process and the peer.
     phases.start("HTTP scoring");
-    let (_, body) = digits_body(1);
-    let path = "/v2/models/digits/infer";
-    let seq = load(http, path, &body, n, 1);
-    let conc = load(http, path, &body, n / 2, 2);
-    let (floor, _) = tract_floor(&fixtures.join("digits-mlp.onnx"), &[1, 64], n)?;
-    let engine = engine_in_process(&lab.registry, &body, n).await?;
-    let mut scoring = json!({"outpost_sequential": seq, "outpost_2_clients": conc, "tract_in_process": floor,
-        "outpost_engine_in_process": engine});
-    scoring["http_transport_us"] = json!(round(seq.p50_us - engine.p50_us));
-    scoring["json_and_engine_us"] = json!(round(engine.p50_us - floor.p50_us));
-    scoring["outpost_p50_minus_floor_us"] = json!(round(seq.p50_us - floor.p50_us));
-    let mut peer_rss_kb = None;
-    match peer(&spec, &fixtures.join("digits-mlp.onnx"), n)? {
-        Some((pseq, pconc, rss)) => {
-            scoring["peer_p50_over_outpost"] = json!(round2(pseq.p50_us / seq.p50_us));
-            scoring["outpost_throughput_over_peer"] = json!(round2(seq.per_s / pseq.per_s.max(1e-9)));
-            scoring["outpost_2_clients_throughput_over_peer"] = json!(round2(conc.per_s / pconc.per_s.max(1e-9)));
-            scoring["peer_sequential"] = json!(pseq);
-            scoring["peer_2_clients"] = json!(pconc);
-            peer_rss_kb = Some(rss);
-        }
-        None => skipped.push(
-            "Azure ML inference server: run `simulator/bench/setup_peer.sh` (creates simulator/bench/.venv)".into(),
-        ),
-    }
+    let (scoring, peer_rss_kb) = http_scoring(&spec, &lab, http, n, &mut skipped).await?;
     results["http_scoring"] = scoring;
+    let (_, body) = digits_body(1);
 
     // 3b. Serving on probation against off probation, the same model.
     phases.start("probation cost");
@@ -561,6 +555,8 @@ pub async fn run(spec: BenchSpec) -> Result<Value, String> {
     // 2. MQTT round trip through Mosquitto, against a bare echo client.
     phases.start("MQTT round trip");
     results["mqtt"] = mqtt_round_trips(&lab.broker, if spec.quick { 100 } else { 1000 }).await?;
+    // 2b. The same on a Mosquitto with its defaults and on a tuned one.
+    results["mqtt_brokers"] = mqtt_brokers(&lab, &spec, if spec.quick { 50 } else { 1000 }).await?;
 
     // 3. Hot swap under load.
     phases.start("hot swap under load");
@@ -599,6 +595,9 @@ pub async fn run(spec: BenchSpec) -> Result<Value, String> {
     })
     .await?;
     results["fleet"] = serde_json::to_value(&fleet).unwrap_or_default();
+    let fleet_svg = spec.report.with_file_name("bench-fleet-activation.svg");
+    std::fs::write(&fleet_svg, fleet.activation_svg()?).map_err(|e| format!("{}: {e}", fleet_svg.display()))?;
+    results["fleet"]["svg"] = json!(fleet_svg.file_name().map(|n| n.to_string_lossy().into_owned()));
 
     // 6. sha256: the agent's code against sha256sum.
     phases.start("sha256");
@@ -610,9 +609,106 @@ pub async fn run(spec: BenchSpec) -> Result<Value, String> {
     let svg_path = spec.report.with_file_name("bench-swap-timeline.svg");
     std::fs::write(&json_path, serde_json::to_string_pretty(&results).unwrap_or_default() + "\n")
         .map_err(|e| format!("{}: {e}", json_path.display()))?;
-    std::fs::write(&svg_path, timeline_svg(&timeline)).map_err(|e| format!("{}: {e}", svg_path.display()))?;
+    std::fs::write(&svg_path, timeline_svg(&timeline)?).map_err(|e| format!("{}: {e}", svg_path.display()))?;
     std::fs::write(&spec.report, markdown(&results, &svg_path))
         .map_err(|e| format!("{}: {e}", spec.report.display()))?;
+    Ok(results)
+}
+
+/// Section 1: our client against the agent, the agent's engine in-process,
+/// tract in-process, the peer; wrk against the agent and the peer.
+async fn http_scoring(
+    spec: &BenchSpec,
+    lab: &Lab,
+    http: u16,
+    n: usize,
+    skipped: &mut Vec<String>,
+) -> Result<(Value, Option<u64>), String> {
+    let fixtures = spec.root.join("fixtures");
+    let (_, body) = digits_body(1);
+    let path = "/v2/models/digits/infer";
+    let seq = load(http, path, &body, n, 1);
+    let conc = load(http, path, &body, n / 2, 2);
+    let (floor, _) = tract_floor(&fixtures.join("digits-mlp.onnx"), &[1, 64], n)?;
+    let engine = engine_in_process(&lab.registry, &body, n).await?;
+    let mut scoring = json!({"outpost_sequential": seq, "outpost_2_clients": conc, "tract_in_process": floor,
+        "outpost_engine_in_process": engine});
+    scoring["http_transport_us"] = json!(round(seq.p50_us - engine.p50_us));
+    scoring["json_and_engine_us"] = json!(round(engine.p50_us - floor.p50_us));
+    scoring["outpost_p50_minus_floor_us"] = json!(round(seq.p50_us - floor.p50_us));
+    let mut peer_rss_kb = None;
+    match peer(spec, &fixtures.join("digits-mlp.onnx"), n)? {
+        Some((pseq, pconc, rss, peer_wrk)) => {
+            scoring["peer_p50_over_outpost"] = json!(round2(pseq.p50_us / seq.p50_us));
+            scoring["outpost_throughput_over_peer"] = json!(round2(seq.per_s / pseq.per_s.max(1e-9)));
+            scoring["outpost_2_clients_throughput_over_peer"] = json!(round2(conc.per_s / pconc.per_s.max(1e-9)));
+            scoring["peer_sequential"] = json!(pseq);
+            scoring["peer_2_clients"] = json!(pconc);
+            peer_rss_kb = Some(rss);
+            scoring["peer_wrk"] = peer_wrk;
+        }
+        None => skipped.push(
+            "Azure ML inference server: run `simulator/bench/setup_peer.sh` (creates simulator/bench/.venv)".into(),
+        ),
+    }
+    let seconds = if spec.quick { 2 } else { 10 };
+    match wrk_pair(http, "/v2/models/digits/infer", &body, seconds) {
+        Ok(Some(w)) => scoring["outpost_wrk"] = w,
+        Ok(None) => skipped.push(WRK_MISSING.into()),
+        Err(e) => skipped.push(format!("wrk against outpost: {e}")),
+    }
+    Ok((scoring, peer_rss_kb))
+}
+
+const WRK_MISSING: &str =
+    "wrk: not installed (`apt-get install wrk`); the HTTP figures are this benchmark's client only";
+
+/// `--only`: digits@1 deployed, then the sections asked for; prints their
+/// report (and writes the swap timeline next to the report when asked).
+async fn only(
+    spec: &BenchSpec,
+    lab: &mut Lab,
+    http: u16,
+    mut skipped: Vec<String>,
+    mut results: Value,
+) -> Result<Value, String> {
+    for s in &spec.only {
+        if !SECTIONS.contains(&s.as_str()) {
+            return Err(format!("--only {s}: expected one of {}", SECTIONS.join(", ")));
+        }
+    }
+    let n = if spec.quick { 200 } else { 3000 };
+    lab.deploy_with("bench", "digits", "1", Some(0)).await?;
+    let want = |s: &str| spec.only.iter().any(|o| o == s);
+    let mut md = String::new();
+    if want("http") {
+        eprintln!("[bench] HTTP scoring (with wrk)");
+        results["http_scoring"] = http_scoring(spec, lab, http, n, &mut skipped).await?.0;
+        md.push_str(&section_http(&results));
+    }
+    if want("mqtt") {
+        eprintln!("[bench] MQTT round trips");
+        results["mqtt"] = mqtt_round_trips(&lab.broker, if spec.quick { 100 } else { 1000 }).await?;
+        results["mqtt_brokers"] = mqtt_brokers(lab, spec, if spec.quick { 50 } else { 1000 }).await?;
+        md.push_str(&section_mqtt(&results));
+    }
+    if want("swap") {
+        eprintln!("[bench] hot swap under load");
+        let (swap, timeline) = swap_under_load(lab, http, if spec.quick { 4 } else { 16 }).await?;
+        results["swap_under_load"] = swap;
+        let svg_path = spec.report.with_file_name("bench-swap-timeline.svg");
+        std::fs::write(&svg_path, timeline_svg(&timeline)?).map_err(|e| format!("{}: {e}", svg_path.display()))?;
+        md.push_str(&section_swap(&results, &svg_path));
+    }
+    results["skipped"] = json!(skipped);
+    if !skipped.is_empty() {
+        md.push_str("## Skipped\n\n");
+        for s in &skipped {
+            md.push_str(&format!("- {s}\n"));
+        }
+        md.push('\n');
+    }
+    println!("{md}```json\n{}\n```", serde_json::to_string_pretty(&results).unwrap_or_default());
     Ok(results)
 }
 
@@ -785,14 +881,14 @@ async fn engine_in_process(registry: &Path, body: &[u8], n: usize) -> Result<Ser
     let engine = outpost_agent::serve::Engine::new(2, 64);
     engine.swap(Some(std::sync::Arc::new(model)));
     for _ in 0..n.min(100) {
-        let _ = engine.infer_body(body, None).await;
+        let _ = engine.infer_body(body, None, outpost_agent::serve::Transport::Http).await;
     }
     let started = Instant::now();
     let mut lat = Vec::with_capacity(n);
     let mut failed = 0;
     for _ in 0..n {
         let t = Instant::now();
-        let answer = engine.infer_body(body, None).await;
+        let answer = engine.infer_body(body, None, outpost_agent::serve::Transport::Http).await;
         match answer.result.map(|r| serde_json::to_vec(&r)) {
             Ok(Ok(_)) => lat.push(t.elapsed()),
             _ => failed += 1,
@@ -832,8 +928,9 @@ async fn baseline_download_and_load(
     .map_err(|e| e.to_string())?
 }
 
-/// Azure ML's inference server on the same model: (sequential, 2 clients, RSS KiB).
-fn peer(spec: &BenchSpec, model: &Path, n: usize) -> Result<Option<(Series, Series, u64)>, String> {
+/// Azure ML's inference server on the same model: (sequential, 2 clients,
+/// RSS KiB, wrk's figures or null).
+fn peer(spec: &BenchSpec, model: &Path, n: usize) -> Result<Option<(Series, Series, u64, Value)>, String> {
     let python = match &spec.peer_python {
         Some(p) => p.clone(),
         None => spec.root.join("simulator/bench/.venv/bin/python"),
@@ -861,7 +958,136 @@ fn peer(spec: &BenchSpec, model: &Path, n: usize) -> Result<Option<(Series, Seri
     let seq = load(port, "/score", &body, n / 3, 1);
     let conc = load(port, "/score", &body, n / 6, 2);
     let rss = tree_rss_kb(p.0.id());
-    Ok(Some((seq, conc, rss)))
+    let wrk = match wrk_pair(port, "/score", &body, if spec.quick { 2 } else { 10 }) {
+        Ok(w) => w.unwrap_or(Value::Null),
+        Err(e) => json!({"error": e}),
+    };
+    Ok(Some((seq, conc, rss, wrk)))
+}
+
+/// What wrk reports of one run (`--latency`).
+#[derive(Debug, Clone, PartialEq)]
+struct WrkOut {
+    requests: u64,
+    seconds: f64,
+    per_s: f64,
+    mean_us: f64,
+    p50_us: f64,
+    p99_us: f64,
+    /// Answers that were not 2xx or 3xx.
+    non_2xx: u64,
+    /// Connect, read, write errors and timeouts.
+    socket_errors: u64,
+}
+
+impl WrkOut {
+    /// In the shape of this benchmark's own series (the same table rows).
+    fn series(&self) -> Series {
+        Series {
+            n: self.requests as usize,
+            p50_us: round(self.p50_us),
+            p99_us: round(self.p99_us),
+            mean_us: round(self.mean_us),
+            per_s: round(self.per_s),
+            failed: (self.non_2xx + self.socket_errors) as usize,
+        }
+    }
+}
+
+/// A wrk duration (`68.23us`, `1.23ms`, `1.02s`, `2.00m`, `1.00h`) in microseconds.
+fn wrk_duration_us(text: &str) -> Option<f64> {
+    let split = text.find(|c: char| !(c.is_ascii_digit() || c == '.'))?;
+    let (num, unit) = text.split_at(split);
+    let scale = match unit {
+        "us" => 1.0,
+        "ms" => 1e3,
+        "s" => 1e6,
+        "m" => 60e6,
+        "h" => 3600e6,
+        _ => return None,
+    };
+    Some(num.parse::<f64>().ok()? * scale)
+}
+
+/// Parses the text wrk prints with `--latency`.
+fn parse_wrk(out: &str) -> Result<WrkOut, String> {
+    let mut w = WrkOut {
+        requests: 0,
+        seconds: 0.0,
+        per_s: f64::NAN,
+        mean_us: f64::NAN,
+        p50_us: f64::NAN,
+        p99_us: f64::NAN,
+        non_2xx: 0,
+        socket_errors: 0,
+    };
+    let mut found_requests = false;
+    for line in out.lines() {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        match words.as_slice() {
+            // "Latency 3.72ms 2.50ms 9.19ms 54.10%" (not "Latency Distribution")
+            ["Latency", avg, ..] if wrk_duration_us(avg).is_some() => {
+                w.mean_us = wrk_duration_us(avg).unwrap_or(f64::NAN)
+            }
+            ["50%", v] => w.p50_us = wrk_duration_us(v).unwrap_or(f64::NAN),
+            ["99%", v] => w.p99_us = wrk_duration_us(v).unwrap_or(f64::NAN),
+            ["Requests/sec:", v] => w.per_s = v.parse().unwrap_or(f64::NAN),
+            [n, "requests", "in", t, ..] => {
+                w.requests = n.parse().map_err(|_| format!("wrk: cannot read '{line}'"))?;
+                w.seconds = wrk_duration_us(t.trim_end_matches(',')).unwrap_or(0.0) / 1e6;
+                found_requests = true;
+            }
+            // "Non-2xx or 3xx responses: 593"
+            ["Non-2xx", .., n] => w.non_2xx = n.parse().map_err(|_| format!("wrk: cannot read '{line}'"))?,
+            ["Socket", "errors:", rest @ ..] => {
+                // connect 0, read 0, write 0, timeout 0
+                w.socket_errors = rest.iter().filter_map(|x| x.trim_end_matches(',').parse::<u64>().ok()).sum();
+            }
+            _ => {}
+        }
+    }
+    if !found_requests || w.per_s.is_nan() || w.p50_us.is_nan() || w.p99_us.is_nan() {
+        return Err(format!("wrk: unexpected output (was --latency given?):\n{out}"));
+    }
+    Ok(w)
+}
+
+/// wrk with one connection (sequential) and with two (one thread each),
+/// `seconds` each, POSTing `body` as JSON to `path`. `None`: wrk is not installed.
+fn wrk_pair(port: u16, path: &str, body: &[u8], seconds: u64) -> Result<Option<Value>, String> {
+    if Command::new("wrk").arg("--version").stdout(Stdio::null()).stderr(Stdio::null()).status().is_err() {
+        return Ok(None);
+    }
+    let script =
+        tempfile::Builder::new().prefix("outpost-bench-wrk").suffix(".lua").tempfile().map_err(|e| e.to_string())?;
+    let body = String::from_utf8_lossy(body);
+    if body.contains("]==]") {
+        return Err("the request body cannot be quoted for Lua".into());
+    }
+    std::fs::write(
+        script.path(),
+        format!(
+            "wrk.method = \"POST\"\nwrk.body = [==[{body}]==]\nwrk.headers[\"Content-Type\"] = \"application/json\"\n"
+        ),
+    )
+    .map_err(|e| e.to_string())?;
+    let url = format!("http://127.0.0.1:{port}{path}");
+    let mut out = json!({});
+    for (key, connections) in [("1_connection", 1), ("2_connections", 2)] {
+        let c = connections.to_string();
+        let run = Command::new("wrk")
+            .args(["-t", &c, "-c", &c, "-d", &format!("{seconds}s"), "--latency", "-s"])
+            .arg(script.path())
+            .arg(&url)
+            .output()
+            .map_err(|e| format!("wrk: {e}"))?;
+        let text = String::from_utf8_lossy(&run.stdout);
+        if !run.status.success() {
+            return Err(format!("wrk exited with {}: {}{text}", run.status, String::from_utf8_lossy(&run.stderr)));
+        }
+        out[key] = json!(parse_wrk(&text)?.series());
+    }
+    Ok(Some(out))
 }
 
 /// Request → prediction through Mosquitto vs a bare echo client on the same broker.
@@ -881,8 +1107,9 @@ async fn mqtt_round_trips(broker: &BrokerUrl, n: usize) -> Result<Value, String>
         }
     });
     let (_, body) = digits_body(1);
-    let agent = round_trips(&mut client, &topics.infer("bench"), "/predictions", &body, n).await?;
-    let echo_rtt = round_trips(&mut client, "bench/echo/req", "/resp", &body, n).await?;
+    let q1 = QoS::AtLeastOnce;
+    let agent = round_trips(&mut client, &topics.infer("bench"), "/predictions", &body, n, q1).await?;
+    let echo_rtt = round_trips(&mut client, "bench/echo/req", "/resp", &body, n, q1).await?;
     echo_task.abort();
     Ok(json!({
         "agent": agent, "echo": echo_rtt,
@@ -890,8 +1117,107 @@ async fn mqtt_round_trips(broker: &BrokerUrl, n: usize) -> Result<Value, String>
     }))
 }
 
-/// `n` sequential requests on `topic`, each waiting for its answer on a topic ending with `want`.
-async fn round_trips(client: &mut Operator, topic: &str, want: &str, body: &[u8], n: usize) -> Result<Series, String> {
+/// Section 2b: the inference round trip through a Mosquitto with its
+/// defaults (no `set_tcp_nodelay`) and through a tuned one, requests at
+/// QoS 0 and at QoS 1 (the client subscribes at the same QoS), beside a
+/// bare echo client on the same broker answering at the request's QoS.
+/// Also which QoS the agent answers a QoS 0 request with (seen by a client
+/// subscribed at QoS 1).
+async fn mqtt_brokers(lab: &Lab, spec: &BenchSpec, n: usize) -> Result<Value, String> {
+    let work = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let topics = Topics::default();
+    let (_, body) = digits_body(1);
+    let mut out = json!({"requests_per_series": n});
+    for (name, nodelay) in [("default", false), ("tuned", true)] {
+        let (mosquitto, port) = start_mosquitto_with(nodelay)?;
+        let broker = BrokerUrl { host: "127.0.0.1".into(), port, tls: false };
+        let device = format!("rtt-{name}");
+        let mut op = Operator::connect(&broker, &format!("bench-rtt-operator-{name}"), topics.clone()).await?;
+        op.subscribe(&format!("outpost/devices/{device}/events")).await?;
+        let (agent, _) = start_device(&spec.agent, port, &work.path().join(&device), &device, None)?;
+        let mut lab = Lab {
+            broker: broker.clone(),
+            _mosquitto: mosquitto,
+            registry_url: lab.registry_url.clone(),
+            registry: lab.registry.clone(),
+            op,
+            revision: 0,
+        };
+        lab.deploy_with(&device, "digits", "1", Some(0)).await?;
+        // The echo peer answers at the QoS each request came with.
+        let mut echo = Operator::connect(&broker, &format!("bench-rtt-echo-{name}"), topics.clone()).await?;
+        echo.subscribe("bench/echo/req").await?;
+        let echo_task = tokio::spawn(async move {
+            while let Some(m) = echo.next(Duration::from_secs(60)).await {
+                if echo.client.publish("bench/echo/resp", m.qos, false, m.payload.to_vec()).await.is_err() {
+                    break;
+                }
+            }
+        });
+        let mut by_qos = json!({});
+        for (key, qos) in [("qos0", QoS::AtMostOnce), ("qos1", QoS::AtLeastOnce)] {
+            let mut client = Operator::connect(&broker, &format!("bench-rtt-{name}-{key}"), topics.clone()).await?;
+            client.subscribe_with(&topics.predictions(&device), qos).await?;
+            client.subscribe_with("bench/echo/resp", qos).await?;
+            let infer = topics.infer(&device);
+            let _ = round_trips(&mut client, &infer, "/predictions", &body, n.min(20), qos).await?;
+            let agent_rtt = round_trips(&mut client, &infer, "/predictions", &body, n, qos).await?;
+            let _ = round_trips(&mut client, "bench/echo/req", "/resp", &body, n.min(20), qos).await?;
+            let echo_rtt = round_trips(&mut client, "bench/echo/req", "/resp", &body, n, qos).await?;
+            by_qos[key] = json!({
+                "agent": agent_rtt, "echo": echo_rtt,
+                "agent_p50_over_echo": round2(agent_rtt.p50_us / echo_rtt.p50_us.max(1e-9)),
+            });
+            client.disconnect().await;
+        }
+        if nodelay {
+            out["answer_qos_to_a_qos0_request"] = json!(answer_qos(&broker, &topics, &device, &body).await?);
+        }
+        echo_task.abort();
+        out[name] = by_qos;
+        drop(agent);
+    }
+    out["agent_default_over_tuned_qos0_p50"] = json!(round2(
+        num(&out["default"]["qos0"]["agent"]["p50_us"]) / num(&out["tuned"]["qos0"]["agent"]["p50_us"]).max(1e-9)
+    ));
+    Ok(out)
+}
+
+fn num(v: &Value) -> f64 {
+    v.as_f64().unwrap_or(f64::NAN)
+}
+
+/// The QoS of the agent's answer to a QoS 0 request, as a client subscribed
+/// at QoS 1 receives it (the broker delivers at the lower of the two).
+async fn answer_qos(broker: &BrokerUrl, topics: &Topics, device: &str, body: &[u8]) -> Result<u8, String> {
+    let mut client = Operator::connect(broker, "bench-rtt-answer-qos", topics.clone()).await?;
+    client.subscribe_with(&topics.predictions(device), QoS::AtLeastOnce).await?;
+    let mut req: Value = serde_json::from_slice(body).unwrap_or_default();
+    req["id"] = json!("qos-probe");
+    let payload = serde_json::to_vec(&req).unwrap_or_default();
+    client.client.publish(topics.infer(device), QoS::AtMostOnce, false, payload).await.map_err(|e| e.to_string())?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if let Some(m) = client.next(Duration::from_millis(200)).await
+            && serde_json::from_slice::<Value>(&m.payload).is_ok_and(|v| v["id"] == json!("qos-probe"))
+        {
+            client.disconnect().await;
+            return Ok(m.qos as u8);
+        }
+    }
+    Err("no answer to the QoS 0 probe within 10 s".into())
+}
+
+/// `n` sequential requests on `topic` published at `qos`, each waiting for
+/// its answer on a topic ending with `want`.
+async fn round_trips(
+    client: &mut Operator,
+    topic: &str,
+    want: &str,
+    body: &[u8],
+    n: usize,
+    qos: QoS,
+) -> Result<Series, String> {
     let mut lat = Vec::with_capacity(n);
     let started = Instant::now();
     for i in 0..n {
@@ -900,7 +1226,7 @@ async fn round_trips(client: &mut Operator, topic: &str, want: &str, body: &[u8]
         req["id"] = json!(id);
         let payload = serde_json::to_vec(&req).unwrap_or_default();
         let t = Instant::now();
-        client.publish(topic, payload, false).await?;
+        client.client.publish(topic, qos, false, payload).await.map_err(|e| e.to_string())?;
         loop {
             let m = client.next(Duration::from_secs(10)).await.ok_or("no answer within 10 s")?;
             if m.topic.ends_with(want)
@@ -988,58 +1314,20 @@ struct Timeline {
     seconds: f64,
 }
 
-/// Throughput and p99 per 250 ms, swap windows shaded.
-fn timeline_svg(t: &Timeline) -> String {
-    let (w, h, pad) = (900.0, 320.0, 50.0);
-    let bucket = 0.25;
-    let n = (t.seconds / bucket).ceil().max(1.0) as usize;
-    let mut per: Vec<Vec<f64>> = vec![Vec::new(); n];
-    for s in t.samples.iter().filter(|s| s.2) {
-        let i = ((s.0 / bucket) as usize).min(n - 1);
-        per[i].push(s.1.as_secs_f64() * 1e3);
-    }
-    let rps: Vec<f64> = per.iter().map(|v| v.len() as f64 / bucket).collect();
-    let p99: Vec<f64> = per
-        .iter_mut()
-        .map(|v| {
-            v.sort_by(f64::total_cmp);
-            v.get(((v.len().max(1) - 1) as f64 * 0.99).round() as usize).copied().unwrap_or(0.0)
-        })
+/// Latency (p50, p99) and throughput per 250 ms on their own axes, the
+/// swap windows shaded, failures marked (crate::plot).
+fn timeline_svg(t: &Timeline) -> Result<String, String> {
+    let requests: Vec<crate::plot::Request> = t
+        .samples
+        .iter()
+        .map(|s| crate::plot::Request { at_s: s.0, latency_ms: s.1.as_secs_f64() * 1e3, ok: s.2 })
         .collect();
-    let max_rps = rps.iter().cloned().fold(1.0, f64::max) * 1.1;
-    let max_p99 = p99.iter().cloned().fold(0.1, f64::max) * 1.1;
-    let x = |sec: f64| pad + sec / t.seconds.max(1e-9) * (w - 2.0 * pad);
-    let y = |v: f64, max: f64| h - pad - v / max * (h - 2.0 * pad);
-    let mut svg = format!(
-        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n"
-    );
-    for (a, b) in &t.windows {
-        svg.push_str(&format!(
-            "<rect x=\"{:.1}\" y=\"{pad}\" width=\"{:.1}\" height=\"{:.1}\" fill=\"#f4c7c3\"/>\n",
-            x(*a),
-            (x(*b) - x(*a)).max(1.0),
-            h - 2.0 * pad
-        ));
-    }
-    let line = |vals: &[f64], max: f64, color: &str| {
-        let pts: Vec<String> = vals
-            .iter()
-            .enumerate()
-            .map(|(i, v)| format!("{:.1},{:.1}", x((i as f64 + 0.5) * bucket), y(*v, max)))
-            .collect();
-        format!("<polyline fill=\"none\" stroke=\"{color}\" stroke-width=\"1.5\" points=\"{}\"/>\n", pts.join(" "))
-    };
-    svg.push_str(&line(&rps, max_rps, "#1a73e8"));
-    svg.push_str(&line(&p99, max_p99, "#e8710a"));
-    svg.push_str(&format!(
-        "<line x1=\"{pad}\" y1=\"{0}\" x2=\"{1}\" y2=\"{0}\" stroke=\"black\"/>\n<text x=\"{pad}\" y=\"20\">hot swap under load: requests/s (blue, max {2:.0}) and p99 ms (orange, max {3:.2}) per 250 ms; swaps shaded; {4:.0} s</text>\n</svg>\n",
-        h - pad,
-        w - pad,
-        max_rps / 1.1,
-        max_p99 / 1.1,
+    let title = format!(
+        "Hot swap under load: digits@1 ⇄ digits@2, {} swaps in {:.0} s, 2 keep-alive HTTP clients",
+        t.windows.len(),
         t.seconds
-    ));
-    svg
+    );
+    crate::plot::swap_timeline(&requests, &t.windows, t.seconds, &title)
 }
 
 /// The detector end to end (binary tensors over HTTP) vs tract and onnxruntime in-process.
@@ -1218,6 +1506,153 @@ fn bounds(r: &Value) -> String {
 
 const COMMANDS: &str = "## Reproduce\n\n```sh\napt-get install -y mosquitto            # the broker\ncargo build --release                    # the agent measured\nsimulator/bench/setup_peer.sh            # Azure ML's inference server + onnxruntime in simulator/bench/.venv\npython3 fixtures/make_large_models.py    # detector-sized and 10 MB models (numpy, onnx)\ncargo run --release -p outpost-sim -- bench --baseline-agent target/outpost-baseline   # an earlier release build, for section 9\ncargo run --release -p outpost-sim -- fleet --devices 1000 --broker mqtt://127.0.0.1:1883\n```\n\n";
 
+/// Section 1 of the report.
+fn section_http(r: &Value) -> String {
+    let f = |v: &Value| match v {
+        Value::Number(n) => n.to_string(),
+        Value::Null => "-".into(),
+        v => v.to_string(),
+    };
+    let row = |name: &str, s: &Value| {
+        format!("| {name} | {} | {} | {} | {} |\n", f(&s["p50_us"]), f(&s["p99_us"]), f(&s["per_s"]), f(&s["failed"]))
+    };
+    let mut md = String::new();
+    let s = &r["http_scoring"];
+    md.push_str("## 1. Local HTTP scoring (digits, Open Inference Protocol v2, keep-alive)\n\n| | p50 µs | p99 µs | req/s | failed |\n|---|---|---|---|---|\n");
+    md.push_str(&row("outpost, sequential (this benchmark's client)", &s["outpost_sequential"]));
+    if let Some(w) = s.get("outpost_wrk") {
+        md.push_str(&row("outpost, wrk, 1 connection", &w["1_connection"]));
+    }
+    md.push_str(&row("outpost, 2 clients (this benchmark's client)", &s["outpost_2_clients"]));
+    if let Some(w) = s.get("outpost_wrk") {
+        md.push_str(&row("outpost, wrk, 2 connections", &w["2_connections"]));
+    }
+    md.push_str(&row("outpost engine in-process, JSON in and out (no HTTP)", &s["outpost_engine_in_process"]));
+    md.push_str(&row("tract in-process (floor)", &s["tract_in_process"]));
+    if s.get("peer_sequential").is_some() {
+        md.push_str(&row("Azure ML inference server, sequential", &s["peer_sequential"]));
+        if let Some(w) = s.get("peer_wrk").filter(|w| w.is_object()) {
+            md.push_str(&row("Azure ML inference server, wrk, 1 connection", &w["1_connection"]));
+        }
+        md.push_str(&row("Azure ML inference server, 2 clients", &s["peer_2_clients"]));
+        if let Some(w) = s.get("peer_wrk").filter(|w| w.is_object()) {
+            md.push_str(&row("Azure ML inference server, wrk, 2 connections", &w["2_connections"]));
+        }
+    }
+    md.push_str(&format!(
+        "\nWhere outpost's p50 goes: HTTP transport (client and server) {} µs, JSON decoding and encoding + engine {} µs, the model {} µs.\n",
+        f(&s["http_transport_us"]),
+        f(&s["json_and_engine_us"]),
+        f(&s["tract_in_process"]["p50_us"])
+    ));
+    md.push_str(&format!(
+        "\noutpost p50 − floor p50: {} µs; peer p50 / outpost p50: {}; outpost throughput / peer: {} sequential, {} with 2 clients.\n\n",
+        f(&s["outpost_p50_minus_floor_us"]),
+        f(&s["peer_p50_over_outpost"]),
+        f(&s["outpost_throughput_over_peer"]),
+        f(&s["outpost_2_clients_throughput_over_peer"])
+    ));
+    if let Some(w) = s.get("outpost_wrk") {
+        md.push_str(&format!(
+            "wrk (`wrk -t N -c N -d T --latency`, a Lua script POSTing the same JSON body) is the load generator users run; its figures sit beside this benchmark's client for the same target. wrk req/s / our client's req/s: outpost {} with 1 connection, {} with 2{}.\n\n",
+            ratio(&w["1_connection"]["per_s"], &s["outpost_sequential"]["per_s"]),
+            ratio(&w["2_connections"]["per_s"], &s["outpost_2_clients"]["per_s"]),
+            match s.get("peer_wrk").filter(|w| w.is_object()) {
+                Some(p) => format!(
+                    "; the peer {} and {}; outpost / peer under wrk: {} and {}",
+                    ratio(&p["1_connection"]["per_s"], &s["peer_sequential"]["per_s"]),
+                    ratio(&p["2_connections"]["per_s"], &s["peer_2_clients"]["per_s"]),
+                    ratio(&w["1_connection"]["per_s"], &p["1_connection"]["per_s"]),
+                    ratio(&w["2_connections"]["per_s"], &p["2_connections"]["per_s"])
+                ),
+                None => String::new(),
+            }
+        ));
+    }
+    md
+}
+
+/// Sections 2 and 2b of the report.
+fn section_mqtt(r: &Value) -> String {
+    let f = |v: &Value| match v {
+        Value::Number(n) => n.to_string(),
+        Value::Null => "-".into(),
+        v => v.to_string(),
+    };
+    let row = |name: &str, s: &Value| {
+        format!("| {name} | {} | {} | {} | {} |\n", f(&s["p50_us"]), f(&s["p99_us"]), f(&s["per_s"]), f(&s["failed"]))
+    };
+    let mut md = String::new();
+    let m = &r["mqtt"];
+    md.push_str("## 2. MQTT request → prediction through Mosquitto\n\n| | p50 µs | p99 µs | req/s | failed |\n|---|---|---|---|---|\n");
+    md.push_str(&row("outpost", &m["agent"]));
+    md.push_str(&row("bare echo client (transport floor)", &m["echo"]));
+    md.push_str(&format!("\noutpost p50 / echo p50: {}.\n\n", f(&m["agent_p50_over_echo"])));
+    if let Some(b) = r.get("mqtt_brokers") {
+        md.push_str(&format!(
+            "## 2b. MQTT round trip on a default and on a tuned Mosquitto\n\nThe same request → prediction through a Mosquitto with its defaults and through one with `set_tcp_nodelay true` (Mosquitto 2.0 leaves Nagle's algorithm on otherwise), {} sequential requests per row, with this benchmark's client (rumqttc, TCP_NODELAY on its side) publishing at the QoS shown and subscribed at the same QoS; the echo client answers at the request's QoS.\n\n| broker | request QoS | outpost p50 µs | outpost p99 µs | echo p50 µs | echo p99 µs | outpost / echo p50 |\n|---|---|---|---|---|---|---|\n",
+            f(&b["requests_per_series"])
+        ));
+        for (broker, label) in [("default", "defaults"), ("tuned", "`set_tcp_nodelay true`")] {
+            for (key, q) in [("qos0", "0"), ("qos1", "1")] {
+                let x = &b[broker][key];
+                md.push_str(&format!(
+                    "| {label} | {q} | {} | {} | {} | {} | {} |\n",
+                    f(&x["agent"]["p50_us"]),
+                    f(&x["agent"]["p99_us"]),
+                    f(&x["echo"]["p50_us"]),
+                    f(&x["echo"]["p99_us"]),
+                    f(&x["agent_p50_over_echo"])
+                ));
+            }
+        }
+        md.push_str(&format!(
+            "\nThe agent answered a QoS 0 request at QoS {} (a client subscribed at QoS 1 received it so). Default / tuned broker, outpost p50 at QoS 0: {}.\n\n",
+            f(&b["answer_qos_to_a_qos0_request"]),
+            f(&b["agent_default_over_tuned_qos0_p50"])
+        ));
+    }
+    md
+}
+
+/// Section 3 of the report, its timeline at `svg`.
+fn section_swap(r: &Value, svg: &Path) -> String {
+    let f = |v: &Value| match v {
+        Value::Number(n) => n.to_string(),
+        Value::Null => "-".into(),
+        v => v.to_string(),
+    };
+    let row = |name: &str, s: &Value| {
+        format!("| {name} | {} | {} | {} | {} |\n", f(&s["p50_us"]), f(&s["p99_us"]), f(&s["per_s"]), f(&s["failed"]))
+    };
+    let mut md = String::new();
+    let w = &r["swap_under_load"];
+    md.push_str(&format!(
+        "## 3. Hot swap under load\n\n{} swaps in {} s under 2 keep-alive clients: {} requests, {} failed, answers by version {}.\n\n| | p50 µs | p99 µs | req/s | failed |\n|---|---|---|---|---|\n",
+        f(&w["swaps"]),
+        f(&w["seconds"]),
+        f(&w["requests"]),
+        f(&w["failed"]),
+        w["answers_by_version"]
+    ));
+    md.push_str(&row("steady state", &w["steady"]));
+    md.push_str(&row("inside swap windows", &w["in_swap_windows"]));
+    md.push_str(&format!(
+        "\np99 in swap windows / steady p99: {}.\n\n![timeline]({})\n\n",
+        f(&w["p99_swap_over_steady"]),
+        svg.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
+    ));
+    md
+}
+
+/// `a / b` to two decimals, "-" when either is missing.
+fn ratio(a: &Value, b: &Value) -> String {
+    match (a.as_f64(), b.as_f64()) {
+        (Some(a), Some(b)) if b > 0.0 => format!("{}", round2(a / b)),
+        _ => "-".into(),
+    }
+}
+
 fn markdown(r: &Value, svg: &Path) -> String {
     let f = |v: &Value| match v {
         Value::Number(n) => n.to_string(),
@@ -1238,50 +1673,9 @@ fn markdown(r: &Value, svg: &Path) -> String {
         if r["quick"] == json!(true) { " — QUICK run (smoke, not figures)" } else { "" }
     ));
     md.push_str("Every figure comes from the same run on the same machine; ratios compare figures of that run.\n\n");
-    let s = &r["http_scoring"];
-    md.push_str("## 1. Local HTTP scoring (digits, Open Inference Protocol v2, keep-alive)\n\n| | p50 µs | p99 µs | req/s | failed |\n|---|---|---|---|---|\n");
-    md.push_str(&row("outpost, sequential", &s["outpost_sequential"]));
-    md.push_str(&row("outpost, 2 clients", &s["outpost_2_clients"]));
-    md.push_str(&row("outpost engine in-process, JSON in and out (no HTTP)", &s["outpost_engine_in_process"]));
-    md.push_str(&row("tract in-process (floor)", &s["tract_in_process"]));
-    if s.get("peer_sequential").is_some() {
-        md.push_str(&row("Azure ML inference server, sequential", &s["peer_sequential"]));
-        md.push_str(&row("Azure ML inference server, 2 clients", &s["peer_2_clients"]));
-    }
-    md.push_str(&format!(
-        "\nWhere outpost's p50 goes: HTTP transport (client and server) {} µs, JSON decoding and encoding + engine {} µs, the model {} µs.\n",
-        f(&s["http_transport_us"]),
-        f(&s["json_and_engine_us"]),
-        f(&s["tract_in_process"]["p50_us"])
-    ));
-    md.push_str(&format!(
-        "\noutpost p50 − floor p50: {} µs; peer p50 / outpost p50: {}; outpost throughput / peer: {} sequential, {} with 2 clients.\n\n",
-        f(&s["outpost_p50_minus_floor_us"]),
-        f(&s["peer_p50_over_outpost"]),
-        f(&s["outpost_throughput_over_peer"]),
-        f(&s["outpost_2_clients_throughput_over_peer"])
-    ));
-    let m = &r["mqtt"];
-    md.push_str("## 2. MQTT request → prediction through Mosquitto\n\n| | p50 µs | p99 µs | req/s | failed |\n|---|---|---|---|---|\n");
-    md.push_str(&row("outpost", &m["agent"]));
-    md.push_str(&row("bare echo client (transport floor)", &m["echo"]));
-    md.push_str(&format!("\noutpost p50 / echo p50: {}.\n\n", f(&m["agent_p50_over_echo"])));
-    let w = &r["swap_under_load"];
-    md.push_str(&format!(
-        "## 3. Hot swap under load\n\n{} swaps in {} s under 2 keep-alive clients: {} requests, {} failed, answers by version {}.\n\n| | p50 µs | p99 µs | req/s | failed |\n|---|---|---|---|---|\n",
-        f(&w["swaps"]),
-        f(&w["seconds"]),
-        f(&w["requests"]),
-        f(&w["failed"]),
-        w["answers_by_version"]
-    ));
-    md.push_str(&row("steady state", &w["steady"]));
-    md.push_str(&row("inside swap windows", &w["in_swap_windows"]));
-    md.push_str(&format!(
-        "\np99 in swap windows / steady p99: {}.\n\n![timeline]({})\n\n",
-        f(&w["p99_swap_over_steady"]),
-        svg.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
-    ));
+    md.push_str(&section_http(r));
+    md.push_str(&section_mqtt(r));
+    md.push_str(&section_swap(r, svg));
     let p = &r["probation"];
     md.push_str(&format!(
         "## 3b. Serving on probation\n\nThe same model (digits@1 and digits@3 are the same file) served off probation and on probation (digits@3 replacing digits@1 with a 600 s window), alternated three times, 2 keep-alive clients, {} failed requests. The HTTP scoring of section 1 runs off probation.\n\n| | p50 µs | p99 µs | req/s | failed |\n|---|---|---|---|---|\n",
@@ -1375,6 +1769,9 @@ fn markdown(r: &Value, svg: &Path) -> String {
             f(&fl["resumed"]),
             fl["rss_per_device_kb"].as_f64().unwrap_or(0.0)
         ));
+        if let Some(svg) = fl["svg"].as_str() {
+            md.push_str(&format!("![fleet activation]({svg})\n\n"));
+        }
     }
     if let Some(h) = r.get("hardening") {
         md.push_str(
@@ -1429,4 +1826,77 @@ fn markdown(r: &Value, svg: &Path) -> String {
         md.push_str(&text);
     }
     md
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// wrk 4.1.0 (Debian) against a server answering every POST with 501.
+    const WRK_NON_2XX: &str = r#"Running 1s test @ http://127.0.0.1:18931/
+  1 threads and 2 connections
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency     3.72ms    2.50ms   9.19ms   54.10%
+    Req/Sec   541.45    135.37   797.00     81.82%
+  Latency Distribution
+     50%    3.92ms
+     75%    4.89ms
+     90%    7.90ms
+     99%    8.16ms
+  593 requests in 1.10s, 321.40KB read
+  Non-2xx or 3xx responses: 593
+Requests/sec:    538.75
+Transfer/sec:    292.00KB
+"#;
+
+    /// The same wrk against a server that closes every connection after at most one answer.
+    const WRK_SOCKET_ERRORS: &str = r#"Running 1s test @ http://127.0.0.1:18932/
+  1 threads and 1 connections
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency    53.98us  232.28us   3.90ms   97.51%
+    Req/Sec     8.53k     2.85k   11.79k    70.00%
+  Latency Distribution
+     50%   16.00us
+     75%   23.00us
+     90%   44.00us
+     99%    1.26ms
+  8472 requests in 1.00s, 330.94KB read
+  Socket errors: connect 0, read 16944, write 0, timeout 0
+Requests/sec:   8465.54
+Transfer/sec:    330.69KB
+"#;
+
+    #[test]
+    fn wrk_output_is_read_with_its_units_and_errors() {
+        let w = parse_wrk(WRK_NON_2XX).expect("parses");
+        assert_eq!(w.requests, 593);
+        assert!((w.seconds - 1.1).abs() < 1e-9, "{w:?}");
+        assert_eq!(w.per_s, 538.75);
+        assert_eq!((w.mean_us, w.p50_us, w.p99_us), (3720.0, 3920.0, 8160.0));
+        assert_eq!((w.non_2xx, w.socket_errors), (593, 0));
+        let s = w.series();
+        assert_eq!((s.n, s.failed, s.p99_us), (593, 593, 8160.0));
+
+        let w = parse_wrk(WRK_SOCKET_ERRORS).expect("parses");
+        assert_eq!((w.requests, w.non_2xx, w.socket_errors), (8472, 0, 16944));
+        assert_eq!((w.mean_us, w.p50_us, w.p99_us), (53.98, 16.0, 1260.0));
+        assert_eq!(w.per_s, 8465.54);
+
+        assert_eq!(wrk_duration_us("2.00m"), Some(120e6));
+        assert_eq!(wrk_duration_us("1.5s"), Some(1.5e6));
+        assert_eq!(wrk_duration_us("12"), None);
+        assert_eq!(wrk_duration_us("3.1xs"), None);
+    }
+
+    #[test]
+    fn wrk_output_without_latency_figures_is_an_error() {
+        // wrk run without --latency: no distribution to read p50 and p99 from.
+        let no_latency: String = WRK_NON_2XX
+            .lines()
+            .filter(|l| !l.trim_start().contains('%') || l.contains("Req/Sec"))
+            .collect::<Vec<_>>()
+            .join("\n");
+        assert!(parse_wrk(&no_latency).is_err(), "{no_latency}");
+        assert!(parse_wrk("unable to connect to 127.0.0.1:9 Connection refused").is_err());
+    }
 }

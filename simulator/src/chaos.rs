@@ -451,7 +451,6 @@ pub async fn run(spec: ChaosSpec) -> Result<Value, String> {
     let mut probes = 0u64;
     let mut next = 0usize;
     let end = spec.duration;
-    let quiet_from = end.saturating_sub(quiet(end));
     let mut restarts_due: Vec<(Duration, usize)> = Vec::new();
     let mut broker_back_at: Option<(Duration, usize, Duration)> = None;
     let mut registry_normal_at: Option<Duration> = None;
@@ -754,9 +753,23 @@ pub async fn run(spec: ChaosSpec) -> Result<Value, String> {
         std::fs::write(p, serde_json::to_vec_pretty(&report).map_err(|e| e.to_string())?).map_err(|e| e.to_string())?;
     }
     if let Some(p) = &spec.svg {
-        std::fs::write(p, timeline(&names, &seen_final, &happened, end, quiet_from)).map_err(|e| e.to_string())?;
+        std::fs::write(p, timeline_svg(&report)?).map_err(|e| format!("{}: {e}", p.display()))?;
     }
     Ok(report)
+}
+
+/// The timeline of a run (faults, the version each device served, restarts,
+/// the invariants) drawn from its report, as written by `--json`.
+pub fn timeline_svg(report: &Value) -> Result<String, String> {
+    let duration = Duration::from_secs(report["duration_s"].as_u64().unwrap_or(0));
+    crate::plot::chaos_timeline(report, duration.saturating_sub(quiet(duration)).as_secs_f64())
+}
+
+/// Draws the timeline of an earlier run from its JSON report into `svg`.
+pub fn replay_svg(json: &Path, svg: &Path) -> Result<(), String> {
+    let text = std::fs::read(json).map_err(|e| format!("{}: {e}", json.display()))?;
+    let report: Value = serde_json::from_slice(&text).map_err(|e| format!("{}: {e}", json.display()))?;
+    std::fs::write(svg, timeline_svg(&report)?).map_err(|e| format!("{}: {e}", svg.display()))
 }
 
 fn reg_spec(
@@ -973,90 +986,6 @@ fn print_report(r: &Value) {
         r["seq"]["duplicates"]
     );
     println!("{}", if r["ok"].as_bool().unwrap_or(false) { "chaos: every invariant held" } else { "chaos: FAILED" });
-}
-
-/// An SVG timeline: faults on top, then one lane per device coloured by the version its state named.
-fn timeline(
-    names: &[String],
-    seen: &BTreeMap<String, Seen>,
-    happened: &[Happened],
-    end: Duration,
-    quiet_from: Duration,
-) -> String {
-    let (w, lane, top) = (1000.0, 28.0, 90.0);
-    let total = end.as_secs_f64().max(1.0) * 1.2;
-    let x = |t: Duration| 120.0 + t.as_secs_f64() / total * (w - 140.0);
-    let colour = |v: &str| match v {
-        "digits@1" => "#4e79a7",
-        "digits@2" => "#59a14f",
-        "digits@3" => "#edc948",
-        "big@1" => "#b07aa1",
-        "none" => "#dddddd",
-        _ => "#e15759",
-    };
-    let height = top + lane * names.len() as f64 + 60.0;
-    let mut svg = format!(
-        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{height}\" font-family=\"sans-serif\" font-size=\"11\">\n\
-         <rect x=\"{:.1}\" y=\"10\" width=\"{:.1}\" height=\"{:.1}\" fill=\"#f4f4f4\"/>\n\
-         <text x=\"{:.1}\" y=\"22\">quiet: faults stopped</text>\n",
-        x(quiet_from),
-        x(end) - x(quiet_from),
-        height - 20.0,
-        x(quiet_from) + 4.0
-    );
-    let kinds: Vec<&str> = {
-        let mut k: Vec<&str> = happened.iter().map(|h| h.kind).collect();
-        k.sort();
-        k.dedup();
-        k
-    };
-    for h in happened {
-        let row = kinds.iter().position(|k| *k == h.kind).unwrap_or(0) as f64;
-        let y = 30.0 + row * (50.0 / kinds.len().max(1) as f64);
-        svg.push_str(&format!(
-            "<circle cx=\"{:.1}\" cy=\"{y:.1}\" r=\"3\" fill=\"#333\"><title>{:.1} s {}</title></circle>\n",
-            x(h.at),
-            h.at.as_secs_f64(),
-            h.what.replace('<', "&lt;").replace('"', "'")
-        ));
-    }
-    for (i, k) in kinds.iter().enumerate() {
-        let y = 33.0 + i as f64 * (50.0 / kinds.len().max(1) as f64);
-        svg.push_str(&format!("<text x=\"4\" y=\"{y:.1}\" font-size=\"8\">{k}</text>\n"));
-    }
-    for (i, n) in names.iter().enumerate() {
-        let y = top + i as f64 * lane;
-        svg.push_str(&format!("<text x=\"4\" y=\"{:.1}\">{n}</text>\n", y + 16.0));
-        let Some(s) = seen.get(n) else { continue };
-        for (j, (t, v)) in s.versions.iter().enumerate() {
-            let until = s.versions.get(j + 1).map_or(end + quiet(end) / 2, |(t2, _)| *t2);
-            svg.push_str(&format!(
-                "<rect x=\"{:.1}\" y=\"{y:.1}\" width=\"{:.1}\" height=\"20\" fill=\"{}\"><title>{v}</title></rect>\n",
-                x(*t),
-                (x(until) - x(*t)).max(1.0),
-                colour(v)
-            ));
-        }
-        for r in &s.restarts {
-            svg.push_str(&format!(
-                "<line x1=\"{0:.1}\" x2=\"{0:.1}\" y1=\"{y:.1}\" y2=\"{1:.1}\" stroke=\"#000\" stroke-width=\"1\"/>\n",
-                x(*r),
-                y + 20.0
-            ));
-        }
-    }
-    let ly = top + lane * names.len() as f64 + 20.0;
-    for (i, v) in ["digits@1", "digits@2", "digits@3", "big@1", "none", "other"].iter().enumerate() {
-        let lx = 120.0 + i as f64 * 120.0;
-        svg.push_str(&format!(
-            "<rect x=\"{lx}\" y=\"{ly}\" width=\"12\" height=\"12\" fill=\"{}\"/><text x=\"{}\" y=\"{}\">{v}</text>\n",
-            colour(v),
-            lx + 16.0,
-            ly + 10.0
-        ));
-    }
-    svg.push_str("</svg>\n");
-    svg
 }
 
 #[cfg(test)]

@@ -64,6 +64,24 @@ pub struct FleetReport {
     pub rss_after_mb: f64,
     pub rss_per_device_kb: f64,
     pub cpu_s: f64,
+    /// Seconds from publishing to each device's activation, sorted (the
+    /// activation curve; not in the JSON, which stays a summary).
+    #[serde(skip)]
+    pub active_at_s: Vec<f64>,
+    /// The same for the devices that ended failed.
+    #[serde(skip)]
+    pub failed_at_s: Vec<f64>,
+}
+
+impl FleetReport {
+    /// The activation curve as SVG: devices active over time after the group deployment.
+    pub fn activation_svg(&self) -> Result<String, String> {
+        let title = format!(
+            "One group deployment to {} devices: {} started late, {} went offline mid-download, {} downloads faulted",
+            self.devices, self.late_devices, self.offline_devices, self.downloads_faulted
+        );
+        crate::plot::fleet_activation(self.devices, &self.active_at_s, &self.failed_at_s, &title)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -88,6 +106,7 @@ struct Device {
     role: Role,
     seen: Seen,
     active_at: Option<Duration>,
+    failed_at: Option<Duration>,
     stop: Option<oneshot::Sender<()>>,
     /// The agent's task, awaited at the end so its store outlives it.
     task: Option<tokio::task::JoinHandle<()>>,
@@ -245,6 +264,7 @@ pub async fn run(spec: FleetSpec) -> Result<FleetReport, String> {
                 role,
                 seen: Seen::Nothing,
                 active_at: None,
+                failed_at: None,
                 stop: None,
                 task: None,
                 went_offline: false,
@@ -355,6 +375,9 @@ pub async fn run(spec: FleetSpec) -> Result<FleetReport, String> {
                 if now == Seen::Active && dev.active_at.is_none() {
                     dev.active_at = Some(t0.elapsed());
                 }
+                if now == Seen::Failed && dev.failed_at.is_none() {
+                    dev.failed_at = Some(t0.elapsed());
+                }
                 if now > dev.seen || now == Seen::Active {
                     dev.seen = now;
                 }
@@ -415,6 +438,13 @@ pub async fn run(spec: FleetSpec) -> Result<FleetReport, String> {
         rss_after_mb: rss_after,
         rss_per_device_kb: (rss_after - rss_before).max(0.0) * 1000.0 / spec.devices.max(1) as f64,
         cpu_s: cpu_s() - cpu_before,
+        active_at_s: times.clone(),
+        failed_at_s: {
+            let failed = devices.iter().filter(|d| d.seen == Seen::Failed).filter_map(|d| d.failed_at);
+            let mut t: Vec<f64> = failed.map(|t| t.as_secs_f64()).collect();
+            t.sort_by(f64::total_cmp);
+            t
+        },
     };
     // Stop the agents (each says `offline` and records its clean stop),
     // wait for them, then drop the scratch directory.

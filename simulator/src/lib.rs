@@ -7,6 +7,7 @@
 //! - [`demo`]: the one-command tour.
 //! - [`bench`]: Outpost side by side with its floors and peers, one run, ratios.
 //! - [`fleet`]: N agents in one process against a broker, one group deployment, a fault mix.
+//! - [`plot`]: the figures (SVG) of the bench, the fleet and the chaos soak.
 
 pub mod bench;
 pub mod broker;
@@ -14,6 +15,7 @@ pub mod chaos;
 pub mod demo;
 pub mod fleet;
 pub mod operator;
+pub mod plot;
 pub mod progress;
 pub mod registry;
 pub mod signing;

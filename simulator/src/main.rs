@@ -281,6 +281,11 @@ enum Command {
         /// An earlier release build of the agent, measured side by side (section 9).
         #[arg(long)]
         baseline_agent: Option<PathBuf>,
+        /// Run only these sections (comma-separated: http, mqtt, swap) and
+        /// print their report instead of writing the whole one (the swap
+        /// timeline SVG is still written next to --report).
+        #[arg(long, value_delimiter = ',', value_parser = clap::builder::PossibleValuesParser::new(outpost_sim::bench::SECTIONS))]
+        only: Vec<String>,
     },
     /// A seeded soak: real agent processes against Mosquitto and a registry
     /// under a reproducible schedule of faults (kills mid-install and
@@ -307,6 +312,9 @@ enum Command {
         /// Write a timeline of faults and versions per device (SVG) here.
         #[arg(long)]
         svg: Option<PathBuf>,
+        /// Run nothing: draw --svg from the JSON report of an earlier run (its --json).
+        #[arg(long, value_name = "REPORT.json", requires = "svg")]
+        replay: Option<PathBuf>,
         /// Where the devices, broker and registry live (default: a temporary directory).
         #[arg(long)]
         work_dir: Option<PathBuf>,
@@ -340,6 +348,9 @@ enum Command {
         /// Write the report as JSON here too.
         #[arg(long)]
         json: Option<PathBuf>,
+        /// Draw the activation curve (devices active over time) as SVG here.
+        #[arg(long)]
+        svg: Option<PathBuf>,
         /// Where the devices' stores go (default: a temporary directory, in /dev/shm if present).
         #[arg(long)]
         work_dir: Option<PathBuf>,
@@ -593,7 +604,13 @@ async fn run(command: Command) -> ExitCode {
             }
             ExitCode::SUCCESS
         }
-        Command::Chaos { duration, seed, devices, agent, json, svg, work_dir } => {
+        Command::Chaos { duration, seed, devices, agent, json, svg, replay, work_dir } => {
+            if let (Some(report), Some(svg)) = (&replay, &svg) {
+                return match outpost_sim::chaos::replay_svg(report, svg) {
+                    Ok(()) => ExitCode::SUCCESS,
+                    Err(e) => fail(EXIT_USAGE, &e),
+                };
+            }
             if devices == 0 {
                 return fail(EXIT_USAGE, "--devices must be at least 1");
             }
@@ -669,7 +686,7 @@ async fn run(command: Command) -> ExitCode {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => fail(EXIT_FAILED, &e),
         },
-        Command::Bench { agent, quick, report, peer_python, large_models, baseline_agent } => {
+        Command::Bench { agent, quick, report, peer_python, large_models, baseline_agent, only } => {
             let root = std::env::current_dir().unwrap_or_default();
             if !root.join("fixtures/digits-mlp.onnx").is_file() {
                 return fail(EXIT_USAGE, "run outpost-sim bench from the repository root (it uses fixtures/)");
@@ -682,8 +699,10 @@ async fn run(command: Command) -> ExitCode {
                 large_models,
                 root,
                 baseline_agent,
+                only: only.clone(),
             };
             match outpost_sim::bench::run(spec).await {
+                Ok(_) if !only.is_empty() => ExitCode::SUCCESS,
                 Ok(_) => {
                     println!("report: {}", report.display());
                     ExitCode::SUCCESS
@@ -691,7 +710,7 @@ async fn run(command: Command) -> ExitCode {
                 Err(e) => fail(EXIT_FAILED, &e),
             }
         }
-        Command::Fleet { devices, broker, flaky, late, offline, model, timeout, json, work_dir, seed } => {
+        Command::Fleet { devices, broker, flaky, late, offline, model, timeout, json, svg, work_dir, seed } => {
             for (what, v) in [("--flaky", flaky), ("--late", late), ("--offline", offline)] {
                 if !(0.0..=1.0).contains(&v) {
                     return fail(EXIT_USAGE, &format!("{what}: expected a share from 0 to 1, found {v}"));
@@ -723,6 +742,13 @@ async fn run(command: Command) -> ExitCode {
                         if let Err(e) = std::fs::write(&path, text + "\n") {
                             return fail(EXIT_FAILED, &format!("{}: {e}", path.display()));
                         }
+                    }
+                    if let Some(path) = svg
+                        && let Err(e) = report
+                            .activation_svg()
+                            .and_then(|s| std::fs::write(&path, s).map_err(|e| format!("{}: {e}", path.display())))
+                    {
+                        return fail(EXIT_FAILED, &e);
                     }
                     if report.active == report.devices { ExitCode::SUCCESS } else { ExitCode::from(EXIT_FAILED) }
                 }

@@ -81,7 +81,9 @@ fn a_small_fleet_converges_through_the_fault_mix() {
     let args = ["fleet", "--devices", "24", "--flaky", "0.3", "--late", "0.1", "--offline", "0.15", "--timeout", "60"];
     let mut args: Vec<&str> = args.to_vec();
     let json_arg = json.display().to_string();
-    args.extend(["--json", &json_arg]);
+    let svg = dir.path().join("fleet.svg");
+    let svg_arg = svg.display().to_string();
+    args.extend(["--json", &json_arg, "--svg", &svg_arg]);
     let (status, out) = sim_within(&args, std::time::Duration::from_secs(120));
     assert!(status.success(), "{out}");
     assert!(out.contains("active:                        24 of 24 (0 failed)"), "{out}");
@@ -91,6 +93,8 @@ fn a_small_fleet_converges_through_the_fault_mix() {
     assert!(report["downloads_faulted"].as_u64().unwrap_or(0) > 0, "the fault mix faulted nothing: {report}");
     assert!(report["offline_devices"].as_u64().unwrap_or(0) > 0 && report["late_devices"].as_u64().unwrap_or(0) > 0);
     assert!(report["t100_s"].as_f64().is_some(), "{report}");
+    let svg = std::fs::read_to_string(&svg).expect("the activation curve");
+    assert!(svg.contains("active (24 of 24)") && svg.contains("100 % at "), "{svg}");
 }
 
 /// The smoke of `outpost-sim bench`: every section runs against real
@@ -117,6 +121,7 @@ fn a_quick_bench_measures_every_section() {
     for section in [
         "## 1. Local HTTP scoring",
         "## 2. MQTT",
+        "## 2b. MQTT round trip on a default and on a tuned Mosquitto",
         "## 3. Hot swap",
         "## 4. Deployment",
         "## 5. Footprint",
@@ -129,8 +134,52 @@ fn a_quick_bench_measures_every_section() {
     assert_eq!(json["swap_under_load"]["failed"], 0, "{json}");
     assert!(json["http_scoring"]["outpost_sequential"]["p50_us"].as_f64().unwrap_or(0.0) > 0.0);
     assert!(json["mqtt"]["agent"]["n"].as_u64().unwrap_or(0) > 0);
+    for broker in ["default", "tuned"] {
+        for qos in ["qos0", "qos1"] {
+            let x = &json["mqtt_brokers"][broker][qos];
+            assert!(x["agent"]["n"].as_u64().unwrap_or(0) > 0 && x["echo"]["n"].as_u64().unwrap_or(0) > 0, "{json}");
+        }
+    }
+    // wrk beside our client when it is installed, a skipped line otherwise.
+    let wrk = &json["http_scoring"]["outpost_wrk"];
+    assert!(
+        wrk["1_connection"]["n"].as_u64().unwrap_or(0) > 0 || md.contains("wrk: not installed"),
+        "neither wrk figures nor a skipped line: {json}"
+    );
     assert_eq!(json["sha256"]["digests_agree"], true);
     assert!(json["deployment"][0]["timings_ms"]["load"].as_f64().unwrap_or(0.0) > 0.0, "{json}");
     assert!(md.contains("## Skipped") && md.contains("setup_peer.sh"), "{md}");
-    assert!(dir.path().join("bench-swap-timeline.svg").is_file());
+    let svg = std::fs::read_to_string(dir.path().join("bench-swap-timeline.svg")).expect("the swap timeline");
+    assert!(svg.contains("latency per 250 ms (ms)") && svg.contains("throughput (requests/s)"), "{svg}");
+    assert!(
+        std::fs::read_to_string(dir.path().join("bench-fleet-activation.svg"))
+            .is_ok_and(|s| s.contains("devices (count)"))
+    );
+}
+
+/// `chaos --replay`: the timeline drawn again from a run's JSON report, no
+/// processes started; a missing report is a usage error.
+#[test]
+fn the_chaos_timeline_is_drawn_again_from_a_report() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let json = dir.path().join("chaos.json");
+    let svg = dir.path().join("chaos.svg");
+    let report = serde_json::json!({
+        "ok": true, "seed": 3, "duration_s": 60, "faults_total": 1, "probes": 10, "settled_after_s": 2.0,
+        "happened": [{"at_s": 5.0, "kind": "sigkill", "what": "Kill"}],
+        "timeline": [{"device": "chaos-0", "versions": [[1.0, "digits@1"]], "restarts": [5.0]}],
+        "invariants": [{"invariant": "6 no panic in any log", "held": true, "violations": []}]
+    });
+    std::fs::write(&json, report.to_string()).expect("write the report");
+    let (json_arg, svg_arg) = (json.display().to_string(), svg.display().to_string());
+    let (code, err) = sim(&["chaos", "--replay", &json_arg, "--svg", &svg_arg]);
+    assert_eq!(code, 0, "{err}");
+    let text = std::fs::read_to_string(&svg).expect("the SVG");
+    for want in ["seed 3", "sigkill ×1", "chaos-0 (version served)", "held: 6 no panic in any log"] {
+        assert!(text.contains(want), "{want} missing");
+    }
+    let missing = dir.path().join("none.json").display().to_string();
+    let (code, err) = sim(&["chaos", "--replay", &missing, "--svg", &svg_arg]);
+    assert_eq!(code, 64, "{err}");
+    assert!(err.contains("none.json"), "{err}");
 }
