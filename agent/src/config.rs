@@ -122,7 +122,7 @@ pub const KEYS: &[Key] = &[
     live(key("shutdown_grace", "--shutdown-grace", "0 to 600 seconds", "10")),
     key("log.format", "--log-format", "text or json", "text"),
     live(key("log.level", "--log-level", "a filter like info or info,outpost_agent=debug", "info")),
-    key("mqtt.broker", "--broker", "mqtt://HOST[:PORT] or mqtts://HOST[:PORT]", ""),
+    key("mqtt.broker", "--broker", "mqtt://HOST[:PORT] or mqtts://HOST[:PORT] (tcp:// and ssl:// are the same)", ""),
     key("mqtt.client_id", "--client-id", "an MQTT client id (default outpost-DEVICE)", ""),
     key(
         "mqtt.reply_prefixes",
@@ -818,7 +818,7 @@ store_quota = "2GiB"
         let e = err("[mqtt]\nbroker = \"http://x\"\n").unwrap_err();
         assert_eq!(
             e.to_string(),
-            "x.toml:2: mqtt.broker = \"http://x\": expected mqtt://HOST[:PORT] or mqtts://HOST[:PORT]"
+            "x.toml:2: mqtt.broker = \"http://x\": expected mqtt://HOST[:PORT] or mqtts://HOST[:PORT] (tcp:// and ssl:// are the same)"
         );
         let e = err("[limits]\nstore_quota = \"lots\"\n").unwrap_err();
         assert!(e.to_string().starts_with("x.toml:2: limits.store_quota = \"lots\": expected a size"), "{e}");

@@ -31,7 +31,7 @@ fn bad_arguments_exit_64_with_the_reason() {
     let cases: &[(&[&str], &str)] = &[
         (
             &["run", "--broker", "http://x", "--device", "a", "--data-dir", d],
-            "--broker: mqtt.broker = \"http://x\": expected mqtt://HOST[:PORT] or mqtts://HOST[:PORT]",
+            "--broker: mqtt.broker = \"http://x\": expected mqtt://HOST[:PORT] or mqtts://HOST[:PORT] (tcp:// and ssl:// are the same)",
         ),
         (
             &["run", "--broker", "mqtt://x:1883", "--device", "a/b", "--data-dir", d],

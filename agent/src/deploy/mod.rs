@@ -193,6 +193,7 @@ impl Deployer {
                 );
             }
             record.revisions.clear();
+            record.desired.clear();
             dropped = record.pending.take();
         }
         record.signed_revisions = authority.trust.enforced();
@@ -336,7 +337,11 @@ impl Deployer {
         // again. (After the pending deployment resumed: it holds its topic's
         // highest revision itself.)
         for source in self.sources() {
-            if let Some(r) = self.record.revisions.get(&self.authority.key(source)) {
+            let key = self.authority.key(source);
+            if let Some(d) = self.record.desired.get(&key) {
+                self.reconciler.recall(source, d.clone());
+            }
+            if let Some(r) = self.record.revisions.get(&key) {
                 self.reconciler.remember(source, *r);
             }
         }
@@ -563,9 +568,14 @@ impl Deployer {
     /// Copies the source's highest revision into the record (persisted with
     /// what the decision writes next).
     fn remember_revision(&mut self, source: Source) {
+        let key = self.authority.key(source);
         if let Some(r) = self.reconciler.newest(source) {
-            self.record.revisions.insert(self.authority.key(source), r);
+            self.record.revisions.insert(key.clone(), r);
         }
+        match self.reconciler.desired_of(source) {
+            Some(d) => self.record.desired.insert(key, d.clone()),
+            None => self.record.desired.remove(&key),
+        };
     }
 
     /// `downgrade_refused` for a new desired state that would replace the

@@ -167,6 +167,21 @@ impl Reconciler {
         }
     }
 
+    /// What `source` asks for now, if anything.
+    pub fn desired_of(&self, source: Source) -> Option<&Deployment> {
+        self.desired.iter().find(|(s, _)| *s == source).map(|(_, d)| d)
+    }
+
+    /// Restores what `source` asked for before a restart (without making it
+    /// the target), so its retained replay is recognised, and a withdrawal
+    /// of a source above it falls back to it.
+    pub fn recall(&mut self, source: Source, d: Deployment) {
+        self.remember(source, d.revision);
+        if self.desired_of(source).is_none() {
+            self.desired.push((source, d));
+        }
+    }
+
     /// Restores the target after a restart, so replayed retained messages are `unchanged`.
     pub fn restore(&mut self, source: Source, d: Deployment) {
         self.remember(source, d.revision);

@@ -60,6 +60,13 @@ pub struct Record {
     /// configured is not carried into signed operation.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub signed_revisions: bool,
+    /// The desired deployment each topic holds now (same keys as
+    /// `revisions`; a withdrawal removes it): after a restart, a retained
+    /// replay is recognised as what its topic already asked for (not
+    /// refused as stale and forgotten, which lost the group a device falls
+    /// back to when its own override is withdrawn).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub desired: std::collections::BTreeMap<String, outpost_protocol::Deployment>,
     /// The groups `Source::Group(i)` indexes, as configured when written:
     /// a reordered or shortened group list is mapped by name at start.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

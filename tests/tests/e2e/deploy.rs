@@ -249,6 +249,37 @@ async fn an_empty_desired_state_undeploys_and_groups_apply_under_the_device_over
     assert_eq!(w.infer("none", digits_request(1)).await["code"], "no_model");
 }
 
+/// A restart between a device override and its withdrawal: the group's
+/// retained deployment replays with the revision the device already holds,
+/// which must be recognised as the group's desired state (not refused as
+/// stale and forgotten), so withdrawing the override still falls back to it.
+/// (Found with RabbitMQ; the same on Mosquitto: the device served nothing.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_restart_withdrawing_the_device_override_still_falls_back_to_the_group() {
+    let (broker, reg, _data, mut w, mut agent) = lab("dev5r", &["all"], &[]).await;
+    reg.register("digits-mlp.onnx", "digits", "1");
+    reg.register("digits-cnn.onnx", "digits", "2");
+    let (url, sha) = outpost_sim::operator::resolve_manifest(&reg.url, "digits", "1").await.unwrap();
+    let group = outpost_sim::operator::deployment("digits", "1", &url, &sha, None, None);
+    w.op.publish(&w.topics.group_desired("all"), group.to_json(), true).await.unwrap();
+    assert_eq!(w.events_until_final(&group.deployment_id).await.0.phase, Phase::Active);
+    assert_eq!(w.deploy(&reg, "digits", "2").await.0.phase, Phase::Active);
+
+    agent.kill_and_restart();
+    w.online().await;
+    // The group's retained deployment replays: not a stale refusal.
+    let ev = w.event(|e| e.deployment_id == group.deployment_id).await;
+    assert_eq!(ev.phase, Phase::Unchanged, "{ev:?}");
+    assert_eq!(w.infer("v2", digits_request(1)).await["model_version"], "2");
+
+    w.publish_desired(Vec::new()).await;
+    let ev = w.event(|e| e.deployment_id == group.deployment_id && e.phase.is_final()).await;
+    assert_eq!(ev.phase, Phase::Active, "{ev:?}");
+    let state = w.state(&broker, |s| s.active.is_some()).await;
+    assert_eq!(state.active.unwrap().version, "1");
+    assert_eq!(w.infer("v1", digits_request(1)).await["model_version"], "1");
+}
+
 /// The operator's commands as a user runs them: register, deploy --wait, infer.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_operator_cli_registers_deploys_and_infers() {
