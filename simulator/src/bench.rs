@@ -1554,7 +1554,7 @@ fn section_http(r: &Value) -> String {
     ));
     if let Some(w) = s.get("outpost_wrk") {
         md.push_str(&format!(
-            "wrk (`wrk -t N -c N -d T --latency`, a Lua script POSTing the same JSON body) is the load generator users run; its figures sit beside this benchmark's client for the same target. wrk req/s / our client's req/s: outpost {} with 1 connection, {} with 2{}.\n\n",
+            "wrk (`wrk -t N -c N -d T --latency`, a Lua script POSTing the same JSON body) is the load generator users run; its figures sit beside this benchmark's client for the same target (its failed column: answers other than 2xx/3xx and socket errors). wrk req/s / our client's req/s: outpost {} with 1 connection, {} with 2{}.\n\n",
             ratio(&w["1_connection"]["per_s"], &s["outpost_sequential"]["per_s"]),
             ratio(&w["2_connections"]["per_s"], &s["outpost_2_clients"]["per_s"]),
             match s.get("peer_wrk").filter(|w| w.is_object()) {

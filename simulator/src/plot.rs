@@ -93,7 +93,9 @@ pub fn swap_timeline(
     let mut p99 = Vec::new();
     let mut rps = Vec::new();
     for (i, v) in lat.iter_mut().enumerate() {
-        rps.push((mid(i), v.len() as f64 / bucket));
+        // The last bucket may be cut short by the end of the run.
+        let width = (seconds - i as f64 * bucket).clamp(bucket / 10.0, bucket);
+        rps.push((mid(i), v.len() as f64 / width));
         if v.is_empty() {
             continue;
         }
