@@ -1504,7 +1504,7 @@ fn bounds(r: &Value) -> String {
     md
 }
 
-const COMMANDS: &str = "## Reproduce\n\n```sh\napt-get install -y mosquitto            # the broker\ncargo build --release                    # the agent measured\nsimulator/bench/setup_peer.sh            # Azure ML's inference server + onnxruntime in simulator/bench/.venv\npython3 fixtures/make_large_models.py    # detector-sized and 10 MB models (numpy, onnx)\ncargo run --release -p outpost-sim -- bench --baseline-agent target/outpost-baseline   # an earlier release build, for section 9\ncargo run --release -p outpost-sim -- fleet --devices 1000 --broker mqtt://127.0.0.1:1883\n```\n\n";
+const COMMANDS: &str = "## Reproduce\n\n```sh\napt-get install -y mosquitto wrk        # the broker; wrk, the load generator beside our client (section 1)\ncargo build --release                    # the agent measured\nsimulator/bench/setup_peer.sh            # Azure ML's inference server + onnxruntime in simulator/bench/.venv\npython3 fixtures/make_large_models.py    # detector-sized and 10 MB models (numpy, onnx)\ncargo run --release -p outpost-sim -- bench --baseline-agent target/outpost-baseline   # an earlier release build, for section 9\ncargo run --release -p outpost-sim -- fleet --devices 1000 --broker mqtt://127.0.0.1:1883 --svg fleet-activation.svg\ncargo run --release -p outpost-sim -- bench --only http,mqtt,swap   # those sections alone, printed\n```\n\n";
 
 /// Section 1 of the report.
 fn section_http(r: &Value) -> String {
