@@ -84,6 +84,11 @@ impl Mosquitto {
     /// With `persistent`, sessions and retained messages survive a restart
     /// (written to the broker's directory when it stops).
     pub fn start_with(persistent: bool) -> Mosquitto {
+        Mosquitto::start_extra(persistent, "max_packet_size 16777216\n")
+    }
+
+    /// With `extra` configuration lines (e.g. a smaller `max_packet_size`).
+    pub fn start_extra(persistent: bool, extra: &str) -> Mosquitto {
         let dir = tempfile::tempdir().unwrap();
         let port = outpost_sim::broker::free_port().unwrap();
         let conf = dir.path().join("mosquitto.conf");
@@ -95,7 +100,7 @@ impl Mosquitto {
         } else {
             "persistence false\n".to_string()
         };
-        std::fs::write(&conf, format!("listener {port} 127.0.0.1\nallow_anonymous true\n{persistence}log_dest stderr\nmax_packet_size 16777216\nset_tcp_nodelay true\n")).unwrap();
+        std::fs::write(&conf, format!("listener {port} 127.0.0.1\nallow_anonymous true\n{persistence}log_dest stderr\n{extra}set_tcp_nodelay true\n")).unwrap();
         let mut m = Mosquitto { port, tls_port: None, child: None, dir };
         m.spawn();
         m
@@ -664,6 +669,7 @@ pub struct Lab {
     flags: Vec<String>,
     env: Vec<(String, String)>,
     models: Vec<(String, String, String)>,
+    broker_conf: Option<String>,
 }
 
 impl Lab {
@@ -694,9 +700,18 @@ impl Lab {
         self
     }
 
+    /// Extra Mosquitto configuration lines for this lab's broker.
+    pub fn broker_conf(mut self, conf: &str) -> Lab {
+        self.broker_conf = Some(conf.into());
+        self
+    }
+
     /// Starts everything; returns once the device says it is online.
     pub async fn start(self) -> (Mosquitto, Registry, tempfile::TempDir, Watcher, Agent) {
-        let broker = Mosquitto::start();
+        let broker = match &self.broker_conf {
+            Some(conf) => Mosquitto::start_extra(false, conf),
+            None => Mosquitto::start(),
+        };
         let reg = Registry::start().await;
         for (fixture_model, name, version) in &self.models {
             reg.register(fixture_model, name, version);

@@ -140,7 +140,7 @@ async fn replay(client: &Link, journal: &Arc<Mutex<Journal>>, max_packet_size: u
 
 async fn send(client: &Link, m: Outgoing, max_packet_size: usize) {
     // Fixed header + topic length prefix + packet id: keep a margin.
-    if m.payload.len() + m.topic.len() + 16 > max_packet_size {
+    if m.payload.len() + super::packet_overhead(&m.topic, m.correlation.as_deref()) > max_packet_size {
         tracing::error!(topic = %m.topic, bytes = m.payload.len(), max_packet_size, "message larger than the MQTT packet limit: not sent");
         return;
     }

@@ -228,7 +228,7 @@ pub(crate) fn publish_captures(
                 capture: crate::serve::Capture,
             }
             let payload = serde_json::to_vec(&Published { device: reporter.device(), capture }).unwrap_or_default();
-            if payload.len() + topic.len() + 16 > max_packet_size {
+            if payload.len() + crate::link::packet_overhead(&topic, None) > max_packet_size {
                 tracing::debug!(bytes = payload.len(), "capture over the packet limit: skipped");
                 continue;
             }

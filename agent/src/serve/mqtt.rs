@@ -58,14 +58,15 @@ pub async fn answer(
     .unwrap_or_default();
     // An answer over the packet limit would be dropped (or break the
     // connection): answer why instead.
-    if body.len() + topic.len() + 16 > max_packet {
+    let correlation = request.correlation().map(<[u8]>::to_vec);
+    let overhead = crate::link::packet_overhead(&topic, correlation.as_deref());
+    if body.len() + overhead > max_packet {
         let error = format!(
             "the answer is {} bytes, over the MQTT packet limit of {max_packet}: send a smaller batch, or use the HTTP endpoint",
             body.len()
         );
         body = serde_json::to_vec(&InferError { id: answer.id, error, code: ErrorCode::TooLarge }).unwrap_or_default();
     }
-    let correlation = request.correlation().map(<[u8]>::to_vec);
     out.send(Outgoing { topic, payload: body, retain: false, reliable: request.reliable(), correlation });
 }
 

@@ -127,6 +127,34 @@ async fn requests_sent_while_the_device_is_down_are_answered_when_it_returns() {
     }
 }
 
+/// Over MQTT 5 every answer carries properties (content type, payload
+/// format, echoed correlation data): an answer sized to the packet limit
+/// without them must not pass the agent's checks and then be refused by the
+/// client library, which drops the whole session. Requests whose answers
+/// land within those bytes of the limit, from a plain 3.1.1 client: the
+/// agent stays connected and keeps answering.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_near_the_packet_limit_never_cost_the_mqtt5_session() {
+    // The broker's limit is what the client library enforces (CONNACK).
+    let (_broker, reg, _data, mut w, agent) = Lab::device("dev25")
+        .flags(&["--mqtt-version", "5", "--max-packet-size", "65536"])
+        .broker_conf("max_packet_size 65536\n")
+        .start()
+        .await;
+    reg.register("digits-mlp.onnx", "digits", "1");
+    assert_eq!(w.deploy(&reg, "digits", "1").await.0.phase, Phase::Active);
+    for n in (65_536 - 420..65_536 - 60).step_by(6) {
+        let body = format!("{{\"id\":\"{}\",\"inputs\":[]}}", "a".repeat(n));
+        w.client.publish(&w.topics.infer("dev25"), body.into_bytes(), false).await.unwrap();
+    }
+    // Answered (or refused too_large) one by one; then a normal request.
+    assert_eq!(w.infer("after", digits_request(1)).await["model_version"], "1");
+    let url = format!("http://127.0.0.1:{}/metrics", agent.http_port);
+    let text = ureq::get(&url).call().unwrap().into_body().read_to_string().unwrap();
+    assert!(text.contains("outpost_mqtt_reconnects_total 0\n"), "the session was dropped:\n{text}");
+    assert!(text.contains("outpost_mqtt_connected 1\n"), "{text}");
+}
+
 /// Over MQTT 5, a request's response topic and correlation data are honoured:
 /// the answer goes where the client asked, carrying its correlation data.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
