@@ -346,7 +346,8 @@ impl Agent {
         a
     }
 
-    fn spawn(&mut self) {
+    /// Starts the agent process again (after [`Agent::kill`]).
+    pub fn spawn(&mut self) {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
         let child = Command::new(agent_binary())
             .args(&self.args)

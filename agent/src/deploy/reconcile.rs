@@ -51,6 +51,12 @@ pub struct Reconciler {
     newest: Vec<(Source, u64)>,
     /// What the agent is deploying or serving now (its source and deployment).
     target: Option<(Source, Deployment)>,
+    /// What each topic asked for before a restart: taken back as its
+    /// desired state only when the topic replays it (same deployment, same
+    /// revision, through the signature check in force now); a topic that
+    /// was withdrawn meanwhile replays nothing and stays withdrawn.
+    #[serde(default)]
+    recalled: Vec<(Source, Deployment)>,
 }
 
 fn same(a: &Deployment, b: &Deployment) -> bool {
@@ -79,6 +85,13 @@ impl Reconciler {
                         return Decision::Unchanged(d);
                     }
                     if d.revision <= newest {
+                        let recalled = self.recalled.iter().position(|(s, r)| *s == source && same(r, &d));
+                        if let Some(i) = recalled.filter(|_| d.revision == newest) {
+                            self.recalled.remove(i);
+                            self.desired.retain(|(s, _)| *s != source);
+                            self.desired.push((source, d.clone()));
+                            return self.apply_effective(Some(d));
+                        }
                         return Decision::Stale { deployment: d, newest };
                     }
                 }
@@ -172,13 +185,15 @@ impl Reconciler {
         self.desired.iter().find(|(s, _)| *s == source).map(|(_, d)| d)
     }
 
-    /// Restores what `source` asked for before a restart (without making it
-    /// the target), so its retained replay is recognised, and a withdrawal
-    /// of a source above it falls back to it.
+    /// Remembers what `source` asked for before a restart (not yet its
+    /// desired state, not the target): its retained replay is recognised as
+    /// such (not refused as stale), so a withdrawal of a source above it
+    /// falls back to it; without a replay nothing comes back.
     pub fn recall(&mut self, source: Source, d: Deployment) {
         self.remember(source, d.revision);
         if self.desired_of(source).is_none() {
-            self.desired.push((source, d));
+            self.recalled.retain(|(s, _)| *s != source);
+            self.recalled.push((source, d));
         }
     }
 
@@ -204,6 +219,25 @@ mod tests {
             .as_bytes(),
         )
         .unwrap()
+    }
+
+    #[test]
+    fn a_recalled_desired_state_returns_only_when_its_topic_replays_it() {
+        let (g, d) = (dep("g", 5, "1"), dep("d", 9, "2"));
+        let mut r = Reconciler::new();
+        r.restore(Source::Device, d.clone());
+        r.recall(Source::Group(0), g.clone());
+        // Not desired yet: withdrawing the device leaves nothing.
+        let mut withdrawn = r.clone();
+        assert_eq!(withdrawn.on_message(Source::Device, None), Decision::Undeploy);
+        // Replayed (same revision): shadowed, then the fallback.
+        assert_eq!(r.on_message(Source::Group(0), Some(g.clone())), Decision::Shadowed(g.clone()));
+        assert_eq!(r.on_message(Source::Device, None), Decision::Deploy(g.clone()));
+        // A different deployment at the recalled revision is still stale.
+        let mut other = Reconciler::new();
+        other.recall(Source::Group(0), g.clone());
+        let forged = dep("g-other", 5, "3");
+        assert!(matches!(other.on_message(Source::Group(0), Some(forged)), Decision::Stale { .. }));
     }
 
     #[test]

@@ -280,6 +280,33 @@ async fn after_a_restart_withdrawing_the_device_override_still_falls_back_to_the
     assert_eq!(w.infer("v1", digits_request(1)).await["model_version"], "1");
 }
 
+/// The other side of the restart: a group withdrawn while the device was
+/// down (its retained state cleared, so nothing replays) stays withdrawn:
+/// withdrawing the device's override afterwards undeploys, it does not
+/// bring back the group's old deployment from the device's record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_withdrawn_while_the_device_was_down_is_not_brought_back() {
+    let (broker, reg, _data, mut w, mut agent) = lab("dev5w", &["all"], &[]).await;
+    reg.register("digits-mlp.onnx", "digits", "1");
+    reg.register("digits-cnn.onnx", "digits", "2");
+    let (url, sha) = outpost_sim::operator::resolve_manifest(&reg.url, "digits", "1").await.unwrap();
+    let group = outpost_sim::operator::deployment("digits", "1", &url, &sha, None, None);
+    w.op.publish(&w.topics.group_desired("all"), group.to_json(), true).await.unwrap();
+    assert_eq!(w.events_until_final(&group.deployment_id).await.0.phase, Phase::Active);
+    assert_eq!(w.deploy(&reg, "digits", "2").await.0.phase, Phase::Active);
+
+    agent.kill();
+    w.op.publish(&w.topics.group_desired("all"), Vec::new(), true).await.unwrap();
+    agent.spawn();
+    w.online().await;
+    assert_eq!(w.infer("v2", digits_request(1)).await["model_version"], "2");
+    w.publish_desired(Vec::new()).await;
+    let ev = w.event(|e| e.phase.is_final() && e.phase != Phase::Unchanged).await;
+    assert_eq!(ev.phase, Phase::Undeployed, "{ev:?}");
+    let state = w.state(&broker, |s| s.active.is_none()).await;
+    assert!(state.active.is_none());
+}
+
 /// The operator's commands as a user runs them: register, deploy --wait, infer.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_operator_cli_registers_deploys_and_infers() {
