@@ -533,8 +533,10 @@ fn init_logging(json: bool, level: &str) -> LogHandle {
             registry.with(layer.json().event_format(format)).init();
         }
     } else {
-        let format = tracing_subscriber::fmt::format().with_target(false).with_ansi(std::io::stderr().is_terminal());
-        let layer = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+        // Colours only on a terminal: on the layer (span fields) and the format.
+        let ansi = std::io::stderr().is_terminal();
+        let format = tracing_subscriber::fmt::format().with_target(false).with_ansi(ansi);
+        let layer = tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_ansi(ansi);
         if journald {
             registry.with(layer.event_format(Prioritised(format.without_time()))).init();
         } else {

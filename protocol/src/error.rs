@@ -149,10 +149,14 @@ impl ProtocolError {
 
 /// Shows at most `max` characters of an offending value in an error message.
 pub fn excerpt(s: &str, max: usize) -> String {
+    // Control characters escaped: a quoted value cannot start a new log
+    // line (journald reads a `<N>` priority at the start of each) or move
+    // a terminal's cursor.
+    let shown = |c: char| if c.is_control() { c.escape_default().to_string() } else { c.to_string() };
     if s.chars().count() <= max {
-        format!("\"{s}\"")
+        format!("\"{}\"", s.chars().map(shown).collect::<String>())
     } else {
-        let cut: String = s.chars().take(max).collect();
+        let cut: String = s.chars().take(max).map(shown).collect();
         format!("\"{cut}...\" ({} bytes)", s.len())
     }
 }

@@ -43,8 +43,16 @@ where
     F: FormatEvent<S, N>,
 {
     fn format_event(&self, ctx: &FmtContext<'_, S, N>, mut writer: Writer<'_>, event: &Event<'_>) -> std::fmt::Result {
-        write!(writer, "<{}>", priority(event.metadata().level()))?;
-        self.0.format_event(ctx, writer, event)
+        // Every line of the event gets the prefix: journald reads one at the
+        // start of each line, so a newline inside a message (from a field an
+        // outsider chose) must not let the next line claim its own priority.
+        let mut text = String::new();
+        self.0.format_event(ctx, Writer::new(&mut text), event)?;
+        let p = priority(event.metadata().level());
+        for line in text.strip_suffix('\n').unwrap_or(&text).split('\n') {
+            writeln!(writer, "<{p}>{line}")?;
+        }
+        Ok(())
     }
 }
 
@@ -77,14 +85,18 @@ mod tests {
             .with_max_level(Level::DEBUG)
             .finish();
         tracing::subscriber::with_default(subscriber, || {
-            tracing::error!("e");
+            tracing::error!("e\n<0>forged");
             tracing::warn!(topic = "t", "w");
             tracing::info!("i");
             tracing::debug!("d");
         });
         let text = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
         let lines: Vec<&str> = text.lines().collect();
-        assert_eq!(lines, ["<3>ERROR e", "<4> WARN w topic=\"t\"", "<6> INFO i", "<7>DEBUG d"], "{text}");
+        assert_eq!(
+            lines,
+            ["<3>ERROR e", "<3><0>forged", "<4> WARN w topic=\"t\"", "<6> INFO i", "<7>DEBUG d"],
+            "{text}"
+        );
     }
 
     #[test]

@@ -81,6 +81,9 @@ async fn the_local_http_endpoint_speaks_open_inference_protocol_v2() {
     assert!(text.contains("outpost_inference_latency_seconds_count 2\n"), "{text}");
     assert!(text.contains("outpost_inference_queue_depth 0\n") && text.contains("outpost_inference_in_flight 0\n"));
     assert!(text.contains("outpost_model_load_seconds "), "{text}");
+    // A log file gets no terminal colour codes (span fields included).
+    let log = std::fs::read_to_string(&agent.log).unwrap();
+    assert!(log.contains("deployment{") && !log.contains('\u{1b}'), "{log}");
 }
 
 /// `/metrics` as Prometheus users expect it: labelled counters, the
