@@ -206,6 +206,7 @@ impl Agent {
             reconnects: reconnects.clone(),
             journal: journal.clone(),
             store: store.clone(),
+            last_journal: Default::default(),
         }));
         let publisher = tokio::spawn(crate::link::publisher::publish(
             link.clone(),
@@ -585,6 +586,9 @@ struct LinkMetrics {
     reconnects: Arc<std::sync::atomic::AtomicU64>,
     journal: Arc<Mutex<Journal>>,
     store: Arc<Store>,
+    /// The journal's figures at the last scrape that found it free: a
+    /// scrape never waits on a journal rewrite (it runs on a runtime worker).
+    last_journal: Mutex<(usize, u64, u64)>,
 }
 
 impl crate::serve::metrics::Source for LinkMetrics {
@@ -593,10 +597,12 @@ impl crate::serve::metrics::Source for LinkMetrics {
         out.single("outpost_mqtt_connected", "gauge", "1 while the MQTT session is up.", connected);
         let reconnects = self.reconnects.load(std::sync::atomic::Ordering::Relaxed);
         out.single("outpost_mqtt_reconnects_total", "counter", "MQTT reconnections since start.", reconnects);
-        let (events, bytes, dropped) = {
-            let j = self.journal.lock().unwrap_or_else(|p| p.into_inner());
-            (j.len(), j.bytes(), j.dropped)
-        };
+        let mut last = self.last_journal.lock().unwrap_or_else(|p| p.into_inner());
+        if let Ok(j) = self.journal.try_lock() {
+            *last = (j.len(), j.bytes(), j.dropped);
+        }
+        let (events, bytes, dropped) = *last;
+        drop(last);
         out.single(
             "outpost_journal_events",
             "gauge",

@@ -357,6 +357,9 @@ impl Layers {
             None | Some("off") | Some("") => None,
             Some(s) => Some(s.parse().map_err(|_| r.error("metrics.bind", ""))?),
         };
+        if metrics_bind.is_some() && metrics_bind == http_bind {
+            return Err(r.error("metrics.bind", "an address other than http.bind's (it serves /metrics there already)"));
+        }
         let settings = Settings {
             metrics_bind,
             device,
@@ -826,6 +829,11 @@ store_quota = "2GiB"
         assert!(e.to_string().starts_with("x.toml:1: device = \"a/b\": expected a device id"), "{e}");
         let e = err("[http]\nbind = \"localhost\"\n").unwrap_err();
         assert!(e.to_string().contains("expected IP:PORT"), "{e}");
+        let e = err("[http]\nbind = \"127.0.0.1:9000\"\n[metrics]\nbind = \"127.0.0.1:9000\"\n").unwrap_err();
+        assert!(
+            e.to_string().contains("metrics.bind = \"127.0.0.1:9000\": expected an address other than http.bind's"),
+            "{e}"
+        );
         let e = err("mqtt.persistent_session = \"yes\"\n").unwrap_err();
         assert_eq!(e.key, "mqtt.persistent_session");
         let e = err("tls.client_cert = \"c.pem\"\n").unwrap_err();

@@ -228,7 +228,10 @@ async fn infer(
 ) -> Response {
     let model = match find(&engine, &name, version.as_deref()) {
         Ok(m) => m,
-        Err(r) => return r.into_response(),
+        Err(r) => {
+            engine.count_refusal(ErrorCode::NoModel, Transport::Http);
+            return r.into_response();
+        }
     };
     let headers = request.headers();
     let binary_header = match headers.get(outpost_protocol::binary::HEADER) {

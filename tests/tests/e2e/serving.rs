@@ -73,7 +73,11 @@ async fn the_local_http_endpoint_speaks_open_inference_protocol_v2() {
     let (status, metrics) = http("GET", format!("{base}/metrics"), None).await;
     assert_eq!(status, 200);
     let text = metrics.as_str().unwrap();
-    assert!(text.contains("outpost_inference_requests_total{transport=\"http\",model=\"digits\"} 4\n"), "{text}");
+    // Every request counted, those naming a model not served here too
+    // (no_model: the one before the deployment, version 7, "other").
+    assert!(text.contains("outpost_inference_requests_total{transport=\"http\",model=\"digits\"} 6\n"), "{text}");
+    assert!(text.contains("outpost_inference_requests_total{transport=\"http\",model=\"\"} 1\n"), "{text}");
+    assert!(text.contains("outpost_inference_errors_total{transport=\"http\",code=\"no_model\"} 3\n"), "{text}");
     assert!(text.contains("outpost_inference_errors_total{transport=\"http\",code=\"bad_input\"} 2\n"), "{text}");
     assert!(text.contains("outpost_model_info{name=\"digits\",version=\"1\",manifest_sha256=\""), "{text}");
     // Two answered requests: both in the histogram, the +Inf bucket equal to the count.
