@@ -59,6 +59,46 @@ impl std::fmt::Display for ConfigError {
     }
 }
 
+/// A value as TOML writes it (check-config's output parses as TOML again):
+/// the `toml` crate is built without its writer, which this agent needs
+/// only for these one-line values.
+fn toml_text(v: &toml::Value) -> String {
+    match v {
+        toml::Value::String(s) => {
+            let mut out = String::with_capacity(s.len() + 2);
+            out.push('"');
+            for c in s.chars() {
+                match c {
+                    '"' => out.push_str("\\\""),
+                    '\\' => out.push_str("\\\\"),
+                    '\n' => out.push_str("\\n"),
+                    '\t' => out.push_str("\\t"),
+                    '\r' => out.push_str("\\r"),
+                    c if c.is_control() => out.push_str(&format!("\\u{:04X}", c as u32)),
+                    c => out.push(c),
+                }
+            }
+            out.push('"');
+            out
+        }
+        toml::Value::Integer(i) => i.to_string(),
+        toml::Value::Float(f) if f.is_nan() => "nan".into(),
+        toml::Value::Float(f) if f.is_infinite() => if *f > 0.0 { "inf" } else { "-inf" }.into(),
+        toml::Value::Float(f) if f.fract() == 0.0 && f.abs() < 1e15 => format!("{f:.1}"),
+        toml::Value::Float(f) => f.to_string(),
+        toml::Value::Boolean(b) => b.to_string(),
+        toml::Value::Datetime(d) => d.to_string(),
+        toml::Value::Array(a) => format!("[{}]", a.iter().map(toml_text).collect::<Vec<_>>().join(", ")),
+        toml::Value::Table(t) => format!(
+            "{{ {} }}",
+            t.iter()
+                .map(|(k, v)| format!("{} = {}", toml_text(&toml::Value::String(k.clone())), toml_text(v)))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    }
+}
+
 /// The 1-based line and column of a byte offset of `text`.
 fn line_col(text: &str, offset: usize) -> (usize, usize) {
     let before = &text[..offset.min(text.len())];
@@ -249,7 +289,7 @@ impl Layers {
         for (k, v) in flat {
             // Errors about a key name the line it is set on.
             let origin = line_of(text, &k).map_or_else(|| file.clone(), |n| format!("{file}:{n}"));
-            known_key(&k, &v.to_string(), &origin)?;
+            known_key(&k, &toml_text(&v), &origin)?;
             self.entries.insert(k, Entry { value: v, origin });
         }
         self.files.push(path.to_path_buf());
@@ -458,7 +498,7 @@ impl Layers {
                 Some(e) if k.name == "mqtt.broker" => {
                     (format!("{:?}", crate::sys::redact_url(e.value.as_str().unwrap_or_default())), e.origin.as_str())
                 }
-                Some(e) => (e.value.to_string(), e.origin.as_str()),
+                Some(e) => (toml_text(&e.value), e.origin.as_str()),
                 None if k.default.is_empty() => continue,
                 None => (default_literal(k), "default"),
             };
@@ -566,7 +606,7 @@ impl Resolver<'_> {
                 Some(e) if key == "mqtt.broker" => {
                     format!("{:?}", crate::sys::redact_url(e.value.as_str().unwrap_or_default()))
                 }
-                Some(e) => e.value.to_string(),
+                Some(e) => toml_text(&e.value),
                 None => "(not set)".into(),
             },
             expected: if expected.is_empty() {
@@ -801,6 +841,17 @@ store_quota = "2GiB"
         // What is shown parses as TOML again.
         let reparsed: toml::Table = shown.parse().unwrap();
         assert!(reparsed.contains_key("mqtt"));
+    }
+
+    #[test]
+    fn values_are_shown_as_toml_that_parses_back() {
+        let doc = "s = \"a\\\"b\\\\c\\n\\u0001é\"\ni = -3\nf = 2.5\ng = 3.0\nb = true\na = [\"x\", 1]\nt = { k = 1 }\n";
+        let table: toml::Table = doc.parse().unwrap();
+        for (k, v) in &table {
+            let shown = format!("{k} = {}", toml_text(v));
+            let back: toml::Table = shown.parse().unwrap_or_else(|e| panic!("{shown}: {e}"));
+            assert_eq!(&back[k], v, "{shown}");
+        }
     }
 
     #[test]
