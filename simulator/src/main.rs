@@ -400,7 +400,13 @@ fn main() -> ExitCode {
     });
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    // `fleet` runs hundreds of agents in this one process, and each runs its
+    // deployment pipeline on a blocking thread that waits for its deployer
+    // task, which persists its record on another blocking thread: past
+    // tokio's default of 512 blocking threads every pipeline waited for a
+    // thread none would give back (1000 devices: 513 stuck downloading, 0
+    // active). A device runs one agent and needs a few.
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().max_blocking_threads(8192).build() {
         Ok(r) => r,
         Err(e) => {
             eprintln!("outpost-sim: {e}");
