@@ -332,10 +332,22 @@ pub async fn run(spec: FleetSpec) -> Result<FleetReport, String> {
             let (stop, task) = start_agent(&devices[i].id, &group, &broker, &stores);
             (devices[i].stop, devices[i].task) = (Some(stop), Some(task));
         }
+        let mut postponed = Vec::new();
         while restarts.first().is_some_and(|(at, _)| Instant::now() >= *at) {
             let (_, i) = restarts.remove(0);
+            // A device comes back once its previous run has ended, as a real
+            // one does: two runs on one store would race on its record (the
+            // old run's install marker read by the new one as a crash).
+            if devices[i].task.as_ref().is_some_and(|t| !t.is_finished()) {
+                postponed.push((Instant::now() + Duration::from_millis(200), i));
+                continue;
+            }
             let (stop, task) = start_agent(&devices[i].id, &group, &broker, &stores);
             (devices[i].stop, devices[i].task) = (Some(stop), Some(task));
+        }
+        if !postponed.is_empty() {
+            restarts.extend(postponed);
+            restarts.sort();
         }
         if let Some(m) = observer.next(Duration::from_millis(50)).await {
             observed += 1;
