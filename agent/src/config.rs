@@ -113,16 +113,53 @@ fn line_col(text: &str, offset: usize) -> (usize, usize) {
 fn line_of(text: &str, key: &str) -> Option<usize> {
     let bare =
         |s: &str| s.split('.').map(|p| p.trim().trim_matches('"').trim_matches('\'')).collect::<Vec<_>>().join(".");
+    // Brackets opened minus closed outside quoted strings.
+    let depth = |s: &str| {
+        let (mut d, mut quote) = (0i32, None);
+        for c in s.chars() {
+            match (quote, c) {
+                (None, '"' | '\'') => quote = Some(c),
+                (Some(q), c) if c == q => quote = None,
+                (None, '[') => d += 1,
+                (None, ']') => d -= 1,
+                (None, '#') => break,
+                _ => {}
+            }
+        }
+        d
+    };
     let mut section = String::new();
+    // Inside a multi-line string (its closing delimiter) or array (its depth):
+    // lines there are values, not keys.
+    let (mut string_ends, mut array) = (None::<&str>, 0i32);
     for (i, line) in text.lines().enumerate() {
         let line = line.trim();
-        if let Some(h) = line.strip_prefix('[').filter(|h| !h.starts_with('[')) {
+        if let Some(delim) = string_ends {
+            if line.contains(delim) {
+                string_ends = None;
+            }
+            continue;
+        }
+        if array > 0 {
+            array += depth(line);
+            continue;
+        }
+        if line.starts_with('#') {
+            continue;
+        }
+        if let Some(h) = line.strip_prefix('[') {
+            let h = h.strip_prefix('[').unwrap_or(h);
             section = bare(h.split(']').next().unwrap_or_default());
             continue;
         }
-        let Some((k, _)) = line.split_once('=') else { continue };
-        if line.starts_with('#') {
-            continue;
+        let Some((k, value)) = line.split_once('=') else { continue };
+        for delim in ["\"\"\"", "\'\'\'"] {
+            if value.matches(delim).count() % 2 == 1 {
+                string_ends = Some(delim);
+            }
+        }
+        if string_ends.is_none() && value.trim_start().starts_with('[') {
+            array = depth(value).max(0);
         }
         let k = bare(k);
         let full = if section.is_empty() { k } else { format!("{section}.{k}") };
@@ -841,6 +878,14 @@ store_quota = "2GiB"
         // What is shown parses as TOML again.
         let reparsed: toml::Table = shown.parse().unwrap();
         assert!(reparsed.contains_key("mqtt"));
+    }
+
+    #[test]
+    fn lines_inside_multi_line_strings_and_arrays_are_not_keys() {
+        let doc = "[mqtt]\npassword = \"\"\"\nkeep_alive = 1\n\"\"\"\nreply_prefixes = [\n  \"keep_alive = 2\",\n]\nkeep_alive = 3\n";
+        assert_eq!(line_of(doc, "mqtt.keep_alive"), Some(8));
+        assert_eq!(line_of(doc, "mqtt.reply_prefixes"), Some(5));
+        assert_eq!(line_of("[[x]]\nk = 1\n[mqtt]\n# keep_alive = 9\nkeep_alive = 2\n", "mqtt.keep_alive"), Some(5));
     }
 
     #[test]
