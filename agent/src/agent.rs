@@ -62,8 +62,25 @@ pub enum AgentError {
     DataDir { dir: PathBuf, source: std::io::Error },
     #[error("HTTP endpoint {addr}: {source} (choose another address with --http-bind IP:PORT, or --http-bind off)")]
     HttpBind { addr: std::net::SocketAddr, source: std::io::Error },
+    #[error("metrics endpoint {addr}: {source} (choose another metrics.bind address, or leave it unset)")]
+    MetricsBind { addr: std::net::SocketAddr, source: std::io::Error },
     #[error("MQTT over TLS: {0}")]
     Tls(String),
+}
+
+impl AgentError {
+    /// An error no restart can fix: the configuration names an address this
+    /// host does not have or a port the agent may not bind (systemd's
+    /// `RestartPreventExitStatus=64` then stops the unit). An address in
+    /// use is not: the previous instance may still be letting it go.
+    pub fn is_configuration(&self) -> bool {
+        match self {
+            AgentError::HttpBind { source, .. } | AgentError::MetricsBind { source, .. } => {
+                matches!(source.kind(), std::io::ErrorKind::AddrNotAvailable | std::io::ErrorKind::PermissionDenied)
+            }
+            _ => false,
+        }
+    }
 }
 
 /// Runs the agent until `shutdown` completes; `reload` delivers new live
@@ -190,7 +207,7 @@ impl Agent {
                 }
                 Err(source) => {
                     deployer.clean_exit().await;
-                    return Err(AgentError::HttpBind { addr, source });
+                    return Err(AgentError::MetricsBind { addr, source });
                 }
             }
         }

@@ -181,7 +181,7 @@ struct RunArgs {
     /// Same as --log-format json.
     #[arg(long)]
     log_json: bool,
-    /// [log.level] Log filter, e.g. info or info,outpost_agent=debug (OUTPOST_LOG wins).
+    /// [log.level] Log filter, e.g. info or info,outpost_agent=debug (wins over OUTPOST_LOG, which wins over the files).
     #[arg(long)]
     log_level: Option<String>,
 }
@@ -286,7 +286,7 @@ fn main() -> ExitCode {
     let (layers, settings, config) = match configure(&args) {
         Ok(c) => c,
         Err(msg) => {
-            eprintln!("outpost: {msg}");
+            fatal(&msg);
             return ExitCode::from(EXIT_USAGE);
         }
     };
@@ -314,9 +314,21 @@ fn main() -> ExitCode {
     match ran {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("outpost: {e}");
-            ExitCode::FAILURE
+            fatal(&e.to_string());
+            // A setting that can never work (an address this host does not
+            // have, a port it may not bind) stops the unit like any other
+            // configuration error instead of restarting it every 2 s.
+            if e.is_configuration() { ExitCode::from(EXIT_USAGE) } else { ExitCode::FAILURE }
         }
+    }
+}
+
+/// Why the agent stops, on stderr; under journald as an error (`<3>`), so
+/// `journalctl -p warning` shows it beside the warnings before it.
+fn fatal(message: &str) {
+    let prefix = if outpost_agent::sys::journald::stderr_is_journal() { "<3>" } else { "" };
+    for line in message.lines() {
+        eprintln!("{prefix}outpost: {line}");
     }
 }
 

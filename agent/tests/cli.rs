@@ -130,3 +130,27 @@ fn help_exits_0() {
     assert_eq!(outpost(&["--help"]).0, 0);
     assert_eq!(outpost(&["--version"]).0, 0);
 }
+
+/// An address the host does not have is a configuration error (64: systemd
+/// stops instead of restarting every 2 s), and under journald the reason is
+/// logged as an error (`<3>`), so `journalctl -p warning` shows why it stopped.
+#[test]
+fn an_address_this_host_does_not_have_exits_64_as_an_error_under_journald() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let log = dir.path().join("stderr.log");
+    let file = std::fs::File::create(&log).expect("log file");
+    let meta = file.metadata().expect("stat");
+    let status = Command::new(env!("CARGO_BIN_EXE_outpost"))
+        .args(["run", "--device", "b1", "--broker", "mqtt://127.0.0.1:9", "--http-bind", "192.0.2.1:8080"])
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .env("JOURNAL_STREAM", format!("{}:{}", meta.dev(), meta.ino()))
+        .env_remove("OUTPOST_CONFIG")
+        .stderr(file)
+        .status()
+        .expect("run outpost");
+    let text = std::fs::read_to_string(&log).expect("read log");
+    assert_eq!(status.code(), Some(64), "{text}");
+    assert!(text.contains("<3>outpost: HTTP endpoint 192.0.2.1:8080:"), "{text}");
+}
