@@ -33,7 +33,10 @@ Exit codes:
   64  usage: a bad flag, or a key, certificate or TLS file that cannot be used
   69  unavailable: the broker or registry cannot be reached, or not every device
       finished within --timeout (the retained desired state stays published)
-With several devices (--group --expect N), 1 wins over 3.";
+  A version the registry does not have (HTTP 4xx) or a file that is not a
+  manifest is a usage error (64). With several devices (--group --expect N),
+  1 wins over 69, and 69 over 3; verdicts that arrived before a timeout are
+  printed.";
 
 #[derive(Parser, Debug)]
 #[command(name = "outpost-sim", version, about = "Outpost's operator side and lab")]
@@ -482,9 +485,12 @@ async fn run(command: Command) -> ExitCode {
                 Err(e) => return fail(EXIT_USAGE, &e),
             };
             let (name, version) = model;
-            let (url, sha) = match operator::resolve_manifest(&registry_url, &name, &version).await {
+            let lookup =
+                operator::lookup_manifest(&registry_url, &name, &version, Duration::from_secs(timeout.min(60)));
+            let (url, sha) = match lookup.await {
                 Ok(x) => x,
-                Err(e) => return fail(EXIT_UNAVAILABLE, &e),
+                Err(e) if e.permanent => return fail(EXIT_USAGE, &e.message),
+                Err(e) => return fail(EXIT_UNAVAILABLE, &e.message),
             };
             let mut d = operator::deployment(&name, &version, &url, &sha, revision, deployment_id);
             if allow_downgrade {
@@ -526,16 +532,15 @@ async fn run(command: Command) -> ExitCode {
                 &d.deployment_id,
                 expect,
                 Duration::from_secs(timeout),
+                device.is_some() && signer.is_none(),
                 |ev| progress.event(ev),
             )
             .await;
             progress.finish();
-            let finals = match result {
-                Ok(finals) => finals,
-                Err(e) => {
-                    op.disconnect().await;
-                    return fail(EXIT_UNAVAILABLE, &e);
-                }
+            // A timeout still reports (and is judged by) the verdicts that arrived.
+            let (finals, timed_out) = match result {
+                Ok(finals) => (finals, None),
+                Err((finals, e)) => (finals, Some(e)),
             };
             let mut code = ExitCode::SUCCESS;
             let mut failed = false;
@@ -578,6 +583,12 @@ async fn run(command: Command) -> ExitCode {
                             code = ExitCode::from(EXIT_NOT_APPLIED);
                         }
                     }
+                }
+            }
+            if let Some(e) = timed_out {
+                eprintln!("outpost-sim: {e}");
+                if !failed {
+                    code = ExitCode::from(EXIT_UNAVAILABLE);
                 }
             }
             op.disconnect().await;

@@ -154,18 +154,59 @@ impl Operator {
 /// Looks up a registered version over HTTP (or file://) and returns its
 /// manifest URL and the sha256 of the manifest bytes.
 pub async fn resolve_manifest(registry_url: &str, name: &str, version: &str) -> Result<(String, String), String> {
+    lookup_manifest(registry_url, name, version, Duration::from_secs(30)).await.map_err(|e| e.message)
+}
+
+/// Why a manifest could not be looked up: `permanent` when asking again
+/// cannot help (no such version: a 4xx; not a manifest), else the registry
+/// could not be reached or did not answer within the time given.
+#[derive(Debug)]
+pub struct LookupError {
+    pub permanent: bool,
+    pub message: String,
+}
+
+/// [`resolve_manifest`], bounded by `timeout` as a whole (a registry that
+/// accepts the connection and never answers does not hang the command).
+pub async fn lookup_manifest(
+    registry_url: &str,
+    name: &str,
+    version: &str,
+    timeout: Duration,
+) -> Result<(String, String), LookupError> {
     let url = format!("{}/{name}/{version}/manifest.json", registry_url.trim_end_matches('/'));
     let u = url.clone();
-    let bytes = tokio::task::spawn_blocking(move || -> Result<Vec<u8>, String> {
+    let transient = |message: String| LookupError { permanent: false, message };
+    let bytes = tokio::task::spawn_blocking(move || -> Result<Vec<u8>, LookupError> {
         if let Some(path) = u.strip_prefix("file://") {
-            return std::fs::read(path).map_err(|e| format!("{u}: {e}"));
+            return std::fs::read(path).map_err(|e| LookupError {
+                permanent: e.kind() == std::io::ErrorKind::NotFound,
+                message: format!("{u}: {e}"),
+            });
         }
-        let resp = ureq::get(&u).call().map_err(|e| format!("{u}: {e}"))?;
-        resp.into_body().with_config().limit(1 << 20).read_to_vec().map_err(|e| format!("{u}: {e}"))
+        let agent: ureq::Agent = ureq::Agent::config_builder().timeout_global(Some(timeout)).build().into();
+        let resp = agent.get(&u).call().map_err(|e| match e {
+            ureq::Error::StatusCode(status) if (400..500).contains(&status) && status != 408 && status != 429 => {
+                LookupError {
+                    permanent: true,
+                    message: format!("{u}: HTTP {status}: no such model version in this registry?"),
+                }
+            }
+            ureq::Error::Timeout(_) => {
+                LookupError { permanent: false, message: format!("{u}: no answer within {} s", timeout.as_secs()) }
+            }
+            e => LookupError { permanent: false, message: format!("{u}: {e}") },
+        })?;
+        resp.into_body()
+            .with_config()
+            .limit(1 << 20)
+            .read_to_vec()
+            .map_err(|e| LookupError { permanent: false, message: format!("{u}: {e}") })
     })
     .await
-    .map_err(|e| e.to_string())??;
-    outpost_protocol::Manifest::from_json(&bytes).map_err(|e| format!("{url}: {e}"))?;
+    .map_err(|e| transient(e.to_string()))??;
+    outpost_protocol::Manifest::from_json(&bytes)
+        .map_err(|e| LookupError { permanent: true, message: format!("{url}: not a manifest: {e}") })?;
     Ok((url, crate::registry::sha256(&bytes)))
 }
 
@@ -211,32 +252,42 @@ pub async fn wait_for_outcome(
     timeout: Duration,
     verbose: bool,
 ) -> Result<Vec<DeploymentEvent>, String> {
-    wait_for_outcome_with(op, deployment_id, expect, timeout, |ev| {
+    wait_for_outcome_with(op, deployment_id, expect, timeout, false, |ev| {
         if verbose {
             print_event(ev)
         }
     })
     .await
+    .map_err(|(_, e)| e)
 }
 
 /// [`wait_for_outcome`], handing every event of the deployment (and every
-/// refusal that names no deployment) to `on_event` as it comes.
+/// refusal that names no deployment) to `on_event` as it comes. With
+/// `unsigned_refusals_final` (an unsigned deployment to one device), that
+/// device refusing an unverified desired state (`signature_required` or
+/// `signature_invalid`, under no deployment id) ends the wait as its
+/// verdict. On a timeout, the error comes with the verdicts that did arrive.
 pub async fn wait_for_outcome_with(
     op: &mut Operator,
     deployment_id: &str,
     expect: usize,
     timeout: Duration,
+    unsigned_refusals_final: bool,
     mut on_event: impl FnMut(&DeploymentEvent),
-) -> Result<Vec<DeploymentEvent>, String> {
+) -> Result<Vec<DeploymentEvent>, (Vec<DeploymentEvent>, String)> {
     let deadline = Instant::now() + timeout;
     let mut finals: Vec<DeploymentEvent> = Vec::new();
     while finals.len() < expect {
         let left = deadline.saturating_duration_since(Instant::now());
         let Some(msg) = op.next(left).await else {
-            return Err(format!(
-                "{} of {expect} device(s) finished deployment {deployment_id} within {} s: is the device online (its availability topic) and subscribed to this desired topic? The retained desired state stays, so it applies when the device returns",
-                finals.len(),
-                timeout.as_secs()
+            let done = finals.len();
+            return Err((
+                finals,
+                format!(
+                    "{} of {expect} device(s) finished deployment {deployment_id} within {} s: is the device online (its availability topic) and subscribed to this desired topic? The retained desired state stays, so it applies when the device returns",
+                    done,
+                    timeout.as_secs()
+                ),
             ));
         };
         let Ok(ev) = DeploymentEvent::from_json(&msg.payload) else {
@@ -248,6 +299,15 @@ pub async fn wait_for_outcome_with(
             // counted, so an unsigned deploy to a signing device says why.
             if ev.deployment_id.is_empty() && ev.phase == Phase::Failed {
                 on_event(&ev);
+                let unverified = ev.error.as_ref().is_some_and(|e| {
+                    matches!(
+                        e.code,
+                        outpost_protocol::ErrorCode::SignatureRequired | outpost_protocol::ErrorCode::SignatureInvalid
+                    )
+                });
+                if unsigned_refusals_final && unverified && !finals.iter().any(|f| f.device == ev.device) {
+                    finals.push(DeploymentEvent { deployment_id: deployment_id.to_string(), ..ev });
+                }
             }
             continue;
         }

@@ -83,3 +83,42 @@ fn help_documents_the_flags_and_the_exit_codes() {
     let (code, _, err) = sim(&["deploy", "--broker", "mqtt://127.0.0.1:1", "--model", "digits"]);
     assert_eq!(code, 64, "{err}");
 }
+
+/// `deploy --wait` ends as soon as the answer is known and never hangs: an
+/// unsigned deployment to a device that requires signatures is refused at
+/// once (1, with the refusal; it waited out --timeout and said 69 "is the
+/// device online?"), and a registry that accepts connections but never
+/// answers is given up on within --timeout (69; it hung for good).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deploy_wait_ends_on_a_refusal_and_never_hangs_on_a_silent_registry() {
+    let keys = tempfile::tempdir().unwrap();
+    let root = keys.path().join("root");
+    let (code, _, err) = sim(&["keygen", root.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    let root_pub = format!("{}.pub.pem", root.display());
+    let (broker, reg, _data, _w, _agent) =
+        Lab::device("cli2").model("digits-mlp.onnx", "digits", "1").flags(&["--trust-key", &root_pub]).start().await;
+
+    let started = std::time::Instant::now();
+    let (code, out, err) =
+        deploy_wait(&broker, &reg, &["--device", "cli2", "--model", "digits@1", "--timeout", "60"]).await;
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(err.contains("cli2 failed deployment digits-1-"), "{err}");
+    assert!(err.contains("signature_required"), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(30), "it waited for the timeout: {:?}", started.elapsed());
+
+    // A registry that takes the connection and never says a word.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", silent.local_addr().unwrap());
+    let b = format!("mqtt://127.0.0.1:{}", broker.port);
+    let args = ["deploy", "--broker", &b, "--device", "cli2", "--model", "digits@1", "--registry-url", &url];
+    let args: Vec<String> =
+        args.iter().map(|s| s.to_string()).chain(["--wait", "--timeout", "3"].map(String::from)).collect();
+    let started = std::time::Instant::now();
+    let (code, out, err) =
+        tokio::task::spawn_blocking(move || sim(&args.iter().map(String::as_str).collect::<Vec<_>>())).await.unwrap();
+    assert_eq!(code, 69, "{out}{err}");
+    assert!(err.contains("no answer within 3 s"), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(20), "{:?}", started.elapsed());
+    drop(silent);
+}

@@ -341,10 +341,11 @@ async fn the_operator_cli_registers_deploys_and_infers() {
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.contains("active"), "{out}");
 
-    // A version that does not exist: the registry lookup fails before anything is published.
+    // A version that does not exist: the registry lookup fails before
+    // anything is published, as a usage error (a retry cannot help).
     let (code, _, err) = deploy("digits@7").await.unwrap();
-    assert_eq!(code, 69, "{err}");
-    assert!(err.contains("404"), "{err}");
+    assert_eq!(code, 64, "{err}");
+    assert!(err.contains("HTTP 404: no such model version"), "{err}");
 
     let input = data.path().join("request.json");
     std::fs::write(&input, serde_json::to_vec(&digits_request(2)).unwrap()).unwrap();
