@@ -127,7 +127,12 @@ pub fn event_line(ev: &DeploymentEvent, rate: Option<f64>) -> String {
     if let Some(d) = &ev.detail {
         line.push_str(&format!(" ({d})"));
     }
-    line.trim_end().to_string()
+    // Devices' words, escaped: whoever can publish on an events topic must
+    // not move the operator's cursor or recolour the terminal.
+    line.trim_end()
+        .chars()
+        .map(|c| if c.is_control() { c.escape_default().to_string() } else { c.to_string() })
+        .collect()
 }
 
 /// What is known of one device's deployment.
@@ -397,6 +402,20 @@ impl Drop for Phases {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_device_s_words_cannot_drive_the_terminal() {
+        let mut ev = DeploymentEvent::from_json(
+            br#"{"schema":"outpost.event.v1","device":"cam\u001b[2J","deployment_id":"d","revision":1,"seq":1,
+                "at":"2026-01-01T00:00:00Z","phase":"failed","detail":"x\ry"}"#,
+        )
+        .unwrap();
+        let line = event_line(&ev, None);
+        assert!(!line.chars().any(|c| c.is_control()), "{line:?}");
+        assert!(line.contains("cam\\u{1b}[2J") && line.contains("x\\ry"), "{line:?}");
+        ev.detail = None;
+        assert!(!event_line(&ev, None).contains('\u{1b}'));
+    }
     use outpost_protocol::{ErrorCode, ErrorInfo, Progress};
 
     fn ev(device: &str, phase: Phase, progress: Option<(u64, u64)>) -> DeploymentEvent {
