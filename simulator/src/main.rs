@@ -166,7 +166,8 @@ enum Command {
         /// Follow the devices' events until each finished; the exit code says how (below).
         #[arg(long)]
         wait: bool,
-        /// With --group --wait: how many devices must finish.
+        /// With --group --wait: how many devices must finish (the exit code judges those
+        /// that did; give the group's size to judge them all). Ignored with --device.
         #[arg(long, default_value_t = 1)]
         expect: usize,
         /// With --wait: seconds to wait for every device to finish.
@@ -524,6 +525,9 @@ async fn run(command: Command) -> ExitCode {
             if !wait {
                 op.disconnect().await;
                 return ExitCode::SUCCESS;
+            }
+            if expect == 0 {
+                return fail(EXIT_USAGE, "--expect 0: expected at least one device to wait for");
             }
             let expect = if device.is_some() { 1 } else { expect };
             let mut progress = outpost_sim::progress::Deployments::new();
