@@ -485,6 +485,9 @@ async fn run(command: Command) -> ExitCode {
                 Ok(s) => s,
                 Err(e) => return fail(EXIT_USAGE, &e),
             };
+            if expect == 0 {
+                return fail(EXIT_USAGE, "--expect 0: expected at least one device to wait for");
+            }
             let (name, version) = model;
             let lookup =
                 operator::lookup_manifest(&registry_url, &name, &version, Duration::from_secs(timeout.min(60)));
@@ -525,9 +528,6 @@ async fn run(command: Command) -> ExitCode {
             if !wait {
                 op.disconnect().await;
                 return ExitCode::SUCCESS;
-            }
-            if expect == 0 {
-                return fail(EXIT_USAGE, "--expect 0: expected at least one device to wait for");
             }
             let expect = if device.is_some() { 1 } else { expect };
             let mut progress = outpost_sim::progress::Deployments::new();

@@ -82,6 +82,11 @@ fn help_documents_the_flags_and_the_exit_codes() {
     // A usage error is 64, not clap's usual 2.
     let (code, _, err) = sim(&["deploy", "--broker", "mqtt://127.0.0.1:1", "--model", "digits"]);
     assert_eq!(code, 64, "{err}");
+    // Waiting for no device is one too (it exited 0 at once).
+    let args = ["deploy", "--broker", "mqtt://127.0.0.1:1", "--group", "g", "--model", "digits@1"];
+    let (code, _, err) =
+        sim(&[&args[..], &["--registry-url", "http://127.0.0.1:1", "--wait", "--expect", "0"]].concat());
+    assert_eq!((code, err.trim()), (64, "outpost-sim: --expect 0: expected at least one device to wait for"));
 }
 
 /// `deploy --wait` ends as soon as the answer is known and never hangs: an
