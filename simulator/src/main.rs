@@ -30,7 +30,8 @@ Exit codes:
   1   a device failed the deployment or rolled it back (`failed`, `rolled_back`)
   3   a device did not apply it: `unchanged` because a desired state of higher
       precedence shadows it or its version is quarantined, `superseded`, `undeployed`
-  64  usage: a bad flag, or a key, certificate or TLS file that cannot be used
+  64  usage: a bad flag, or a key, certificate or TLS file that cannot be used;
+      a --revision not above the one the topic holds (nothing is published)
   69  unavailable: the broker or registry cannot be reached, or not every device
       finished within --timeout (the retained desired state stays published)
   A version the registry does not have (HTTP 4xx) or a file that is not a
@@ -517,6 +518,29 @@ async fn run(command: Command) -> ExitCode {
                 Ok(o) => o,
                 Err((code, e)) => return fail(code, &e),
             };
+            // An explicit revision not above the one the topic holds would
+            // replace the retained desired state with one every device
+            // refuses (stale_revision): refused here, nothing published.
+            if revision.is_some() {
+                match operator::retained_revision(&mut op, &topic, Duration::from_secs(1)).await {
+                    // The very same deployment again is fine (it is `unchanged`).
+                    Ok(Some((held, id)))
+                        if held > d.revision
+                            || (held == d.revision && id.as_deref() != Some(d.deployment_id.as_str())) =>
+                    {
+                        op.disconnect().await;
+                        return fail(
+                            EXIT_USAGE,
+                            &format!(
+                                "--revision {} is not above revision {held}, which {topic} holds: devices would refuse it as stale_revision, and it would replace the retained desired state; give a higher --revision (or none: the clock's)",
+                                d.revision
+                            ),
+                        );
+                    }
+                    Ok(_) => {}
+                    Err(e) => return fail(EXIT_UNAVAILABLE, &e),
+                }
+            }
             if wait && let Err(e) = op.subscribe(&events).await {
                 return fail(EXIT_UNAVAILABLE, &e);
             }

@@ -382,6 +382,42 @@ pub async fn device_state(op: &mut Operator, device: &str, timeout: Duration) ->
 /// True when a message received on `wire` was published on `topic`: RabbitMQ's
 /// MQTT plugin delivers every `.` of a topic as `/` (`outpost/devices/cam.18/state`
 /// arrives as `outpost/devices/cam/18/state`).
+/// The revision and deployment id of the desired state retained on `topic`
+/// (a deployment, a signed deployment or a signed undeployment; not
+/// verified: only to warn before publishing one the device would refuse as
+/// stale). None when the topic holds nothing within `wait`.
+pub async fn retained_revision(
+    op: &mut Operator,
+    topic: &str,
+    wait: Duration,
+) -> Result<Option<(u64, Option<String>)>, String> {
+    op.subscribe(topic).await?;
+    let deadline = Instant::now() + wait;
+    while let Some(m) = op.next(deadline.saturating_duration_since(Instant::now())).await {
+        if !delivered_as(&m.topic, topic) {
+            continue;
+        }
+        return Ok(revision_of(&m.payload));
+    }
+    Ok(None)
+}
+
+/// The `revision` and `deployment_id` a desired-state payload claims
+/// (inside a DSSE envelope too).
+fn revision_of(payload: &[u8]) -> Option<(u64, Option<String>)> {
+    #[derive(serde::Deserialize)]
+    struct Claimed {
+        revision: Option<u64>,
+        deployment_id: Option<String>,
+    }
+    let inner = match serde_json::from_slice::<outpost_protocol::trust::Envelope>(payload) {
+        Ok(env) => outpost_protocol::trust::base64_decode(&env.payload).ok()?,
+        Err(_) => payload.to_vec(),
+    };
+    let c = serde_json::from_slice::<Claimed>(&inner).ok()?;
+    Some((c.revision?, c.deployment_id))
+}
+
 fn delivered_as(wire: &str, topic: &str) -> bool {
     wire == topic || (topic.contains('.') && wire == topic.replace('.', "/"))
 }

@@ -35,6 +35,16 @@ async fn deploy_wait_exits_0_only_when_the_device_serves_the_deployment() {
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.contains("  cli1         unchanged    (already applied)"), "{out}");
 
+    // An explicit revision below the one the topic holds: refused before
+    // publishing (64), so the retained desired state stays what it was (it
+    // was replaced by one every device refuses as stale_revision).
+    let stale = ["--device", "cli1", "--model", "digits@2", "--revision", "9"];
+    let (code, out, err) = deploy_wait(&broker, &reg, &stale).await;
+    assert_eq!(code, 64, "{out}{err}");
+    assert!(err.contains("--revision 9 is not above revision 10, which outpost/devices/cli1/desired holds"), "{err}");
+    let (code, out, err) = deploy_wait(&broker, &reg, &first).await;
+    assert_eq!(code, 0, "the retained state is still cli-1: {out}{err}");
+
     // To its group: shadowed by the device's own desired state, so `unchanged`
     // without being applied: 3, saying why and what serves.
     let (code, out, err) = deploy_wait(&broker, &reg, &["--group", "lobby", "--model", "digits@2"]).await;
