@@ -38,6 +38,40 @@ pub use agent::{Config, run};
 /// Exit code for a usage or configuration error (sysexits `EX_USAGE`).
 pub const EXIT_USAGE: u8 = 64;
 
+/// Every argument and subcommand of `cmd` (at any depth) that has no help
+/// text, by path (`outpost-sim deploy --wait`): both binaries' tests require
+/// none.
+pub fn without_help(cmd: &clap::Command) -> Vec<String> {
+    fn walk(cmd: &clap::Command, path: &str, out: &mut Vec<String>) {
+        for a in cmd.get_arguments() {
+            let help = a.get_help().or(a.get_long_help()).map(|h| h.to_string()).unwrap_or_default();
+            if help.trim().is_empty() {
+                let name = a.get_long().map(|l| format!("--{l}")).unwrap_or_else(|| a.get_id().to_string());
+                out.push(format!("{path} {name}"));
+            }
+        }
+        for sub in cmd.get_subcommands() {
+            let sub_path = format!("{path} {}", sub.get_name());
+            if sub.get_about().or(sub.get_long_about()).is_none_or(|h| h.to_string().trim().is_empty()) {
+                out.push(sub_path.clone());
+            }
+            walk(sub, &sub_path, out);
+        }
+    }
+    let mut out = Vec::new();
+    walk(cmd, cmd.get_name(), &mut out);
+    out
+}
+
+#[cfg(test)]
+#[test]
+fn the_help_walk_finds_what_lacks_help_at_any_depth() {
+    let probe = clap::Command::new("probe")
+        .arg(clap::Arg::new("quiet").long("quiet").help("Say less"))
+        .subcommand(clap::Command::new("sub").arg(clap::Arg::new("x").long("x")));
+    assert_eq!(without_help(&probe), ["probe sub", "probe sub --x"]);
+}
+
 /// Parses the command line of one of Outpost's binaries: help and version
 /// exit 0, a usage error prints the reason and exits 64.
 pub fn parse_args<T: clap::Parser>() -> Result<T, std::process::ExitCode> {

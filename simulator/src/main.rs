@@ -813,26 +813,6 @@ mod tests {
     use super::*;
     use clap::CommandFactory;
 
-    /// Every subcommand and argument under `cmd` that has no help, by path.
-    fn without_help(cmd: &clap::Command, path: &str, out: &mut Vec<String>) {
-        for a in cmd.get_arguments() {
-            let help = a.get_help().or(a.get_long_help()).map(|h| h.to_string()).unwrap_or_default();
-            if help.trim().is_empty() {
-                out.push(format!(
-                    "{path} {}",
-                    a.get_long().map(|l| format!("--{l}")).unwrap_or(a.get_id().to_string())
-                ));
-            }
-        }
-        for sub in cmd.get_subcommands() {
-            let sub_path = format!("{path} {}", sub.get_name());
-            if sub.get_about().or(sub.get_long_about()).is_none_or(|h| h.to_string().trim().is_empty()) {
-                out.push(sub_path.clone());
-            }
-            without_help(sub, &sub_path, out);
-        }
-    }
-
     #[test]
     fn the_command_line_is_consistent() {
         Cli::command().debug_assert();
@@ -840,16 +820,7 @@ mod tests {
 
     #[test]
     fn every_subcommand_and_argument_has_help() {
-        // The walk finds what lacks help, at any depth.
-        let probe = clap::Command::new("probe")
-            .arg(clap::Arg::new("quiet").long("quiet").help("Say less"))
-            .subcommand(clap::Command::new("sub").arg(clap::Arg::new("x").long("x")));
-        let mut found = Vec::new();
-        without_help(&probe, "probe", &mut found);
-        assert_eq!(found, ["probe sub", "probe sub --x"]);
-
-        let mut missing = Vec::new();
-        without_help(&Cli::command(), "outpost-sim", &mut missing);
+        let missing = outpost_agent::without_help(&Cli::command());
         assert!(missing.is_empty(), "without help text: {missing:?}");
     }
 
