@@ -249,14 +249,12 @@ async fn an_empty_desired_state_undeploys_and_groups_apply_under_the_device_over
     assert_eq!(w.infer("none", digits_request(1)).await["code"], "no_model");
 }
 
-/// A restart between a device override and its withdrawal: the group's
-/// retained deployment replays with the revision the device already holds,
-/// which must be recognised as the group's desired state (not refused as
-/// stale and forgotten), so withdrawing the override still falls back to it.
-/// (Found with RabbitMQ; the same on Mosquitto: the device served nothing.)
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn after_a_restart_withdrawing_the_device_override_still_falls_back_to_the_group() {
-    let (broker, reg, _data, mut w, mut agent) = lab("dev5r", &["all"], &[]).await;
+/// A device of group `all`: the group deploys digits@1, then the device's own
+/// desired state deploys digits@2 over it. Returns the lab and the group's deployment.
+async fn group_then_override(
+    device: &str,
+) -> (Mosquitto, Registry, tempfile::TempDir, Watcher, Agent, outpost_protocol::Deployment) {
+    let (broker, reg, data, mut w, agent) = lab(device, &["all"], &[]).await;
     reg.register("digits-mlp.onnx", "digits", "1");
     reg.register("digits-cnn.onnx", "digits", "2");
     let (url, sha) = outpost_sim::operator::resolve_manifest(&reg.url, "digits", "1").await.unwrap();
@@ -264,6 +262,17 @@ async fn after_a_restart_withdrawing_the_device_override_still_falls_back_to_the
     w.op.publish(&w.topics.group_desired("all"), group.to_json(), true).await.unwrap();
     assert_eq!(w.events_until_final(&group.deployment_id).await.0.phase, Phase::Active);
     assert_eq!(w.deploy(&reg, "digits", "2").await.0.phase, Phase::Active);
+    (broker, reg, data, w, agent, group)
+}
+
+/// A restart between a device override and its withdrawal: the group's
+/// retained deployment replays with the revision the device already holds,
+/// which must be recognised as the group's desired state (not refused as
+/// stale and forgotten), so withdrawing the override still falls back to it.
+/// (Found with RabbitMQ; the same on Mosquitto: the device served nothing.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_restart_withdrawing_the_device_override_still_falls_back_to_the_group() {
+    let (broker, reg, _data, mut w, mut agent, group) = group_then_override("dev5r").await;
 
     agent.kill_and_restart();
     w.online().await;
@@ -286,14 +295,7 @@ async fn after_a_restart_withdrawing_the_device_override_still_falls_back_to_the
 /// bring back the group's old deployment from the device's record.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_group_withdrawn_while_the_device_was_down_is_not_brought_back() {
-    let (broker, reg, _data, mut w, mut agent) = lab("dev5w", &["all"], &[]).await;
-    reg.register("digits-mlp.onnx", "digits", "1");
-    reg.register("digits-cnn.onnx", "digits", "2");
-    let (url, sha) = outpost_sim::operator::resolve_manifest(&reg.url, "digits", "1").await.unwrap();
-    let group = outpost_sim::operator::deployment("digits", "1", &url, &sha, None, None);
-    w.op.publish(&w.topics.group_desired("all"), group.to_json(), true).await.unwrap();
-    assert_eq!(w.events_until_final(&group.deployment_id).await.0.phase, Phase::Active);
-    assert_eq!(w.deploy(&reg, "digits", "2").await.0.phase, Phase::Active);
+    let (broker, reg, _data, mut w, mut agent, group) = group_then_override("dev5w").await;
 
     agent.kill();
     w.op.publish(&w.topics.group_desired("all"), Vec::new(), true).await.unwrap();
