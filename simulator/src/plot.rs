@@ -7,11 +7,50 @@
 //! - [`chaos_timeline`]: faults, versions served per device and the invariants (`chaos --svg`).
 
 use plotters::coord::Shift;
+use plotters::coord::types::RangedCoordf64;
 use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 use serde_json::Value;
 
 type Area<'a> = DrawingArea<SVGBackend<'a>, Shift>;
+type Plot<'a, 'b> = ChartContext<'a, SVGBackend<'b>, Cartesian2d<RangedCoordf64, RangedCoordf64>>;
+
+/// Axes with their titles and tick labels; without `y_desc`, no y mesh or labels.
+fn axes(chart: &mut Plot, x_desc: &str, y_desc: Option<&str>) -> Result<(), String> {
+    let mut mesh = chart.configure_mesh();
+    mesh.x_desc(x_desc).light_line_style(WHITE.mix(0.0)).x_label_formatter(&tick).y_label_formatter(&tick);
+    match y_desc {
+        Some(y) => mesh.y_desc(y),
+        None => mesh.disable_y_mesh().y_labels(0),
+    };
+    mesh.draw().map_err(err)
+}
+
+/// A line of `colour`, named `label` in the legend.
+fn line(
+    chart: &mut Plot,
+    points: impl IntoIterator<Item = (f64, f64)>,
+    colour: RGBColor,
+    label: impl Into<String>,
+) -> Result<(), String> {
+    chart
+        .draw_series(LineSeries::new(points, colour.stroke_width(2)))
+        .map_err(err)?
+        .label(label)
+        .legend(move |(x, y)| PathElement::new([(x, y), (x + 16, y)], colour.stroke_width(2)));
+    Ok(())
+}
+
+/// The legend of the series drawn so far.
+fn legend<'b>(chart: &mut Plot<'b, 'b>, at: SeriesLabelPosition) -> Result<(), String> {
+    chart
+        .configure_series_labels()
+        .position(at)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .draw()
+        .map_err(err)
+}
 
 const BLUE: RGBColor = RGBColor(0x1a, 0x73, 0xe8);
 const ORANGE: RGBColor = RGBColor(0xe8, 0x71, 0x0a);
@@ -129,33 +168,11 @@ pub fn swap_timeline(
             .y_label_area_size(70)
             .build_cartesian_2d(0.0..seconds, 0.0..max_ms)
             .map_err(err)?;
-        chart
-            .configure_mesh()
-            .y_desc("latency per 250 ms (ms)")
-            .x_desc("time since the load started (s)")
-            .light_line_style(WHITE.mix(0.0))
-            .x_label_formatter(&tick)
-            .y_label_formatter(&tick)
-            .draw()
-            .map_err(err)?;
+        axes(&mut chart, "time since the load started (s)", Some("latency per 250 ms (ms)"))?;
         shade(&mut chart, max_ms, true)?;
-        chart
-            .draw_series(LineSeries::new(p99.iter().copied(), ORANGE.stroke_width(2)))
-            .map_err(err)?
-            .label("p99 latency")
-            .legend(|(x, y)| PathElement::new([(x, y), (x + 16, y)], ORANGE.stroke_width(2)));
-        chart
-            .draw_series(LineSeries::new(p50.iter().copied(), BLUE.stroke_width(2)))
-            .map_err(err)?
-            .label("p50 latency")
-            .legend(|(x, y)| PathElement::new([(x, y), (x + 16, y)], BLUE.stroke_width(2)));
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::UpperRight)
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK)
-            .draw()
-            .map_err(err)?;
+        line(&mut chart, p99.iter().copied(), ORANGE, "p99 latency")?;
+        line(&mut chart, p50.iter().copied(), BLUE, "p50 latency")?;
+        legend(&mut chart, SeriesLabelPosition::UpperRight)?;
 
         let mut chart = ChartBuilder::on(&bottom)
             .margin(10)
@@ -163,33 +180,15 @@ pub fn swap_timeline(
             .y_label_area_size(70)
             .build_cartesian_2d(0.0..seconds, 0.0..max_rps)
             .map_err(err)?;
-        chart
-            .configure_mesh()
-            .y_desc("throughput (requests/s)")
-            .x_desc("time since the load started (s)")
-            .light_line_style(WHITE.mix(0.0))
-            .x_label_formatter(&tick)
-            .y_label_formatter(&tick)
-            .draw()
-            .map_err(err)?;
+        axes(&mut chart, "time since the load started (s)", Some("throughput (requests/s)"))?;
         shade(&mut chart, max_rps, false)?;
-        chart
-            .draw_series(LineSeries::new(rps.iter().copied(), GREEN.stroke_width(2)))
-            .map_err(err)?
-            .label("answered requests/s (2 keep-alive clients)")
-            .legend(|(x, y)| PathElement::new([(x, y), (x + 16, y)], GREEN.stroke_width(2)));
+        line(&mut chart, rps.iter().copied(), GREEN, "answered requests/s (2 keep-alive clients)")?;
         chart
             .draw_series(failures.iter().map(|p| Cross::new(*p, 5, FAILED.stroke_width(2))))
             .map_err(err)?
             .label(format!("failed requests/s ({} in all)", failed.iter().sum::<usize>()))
             .legend(|(x, y)| Cross::new((x + 8, y), 5, FAILED.stroke_width(2)));
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::UpperRight)
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK)
-            .draw()
-            .map_err(err)
+        legend(&mut chart, SeriesLabelPosition::UpperRight)
     })
 }
 
@@ -233,26 +232,10 @@ pub fn fleet_activation(devices: usize, active_s: &[f64], failed_s: &[f64], titl
             .build_cartesian_2d(0.0..end, 0.0..105.0)
             .map_err(err)?
             .set_secondary_coord(0.0..end, 0.0..devices as f64 * 1.05);
-        chart
-            .configure_mesh()
-            .x_desc("time since the group deployment was published (s)")
-            .y_desc("devices active (% of the fleet)")
-            .light_line_style(WHITE.mix(0.0))
-            .x_label_formatter(&tick)
-            .y_label_formatter(&tick)
-            .draw()
-            .map_err(err)?;
+        axes(&mut chart, "time since the group deployment was published (s)", Some("devices active (% of the fleet)"))?;
         chart.configure_secondary_axes().y_desc("devices (count)").y_label_formatter(&tick).draw().map_err(err)?;
-        chart
-            .draw_series(LineSeries::new(steps(&active), GREEN.stroke_width(2)))
-            .map_err(err)?
-            .label(format!("active ({} of {devices})", active.len()))
-            .legend(|(x, y)| PathElement::new([(x, y), (x + 16, y)], GREEN.stroke_width(2)));
-        chart
-            .draw_series(LineSeries::new(steps(&failed), FAILED.stroke_width(2)))
-            .map_err(err)?
-            .label(format!("failed ({})", failed.len()))
-            .legend(|(x, y)| PathElement::new([(x, y), (x + 16, y)], FAILED.stroke_width(2)));
+        line(&mut chart, steps(&active), GREEN, format!("active ({} of {devices})", active.len()))?;
+        line(&mut chart, steps(&failed), FAILED, format!("failed ({})", failed.len()))?;
         chart
             .draw_series(marks.iter().map(|(t, pct, text)| {
                 // Labels right of their point, or left of it near the right edge.
@@ -265,13 +248,7 @@ pub fn fleet_activation(devices: usize, active_s: &[f64], failed_s: &[f64], titl
             .map_err(err)?
             .label("50 / 90 / 100 % of the fleet active")
             .legend(|(x, y)| Circle::new((x + 8, y), 4, BLACK.filled()));
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::LowerRight)
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK)
-            .draw()
-            .map_err(err)
+        legend(&mut chart, SeriesLabelPosition::LowerRight)
     })
 }
 
@@ -361,16 +338,7 @@ pub fn chaos_timeline(report: &Value, quiet_from_s: f64) -> Result<String, Strin
             .y_label_area_size(260)
             .build_cartesian_2d(0.0..end, 0.0..rows as f64)
             .map_err(err)?;
-        chart
-            .configure_mesh()
-            .disable_y_mesh()
-            .y_labels(0)
-            .x_desc("time since the run started (s)")
-            .light_line_style(WHITE.mix(0.0))
-            .x_label_formatter(&tick)
-            .y_label_formatter(&tick)
-            .draw()
-            .map_err(err)?;
+        axes(&mut chart, "time since the run started (s)", None)?;
         chart
             .draw_series(std::iter::once(Rectangle::new(
                 [(quiet_from_s, 0.0), (duration, rows as f64)],
