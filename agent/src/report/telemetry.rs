@@ -5,7 +5,6 @@
 use crate::serve::Engine;
 use outpost_protocol::Telemetry;
 use outpost_protocol::telemetry::{InferenceStats, ModelId, MqttStats, ProcessStats, StoreStats};
-use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 /// Counter values at the previous report, to publish per-interval figures.
@@ -29,8 +28,7 @@ impl Reporter {
         journal: (u64, u64, u64),
     ) -> Telemetry {
         let c = &engine.counters;
-        let (requests, errors, rejected) =
-            (c.requests.load(Ordering::Relaxed), c.errors.load(Ordering::Relaxed), c.rejected.load(Ordering::Relaxed));
+        let (requests, errors, rejected) = c.tally.totals();
         let inference = InferenceStats {
             requests: requests - self.last_requests,
             errors: errors - self.last_errors,

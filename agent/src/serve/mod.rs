@@ -61,9 +61,6 @@ pub struct Answer {
 
 #[derive(Debug, Default)]
 pub struct Counters {
-    pub requests: AtomicU64,
-    pub errors: AtomicU64,
-    pub rejected: AtomicU64,
     /// Requests admitted and waiting for a worker.
     pub waiting: AtomicU64,
     /// Requests a worker is running.
@@ -450,14 +447,11 @@ impl Engine {
     }
 
     fn count_request(&self, transport: Transport) {
-        self.counters.requests.fetch_add(1, Ordering::Relaxed);
         let active = self.active.load();
         self.counters.tally.request(transport, active.as_ref().map_or("", |m| m.name.as_str()));
     }
 
     fn count_error(&self, code: ErrorCode, transport: Transport) {
-        let counter = if code == ErrorCode::Overloaded { &self.counters.rejected } else { &self.counters.errors };
-        counter.fetch_add(1, Ordering::Relaxed);
         self.counters.tally.error(transport, code);
     }
 
