@@ -191,6 +191,12 @@ fn cpu_s() -> f64 {
 }
 
 /// Runs the simulation; Err only when it cannot be set up.
+///
+/// Every simulated agent holds a blocking thread while it deploys (its
+/// pipeline waits for its deployer, which persists on another blocking
+/// thread): the runtime must allow more blocking threads than devices
+/// (`outpost-sim`'s allows 8192; tokio's default of 512 deadlocks a fleet
+/// of more than about 500 devices).
 pub async fn run(spec: FleetSpec) -> Result<FleetReport, String> {
     let scratch = match &spec.work_dir {
         Some(d) => {
