@@ -272,7 +272,7 @@ async fn group_then_override(
 /// (Found with RabbitMQ; the same on Mosquitto: the device served nothing.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_a_restart_withdrawing_the_device_override_still_falls_back_to_the_group() {
-    let (broker, reg, _data, mut w, mut agent, group) = group_then_override("dev5r").await;
+    let (broker, _reg, _data, mut w, mut agent, group) = group_then_override("dev5r").await;
 
     agent.kill_and_restart();
     w.online().await;
@@ -295,7 +295,7 @@ async fn after_a_restart_withdrawing_the_device_override_still_falls_back_to_the
 /// bring back the group's old deployment from the device's record.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_group_withdrawn_while_the_device_was_down_is_not_brought_back() {
-    let (broker, reg, _data, mut w, mut agent, group) = group_then_override("dev5w").await;
+    let (broker, _reg, _data, mut w, mut agent, _group) = group_then_override("dev5w").await;
 
     agent.kill();
     w.op.publish(&w.topics.group_desired("all"), Vec::new(), true).await.unwrap();
