@@ -58,6 +58,8 @@ pub async fn check_bundle(url: &str, sha256: Option<String>, fetch: FetchConfig)
         serving: Default::default(),
         policy: Default::default(),
         target: None,
+        slot: None,
+        shadow: None,
     };
     d.validate().map_err(|e| e.info())?;
     let (tx, mut rx) = crate::link::publisher::outbox();

@@ -24,6 +24,25 @@ pub struct Deployment {
     /// when present, it must be the topic the message arrived on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target: Option<crate::trust::Target>,
+    /// The model slot the deployment is for (`.../models/{slot}/desired`);
+    /// absent for the default slot. When present it must be the slot of the
+    /// topic the message arrived on; a signed deployment for a slot must
+    /// name it (so it cannot be replayed into another slot).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slot: Option<String>,
+    /// A candidate version to score in shadow beside `model`: it runs on a
+    /// sampled share of live requests, its answers are compared and never
+    /// returned. `model` answers every request as usual.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shadow: Option<Shadow>,
+}
+
+/// The candidate of a shadow deployment.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Shadow {
+    pub model: ModelRef,
+    /// Share of requests the candidate also runs on, above 0.0 up to 1.0.
+    pub sample_rate: f64,
 }
 
 /// Where the model version's manifest is, and its digest (the root of trust:
@@ -201,6 +220,28 @@ impl Deployment {
                 crate::trust::Target::Group(g) => ("target.group", g),
             };
             crate::topics::validate_name(path, name)?;
+        }
+        if let Some(slot) = &self.slot {
+            crate::topics::validate_slot(slot)?;
+        }
+        if let Some(sh) = &self.shadow {
+            if !(sh.sample_rate > 0.0 && sh.sample_rate <= 1.0) {
+                return Err(ProtocolError::invalid(
+                    "shadow.sample_rate",
+                    "a number above 0.0, at most 1.0",
+                    sh.sample_rate.to_string(),
+                ));
+            }
+            non_empty("shadow.model.name", &sh.model.name, 128)?;
+            non_empty("shadow.model.version", &sh.model.version, 128)?;
+            check_url("shadow.model.manifest_url", &sh.model.manifest_url)?;
+            if !is_sha256_hex(&sh.model.manifest_sha256) {
+                return Err(ProtocolError::invalid(
+                    "shadow.model.manifest_sha256",
+                    "64 lowercase hex digits (sha256 of manifest.json)",
+                    crate::error::excerpt(&sh.model.manifest_sha256, 80),
+                ));
+            }
         }
         if self.serving.http_port == Some(0) {
             return Err(ProtocolError::invalid("serving.http_port", "a port from 1 to 65535", "0"));

@@ -20,6 +20,9 @@ pub enum Phase {
     Unchanged,
     /// The desired state was withdrawn and the device stopped serving.
     Undeployed,
+    /// A report on the candidate the active deployment scores in shadow
+    /// (`shadow` holds the figures); not a step of a deployment.
+    Shadow,
 }
 
 impl Phase {
@@ -37,6 +40,7 @@ impl Phase {
             Phase::Superseded => "superseded",
             Phase::Unchanged => "unchanged",
             Phase::Undeployed => "undeployed",
+            Phase::Shadow => "shadow",
         }
     }
 
@@ -81,6 +85,13 @@ pub struct DeploymentEvent {
     /// On `active`: where the deployment's time went, in milliseconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timings_ms: Option<Timings>,
+    /// The model slot the deployment is for; absent for the default slot
+    /// (the device's `desired` topic and its groups').
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slot: Option<String>,
+    /// On `shadow`: how the candidate scored so far.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shadow: Option<crate::telemetry::ShadowStats>,
 }
 
 /// Milliseconds spent in each step of a deployment (on `active`).

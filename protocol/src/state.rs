@@ -17,6 +17,18 @@ pub struct DeviceState {
     /// The outcome of the most recent deployment the device worked on.
     #[serde(default)]
     pub last_deployment: Option<LastDeployment>,
+    /// The model slots (`devices/{id}/models/{slot}/desired`), by slot
+    /// name; the fields above are the default slot's (the `desired` topic).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub models: std::collections::BTreeMap<String, SlotState>,
+}
+
+/// What one model slot serves and how its last deployment ended.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct SlotState {
+    pub active: Option<ActiveModel>,
+    #[serde(default)]
+    pub last_deployment: Option<LastDeployment>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -16,9 +16,49 @@ pub struct Telemetry {
     pub process: ProcessStats,
     pub store: StoreStats,
     pub mqtt: MqttStats,
+    /// The candidate the default slot's deployment scores in shadow, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shadow: Option<ShadowStats>,
+    /// Each model slot's model and statistics, by slot name (the fields
+    /// above are the default slot's).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub models: std::collections::BTreeMap<String, SlotTelemetry>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// One model slot's share of a telemetry report.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct SlotTelemetry {
+    pub model: Option<ModelId>,
+    pub inference: InferenceStats,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shadow: Option<ShadowStats>,
+}
+
+/// How a candidate scored in shadow beside the active model, over the
+/// requests sampled since it started (cumulative: a rollout compares
+/// successive reports).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ShadowStats {
+    pub model: ModelId,
+    /// Requests the candidate ran on (its answers are never returned).
+    pub compared: u64,
+    /// Of those, how many had the same top-1 class as the active model
+    /// (first output, arg max per row).
+    pub top1_agree: u64,
+    /// `top1_agree / compared` (1.0 while nothing was compared).
+    pub agreement: f64,
+    /// Largest absolute difference seen between the two models' outputs.
+    pub max_abs_diff: f64,
+    /// Runs of the candidate that failed (or whose outputs differed in shape).
+    pub errors: u64,
+    /// Sampled requests skipped because the candidate was still busy.
+    pub skipped: u64,
+    /// The candidate's latency and the active model's on the same requests.
+    pub latency_us: Latency,
+    pub active_latency_us: Latency,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct ModelId {
     pub name: String,
     pub version: String,

@@ -70,6 +70,44 @@ impl Topics {
         format!("{}/devices/{device}/capture", self.prefix)
     }
 
+    /// Retained `Deployment` for one model slot of one device (see
+    /// [`validate_slot`]); an empty payload undeploys that slot only.
+    pub fn device_model_desired(&self, device: &str, slot: &str) -> String {
+        format!("{}/devices/{device}/models/{slot}/desired", self.prefix)
+    }
+    /// Retained `Deployment` for one model slot of every device of a group.
+    pub fn group_model_desired(&self, group: &str, slot: &str) -> String {
+        format!("{}/groups/{group}/models/{slot}/desired", self.prefix)
+    }
+    /// `InferRequest`s for the model in one slot.
+    pub fn model_infer(&self, device: &str, slot: &str) -> String {
+        format!("{}/devices/{device}/models/{slot}/infer", self.prefix)
+    }
+    /// The desired topic of a device for `slot` (None: the device's own
+    /// `desired`, the default slot).
+    pub fn device_desired_in(&self, device: &str, slot: Option<&str>) -> String {
+        match slot {
+            Some(s) => self.device_model_desired(device, s),
+            None => self.device_desired(device),
+        }
+    }
+    /// The desired topic of a group for `slot` (None: the group's `desired`).
+    pub fn group_desired_in(&self, group: &str, slot: Option<&str>) -> String {
+        match slot {
+            Some(s) => self.group_model_desired(group, s),
+            None => self.group_desired(group),
+        }
+    }
+    /// Retained progress of a staged rollout to a group (operator tools
+    /// only; devices never read it): `outpost/rollouts/{group}` for the
+    /// default slot, `outpost/rollouts/{group}/models/{slot}` for a slot.
+    pub fn rollout(&self, group: &str, slot: Option<&str>) -> String {
+        match slot {
+            Some(s) => format!("{}/rollouts/{group}/models/{s}", self.prefix),
+            None => format!("{}/rollouts/{group}", self.prefix),
+        }
+    }
+
     /// What a device/group topic refers to, if it is one of ours.
     ///
     /// Brokers that bridge MQTT to AMQP (RabbitMQ's MQTT plugin) deliver a
@@ -87,7 +125,23 @@ impl Topics {
         let rest = rest.strip_prefix('/')?;
         let (scope, rest) = rest.split_once('/')?;
         let (name, leaf) = rest.rsplit_once('/')?;
-        if name.is_empty() || name.starts_with('/') || name.ends_with('/') || name.contains("//") {
+        // `{name}/models/{slot}/{leaf}`: a slot never holds `/` (nor `.`,
+        // which RabbitMQ would turn into one).
+        let slotted = name.rsplit_once('/').and_then(|(head, slot)| {
+            let name = head.strip_suffix("/models")?;
+            validate_slot(slot).ok()?;
+            Some((name, slot))
+        });
+        let bad = |name: &str| name.is_empty() || name.starts_with('/') || name.ends_with('/') || name.contains("//");
+        if let Some((name, slot)) = slotted.filter(|(name, _)| !bad(name)) {
+            return match (scope, leaf) {
+                ("devices", "desired") => Some(TopicKind::DeviceModelDesired(name, slot)),
+                ("groups", "desired") => Some(TopicKind::GroupModelDesired(name, slot)),
+                ("devices", "infer") => Some(TopicKind::ModelInfer(name, slot)),
+                _ => None,
+            };
+        }
+        if bad(name) {
             return None;
         }
         match (scope, leaf) {
@@ -115,6 +169,25 @@ pub enum TopicKind<'a> {
     DeviceDesired(&'a str),
     GroupDesired(&'a str),
     Infer(&'a str),
+    /// `devices/{name}/models/{slot}/desired`.
+    DeviceModelDesired(&'a str, &'a str),
+    /// `groups/{name}/models/{slot}/desired`.
+    GroupModelDesired(&'a str, &'a str),
+    /// `devices/{name}/models/{slot}/infer`.
+    ModelInfer(&'a str, &'a str),
+}
+
+/// Checks a model slot name: `[A-Za-z0-9_-]{1,64}` (no `.`: brokers that
+/// bridge to AMQP turn dots into topic levels).
+pub fn validate_slot(slot: &str) -> Result<(), ProtocolError> {
+    let ok = !slot.is_empty()
+        && slot.len() <= 64
+        && slot.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(ProtocolError::invalid("slot", "1 to 64 characters of A-Z a-z 0-9 _ -", crate::error::excerpt(slot, 80)))
+    }
 }
 
 /// Checks a device or group name: `[A-Za-z0-9_.-]{1,64}`, so it is safe in a
@@ -148,6 +221,32 @@ mod tests {
         assert_eq!(t.infer("dev1"), "outpost/devices/dev1/infer");
         assert_eq!(t.predictions("dev1"), "outpost/devices/dev1/predictions");
         assert_eq!(t.capture("dev1"), "outpost/devices/dev1/capture");
+        assert_eq!(t.device_model_desired("dev1", "det"), "outpost/devices/dev1/models/det/desired");
+        assert_eq!(t.group_model_desired("cams", "det"), "outpost/groups/cams/models/det/desired");
+        assert_eq!(t.model_infer("dev1", "det"), "outpost/devices/dev1/models/det/infer");
+        assert_eq!(t.rollout("cams", None), "outpost/rollouts/cams");
+        assert_eq!(t.rollout("cams", Some("det")), "outpost/rollouts/cams/models/det");
+    }
+
+    #[test]
+    fn classifies_slot_topics() {
+        let t = Topics::default();
+        assert_eq!(t.classify("outpost/devices/d/models/det/desired"), Some(TopicKind::DeviceModelDesired("d", "det")));
+        assert_eq!(t.classify("outpost/groups/g/models/c-1/desired"), Some(TopicKind::GroupModelDesired("g", "c-1")));
+        assert_eq!(t.classify("outpost/devices/d/models/det/infer"), Some(TopicKind::ModelInfer("d", "det")));
+        // RabbitMQ: a dotted device name arrives with slashes.
+        let Some(TopicKind::DeviceModelDesired(d, s)) = t.classify("outpost/devices/cam/18/models/det/desired") else {
+            panic!()
+        };
+        assert!(same_name(d, "cam.18"));
+        assert_eq!(s, "det");
+        assert_eq!(t.classify("outpost/devices/d/models/det/state"), None);
+        assert_eq!(t.classify("outpost/devices//models/det/desired"), None);
+        // A device named `models` keeps its own topics.
+        assert_eq!(t.classify("outpost/devices/models/desired"), Some(TopicKind::DeviceDesired("models")));
+        for bad in ["", "a.b", "a/b", "+", &"x".repeat(65)] {
+            assert!(validate_slot(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -86,6 +86,9 @@ pub struct Undeploy {
     pub target: Target,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deployment_id: Option<String>,
+    /// The model slot it withdraws (absent: the default slot).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slot: Option<String>,
 }
 
 /// A root's statement that a deploy key may sign for a scope until an expiry.
@@ -368,6 +371,20 @@ impl Trust {
     /// checks its signature (when keys are configured), its target, and
     /// parses what it says.
     pub fn open(&self, payload: &[u8], arrived_on: &Target, now: SystemTime) -> Result<(Desired, Signer), Refused> {
+        self.open_in(payload, arrived_on, None, now)
+    }
+
+    /// [`Trust::open`] for a message that arrived on the desired topic of
+    /// model slot `slot` (None: the default slot). The message's `slot`
+    /// must be that slot (absent for the default one).
+    pub fn open_in(
+        &self,
+        payload: &[u8],
+        arrived_on: &Target,
+        slot: Option<&str>,
+        now: SystemTime,
+    ) -> Result<(Desired, Signer), Refused> {
+        let place = Place { target: arrived_on, slot };
         if payload.is_empty() {
             if self.enforced() {
                 let msg = "an empty (undeploy) payload is unsigned: this device only accepts a signed undeploy \
@@ -389,7 +406,7 @@ impl Trust {
                 return Err(Refused::new(ErrorCode::SignatureRequired, msg, None));
             }
             let d = Deployment::from_json(payload).map_err(|e| Refused { error: e.info(), claimed: None })?;
-            check_target(&d.target, arrived_on, false, Some(&d))?;
+            check_target(&d.target, d.slot.as_deref(), place, false, Some(&d))?;
             return Ok((Desired::Deploy(Box::new(d)), Signer::Unchecked));
         }
         let env: Envelope = parse_json(payload).map_err(|e| Refused { error: e.info(), claimed: None })?;
@@ -413,13 +430,13 @@ impl Trust {
         let desired = match env.payload_type.as_str() {
             DEPLOYMENT_TYPE => {
                 let d = Deployment::from_json(&body).map_err(|e| Refused { error: e.info(), claimed: None })?;
-                check_target(&d.target, arrived_on, self.enforced(), Some(&d))?;
+                check_target(&d.target, d.slot.as_deref(), place, self.enforced(), Some(&d))?;
                 Desired::Deploy(Box::new(d))
             }
             UNDEPLOY_TYPE => {
                 check_schema(&body, UNDEPLOY_SCHEMA).map_err(|e| Refused { error: e.info(), claimed: None })?;
                 let u: Undeploy = parse_json(&body).map_err(|e| Refused { error: e.info(), claimed: None })?;
-                check_target(&Some(u.target.clone()), arrived_on, self.enforced(), None)?;
+                check_target(&Some(u.target.clone()), u.slot.as_deref(), place, self.enforced(), None)?;
                 Desired::Undeploy { revision: Some(u.revision), deployment_id: u.deployment_id }
             }
             other => {
@@ -555,12 +572,35 @@ fn fmt_time(t: SystemTime) -> String {
 /// The target a message names must be the topic it came on; with keys
 /// configured it must name one (else a message signed for one device could
 /// be replayed on another's topic).
+/// The topic a desired message arrived on: whose, and which model slot.
+#[derive(Clone, Copy)]
+struct Place<'a> {
+    target: &'a Target,
+    slot: Option<&'a str>,
+}
+
 fn check_target(
     target: &Option<Target>,
-    arrived_on: &Target,
+    slot: Option<&str>,
+    place: Place,
     required: bool,
     claimed: Option<&Deployment>,
 ) -> Result<(), Refused> {
+    let arrived_on = place.target;
+    // Unsigned, a deployment without `slot` is for the slot it arrives in.
+    let unnamed_ok = slot.is_none() && !required;
+    if slot != place.slot && !unnamed_ok {
+        let name = |s: Option<&str>| s.map_or("the default slot".to_string(), |s| format!("model slot {s}"));
+        return Err(Refused::new(
+            if required { ErrorCode::SignatureInvalid } else { ErrorCode::InvalidMessage },
+            format!(
+                "the message is for {} (\"slot\") but arrived on the desired topic of {}",
+                crate::error::excerpt(&name(slot), 80),
+                name(place.slot)
+            ),
+            claimed.cloned(),
+        ));
+    }
     match target {
         Some(t) if t == arrived_on => Ok(()),
         Some(t) => Err(Refused::new(
@@ -773,10 +813,43 @@ mod tests {
     }
 
     #[test]
+    fn a_message_for_one_model_slot_is_refused_in_another() {
+        let root = SigningKey::generate().unwrap();
+        let trust = Trust { roots: vec![root.public()] };
+        let with_slot = |slot: Option<&str>| {
+            let mut v: serde_json::Value = serde_json::from_slice(&deployment(Some(cam()), 5)).unwrap();
+            if let Some(s) = slot {
+                v["slot"] = s.into();
+            }
+            serde_json::to_vec(&root.seal(DEPLOYMENT_TYPE, &serde_json::to_vec(&v).unwrap(), None)).unwrap()
+        };
+        // Signed for the slot it arrives in: accepted.
+        let (d, _) = trust.open_in(&with_slot(Some("det")), &cam(), Some("det"), now()).unwrap();
+        assert!(matches!(d, Desired::Deploy(d) if d.slot.as_deref() == Some("det")));
+        trust.open_in(&with_slot(None), &cam(), None, now()).unwrap();
+        // Replayed into another slot, or between a slot and the default topic.
+        for (signed_for, arrived) in [(Some("det"), Some("cls")), (None, Some("det")), (Some("det"), None)] {
+            let e = trust.open_in(&with_slot(signed_for), &cam(), arrived, now()).unwrap_err();
+            assert_eq!(e.error.code, ErrorCode::SignatureInvalid, "{signed_for:?} on {arrived:?}");
+            assert!(e.error.message.contains("arrived on the desired topic of"), "{}", e.error.message);
+        }
+        // Without keys a message naming another slot is still refused; one
+        // naming none is for the slot it arrives in.
+        let open = Trust::default();
+        let mut v: serde_json::Value = serde_json::from_slice(&deployment(None, 5)).unwrap();
+        v["slot"] = "det".into();
+        let e = open.open_in(&serde_json::to_vec(&v).unwrap(), &cam(), Some("cls"), now()).unwrap_err();
+        assert_eq!(e.error.code, ErrorCode::InvalidMessage);
+        open.open_in(&serde_json::to_vec(&v).unwrap(), &cam(), Some("det"), now()).unwrap();
+        open.open_in(&deployment(None, 5), &cam(), Some("cls"), now()).unwrap();
+    }
+
+    #[test]
     fn a_signed_undeploy_carries_its_revision() {
         let root = SigningKey::generate().unwrap();
         let trust = Trust { roots: vec![root.public()] };
-        let u = Undeploy { schema: UNDEPLOY_SCHEMA.into(), revision: 7, target: cam(), deployment_id: None };
+        let u =
+            Undeploy { schema: UNDEPLOY_SCHEMA.into(), revision: 7, target: cam(), deployment_id: None, slot: None };
         let env = root.seal(UNDEPLOY_TYPE, &serde_json::to_vec(&u).unwrap(), None);
         let (desired, _) = trust.open(&serde_json::to_vec(&env).unwrap(), &cam(), now()).unwrap();
         assert_eq!(desired, Desired::Undeploy { revision: Some(7), deployment_id: None });

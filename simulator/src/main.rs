@@ -634,7 +634,7 @@ async fn run(command: Command) -> ExitCode {
                 _ => return fail(EXIT_USAGE, "give --device or --group"),
             };
             let revision = revision.unwrap_or_else(operator::clock_revision);
-            let payload = signer.as_ref().map(|s| s.undeploy(target, revision)).unwrap_or_default();
+            let payload = signer.as_ref().map(|s| s.undeploy(target, None, revision)).unwrap_or_default();
             let op = match tls.connect(&broker, &format!("outpost-sim-undeploy-{}", std::process::id())).await {
                 Ok(o) => o,
                 Err((code, e)) => return fail(code, &e),

@@ -240,6 +240,8 @@ pub fn deployment(
         serving: Default::default(),
         policy: Default::default(),
         target: None,
+        slot: None,
+        shadow: None,
     }
 }
 

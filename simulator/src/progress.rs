@@ -431,6 +431,8 @@ mod tests {
             error: None,
             detail: None,
             timings_ms: None,
+            slot: None,
+            shadow: None,
         }
     }
 

@@ -50,9 +50,10 @@ impl Signer {
         serde_json::to_vec(&env).unwrap_or_default()
     }
 
-    /// The signed form of an undeployment.
-    pub fn undeploy(&self, target: Target, revision: u64) -> Vec<u8> {
-        let u = Undeploy { schema: UNDEPLOY_SCHEMA.into(), revision, target, deployment_id: None };
+    /// The signed form of an undeployment of `slot` (None: the default slot).
+    pub fn undeploy(&self, target: Target, slot: Option<&str>, revision: u64) -> Vec<u8> {
+        let slot = slot.map(str::to_string);
+        let u = Undeploy { schema: UNDEPLOY_SCHEMA.into(), revision, target, deployment_id: None, slot };
         let env = self.key.seal(UNDEPLOY_TYPE, &serde_json::to_vec(&u).unwrap_or_default(), self.certificate.clone());
         serde_json::to_vec(&env).unwrap_or_default()
     }

@@ -159,6 +159,8 @@ impl Reporter {
             error,
             detail,
             timings_ms,
+            slot: None,
+            shadow: None,
         };
         match (&ev.error, phase) {
             (Some(e), _) => {
@@ -199,6 +201,7 @@ impl Reporter {
             seq: self.next_seq(),
             active: view.active,
             last_deployment: view.last_deployment,
+            models: Default::default(),
         }
     }
 

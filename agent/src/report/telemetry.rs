@@ -60,6 +60,8 @@ impl Reporter {
                 journal_dropped: journal.1,
                 journal_bytes: journal.2,
             },
+            shadow: None,
+            models: Default::default(),
         }
     }
 }
