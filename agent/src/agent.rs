@@ -148,7 +148,7 @@ impl Agent {
                 .map_err(|source| AgentError::DataDir { dir: config.data_dir.clone(), source })?,
         );
         let (outbox, inbox) = crate::link::publisher::outbox();
-        let reporter = Arc::new(Reporter::new(&config.device, config.topics.clone(), outbox.clone()));
+        let reporter = Arc::new(Reporter::new(&config.device, &config.groups, config.topics.clone(), outbox.clone()));
         let engine = Arc::new(Engine::new(live.workers, live.max_queue));
         let pipeline = Arc::new(Pipeline {
             store: store.clone(),

@@ -63,7 +63,7 @@ pub async fn check_bundle(url: &str, sha256: Option<String>, fetch: FetchConfig)
     };
     d.validate().map_err(|e| e.info())?;
     let (tx, mut rx) = crate::link::publisher::outbox();
-    let reporter = Arc::new(Reporter::new("check-bundle", Topics::default(), tx));
+    let reporter = Arc::new(Reporter::new("check-bundle", &[], Topics::default(), tx));
     let pipeline = Arc::new(Pipeline {
         store,
         fetcher,

@@ -10,6 +10,10 @@ pub struct DeviceState {
     pub schema: String,
     pub device: String,
     pub agent_version: String,
+    /// The groups the device takes desired states from, in precedence
+    /// order (its configuration), so operator tools can find a group's devices.
+    #[serde(default)]
+    pub groups: Vec<String>,
     /// Increases with every state or event the device publishes.
     pub seq: u64,
     /// What serves now; `null` when nothing does.

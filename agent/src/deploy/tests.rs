@@ -59,7 +59,7 @@ impl Lab {
         let (data, registry) = (dir.path().join("data"), dir.path().join("registry"));
         let store = Arc::new(Store::open(&data).unwrap());
         let (out, inbox) = outbox();
-        let reporter = Arc::new(Reporter::new("lab", Topics::default(), out));
+        let reporter = Arc::new(Reporter::new("lab", &[], Topics::default(), out));
         let engine = Arc::new(Engine::new(1, 8));
         let pipeline = Arc::new(Pipeline {
             store,

@@ -27,6 +27,7 @@ const SEQ_RESTART_GAP: u64 = 10_000;
 #[derive(Debug)]
 pub(crate) struct Reporter {
     device: String,
+    groups: Vec<String>,
     topics: Topics,
     out: Outbox,
     seq: AtomicU64,
@@ -38,9 +39,10 @@ pub(crate) struct Reporter {
 }
 
 impl Reporter {
-    pub fn new(device: &str, topics: Topics, out: Outbox) -> Reporter {
+    pub fn new(device: &str, groups: &[String], topics: Topics, out: Outbox) -> Reporter {
         Reporter {
             device: device.to_string(),
+            groups: groups.to_vec(),
             topics,
             out,
             seq: AtomicU64::new(0),
@@ -198,6 +200,7 @@ impl Reporter {
             schema: outpost_protocol::state::SCHEMA.into(),
             device: self.device.clone(),
             agent_version: env!("CARGO_PKG_VERSION").into(),
+            groups: self.groups.clone(),
             seq: self.next_seq(),
             active: view.active,
             last_deployment: view.last_deployment,
