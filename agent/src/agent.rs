@@ -16,6 +16,7 @@ use crate::link::{Protocol, SessionConfig};
 use crate::report::Reporter;
 use crate::serve::Engine;
 use crate::serve::http::Endpoint;
+use crate::serve::models::Models;
 use outpost_protocol::Topics;
 use outpost_protocol::topics::{TopicKind, same_name};
 use std::future::Future;
@@ -96,6 +97,53 @@ pub async fn run(
     Ok(())
 }
 
+/// Model slots a device takes at most (`devices/{d}/models/{slot}/desired`,
+/// `groups/{g}/models/{slot}/desired`): a desired state for one more is
+/// refused `slot_limit`. Bounds the engines, records and worker pools a
+/// publisher can make the agent create.
+pub const MAX_SLOTS: usize = 16;
+
+/// A model slot's deployer.
+struct Slot {
+    deployments: Deployments,
+    deployer: tokio::task::JoinHandle<()>,
+}
+
+/// What a new model slot is made of.
+struct SlotParts {
+    store: Arc<Store>,
+    reporter: Arc<Reporter>,
+    counters: Arc<crate::serve::Counters>,
+    fetch: FetchConfig,
+    isolation: crate::deploy::isolate::Isolation,
+    authority: crate::deploy::Authority,
+    max_packet_size: usize,
+}
+
+impl SlotParts {
+    /// Opens model slot `name`: its engine, and its deployer, which serves
+    /// the slot's last active version from the store (its record,
+    /// `slots/NAME.json`) before returning. The deployer is not running yet.
+    async fn open(&self, name: &str, live: &crate::config::Live) -> (Arc<Engine>, Deployer, Deployments) {
+        let engine = Arc::new(Engine::sharing(live.workers, live.max_queue, self.counters.clone()));
+        let reporter = Arc::new(self.reporter.for_slot(name));
+        let pipeline = Arc::new(Pipeline {
+            store: self.store.clone(),
+            fetcher: Fetcher::new(self.fetch.clone()),
+            engine: engine.clone(),
+            reporter: reporter.clone(),
+            limits: arc_swap::ArcSwap::from_pointee(limits(live)),
+            // The device's endpoint moves with the default slot only.
+            http: Default::default(),
+            isolation: self.isolation.clone(),
+            slot: Some(name.to_string()),
+        });
+        let (deployer, deployments, _) = Deployer::open(pipeline, reporter.clone(), self.authority.clone()).await;
+        crate::report::publish_captures(&engine, reporter, self.max_packet_size);
+        (engine, deployer, deployments)
+    }
+}
+
 /// The parts of a running agent and the state of its main loop.
 struct Agent {
     config: Config,
@@ -107,6 +155,11 @@ struct Agent {
     outbox: Outbox,
     deployments: Deployments,
     deployer: tokio::task::JoinHandle<()>,
+    /// What serves: the default slot's engine and each model slot's.
+    models: Arc<Models>,
+    /// The model slots' deployers, by slot name.
+    slots: std::collections::BTreeMap<String, Slot>,
+    slot_parts: SlotParts,
     http: Option<Arc<Endpoint>>,
     connection: Connection,
     session: Session,
@@ -158,21 +211,36 @@ impl Agent {
             limits: arc_swap::ArcSwap::from_pointee(limits(&live)),
             http: Default::default(),
             isolation: config.isolation.clone(),
+            slot: None,
         });
         // The MQTT session's settings fail before the record is touched.
         let (client, session) =
             Session::new(&config.session, &config.topics, &config.device, 1024).map_err(AgentError::Tls)?;
-        let (mut deployer, deployments, restored) = Deployer::open(
-            pipeline.clone(),
-            reporter.clone(),
-            crate::deploy::Authority {
-                device: config.device.clone(),
-                groups: config.groups.clone(),
-                trust: config.trust.clone(),
-            },
-        )
-        .await;
+        let authority = crate::deploy::Authority {
+            device: config.device.clone(),
+            groups: config.groups.clone(),
+            trust: config.trust.clone(),
+        };
+        let (mut deployer, deployments, restored) =
+            Deployer::open(pipeline.clone(), reporter.clone(), authority.clone()).await;
         crate::report::publish_captures(&engine, reporter.clone(), config.session.max_packet_size);
+        let slot_parts = SlotParts {
+            store: store.clone(),
+            reporter: reporter.clone(),
+            counters: engine.counters.clone(),
+            fetch: config.fetch.clone(),
+            isolation: config.isolation.clone(),
+            authority,
+            max_packet_size: config.session.max_packet_size,
+        };
+        // The model slots serve their last active versions too, before any network.
+        let models = Arc::new(Models::new(engine.clone()));
+        let mut opened = Vec::new();
+        for name in crate::deploy::record::slots_on_disk(&store) {
+            let (slot_engine, slot_deployer, slot_deployments) = slot_parts.open(&name, &live).await;
+            models.add(&name, slot_engine);
+            opened.push((name, slot_deployer, slot_deployments));
+        }
 
         // The local endpoint serves from the store even while the broker is unreachable.
         let http = match config.http_bind {
@@ -180,7 +248,7 @@ impl Agent {
                 let started = Endpoint::start(
                     addr,
                     restored.http_port,
-                    engine.clone(),
+                    models.clone(),
                     config.http_limits,
                     tokio::runtime::Handle::current(),
                 );
@@ -232,8 +300,16 @@ impl Agent {
             journal.clone(),
             online_rx,
         ));
-        let mut subscriptions = vec![config.topics.device_desired(&config.device), config.topics.infer(&config.device)];
-        subscriptions.extend(config.groups.iter().map(|g| config.topics.group_desired(g)));
+        let (topics, device) = (&config.topics, &config.device);
+        let mut subscriptions = vec![
+            topics.device_desired(device),
+            topics.infer(device),
+            topics.device_model_desired(device, "+"),
+            topics.model_infer(device, "+"),
+        ];
+        for g in &config.groups {
+            subscriptions.extend([topics.group_desired(g), topics.group_model_desired(g, "+")]);
+        }
         let every = live.telemetry_interval.max(Duration::from_secs(1));
         // systemd: the watchdog is pinged from the main loop, so a stuck loop stops the pings.
         let watchdog = crate::sys::systemd::watchdog_interval().map(|every| interval(every, Duration::ZERO));
@@ -246,6 +322,10 @@ impl Agent {
         // Pending work resumes once the device is READY: a new version's
         // model code runs isolated, but the control plane comes first.
         let deployer = tokio::spawn(deployer.run());
+        let slots = opened
+            .into_iter()
+            .map(|(name, d, deployments)| (name, Slot { deployments, deployer: tokio::spawn(d.run()) }))
+            .collect();
         let mqtt_inflight_kib = Arc::new(tokio::sync::Semaphore::new((config.mqtt_max_inflight_bytes / 1024).max(1)));
         Ok(Agent {
             connection: Connection::new(config.session.protocol),
@@ -258,6 +338,9 @@ impl Agent {
             outbox,
             deployments,
             deployer,
+            models,
+            slots,
+            slot_parts,
             http,
             session,
             link,
@@ -312,6 +395,9 @@ impl Agent {
             self.telemetry_tick = interval(every, every);
         }
         self.deployments.set_limits(limits(&new));
+        for slot in self.slots.values() {
+            slot.deployments.set_limits(limits(&new));
+        }
         self.live = new;
     }
 
@@ -323,7 +409,7 @@ impl Agent {
         let t = self.telemetry.report(
             &self.config.device,
             self.started,
-            &self.engine,
+            &self.models,
             {
                 let (bytes, versions) = self.store.usage();
                 outpost_protocol::telemetry::StoreStats { bytes, versions }
@@ -423,7 +509,24 @@ impl Agent {
                 Some(i) => self.on_desired(Source::Group(i), &m).await,
                 None => self.unplaced(m.topic()),
             },
-            Some(TopicKind::Infer(d)) if same_name(d, device) => self.on_infer(m.clone()),
+            Some(TopicKind::Infer(d)) if same_name(d, device) => self.on_infer(m.clone(), None),
+            Some(TopicKind::DeviceModelDesired(d, slot)) if same_name(d, device) => {
+                let slot = slot.to_string();
+                self.on_slot_desired(Source::Device, &slot, &m).await
+            }
+            Some(TopicKind::GroupModelDesired(g, slot)) => {
+                match self.config.groups.iter().position(|x| same_name(g, x)) {
+                    Some(i) => {
+                        let slot = slot.to_string();
+                        self.on_slot_desired(Source::Group(i), &slot, &m).await
+                    }
+                    None => self.unplaced(m.topic()),
+                }
+            }
+            Some(TopicKind::ModelInfer(d, slot)) if same_name(d, device) => {
+                let slot = slot.to_string();
+                self.on_infer(m.clone(), Some(&slot))
+            }
             _ => self.unplaced(m.topic()),
         }
         // Acked once handled: a desired state only after it is recorded on disk.
@@ -454,11 +557,50 @@ impl Agent {
         self.deployments.desired(source, m.payload(), self.config.session.max_packet_size).await;
     }
 
+    /// A desired state for model slot `slot`: handed to its deployer, which
+    /// is opened on the slot's first deployment (at most [`MAX_SLOTS`]).
+    async fn on_slot_desired(&mut self, source: Source, slot: &str, m: &Message) {
+        if !self.slots.contains_key(slot) {
+            if m.payload().is_empty() {
+                // Withdrawing a slot this device never had: nothing to do.
+                tracing::debug!(slot, "undeploy of a model slot that does not exist");
+                return;
+            }
+            if self.slots.len() >= MAX_SLOTS {
+                let e = outpost_protocol::ErrorInfo::new(
+                    outpost_protocol::ErrorCode::SlotLimit,
+                    format!(
+                        "model slot {slot} would be this device's {}th; it takes at most {MAX_SLOTS} \
+                         (undeploying a slot does not free its place until the agent restarts without its record)",
+                        MAX_SLOTS + 1
+                    ),
+                );
+                self.engine.counters.tally.desired_refused(e.code);
+                self.reporter.for_slot(slot).refused(None, 0, &e);
+                return;
+            }
+            let (engine, deployer, deployments) = self.slot_parts.open(slot, &self.live).await;
+            self.models.add(slot, engine);
+            tracing::info!(slot, "model slot opened");
+            self.slots.insert(slot.to_string(), Slot { deployments, deployer: tokio::spawn(deployer.run()) });
+        }
+        if let Some(s) = self.slots.get(slot) {
+            s.deployments.desired(source, m.payload(), self.config.session.max_packet_size).await;
+        }
+    }
+
     /// Answers a request from its own task, tracked: the drain waits for it.
     /// The bytes of requests in flight are bounded (`mqtt.max_inflight_bytes`):
     /// past it a request is answered `overloaded` at once, unread.
-    fn on_infer(&mut self, request: Message) {
-        let (engine, out) = (self.engine.clone(), self.outbox.clone());
+    fn on_infer(&mut self, request: Message, slot: Option<&str>) {
+        let engine = match slot {
+            None => self.engine.clone(),
+            Some(s) => self.models.slot(s).unwrap_or_else(|| {
+                // No such slot: answered `no_model` by an engine with nothing in it.
+                Arc::new(Engine::sharing(1, 1, self.engine.counters.clone()))
+            }),
+        };
+        let out = self.outbox.clone();
         let predictions = self.config.topics.predictions(&self.config.device);
         let prefixes = self.config.reply_prefixes.clone();
         let limit = self.config.session.max_packet_size;
@@ -504,10 +646,14 @@ impl Agent {
         tracing::info!(grace_s = grace.as_secs_f64(), "shutting down: finishing requests in flight");
         let deadline = Instant::now() + grace;
         self.deployments.stop();
+        for slot in self.slots.values() {
+            slot.deployments.stop();
+        }
         self.requests.close();
         let http = self.http.clone();
         let (requests, outbox, deployments) = (self.requests.clone(), self.outbox.clone(), self.deployments.clone());
         let deployer = self.deployer;
+        let slots: Vec<Slot> = std::mem::take(&mut self.slots).into_values().collect();
         let work = async move {
             // HTTP requests finish inside the endpoint's stop; MQTT ones are tracked.
             let http_stopped = async {
@@ -519,7 +665,13 @@ impl Agent {
             // No request can reach a version on probation any more: the
             // deployer records the last verdicts and ends.
             deployments.finish();
+            for slot in &slots {
+                slot.deployments.finish();
+            }
             let _ = deployer.await;
+            for slot in slots {
+                let _ = slot.deployer.await;
+            }
             // Everything they said, handed to the publisher before this, goes out.
             outbox.flush().await;
         };

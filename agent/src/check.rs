@@ -73,6 +73,7 @@ pub async fn check_bundle(url: &str, sha256: Option<String>, fetch: FetchConfig)
         http: Default::default(),
         // `outpost check-bundle`: the model runs isolated, as on a device.
         isolation: crate::deploy::isolate::Isolation::this_binary(),
+        slot: None,
     });
     let printer = tokio::spawn(async move {
         while let Some(m) = rx.recv().await {

@@ -50,6 +50,9 @@ pub enum ErrorCode {
     /// A URL scheme or location the device is configured not to fetch from
     /// (`file://` unless `download.file_root` allows it).
     UrlRefused,
+    /// A desired state for a new model slot while the device already has
+    /// as many slots as it allows (`models.max_slots`).
+    SlotLimit,
 }
 
 impl ErrorCode {
@@ -82,6 +85,7 @@ impl ErrorCode {
             ErrorCode::ModelCrashed => "model_crashed",
             ErrorCode::ReplyRefused => "reply_refused",
             ErrorCode::UrlRefused => "url_refused",
+            ErrorCode::SlotLimit => "slot_limit",
         }
     }
 }

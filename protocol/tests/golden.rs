@@ -36,6 +36,8 @@ fn manifest() {
 fn state() {
     let s = round_trip("state.json", |b| DeviceState::from_json(b).unwrap());
     assert_eq!(s.last_deployment.unwrap().error.unwrap().code, ErrorCode::DigestMismatch);
+    assert_eq!(s.models["det"].active.as_ref().unwrap().version, "8");
+    assert_eq!(s.groups, ["cameras"]);
 }
 
 #[test]
@@ -48,7 +50,9 @@ fn events() {
 
 #[test]
 fn telemetry() {
-    round_trip("telemetry.json", |b| serde_json::from_slice::<Telemetry>(b).unwrap());
+    let t = round_trip("telemetry.json", |b| serde_json::from_slice::<Telemetry>(b).unwrap());
+    assert_eq!(t.shadow.unwrap().top1_agree, 118);
+    assert_eq!(t.models["det"].inference.rejected, 1);
 }
 
 #[test]

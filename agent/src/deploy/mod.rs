@@ -177,7 +177,7 @@ impl Deployer {
         authority: Authority,
     ) -> (Deployer, Deployments, Restored) {
         let engine = pipeline.engine.clone();
-        let mut record = Record::read(&pipeline.store);
+        let mut record = Record::read(&pipeline.store, pipeline.slot.as_deref());
         reporter.resume_seq(record.seq);
         record.remap_groups(&authority.groups);
         // What an unsigned publisher could set before keys were configured
@@ -234,6 +234,12 @@ impl Deployer {
             d.reporter.event(&p.deployment, Phase::Superseded, None, None, Some(detail.into()));
         }
         let restored = d.restore(unsigned_history).await;
+        // What this slot keeps, before any slot's retention runs.
+        let mut held = d.record.history.clone();
+        held.extend(
+            d.record.active.iter().chain(&d.record.pending).map(|a| a.deployment.model.manifest_sha256.clone()),
+        );
+        d.pipeline.store.hold(d.pipeline.slot_key(), &held);
         (d, Deployments { tx }, restored)
     }
 
@@ -457,7 +463,9 @@ impl Deployer {
             return;
         }
         let arrived_on = self.authority.target(source);
-        let decision = match self.authority.trust.open(payload, &arrived_on, std::time::SystemTime::now()) {
+        let slot = self.pipeline.slot.as_deref();
+        let opened = self.authority.trust.open_in(payload, &arrived_on, slot, std::time::SystemTime::now());
+        let decision = match opened {
             Err(refused) => {
                 self.count_refused(refused.error.code);
                 tracing::warn!(topic = %arrived_on, error = %refused.error, "desired state refused");
@@ -478,7 +486,7 @@ impl Deployer {
                 return;
             }
             Ok((Desired::Deploy(d), signer)) => {
-                if let Some(e) = self.downgrade(source, &d) {
+                if let Some(e) = self.downgrade(source, &d).or_else(|| self.slot_port(&d)) {
                     self.count_refused(e.code);
                     self.reporter.refused_desired(&d, &e);
                     return;
@@ -603,6 +611,21 @@ impl Deployer {
         ))
     }
 
+    /// `invalid_message` for a model slot's deployment that sets
+    /// `serving.http_port`: the endpoint is the device's, one port for
+    /// every model (moved by the default slot's deployments only).
+    fn slot_port(&self, d: &Deployment) -> Option<ErrorInfo> {
+        let slot = self.pipeline.slot.as_deref()?;
+        d.serving.http_port?;
+        Some(ErrorInfo::new(
+            ErrorCode::InvalidMessage,
+            format!(
+                "serving.http_port: model slot {slot} is served on the device's HTTP endpoint (/v2/models/{slot}); \
+                 only a deployment on the device's own desired topic moves its port"
+            ),
+        ))
+    }
+
     /// Starts deploying `d`, superseding whatever deployment is in progress:
     /// the running one is cancelled and `d` starts when it has ended.
     async fn start(&mut self, source: Source, d: Deployment, why: &'static str) {
@@ -648,6 +671,8 @@ impl Deployer {
         );
         let own = self.own.clone();
         let job = tokio::task::spawn_blocking(move || {
+            // Other slots' retention waits for this deployment to end.
+            let _deploying = pipeline.store.deploying(pipeline.slot_key());
             let installing = || {
                 let (recorded, done) = std::sync::mpsc::channel();
                 let _ = own.send(Command::Installing { deployment: Box::new(dep.clone()), recorded });
@@ -706,8 +731,11 @@ impl Deployer {
             // download is kept to resume): what a deployment that ended
             // without serving downloaded in part is of no further use.
             None if !self.stopping => {
-                let store = self.pipeline.store.clone();
-                let freed = tokio::task::spawn_blocking(move || store.remove_partials()).await.unwrap_or(0);
+                let pipeline = self.pipeline.clone();
+                let freed =
+                    tokio::task::spawn_blocking(move || pipeline.store.remove_partials_for(pipeline.slot_key()))
+                        .await
+                        .unwrap_or(0);
                 if freed > 0 {
                     tracing::info!(freed, "partial downloads of the ended deployment removed");
                 }
@@ -800,11 +828,16 @@ impl Deployer {
         // Retention before the event too: when `active` arrives, the store is as it stays.
         let mut protected = keep;
         protected.extend(self.probation.as_ref().map(|p| p.previous.deployment.model.manifest_sha256.clone()));
-        let store = self.pipeline.store.clone();
+        let pipeline = self.pipeline.clone();
         let _ = tokio::task::spawn_blocking(move || {
-            let (removed, freed) = store.retain(&protected, &[]);
-            let (bytes, versions) = store.usage();
-            tracing::info!(removed, freed, store_bytes = bytes, versions, "store retention applied");
+            let store = &pipeline.store;
+            match store.collect(pipeline.slot_key(), &protected, &[]) {
+                Some((removed, freed)) => {
+                    let (bytes, versions) = store.usage();
+                    tracing::info!(removed, freed, store_bytes = bytes, versions, "store retention applied");
+                }
+                None => tracing::info!("store retention deferred: another model slot is deploying"),
+            }
         })
         .await;
         let mut detail =
@@ -935,7 +968,8 @@ impl Deployer {
     async fn persist(&mut self) -> Result<(), String> {
         self.record.seq = self.reporter.seq();
         let (store, record) = (self.pipeline.store.clone(), self.record.clone());
-        let written = tokio::task::spawn_blocking(move || record.write(&store))
+        let slot = self.pipeline.slot.clone();
+        let written = tokio::task::spawn_blocking(move || record.write(&store, slot.as_deref()))
             .await
             .unwrap_or_else(|e| Err(format!("the write panicked: {e}")));
         self.publish_view();

@@ -31,6 +31,8 @@ pub struct Pipeline {
     pub http: std::sync::OnceLock<Arc<crate::serve::http::Endpoint>>,
     /// Where a new version's first load and golden sample run.
     pub isolation: Isolation,
+    /// The model slot it deploys to (None: the default slot).
+    pub slot: Option<String>,
 }
 
 /// Limits from the agent's configuration.
@@ -117,6 +119,11 @@ pub struct Prepared {
 }
 
 impl Pipeline {
+    /// The slot's key in the store's retention (`""`: the default slot).
+    pub fn slot_key(&self) -> &str {
+        self.slot.as_deref().unwrap_or("")
+    }
+
     /// Everything up to (not including) the swap, reporting each phase.
     /// `protected`: versions retention may not evict to make room.
     /// `installing` is called (and must have recorded it) before the
@@ -368,7 +375,10 @@ impl Pipeline {
         };
         let Some(first) = shortfall()? else { return Ok(()) };
         let partials: Vec<&str> = missing.iter().map(|f| f.sha256.as_str()).collect();
-        let (removed, freed) = self.store.retain(protected, &partials);
+        let Some((removed, freed)) = self.store.collect(self.slot_key(), protected, &partials) else {
+            let why = format!("{first}: nothing evicted while another model slot's deployment is in progress");
+            return Err(ErrorInfo::new(ErrorCode::DiskFull, why));
+        };
         if removed > 0 || freed > 0 {
             let detail = format!("{first}: evicted {removed} version(s) kept for rollback, {freed} bytes freed");
             tracing::warn!("{detail}");

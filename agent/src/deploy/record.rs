@@ -128,18 +128,39 @@ pub struct Quarantined {
     pub error: ErrorInfo,
 }
 
-/// The file's name in the data directory.
+/// The file's name in the data directory (the default slot's record).
 pub const FILE: &str = "agent.json";
+
+/// Where the record of model slot `slot` is kept (None: the default slot's, [`FILE`]).
+pub fn file(slot: Option<&str>) -> String {
+    match slot {
+        Some(s) => format!("slots/{s}.json"),
+        None => FILE.to_string(),
+    }
+}
+
+/// The model slots that have a record in the store (restored at start).
+pub fn slots_on_disk(store: &Store) -> Vec<String> {
+    let mut slots: Vec<String> = std::fs::read_dir(store.root().join("slots"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.strip_suffix(".json").map(str::to_string))
+        .filter(|s| outpost_protocol::topics::validate_slot(s).is_ok())
+        .collect();
+    slots.sort();
+    slots
+}
 
 impl Record {
     /// The record of the last run (an unreadable one counts as none).
-    pub fn read(store: &Store) -> Record {
-        store.read(FILE).and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default()
+    pub fn read(store: &Store, slot: Option<&str>) -> Record {
+        store.read(&file(slot)).and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default()
     }
 
     /// Writes it durably (an fsync: from a blocking thread).
-    pub fn write(&self, store: &Store) -> Result<(), String> {
-        store.write_atomic(FILE, &serde_json::to_vec_pretty(self).unwrap_or_default()).map_err(|e| {
+    pub fn write(&self, store: &Store, slot: Option<&str>) -> Result<(), String> {
+        store.write_atomic(&file(slot), &serde_json::to_vec_pretty(self).unwrap_or_default()).map_err(|e| {
             tracing::error!(error = %e, "cannot persist agent state; it will be lost at restart");
             e.to_string()
         })

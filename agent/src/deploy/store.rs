@@ -7,7 +7,13 @@
 //! DATA/tmp/                        writes in progress; emptied at start-up
 //! DATA/partial/<hex>               a download in progress, resumed after a restart
 //! DATA/agent.json                  what serves and what was last deployed
+//! DATA/slots/<slot>.json           the same for each model slot
 //! ```
+//! Model slots share the store (a file two slots use is kept once).
+//! Retention keeps what any slot holds, and runs only while no other
+//! slot's deployment is in progress (its downloads are not yet referenced
+//! by a version): until then it is deferred, and the last deployment to
+//! end applies it.
 //! Every write goes to `tmp/`, is fsynced, renamed into place and its
 //! directory fsynced, so a power cut leaves either the old state or the new
 //! one. A version directory appears in one rename, whole or not at all.
@@ -24,6 +30,28 @@ use std::sync::atomic::{AtomicU64, Ordering};
 pub struct Store {
     root: PathBuf,
     tmp_counter: AtomicU64,
+    gc: std::sync::Mutex<Gc>,
+}
+
+/// What each model slot keeps (by slot key: `""` for the default slot) and
+/// which slots have a deployment in progress.
+#[derive(Debug, Default)]
+struct Gc {
+    holds: std::collections::BTreeMap<String, Vec<String>>,
+    running: std::collections::BTreeSet<String>,
+}
+
+/// A slot's deployment in progress, for retention ([`Store::deploying`]).
+#[derive(Debug)]
+pub struct Deploying<'a> {
+    store: &'a Store,
+    slot: String,
+}
+
+impl Drop for Deploying<'_> {
+    fn drop(&mut self) {
+        self.store.lock_gc().running.remove(&self.slot);
+    }
 }
 
 /// What can go wrong in the store. [`StoreError::code`] is the wire's error
@@ -74,7 +102,7 @@ fn internal(what: &str, source: std::io::Error) -> StoreError {
 impl Store {
     /// Opens (creating) the store and removes leftovers of interrupted writes.
     pub fn open(root: &Path) -> std::io::Result<Store> {
-        for d in ["blobs/sha256", "versions", "tmp", "partial"] {
+        for d in ["blobs/sha256", "versions", "tmp", "partial", "slots"] {
             fs::create_dir_all(root.join(d))?;
         }
         let tmp = root.join("tmp");
@@ -82,7 +110,46 @@ impl Store {
             let p = entry?.path();
             let _ = if p.is_dir() { fs::remove_dir_all(&p) } else { fs::remove_file(&p) };
         }
-        Ok(Store { root: root.to_path_buf(), tmp_counter: AtomicU64::new(0) })
+        Ok(Store { root: root.to_path_buf(), tmp_counter: AtomicU64::new(0), gc: Default::default() })
+    }
+
+    fn lock_gc(&self) -> std::sync::MutexGuard<'_, Gc> {
+        self.gc.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Marks `slot`'s deployment in progress until the guard drops (waits
+    /// for a retention pass in progress to end).
+    pub fn deploying(&self, slot: &str) -> Deploying<'_> {
+        self.lock_gc().running.insert(slot.to_string());
+        Deploying { store: self, slot: slot.to_string() }
+    }
+
+    /// Records the versions `slot` keeps, without collecting.
+    pub fn hold(&self, slot: &str, versions: &[String]) {
+        self.lock_gc().holds.insert(slot.to_string(), versions.to_vec());
+    }
+
+    /// Retention for `slot`: records that it keeps `keep`, then removes what
+    /// no slot keeps (see [`Store::retain`]) — unless another slot's
+    /// deployment is in progress: then nothing is removed (None).
+    pub fn collect(&self, slot: &str, keep: &[String], keep_partials: &[&str]) -> Option<(usize, u64)> {
+        let mut gc = self.lock_gc();
+        gc.holds.insert(slot.to_string(), keep.to_vec());
+        if gc.running.iter().any(|s| s != slot) {
+            return None;
+        }
+        let all: Vec<String> = gc.holds.values().flatten().cloned().collect();
+        // Held while it runs: no slot starts a deployment meanwhile.
+        Some(self.retain(&all, keep_partials))
+    }
+
+    /// [`Store::remove_partials`] unless another slot's deployment is in progress.
+    pub fn remove_partials_for(&self, slot: &str) -> u64 {
+        let gc = self.lock_gc();
+        if gc.running.iter().any(|s| s != slot) {
+            return 0;
+        }
+        self.remove_partials()
     }
 
     pub fn blob_path(&self, sha256: &str) -> PathBuf {
@@ -194,7 +261,12 @@ impl Store {
         write_file_synced(&tmp, bytes)?;
         let dest = self.root.join(rel);
         fs::rename(&tmp, &dest)?;
-        sync_dir(&self.root)
+        sync_dir(dest.parent().unwrap_or(&self.root))
+    }
+
+    /// The data directory.
+    pub fn root(&self) -> &Path {
+        &self.root
     }
 
     pub fn read(&self, rel: &str) -> Option<Vec<u8>> {

@@ -69,6 +69,7 @@ impl Lab {
             limits: arc_swap::ArcSwap::from_pointee(pipeline::Limits::new(1, 8)),
             http: Default::default(),
             isolation: crate::deploy::isolate::Isolation::InProcess,
+            slot: None,
         });
         let (deployer, deployments, _) =
             Deployer::open(pipeline, reporter, super::Authority { device: "dev".into(), ..Default::default() }).await;

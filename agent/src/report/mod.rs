@@ -24,8 +24,18 @@ pub struct View {
 /// after a crash; starting this far ahead keeps `seq` increasing.
 const SEQ_RESTART_GAP: u64 = 10_000;
 
+/// One reporter per model slot, all numbering from one `seq` and sharing
+/// one retained state: a slot's events name it, and the state shows every
+/// slot (the default slot's in the top-level fields).
 #[derive(Debug)]
 pub(crate) struct Reporter {
+    /// None: the default slot (the device's `desired` topic and its groups').
+    slot: Option<String>,
+    core: Arc<Core>,
+}
+
+#[derive(Debug)]
+pub(crate) struct Core {
     device: String,
     groups: Vec<String>,
     topics: Topics,
@@ -34,22 +44,41 @@ pub(crate) struct Reporter {
     /// Held from numbering a message to handing it over, so messages reach
     /// the publisher (and the broker) in `seq` order.
     order: Mutex<()>,
-    view: Mutex<View>,
+    /// What the state shows of each slot's record.
+    views: Mutex<std::collections::BTreeMap<Option<String>, View>>,
     tally: std::sync::OnceLock<Arc<crate::serve::metrics::Tally>>,
+}
+
+impl std::ops::Deref for Reporter {
+    type Target = Core;
+    fn deref(&self) -> &Core {
+        &self.core
+    }
 }
 
 impl Reporter {
     pub fn new(device: &str, groups: &[String], topics: Topics, out: Outbox) -> Reporter {
-        Reporter {
+        let core = Core {
             device: device.to_string(),
             groups: groups.to_vec(),
             topics,
             out,
             seq: AtomicU64::new(0),
             order: Mutex::new(()),
-            view: Default::default(),
+            views: Default::default(),
             tally: Default::default(),
-        }
+        };
+        Reporter { slot: None, core: Arc::new(core) }
+    }
+
+    /// The reporter of model slot `slot` (same numbering, same state).
+    pub fn for_slot(&self, slot: &str) -> Reporter {
+        Reporter { slot: Some(slot.to_string()), core: self.core.clone() }
+    }
+
+    /// The slot this reporter speaks for (None: the default slot).
+    pub fn slot(&self) -> Option<&str> {
+        self.slot.as_deref()
     }
 
     /// Where deployment outcomes are counted for `/metrics`.
@@ -161,12 +190,13 @@ impl Reporter {
             error,
             detail,
             timings_ms,
-            slot: None,
+            slot: self.slot.clone(),
             shadow: None,
         };
+        let slot = self.slot.as_deref().unwrap_or("");
         match (&ev.error, phase) {
             (Some(e), _) => {
-                tracing::warn!(deployment = deployment_id, revision, ?phase, code = %e.code, "{}", e.message)
+                tracing::warn!(deployment = deployment_id, revision, slot, ?phase, code = %e.code, "{}", e.message)
             }
             (None, Phase::Downloading) => {
                 tracing::debug!(deployment = deployment_id, ?progress, "downloading")
@@ -174,6 +204,7 @@ impl Reporter {
             _ => tracing::info!(
                 deployment = deployment_id,
                 revision,
+                slot,
                 ?phase,
                 detail = ev.detail.as_deref().unwrap_or(""),
                 "deployment event"
@@ -188,14 +219,21 @@ impl Reporter {
         self.send(Outgoing { topic, payload, retain, reliable: true, correlation: None });
     }
 
-    /// What the retained state shows from now on (the deployer's record).
+    /// What the retained state shows of this slot from now on (its deployer's record).
     pub fn set_view(&self, view: View) {
-        *self.view.lock().unwrap_or_else(|p| p.into_inner()) = view;
+        self.views.lock().unwrap_or_else(|p| p.into_inner()).insert(self.slot.clone(), view);
     }
 
     /// The current `DeviceState`, with a fresh seq.
     fn state(&self) -> DeviceState {
-        let view = self.view.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let views = self.views.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let view = views.get(&None).cloned().unwrap_or_default();
+        let models = views
+            .into_iter()
+            .filter_map(|(slot, v)| {
+                Some((slot?, outpost_protocol::SlotState { active: v.active, last_deployment: v.last_deployment }))
+            })
+            .collect();
         DeviceState {
             schema: outpost_protocol::state::SCHEMA.into(),
             device: self.device.clone(),
@@ -204,7 +242,7 @@ impl Reporter {
             seq: self.next_seq(),
             active: view.active,
             last_deployment: view.last_deployment,
-            models: Default::default(),
+            models,
         }
     }
 
@@ -230,10 +268,13 @@ pub(crate) fn publish_captures(
             #[derive(serde::Serialize)]
             struct Published<'a> {
                 device: &'a str,
+                #[serde(skip_serializing_if = "Option::is_none")]
+                slot: Option<&'a str>,
                 #[serde(flatten)]
                 capture: crate::serve::Capture,
             }
-            let payload = serde_json::to_vec(&Published { device: reporter.device(), capture }).unwrap_or_default();
+            let payload = serde_json::to_vec(&Published { device: reporter.device(), slot: reporter.slot(), capture })
+                .unwrap_or_default();
             if payload.len() + crate::link::packet_overhead(&topic, None) > max_packet_size {
                 tracing::debug!(bytes = payload.len(), "capture over the packet limit: skipped");
                 continue;

@@ -3,16 +3,16 @@
 //! interval, process memory and CPU, store size, reconnects, uptime.
 
 use crate::serve::Engine;
+use crate::serve::models::Models;
 use outpost_protocol::Telemetry;
-use outpost_protocol::telemetry::{InferenceStats, ModelId, MqttStats, ProcessStats, StoreStats};
+use outpost_protocol::telemetry::{InferenceStats, ModelId, MqttStats, ProcessStats, SlotTelemetry, StoreStats};
 use std::time::Instant;
 
 /// Counter values at the previous report, to publish per-interval figures.
 #[derive(Debug, Default)]
 pub struct Reporter {
-    last_requests: u64,
-    last_errors: u64,
-    last_rejected: u64,
+    /// (requests, errors, rejected) of each slot's engine ("": the default slot's).
+    last: std::collections::HashMap<String, (u64, u64, u64)>,
     last_cpu_ticks: Option<(u64, Instant)>,
 }
 
@@ -22,20 +22,21 @@ impl Reporter {
         &mut self,
         device: &str,
         started: Instant,
-        engine: &Engine,
+        models: &Models,
         store: StoreStats,
         reconnects: u64,
         journal: (u64, u64, u64),
     ) -> Telemetry {
-        let c = &engine.counters;
-        let (requests, errors, rejected) = c.tally.totals();
-        let inference = InferenceStats {
-            requests: requests - self.last_requests,
-            errors: errors - self.last_errors,
-            rejected: rejected - self.last_rejected,
-            latency_us: engine.latencies.take(),
-        };
-        (self.last_requests, self.last_errors, self.last_rejected) = (requests, errors, rejected);
+        let engine = &models.default;
+        let inference = self.inference("", engine);
+        let slots = models
+            .slots()
+            .into_iter()
+            .map(|(slot, e)| {
+                let t = SlotTelemetry { model: model_id(&e), inference: self.inference(&slot, &e), shadow: None };
+                (slot, t)
+            })
+            .collect();
         let cpu_percent = match (cpu_ticks(), self.last_cpu_ticks) {
             (Some(now), Some((before, at))) => {
                 let secs = at.elapsed().as_secs_f64().max(1e-3);
@@ -50,7 +51,7 @@ impl Reporter {
             device: device.into(),
             at: crate::sys::now_rfc3339(),
             uptime_s: started.elapsed().as_secs(),
-            model: engine.active().map(|m| ModelId { name: m.name.clone(), version: m.version.clone() }),
+            model: model_id(engine),
             inference,
             process: ProcessStats { rss_bytes: rss_bytes().unwrap_or(0), cpu_percent },
             store,
@@ -61,9 +62,25 @@ impl Reporter {
                 journal_bytes: journal.2,
             },
             shadow: None,
-            models: Default::default(),
+            models: slots,
         }
     }
+
+    /// One engine's figures for the interval since the last report.
+    fn inference(&mut self, slot: &str, engine: &Engine) -> InferenceStats {
+        let (requests, errors, rejected) = engine.own_counts();
+        let last = self.last.insert(slot.to_string(), (requests, errors, rejected)).unwrap_or_default();
+        InferenceStats {
+            requests: requests - last.0,
+            errors: errors - last.1,
+            rejected: rejected - last.2,
+            latency_us: engine.latencies.take(),
+        }
+    }
+}
+
+fn model_id(engine: &Engine) -> Option<ModelId> {
+    engine.active().map(|m| ModelId { name: m.name.clone(), version: m.version.clone() })
 }
 
 /// Resident memory from /proc/self/statm (0 where there is no /proc).

@@ -16,6 +16,7 @@
 //! version), 413 (body too large), 503 (overloaded or no model) or 500.
 
 use crate::serve::model::Model;
+use crate::serve::models::{Models, Route};
 use crate::serve::{Engine, Transport};
 use axum::Router;
 use axum::extract::{Path, State};
@@ -105,8 +106,8 @@ fn status_of(code: ErrorCode) -> StatusCode {
     }
 }
 
-/// The OIP router over an engine.
-pub fn router(engine: Arc<Engine>, admission: Arc<Admission>) -> Router {
+/// The OIP router over the device's models.
+pub fn router(models: Arc<Models>, admission: Arc<Admission>) -> Router {
     Router::new()
         .route("/v2/health/live", get(|| async { axum::Json(json!({"live": true})) }))
         .route("/v2/health/ready", get(ready))
@@ -126,7 +127,7 @@ pub fn router(engine: Arc<Engine>, admission: Arc<Admission>) -> Router {
             "/v2/models/{name}/versions/{version}/infer",
             post(|s, a, Path((n, v)): Path<(String, String)>, r| infer(s, a, n, Some(v), r)),
         )
-        .route("/metrics", get(metrics))
+        .route("/metrics", get(|State(m): State<Arc<Models>>| metrics(State(m.default.clone()))))
         .fallback(|| async {
             error(
                 StatusCode::NOT_FOUND,
@@ -138,11 +139,12 @@ pub fn router(engine: Arc<Engine>, admission: Arc<Admission>) -> Router {
             error(StatusCode::METHOD_NOT_ALLOWED, format!("{method} is not allowed on {}: use {allowed}", uri.path()))
         })
         .layer(axum::Extension(admission))
-        .with_state(engine)
+        .with_state(models)
 }
 
-async fn ready(State(engine): State<Arc<Engine>>) -> Response {
-    match engine.active() {
+/// Ready when a model serves (in any slot).
+async fn ready(State(models): State<Arc<Models>>) -> Response {
+    match models.serving().first() {
         Some(_) => axum::Json(json!({"ready": true})).into_response(),
         // OIP v2: 200 means ready, a 4xx not ready (Triton answers 400).
         None => (StatusCode::BAD_REQUEST, axum::Json(json!({"ready": false}))).into_response(),
@@ -164,20 +166,36 @@ impl IntoResponse for NotServed {
     }
 }
 
-/// The active model if it is the one the path names.
-fn find(engine: &Engine, name: &str, version: Option<&str>) -> Result<Arc<Model>, NotServed> {
-    let Some(model) = engine.active() else {
-        return Err(NotServed(
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("model '{name}' is not served here: no model is deployed"),
-        ));
+/// The engine and active model the path names: a model slot by its name,
+/// else the default slot's model by the model's name.
+fn find(models: &Models, name: &str, version: Option<&str>) -> Result<(Arc<Engine>, Arc<Model>), NotServed> {
+    let (engine, model) = match models.route(name) {
+        Route::Slot(engine) => match engine.active() {
+            Some(m) => (engine, m),
+            None => {
+                return Err(NotServed(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("model slot '{name}' has no model deployed"),
+                ));
+            }
+        },
+        Route::Default(engine) => {
+            let Some(model) = engine.active() else {
+                let slots = models.serving();
+                return Err(match slots.is_empty() {
+                    true => NotServed(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        format!("model '{name}' is not served here: no model is deployed"),
+                    ),
+                    false => NotServed(StatusCode::NOT_FOUND, not_here(name, &slots)),
+                });
+            };
+            if model.name != name {
+                return Err(NotServed(StatusCode::NOT_FOUND, not_here(name, &models.serving())));
+            }
+            (engine, model)
+        }
     };
-    if model.name != name {
-        return Err(NotServed(
-            StatusCode::NOT_FOUND,
-            format!("model '{name}' is not served here; this device serves '{}'", model.name),
-        ));
-    }
     if let Some(v) = version
         && v != model.version
     {
@@ -186,12 +204,18 @@ fn find(engine: &Engine, name: &str, version: Option<&str>) -> Result<Arc<Model>
             format!("version '{v}' of '{name}' is not served here; this device serves version '{}'", model.version),
         ));
     }
-    Ok(model)
+    Ok((engine, model))
 }
 
-async fn metadata(State(engine): State<Arc<Engine>>, name: String, version: Option<String>) -> Response {
-    let model = match find(&engine, &name, version.as_deref()) {
-        Ok(m) => m,
+/// "model 'x' is not served here; this device serves 'a', 'b'".
+fn not_here(name: &str, serving: &[(String, Arc<Model>)]) -> String {
+    let names: Vec<String> = serving.iter().map(|(n, _)| format!("'{n}'")).collect();
+    format!("model '{name}' is not served here; this device serves {}", names.join(", "))
+}
+
+async fn metadata(State(models): State<Arc<Models>>, name: String, version: Option<String>) -> Response {
+    let model = match find(&models, &name, version.as_deref()) {
+        Ok((_, m)) => m,
         // Metadata of a model that is not here is a 404, deployed or not.
         Err(NotServed(_, message)) => return NotServed(StatusCode::NOT_FOUND, message).into_response(),
     };
@@ -199,7 +223,7 @@ async fn metadata(State(engine): State<Arc<Engine>>, name: String, version: Opti
         list.into_iter().map(|(n, d, s)| json!({"name": n, "datatype": d, "shape": s})).collect::<Vec<_>>()
     };
     axum::Json(json!({
-        "name": model.name,
+        "name": name,
         "versions": [model.version],
         "platform": "onnx_tract",
         "inputs": tensors(model.input_signature()),
@@ -208,8 +232,8 @@ async fn metadata(State(engine): State<Arc<Engine>>, name: String, version: Opti
     .into_response()
 }
 
-async fn model_ready(State(engine): State<Arc<Engine>>, name: String, version: Option<String>) -> Response {
-    match find(&engine, &name, version.as_deref()) {
+async fn model_ready(State(models): State<Arc<Models>>, name: String, version: Option<String>) -> Response {
+    match find(&models, &name, version.as_deref()) {
         Ok(_) => axum::Json(json!({"name": name, "ready": true})).into_response(),
         // OIP v2: not ready is a 4xx; 404 for a model not served here.
         Err(NotServed(status, message)) => {
@@ -220,16 +244,16 @@ async fn model_ready(State(engine): State<Arc<Engine>>, name: String, version: O
 }
 
 async fn infer(
-    State(engine): State<Arc<Engine>>,
+    State(models): State<Arc<Models>>,
     axum::Extension(admission): axum::Extension<Arc<Admission>>,
     name: String,
     version: Option<String>,
     request: axum::extract::Request,
 ) -> Response {
-    let model = match find(&engine, &name, version.as_deref()) {
-        Ok(m) => m,
+    let (engine, model) = match find(&models, &name, version.as_deref()) {
+        Ok(found) => found,
         Err(r) => {
-            engine.count_refusal(ErrorCode::NoModel, Transport::Http);
+            models.default.count_refusal(ErrorCode::NoModel, Transport::Http);
             return r.into_response();
         }
     };
@@ -339,12 +363,13 @@ async fn metrics(State(engine): State<Arc<Engine>>) -> Response {
 /// closed at once.
 pub async fn serve(
     listener: tokio::net::TcpListener,
-    engine: Arc<Engine>,
+    models: Arc<Models>,
     admission: Arc<Admission>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     stopping: Arc<std::sync::atomic::AtomicBool>,
 ) {
-    let app = router(engine.clone(), admission.clone());
+    let engine = models.default.clone();
+    let app = router(models, admission.clone());
     serve_app(listener, app, Some(engine), admission, shutdown, stopping).await
 }
 
@@ -457,7 +482,7 @@ pub struct Endpoint {
     ip: std::net::IpAddr,
     /// The port of `--http-bind`, used when a deployment names none.
     default_port: u16,
-    engine: Arc<Engine>,
+    models: Arc<Models>,
     runtime: tokio::runtime::Handle,
     admission: Arc<Admission>,
     current: std::sync::Mutex<Option<Running>>,
@@ -479,14 +504,14 @@ impl Endpoint {
     pub fn start(
         bind: std::net::SocketAddr,
         port: Option<u16>,
-        engine: Arc<Engine>,
+        models: Arc<Models>,
         limits: Limits,
         runtime: tokio::runtime::Handle,
     ) -> std::io::Result<Endpoint> {
         let ep = Endpoint {
             ip: bind.ip(),
             default_port: bind.port(),
-            engine,
+            models,
             runtime,
             admission: Admission::new(limits),
             current: std::sync::Mutex::new(None),
@@ -528,7 +553,7 @@ impl Endpoint {
         let (stop, rx) = tokio::sync::oneshot::channel::<()>();
         let task = self.runtime.spawn(serve(
             listener,
-            self.engine.clone(),
+            self.models.clone(),
             self.admission.clone(),
             async move {
                 let _ = rx.await;

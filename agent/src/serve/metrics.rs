@@ -102,15 +102,6 @@ impl Tally {
         bump(&self.errors, (transport, code));
     }
 
-    /// Requests, errors (other than `overloaded`) and `overloaded` refusals
-    /// over every label: what telemetry reports per interval.
-    pub fn totals(&self) -> (u64, u64, u64) {
-        let requests = self.requests.lock().unwrap_or_else(|p| p.into_inner()).iter().map(|(_, _, n)| n).sum();
-        let errors: u64 = self.errors.lock().unwrap_or_else(|p| p.into_inner()).iter().map(|(_, n)| n).sum();
-        let rejected: u64 = self.rejected.iter().map(|r| r.load(Ordering::Relaxed)).sum();
-        (requests, errors - rejected, rejected)
-    }
-
     pub fn desired_refused(&self, code: ErrorCode) {
         bump(&self.desired_refused, code);
     }
@@ -370,7 +361,6 @@ mod tests {
         // Known label values exist from the start, at 0.
         assert!(errors.contains(&((Transport::Mqtt, ErrorCode::NoModel), 0)), "{errors:?}");
         assert!(t.outcomes.lock().unwrap().contains(&("rolled_back", 0)));
-        assert_eq!(t.totals(), (3, 1, 1), "requests, errors other than overloaded, overloaded");
     }
 
     #[cfg(target_os = "linux")]

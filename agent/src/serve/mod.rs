@@ -10,6 +10,7 @@ pub(crate) mod http;
 pub(crate) mod latency;
 pub mod metrics;
 pub mod model;
+pub mod models;
 pub(crate) mod mqtt;
 pub(crate) mod probation;
 
@@ -185,15 +186,25 @@ pub struct Engine {
     /// The worker pool's bounds, swapped whole when a deployment sets new ones;
     /// requests already admitted keep the permits of the pool they entered.
     pool: arc_swap::ArcSwap<Pool>,
-    pub counters: Counters,
+    /// Shared by the engines of every model slot: `/metrics` counts the device.
+    pub counters: Arc<Counters>,
     /// Per-interval latencies of answered requests, for telemetry.
     pub(crate) latencies: latency::Latencies,
     /// What the agent loop adds to `/metrics` (MQTT link, journal, store).
     pub metrics_source: std::sync::OnceLock<Box<dyn metrics::Source>>,
+    /// This engine's own requests, errors and refusals as overloaded (the
+    /// shared `counters` count the device's): its slot's telemetry.
+    pub(crate) own: [AtomicU64; 3],
 }
 
 impl Engine {
     pub fn new(workers: usize, max_queue: usize) -> Engine {
+        Engine::sharing(workers, max_queue, Default::default())
+    }
+
+    /// An engine of its own (a model slot's: its own model, worker pool,
+    /// probation and latencies) counting into `counters`.
+    pub fn sharing(workers: usize, max_queue: usize, counters: Arc<Counters>) -> Engine {
         Engine {
             active: ArcSwapOption::empty(),
             probation: Default::default(),
@@ -205,9 +216,10 @@ impl Engine {
             captures: Default::default(),
             capture_budget: Default::default(),
             pool: arc_swap::ArcSwap::from_pointee(Pool::new(workers, max_queue)),
-            counters: Counters::default(),
+            counters,
             latencies: Default::default(),
             metrics_source: Default::default(),
+            own: Default::default(),
         }
     }
 
@@ -446,12 +458,22 @@ impl Engine {
         self.count_error(code, transport);
     }
 
+    /// This engine's requests, errors other than `overloaded`, and
+    /// `overloaded` refusals since start.
+    pub fn own_counts(&self) -> (u64, u64, u64) {
+        let [r, e, o] = &self.own;
+        (r.load(Ordering::Relaxed), e.load(Ordering::Relaxed), o.load(Ordering::Relaxed))
+    }
+
     fn count_request(&self, transport: Transport) {
+        self.own[0].fetch_add(1, Ordering::Relaxed);
         let active = self.active.load();
         self.counters.tally.request(transport, active.as_ref().map_or("", |m| m.name.as_str()));
     }
 
     fn count_error(&self, code: ErrorCode, transport: Transport) {
+        // Errors other than `overloaded`, and `overloaded`, as telemetry reports them.
+        self.own[if code == ErrorCode::Overloaded { 2 } else { 1 }].fetch_add(1, Ordering::Relaxed);
         self.counters.tally.error(transport, code);
     }
 

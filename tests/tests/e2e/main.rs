@@ -18,6 +18,8 @@ mod lifecycle;
 mod packaging;
 mod rabbitmq;
 mod serving;
+mod slots;
+mod status;
 mod store;
 mod trust;
 

@@ -1,0 +1,183 @@
+//! Model slots: several models on one device, each with its own desired
+//! topic (`devices/{d}/models/{slot}/desired`, and its groups'), served at
+//! `/v2/models/{slot}` and on `models/{slot}/infer`, deployed, refused,
+//! swapped and restored independently of the others.
+
+use super::*;
+use outpost_protocol::{DeploymentEvent, DeviceState, Topics};
+
+/// A deployment of `name@version` for model slot `slot` of `w`'s device (or of `group`).
+async fn slot_deployment(reg: &Registry, slot: &str, name: &str, version: &str) -> outpost_protocol::Deployment {
+    let (url, sha) = outpost_sim::operator::resolve_manifest(&reg.url, name, version).await.unwrap();
+    let mut d =
+        outpost_sim::operator::deployment(name, version, &url, &sha, None, Some(format!("{slot}-{name}-{version}")));
+    d.policy.allow_downgrade = Some(true);
+    d
+}
+
+async fn deploy_slot(
+    w: &mut Watcher,
+    slot: &str,
+    d: &outpost_protocol::Deployment,
+) -> (DeploymentEvent, Vec<DeploymentEvent>) {
+    let topic = Topics::default().device_model_desired(&w.device, slot);
+    w.op.publish(&topic, d.to_json(), true).await.unwrap();
+    w.events_until_final(&d.deployment_id).await
+}
+
+async fn infer_http(port: u16, model: &str, id: &str) -> (u16, serde_json::Value) {
+    let mut req = digits_request(20);
+    req["id"] = id.into();
+    http("POST", format!("http://127.0.0.1:{port}/v2/models/{model}/infer"), Some(serde_json::to_vec(&req).unwrap()))
+        .await
+}
+
+fn versions_in_store(data: &std::path::Path) -> usize {
+    std::fs::read_dir(data.join("versions")).unwrap().count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_model_slots_deploy_swap_fail_and_restore_independently() {
+    let (mut broker, reg, _data, mut w, mut agent) = Lab::device("cam-1")
+        .groups(&["cams"])
+        .model("digits-mlp.onnx", "digits", "1")
+        .model("digits-cnn.onnx", "digits-cnn", "1")
+        .model("digits-cnn.onnx", "digits-cnn", "2")
+        .start()
+        .await;
+    let port = agent.http_port;
+
+    // The device's own desired topic works exactly as before: its model serves under its name.
+    assert_eq!(w.deploy(&reg, "digits", "1").await.0.phase, Phase::Active);
+
+    // Two slots: a detector and a classifier (the same version as the default
+    // slot's: its files are stored once).
+    let det = slot_deployment(&reg, "det", "digits-cnn", "1").await;
+    let (last, events) = deploy_slot(&mut w, "det", &det).await;
+    assert_eq!(last.phase, Phase::Active, "{events:?}");
+    assert!(events.iter().all(|e| e.slot.as_deref() == Some("det")), "every event names its slot: {events:?}");
+    let cls = slot_deployment(&reg, "cls", "digits", "1").await;
+    assert_eq!(deploy_slot(&mut w, "cls", &cls).await.0.phase, Phase::Active);
+    assert_eq!(versions_in_store(&agent.data_dir), 2, "digits@1 is kept once for two slots");
+
+    // Each serves under its slot's name, over HTTP and MQTT; the default under its model's name.
+    for (model, expected) in [("det", CNN_EXPECTED), ("cls", MLP_EXPECTED), ("digits", MLP_EXPECTED)] {
+        let (status, answer) = infer_http(port, model, &format!("h-{model}")).await;
+        assert_eq!(status, 200, "{model}: {answer}");
+        let (diff, accuracy) = score(&answer, &expected_probabilities(expected)[..20]);
+        assert!(diff < 1e-4 && accuracy >= 0.85, "{model}: {diff} {accuracy}");
+    }
+    let (status, meta) = http("GET", format!("http://127.0.0.1:{port}/v2/models/det"), None).await;
+    assert_eq!((status, meta["name"].as_str(), meta["versions"].clone()), (200, Some("det"), serde_json::json!(["1"])));
+    let mut req = digits_request(3);
+    req["id"] = "m-det".into();
+    w.client
+        .publish(&Topics::default().model_infer("cam-1", "det"), serde_json::to_vec(&req).unwrap(), false)
+        .await
+        .unwrap();
+    let answer = loop {
+        let m = w.client.next(Duration::from_secs(30)).await.expect("an answer from slot det");
+        let v: serde_json::Value = serde_json::from_slice(&m.payload).unwrap();
+        if v["id"] == "m-det" {
+            break v;
+        }
+    };
+    assert_eq!(answer["model_name"], "digits-cnn", "{answer}");
+    // A slot with nothing in it, or none at all: no_model.
+    let (status, body) = infer_http(port, "nothing", "h-none").await;
+    assert_eq!((status, body["code"].as_str()), (404, Some("no_model")), "{body}");
+
+    // The retained state shows every slot, the default one in its usual fields.
+    let state = w
+        .state(&broker, |s: &DeviceState| {
+            s.models.get("det").and_then(|m| m.active.as_ref()).is_some()
+                && s.models.get("cls").and_then(|m| m.active.as_ref()).is_some()
+        })
+        .await;
+    assert_eq!(state.active.as_ref().unwrap().name, "digits");
+    assert_eq!(state.models["det"].active.as_ref().unwrap().name, "digits-cnn");
+    assert_eq!(state.groups, vec!["cams".to_string()]);
+
+    // Independent swap: det moves to v2 while cls keeps answering.
+    let det2 = slot_deployment(&reg, "det", "digits-cnn", "2").await;
+    let topic = Topics::default().device_model_desired("cam-1", "det");
+    w.op.publish(&topic, det2.to_json(), true).await.unwrap();
+    let mut answered = 0;
+    let swapped = loop {
+        let (status, body) = infer_http(port, "cls", &format!("c-{answered}")).await;
+        assert_eq!(status, 200, "cls during det's swap: {body}");
+        assert_eq!(body["model_version"], "1");
+        answered += 1;
+        if let Some(m) = w.op.next(Duration::from_millis(20)).await
+            && m.topic.ends_with("/events")
+            && let Ok(ev) = DeploymentEvent::from_json(&m.payload)
+            && ev.deployment_id == det2.deployment_id
+            && ev.phase.is_final()
+        {
+            break ev;
+        }
+        assert!(answered < 20_000, "det's swap never ended");
+    };
+    assert_eq!(swapped.phase, Phase::Active, "{swapped:?}");
+    assert_eq!(infer_http(port, "det", "d2").await.1["model_version"], "2");
+
+    // A refused deployment in one slot leaves it, and the others, serving.
+    let mut broken = slot_deployment(&reg, "cls", "digits", "1").await;
+    broken.deployment_id = "cls-broken".into();
+    broken.model.manifest_sha256 = "0".repeat(64);
+    let (last, _) = deploy_slot(&mut w, "cls", &broken).await;
+    assert_eq!((last.phase, last.slot.as_deref()), (Phase::Failed, Some("cls")), "{last:?}");
+    assert_eq!(last.error.as_ref().unwrap().code, ErrorCode::DigestMismatch, "{last:?}");
+    for model in ["cls", "det", "digits"] {
+        assert_eq!(infer_http(port, model, "after-refusal").await.0, 200, "{model} still serves");
+    }
+    // The endpoint is the device's: a slot may not move its port.
+    let mut ported = slot_deployment(&reg, "cls", "digits", "1").await;
+    ported.deployment_id = "cls-port".into();
+    ported.serving.http_port = Some(outpost_sim::broker::free_port().unwrap());
+    let (last, _) = deploy_slot(&mut w, "cls", &ported).await;
+    assert_eq!(last.error.as_ref().map(|e| e.code), Some(ErrorCode::InvalidMessage), "{last:?}");
+    assert!(last.error.as_ref().unwrap().message.starts_with("serving.http_port: model slot cls"), "{last:?}");
+
+    // A group's slot topic reaches the slot too (the device's own outranks it).
+    let mut grouped = slot_deployment(&reg, "ocr", "digits-cnn", "1").await;
+    grouped.deployment_id = "group-ocr".into();
+    w.op.publish(&Topics::default().group_model_desired("cams", "ocr"), grouped.to_json(), true).await.unwrap();
+    let (last, _) = w.events_until_final("group-ocr").await;
+    assert_eq!((last.phase, last.slot.as_deref()), (Phase::Active, Some("ocr")), "{last:?}");
+
+    // A restart with the broker down: every slot serves again from the store.
+    broker.stop();
+    agent.kill_and_restart();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(std::time::Instant::now() < deadline, "the endpoint did not come back");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    loop {
+        let (a, b, c) = (
+            infer_http(port, "det", "r1").await,
+            infer_http(port, "cls", "r2").await,
+            infer_http(port, "ocr", "r3").await,
+        );
+        if a.0 == 200 && b.0 == 200 && c.0 == 200 {
+            assert_eq!(a.1["model_version"], "2");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "slots not restored: {a:?} {b:?} {c:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    broker.restart();
+    let mut w = Watcher::new(&broker, "cam-1").await;
+    w.online().await;
+
+    // Withdrawing a slot stops it alone.
+    w.op.publish(&topic, Vec::new(), true).await.unwrap();
+    let ev = w.event(|e| e.phase == Phase::Undeployed).await;
+    assert_eq!(ev.slot.as_deref(), Some("det"));
+    let (status, body) = infer_http(port, "det", "gone").await;
+    assert_eq!((status, body["code"].as_str()), (503, Some("no_model")), "{body}");
+    for model in ["cls", "ocr", "digits"] {
+        assert_eq!(infer_http(port, model, "still").await.0, 200, "{model} still serves");
+    }
+}
