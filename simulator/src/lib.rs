@@ -8,6 +8,7 @@
 //! - [`bench`]: Outpost side by side with its floors and peers, one run, ratios.
 //! - [`fleet`]: N agents in one process against a broker, one group deployment, a fault mix.
 //! - [`plot`]: the figures (SVG) of the bench, the fleet and the chaos soak.
+//! - [`status`]: the fleet view (`outpost-sim status`): a row per device and model slot.
 
 pub mod bench;
 pub mod broker;
@@ -19,3 +20,4 @@ pub mod plot;
 pub mod progress;
 pub mod registry;
 pub mod signing;
+pub mod status;

@@ -39,6 +39,20 @@ Exit codes:
   1 wins over 69, and 69 over 3; verdicts that arrived before a timeout are
   printed.";
 
+/// `status --help`: brokers that need something of the operator.
+const STATUS_NOTES: &str = "\
+Rows are built from retained `state` and `availability` at once, and from
+`telemetry` (p99, error rate, requests/s, shadow agreement) as it comes. Last
+seen counts live messages only: a retained one may be of any age.
+
+RabbitMQ: a retained message reaches only a subscription on its exact topic,
+and `+` does not match a dotted device id; without --device the view
+subscribes to outpost/devices/+/..., so give --device for each device there
+(exact topics) to see its state and availability.
+
+Exit codes: 0 printed (or Ctrl-C with --watch); 64 usage; 69 the broker cannot
+be reached.";
+
 #[derive(Parser, Debug)]
 #[command(name = "outpost-sim", version, about = "Outpost's operator side and lab")]
 struct Cli {
@@ -212,6 +226,38 @@ enum Command {
         #[command(flatten)]
         tls: TlsArgs,
     },
+    /// The fleet at a glance: a row per device and model slot (online, model@version, last
+    /// outcome, p99, error rate, requests/s, shadow agreement, last seen), from the devices'
+    /// retained state and availability and their telemetry (not retained: listened for).
+    #[command(after_help = STATUS_NOTES)]
+    Status {
+        /// MQTT broker: mqtt://HOST[:PORT] (port 1883; tcp:// is the same) or mqtts://HOST[:PORT]
+        /// for TLS (port 8883; ssl:// is the same).
+        #[arg(long)]
+        broker: BrokerUrl,
+        /// Only the devices whose retained state lists this group.
+        #[arg(long)]
+        group: Option<String>,
+        /// Only these devices (repeat or comma-separate): their own topics are subscribed to,
+        /// which RabbitMQ needs to hand out retained state.
+        #[arg(long = "device", value_name = "DEVICE", value_delimiter = ',')]
+        devices: Vec<String>,
+        /// Keep the view current until Ctrl-C: redrawn every second on a terminal, a snapshot
+        /// whenever something changed (at most every second) otherwise.
+        #[arg(long)]
+        watch: bool,
+        /// Rows and summary as JSON (with --watch, one line per snapshot).
+        #[arg(long)]
+        json: bool,
+        /// How long to listen for telemetry before printing, at most (e.g. 5s, 500ms, 1m; a
+        /// bare number is seconds): it is not retained, and devices report every
+        /// --telemetry-interval (30 s by default). Default 5s; it ends sooner once every
+        /// online device reported.
+        #[arg(long, value_parser = parse_wait, conflicts_with = "watch")]
+        wait: Option<Duration>,
+        #[command(flatten)]
+        tls: TlsArgs,
+    },
     /// Make an ed25519 key pair: OUT.pem (private, PKCS#8, 0600) and OUT.pub.pem (public, SPKI).
     Keygen {
         /// Path without extension, e.g. keys/root.
@@ -378,6 +424,14 @@ fn parse_shape(s: &str) -> Result<(String, Vec<i64>), String> {
         })
         .collect::<Result<Vec<_>, _>>()?;
     Ok((name.to_string(), dims))
+}
+
+/// `status --wait`: 5s, 500ms, 1m, or a bare number of seconds.
+fn parse_wait(s: &str) -> Result<Duration, String> {
+    match s.parse::<u64>() {
+        Ok(secs) => Ok(Duration::from_secs(secs)),
+        Err(_) => humantime::parse_duration(s).map_err(|e| format!("'{s}': {e} (e.g. 5s, 500ms, 1m)")),
+    }
 }
 
 fn parse_model(s: &str) -> Result<(String, String), String> {
@@ -671,6 +725,27 @@ async fn run(command: Command) -> ExitCode {
             match outpost_sim::chaos::run(spec).await {
                 Ok(r) if r["ok"].as_bool() == Some(true) => ExitCode::SUCCESS,
                 Ok(_) => ExitCode::from(EXIT_FAILED),
+                Err(e) => fail(EXIT_UNAVAILABLE, &e),
+            }
+        }
+        Command::Status { broker, group, devices, watch, json, wait, tls } => {
+            let names = group.iter().map(|g| ("group", g)).chain(devices.iter().map(|d| ("device", d)));
+            for (what, name) in names {
+                if let Err(e) = outpost_protocol::topics::validate_name(what, name) {
+                    return fail(EXIT_USAGE, &format!("--{what}: {e}"));
+                }
+            }
+            let mut op = match tls.connect(&broker, &format!("outpost-sim-status-{}", std::process::id())).await {
+                Ok(o) => o,
+                Err((code, e)) => return fail(code, &e),
+            };
+            let filter = outpost_sim::status::Filter { devices, group };
+            let wait = wait.unwrap_or(Duration::from_secs(5));
+            let result =
+                outpost_sim::status::run(&mut op, outpost_sim::status::Options { filter, watch, json, wait }).await;
+            op.disconnect().await;
+            match result {
+                Ok(()) => ExitCode::SUCCESS,
                 Err(e) => fail(EXIT_UNAVAILABLE, &e),
             }
         }
