@@ -180,6 +180,8 @@ struct Agent {
     pings: u64,
     /// Reconnections so far, for `/metrics`.
     reconnects: Arc<std::sync::atomic::AtomicU64>,
+    /// Sampled requests each shadow candidate had compared at its last event.
+    shadows_reported: std::collections::HashMap<(String, usize), u64>,
     /// Topics already warned about by [`Agent::unplaced`].
     unplaced: std::collections::HashSet<String>,
 }
@@ -357,6 +359,7 @@ impl Agent {
             watchdog,
             pings: 0,
             unplaced: Default::default(),
+            shadows_reported: Default::default(),
             reconnects,
         })
     }
@@ -417,6 +420,23 @@ impl Agent {
             self.connection.reconnects,
             pending,
         );
+        // How each shadow candidate is doing, as an event too (when it changed).
+        if self.shadows_reported.len() > 64 {
+            self.shadows_reported.clear();
+        }
+        let engines = std::iter::once((None, self.models.default.clone()))
+            .chain(self.models.slots().into_iter().map(|(slot, e)| (Some(slot), e)));
+        for (slot, engine) in engines {
+            let Some(shadow) = engine.shadow() else { continue };
+            let key = (slot.clone().unwrap_or_default(), Arc::as_ptr(&shadow) as usize);
+            let compared = shadow.stats().compared;
+            if compared > 0 && self.shadows_reported.insert(key, compared) != Some(compared) {
+                match &slot {
+                    Some(s) => self.reporter.for_slot(s).shadow_event(&shadow, "shadow scoring"),
+                    None => self.reporter.shadow_event(&shadow, "shadow scoring"),
+                }
+            }
+        }
         self.reporter.send(Outgoing {
             topic: self.config.topics.telemetry(&self.config.device),
             payload: serde_json::to_vec(&t).unwrap_or_default(),

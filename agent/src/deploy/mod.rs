@@ -236,9 +236,7 @@ impl Deployer {
         let restored = d.restore(unsigned_history).await;
         // What this slot keeps, before any slot's retention runs.
         let mut held = d.record.history.clone();
-        held.extend(
-            d.record.active.iter().chain(&d.record.pending).map(|a| a.deployment.model.manifest_sha256.clone()),
-        );
+        held.extend(d.record.active.iter().chain(&d.record.pending).flat_map(|a| versions_of(&a.deployment)));
         d.pipeline.store.hold(d.pipeline.slot_key(), &held);
         (d, Deployments { tx }, restored)
     }
@@ -260,6 +258,16 @@ impl Deployer {
             match loaded {
                 Ok(()) => {
                     http_port = active.deployment.serving.http_port;
+                    if active.deployment.shadow.is_some() {
+                        let (p, d) = (self.pipeline.clone(), active.deployment.clone());
+                        match tokio::task::spawn_blocking(move || p.restore_shadow(&d)).await {
+                            Ok(Ok(model)) => self.start_shadow(&active.deployment, Some(model)),
+                            Ok(Err(e)) => {
+                                tracing::warn!(error = ?e, "the shadow candidate cannot be restored: not scored")
+                            }
+                            Err(e) => tracing::warn!(error = %e, "restoring the shadow candidate panicked: not scored"),
+                        }
+                    }
                     self.serving = Some(active);
                 }
                 Err(e) => {
@@ -660,7 +668,7 @@ impl Deployer {
             .serving
             .iter()
             .chain(self.probation.as_ref().map(|p| &p.previous))
-            .map(|a| a.deployment.model.manifest_sha256.clone())
+            .flat_map(|a| versions_of(&a.deployment))
             .collect();
         // Every log line of the deployment carries its id, revision and model version.
         let span = tracing::info_span!(
@@ -746,7 +754,7 @@ impl Deployer {
 
     /// Puts a prepared version in service, records it, then announces it.
     async fn swap_in(&mut self, source: Source, d: &Deployment, prepared: Prepared) {
-        let Prepared { model, listener, started, mut timings } = prepared;
+        let Prepared { model, listener, started, mut timings, shadow } = prepared;
         let activating = std::time::Instant::now();
         if let Some(http) = self.pipeline.http.get() {
             match listener {
@@ -813,8 +821,10 @@ impl Deployer {
             }
         }
         self.engine.set_capture_rate(d.serving.capture_rate.unwrap_or(0.0));
-        let keep =
+        self.start_shadow(d, shadow);
+        let mut keep =
             self.record.push_history(&d.model.manifest_sha256, d.policy.keep_versions.unwrap_or(DEFAULT_KEEP_VERSIONS));
+        keep.extend(versions_of(d));
         // Persist before announcing: a device that said `active` comes back with it after a power cut.
         let before = self.record.active.replace(record.clone());
         if before.as_ref().is_none_or(|b| b.deployment.model.manifest_sha256 != d.model.manifest_sha256) {
@@ -848,6 +858,10 @@ impl Deployer {
         }
         if let Some(described) = described {
             detail.push_str(&format!("; {described}"));
+        }
+        if let Some(s) = &d.shadow {
+            let (name, version, pct) = (&s.model.name, &s.model.version, s.sample_rate * 100.0);
+            detail.push_str(&format!("; scoring {name}@{version} in shadow on {pct}% of requests"));
         }
         timings.activate = pipeline::ms(activating.elapsed());
         timings.total = pipeline::ms(started.elapsed());
@@ -913,6 +927,8 @@ impl Deployer {
                     ErrorCode::ProbationFailed,
                     format!("{}@{}: {evidence}", end.model.name, end.model.version),
                 );
+                // The candidate scored beside the refused version is not the restored one's.
+                self.start_shadow(&p.previous.deployment, None);
                 let restored = ActiveRecord { since: crate::sys::now_rfc3339(), ..p.previous.clone() };
                 self.record.rolled_back = Some(p.record.clone());
                 self.record.active = Some(restored.clone());
@@ -939,6 +955,7 @@ impl Deployer {
             r.cancel.cancel();
         }
         self.probation = None;
+        self.set_shadow(None);
         let old = self.engine.swap(None);
         self.engine.set_capture_rate(0.0);
         self.serving = None;
@@ -956,6 +973,26 @@ impl Deployer {
         }
         // The model is freed off the reactor (tract's plans can be large).
         let _ = tokio::task::spawn_blocking(move || drop(old)).await;
+    }
+
+    /// Scores `model` (the shadow candidate of `d`) beside the active
+    /// model from now on, or none; the candidate it replaces reports its
+    /// final figures.
+    fn start_shadow(&self, d: &Deployment, model: Option<Arc<crate::serve::model::Model>>) {
+        let next = model.zip(d.shadow.as_ref()).map(|(m, s)| {
+            Arc::new(crate::serve::shadow::Shadow::new(m, s.sample_rate, d.deployment_id.clone(), d.revision))
+        });
+        self.set_shadow(next);
+    }
+
+    fn set_shadow(&self, next: Option<Arc<crate::serve::shadow::Shadow>>) {
+        let started = next.as_ref().map(|s| (format!("{}@{}", s.model.name, s.model.version), s.rate));
+        if let Some(old) = self.engine.set_shadow(next) {
+            self.reporter.shadow_event(&old, "shadow scoring ended");
+        }
+        if let Some((candidate, rate)) = started {
+            tracing::info!(%candidate, rate, "shadow scoring started");
+        }
     }
 
     /// Records the outcome of `d` (in memory: [`Deployer::persist`] writes).
@@ -980,6 +1017,13 @@ impl Deployer {
         self.reporter.set_view(self.record.view());
         self.reporter.publish_state();
     }
+}
+
+/// The versions a deployment needs in the store: its model's and its shadow candidate's.
+fn versions_of(d: &Deployment) -> Vec<String> {
+    std::iter::once(d.model.manifest_sha256.clone())
+        .chain(d.shadow.as_ref().map(|s| s.model.manifest_sha256.clone()))
+        .collect()
 }
 
 /// Orders model versions as people number them: runs of digits compare as

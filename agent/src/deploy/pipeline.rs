@@ -116,6 +116,15 @@ pub struct Prepared {
     pub listener: Option<tokio::net::TcpListener>,
     pub started: Instant,
     pub timings: outpost_protocol::Timings,
+    /// The candidate the deployment scores in shadow, loaded and validated like the model.
+    pub shadow: Option<Arc<Model>>,
+}
+
+/// The deployment of a deployment's shadow candidate: the same id,
+/// revision and policy, the candidate's model, nothing else.
+pub fn shadow_deployment(d: &Deployment) -> Option<Deployment> {
+    let s = d.shadow.as_ref()?;
+    Some(Deployment { model: s.model.clone(), shadow: None, serving: Default::default(), ..d.clone() })
 }
 
 impl Pipeline {
@@ -140,12 +149,22 @@ impl Pipeline {
         let started = Instant::now();
         let mut timings = outpost_protocol::Timings::default();
         let model = self.load(d, cancel, protected, installing, &mut timings)?;
+        // The shadow candidate goes through the same steps (its events say which model).
+        let shadow = match shadow_deployment(d) {
+            Some(sd) => {
+                let mut keep = protected.to_vec();
+                keep.push(d.model.manifest_sha256.clone());
+                let mut ignored = outpost_protocol::Timings::default();
+                Some(self.load(&sd, cancel, &keep, installing, &mut ignored)?)
+            }
+            None => None,
+        };
         // The port is the last thing that can fail: after it, the swap.
         let listener = match self.http.get() {
             Some(http) => http.bind_port(d.serving.http_port)?,
             None => None,
         };
-        Ok(Prepared { model, listener, started, timings })
+        Ok(Prepared { model, listener, started, timings, shadow })
     }
 
     fn load(
@@ -481,5 +500,13 @@ impl Pipeline {
         self.engine.swap(Some(Arc::new(model)));
         self.engine.set_capture_rate(serving.capture_rate.unwrap_or(0.0));
         Ok(())
+    }
+
+    /// The shadow candidate of the restored deployment, from the store
+    /// (re-verified; its golden sample passed when it was deployed).
+    pub fn restore_shadow(&self, d: &Deployment) -> Result<Arc<Model>, FetchError> {
+        let sd = shadow_deployment(d).ok_or_else(|| ErrorInfo::new(ErrorCode::Internal, "no shadow"))?;
+        let (dir, manifest, _) = self.store.verify_version(&sd.model.manifest_sha256)?;
+        Ok(Arc::new(Model::load(&dir, &manifest, &sd.model.manifest_sha256)?))
     }
 }

@@ -125,7 +125,17 @@ impl Reporter {
         if phase.is_final() && !stale {
             self.count_outcome(phase);
         }
-        self.emit(&d.deployment_id, d.revision, phase, progress, error, detail, None);
+        self.emit(&d.deployment_id, d.revision, phase, progress, error, detail, None, None);
+    }
+
+    /// A `shadow` event: how the candidate scored so far.
+    pub fn shadow_event(&self, s: &crate::serve::shadow::Shadow, detail: &str) {
+        let stats = s.stats();
+        let detail = format!(
+            "{detail}: {}@{} agreed on {} of {} sampled requests, max abs diff {}",
+            stats.model.name, stats.model.version, stats.top1_agree, stats.compared, stats.max_abs_diff
+        );
+        self.emit(&s.deployment_id, s.revision, Phase::Shadow, None, None, Some(detail), None, Some(stats));
     }
 
     fn count_outcome(&self, phase: Phase) {
@@ -137,7 +147,7 @@ impl Reporter {
     /// The `active` event, with where the deployment's time went.
     pub fn active_event(&self, d: &Deployment, detail: String, timings: outpost_protocol::Timings) {
         self.count_outcome(Phase::Active);
-        self.emit(&d.deployment_id, d.revision, Phase::Active, None, None, Some(detail), Some(timings));
+        self.emit(&d.deployment_id, d.revision, Phase::Active, None, None, Some(detail), Some(timings), None);
     }
 
     /// A desired message that is not a valid deployment: reported under the
@@ -163,7 +173,7 @@ impl Reporter {
     /// A refused desired state, as far as it can be named.
     pub fn refused(&self, deployment_id: Option<&str>, revision: u64, e: &ErrorInfo) {
         let detail = Some("desired state refused; the active model keeps serving".into());
-        self.emit(deployment_id.unwrap_or(""), revision, Phase::Failed, None, Some(e.clone()), detail, None);
+        self.emit(deployment_id.unwrap_or(""), revision, Phase::Failed, None, Some(e.clone()), detail, None, None);
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -176,6 +186,7 @@ impl Reporter {
         error: Option<ErrorInfo>,
         detail: Option<String>,
         timings_ms: Option<outpost_protocol::Timings>,
+        shadow: Option<outpost_protocol::telemetry::ShadowStats>,
     ) {
         let _order = self.order.lock().unwrap_or_else(|p| p.into_inner());
         let ev = DeploymentEvent {
@@ -191,7 +202,7 @@ impl Reporter {
             detail,
             timings_ms,
             slot: self.slot.clone(),
-            shadow: None,
+            shadow,
         };
         let slot = self.slot.as_deref().unwrap_or("");
         match (&ev.error, phase) {

@@ -33,7 +33,8 @@ impl Reporter {
             .slots()
             .into_iter()
             .map(|(slot, e)| {
-                let t = SlotTelemetry { model: model_id(&e), inference: self.inference(&slot, &e), shadow: None };
+                let shadow = e.shadow().map(|s| s.stats());
+                let t = SlotTelemetry { model: model_id(&e), inference: self.inference(&slot, &e), shadow };
                 (slot, t)
             })
             .collect();
@@ -61,7 +62,7 @@ impl Reporter {
                 journal_dropped: journal.1,
                 journal_bytes: journal.2,
             },
-            shadow: None,
+            shadow: engine.shadow().map(|s| s.stats()),
             models: slots,
         }
     }

@@ -29,6 +29,16 @@ impl Latencies {
         g.0.saturating_record(micros.clamp(1, MAX_TRACKED_US));
     }
 
+    /// Percentiles so far, without starting a new interval.
+    pub fn peek(&self) -> Latency {
+        let g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        if g.0.is_empty() {
+            return Latency::default();
+        }
+        let at = |q: f64| g.0.value_at_quantile(q).min(g.1);
+        Latency { p50: at(0.50), p90: at(0.90), p99: at(0.99), max: g.1 }
+    }
+
     /// Percentiles of the interval that just ended; starts a new one.
     pub fn take(&self) -> Latency {
         let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());

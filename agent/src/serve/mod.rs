@@ -13,6 +13,7 @@ pub mod model;
 pub mod models;
 pub(crate) mod mqtt;
 pub(crate) mod probation;
+pub mod shadow;
 
 use arc_swap::ArcSwapOption;
 pub use metrics::Transport;
@@ -195,6 +196,8 @@ pub struct Engine {
     /// This engine's own requests, errors and refusals as overloaded (the
     /// shared `counters` count the device's): its slot's telemetry.
     pub(crate) own: [AtomicU64; 3],
+    /// The candidate scored in shadow beside the active model, if any.
+    shadow: ArcSwapOption<shadow::Shadow>,
 }
 
 impl Engine {
@@ -220,6 +223,7 @@ impl Engine {
             latencies: Default::default(),
             metrics_source: Default::default(),
             own: Default::default(),
+            shadow: ArcSwapOption::empty(),
         }
     }
 
@@ -477,15 +481,28 @@ impl Engine {
         self.counters.tally.error(transport, code);
     }
 
+    /// Sets the candidate scored in shadow (None: none); returns the one it replaces.
+    pub fn set_shadow(&self, shadow: Option<Arc<shadow::Shadow>>) -> Option<Arc<shadow::Shadow>> {
+        self.shadow.swap(shadow)
+    }
+
+    pub fn shadow(&self) -> Option<Arc<shadow::Shadow>> {
+        self.shadow.load_full()
+    }
+
     /// Runs one request on a worker thread, or refuses it at once.
     pub async fn infer(&self, req: InferRequest, transport: Transport) -> Result<InferResponse, InferFailure> {
         self.count_request(transport);
         let started = std::time::Instant::now();
+        let shadow = self.shadow.load_full().filter(|s| s.sampled()).map(|s| (s, req.clone()));
         let result = self.infer_inner(req).await;
-        if result.is_ok() {
+        if let Ok(resp) = &result {
             let us = started.elapsed().as_micros() as u64;
             self.latencies.record(us);
             self.counters.latency.record(us);
+            if let Some((s, req)) = shadow {
+                s.score(req, resp.clone(), us);
+            }
         }
         if let Err(e) = &result {
             self.count_error(e.code, transport);

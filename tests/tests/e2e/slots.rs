@@ -181,3 +181,62 @@ async fn two_model_slots_deploy_swap_fail_and_restore_independently() {
         assert_eq!(infer_http(port, model, "still").await.0, 200, "{model} still serves");
     }
 }
+
+/// Shadow scoring: a deployment serves one version and scores a candidate
+/// beside it on sampled live requests; the candidate never answers, its
+/// agreement and latency reach telemetry and `shadow` events, in the
+/// default slot and in a model slot alike.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shadow_candidate_is_scored_on_live_requests_without_answering_them() {
+    let (broker, reg, _data, mut w, agent) = Lab::device("cam-2")
+        .flags(&["--telemetry-interval", "1"])
+        .model("digits-mlp.onnx", "digits", "1")
+        .model("digits-cnn.onnx", "digits", "2")
+        .start()
+        .await;
+    let port = agent.http_port;
+    let mut telemetry =
+        outpost_sim::operator::Operator::connect(&broker.url(), "telemetry-cam-2", Topics::default()).await.unwrap();
+    telemetry.subscribe(&Topics::default().telemetry("cam-2")).await.unwrap();
+
+    let mut d = slot_deployment(&reg, "x", "digits", "1").await;
+    d.deployment_id = "shadowed".into();
+    let candidate = slot_deployment(&reg, "x", "digits", "2").await;
+    d.shadow = Some(outpost_protocol::Shadow { model: candidate.model.clone(), sample_rate: 1.0 });
+    w.publish_desired(d.to_json()).await;
+    let (last, events) = w.events_until_final("shadowed").await;
+    assert_eq!(last.phase, Phase::Active, "{events:?}");
+    assert!(last.detail.as_deref().unwrap().contains("scoring digits@2 in shadow on 100% of requests"), "{last:?}");
+
+    // Live requests: answered by the active version only.
+    for i in 0..40 {
+        let (status, answer) = infer_http(port, "digits", &format!("s{i}")).await;
+        assert_eq!((status, answer["model_version"].as_str()), (200, Some("1")), "{answer}");
+    }
+    // Telemetry carries the candidate's figures; CNN and MLP mostly agree on digits.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let stats = loop {
+        assert!(std::time::Instant::now() < deadline, "no shadow figures in telemetry");
+        let Some(m) = telemetry.next(Duration::from_millis(500)).await else { continue };
+        let t: outpost_protocol::Telemetry = serde_json::from_slice(&m.payload).unwrap();
+        if let Some(s) = t.shadow.filter(|s| s.compared + s.skipped >= 40) {
+            break s;
+        }
+    };
+    assert_eq!((stats.model.name.as_str(), stats.model.version.as_str()), ("digits", "2"));
+    assert!(stats.compared >= 1 && stats.errors == 0, "{stats:?}");
+    assert!(stats.agreement >= 0.8 && stats.max_abs_diff > 0.0, "{stats:?}");
+    assert!(stats.latency_us.p50 > 0 && stats.active_latency_us.p50 > 0, "{stats:?}");
+    let ev = w.event(|e| e.phase == Phase::Shadow).await;
+    assert_eq!(ev.deployment_id, "shadowed");
+    assert!(ev.shadow.as_ref().is_some_and(|s| s.compared >= 1), "{ev:?}");
+
+    // Promotion: a deployment of the candidate ends the scoring, with a final report.
+    let mut promoted = candidate.clone();
+    promoted.deployment_id = "promoted".into();
+    w.publish_desired(promoted.to_json()).await;
+    assert_eq!(w.events_until_final("promoted").await.0.phase, Phase::Active);
+    assert_eq!(infer_http(port, "digits", "after").await.1["model_version"], "2");
+    let state = w.state(&broker, |s: &DeviceState| s.active.as_ref().is_some_and(|a| a.version == "2")).await;
+    assert!(state.models.is_empty());
+}

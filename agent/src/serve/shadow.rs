@@ -1,0 +1,208 @@
+//! Shadow scoring: a candidate version runs beside the active one on a
+//! sampled share of live requests. Its answers are compared with the
+//! active model's and never returned: top-1 agreement (the arg max of each
+//! row of the first numeric output), the largest absolute difference over
+//! every numeric output both return, and both latencies. One candidate run
+//! at a time, on a blocking thread after the client has its answer: a
+//! sampled request that finds the candidate busy is skipped (counted), so
+//! scoring never queues or slows live traffic by more than one core.
+
+use super::latency::Latencies;
+use super::model::{InferFailure, Model};
+use outpost_protocol::telemetry::{ModelId, ShadowStats};
+use outpost_protocol::{InferRequest, InferResponse, OutData};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+#[derive(Debug)]
+pub struct Shadow {
+    pub model: Arc<Model>,
+    pub rate: f64,
+    /// The deployment that asked for it (its events name it).
+    pub deployment_id: String,
+    pub revision: u64,
+    busy: AtomicBool,
+    tally: Mutex<Tally>,
+    latency: Latencies,
+    active_latency: Latencies,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct Tally {
+    compared: u64,
+    top1_agree: u64,
+    max_abs_diff: f64,
+    errors: u64,
+    skipped: u64,
+}
+
+/// Resets the busy flag when the candidate's run ends, even by a panic.
+struct Running<'a>(&'a AtomicBool);
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
+}
+
+impl Shadow {
+    pub fn new(model: Arc<Model>, rate: f64, deployment_id: String, revision: u64) -> Shadow {
+        Shadow {
+            model,
+            rate,
+            deployment_id,
+            revision,
+            busy: AtomicBool::new(false),
+            tally: Default::default(),
+            latency: Default::default(),
+            active_latency: Default::default(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Tally> {
+        self.tally.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether this request is in the sample.
+    pub fn sampled(&self) -> bool {
+        self.rate > 0.0 && crate::sys::jitter() < self.rate
+    }
+
+    /// Runs the candidate on a sampled request the active model answered
+    /// (`active` in `active_us`), off the caller's thread; skipped while the
+    /// previous candidate run is still going.
+    pub fn score(self: &Arc<Self>, req: InferRequest, active: InferResponse, active_us: u64) {
+        if self.busy.swap(true, Ordering::AcqRel) {
+            self.lock().skipped += 1;
+            return;
+        }
+        let me = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let _running = Running(&me.busy);
+            let t = std::time::Instant::now();
+            let candidate = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| me.model.infer(&req)))
+                .unwrap_or_else(|_| {
+                    Err(InferFailure::new(outpost_protocol::ErrorCode::Internal, "the candidate panicked"))
+                });
+            me.record(&active, active_us, candidate, t.elapsed().as_micros() as u64);
+        });
+    }
+
+    fn record(&self, active: &InferResponse, active_us: u64, candidate: Result<InferResponse, InferFailure>, us: u64) {
+        let compared = candidate.map_err(|e| e.message).and_then(|c| compare(active, &c));
+        let mut t = self.lock();
+        t.compared += 1;
+        match compared {
+            Ok((agree, diff)) => {
+                t.top1_agree += u64::from(agree);
+                t.max_abs_diff = t.max_abs_diff.max(diff);
+                self.latency.record(us);
+                self.active_latency.record(active_us);
+            }
+            Err(why) => {
+                t.errors += 1;
+                tracing::debug!(candidate = %self.model.version, %why, "shadow run not comparable");
+            }
+        }
+    }
+
+    /// The figures so far.
+    pub fn stats(&self) -> ShadowStats {
+        let t = *self.lock();
+        ShadowStats {
+            model: ModelId { name: self.model.name.clone(), version: self.model.version.clone() },
+            compared: t.compared,
+            top1_agree: t.top1_agree,
+            agreement: if t.compared == 0 { 1.0 } else { t.top1_agree as f64 / t.compared as f64 },
+            max_abs_diff: t.max_abs_diff,
+            errors: t.errors,
+            skipped: t.skipped,
+            latency_us: self.latency.peek(),
+            active_latency_us: self.active_latency.peek(),
+        }
+    }
+}
+
+/// (top-1 agrees, largest absolute difference) of two answers to one
+/// request, or why they cannot be compared. Outputs are matched by name;
+/// string outputs (top-k labels) are not compared.
+pub fn compare(active: &InferResponse, candidate: &InferResponse) -> Result<(bool, f64), String> {
+    let mut diff: f64 = 0.0;
+    let mut top1 = None;
+    for a in &active.outputs {
+        let OutData::Numbers(av) = &a.data else { continue };
+        let Some(c) = candidate.outputs.iter().find(|c| c.name == a.name) else {
+            return Err(format!("the candidate has no output '{}'", a.name));
+        };
+        let OutData::Numbers(cv) = &c.data else { return Err(format!("output '{}' is not numeric", a.name)) };
+        if a.shape != c.shape || av.len() != cv.len() {
+            return Err(format!("output '{}': shape {:?} against {:?}", a.name, c.shape, a.shape));
+        }
+        let (av, cv) = (av.to_f64_vec(), cv.to_f64_vec());
+        for (x, y) in av.iter().zip(&cv) {
+            let d = (x - y).abs();
+            // NaN on one side only is as far apart as answers get.
+            diff = diff.max(if d.is_nan() && !(x.is_nan() && y.is_nan()) { f64::INFINITY } else { d });
+        }
+        if top1.is_none() {
+            let row = a.shape.last().copied().unwrap_or(av.len()).max(1);
+            let argmax = |v: &[f64]| {
+                v.chunks(row)
+                    .map(|r| {
+                        r.iter()
+                            .enumerate()
+                            .fold((0, f64::NEG_INFINITY), |b, (i, x)| if *x > b.1 { (i, *x) } else { b })
+                            .0
+                    })
+                    .collect::<Vec<_>>()
+            };
+            top1 = Some(argmax(&av) == argmax(&cv));
+        }
+    }
+    match top1 {
+        Some(agree) => Ok((agree, diff)),
+        None => Err("no numeric output to compare".into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use outpost_protocol::{TensorData, TensorOut};
+
+    fn answer(rows: Vec<f32>, labels: bool) -> InferResponse {
+        let mut outputs = vec![TensorOut {
+            name: "p".into(),
+            shape: vec![rows.len() / 3, 3],
+            datatype: "FP32".into(),
+            data: OutData::Numbers(TensorData::F32(rows)),
+        }];
+        if labels {
+            outputs.push(TensorOut {
+                name: "p_top_k".into(),
+                shape: vec![1, 1],
+                datatype: "BYTES".into(),
+                data: OutData::Strings(vec!["x".into()]),
+            });
+        }
+        InferResponse { id: None, model_name: "m".into(), model_version: "1".into(), outputs, parameters: None }
+    }
+
+    #[test]
+    fn agreement_is_the_arg_max_of_every_row_and_the_difference_the_largest() {
+        let a = answer(vec![0.1, 0.7, 0.2, 0.5, 0.3, 0.2], true);
+        let same_top = answer(vec![0.2, 0.6, 0.2, 0.6, 0.3, 0.1], false);
+        let (agree, diff) = compare(&a, &same_top).unwrap();
+        assert!(agree);
+        assert!((diff - 0.1).abs() < 1e-6, "{diff}");
+        let second_row_differs = answer(vec![0.1, 0.7, 0.2, 0.2, 0.3, 0.5], false);
+        assert!(!compare(&a, &second_row_differs).unwrap().0);
+        let nan = answer(vec![f32::NAN, 0.7, 0.2, 0.5, 0.3, 0.2], false);
+        assert_eq!(compare(&a, &nan).unwrap().1, f64::INFINITY);
+        let other_shape = answer(vec![0.1, 0.7, 0.2], false);
+        assert!(compare(&a, &other_shape).unwrap_err().contains("shape"));
+        let mut renamed = a.clone();
+        renamed.outputs[0].name = "q".into();
+        assert!(compare(&a, &renamed).unwrap_err().contains("no output 'p'"));
+    }
+}
