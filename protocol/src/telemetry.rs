@@ -42,10 +42,13 @@ pub struct ShadowStats {
     pub model: ModelId,
     /// Requests the candidate ran on (its answers are never returned).
     pub compared: u64,
-    /// Of those, how many had the same top-1 class as the active model
-    /// (first output, arg max per row).
+    /// Rows (samples of a batch) of those requests whose outputs were compared.
+    #[serde(default)]
+    pub rows: u64,
+    /// Of those rows, how many had the same top-1 class as the active
+    /// model's (arg max of the row in the first numeric output).
     pub top1_agree: u64,
-    /// `top1_agree / compared` (1.0 while nothing was compared).
+    /// `top1_agree / rows` (1.0 while nothing was compared).
     pub agreement: f64,
     /// Largest absolute difference seen between the two models' outputs.
     pub max_abs_diff: f64,

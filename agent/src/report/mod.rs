@@ -132,8 +132,8 @@ impl Reporter {
     pub fn shadow_event(&self, s: &crate::serve::shadow::Shadow, detail: &str) {
         let stats = s.stats();
         let detail = format!(
-            "{detail}: {}@{} agreed on {} of {} sampled requests, max abs diff {}",
-            stats.model.name, stats.model.version, stats.top1_agree, stats.compared, stats.max_abs_diff
+            "{detail}: {}@{} agreed on the top-1 class of {} of {} rows in {} sampled requests, max abs diff {}",
+            stats.model.name, stats.model.version, stats.top1_agree, stats.rows, stats.compared, stats.max_abs_diff
         );
         self.emit(&s.deployment_id, s.revision, Phase::Shadow, None, None, Some(detail), None, Some(stats));
     }

@@ -30,6 +30,7 @@ pub struct Shadow {
 #[derive(Debug, Default, Clone, Copy)]
 struct Tally {
     compared: u64,
+    rows: u64,
     top1_agree: u64,
     max_abs_diff: f64,
     errors: u64,
@@ -93,8 +94,9 @@ impl Shadow {
         let mut t = self.lock();
         t.compared += 1;
         match compared {
-            Ok((agree, diff)) => {
-                t.top1_agree += u64::from(agree);
+            Ok((rows, agree, diff)) => {
+                t.rows += rows;
+                t.top1_agree += agree;
                 t.max_abs_diff = t.max_abs_diff.max(diff);
                 self.latency.record(us);
                 self.active_latency.record(active_us);
@@ -112,8 +114,9 @@ impl Shadow {
         ShadowStats {
             model: ModelId { name: self.model.name.clone(), version: self.model.version.clone() },
             compared: t.compared,
+            rows: t.rows,
             top1_agree: t.top1_agree,
-            agreement: if t.compared == 0 { 1.0 } else { t.top1_agree as f64 / t.compared as f64 },
+            agreement: if t.rows == 0 { 1.0 } else { t.top1_agree as f64 / t.rows as f64 },
             max_abs_diff: t.max_abs_diff,
             errors: t.errors,
             skipped: t.skipped,
@@ -123,10 +126,10 @@ impl Shadow {
     }
 }
 
-/// (top-1 agrees, largest absolute difference) of two answers to one
-/// request, or why they cannot be compared. Outputs are matched by name;
-/// string outputs (top-k labels) are not compared.
-pub fn compare(active: &InferResponse, candidate: &InferResponse) -> Result<(bool, f64), String> {
+/// (rows, rows whose top-1 agrees, largest absolute difference) of two
+/// answers to one request, or why they cannot be compared. Outputs are
+/// matched by name; string outputs (top-k labels) are not compared.
+pub fn compare(active: &InferResponse, candidate: &InferResponse) -> Result<(u64, u64, f64), String> {
     let mut diff: f64 = 0.0;
     let mut top1 = None;
     for a in &active.outputs {
@@ -156,11 +159,12 @@ pub fn compare(active: &InferResponse, candidate: &InferResponse) -> Result<(boo
                     })
                     .collect::<Vec<_>>()
             };
-            top1 = Some(argmax(&av) == argmax(&cv));
+            let (a, c) = (argmax(&av), argmax(&cv));
+            top1 = Some((a.len() as u64, a.iter().zip(&c).filter(|(x, y)| x == y).count() as u64));
         }
     }
     match top1 {
-        Some(agree) => Ok((agree, diff)),
+        Some((rows, agree)) => Ok((rows, agree, diff)),
         None => Err("no numeric output to compare".into()),
     }
 }
@@ -192,13 +196,13 @@ mod tests {
     fn agreement_is_the_arg_max_of_every_row_and_the_difference_the_largest() {
         let a = answer(vec![0.1, 0.7, 0.2, 0.5, 0.3, 0.2], true);
         let same_top = answer(vec![0.2, 0.6, 0.2, 0.6, 0.3, 0.1], false);
-        let (agree, diff) = compare(&a, &same_top).unwrap();
-        assert!(agree);
+        let (rows, agree, diff) = compare(&a, &same_top).unwrap();
+        assert_eq!((rows, agree), (2, 2));
         assert!((diff - 0.1).abs() < 1e-6, "{diff}");
         let second_row_differs = answer(vec![0.1, 0.7, 0.2, 0.2, 0.3, 0.5], false);
-        assert!(!compare(&a, &second_row_differs).unwrap().0);
+        assert_eq!(compare(&a, &second_row_differs).unwrap().1, 1);
         let nan = answer(vec![f32::NAN, 0.7, 0.2, 0.5, 0.3, 0.2], false);
-        assert_eq!(compare(&a, &nan).unwrap().1, f64::INFINITY);
+        assert_eq!(compare(&a, &nan).unwrap().2, f64::INFINITY);
         let other_shape = answer(vec![0.1, 0.7, 0.2], false);
         assert!(compare(&a, &other_shape).unwrap_err().contains("shape"));
         let mut renamed = a.clone();
