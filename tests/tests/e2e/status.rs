@@ -1,7 +1,9 @@
 //! `outpost-sim status`, the fleet view, over real agent processes: a group's
-//! devices with their model, outcome and health, one of them killed.
+//! devices with their models (a model slot too), outcomes and health, one of
+//! them killed.
 
 use super::*;
+use outpost_protocol::Topics;
 use std::io::BufRead;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -12,15 +14,23 @@ async fn sim_off(args: &[&str]) -> (i32, String, String) {
     tokio::task::spawn_blocking(move || sim(&args.iter().map(String::as_str).collect::<Vec<_>>())).await.unwrap()
 }
 
-/// `status --json`'s rows by device (default slot).
-fn rows(out: &str) -> std::collections::BTreeMap<String, serde_json::Value> {
+/// `status --json`'s rows by device and slot (`-`: the default slot).
+fn rows(out: &str) -> std::collections::BTreeMap<(String, String), serde_json::Value> {
     let v: serde_json::Value = serde_json::from_str(out).unwrap_or_else(|e| panic!("{e}: {out}"));
-    v["rows"].as_array().unwrap().iter().map(|r| (r["device"].as_str().unwrap().to_string(), r.clone())).collect()
+    let key = |r: &serde_json::Value| (r["device"].as_str().unwrap().into(), r["slot"].as_str().unwrap_or("-").into());
+    v["rows"].as_array().unwrap().iter().map(|r| (key(r), r.clone())).collect()
 }
 
-/// The table line of `device`.
-fn line<'a>(out: &'a str, device: &str) -> &'a str {
-    out.lines().find(|l| l.split_whitespace().next() == Some(device)).unwrap_or_else(|| panic!("no {device} in\n{out}"))
+fn key(device: &str, slot: &str) -> (String, String) {
+    (device.into(), slot.into())
+}
+
+/// The words of the table line of `device`'s `slot` (`-`: the default slot).
+fn line<'a>(out: &'a str, device: &str, slot: &str) -> Vec<&'a str> {
+    out.lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .find(|w| w.len() > 2 && w[0] == device && w[2] == slot)
+        .unwrap_or_else(|| panic!("no {device} {slot} in\n{out}"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -28,6 +38,7 @@ async fn status_shows_a_group_s_devices_models_outcomes_health_and_who_went_offl
     let broker = Mosquitto::start();
     let reg = Registry::start().await;
     reg.register("digits-mlp.onnx", "digits", "1");
+    reg.register("digits-cnn.onnx", "digits-cnn", "1");
     let data = tempfile::tempdir().unwrap();
     let fast = ["--telemetry-interval", "1"];
     let a = Agent::start_with(broker.port, "st-a", &data.path().join("st-a"), &["cams"], &fast);
@@ -37,8 +48,18 @@ async fn status_shows_a_group_s_devices_models_outcomes_health_and_who_went_offl
     let deploy = ["deploy", "--broker", &url, "--group", "cams", "--model", "digits@1", "--registry-url", &reg.url];
     let (code, out, err) = sim_off(&[&deploy[..], &["--wait", "--expect", "2", "--timeout", "120"]].concat()).await;
     assert_eq!(code, 0, "{out}{err}");
+    // st-a has a second model, in slot det.
+    let mut op = outpost_sim::operator::Operator::connect(&broker.url(), "st-op", Topics::default()).await.unwrap();
+    op.subscribe(&Topics::default().events("st-a")).await.unwrap();
+    let (manifest, sha) = outpost_sim::operator::resolve_manifest(&reg.url, "digits-cnn", "1").await.unwrap();
+    let det = outpost_sim::operator::deployment("digits-cnn", "1", &manifest, &sha, None, None);
+    op.publish(&Topics::default().device_model_desired("st-a", "det"), det.to_json(), true).await.unwrap();
+    let finals =
+        outpost_sim::operator::wait_for_outcome(&mut op, &det.deployment_id, 1, Duration::from_secs(120), false).await;
+    assert_eq!(finals.unwrap()[0].phase, Phase::Active);
 
-    // Requests on st-a, half of them malformed (bad_input), until the end.
+    // Requests on st-a, half of those for digits malformed (bad_input),
+    // all of those for det well-formed, until the end.
     let stop = Arc::new(AtomicBool::new(false));
     let load = tokio::spawn({
         let (stop, port) = (stop.clone(), a.http_port);
@@ -48,10 +69,12 @@ async fn status_shows_a_group_s_devices_models_outcomes_health_and_who_went_offl
             let bad = serde_json::to_vec(&serde_json::json!({"inputs": [
                 {"name": "input", "shape": [1, 63], "datatype": "FP32", "data": vec![0.0; 63]}]}))
             .unwrap();
+            let det = format!("http://127.0.0.1:{port}/v2/models/det/infer");
             let mut answers = (0, 0);
             while !stop.load(Ordering::Relaxed) {
                 answers.0 += (http("POST", url.clone(), Some(good.clone())).await.0 == 200) as u32;
                 answers.1 += (http("POST", url.clone(), Some(bad.clone())).await.0 == 400) as u32;
+                answers.0 += (http("POST", det.clone(), Some(good.clone())).await.0 == 200) as u32;
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
             answers
@@ -64,23 +87,26 @@ async fn status_shows_a_group_s_devices_models_outcomes_health_and_who_went_offl
     // telemetry, so it ends well before --wait.
     let (code, out, err) = sim_off(&["status", "--broker", &url, "--group", "cams", "--wait", "60s"]).await;
     assert_eq!(code, 0, "{out}{err}");
-    assert!(out.starts_with("DEVICE  ONLINE  SLOT  MODEL     OUTCOME  P99 MS  ERRORS"), "{out}");
+    let header: Vec<&str> = out.lines().next().unwrap().split_whitespace().collect();
+    assert_eq!(header[..6], ["DEVICE", "ONLINE", "SLOT", "MODEL", "OUTCOME", "P99"], "{out}");
     for device in ["st-a", "st-b"] {
-        let words: Vec<&str> = line(&out, device).split_whitespace().collect();
-        assert_eq!(words[..5], [device, "online", "-", "digits@1", "active"], "{out}");
+        assert_eq!(line(&out, device, "-")[..5], [device, "online", "-", "digits@1", "active"], "{out}");
     }
-    let errors = line(&out, "st-a").split_whitespace().nth(6).unwrap();
+    let det = line(&out, "st-a", "det");
+    assert_eq!(det[..5], ["st-a", "online", "det", "digits-cnn@1", "active"], "{out}");
+    assert_eq!(det[6], "0.0%", "det's requests are all well-formed: {out}");
+    let errors = line(&out, "st-a", "-")[6];
     assert!(errors.ends_with('%') && errors != "0.0%", "st-a's error rate: {out}");
     assert!(!out.contains("st-c"), "st-c is not in the group: {out}");
-    assert!(out.contains("\n2 devices: 2 online; digits@1 2; 0 failed or rolled back\n"), "{out}");
+    assert!(out.contains("\n2 devices: 2 online; digits-cnn@1 1, digits@1 2; 0 failed or rolled back\n"), "{out}");
     assert!(!out.contains("no telemetry"), "{out}");
 
     // The same as JSON, with the figures.
     let (code, out, err) = sim_off(&["status", "--broker", &url, "--group", "cams", "--json", "--wait", "60s"]).await;
     assert_eq!(code, 0, "{out}{err}");
     let view = rows(&out);
-    assert_eq!(view.keys().collect::<Vec<_>>(), ["st-a", "st-b"]);
-    let st_a = &view["st-a"];
+    assert_eq!(view.keys().cloned().collect::<Vec<_>>(), [key("st-a", "-"), key("st-a", "det"), key("st-b", "-")]);
+    let st_a = &view[&key("st-a", "-")];
     for (field, want) in [("online", "online"), ("model", "digits@1"), ("outcome", "active")] {
         assert_eq!(st_a[field], want, "{st_a}");
     }
@@ -90,7 +116,12 @@ async fn status_shows_a_group_s_devices_models_outcomes_health_and_who_went_offl
     let rate = st_a["error_rate"].as_f64().unwrap();
     assert!(rate > 0.0 && rate < 1.0, "half the requests are malformed: {st_a}");
     assert!(st_a["last_seen_s"].as_f64().is_some(), "{st_a}");
-    assert!(view["st-b"]["p99_ms"].is_null(), "no requests on st-b: {}", view["st-b"]);
+    let det = &view[&key("st-a", "det")];
+    assert_eq!((det["model"].as_str(), det["outcome"].as_str()), (Some("digits-cnn@1"), Some("active")), "{det}");
+    assert!(det["requests"].as_u64().unwrap() > 0 && det["p99_ms"].as_f64().unwrap() > 0.0, "{det}");
+    assert_eq!(det["error_rate"].as_f64(), Some(0.0), "{det}");
+    let st_b = &view[&key("st-b", "-")];
+    assert!(st_b["p99_ms"].is_null(), "no requests on st-b: {st_b}");
 
     // --watch, not on a terminal, with named devices (their exact topics):
     // snapshots as JSON lines; the requests per second show once two reports
@@ -111,9 +142,11 @@ async fn status_shows_a_group_s_devices_models_outcomes_health_and_who_went_offl
             let l = l.unwrap();
             snapshots += 1;
             let view = rows(&l);
-            assert_eq!(view.keys().collect::<Vec<_>>(), ["st-a", "st-c"], "{l}");
-            if view["st-a"]["requests_per_s"].as_f64().is_some_and(|r| r > 0.0) {
-                assert!(view["st-c"]["model"].is_null() && view["st-c"]["online"] == "online", "{l}");
+            let keys = [key("st-a", "-"), key("st-a", "det"), key("st-c", "-")];
+            assert_eq!(view.keys().cloned().collect::<Vec<_>>(), keys, "{l}");
+            if view[&keys[1]]["requests_per_s"].as_f64().is_some_and(|r| r > 0.0) {
+                let st_c = &view[&keys[2]];
+                assert!(st_c["model"].is_null() && st_c["online"] == "online", "{l}");
                 return snapshots;
             }
             assert!(std::time::Instant::now() < deadline, "no requests/s for st-a within 60 s: {l}");
@@ -139,7 +172,7 @@ async fn status_shows_a_group_s_devices_models_outcomes_health_and_who_went_offl
     loop {
         let (code, out, err) = sim_off(&["status", "--broker", &url, "--group", "cams", "--json", "--wait", "0"]).await;
         assert_eq!(code, 0, "{out}{err}");
-        if rows(&out)["st-b"]["online"] == "offline" {
+        if rows(&out)[&key("st-b", "-")]["online"] == "offline" {
             break;
         }
         assert!(std::time::Instant::now() < deadline, "st-b not offline within 60 s: {out}");
@@ -147,10 +180,12 @@ async fn status_shows_a_group_s_devices_models_outcomes_health_and_who_went_offl
     }
     let (code, out, err) = sim_off(&["status", "--broker", &url, "--group", "cams", "--wait", "60s"]).await;
     assert_eq!(code, 0, "{out}{err}");
-    let words: Vec<&str> = line(&out, "st-b").split_whitespace().collect();
-    assert_eq!(words[..5], ["st-b", "offline", "-", "digits@1", "active"], "{out}");
-    assert_eq!(line(&out, "st-a").split_whitespace().nth(1), Some("online"), "{out}");
-    assert!(out.contains("\n2 devices: 1 online, 1 offline; digits@1 2; 0 failed or rolled back\n"), "{out}");
+    assert_eq!(line(&out, "st-b", "-")[..5], ["st-b", "offline", "-", "digits@1", "active"], "{out}");
+    assert_eq!(line(&out, "st-a", "-")[1], "online", "{out}");
+    assert!(
+        out.contains("\n2 devices: 1 online, 1 offline; digits-cnn@1 1, digits@1 2; 0 failed or rolled back\n"),
+        "{out}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -179,8 +214,8 @@ async fn status_names_a_failed_deployment_and_refuses_bad_names() {
 
     let (code, out, err) = sim_off(&["status", "--broker", &url, "--device", "st-f", "--wait", "60s"]).await;
     assert_eq!(code, 0, "{out}{err}");
-    let l = line(&out, "st-f");
-    assert!(l.contains(" online ") && l.contains("failed (model_load_failed)"), "{out}");
+    let l = line(&out, "st-f", "-");
+    assert_eq!(l[..6], ["st-f", "online", "-", "-", "failed", "(model_load_failed)"], "{out}");
     assert!(out.contains("; nothing serving 1; 1 failed or rolled back\n"), "{out}");
 
     for bad in [["--device", "a/+"], ["--group", "#"]] {
