@@ -581,17 +581,31 @@ impl Agent {
     /// is opened on the slot's first deployment (at most [`MAX_SLOTS`]).
     async fn on_slot_desired(&mut self, source: Source, slot: &str, m: &Message) {
         if !self.slots.contains_key(slot) {
-            if m.payload().is_empty() {
-                // Withdrawing a slot this device never had: nothing to do.
-                tracing::debug!(slot, "undeploy of a model slot that does not exist");
-                return;
+            // A slot is opened (and kept on disk) only for a deployment the
+            // device accepts: a refused message, or the withdrawal of a slot
+            // the device never had, leaves no slot behind.
+            let target = self.slot_parts.authority.target(source);
+            let now = std::time::SystemTime::now();
+            match self.config.trust.open_in(m.payload(), &target, Some(slot), now) {
+                Ok((outpost_protocol::trust::Desired::Deploy(_), _)) => {}
+                Ok((outpost_protocol::trust::Desired::Undeploy { .. }, _)) => {
+                    tracing::debug!(slot, "undeploy of a model slot that does not exist");
+                    return;
+                }
+                Err(refused) => {
+                    self.engine.counters.desired_refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    self.engine.counters.tally.desired_refused(refused.error.code);
+                    tracing::warn!(topic = %target, slot, error = %refused.error, "desired state refused");
+                    self.reporter.for_slot(slot).refused_message(m.payload(), &refused);
+                    return;
+                }
             }
             if self.slots.len() >= MAX_SLOTS {
                 let e = outpost_protocol::ErrorInfo::new(
                     outpost_protocol::ErrorCode::SlotLimit,
                     format!(
                         "model slot {slot} would be this device's {}th; it takes at most {MAX_SLOTS} \
-                         (undeploying a slot does not free its place until the agent restarts without its record)",
+                         (a slot keeps its place once opened, undeployed or not: reuse a slot name)",
                         MAX_SLOTS + 1
                     ),
                 );

@@ -198,6 +198,17 @@ enum Command {
         /// Allow going back to an older version of the model than the one serving.
         #[arg(long)]
         allow_downgrade: bool,
+        /// Deploy to this model slot (`.../models/SLOT/desired`, served at /v2/models/SLOT)
+        /// instead of the device's or group's default model.
+        #[arg(long)]
+        slot: Option<String>,
+        /// Score this registered candidate, NAME@VERSION, in shadow beside the model: it runs on
+        /// --shadow-sample of live requests, never answers them; its agreement goes to telemetry.
+        #[arg(long, value_parser = parse_model)]
+        shadow: Option<(String, String)>,
+        /// With --shadow: the share of requests the candidate also runs on (above 0, at most 1).
+        #[arg(long, default_value_t = 0.1, requires = "shadow")]
+        shadow_sample: f64,
         #[command(flatten)]
         tls: TlsArgs,
     },
@@ -223,6 +234,9 @@ enum Command {
         /// Revision of the signed undeployment (default: from the clock, like deploy).
         #[arg(long)]
         revision: Option<u64>,
+        /// Withdraw this model slot's desired state instead of the default model's.
+        #[arg(long)]
+        slot: Option<String>,
         #[command(flatten)]
         tls: TlsArgs,
     },
@@ -534,12 +548,18 @@ async fn run(command: Command) -> ExitCode {
             sign_key,
             certificate,
             allow_downgrade,
+            slot,
+            shadow,
+            shadow_sample,
             tls,
         } => {
             let signer = match sign_key.as_deref().map(|k| Signer::load(k, certificate.as_deref())).transpose() {
                 Ok(s) => s,
                 Err(e) => return fail(EXIT_USAGE, &e),
             };
+            if let Some(Err(e)) = slot.as_deref().map(outpost_protocol::topics::validate_slot) {
+                return fail(EXIT_USAGE, &format!("--slot: {e}"));
+            }
             if expect == 0 {
                 return fail(EXIT_USAGE, "--expect 0: expected at least one device to wait for");
             }
@@ -555,12 +575,36 @@ async fn run(command: Command) -> ExitCode {
             if allow_downgrade {
                 d.policy.allow_downgrade = Some(true);
             }
+            if let Some((shadow_name, shadow_version)) = shadow {
+                let lookup = operator::lookup_manifest(
+                    &registry_url,
+                    &shadow_name,
+                    &shadow_version,
+                    Duration::from_secs(timeout.min(60)),
+                );
+                let (url, sha) = match lookup.await {
+                    Ok(x) => x,
+                    Err(e) if e.permanent => return fail(EXIT_USAGE, &format!("--shadow: {}", e.message)),
+                    Err(e) => return fail(EXIT_UNAVAILABLE, &e.message),
+                };
+                let model = operator::deployment(&shadow_name, &shadow_version, &url, &sha, Some(1), None).model;
+                d.shadow = Some(outpost_protocol::Shadow { model, sample_rate: shadow_sample });
+            }
+            // Named in the message too: a signed deployment is bound to its slot.
+            d.slot = slot.clone();
+            if let Err(e) = d.validate() {
+                return fail(EXIT_USAGE, &e.to_string());
+            }
             let topics = Topics::default();
             let (topic, events, target) = match (&device, &group) {
-                (Some(dev), _) => (topics.device_desired(dev), topics.events(dev), Target::Device(dev.clone())),
-                (None, Some(g)) => {
-                    (topics.group_desired(g), format!("{}/devices/+/events", topics.prefix()), Target::Group(g.clone()))
+                (Some(dev), _) => {
+                    (topics.device_desired_in(dev, slot.as_deref()), topics.events(dev), Target::Device(dev.clone()))
                 }
+                (None, Some(g)) => (
+                    topics.group_desired_in(g, slot.as_deref()),
+                    format!("{}/devices/+/events", topics.prefix()),
+                    Target::Group(g.clone()),
+                ),
                 _ => return fail(EXIT_USAGE, "give --device or --group"),
             };
             d.target = Some(target);
@@ -632,6 +676,13 @@ async fn run(command: Command) -> ExitCode {
                     Phase::Unchanged => operator::device_state(&mut op, &f.device, Duration::from_secs(5)).await,
                     _ => None,
                 };
+                // A slot's deployment is judged by what the slot serves.
+                let state = state.map(|mut s| {
+                    if let Some(slot) = &slot {
+                        s.active = s.models.get(slot).and_then(|m| m.active.clone());
+                    }
+                    s
+                });
                 let why = || {
                     let mut why = f.phase.as_str().to_string();
                     if let Some(e) = &f.error {
@@ -676,19 +727,22 @@ async fn run(command: Command) -> ExitCode {
             op.disconnect().await;
             code
         }
-        Command::Undeploy { broker, device, group, sign_key, certificate, revision, tls } => {
+        Command::Undeploy { broker, device, group, sign_key, certificate, revision, slot, tls } => {
             let signer = match sign_key.as_deref().map(|k| Signer::load(k, certificate.as_deref())).transpose() {
                 Ok(s) => s,
                 Err(e) => return fail(EXIT_USAGE, &e),
             };
+            if let Some(Err(e)) = slot.as_deref().map(outpost_protocol::topics::validate_slot) {
+                return fail(EXIT_USAGE, &format!("--slot: {e}"));
+            }
             let topics = Topics::default();
             let (topic, target) = match (&device, &group) {
-                (Some(d), _) => (topics.device_desired(d), Target::Device(d.clone())),
-                (None, Some(g)) => (topics.group_desired(g), Target::Group(g.clone())),
+                (Some(d), _) => (topics.device_desired_in(d, slot.as_deref()), Target::Device(d.clone())),
+                (None, Some(g)) => (topics.group_desired_in(g, slot.as_deref()), Target::Group(g.clone())),
                 _ => return fail(EXIT_USAGE, "give --device or --group"),
             };
             let revision = revision.unwrap_or_else(operator::clock_revision);
-            let payload = signer.as_ref().map(|s| s.undeploy(target, None, revision)).unwrap_or_default();
+            let payload = signer.as_ref().map(|s| s.undeploy(target, slot.as_deref(), revision)).unwrap_or_default();
             let op = match tls.connect(&broker, &format!("outpost-sim-undeploy-{}", std::process::id())).await {
                 Ok(o) => o,
                 Err((code, e)) => return fail(code, &e),

@@ -69,7 +69,7 @@ pub struct Authority {
 
 impl Authority {
     /// The target a message on `source`'s topic must name.
-    fn target(&self, source: Source) -> Target {
+    pub(crate) fn target(&self, source: Source) -> Target {
         match source {
             Source::Device => Target::Device(self.device.clone()),
             Source::Group(i) => Target::Group(self.groups.get(i).cloned().unwrap_or_default()),
@@ -477,20 +477,7 @@ impl Deployer {
             Err(refused) => {
                 self.count_refused(refused.error.code);
                 tracing::warn!(topic = %arrived_on, error = %refused.error, "desired state refused");
-                match &refused.claimed {
-                    // Verified (a wrong target): its own id.
-                    Some(d) => self.reporter.refused_desired(d, &refused.error),
-                    // Not verified: under no id, so an unsigned copy of a
-                    // real deployment cannot make it look failed.
-                    None if matches!(
-                        refused.error.code,
-                        ErrorCode::SignatureRequired | ErrorCode::SignatureInvalid
-                    ) =>
-                    {
-                        self.reporter.refused(None, 0, &refused.error)
-                    }
-                    None => self.reporter.invalid_desired(payload, &refused.error),
-                }
+                self.reporter.refused_message(payload, &refused);
                 return;
             }
             Ok((Desired::Deploy(d), signer)) => {

@@ -170,6 +170,21 @@ impl Reporter {
         self.refused(Some(&d.deployment_id), d.revision, e);
     }
 
+    /// A desired-state message the trust check refused.
+    pub fn refused_message(&self, payload: &[u8], refused: &outpost_protocol::trust::Refused) {
+        use outpost_protocol::ErrorCode;
+        match &refused.claimed {
+            // Verified (a wrong target): its own id.
+            Some(d) => self.refused_desired(d, &refused.error),
+            // Not verified: under no id, so an unsigned copy of a real
+            // deployment cannot make it look failed.
+            None if matches!(refused.error.code, ErrorCode::SignatureRequired | ErrorCode::SignatureInvalid) => {
+                self.refused(None, 0, &refused.error)
+            }
+            None => self.invalid_desired(payload, &refused.error),
+        }
+    }
+
     /// A refused desired state, as far as it can be named.
     pub fn refused(&self, deployment_id: Option<&str>, revision: u64, e: &ErrorInfo) {
         let detail = Some("desired state refused; the active model keeps serving".into());

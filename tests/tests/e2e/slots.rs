@@ -240,3 +240,82 @@ async fn a_shadow_candidate_is_scored_on_live_requests_without_answering_them() 
     let state = w.state(&broker, |s: &DeviceState| s.active.as_ref().is_some_and(|a| a.version == "2")).await;
     assert!(state.models.is_empty());
 }
+
+/// With trust keys, `outpost-sim deploy --slot` signs a deployment bound to
+/// its slot: replayed into another slot (or onto the default topic) it is
+/// refused and what serves there keeps serving; `undeploy --slot` withdraws
+/// that slot alone; `deploy --shadow` asks for shadow scoring.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signed_slot_deployments_stay_in_their_slot() {
+    let keys = tempfile::tempdir().unwrap();
+    let key = keys.path().join("root").display().to_string();
+    let (code, out, err) = sim(&["keygen", &key]);
+    assert_eq!(code, 0, "{out}{err}");
+    let (broker, reg, _data, mut w, agent) = Lab::device("cam-3")
+        .model("digits-mlp.onnx", "digits", "1")
+        .model("digits-cnn.onnx", "digits", "2")
+        .flags(&["--trust-key", &format!("{key}.pub.pem")])
+        .start()
+        .await;
+    let port = agent.http_port;
+    let url = format!("mqtt://127.0.0.1:{}", broker.port);
+    let sign = format!("{key}.pem");
+    let deploy = |model: &str, id: &str, slot: Option<&str>, extra: &[&str]| {
+        let mut args = vec!["deploy", "--broker", &url, "--device", "cam-3", "--model", model];
+        args.extend(["--registry-url", &reg.url, "--sign-key", &sign, "--deployment-id", id]);
+        if let Some(s) = slot {
+            args.extend(["--slot", s]);
+        }
+        args.extend(extra);
+        let (code, out, err) = sim(&args);
+        assert_eq!(code, 0, "{out}{err}");
+    };
+    deploy("digits@1", "default-1", None, &[]);
+    assert_eq!(w.events_until_final("default-1").await.0.phase, Phase::Active);
+    deploy("digits@2", "det-2", Some("det"), &["--shadow", "digits@1", "--shadow-sample", "0.5"]);
+    let (last, _) = w.events_until_final("det-2").await;
+    assert_eq!((last.phase, last.slot.as_deref()), (Phase::Active, Some("det")), "{last:?}");
+    assert!(last.detail.as_deref().unwrap().contains("scoring digits@1 in shadow on 50% of requests"), "{last:?}");
+
+    // The signed message, copied from det's retained topic to cls's and to the default topic.
+    let mut spy = outpost_sim::operator::Operator::connect(&broker.url(), "spy", Topics::default()).await.unwrap();
+    spy.subscribe(&Topics::default().device_model_desired("cam-3", "det")).await.unwrap();
+    let signed = spy.next(Duration::from_secs(10)).await.expect("the retained signed deployment").payload;
+    for topic in [Topics::default().device_model_desired("cam-3", "cls"), Topics::default().device_desired("cam-3")] {
+        spy.publish(&topic, signed.to_vec(), false).await.unwrap();
+        let ev = w.event(|e| e.phase == Phase::Failed).await;
+        let e = ev.error.as_ref().unwrap();
+        assert_eq!(e.code, ErrorCode::SignatureInvalid, "{ev:?}");
+        assert!(e.message.contains("arrived on the desired topic of"), "{ev:?}");
+    }
+    assert_eq!(infer_http(port, "digits", "still-1").await.1["model_version"], "1");
+    assert_eq!(infer_http(port, "det", "still-2").await.1["model_version"], "2");
+    // Refused, the replay left no slot behind.
+    assert_eq!(infer_http(port, "cls", "none").await.0, 404);
+    assert!(!agent.data_dir.join("slots/cls.json").exists());
+
+    // A signed undeploy of the slot withdraws it alone.
+    let (code, out, err) =
+        sim(&["undeploy", "--broker", &url, "--device", "cam-3", "--slot", "det", "--sign-key", &sign]);
+    assert_eq!(code, 0, "{out}{err}");
+    let ev = w.event(|e| e.phase == Phase::Undeployed).await;
+    assert_eq!(ev.slot.as_deref(), Some("det"));
+    assert_eq!(infer_http(port, "det", "gone").await.0, 503);
+    assert_eq!(infer_http(port, "digits", "kept").await.0, 200);
+    // A bad slot name is the operator's mistake (64), caught before publishing.
+    let (code, _, err) = sim(&[
+        "deploy",
+        "--broker",
+        &url,
+        "--device",
+        "cam-3",
+        "--model",
+        "digits@1",
+        "--registry-url",
+        &reg.url,
+        "--slot",
+        "a.b",
+    ]);
+    assert_eq!(code, 64, "{err}");
+    assert!(err.contains("--slot"), "{err}");
+}
