@@ -319,3 +319,44 @@ async fn signed_slot_deployments_stay_in_their_slot() {
     assert_eq!(code, 64, "{err}");
     assert!(err.contains("--slot"), "{err}");
 }
+
+/// Each slot has its own worker pool: a slow model flooded past its queue
+/// refuses its own overflow (`overloaded`) while the model in another slot
+/// answers every request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flooded_slot_does_not_queue_another_slots_requests() {
+    let (_broker, reg, _data, mut w, agent) =
+        Lab::device("cam-4").model("slow.onnx", "slow", "1").model("digits-mlp.onnx", "digits", "1").start().await;
+    let port = agent.http_port;
+    let mut slow = slot_deployment(&reg, "heavy", "slow", "1").await;
+    slow.serving.workers = Some(1);
+    slow.serving.max_queue = Some(1);
+    assert_eq!(deploy_slot(&mut w, "heavy", &slow).await.0.phase, Phase::Active);
+    let fast = slot_deployment(&reg, "light", "digits", "1").await;
+    assert_eq!(deploy_slot(&mut w, "light", &fast).await.0.phase, Phase::Active);
+
+    let mut req = digits_request(256);
+    req["id"] = "flood".into();
+    let body = serde_json::to_vec(&req).unwrap();
+    let flood: Vec<_> = (0..8)
+        .map(|_| {
+            let (url, body) = (format!("http://127.0.0.1:{port}/v2/models/heavy/infer"), body.clone());
+            tokio::spawn(async move { http("POST", url, Some(body)).await })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    for i in 0..20 {
+        let (status, answer) = infer_http(port, "light", &format!("l{i}")).await;
+        assert_eq!(status, 200, "the light slot while the heavy one is flooded: {answer}");
+    }
+    let mut statuses = Vec::new();
+    for f in flood {
+        let (status, body) = f.await.unwrap();
+        if status != 200 {
+            assert_eq!(body["code"], "overloaded", "{body}");
+        }
+        statuses.push(status);
+    }
+    assert!(statuses.contains(&503), "the heavy slot's own queue overflowed: {statuses:?}");
+    assert!(statuses.contains(&200), "{statuses:?}");
+}
