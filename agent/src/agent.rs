@@ -564,7 +564,8 @@ impl Agent {
             tracing::warn!(
                 topic = %outpost_protocol::error::excerpt(topic, 200),
                 "ignored a message on a topic this agent cannot place (warned once per topic): \
-                 expected {p}/devices/{d}/desired|infer or {p}/groups/GROUP/desired",
+                 expected {p}/devices/{d}/desired|infer, {p}/devices/{d}/models/SLOT/desired|infer \
+                 or {p}/groups/GROUP[/models/SLOT]/desired",
                 p = self.config.topics.prefix(),
                 d = self.config.device
             );

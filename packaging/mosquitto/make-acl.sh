@@ -157,6 +157,7 @@ cat <<EOF
 pattern read $prefix/devices/%u/desired
 pattern read $prefix/devices/%u/models/+/desired
 pattern read $prefix/devices/%u/infer
+pattern read $prefix/devices/%u/models/+/infer
 pattern write $prefix/devices/%u/availability
 pattern write $prefix/devices/%u/state
 pattern write $prefix/devices/%u/events
@@ -174,8 +175,8 @@ if [ -n "$clients" ]; then
     printf '%s\n' "# Inference clients: requests to any device, the devices' predictions, and" \
         "# answers to the reply_to topics under their own $prefix/replies/<name>/."
     for name in $clients; do
-        printf 'user %s\ntopic write %s/devices/+/infer\ntopic read %s/devices/+/predictions\ntopic read %s/replies/%s/#\n\n' \
-            "$name" "$prefix" "$prefix" "$prefix" "$name"
+        printf 'user %s\ntopic write %s/devices/+/infer\ntopic write %s/devices/+/models/+/infer\ntopic read %s/devices/+/predictions\ntopic read %s/replies/%s/#\n\n' \
+            "$name" "$prefix" "$prefix" "$prefix" "$prefix" "$name"
     done
 fi
 
