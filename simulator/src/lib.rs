@@ -7,6 +7,7 @@
 //! - [`demo`]: the one-command tour.
 //! - [`bench`]: Outpost side by side with its floors and peers, one run, ratios.
 //! - [`fleet`]: N agents in one process against a broker, one group deployment, a fault mix.
+//! - [`rollout`]: staged rollouts to a group, gated on health, resumable from the broker.
 //! - [`plot`]: the figures (SVG) of the bench, the fleet and the chaos soak.
 //! - [`status`]: the fleet view (`outpost-sim status`): a row per device and model slot.
 
@@ -19,5 +20,6 @@ pub mod operator;
 pub mod plot;
 pub mod progress;
 pub mod registry;
+pub mod rollout;
 pub mod signing;
 pub mod status;

@@ -53,6 +53,26 @@ subscribes to outpost/devices/+/..., so give --device for each device there
 Exit codes: 0 printed (or Ctrl-C with --watch); 64 usage; 69 the broker cannot
 be reached.";
 
+/// `rollout --help`: what a run judges and what its exit status means (README.md, "Staged rollouts").
+const ROLLOUT_HELP: &str = "\
+Breaches: a stage device that fails, rolls back or does not apply the candidate, refuses
+its signature, is not active within --timeout, goes offline after it moved, or whose soak
+figures pass --max-error-rate / --max-p99-ratio / --min-agreement. Offline devices are
+passed over when a stage picks its devices (the group's desired state reaches them at the
+end). A device with its own desired state is left out. Devices without traffic are not
+judged on figures, and the report says so.
+
+Exit codes:
+  0   every stage passed and every online member serves the group's new desired state;
+      with --abort: the devices moved are back on the previous version
+  1   a stage breached: it halted and the devices moved went back to the previous version
+      (the reason is printed and kept in the record); a device failed the group's
+      deployment at the end; another run's --abort stopped this one
+  64  usage: a bad flag, key or file; a version the registry does not have; a rollout
+      already running for the group and slot (--resume or --abort it); nothing to resume
+  69  unavailable: the broker or registry cannot be reached, or devices did not confirm
+      their last move within --timeout (a running rollout stays recorded: --resume it)";
+
 #[derive(Parser, Debug)]
 #[command(name = "outpost-sim", version, about = "Outpost's operator side and lab")]
 struct Cli {
@@ -269,6 +289,88 @@ enum Command {
         /// online device reported.
         #[arg(long, value_parser = parse_wait, conflicts_with = "watch")]
         wait: Option<Duration>,
+        #[command(flatten)]
+        tls: TlsArgs,
+    },
+    /// Roll a model version out to a group in stages, each gated on the health of the devices
+    /// it moved.
+    ///
+    /// The group's members are the devices whose retained state lists it, in name order. Each
+    /// stage gives its next devices the candidate on their own desired topics, waits for them
+    /// to go active and soaks, judging events and telemetry; a breach returns every device
+    /// moved to the previous version (the group's desired state, untouched until the end) and
+    /// halts. After the last stage the group's desired state takes the candidate and the
+    /// per-device overrides are cleared. Progress is retained on outpost/rollouts/GROUP (with
+    /// --slot: outpost/rollouts/GROUP/models/SLOT): --resume continues it after this command
+    /// was stopped, --abort returns the moved devices.
+    #[command(after_help = ROLLOUT_HELP)]
+    Rollout {
+        /// MQTT broker: mqtt://HOST[:PORT] (port 1883; tcp:// is the same) or mqtts://HOST[:PORT]
+        /// for TLS (port 8883; ssl:// is the same).
+        #[arg(long)]
+        broker: BrokerUrl,
+        /// The group to roll out to.
+        #[arg(long)]
+        group: String,
+        /// The model slot to roll out in (default: the devices' own `desired` topics).
+        #[arg(long)]
+        slot: Option<String>,
+        /// The registered model version to roll out, as NAME@VERSION.
+        #[arg(long, value_parser = parse_model, required_unless_present_any = ["resume", "abort"])]
+        model: Option<(String, String)>,
+        /// Base URL of the registry (http://, https:// or file://).
+        #[arg(long, required_unless_present_any = ["resume", "abort"])]
+        registry_url: Option<String>,
+        /// Cumulative stages: device counts and percentages of the group, e.g. 1,10%,50%,100%
+        /// (percentages round up; the group's desired state moves after the last one).
+        #[arg(long, required_unless_present_any = ["resume", "abort"])]
+        stages: Option<String>,
+        /// How long each stage's devices are watched once active (e.g. 60s, 10m; a bare number
+        /// is seconds). Make it at least two of the devices' telemetry intervals.
+        #[arg(long, value_parser = parse_wait, required_unless_present_any = ["resume", "abort"])]
+        soak: Option<Duration>,
+        /// Halt when a device answers more than this share of its requests with an error during
+        /// the soak (0 to 1, e.g. 0.01), from its telemetry.
+        #[arg(long)]
+        max_error_rate: Option<f64>,
+        /// Halt when a device's p99 during the soak is over this multiple of its p99 on the
+        /// previous version (measured before it moved).
+        #[arg(long)]
+        max_p99_ratio: Option<f64>,
+        /// Requests a device needs during the soak (or comparisons in shadow) before its error
+        /// rate, p99 and agreement are judged; devices with fewer are named as not judged.
+        #[arg(long, default_value_t = 20)]
+        min_requests: u64,
+        /// Before promoting a stage, run the candidate in shadow beside the previous version on
+        /// its devices for a soak and require this top-1 agreement (0 to 1).
+        #[arg(long, requires = "shadow_sample")]
+        min_agreement: Option<f64>,
+        /// With --min-agreement: the share of live requests the candidate runs on in shadow.
+        #[arg(long, requires = "min_agreement")]
+        shadow_sample: Option<f64>,
+        /// Allow the candidate to be an older version than the one serving.
+        #[arg(long)]
+        allow_downgrade: bool,
+        /// Sign every desired state it publishes with this ed25519 private key (PKCS#8 PEM);
+        /// give it again with --resume and --abort.
+        #[arg(long)]
+        sign_key: Option<PathBuf>,
+        /// The signing key's certificate from a root (`certify`), when it is a deploy key.
+        #[arg(long, requires = "sign_key")]
+        certificate: Option<PathBuf>,
+        /// How long a stage's devices get to go active (and returned devices to come back),
+        /// e.g. 120s.
+        #[arg(long, value_parser = parse_wait, default_value = "120s")]
+        timeout: Duration,
+        /// Continue the rollout recorded for the group (and slot), with its recorded options.
+        #[arg(long, conflicts_with_all = ["abort", "model", "registry_url", "stages", "soak"])]
+        resume: bool,
+        /// Return every device the recorded rollout moved to the previous version; mark it aborted.
+        #[arg(long, conflicts_with_all = ["model", "registry_url", "stages", "soak"])]
+        abort: bool,
+        /// Print the final report as JSON (progress stays on stderr).
+        #[arg(long)]
+        json: bool,
         #[command(flatten)]
         tls: TlsArgs,
     },
@@ -801,6 +903,79 @@ async fn run(command: Command) -> ExitCode {
             match result {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => fail(EXIT_UNAVAILABLE, &e),
+            }
+        }
+        Command::Rollout {
+            broker,
+            group,
+            slot,
+            model,
+            registry_url,
+            stages,
+            soak,
+            max_error_rate,
+            max_p99_ratio,
+            min_requests,
+            min_agreement,
+            shadow_sample,
+            allow_downgrade,
+            sign_key,
+            certificate,
+            timeout,
+            resume,
+            abort,
+            json,
+            tls,
+        } => {
+            use outpost_sim::rollout::{self, Action, Params, Start, health::Limits, plan};
+            let signer = match sign_key.as_deref().map(|k| Signer::load(k, certificate.as_deref())).transpose() {
+                Ok(s) => s,
+                Err(e) => return fail(EXIT_USAGE, &e),
+            };
+            let tls = match tls.config(&broker) {
+                Ok(c) => c,
+                Err(e) => return fail(EXIT_USAGE, &e),
+            };
+            let action = match (resume, abort, model, registry_url, stages, soak) {
+                (true, ..) => Action::Resume,
+                (_, true, ..) => Action::Abort,
+                (_, _, Some((model, version)), Some(registry_url), Some(stages), Some(soak)) => {
+                    let stages = match plan::parse_stages(&stages) {
+                        Ok(s) => s,
+                        Err(e) => return fail(EXIT_USAGE, &e),
+                    };
+                    let limits = Limits { max_error_rate, max_p99_ratio, min_requests, min_agreement };
+                    Action::Start(Start {
+                        model,
+                        version,
+                        registry_url,
+                        stages,
+                        soak,
+                        limits,
+                        shadow_sample,
+                        allow_downgrade,
+                    })
+                }
+                _ => {
+                    return fail(
+                        EXIT_USAGE,
+                        "give --model, --registry-url, --stages and --soak (or --resume, --abort)",
+                    );
+                }
+            };
+            let mut params = Params::new(broker, &group, action);
+            (params.tls, params.slot, params.signer, params.timeout, params.progress) =
+                (tls, slot, signer, timeout, true);
+            match rollout::run(params).await {
+                Ok(report) => {
+                    if json {
+                        println!("{}", serde_json::to_string_pretty(&report).unwrap_or_default());
+                    } else {
+                        print!("{report}");
+                    }
+                    ExitCode::from(report.exit_code())
+                }
+                Err(e) => fail(e.exit_code(), &e.to_string()),
             }
         }
         Command::Keygen { out } => match signing::keygen(&out) {

@@ -406,7 +406,7 @@ pub async fn retained_revision(
 
 /// The `revision` and `deployment_id` a desired-state payload claims
 /// (inside a DSSE envelope too).
-fn revision_of(payload: &[u8]) -> Option<(u64, Option<String>)> {
+pub fn revision_of(payload: &[u8]) -> Option<(u64, Option<String>)> {
     #[derive(serde::Deserialize)]
     struct Claimed {
         revision: Option<u64>,

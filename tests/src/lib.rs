@@ -3,7 +3,7 @@
 //! registry served over HTTP, and the `outpost` binary itself.
 #![allow(clippy::unwrap_used)] // test helpers: a panic is the failure report
 
-pub use outpost_agent_bin::agent_binary;
+pub use outpost_agent_bin::{agent_binary, sim_binary};
 use outpost_protocol::{DeploymentEvent, DeviceState, Phase, Topics};
 use outpost_sim::operator::{Operator, deployment, resolve_manifest};
 use outpost_sim::registry::{RegisterSpec, register, sha256};

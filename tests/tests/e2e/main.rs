@@ -17,6 +17,7 @@ mod hostile;
 mod lifecycle;
 mod packaging;
 mod rabbitmq;
+mod rollout;
 mod serving;
 mod slots;
 mod status;

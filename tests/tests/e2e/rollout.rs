@@ -1,0 +1,257 @@
+//! `outpost-sim rollout` over real agent processes: four devices of a group
+//! serving digits@1 from the group's desired state; a broken bundle halts
+//! at the first stage with one device touched, a good one reaches the whole
+//! group, a rollout whose tool was killed mid-soak resumes, and one aborts.
+
+use super::*;
+use outpost_protocol::{Deployment, DeviceState, Topics};
+use outpost_sim::operator::Operator;
+use outpost_sim::rollout::record::{Record, State, Step};
+
+const GROUP: &str = "fleet";
+
+/// Four agents of [`GROUP`] reporting telemetry every second, serving
+/// digits@1 from the group's desired state.
+struct Fleet {
+    broker: Mosquitto,
+    reg: Registry,
+    _data: tempfile::TempDir,
+    _agents: Vec<Agent>,
+    names: Vec<String>,
+    watchers: Vec<Watcher>,
+    v1: Deployment,
+}
+
+async fn fleet_on_v1(prefix: &str) -> Fleet {
+    let broker = Mosquitto::start();
+    let reg = Registry::start().await;
+    reg.register("digits-mlp.onnx", "digits", "1");
+    let data = tempfile::tempdir().unwrap();
+    let names: Vec<String> = (0..4).map(|i| format!("{prefix}-{i}")).collect();
+    let (mut agents, mut watchers) = (Vec::new(), Vec::new());
+    for n in &names {
+        watchers.push(Watcher::new(&broker, n).await);
+        agents.push(Agent::start_with(broker.port, n, &data.path().join(n), &[GROUP], &["--telemetry-interval", "1"]));
+    }
+    for w in &mut watchers {
+        w.online().await;
+    }
+    let (url, sha) = outpost_sim::operator::resolve_manifest(&reg.url, "digits", "1").await.unwrap();
+    let v1 = outpost_sim::operator::deployment("digits", "1", &url, &sha, None, None);
+    let topic = Topics::default().group_desired(GROUP);
+    watchers[0].op.publish(&topic, v1.to_json(), true).await.unwrap();
+    for w in &mut watchers {
+        let (last, events) = w.events_until_final(&v1.deployment_id).await;
+        assert_eq!(last.phase, Phase::Active, "{events:?}");
+    }
+    Fleet { broker, reg, _data: data, _agents: agents, names, watchers, v1 }
+}
+
+impl Fleet {
+    fn url(&self) -> String {
+        format!("mqtt://127.0.0.1:{}", self.broker.port)
+    }
+
+    /// `outpost-sim rollout --broker .. --group fleet ARGS` (and the registry
+    /// for a new rollout), off the test's runtime.
+    async fn rollout(&self, args: &[&str]) -> (i32, String, String) {
+        let mut all: Vec<String> = ["rollout", "--broker", &self.url(), "--group", GROUP, "--timeout", "120"]
+            .iter()
+            .map(|a| a.to_string())
+            .collect();
+        if args.contains(&"--model") {
+            all.extend(["--registry-url".to_string(), self.reg.url.clone()]);
+        }
+        all.extend(args.iter().map(|a| a.to_string()));
+        tokio::task::spawn_blocking(move || sim(&all.iter().map(String::as_str).collect::<Vec<_>>())).await.unwrap()
+    }
+
+    /// The same, as a process the test kills.
+    fn spawn_rollout(&self, args: &[&str]) -> std::process::Child {
+        std::process::Command::new(sim_binary())
+            .args(["rollout", "--broker", &self.url(), "--group", GROUP, "--registry-url", &self.reg.url])
+            .args(args)
+            .env("OUTPOST_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap()
+    }
+
+    /// What `topic` retains (None: nothing).
+    async fn retained(&self, topic: &str) -> Option<Vec<u8>> {
+        let id = format!("retained-{}", outpost_agent::sys::jitter().to_bits());
+        let mut op = Operator::connect(&self.broker.url(), &id, Topics::default()).await.unwrap();
+        op.subscribe(topic).await.unwrap();
+        let got = op.next(Duration::from_secs(2)).await.map(|m| m.payload.to_vec());
+        op.disconnect().await;
+        got.filter(|p| !p.is_empty())
+    }
+
+    async fn record(&self) -> Record {
+        let bytes = self.retained(&Topics::default().rollout(GROUP, None)).await.expect("a rollout record");
+        Record::from_json(&bytes).unwrap()
+    }
+
+    /// Waits until the retained record satisfies `pred`.
+    async fn record_until(&self, pred: impl Fn(&Record) -> bool) -> Record {
+        let mut op = Operator::connect(&self.broker.url(), "record-watch", Topics::default()).await.unwrap();
+        op.subscribe(&Topics::default().rollout(GROUP, None)).await.unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(120);
+        let mut last = None;
+        while std::time::Instant::now() < deadline {
+            let Some(m) = op.next(Duration::from_millis(200)).await else { continue };
+            if let Ok(r) = Record::from_json(&m.payload) {
+                if pred(&r) {
+                    op.disconnect().await;
+                    return r;
+                }
+                last = Some(r);
+            }
+        }
+        panic!("the record never matched; last {last:?}");
+    }
+
+    /// No device keeps an override of its own.
+    async fn assert_no_overrides(&self) {
+        for n in &self.names {
+            let held = self.retained(&Topics::default().device_desired(n)).await;
+            assert_eq!(held.map(|p| String::from_utf8_lossy(&p).into_owned()), None, "{n} keeps an override");
+        }
+    }
+
+    /// What the group's desired topic holds.
+    async fn group_desired(&self) -> Deployment {
+        Deployment::from_json(&self.retained(&Topics::default().group_desired(GROUP)).await.unwrap()).unwrap()
+    }
+
+    async fn state(&mut self, i: usize, pred: impl Fn(&DeviceState) -> bool) -> DeviceState {
+        let broker = &self.broker;
+        self.watchers[i].state(broker, pred).await
+    }
+}
+
+/// digits@`version` whose golden sample the model does not reproduce: every device refuses it.
+fn register_broken(reg: &Registry, version: &str) {
+    reg.register("digits-mlp.onnx", "digits", version);
+    let path = reg.root().join(format!("digits/{version}/sample/expected.json"));
+    let mut expected: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    expected["outputs"][0]["data"][3] = serde_json::json!(0.5);
+    std::fs::write(&path, serde_json::to_vec(&expected).unwrap()).unwrap();
+    reg.rehash("digits", version);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_bundle_halts_at_the_first_stage_with_one_device_touched() {
+    let mut f = fleet_on_v1("ra").await;
+    register_broken(&f.reg, "2");
+
+    let (code, out, err) = f.rollout(&["--model", "digits@2", "--stages", "1,50%,100%", "--soak", "3s"]).await;
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(out.contains("): halted"), "{out}");
+    assert!(out.contains("why: ra-0 failed digits-2-canary-") && out.contains("validation_failed"), "{out}");
+    assert!(out.contains("returned to digits@1: ra-0"), "{out}");
+
+    // The record says halted, why, and that one device moved and came back.
+    let rec = f.record().await;
+    assert_eq!((rec.state, rec.step), (State::Halted, Step::Returning), "{rec:?}");
+    let breach = rec.breach.clone().unwrap();
+    assert_eq!((breach.device.as_str(), breach.check.as_str()), ("ra-0", "failed"), "{breach:?}");
+    assert!(rec.reason.as_deref().unwrap().contains("validation_failed"), "{rec:?}");
+    assert_eq!(rec.done.len(), 1, "{rec:?}");
+    assert_eq!(rec.done[0].devices, ["ra-0"]);
+    assert_eq!(rec.done[0].verdict, "breached");
+    assert!(rec.moved.is_empty(), "{rec:?}");
+    assert!(rec.finished_at.is_some());
+
+    // The other three never heard of the candidate; the group still desires v1.
+    for i in 1..4 {
+        let s = f.state(i, |s| s.active.is_some()).await;
+        let last = s.last_deployment.unwrap();
+        assert_eq!(last.deployment_id, f.v1.deployment_id, "{} was touched", f.names[i]);
+    }
+    assert_eq!(f.group_desired().await.deployment_id, f.v1.deployment_id);
+    f.assert_no_overrides().await;
+
+    // ra-0 is back on the group's v1 and serving it.
+    let v1 = f.v1.deployment_id.clone();
+    let s = f.state(0, |s| s.active.as_ref().is_some_and(|a| a.deployment_id == v1)).await;
+    assert_eq!(s.active.unwrap().version, "1");
+    assert_eq!(f.watchers[0].infer("after", digits_request(1)).await["model_version"], "1");
+
+    // A halted rollout does not block the next one: this one is refused for its own reason.
+    let (code, _, err) = f.rollout(&["--model", "digits@1", "--stages", "1", "--soak", "1s"]).await;
+    assert_eq!(code, 64, "{err}");
+    assert!(err.contains("group fleet already desires digits@1"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_good_version_reaches_the_group_and_a_killed_rollout_resumes_or_aborts() {
+    let mut f = fleet_on_v1("rb").await;
+    f.reg.register("digits-cnn.onnx", "digits", "2");
+
+    // (b) A good version, stage by stage, to the whole group.
+    let (code, out, err) =
+        f.rollout(&["--model", "digits@2", "--stages", "1,50%,100%", "--soak", "2s", "--json"]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    let report: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+    assert_eq!(report["state"], "done", "{report:#}");
+    let stages = report["stages"].as_array().unwrap();
+    let moved: Vec<serde_json::Value> = stages.iter().map(|s| s["devices"].clone()).collect();
+    assert_eq!(moved, [serde_json::json!(["rb-0"]), serde_json::json!(["rb-1"]), serde_json::json!(["rb-2", "rb-3"])]);
+    assert!(stages.iter().all(|s| s["verdict"] == "passed" && s["activation_s"].is_number()), "{report:#}");
+    let rec = f.record().await;
+    assert_eq!((rec.state, rec.step), (State::Done, Step::Completing), "{rec:?}");
+    let group = f.group_desired().await;
+    assert_eq!((group.model.version.as_str(), group.deployment_id.as_str()), ("2", rec.ids.group.as_str()));
+    for i in 0..4 {
+        let s = f.state(i, |s| s.active.as_ref().is_some_and(|a| a.deployment_id == group.deployment_id)).await;
+        assert_eq!(s.active.unwrap().version, "2");
+    }
+    f.assert_no_overrides().await;
+
+    // (c) A rollout whose tool is killed mid-soak is still running...
+    f.reg.register("digits-mlp.onnx", "digits", "3");
+    let mut tool = f.spawn_rollout(&["--model", "digits@3", "--stages", "1,100%", "--soak", "8s"]);
+    let rec = f.record_until(|r| r.ids.candidate.starts_with("digits-3-") && r.step == Step::Soaking).await;
+    tool.kill().unwrap();
+    tool.wait().unwrap();
+    assert_eq!((rec.state, rec.stage, rec.moved.clone()), (State::Running, 0, vec!["rb-0".to_string()]));
+    // ... so a new one is refused until it is resumed or aborted,
+    let (code, _, err) = f.rollout(&["--model", "digits@2", "--stages", "1", "--soak", "1s"]).await;
+    assert_eq!(code, 64, "{err}");
+    assert!(err.contains("is running") && err.contains("--resume or --abort"), "{err}");
+    // and --resume takes it to the end with its recorded options.
+    let (code, out, err) = f.rollout(&["--resume"]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains(": done"), "{out}");
+    let group = f.group_desired().await;
+    assert_eq!(group.model.version, "3");
+    for i in 0..4 {
+        f.state(i, |s| s.active.as_ref().is_some_and(|a| a.deployment_id == group.deployment_id)).await;
+    }
+    f.assert_no_overrides().await;
+
+    // --abort returns the device a killed rollout had moved.
+    f.reg.register("digits-cnn.onnx", "digits", "4");
+    let mut tool = f.spawn_rollout(&["--model", "digits@4", "--stages", "1,100%", "--soak", "60s"]);
+    f.record_until(|r| r.ids.candidate.starts_with("digits-4-") && r.step == Step::Soaking).await;
+    tool.kill().unwrap();
+    tool.wait().unwrap();
+    f.state(0, |s| s.active.as_ref().is_some_and(|a| a.version == "4")).await;
+    let (code, out, err) = f.rollout(&["--abort"]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("returned to digits@3: rb-0"), "{out}");
+    let rec = f.record().await;
+    assert_eq!(rec.state, State::Aborted, "{rec:?}");
+    assert!(rec.moved.is_empty() && rec.reason.as_deref().unwrap().starts_with("aborted (--abort) at stage 1/2"));
+    let s = f.state(0, |s| s.active.as_ref().is_some_and(|a| a.deployment_id == group.deployment_id)).await;
+    assert_eq!(s.active.unwrap().version, "3");
+    assert_eq!(f.watchers[0].infer("after-abort", digits_request(1)).await["model_version"], "3");
+    assert_eq!(f.group_desired().await.deployment_id, group.deployment_id);
+    f.assert_no_overrides().await;
+    // Nothing left to abort.
+    let (code, _, err) = f.rollout(&["--abort"]).await;
+    assert_eq!(code, 64, "{err}");
+    assert!(err.contains("is aborted: nothing to abort"), "{err}");
+}
