@@ -86,6 +86,22 @@ async fn the_fleet_broker_keeps_each_device_to_its_own_topics_and_session() {
     // Answers to a reply_to go under outpost/replies/, which devices may write.
     let answer = mqtt_infer(&mut op, &topics, "op-2", Some("outpost/replies/operator/op-2")).await;
     assert_eq!(answer["model_version"], "2", "{answer}");
+    // A model slot through the group, and its own infer topic: the ACL lets cam-1 read both.
+    let mut det = desired(&reg, "1", None, Some("det-1")).await;
+    det.policy.allow_downgrade = Some(true);
+    op.publish_acked(&topics.group_model_desired("cameras", "det"), det.to_json(), true).await;
+    assert_eq!(final_event(&mut op, &topics, "det-1").await.phase, Phase::Active, "{}", broker_log());
+    let mut request = digits_request(1);
+    request["id"] = "op-det".into();
+    op.publish_acked(&topics.model_infer("cam-1", "det"), serde_json::to_vec(&request).unwrap(), false).await;
+    let answer = op
+        .wait_for("the det slot's answer", |t, p| {
+            t == topics.predictions("cam-1")
+                && serde_json::from_slice::<serde_json::Value>(p).is_ok_and(|v| v["id"] == "op-det")
+        })
+        .await;
+    let answer: serde_json::Value = serde_json::from_slice(&answer).unwrap();
+    assert_eq!(answer["model_version"], "1", "{answer}");
 
     // cam-2 deploys its own choice to cam-1, on both of cam-1's desired topics.
     // Mosquitto drops what the ACL forbids, yet acks it (MQTT 3.1.1 has no
