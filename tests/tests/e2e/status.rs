@@ -39,6 +39,8 @@ async fn status_shows_a_group_s_devices_models_outcomes_health_and_who_went_offl
     let reg = Registry::start().await;
     reg.register("digits-mlp.onnx", "digits", "1");
     reg.register("digits-cnn.onnx", "digits-cnn", "1");
+    // A candidate scored in shadow beside it.
+    reg.register("digits-mlp.onnx", "digits-cnn", "2");
     let data = tempfile::tempdir().unwrap();
     let fast = ["--telemetry-interval", "1"];
     let a = Agent::start_with(broker.port, "st-a", &data.path().join("st-a"), &["cams"], &fast);
@@ -48,11 +50,14 @@ async fn status_shows_a_group_s_devices_models_outcomes_health_and_who_went_offl
     let deploy = ["deploy", "--broker", &url, "--group", "cams", "--model", "digits@1", "--registry-url", &reg.url];
     let (code, out, err) = sim_off(&[&deploy[..], &["--wait", "--expect", "2", "--timeout", "120"]].concat()).await;
     assert_eq!(code, 0, "{out}{err}");
-    // st-a has a second model, in slot det.
+    // st-a has a second model, in slot det, with a candidate in shadow.
     let mut op = outpost_sim::operator::Operator::connect(&broker.url(), "st-op", Topics::default()).await.unwrap();
     op.subscribe(&Topics::default().events("st-a")).await.unwrap();
     let (manifest, sha) = outpost_sim::operator::resolve_manifest(&reg.url, "digits-cnn", "1").await.unwrap();
-    let det = outpost_sim::operator::deployment("digits-cnn", "1", &manifest, &sha, None, None);
+    let mut det = outpost_sim::operator::deployment("digits-cnn", "1", &manifest, &sha, None, None);
+    let (manifest, sha) = outpost_sim::operator::resolve_manifest(&reg.url, "digits-cnn", "2").await.unwrap();
+    let candidate = outpost_sim::operator::deployment("digits-cnn", "2", &manifest, &sha, None, None).model;
+    det.shadow = Some(outpost_protocol::Shadow { model: candidate, sample_rate: 1.0 });
     op.publish(&Topics::default().device_model_desired("st-a", "det"), det.to_json(), true).await.unwrap();
     let finals =
         outpost_sim::operator::wait_for_outcome(&mut op, &det.deployment_id, 1, Duration::from_secs(120), false).await;
@@ -95,6 +100,7 @@ async fn status_shows_a_group_s_devices_models_outcomes_health_and_who_went_offl
     let det = line(&out, "st-a", "det");
     assert_eq!(det[..5], ["st-a", "online", "det", "digits-cnn@1", "active"], "{out}");
     assert_eq!(det[6], "0.0%", "det's requests are all well-formed: {out}");
+    assert_eq!(det[8], "digits-cnn@2", "the shadow candidate: {out}");
     let errors = line(&out, "st-a", "-")[6];
     assert!(errors.ends_with('%') && errors != "0.0%", "st-a's error rate: {out}");
     assert!(!out.contains("st-c"), "st-c is not in the group: {out}");
@@ -120,6 +126,10 @@ async fn status_shows_a_group_s_devices_models_outcomes_health_and_who_went_offl
     assert_eq!((det["model"].as_str(), det["outcome"].as_str()), (Some("digits-cnn@1"), Some("active")), "{det}");
     assert!(det["requests"].as_u64().unwrap() > 0 && det["p99_ms"].as_f64().unwrap() > 0.0, "{det}");
     assert_eq!(det["error_rate"].as_f64(), Some(0.0), "{det}");
+    let shadow = &det["shadow"];
+    assert_eq!(shadow["model"], "digits-cnn@2", "{det}");
+    let agreement = shadow["agreement"].as_f64().unwrap();
+    assert!(shadow["compared"].as_u64().unwrap() > 0 && (0.0..=1.0).contains(&agreement), "{det}");
     let st_b = &view[&key("st-b", "-")];
     assert!(st_b["p99_ms"].is_null(), "no requests on st-b: {st_b}");
 
