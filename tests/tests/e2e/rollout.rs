@@ -1,7 +1,8 @@
 //! `outpost-sim rollout` over real agent processes: four devices of a group
 //! serving digits@1 from the group's desired state; a broken bundle halts
 //! at the first stage with one device touched, a good one reaches the whole
-//! group, a rollout whose tool was killed mid-soak resumes, and one aborts.
+//! group, a rollout whose tool was killed mid-soak resumes, and one aborts;
+//! a stage promotes a candidate only when it agrees in shadow.
 
 use super::*;
 use outpost_protocol::{Deployment, DeviceState, Topics};
@@ -10,24 +11,24 @@ use outpost_sim::rollout::record::{Record, State, Step};
 
 const GROUP: &str = "fleet";
 
-/// Four agents of [`GROUP`] reporting telemetry every second, serving
+/// `n` agents of [`GROUP`] reporting telemetry every second, serving
 /// digits@1 from the group's desired state.
 struct Fleet {
     broker: Mosquitto,
     reg: Registry,
     _data: tempfile::TempDir,
-    _agents: Vec<Agent>,
+    agents: Vec<Agent>,
     names: Vec<String>,
     watchers: Vec<Watcher>,
     v1: Deployment,
 }
 
-async fn fleet_on_v1(prefix: &str) -> Fleet {
+async fn fleet_on_v1(prefix: &str, n: usize) -> Fleet {
     let broker = Mosquitto::start();
     let reg = Registry::start().await;
     reg.register("digits-mlp.onnx", "digits", "1");
     let data = tempfile::tempdir().unwrap();
-    let names: Vec<String> = (0..4).map(|i| format!("{prefix}-{i}")).collect();
+    let names: Vec<String> = (0..n).map(|i| format!("{prefix}-{i}")).collect();
     let (mut agents, mut watchers) = (Vec::new(), Vec::new());
     for n in &names {
         watchers.push(Watcher::new(&broker, n).await);
@@ -44,7 +45,7 @@ async fn fleet_on_v1(prefix: &str) -> Fleet {
         let (last, events) = w.events_until_final(&v1.deployment_id).await;
         assert_eq!(last.phase, Phase::Active, "{events:?}");
     }
-    Fleet { broker, reg, _data: data, _agents: agents, names, watchers, v1 }
+    Fleet { broker, reg, _data: data, agents, names, watchers, v1 }
 }
 
 impl Fleet {
@@ -143,7 +144,7 @@ fn register_broken(reg: &Registry, version: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broken_bundle_halts_at_the_first_stage_with_one_device_touched() {
-    let mut f = fleet_on_v1("ra").await;
+    let mut f = fleet_on_v1("ra", 4).await;
     register_broken(&f.reg, "2");
 
     let (code, out, err) = f.rollout(&["--model", "digits@2", "--stages", "1,50%,100%", "--soak", "3s"]).await;
@@ -187,7 +188,7 @@ async fn a_broken_bundle_halts_at_the_first_stage_with_one_device_touched() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_good_version_reaches_the_group_and_a_killed_rollout_resumes_or_aborts() {
-    let mut f = fleet_on_v1("rb").await;
+    let mut f = fleet_on_v1("rb", 4).await;
     f.reg.register("digits-cnn.onnx", "digits", "2");
 
     // (b) A good version, stage by stage, to the whole group.
@@ -254,4 +255,77 @@ async fn a_good_version_reaches_the_group_and_a_killed_rollout_resumes_or_aborts
     let (code, _, err) = f.rollout(&["--abort"]).await;
     assert_eq!(code, 64, "{err}");
     assert!(err.contains("is aborted: nothing to abort"), "{err}");
+}
+
+/// Requests of eight held-out digits to every agent over HTTP, until `stop`.
+fn load(f: &Fleet, stop: std::sync::Arc<std::sync::atomic::AtomicBool>) -> tokio::task::JoinHandle<()> {
+    let urls: Vec<String> =
+        f.agents.iter().map(|a| format!("http://127.0.0.1:{}/v2/models/digits/infer", a.http_port)).collect();
+    let body = serde_json::to_vec(&digits_request(8)).unwrap();
+    tokio::spawn(async move {
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            for url in &urls {
+                let _ = try_http("POST", url.clone(), Some(body.clone())).await;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stage_promotes_only_a_candidate_that_agrees_in_shadow() {
+    let mut f = fleet_on_v1("rs", 2).await;
+    // digits@2 sees every input scaled to 0: one class whatever the digit.
+    outpost_sim::registry::register(&outpost_sim::registry::RegisterSpec {
+        model: fixture("digits-mlp.onnx"),
+        name: "digits".into(),
+        version: "2".into(),
+        registry: f.reg.root().to_path_buf(),
+        labels: Some(fixture("labels.txt")),
+        sample: None,
+        shapes: vec![],
+        tolerance: 1e-4,
+        top_k: 3,
+        scale: Some(0.0),
+    })
+    .unwrap();
+    // digits@3 is the same MLP as digits@1.
+    f.reg.register("digits-mlp.onnx", "digits", "3");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let traffic = load(&f, stop.clone());
+    let gate =
+        ["--stages", "1,100%", "--soak", "3s", "--shadow-sample", "1", "--min-agreement", "0.9", "--min-requests", "5"];
+
+    let (code, out, err) = f.rollout(&[&["--model", "digits@2", "--json"][..], &gate].concat()).await;
+    assert_eq!(code, 1, "{out}{err}");
+    let report: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+    assert_eq!((report["state"].as_str(), report["breach"]["check"].as_str()), (Some("halted"), Some("agreement")));
+    assert_eq!(report["breach"]["device"], "rs-0", "{report:#}");
+    let stage = &report["stages"][0];
+    assert!(stage["agreement"].as_f64().unwrap() < 0.9 && stage["compared"].as_u64().unwrap() >= 5, "{report:#}");
+    assert_eq!(report["returned"], serde_json::json!(["rs-0"]));
+    // The candidate never served: rs-0 went from v1 (with v2 in shadow) back to the group's v1.
+    let v1 = f.v1.deployment_id.clone();
+    let s = f.state(0, |s| s.active.as_ref().is_some_and(|a| a.deployment_id == v1)).await;
+    assert_eq!(s.active.unwrap().version, "1");
+    let s = f.state(1, |s| s.active.is_some()).await;
+    assert_eq!(s.last_deployment.unwrap().deployment_id, v1, "rs-1 was touched");
+    f.assert_no_overrides().await;
+
+    // A candidate that agrees passes the gate at every stage and completes.
+    let (code, out, err) = f.rollout(&[&["--model", "digits@3", "--json"][..], &gate].concat()).await;
+    assert_eq!(code, 0, "{out}{err}");
+    let report: serde_json::Value = serde_json::from_str(&out).unwrap();
+    for stage in report["stages"].as_array().unwrap() {
+        assert_eq!(stage["agreement"].as_f64(), Some(1.0), "{report:#}");
+        assert!(stage["compared"].as_u64().unwrap() >= 5, "{report:#}");
+    }
+    let group = f.group_desired().await;
+    assert_eq!(group.model.version, "3");
+    for i in 0..2 {
+        f.state(i, |s| s.active.as_ref().is_some_and(|a| a.deployment_id == group.deployment_id)).await;
+    }
+    f.assert_no_overrides().await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    traffic.await.unwrap();
 }
