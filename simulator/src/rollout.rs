@@ -6,7 +6,9 @@
 //! - [`health`]: judging a stage from events, telemetry and shadow scores (pure).
 //! - [`record`]: the retained record on `Topics::rollout(group, slot)` (`outpost.rollout.v1`).
 //! - `watch`: what the rollout sees of the fleet over MQTT.
-//! - `engine`: the steps (baseline, shadow, activate, soak, return, complete).
+//! - `start`: the checks before anything is published; a new rollout's record.
+//! - `engine`: a stage's steps (baseline, shadow, activate, soak).
+//! - `moves`: returning the devices moved (halt, abort), or completing.
 //! - `ui`: live progress on stderr.
 //!
 //! The engine is a library function, [`run`], so `outpost-sim rollout` and
@@ -53,6 +55,8 @@ pub mod plan;
 pub mod record;
 
 mod engine;
+mod moves;
+mod start;
 mod ui;
 mod watch;
 
@@ -305,5 +309,82 @@ impl Report {
 /// registry); `Ok` with the report otherwise (its
 /// [`exit_code`](Report::exit_code) says how it ended).
 pub async fn run(params: Params) -> Result<Report, Error> {
-    engine::run(params).await
+    start::run(params).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(state: State) -> Report {
+        Report {
+            id: "rollout-1".into(),
+            group: "cameras".into(),
+            slot: None,
+            candidate: "digits@2".into(),
+            previous: "digits@1".into(),
+            state,
+            reason: None,
+            breach: None,
+            members: 4,
+            stages: vec![StageReport {
+                stage: "1".into(),
+                target: 1,
+                devices: vec!["cam-0".into()],
+                activation_s: Some(1.2),
+                requests: 200,
+                errors: 1,
+                p99_us: Some(1500),
+                baseline_p99_us: Some(1000),
+                worst_p99_ratio: Some(1.5),
+                not_judged: vec!["cam-9: no requests during the soak: error rate and p99 not judged".into()],
+                verdict: "passed".into(),
+                ..Default::default()
+            }],
+            excluded: vec![],
+            returned: vec![],
+            unconfirmed: vec![],
+            failed: vec![],
+            interrupted: false,
+            by_abort: false,
+        }
+    }
+
+    #[test]
+    fn exit_codes_say_how_it_ended() {
+        assert_eq!(report(State::Done).exit_code(), 0);
+        assert_eq!(report(State::Halted).exit_code(), 1);
+        let failed = Report { failed: vec!["cam-3: failed".into()], ..report(State::Done) };
+        assert_eq!(failed.exit_code(), 1, "a device failed the group's deployment at the end");
+        let late = Report { unconfirmed: vec!["cam-3: not on it within 120 s".into()], ..report(State::Done) };
+        assert_eq!(late.exit_code(), 69);
+        assert_eq!(Report { by_abort: true, ..report(State::Aborted) }.exit_code(), 0, "--abort did as asked");
+        let stopped = Report { interrupted: true, ..report(State::Aborted) };
+        assert_eq!(stopped.exit_code(), 1, "another run's --abort stopped this one");
+        let halted_late = Report { unconfirmed: vec!["cam-0: offline".into()], ..report(State::Halted) };
+        assert_eq!(halted_late.exit_code(), 1, "a breach outranks a late confirmation");
+        assert_eq!(Error::Usage("x".into()).exit_code(), 64);
+        assert_eq!(Error::Unavailable("x".into()).exit_code(), 69);
+    }
+
+    #[test]
+    fn the_report_has_a_row_per_stage_and_escapes_device_words() {
+        let mut r = report(State::Halted);
+        r.reason = Some("cam-0\u{1b}[2J failed".into());
+        r.returned = vec!["cam-0".into()];
+        let text = r.to_string();
+        assert!(
+            text.starts_with(
+                "rollout rollout-1 of digits@2 to group cameras (4 device(s), previous digits@1): halted\n"
+            )
+        );
+        let row = text.lines().find(|l| l.trim_start().starts_with("1 ")).unwrap_or_default();
+        for cell in ["1.2 s", "200", "0.50%", "1.50 ms (1.00 ms, max 1.50x)", "passed"] {
+            assert!(row.contains(cell), "{cell:?} not in {row:?}");
+        }
+        assert!(text.contains("         not judged: cam-9: no requests during the soak"), "{text}");
+        assert!(text.contains("  why: cam-0\\u{1b}[2J failed\n"), "{text}");
+        assert!(text.contains("  returned to digits@1: cam-0\n"), "{text}");
+        assert!(!text.contains('\u{1b}'));
+    }
 }

@@ -5,22 +5,23 @@
 //! the group's desired state moves and the overrides are cleared.
 
 use super::health::{self, Breach, Traffic};
+use super::moves::Moves;
 use super::plan::{self, Stage};
-use super::record::{self, Excluded, Ids, Record, StageReport, State, Step};
+use super::record::{self, Record, StageReport, State, Step};
 use super::ui::Ui;
 use super::watch::Watch;
-use super::{Action, Error, Params, Report, Start};
+use super::{Error, Report};
 use crate::operator::{self, Operator};
 use crate::progress::event_line;
 use crate::signing::Signer;
 use outpost_protocol::telemetry::{ModelId, ShadowStats};
-use outpost_protocol::trust::{self, Target};
+use outpost_protocol::trust::Target;
 use outpost_protocol::{Deployment, DeploymentEvent, ModelRef, Outcome, Shadow};
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 /// Why the stages stopped before the end.
-enum Stop {
+pub(super) enum Stop {
     Breach(Breach),
     /// Another run's `--abort` (the reason it recorded).
     Aborted(String),
@@ -30,279 +31,28 @@ enum Stop {
 
 /// What the stage's devices report on the candidate, from the moment each is active.
 #[derive(Debug, Default)]
-struct Collect {
+pub(super) struct Collect {
     /// Active devices, with whether their next report is still to be
     /// skipped (its interval straddles the swap).
     active: BTreeMap<String, bool>,
     traffic: BTreeMap<String, Traffic>,
 }
 
-/// How the moves back (or to the group's deployment) ended.
-#[derive(Debug, Default)]
-struct Moves {
-    confirmed: Vec<String>,
-    unconfirmed: Vec<String>,
-    failed: Vec<String>,
-}
-
-struct Engine {
-    op: Operator,
-    w: Watch,
-    rec: Record,
-    stages: Vec<Stage>,
-    signer: Option<Signer>,
-    timeout: Duration,
-    ui: Ui,
+pub(super) struct Engine {
+    pub(super) op: Operator,
+    pub(super) w: Watch,
+    pub(super) rec: Record,
+    pub(super) stages: Vec<Stage>,
+    pub(super) signer: Option<Signer>,
+    pub(super) timeout: Duration,
+    pub(super) ui: Ui,
     /// Each device's traffic on the previous version while not moved.
-    baseline: BTreeMap<String, Traffic>,
-    collect: Option<Collect>,
+    pub(super) baseline: BTreeMap<String, Traffic>,
+    pub(super) collect: Option<Collect>,
     /// The shadow step's latest candidate statistics, by device.
-    shadow: Option<BTreeMap<String, Option<ShadowStats>>>,
+    pub(super) shadow: Option<BTreeMap<String, Option<ShadowStats>>>,
     /// Stop when another run marks this rollout aborted.
-    guard: bool,
-}
-
-pub(super) async fn run(p: Params) -> Result<Report, Error> {
-    outpost_protocol::topics::validate_name("group", &p.group).map_err(|e| Error::Usage(format!("--group: {e}")))?;
-    if let Some(s) = &p.slot {
-        outpost_protocol::topics::validate_slot(s).map_err(|e| Error::Usage(format!("--slot: {e}")))?;
-    }
-    if let Action::Start(s) = &p.action {
-        check_start(s)?;
-    }
-    let client_id = format!("outpost-sim-rollout-{}-{}", std::process::id(), record::now_ms() % 1_000_000_000);
-    let mut op = Operator::connect_tls(&p.broker, &client_id, p.topics.clone(), true, p.tls.clone())
-        .await
-        .map_err(Error::Unavailable)?;
-    let w = Watch::start(&mut op, &p.group, p.slot.as_deref()).await.map_err(Error::Unavailable)?;
-    let record_topic = p.topics.rollout(&p.group, p.slot.as_deref());
-    let existing = match w.record.is_empty() {
-        true => None,
-        false => Some(Record::from_json(&w.record).map_err(|e| {
-            Error::Usage(format!(
-                "{record_topic} holds something that is not a rollout record ({e}); clear it (mosquitto_pub -r -n -t {record_topic}) if nothing uses it"
-            ))
-        })?),
-    };
-    let ui = Ui::new(p.progress);
-    let by_abort = matches!(p.action, Action::Abort);
-    let rec = match p.action {
-        Action::Start(s) => {
-            new_record(&w, &p.group, p.slot.as_deref(), &s, existing.as_ref(), p.signer.is_some()).await?
-        }
-        Action::Resume | Action::Abort => {
-            let what = if by_abort { "abort" } else { "resume" };
-            let rec = existing
-                .ok_or_else(|| Error::Usage(format!("no rollout is recorded on {record_topic}: nothing to {what}")))?;
-            if rec.signed && p.signer.is_none() {
-                return Err(Error::Usage(format!(
-                    "rollout {} signs its desired states: give --sign-key (and --certificate) again",
-                    rec.id
-                )));
-            }
-            if rec.state != State::Running && rec.moved.is_empty() {
-                return Err(Error::Usage(format!(
-                    "rollout {} of {} to group {} is {}: nothing to {what}",
-                    rec.id,
-                    rec.candidate_name(),
-                    rec.group,
-                    rec.state.as_str()
-                )));
-            }
-            rec
-        }
-    };
-    let stages = rec
-        .stages
-        .iter()
-        .map(|s| s.parse::<Stage>())
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| Error::Usage(format!("{record_topic}: {e}")))?;
-    let mut engine = Engine {
-        op,
-        w,
-        rec,
-        stages,
-        signer: p.signer,
-        timeout: p.timeout,
-        ui,
-        baseline: BTreeMap::new(),
-        collect: None,
-        shadow: None,
-        guard: true,
-    };
-    let report = if by_abort { engine.abort().await } else { engine.go().await };
-    engine.ui.end();
-    // The record's last write reaches the broker before the session ends.
-    if let Err(e) = engine.w.sync(&mut engine.op).await {
-        engine.op.disconnect().await;
-        return Err(Error::Unavailable(format!("the rollout's record may not be up to date: {e}")));
-    }
-    engine.op.disconnect().await;
-    report.map(|mut r| {
-        r.by_abort = by_abort;
-        r
-    })
-}
-
-fn check_start(s: &Start) -> Result<(), Error> {
-    let share = |what: &str, v: Option<f64>, low_open: bool| match v {
-        Some(x) if !(x <= 1.0 && if low_open { x > 0.0 } else { x >= 0.0 }) => {
-            let range = if low_open { "above 0 up to 1" } else { "from 0 to 1" };
-            Err(Error::Usage(format!("{what}: expected a share {range}, found {x}")))
-        }
-        _ => Ok(()),
-    };
-    share("--max-error-rate", s.limits.max_error_rate, false)?;
-    share("--min-agreement", s.limits.min_agreement, false)?;
-    share("--shadow-sample", s.shadow_sample, true)?;
-    if let Some(r) = s.limits.max_p99_ratio
-        && !(r > 0.0 && r.is_finite())
-    {
-        return Err(Error::Usage(format!("--max-p99-ratio: expected a positive multiple, found {r}")));
-    }
-    if s.shadow_sample.is_some() != s.limits.min_agreement.is_some() {
-        return Err(Error::Usage("--shadow-sample and --min-agreement go together".into()));
-    }
-    if s.stages.is_empty() {
-        return Err(Error::Usage("--stages: expected at least one stage".into()));
-    }
-    Ok(())
-}
-
-/// The group's desired state from its topic's payload: a deployment (plain
-/// or signed), or nothing (empty, or a signed undeployment).
-fn previous_deployment(payload: &[u8]) -> Result<Option<Deployment>, String> {
-    if payload.is_empty() {
-        return Ok(None);
-    }
-    let inner = match serde_json::from_slice::<trust::Envelope>(payload) {
-        Ok(env) if env.payload_type == trust::UNDEPLOY_TYPE => return Ok(None),
-        Ok(env) => trust::base64_decode(&env.payload)?,
-        Err(_) => payload.to_vec(),
-    };
-    Deployment::from_json(&inner).map(Some).map_err(|e| e.to_string())
-}
-
-/// The record of a new rollout, after the checks that refuse one.
-async fn new_record(
-    w: &Watch,
-    group: &str,
-    slot: Option<&str>,
-    s: &Start,
-    existing: Option<&Record>,
-    signed: bool,
-) -> Result<Record, Error> {
-    if let Some(r) = existing
-        && (r.state == State::Running || !r.moved.is_empty())
-    {
-        return Err(Error::Usage(format!(
-            "rollout {} of {} to group {} is {} (stage {} of {}, step {}, updated {}): --resume or --abort it first",
-            r.id,
-            r.candidate_name(),
-            r.group,
-            r.state.as_str(),
-            (r.stage + 1).min(r.stages.len()),
-            r.stages.len(),
-            r.step.as_str(),
-            r.updated_at
-        )));
-    }
-    let (url, sha) = operator::lookup_manifest(&s.registry_url, &s.model, &s.version, Duration::from_secs(60))
-        .await
-        .map_err(|e| if e.permanent { Error::Usage(e.message) } else { Error::Unavailable(e.message) })?;
-    let topics_group = w_group_topic(w, group, slot);
-    let previous = previous_deployment(&w.group_desired)
-        .map_err(|e| Error::Usage(format!("{topics_group} holds no deployment this tool can read: {e}")))?;
-    if let Some(p) = &previous
-        && p.model.name == s.model
-        && p.model.version == s.version
-    {
-        return Err(Error::Usage(format!(
-            "group {group} already desires {}@{} ({}): nothing to roll out",
-            s.model, s.version, p.deployment_id
-        )));
-    }
-    if s.shadow_sample.is_some() && previous.is_none() {
-        return Err(Error::Usage(format!(
-            "--shadow-sample: {topics_group} holds no deployment for the candidate to run beside"
-        )));
-    }
-    let all = w.members(group);
-    if all.is_empty() {
-        return Err(Error::Usage(format!(
-            "no device's retained state lists group {group} (its `groups`): nothing to roll out to"
-        )));
-    }
-    let (mut members, mut excluded) = (Vec::new(), Vec::new());
-    for m in all {
-        match w.override_of(&m) {
-            Some(o) => {
-                let id = operator::revision_of(o).and_then(|(_, id)| id).unwrap_or_else(|| "unreadable".into());
-                excluded.push(Excluded {
-                    device: m,
-                    why: format!(
-                        "its own desired topic holds {id}, which outranks the group's: left as it is (withdraw it to include the device)"
-                    ),
-                });
-            }
-            None => members.push(m),
-        }
-    }
-    if members.is_empty() {
-        return Err(Error::Usage(format!(
-            "every device of group {group} has its own desired state, which outranks the group's: nothing to roll out to"
-        )));
-    }
-    let ms = record::now_ms();
-    let id_or = |id: String, short: String| if id.len() <= 128 { id } else { short };
-    let ids = Ids {
-        candidate: id_or(format!("{}-{}-canary-{ms}", s.model, s.version), format!("rollout-{ms}-canary")),
-        shadow: previous.as_ref().filter(|_| s.shadow_sample.is_some()).map(|p| {
-            id_or(format!("{}-{}-shadow-{ms}", p.model.name, p.model.version), format!("rollout-{ms}-shadow"))
-        }),
-        group: id_or(format!("{}-{}-{ms}", s.model, s.version), format!("rollout-{ms}")),
-    };
-    let now = record::now_rfc3339();
-    Ok(Record {
-        schema: record::SCHEMA.into(),
-        id: format!("rollout-{ms}"),
-        group: group.into(),
-        slot: slot.map(str::to_string),
-        candidate: ModelRef {
-            name: s.model.clone(),
-            version: s.version.clone(),
-            manifest_url: url,
-            manifest_sha256: sha,
-        },
-        previous,
-        ids,
-        stages: s.stages.iter().map(Stage::to_string).collect(),
-        soak_s: s.soak.as_secs_f64(),
-        limits: s.limits,
-        shadow_sample: s.shadow_sample,
-        allow_downgrade: s.allow_downgrade,
-        signed,
-        members,
-        excluded,
-        state: State::Running,
-        stage: 0,
-        step: Step::Pending,
-        step_since_ms: ms,
-        current: StageReport::default(),
-        baseline_p99_us: BTreeMap::new(),
-        moved: Vec::new(),
-        done: Vec::new(),
-        reason: None,
-        breach: None,
-        started_at: now.clone(),
-        updated_at: now,
-        finished_at: None,
-    })
-}
-
-fn w_group_topic(w: &Watch, group: &str, slot: Option<&str>) -> String {
-    w.topics().group_desired_in(group, slot)
+    pub(super) guard: bool,
 }
 
 fn same_model(m: &ModelId, r: &ModelRef) -> bool {
@@ -323,7 +73,7 @@ fn rank(s: Step) -> u8 {
 
 impl Engine {
     /// Runs (or resumes) the rollout to its end.
-    async fn go(&mut self) -> Result<Report, Error> {
+    pub(super) async fn go(&mut self) -> Result<Report, Error> {
         if self.rec.state != State::Running {
             // A halt or abort whose run was killed while returning devices.
             self.ui.say(&format!(
@@ -368,7 +118,7 @@ impl Engine {
         }
     }
 
-    fn say_start(&self) {
+    pub(super) fn say_start(&self) {
         let r = &self.rec;
         let slot = r.slot.as_ref().map(|s| format!(" slot {s}")).unwrap_or_default();
         let resumed = if r.stage > 0 || r.step != Step::Pending { " (resumed)" } else { "" };
@@ -447,22 +197,20 @@ impl Engine {
         self.save().await
     }
 
-    fn set_step(&mut self, step: Step) {
+    pub(super) fn set_step(&mut self, step: Step) {
         self.rec.step = step;
         self.rec.step_since_ms = record::now_ms();
     }
 
-    fn stage_devices(&self) -> Vec<String> {
+    pub(super) fn stage_devices(&self) -> Vec<String> {
         self.rec.current.devices.clone()
     }
 
     /// Records the stage's devices as moved before anything is published to them.
     fn mark_moved(&mut self) {
-        for d in self.stage_devices() {
-            if !self.rec.moved.contains(&d) {
-                self.rec.moved.push(d);
-            }
-        }
+        let moved: std::collections::HashSet<String> = self.rec.moved.iter().cloned().collect();
+        let new: Vec<String> = self.stage_devices().into_iter().filter(|d| !moved.contains(d)).collect();
+        self.rec.moved.extend(new);
     }
 
     /// The p99 each of the stage's devices has on the previous version,
@@ -604,24 +352,30 @@ impl Engine {
         let started = Instant::now();
         let deadline = started + self.timeout;
         let mut pending = devices.clone();
+        // A line per device for small stages; a count for large ones.
+        let verbose = devices.len() <= 20;
         self.ui.begin(devices.len() as u64, &format!("active on {what}"));
         loop {
             // The retained state: verdicts reached before this run (a
             // resume), or whose event was lost.
-            for d in pending.clone() {
-                match self.w.slot_state(&d) {
-                    Some((Some(a), _)) if a.deployment_id == id => {
-                        pending.remove(&d);
-                        self.ui.say(&format!("  {d:<12} {:<12} (its retained state)", "active"));
-                        self.activated(&d);
-                    }
+            let mut serving = Vec::new();
+            for d in &pending {
+                match self.w.slot_state(d) {
+                    Some((Some(a), _)) if a.deployment_id == id => serving.push(d.clone()),
                     Some((_, Some(l)))
                         if l.deployment_id == id && matches!(l.outcome, Outcome::Failed | Outcome::RolledBack) =>
                     {
-                        return Err(Stop::Breach(state_breach(&d, id, l)));
+                        return Err(Stop::Breach(state_breach(d, id, l)));
                     }
                     _ => {}
                 }
+            }
+            for d in serving {
+                pending.remove(&d);
+                if verbose {
+                    self.ui.say(&format!("  {d:<12} {:<12} (its retained state)", "active"));
+                }
+                self.activated(&d);
             }
             let done = (devices.len() - pending.len()) as u64;
             self.ui.update(done, "");
@@ -653,7 +407,9 @@ impl Engine {
                     return Err(Stop::Breach(b));
                 }
                 if ev.deployment_id == id && ev.phase == outpost_protocol::Phase::Active && pending.remove(&ev.device) {
-                    self.ui.say(&event_line(&ev, None));
+                    if verbose {
+                        self.ui.say(&event_line(&ev, None));
+                    }
                     self.activated(&ev.device);
                 }
             }
@@ -730,239 +486,9 @@ impl Engine {
         String::new()
     }
 
-    /// Every stage passed: the group's desired state takes the candidate,
-    /// the overrides go, and every online member is waited for.
-    async fn complete(&mut self) -> Result<Moves, Stop> {
-        self.set_step(Step::Completing);
-        self.save().await?;
-        let id = self.rec.ids.group.clone();
-        let slot = self.rec.slot.clone();
-        let topic = self.op.topics.group_desired_in(&self.rec.group, slot.as_deref());
-        let held = operator::revision_of(&self.w.group_desired);
-        if held.as_ref().and_then(|(_, i)| i.as_deref()) != Some(id.as_str()) {
-            let mut d = self.candidate_deployment(&id);
-            d.revision = record::now_ms().max(held.map_or(0, |(r, _)| r + 1));
-            d.target = Some(Target::Group(self.rec.group.clone()));
-            d.slot = slot;
-            let payload = self.sign(&d);
-            self.op.publish(&topic, payload.clone(), true).await.map_err(Stop::Broker)?;
-            self.w.group_desired = payload;
-            self.ui.say(&format!(
-                "group {} now desires {} ({id}, revision {})",
-                self.rec.group,
-                self.rec.candidate_name(),
-                d.revision
-            ));
-        }
-        // The group's deployment has gone out: too late for anyone's abort.
-        self.guard = false;
-        for d in self.rec.moved.clone() {
-            self.clear_override(&d).await?;
-        }
-        let members: Vec<String> = self.rec.members.iter().filter(|d| self.w.is_online(d)).cloned().collect();
-        let moves = self
-            .wait_on(
-                &members,
-                &format!("the group's {id}"),
-                |w, d| match w.slot_state(d) {
-                    Some((Some(a), _)) if a.deployment_id == id => Some(true),
-                    Some((_, Some(l)))
-                        if l.deployment_id == id && matches!(l.outcome, Outcome::Failed | Outcome::RolledBack) =>
-                    {
-                        Some(false)
-                    }
-                    _ => None,
-                },
-                Some(&id),
-            )
-            .await?;
-        self.rec.moved.clear();
-        self.rec.state = State::Done;
-        if !moves.failed.is_empty() {
-            self.rec.reason = Some(format!(
-                "{} device(s) failed the group's deployment: {}",
-                moves.failed.len(),
-                moves.failed.join("; ")
-            ));
-        }
-        self.finish().await?;
-        Ok(moves)
-    }
-
-    /// Waits until `judge` says each of `devices` is where it should be
-    /// (Some(true)) or failed (Some(false)), up to the timeout; `id`'s
-    /// failure events count as failures too.
-    async fn wait_on(
-        &mut self,
-        devices: &[String],
-        what: &str,
-        judge: impl Fn(&Watch, &str) -> Option<bool>,
-        id: Option<&str>,
-    ) -> Result<Moves, Stop> {
-        let mut moves = Moves::default();
-        let mut pending: BTreeSet<String> = devices.iter().cloned().collect();
-        let deadline = Instant::now() + self.timeout;
-        self.ui.begin(devices.len() as u64, &format!("on {what}"));
-        loop {
-            for d in pending.clone() {
-                match judge(&self.w, &d) {
-                    Some(true) => moves.confirmed.push(d.clone()),
-                    Some(false) => moves.failed.push(format!("{d}: {} of {what}", self.last_outcome(&d))),
-                    None => continue,
-                }
-                pending.remove(&d);
-            }
-            self.ui.update((devices.len() - pending.len()) as u64, "");
-            let now = Instant::now();
-            // Offline devices get their desired state when they reconnect: not waited for.
-            if pending.iter().all(|d| !self.w.is_online(d)) || now >= deadline {
-                break;
-            }
-            for ev in self.pump(deadline.saturating_duration_since(now).min(Duration::from_millis(250))).await? {
-                if let Some(id) = id
-                    && pending.contains(&ev.device)
-                    && let Some(b) = health::judge_event(&ev, id)
-                {
-                    self.ui.say(&event_line(&ev, None));
-                    pending.remove(&ev.device);
-                    moves.failed.push(b.message);
-                }
-            }
-        }
-        self.ui.end();
-        for d in pending {
-            let why = if self.w.is_online(&d) {
-                format!("not on {what} within {} s", self.timeout.as_secs())
-            } else {
-                "offline: its desired state applies when it reconnects".into()
-            };
-            moves.unconfirmed.push(format!("{d}: {why}"));
-        }
-        moves.confirmed.sort();
-        moves.failed.sort();
-        Ok(moves)
-    }
-
-    fn last_outcome(&self, d: &str) -> String {
-        match self.w.slot_state(d) {
-            Some((_, Some(l))) => {
-                let mut s = format!("{:?}", l.outcome).to_lowercase();
-                if let Some(e) = &l.error {
-                    s.push_str(&format!(" ({}: {})", e.code, e.message));
-                }
-                s
-            }
-            _ => "no outcome".into(),
-        }
-    }
-
-    /// A breach: the stage ends, the devices moved go back.
-    async fn halt(&mut self, b: Breach) -> Result<Moves, Stop> {
-        let k = self.rec.stage + 1;
-        self.ui.say(&format!("stage {k}/{} breached: {b}", self.stages.len()));
-        self.rec.current.breach = Some(b.clone());
-        self.rec.current.verdict = "breached".into();
-        self.rec.done.push(std::mem::take(&mut self.rec.current));
-        self.rec.state = State::Halted;
-        self.rec.reason = Some(b.message.clone());
-        self.rec.breach = Some(b);
-        self.set_step(Step::Returning);
-        self.save().await?;
-        let moves = self.return_moved().await?;
-        self.finish().await?;
-        Ok(moves)
-    }
-
-    /// `--abort`: the devices moved go back, the record says aborted.
-    async fn abort(&mut self) -> Result<Report, Error> {
-        self.guard = false;
-        if self.rec.step == Step::Completing
-            && operator::revision_of(&self.w.group_desired).and_then(|(_, id)| id).as_deref()
-                == Some(self.rec.ids.group.as_str())
-        {
-            return Err(Error::Usage(format!(
-                "rollout {} already moved the group's desired state to {}: too late to abort; --resume finishes it, then roll back with a new rollout",
-                self.rec.id,
-                self.rec.candidate_name()
-            )));
-        }
-        if self.rec.state == State::Running {
-            let (k, n) = ((self.rec.stage + 1).min(self.stages.len()), self.stages.len());
-            self.rec.state = State::Aborted;
-            self.rec.reason = Some(format!("aborted (--abort) at stage {k}/{n}, step {}", self.rec.step.as_str()));
-            if !self.rec.current.devices.is_empty() {
-                self.rec.current.verdict = "aborted".into();
-                self.rec.done.push(std::mem::take(&mut self.rec.current));
-            }
-            self.set_step(Step::Returning);
-        }
-        self.ui.say(&format!(
-            "aborting rollout {} of {} to group {}: {} device(s) to return to {}",
-            self.rec.id,
-            self.rec.candidate_name(),
-            self.rec.group,
-            self.rec.moved.len(),
-            self.rec.previous_name()
-        ));
-        self.save().await.map_err(broker_error)?;
-        let moves = self.return_moved().await.map_err(broker_error)?;
-        self.finish().await.map_err(broker_error)?;
-        Ok(self.report(moves, false))
-    }
-
-    /// Clears the overrides of every device the rollout moved, and waits
-    /// for each online one to serve the previous version again.
-    async fn return_moved(&mut self) -> Result<Moves, Stop> {
-        let devices = self.rec.moved.clone();
-        if devices.is_empty() {
-            return Ok(Moves::default());
-        }
-        self.guard = false;
-        self.ui.say(&format!(
-            "returning {} device(s) to {}: {}",
-            devices.len(),
-            self.rec.previous_name(),
-            names(&devices)
-        ));
-        for d in &devices {
-            self.clear_override(d).await?;
-        }
-        let prev = self.rec.previous.as_ref().map(|p| p.deployment_id.clone());
-        let ours: Vec<String> =
-            [Some(self.rec.ids.candidate.clone()), self.rec.ids.shadow.clone()].into_iter().flatten().collect();
-        let what = self.rec.previous_name();
-        let moves = self
-            .wait_on(
-                &devices,
-                &what,
-                |w, d| {
-                    let (active, last) = w.slot_state(d)?;
-                    // Still working on one of ours: not back yet.
-                    if last.is_some_and(|l| l.outcome == Outcome::InProgress && ours.contains(&l.deployment_id)) {
-                        return None;
-                    }
-                    match (&prev, active) {
-                        (Some(p), Some(a)) if &a.deployment_id == p => Some(true),
-                        (None, None) => Some(true),
-                        _ => None,
-                    }
-                },
-                None,
-            )
-            .await?;
-        self.rec.moved.clear();
-        self.save().await?;
-        Ok(moves)
-    }
-
-    async fn finish(&mut self) -> Result<(), Stop> {
-        self.rec.finished_at = Some(record::now_rfc3339());
-        self.save().await
-    }
-
     /// The candidate as a desired state: the group's serving settings and
     /// policy carry over from the previous deployment.
-    fn candidate_deployment(&self, id: &str) -> Deployment {
+    pub(super) fn candidate_deployment(&self, id: &str) -> Deployment {
         let c = &self.rec.candidate;
         let mut d =
             operator::deployment(&c.name, &c.version, &c.manifest_url, &c.manifest_sha256, Some(0), Some(id.into()));
@@ -974,7 +500,7 @@ impl Engine {
         d
     }
 
-    fn sign(&self, d: &Deployment) -> Vec<u8> {
+    pub(super) fn sign(&self, d: &Deployment) -> Vec<u8> {
         match &self.signer {
             Some(s) => s.deployment(d),
             None => d.to_json(),
@@ -982,7 +508,7 @@ impl Engine {
     }
 
     /// Publishes `d` on `device`'s own desired topic, retained, above the revision it holds.
-    async fn publish_override(&mut self, device: &str, mut d: Deployment) -> Result<(), Stop> {
+    pub(super) async fn publish_override(&mut self, device: &str, mut d: Deployment) -> Result<(), Stop> {
         let held = self.w.raw_override(device).and_then(operator::revision_of).map(|(r, _)| r);
         d.revision = record::now_ms().max(held.map_or(0, |r| r + 1));
         d.target = Some(Target::Device(device.into()));
@@ -996,7 +522,7 @@ impl Engine {
 
     /// Withdraws `device`'s own desired state: an empty retained payload,
     /// or a signed undeployment when signing.
-    async fn clear_override(&mut self, device: &str) -> Result<(), Stop> {
+    pub(super) async fn clear_override(&mut self, device: &str) -> Result<(), Stop> {
         let payload = match &self.signer {
             Some(s) => {
                 let held = self.w.raw_override(device).and_then(operator::revision_of).map(|(r, _)| r);
@@ -1011,7 +537,7 @@ impl Engine {
         Ok(())
     }
 
-    async fn save(&mut self) -> Result<(), Stop> {
+    pub(super) async fn save(&mut self) -> Result<(), Stop> {
         self.rec.updated_at = record::now_rfc3339();
         let topic = self.op.topics.rollout(&self.rec.group, self.rec.slot.as_deref());
         self.op.publish(&topic, self.rec.to_json(), true).await.map_err(Stop::Broker)
@@ -1019,7 +545,7 @@ impl Engine {
 
     /// Takes in what arrived within `wait` (and whatever else is already
     /// there); returns the events. Stops when another run aborted this rollout.
-    async fn pump(&mut self, wait: Duration) -> Result<Vec<DeploymentEvent>, Stop> {
+    pub(super) async fn pump(&mut self, wait: Duration) -> Result<Vec<DeploymentEvent>, Stop> {
         let mut wait = wait;
         for _ in 0..10_000 {
             let Some(m) = self.op.next(wait).await else { break };
@@ -1052,9 +578,10 @@ impl Engine {
                 *slot = Some(sh.clone());
             }
             let (Some(model), Some(inf)) = (&s.model, &s.inference) else { continue };
+            // A device's baseline is taken before it moves, once: what it
+            // reports on the previous version afterwards (in shadow) is not used.
             if let Some(p) = &self.rec.previous
                 && same_model(model, &p.model)
-                && !self.rec.moved.contains(&s.device)
             {
                 self.baseline.entry(s.device.clone()).or_default().add(inf);
             }
@@ -1071,7 +598,7 @@ impl Engine {
         }
     }
 
-    fn report(&self, moves: Moves, interrupted: bool) -> Report {
+    pub(super) fn report(&self, moves: Moves, interrupted: bool) -> Report {
         let r = &self.rec;
         let (returned, failed) = match r.state {
             State::Done => (Vec::new(), moves.failed),
@@ -1098,7 +625,7 @@ impl Engine {
     }
 }
 
-fn broker_error(e: Stop) -> Error {
+pub(super) fn broker_error(e: Stop) -> Error {
     match e {
         Stop::Broker(e) => Error::Unavailable(e),
         Stop::Breach(b) => Error::Unavailable(b.message),
@@ -1107,7 +634,7 @@ fn broker_error(e: Stop) -> Error {
 }
 
 /// A failure the retained state shows for deployment `id`.
-fn state_breach(d: &str, id: &str, l: &outpost_protocol::LastDeployment) -> Breach {
+pub(super) fn state_breach(d: &str, id: &str, l: &outpost_protocol::LastDeployment) -> Breach {
     let (check, verb) = match l.outcome {
         Outcome::RolledBack => ("rolled_back", "rolled back"),
         _ => ("failed", "failed"),
@@ -1117,7 +644,7 @@ fn state_breach(d: &str, id: &str, l: &outpost_protocol::LastDeployment) -> Brea
 }
 
 /// A list of device names, shortened past eight.
-fn names(devices: &[String]) -> String {
+pub(super) fn names(devices: &[String]) -> String {
     if devices.len() <= 8 {
         devices.join(", ")
     } else {

@@ -126,10 +126,15 @@ pub fn judge_soak(
 ) -> SoakVerdict {
     let mut v = SoakVerdict::default();
     let (mut weight, mut base_weight, mut base_requests) = (0u128, 0u128, 0u64);
+    // Without a limit on them, the figures are reported, not judged: nothing to say.
+    let limited = limits.max_error_rate.is_some() || limits.max_p99_ratio.is_some();
     for (device, t) in traffic {
         v.requests += t.requests;
         v.errors += t.errors;
         weight += t.p99_weight;
+        if !limited {
+            continue;
+        }
         if t.reports == 0 {
             v.not_judged.push(format!(
                 "{device}: no telemetry during the soak (a soak shorter than two of its telemetry intervals?): error rate and p99 not judged"
@@ -397,10 +402,11 @@ mod tests {
         let b = v.breach.unwrap();
         assert_eq!((b.device.as_str(), b.check.as_str()), ("cam-1", "error_rate"));
         assert_eq!(b.message, "cam-1: error rate 10.0% (4 error(s) in 40 requests) over --max-error-rate 5.0%");
-        // Without a limit, the same figures pass.
+        // Without a limit, the same figures pass, and a device without traffic is not worth a word.
+        soak.insert("cam-2".to_string(), Traffic::default());
         let v = judge_soak(&soak, &BTreeMap::new(), &Limits::default());
-        assert_eq!(v.breach, None);
-        assert!(v.not_judged.is_empty(), "no p99 limit: nothing to say about baselines");
+        assert_eq!((v.breach, v.requests, v.errors), (None, 140, 6));
+        assert!(v.not_judged.is_empty(), "{:?}", v.not_judged);
     }
 
     #[test]
