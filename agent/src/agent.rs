@@ -235,14 +235,7 @@ impl Agent {
             authority,
             max_packet_size: config.session.max_packet_size,
         };
-        // The model slots serve their last active versions too, before any network.
         let models = Arc::new(Models::new(engine.clone()));
-        let mut opened = Vec::new();
-        for name in crate::deploy::record::slots_on_disk(&store) {
-            let (slot_engine, slot_deployer, slot_deployments) = slot_parts.open(&name, &live).await;
-            models.add(&name, slot_engine);
-            opened.push((name, slot_deployer, slot_deployments));
-        }
 
         // The local endpoint serves from the store even while the broker is unreachable.
         let http = match config.http_bind {
@@ -282,6 +275,15 @@ impl Agent {
             }
         }
 
+        // The model slots serve their last active versions too, before any
+        // network (opened once the endpoints are bound: a bind error exits
+        // before any slot's record says it runs).
+        let mut opened = Vec::new();
+        for name in crate::deploy::record::slots_on_disk(&store).into_iter().take(MAX_SLOTS) {
+            let (slot_engine, slot_deployer, slot_deployments) = slot_parts.open(&name, &live).await;
+            models.add(&name, slot_engine);
+            opened.push((name, slot_deployer, slot_deployments));
+        }
         let link = Link::new(client);
         let acks = crate::link::session::acker(link.clone(), config.session.persistent_session);
         let journal = Arc::new(Mutex::new(Journal::open(&config.data_dir, config.journal_max_bytes)));
@@ -587,8 +589,8 @@ impl Agent {
             // the device never had, leaves no slot behind.
             let target = self.slot_parts.authority.target(source);
             let now = std::time::SystemTime::now();
-            match self.config.trust.open_in(m.payload(), &target, Some(slot), now) {
-                Ok((outpost_protocol::trust::Desired::Deploy(_), _)) => {}
+            let claimed = match self.config.trust.open_in(m.payload(), &target, Some(slot), now) {
+                Ok((outpost_protocol::trust::Desired::Deploy(d), _)) => d,
                 Ok((outpost_protocol::trust::Desired::Undeploy { .. }, _)) => {
                     tracing::debug!(slot, "undeploy of a model slot that does not exist");
                     return;
@@ -600,7 +602,7 @@ impl Agent {
                     self.reporter.for_slot(slot).refused_message(m.payload(), &refused);
                     return;
                 }
-            }
+            };
             if self.slots.len() >= MAX_SLOTS {
                 let e = outpost_protocol::ErrorInfo::new(
                     outpost_protocol::ErrorCode::SlotLimit,
@@ -611,7 +613,7 @@ impl Agent {
                     ),
                 );
                 self.engine.counters.tally.desired_refused(e.code);
-                self.reporter.for_slot(slot).refused(None, 0, &e);
+                self.reporter.for_slot(slot).refused_desired(&claimed, &e);
                 return;
             }
             let (engine, deployer, deployments) = self.slot_parts.open(slot, &self.live).await;

@@ -48,7 +48,7 @@ pub struct ShadowStats {
     /// Of those rows, how many had the same top-1 class as the active
     /// model's (arg max of the row in the first numeric output).
     pub top1_agree: u64,
-    /// `top1_agree / rows` (1.0 while nothing was compared).
+    /// `top1_agree / rows` (0.0 while no row was compared).
     pub agreement: f64,
     /// Largest absolute difference seen between the two models' outputs.
     pub max_abs_diff: f64,

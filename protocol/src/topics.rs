@@ -191,17 +191,24 @@ pub fn validate_slot(slot: &str) -> Result<(), ProtocolError> {
 }
 
 /// Checks a device or group name: `[A-Za-z0-9_.-]{1,64}`, so it is safe in a
-/// topic (no `/`, `+`, `#`) and in a file name.
+/// topic (no `/`, `+`, `#`) and in a file name; never with `.models.` in
+/// it (RabbitMQ would deliver `a.models.x`'s own topics as model slot `x`
+/// of device `a`).
 pub fn validate_name(what: &str, name: &str) -> Result<(), ProtocolError> {
     let ok = !name.is_empty()
         && name.len() <= 64
         && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
         && name != "."
-        && name != "..";
+        && name != ".."
+        && !name.contains(".models.");
     if ok {
         Ok(())
     } else {
-        Err(ProtocolError::invalid(what, "1 to 64 characters of A-Z a-z 0-9 _ . -", crate::error::excerpt(name, 80)))
+        Err(ProtocolError::invalid(
+            what,
+            "1 to 64 characters of A-Z a-z 0-9 _ . - (without \".models.\")",
+            crate::error::excerpt(name, 80),
+        ))
     }
 }
 
@@ -284,7 +291,7 @@ mod tests {
     #[test]
     fn names_are_topic_and_path_safe() {
         assert!(validate_name("device", "dev-1.a_B").is_ok());
-        for bad in ["", "a/b", "a+b", "#", "..", "é", &"x".repeat(65)] {
+        for bad in ["", "a/b", "a+b", "#", "..", "é", &"x".repeat(65), "cam.models.det"] {
             let err = validate_name("device", bad).unwrap_err();
             assert_eq!(err.path, "device");
         }

@@ -199,7 +199,16 @@ impl Deployer {
         record.signed_revisions = authority.trust.enforced();
         let limits = **pipeline.limits.load();
         let boot = breaker::boot_id();
-        let tripped = breaker::judge(&mut record, limits.breaker, std::time::SystemTime::now(), &boot);
+        let store = &pipeline.store;
+        let blamed =
+            store.exit_blame.get_or_init(|| record::blamed_for_exit(store)).iter().any(|k| k == pipeline.slot_key());
+        let tripped = if blamed {
+            breaker::judge(&mut record, limits.breaker, std::time::SystemTime::now(), &boot)
+        } else {
+            // Another slot's model takes the blame for an unclean exit.
+            record.installing = None;
+            None
+        };
         record.boot_id = boot;
         // From now on an exit that does not go through `run`'s end is unclean.
         record.running = true;
@@ -665,9 +674,10 @@ impl Deployer {
             model = %format!("{}@{}", d.model.name, d.model.version)
         );
         let own = self.own.clone();
+        // Other slots' retention waits until this deployment has ended (its swap included).
+        let p = self.pipeline.clone();
+        let _ = tokio::task::spawn_blocking(move || p.store.begin(p.slot_key())).await;
         let job = tokio::task::spawn_blocking(move || {
-            // Other slots' retention waits for this deployment to end.
-            let _deploying = pipeline.store.deploying(pipeline.slot_key());
             let installing = || {
                 let (recorded, done) = std::sync::mpsc::channel();
                 let _ = own.send(Command::Installing { deployment: Box::new(dep.clone()), recorded });
@@ -725,17 +735,15 @@ impl Deployer {
             // Nothing comes next (and the agent is not stopping, when a
             // download is kept to resume): what a deployment that ended
             // without serving downloaded in part is of no further use.
-            None if !self.stopping => {
-                let pipeline = self.pipeline.clone();
-                let freed =
-                    tokio::task::spawn_blocking(move || pipeline.store.remove_partials_for(pipeline.slot_key()))
-                        .await
-                        .unwrap_or(0);
-                if freed > 0 {
-                    tracing::info!(freed, "partial downloads of the ended deployment removed");
+            None => {
+                let (p, partials) = (self.pipeline.clone(), !self.stopping);
+                let (removed, freed) = tokio::task::spawn_blocking(move || p.store.finish(p.slot_key(), partials))
+                    .await
+                    .unwrap_or_default();
+                if removed > 0 || freed > 0 {
+                    tracing::info!(removed, freed, "store cleaned after the deployment ended");
                 }
             }
-            None => {}
         }
     }
 
@@ -825,6 +833,8 @@ impl Deployer {
         // Retention before the event too: when `active` arrives, the store is as it stays.
         let mut protected = keep;
         protected.extend(self.probation.as_ref().map(|p| p.previous.deployment.model.manifest_sha256.clone()));
+        // Fault injection: the window between a slot's swap and its retention.
+        crate::sys::delay_point(&format!("retention-{}", self.pipeline.slot_key())).await;
         let pipeline = self.pipeline.clone();
         let _ = tokio::task::spawn_blocking(move || {
             let store = &pipeline.store;

@@ -205,6 +205,10 @@ impl Pipeline {
             .into());
         }
         let model_bytes = manifest.file(&manifest.model.file).map_or(0, |f| f.size);
+        // One load at a time in the whole agent (every model slot): the
+        // memory check and the validation's limit read what the system has
+        // left, which a load running beside them would not show yet.
+        let _loading = self.store.loading.lock().unwrap_or_else(|p| p.into_inner());
         crate::deploy::memory::check_fits(&manifest.model.file, model_bytes, crate::deploy::memory::available())?;
         self.reporter.event(d, Phase::Loading, None, None, Some(manifest.model.file.clone()));
         let model = match &self.isolation {

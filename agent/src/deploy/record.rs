@@ -152,6 +152,27 @@ pub fn slots_on_disk(store: &Store) -> Vec<String> {
     slots
 }
 
+/// The slots (keys: `""` for the default slot) an unclean exit of the last
+/// run is blamed on: with several models in one process the crash cannot
+/// be pinned on one for sure, so it goes to the slots that were installing
+/// a version (their model code ran for the first time), else to the slot
+/// whose active version went live last; the others count nothing.
+pub fn blamed_for_exit(store: &Store) -> Vec<String> {
+    let mut records: Vec<(String, Record)> = vec![(String::new(), Record::read(store, None))];
+    records.extend(slots_on_disk(store).into_iter().map(|s| {
+        let r = Record::read(store, Some(&s));
+        (s, r)
+    }));
+    records.retain(|(_, r)| r.running);
+    let installing: Vec<String> =
+        records.iter().filter(|(_, r)| r.installing.is_some()).map(|(k, _)| k.clone()).collect();
+    if !installing.is_empty() {
+        return installing;
+    }
+    let newest = records.iter().filter_map(|(k, r)| Some((r.active.as_ref()?.since.clone(), k))).max();
+    newest.map(|(_, k)| vec![k.clone()]).unwrap_or_default()
+}
+
 impl Record {
     /// The record of the last run (an unreadable one counts as none).
     pub fn read(store: &Store, slot: Option<&str>) -> Record {

@@ -11,9 +11,9 @@
 //! ```
 //! Model slots share the store (a file two slots use is kept once).
 //! Retention keeps what any slot holds, and runs only while no other
-//! slot's deployment is in progress (its downloads are not yet referenced
-//! by a version): until then it is deferred, and the last deployment to
-//! end applies it.
+//! slot's deployment is in progress, from its start to the end of its swap
+//! (its downloads and its new version are not yet in its hold): until then
+//! it is deferred, and the last deployment to end applies it.
 //! Every write goes to `tmp/`, is fsynced, renamed into place and its
 //! directory fsynced, so a power cut leaves either the old state or the new
 //! one. A version directory appears in one rename, whole or not at all.
@@ -31,27 +31,23 @@ pub struct Store {
     root: PathBuf,
     tmp_counter: AtomicU64,
     gc: std::sync::Mutex<Gc>,
+    /// The slots the last run's unclean exit is blamed on, decided once
+    /// from every slot's record before any is rewritten (see
+    /// `record::blamed_for_exit`).
+    pub exit_blame: std::sync::OnceLock<Vec<String>>,
+    /// Held by a model slot's deployment from its memory check to its
+    /// model's load in the agent: one load at a time per agent.
+    pub loading: std::sync::Mutex<()>,
 }
 
-/// What each model slot keeps (by slot key: `""` for the default slot) and
-/// which slots have a deployment in progress.
+/// What each model slot keeps (by slot key: `""` for the default slot),
+/// which slots have a deployment in progress, and whether a retention pass
+/// was deferred for them.
 #[derive(Debug, Default)]
 struct Gc {
     holds: std::collections::BTreeMap<String, Vec<String>>,
     running: std::collections::BTreeSet<String>,
-}
-
-/// A slot's deployment in progress, for retention ([`Store::deploying`]).
-#[derive(Debug)]
-pub struct Deploying<'a> {
-    store: &'a Store,
-    slot: String,
-}
-
-impl Drop for Deploying<'_> {
-    fn drop(&mut self) {
-        self.store.lock_gc().running.remove(&self.slot);
-    }
+    deferred: bool,
 }
 
 /// What can go wrong in the store. [`StoreError::code`] is the wire's error
@@ -110,18 +106,56 @@ impl Store {
             let p = entry?.path();
             let _ = if p.is_dir() { fs::remove_dir_all(&p) } else { fs::remove_file(&p) };
         }
-        Ok(Store { root: root.to_path_buf(), tmp_counter: AtomicU64::new(0), gc: Default::default() })
+        Ok(Store {
+            root: root.to_path_buf(),
+            tmp_counter: AtomicU64::new(0),
+            gc: Default::default(),
+            exit_blame: Default::default(),
+            loading: Default::default(),
+        })
     }
 
     fn lock_gc(&self) -> std::sync::MutexGuard<'_, Gc> {
         self.gc.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Marks `slot`'s deployment in progress until the guard drops (waits
-    /// for a retention pass in progress to end).
-    pub fn deploying(&self, slot: &str) -> Deploying<'_> {
+    /// Marks `slot`'s deployment in progress, until [`Store::finish`]
+    /// (waits for a retention pass in progress to end: call it from a
+    /// blocking thread).
+    pub fn begin(&self, slot: &str) {
         self.lock_gc().running.insert(slot.to_string());
-        Deploying { store: self, slot: slot.to_string() }
+    }
+
+    /// `slot`'s deployment ended (swapped in, failed or superseded): a
+    /// retention pass deferred meanwhile runs once no slot deploys, and
+    /// with `partials` the partial downloads go too. Returns (versions
+    /// removed, bytes freed).
+    pub fn finish(&self, slot: &str, partials: bool) -> (usize, u64) {
+        let mut gc = self.lock_gc();
+        gc.running.remove(slot);
+        if !gc.running.is_empty() {
+            return (0, 0);
+        }
+        let mut done = (0, 0);
+        if std::mem::take(&mut gc.deferred) {
+            let all: Vec<String> = gc.holds.values().flatten().cloned().collect();
+            // Partial downloads stay unless asked (an interrupted one resumes).
+            let names: Vec<String> = match partials {
+                true => Vec::new(),
+                false => fs::read_dir(self.root.join("partial"))
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                    .filter_map(|e| e.file_name().into_string().ok())
+                    .collect(),
+            };
+            let keep: Vec<&str> = names.iter().map(String::as_str).collect();
+            done = self.retain(&all, &keep);
+        }
+        if partials {
+            done.1 += self.remove_partials();
+        }
+        done
     }
 
     /// Records the versions `slot` keeps, without collecting.
@@ -136,20 +170,13 @@ impl Store {
         let mut gc = self.lock_gc();
         gc.holds.insert(slot.to_string(), keep.to_vec());
         if gc.running.iter().any(|s| s != slot) {
+            gc.deferred = true;
             return None;
         }
+        gc.deferred = false;
         let all: Vec<String> = gc.holds.values().flatten().cloned().collect();
         // Held while it runs: no slot starts a deployment meanwhile.
         Some(self.retain(&all, keep_partials))
-    }
-
-    /// [`Store::remove_partials`] unless another slot's deployment is in progress.
-    pub fn remove_partials_for(&self, slot: &str) -> u64 {
-        let gc = self.lock_gc();
-        if gc.running.iter().any(|s| s != slot) {
-            return 0;
-        }
-        self.remove_partials()
     }
 
     pub fn blob_path(&self, sha256: &str) -> PathBuf {

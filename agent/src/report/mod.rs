@@ -236,13 +236,16 @@ impl Reporter {
                 "deployment event"
             ),
         }
-        self.send_json(self.topics.events(&self.device), &ev, false);
+        // A shadow report is a figure like telemetry: QoS 0, never journaled,
+        // so it cannot crowd deployment events out of the outage journal.
+        let reliable = phase != Phase::Shadow;
+        self.send_json(self.topics.events(&self.device), &ev, false, reliable);
     }
 
-    /// A QoS 1 message of JSON (while `order` is held: it carries a seq).
-    fn send_json(&self, topic: String, body: &impl serde::Serialize, retain: bool) {
+    /// A message of JSON, QoS 1 when `reliable` (while `order` is held: it carries a seq).
+    fn send_json(&self, topic: String, body: &impl serde::Serialize, retain: bool, reliable: bool) {
         let payload = serde_json::to_vec(body).unwrap_or_default();
-        self.send(Outgoing { topic, payload, retain, reliable: true, correlation: None });
+        self.send(Outgoing { topic, payload, retain, reliable, correlation: None });
     }
 
     /// What the retained state shows of this slot from now on (its deployer's record).
@@ -275,7 +278,7 @@ impl Reporter {
     /// Publishes the retained state.
     pub fn publish_state(&self) {
         let _order = self.order.lock().unwrap_or_else(|p| p.into_inner());
-        self.send_json(self.topics.state(&self.device), &self.state(), true);
+        self.send_json(self.topics.state(&self.device), &self.state(), true, true);
     }
 }
 

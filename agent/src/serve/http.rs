@@ -166,13 +166,15 @@ impl IntoResponse for NotServed {
     }
 }
 
-/// The engine and active model the path names: a model slot by its name,
-/// else the default slot's model by the model's name.
+/// The engine and active model the path names: a model slot serving by
+/// that name, else the default slot's model by the model's name.
 fn find(models: &Models, name: &str, version: Option<&str>) -> Result<(Arc<Engine>, Arc<Model>), NotServed> {
     let (engine, model) = match models.route(name) {
-        Route::Slot(engine) => match engine.active() {
-            Some(m) => (engine, m),
-            None => {
+        Route::Slot(engine) => match (engine.active(), models.default.active()) {
+            (Some(m), _) => (engine, m),
+            // An empty slot does not hide a default-slot model of that name.
+            (None, Some(m)) if m.name == name => (models.default.clone(), m),
+            (None, _) => {
                 return Err(NotServed(
                     StatusCode::SERVICE_UNAVAILABLE,
                     format!("model slot '{name}' has no model deployed"),
@@ -253,7 +255,9 @@ async fn infer(
     let (engine, model) = match find(&models, &name, version.as_deref()) {
         Ok(found) => found,
         Err(r) => {
-            models.default.count_refusal(ErrorCode::NoModel, Transport::Http);
+            // The device's counters only: no slot's telemetry takes the blame.
+            models.default.counters.tally.request(Transport::Http, "");
+            models.default.counters.tally.error(Transport::Http, ErrorCode::NoModel);
             return r.into_response();
         }
     };

@@ -494,7 +494,8 @@ impl Engine {
     pub async fn infer(&self, req: InferRequest, transport: Transport) -> Result<InferResponse, InferFailure> {
         self.count_request(transport);
         let started = std::time::Instant::now();
-        let shadow = self.shadow.load_full().filter(|s| s.sampled()).map(|s| (s, req.clone()));
+        // Claimed before the request is copied: a busy candidate costs nothing.
+        let shadow = self.shadow.load_full().filter(|s| s.sampled()).and_then(|s| s.claim()).map(|c| (c, req.clone()));
         let result = self.infer_inner(req).await;
         if let Ok(resp) = &result {
             let us = started.elapsed().as_micros() as u64;

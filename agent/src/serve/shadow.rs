@@ -37,12 +37,29 @@ struct Tally {
     skipped: u64,
 }
 
-/// Resets the busy flag when the candidate's run ends, even by a panic.
-struct Running<'a>(&'a AtomicBool);
+/// The candidate, claimed for one run (taken before the request is even
+/// copied); dropping it, after the run or instead of it, frees the candidate.
+pub struct Claim(Arc<Shadow>);
 
-impl Drop for Running<'_> {
+impl Drop for Claim {
     fn drop(&mut self) {
-        self.0.store(false, Ordering::Release);
+        self.0.busy.store(false, Ordering::Release);
+    }
+}
+
+impl Claim {
+    /// Runs the candidate on a sampled request the active model answered
+    /// (`active` in `active_us`), off the caller's thread.
+    pub fn score(self, req: InferRequest, active: InferResponse, active_us: u64) {
+        tokio::task::spawn_blocking(move || {
+            let me = &self.0;
+            let t = std::time::Instant::now();
+            let candidate = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| me.model.infer(&req)))
+                .unwrap_or_else(|_| {
+                    Err(InferFailure::new(outpost_protocol::ErrorCode::Internal, "the candidate panicked"))
+                });
+            me.record(&active, active_us, candidate, t.elapsed().as_micros() as u64);
+        });
     }
 }
 
@@ -69,24 +86,14 @@ impl Shadow {
         self.rate > 0.0 && crate::sys::jitter() < self.rate
     }
 
-    /// Runs the candidate on a sampled request the active model answered
-    /// (`active` in `active_us`), off the caller's thread; skipped while the
-    /// previous candidate run is still going.
-    pub fn score(self: &Arc<Self>, req: InferRequest, active: InferResponse, active_us: u64) {
+    /// The candidate for one sampled request, unless its previous run is
+    /// still going (the request is then skipped, and counted).
+    pub fn claim(self: &Arc<Self>) -> Option<Claim> {
         if self.busy.swap(true, Ordering::AcqRel) {
             self.lock().skipped += 1;
-            return;
+            return None;
         }
-        let me = self.clone();
-        tokio::task::spawn_blocking(move || {
-            let _running = Running(&me.busy);
-            let t = std::time::Instant::now();
-            let candidate = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| me.model.infer(&req)))
-                .unwrap_or_else(|_| {
-                    Err(InferFailure::new(outpost_protocol::ErrorCode::Internal, "the candidate panicked"))
-                });
-            me.record(&active, active_us, candidate, t.elapsed().as_micros() as u64);
-        });
+        Some(Claim(self.clone()))
     }
 
     fn record(&self, active: &InferResponse, active_us: u64, candidate: Result<InferResponse, InferFailure>, us: u64) {
@@ -116,7 +123,8 @@ impl Shadow {
             compared: t.compared,
             rows: t.rows,
             top1_agree: t.top1_agree,
-            agreement: if t.rows == 0 { 1.0 } else { t.top1_agree as f64 / t.rows as f64 },
+            // Nothing compared yet is no agreement to speak of.
+            agreement: if t.rows == 0 { 0.0 } else { t.top1_agree as f64 / t.rows as f64 },
             max_abs_diff: t.max_abs_diff,
             errors: t.errors,
             skipped: t.skipped,
@@ -143,24 +151,33 @@ pub fn compare(active: &InferResponse, candidate: &InferResponse) -> Result<(u64
         }
         let (av, cv) = (av.to_f64_vec(), cv.to_f64_vec());
         for (x, y) in av.iter().zip(&cv) {
-            let d = (x - y).abs();
-            // NaN on one side only is as far apart as answers get.
-            diff = diff.max(if d.is_nan() && !(x.is_nan() && y.is_nan()) { f64::INFINITY } else { d });
+            // Equal (the same infinity included) is no difference; NaN on
+            // one side only is as far apart as answers get.
+            let d = match (x == y, x.is_nan() && y.is_nan()) {
+                (true, _) | (false, true) => 0.0,
+                _ => (x - y).abs(),
+            };
+            diff = diff.max(if d.is_nan() { f64::INFINITY } else { d });
         }
         if top1.is_none() {
             let row = a.shape.last().copied().unwrap_or(av.len()).max(1);
+            // The class of each row; a row with a non-finite score has none
+            // (it never agrees).
             let argmax = |v: &[f64]| {
                 v.chunks(row)
                     .map(|r| {
-                        r.iter()
-                            .enumerate()
-                            .fold((0, f64::NEG_INFINITY), |b, (i, x)| if *x > b.1 { (i, *x) } else { b })
-                            .0
+                        r.iter().all(|x| x.is_finite()).then(|| {
+                            r.iter()
+                                .enumerate()
+                                .fold((0, f64::NEG_INFINITY), |b, (i, x)| if *x > b.1 { (i, *x) } else { b })
+                                .0
+                        })
                     })
                     .collect::<Vec<_>>()
             };
             let (a, c) = (argmax(&av), argmax(&cv));
-            top1 = Some((a.len() as u64, a.iter().zip(&c).filter(|(x, y)| x == y).count() as u64));
+            let agree = a.iter().zip(&c).filter(|(x, y)| x.is_some() && x == y).count();
+            top1 = Some((a.len() as u64, agree as u64));
         }
     }
     match top1 {
@@ -202,7 +219,14 @@ mod tests {
         let second_row_differs = answer(vec![0.1, 0.7, 0.2, 0.2, 0.3, 0.5], false);
         assert_eq!(compare(&a, &second_row_differs).unwrap().1, 1);
         let nan = answer(vec![f32::NAN, 0.7, 0.2, 0.5, 0.3, 0.2], false);
-        assert_eq!(compare(&a, &nan).unwrap().2, f64::INFINITY);
+        let (_, agree, diff) = compare(&a, &nan).unwrap();
+        assert_eq!((agree, diff), (1, f64::INFINITY), "a row with a NaN never agrees");
+        // An all-NaN answer agrees with nothing, not with class 0.
+        let skewed = answer(vec![0.9, 0.05, 0.05, 0.8, 0.1, 0.1], false);
+        assert_eq!(compare(&skewed, &answer(vec![f32::NAN; 6], false)).unwrap().1, 0);
+        // The same infinity on both sides is no difference.
+        let inf = answer(vec![f32::INFINITY, 0.7, 0.2, 0.5, 0.3, 0.2], false);
+        assert_eq!(compare(&inf, &inf).unwrap().2, 0.0);
         let other_shape = answer(vec![0.1, 0.7, 0.2], false);
         assert!(compare(&a, &other_shape).unwrap_err().contains("shape"));
         let mut renamed = a.clone();

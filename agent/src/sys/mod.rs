@@ -76,7 +76,9 @@ pub fn fault_point(point: &str) {
 /// here (logged, so a test knows the instant is reached). Opens the windows
 /// between two steps that are otherwise microseconds apart. Points:
 /// `before-swap` (a deployment prepared, not yet swapped in),
-/// `mqtt-request` (an MQTT request received, not yet parsed).
+/// `mqtt-request` (an MQTT request received, not yet parsed),
+/// `retention-SLOT` (model slot SLOT swapped a version in, its store
+/// retention not yet applied; `retention-` for the default slot).
 pub async fn delay_point(point: &str) {
     if let Some(ms) = delay_at(point) {
         eprintln!("outpost: OUTPOST_DELAY_AT={point}: delaying {ms} ms");

@@ -131,6 +131,14 @@ async fn two_model_slots_deploy_swap_fail_and_restore_independently() {
     for model in ["cls", "det", "digits"] {
         assert_eq!(infer_http(port, model, "after-refusal").await.0, 200, "{model} still serves");
     }
+    // A slot named like the default slot's model, with nothing deployed in it
+    // (its deployment failed), does not hide that model.
+    let mut homonym = slot_deployment(&reg, "digits", "digits", "1").await;
+    homonym.deployment_id = "homonym".into();
+    homonym.model.manifest_sha256 = "1".repeat(64);
+    assert_eq!(deploy_slot(&mut w, "digits", &homonym).await.0.phase, Phase::Failed);
+    let (status, answer) = infer_http(port, "digits", "homonym").await;
+    assert_eq!((status, answer["model_name"].as_str()), (200, Some("digits")), "{answer}");
     // The endpoint is the device's: a slot may not move its port.
     let mut ported = slot_deployment(&reg, "cls", "digits", "1").await;
     ported.deployment_id = "cls-port".into();
@@ -359,4 +367,94 @@ async fn a_flooded_slot_does_not_queue_another_slots_requests() {
     }
     assert!(statuses.contains(&503), "the heavy slot's own queue overflowed: {statuses:?}");
     assert!(statuses.contains(&200), "{statuses:?}");
+}
+
+/// Regression (review of the slots): slot b swapped a new version in and,
+/// before its retention pass recorded what it keeps, slot a's retention
+/// removed b's new version from the store; b then had nothing to serve
+/// after a restart. Retention now waits until no other slot is between
+/// the start of a deployment and the end of its swap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_slots_retention_never_removes_the_version_another_slot_just_swapped_in() {
+    let (mut broker, reg, _data, mut w, mut agent) = Lab::device("cam-5")
+        .model("digits-mlp.onnx", "digits", "1")
+        .model("digits-cnn.onnx", "digits-cnn", "1")
+        .env("OUTPOST_DELAY_AT", "retention-b:4000")
+        .start()
+        .await;
+    let port = agent.http_port;
+    let b = slot_deployment(&reg, "b", "digits-cnn", "1").await;
+    let topic_b = Topics::default().device_model_desired("cam-5", "b");
+    w.op.publish(&topic_b, b.to_json(), true).await.unwrap();
+    // b is swapped in (its `active` event waits for its retention): now a deploys and retains.
+    agent.wait_log("OUTPOST_DELAY_AT=retention-b", 1, Duration::from_secs(30));
+    let a = slot_deployment(&reg, "a", "digits", "1").await;
+    assert_eq!(deploy_slot(&mut w, "a", &a).await.0.phase, Phase::Active);
+    assert_eq!(w.events_until_final(&b.deployment_id).await.0.phase, Phase::Active);
+    assert_eq!(versions_in_store(&agent.data_dir), 2, "b's version is still in the store");
+    assert_store_consistent(&agent.data_dir);
+
+    // And it serves again after a restart, with no broker or registry to fetch it from.
+    broker.stop();
+    drop(reg);
+    agent.kill_and_restart();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(std::time::Instant::now() < deadline, "the endpoint did not come back");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(infer_http(port, "b", "after-restart").await.0, 200);
+    assert_eq!(infer_http(port, "a", "after-restart").await.0, 200);
+}
+
+async fn wait_for_port(port: u16) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(std::time::Instant::now() < deadline, "the endpoint did not come back");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Regression (review of the slots): an agent that cannot bind its HTTP
+/// port exits cleanly for the default slot only; each slot's record kept
+/// saying "running", so three such starts quarantined the slot's model as
+/// a crash loop. And one unclean exit counted against every slot's model.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_starts_and_crashes_are_not_blamed_on_every_slot() {
+    let (_broker, reg, _data, mut w, mut agent) = Lab::device("cam-6")
+        .model("digits-mlp.onnx", "digits", "1")
+        .model("digits-cnn.onnx", "digits-cnn", "1")
+        .start()
+        .await;
+    let port = agent.http_port;
+    assert_eq!(w.deploy(&reg, "digits", "1").await.0.phase, Phase::Active);
+    let det = slot_deployment(&reg, "det", "digits-cnn", "1").await;
+    assert_eq!(deploy_slot(&mut w, "det", &det).await.0.phase, Phase::Active);
+
+    // Three starts that fail to bind the port (held by someone else): each exits 1.
+    agent.signal(rustix::process::Signal::TERM);
+    assert!(agent.wait_exit(Duration::from_secs(30)).is_some());
+    let squatter = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
+    for _ in 0..3 {
+        agent.spawn();
+        let status = agent.wait_exit(Duration::from_secs(30)).expect("exits: the port is taken");
+        assert_eq!(status.code(), Some(1));
+    }
+    drop(squatter);
+    agent.spawn();
+    wait_for_port(port).await;
+    assert_eq!(infer_http(port, "det", "after-failed-starts").await.0, 200, "det is not quarantined");
+    assert_eq!(infer_http(port, "digits", "after-failed-starts").await.0, 200);
+
+    // Three hard kills: blamed on the slot whose version went live last (det), not on every model.
+    for _ in 0..3 {
+        agent.kill_and_restart();
+        wait_for_port(port).await;
+    }
+    assert_eq!(infer_http(port, "digits", "after-crashes").await.0, 200, "the default slot's model keeps serving");
+    let ev = w.event(|e| e.error.as_ref().is_some_and(|e| e.code == ErrorCode::ModelCrashed)).await;
+    assert_eq!(ev.slot.as_deref(), Some("det"), "{ev:?}");
+    let record: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(agent.data_dir.join("agent.json")).unwrap()).unwrap();
+    assert!(record["quarantined"].is_null(), "the default slot was blamed: {record}");
 }
