@@ -51,8 +51,12 @@ pub enum ErrorCode {
     /// (`file://` unless `download.file_root` allows it).
     UrlRefused,
     /// A desired state for a new model slot while the device already has
-    /// as many slots as it allows (`models.max_slots`).
+    /// as many slots as it allows (16).
     SlotLimit,
+    /// A code this build does not know (a newer agent's): read as a
+    /// failure, so one new code never makes a whole message unreadable.
+    #[serde(other)]
+    Unknown,
 }
 
 impl ErrorCode {
@@ -86,6 +90,7 @@ impl ErrorCode {
             ErrorCode::ReplyRefused => "reply_refused",
             ErrorCode::UrlRefused => "url_refused",
             ErrorCode::SlotLimit => "slot_limit",
+            ErrorCode::Unknown => "unknown",
         }
     }
 }
@@ -162,5 +167,27 @@ pub fn excerpt(s: &str, max: usize) -> String {
     } else {
         let cut: String = s.chars().take(max).map(shown).collect();
         format!("\"{cut}...\" ({} bytes)", s.len())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A newer agent's code or phase does not make a whole message unreadable.
+    #[test]
+    fn unknown_codes_and_phases_read_as_unknown() {
+        let e: ErrorInfo = serde_json::from_str(r#"{"code": "gpu_on_fire", "message": "m"}"#).unwrap();
+        assert_eq!(e.code, ErrorCode::Unknown);
+        let s = crate::DeviceState::from_json(
+            br#"{"schema": "outpost.state.v1", "device": "d", "agent_version": "9", "seq": 1, "active": null,
+                 "last_deployment": {"deployment_id": "x", "revision": 1, "outcome": "failed",
+                                     "error": {"code": "gpu_on_fire", "message": "m"}}}"#,
+        )
+        .unwrap();
+        assert_eq!(s.last_deployment.unwrap().error.unwrap().code, ErrorCode::Unknown);
+        let p: crate::Phase = serde_json::from_str(r#""teleporting""#).unwrap();
+        assert_eq!(p, crate::Phase::Unknown);
+        assert!(!p.is_final());
     }
 }

@@ -23,6 +23,9 @@ pub enum Phase {
     /// A report on the candidate the active deployment scores in shadow
     /// (`shadow` holds the figures); not a step of a deployment.
     Shadow,
+    /// A phase this build does not know (a newer agent's).
+    #[serde(other)]
+    Unknown,
 }
 
 impl Phase {
@@ -41,6 +44,7 @@ impl Phase {
             Phase::Unchanged => "unchanged",
             Phase::Undeployed => "undeployed",
             Phase::Shadow => "shadow",
+            Phase::Unknown => "unknown",
         }
     }
 

@@ -18,6 +18,10 @@ pub struct Operator {
     /// What it subscribed to: subscribed again whenever the broker comes
     /// back without the session (restarted, or without persistence).
     filters: std::sync::Arc<std::sync::Mutex<Vec<(String, QoS)>>>,
+    /// QoS 1 publishes the broker has not acknowledged yet.
+    unacked: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    /// The connection's task: it ends once the DISCONNECT is written.
+    task: tokio::task::JoinHandle<()>,
 }
 
 impl Operator {
@@ -66,7 +70,9 @@ impl Operator {
         let (conn_tx, mut conn_rx) = mpsc::unbounded_channel::<Result<(), String>>();
         let filters: std::sync::Arc<std::sync::Mutex<Vec<(String, QoS)>>> = Default::default();
         let (again, resubscribe) = (client.clone(), filters.clone());
-        tokio::spawn(async move {
+        let unacked = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let acked = unacked.clone();
+        let task = tokio::spawn(async move {
             // SubAcks of resubscriptions are not the caller's.
             let mut skip = 0usize;
             loop {
@@ -86,6 +92,13 @@ impl Operator {
                         if tx.send(p).is_err() {
                             break;
                         }
+                    }
+                    Ok(Event::Incoming(Packet::PubAck(_))) => {
+                        let _ = acked.fetch_update(
+                            std::sync::atomic::Ordering::SeqCst,
+                            std::sync::atomic::Ordering::SeqCst,
+                            |n| n.checked_sub(1),
+                        );
                     }
                     Ok(Event::Incoming(Packet::SubAck(_))) if skip > 0 => skip -= 1,
                     Ok(Event::Incoming(Packet::SubAck(_))) => {
@@ -114,7 +127,7 @@ impl Operator {
                 }
             }
         }
-        Ok(Operator { client, topics, incoming, subacks, filters })
+        Ok(Operator { client, topics, incoming, subacks, filters, unacked, task })
     }
 
     /// Subscribes and waits for the broker to confirm.
@@ -136,8 +149,13 @@ impl Operator {
             .ok_or_else(|| "connection closed".to_string())
     }
 
+    /// Publishes at QoS 1 (the broker's PUBACK is awaited by [`Operator::disconnect`]).
     pub async fn publish(&self, topic: &str, payload: Vec<u8>, retain: bool) -> Result<(), String> {
-        self.client.publish(topic, QoS::AtLeastOnce, retain, payload).await.map_err(|e| e.to_string())
+        self.unacked.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.client.publish(topic, QoS::AtLeastOnce, retain, payload).await.map_err(|e| {
+            self.unacked.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+            e.to_string()
+        })
     }
 
     /// The next message, or `None` after `timeout`.
@@ -145,9 +163,16 @@ impl Operator {
         tokio::time::timeout(timeout, self.incoming.recv()).await.ok().flatten()
     }
 
+    /// Waits (up to 10 s) until the broker acknowledged every publish, then
+    /// disconnects cleanly: a command that publishes and exits never loses
+    /// what it published to a process exit racing the connection's task.
     pub async fn disconnect(self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.unacked.load(std::sync::atomic::Ordering::SeqCst) > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
         let _ = self.client.disconnect().await;
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.task).await;
     }
 }
 

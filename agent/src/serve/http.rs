@@ -256,8 +256,7 @@ async fn infer(
         Ok(found) => found,
         Err(r) => {
             // The device's counters only: no slot's telemetry takes the blame.
-            models.default.counters.tally.request(Transport::Http, "");
-            models.default.counters.tally.error(Transport::Http, ErrorCode::NoModel);
+            models.default.count_device_refusal(ErrorCode::NoModel, Transport::Http);
             return r.into_response();
         }
     };

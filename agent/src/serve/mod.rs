@@ -462,6 +462,15 @@ impl Engine {
         self.count_error(code, transport);
     }
 
+    /// Counts a request no model of this device took (a name not served
+    /// here) in `/metrics` only (labelled with this engine's model, as
+    /// before model slots), not in this engine's own telemetry.
+    pub fn count_device_refusal(&self, code: ErrorCode, transport: Transport) {
+        let active = self.active.load();
+        self.counters.tally.request(transport, active.as_ref().map_or("", |m| m.name.as_str()));
+        self.counters.tally.error(transport, code);
+    }
+
     /// This engine's requests, errors other than `overloaded`, and
     /// `overloaded` refusals since start.
     pub fn own_counts(&self) -> (u64, u64, u64) {
