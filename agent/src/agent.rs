@@ -356,7 +356,7 @@ impl Agent {
             mqtt_inflight_kib,
             subscriptions,
             started: std::time::Instant::now(),
-            telemetry: Default::default(),
+            telemetry: crate::report::telemetry::Reporter::every(every),
             telemetry_tick: interval(every, every),
             watchdog,
             pings: 0,
@@ -398,6 +398,7 @@ impl Agent {
         if new.telemetry_interval != self.live.telemetry_interval {
             let every = new.telemetry_interval.max(Duration::from_secs(1));
             self.telemetry_tick = interval(every, every);
+            self.telemetry.interval_s = Some(every.as_secs());
         }
         self.deployments.set_limits(limits(&new));
         for slot in self.slots.values() {

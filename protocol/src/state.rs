@@ -16,6 +16,10 @@ pub struct DeviceState {
     pub groups: Vec<String>,
     /// Increases with every state or event the device publishes.
     pub seq: u64,
+    /// RFC 3339 UTC time this state was published (retained messages carry
+    /// no age of their own).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub at: Option<String>,
     /// What serves now; `null` when nothing does.
     pub active: Option<ActiveModel>,
     /// The outcome of the most recent deployment the device worked on.

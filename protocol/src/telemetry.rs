@@ -10,6 +10,10 @@ pub struct Telemetry {
     pub device: String,
     pub at: String,
     pub uptime_s: u64,
+    /// Seconds between two reports (`--telemetry-interval`): the figures
+    /// below cover one such interval.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interval_s: Option<u64>,
     /// The model serving, if any.
     pub model: Option<ModelId>,
     pub inference: InferenceStats,

@@ -293,7 +293,10 @@ impl Fleet {
                 if let Ok(t) = serde_json::from_slice::<Telemetry>(payload)
                     && t.schema == outpost_protocol::telemetry::SCHEMA
                 {
-                    if let Some((before, _)) = &dev.telemetry
+                    // The agent says its interval; older agents only show it in two reports.
+                    if let Some(s) = t.interval_s.filter(|s| *s > 0) {
+                        dev.interval = Some(Duration::from_secs(s));
+                    } else if let Some((before, _)) = &dev.telemetry
                         && t.uptime_s > before.uptime_s
                     {
                         dev.interval = Some(Duration::from_secs(t.uptime_s - before.uptime_s));
@@ -689,6 +692,7 @@ mod tests {
             agent_version: "0.1.0".into(),
             groups: groups.iter().map(|g| g.to_string()).collect(),
             seq: 1,
+            at: None,
             active: version.map(|v| active("digits", v)),
             last_deployment: version.map(|v| LastDeployment {
                 deployment_id: format!("digits-{v}"),
@@ -726,6 +730,7 @@ mod tests {
             device: device.into(),
             at: "2026-01-01T00:00:00Z".into(),
             uptime_s,
+            interval_s: None,
             model: Some(ModelId { name: "digits".into(), version: "1".into() }),
             inference,
             process: Default::default(),

@@ -269,6 +269,7 @@ impl Reporter {
             agent_version: env!("CARGO_PKG_VERSION").into(),
             groups: self.groups.clone(),
             seq: self.next_seq(),
+            at: Some(crate::sys::now_rfc3339()),
             active: view.active,
             last_deployment: view.last_deployment,
             models,

@@ -14,9 +14,16 @@ pub struct Reporter {
     /// (requests, errors, rejected) of each slot's engine ("": the default slot's).
     last: std::collections::HashMap<String, (u64, u64, u64)>,
     last_cpu_ticks: Option<(u64, Instant)>,
+    /// The reporting interval in force, in seconds (said in each report).
+    pub interval_s: Option<u64>,
 }
 
 impl Reporter {
+    /// A reporter for reports every `every`.
+    pub fn every(every: std::time::Duration) -> Reporter {
+        Reporter { interval_s: Some(every.as_secs()), ..Default::default() }
+    }
+
     /// Builds one report; counts are for the interval since the last one.
     pub fn report(
         &mut self,
@@ -52,6 +59,7 @@ impl Reporter {
             device: device.into(),
             at: crate::sys::now_rfc3339(),
             uptime_s: started.elapsed().as_secs(),
+            interval_s: self.interval_s,
             model: model_id(engine),
             inference,
             process: ProcessStats { rss_bytes: rss_bytes().unwrap_or(0), cpu_percent },
