@@ -76,6 +76,11 @@ pub struct InferenceStats {
     pub requests: u64,
     pub errors: u64,
     pub rejected: u64,
+    /// Of `errors`, the requests the model itself failed (`inference_failed`:
+    /// a run error, a non-finite output), not a client's mistakes
+    /// (`bad_input`, `no_model`, `too_large`): what a rollout judges.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model_errors: Option<u64>,
     pub latency_us: Latency,
 }
 

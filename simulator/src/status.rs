@@ -720,6 +720,7 @@ mod tests {
             requests,
             errors,
             rejected: 0,
+            model_errors: None,
             latency_us: Latency { p50: 1, p90: 2, p99: p99_us, max: p99_us },
         }
     }

@@ -11,8 +11,8 @@ use std::time::Instant;
 /// Counter values at the previous report, to publish per-interval figures.
 #[derive(Debug, Default)]
 pub struct Reporter {
-    /// (requests, errors, rejected) of each slot's engine ("": the default slot's).
-    last: std::collections::HashMap<String, (u64, u64, u64)>,
+    /// [requests, errors, rejected, model errors] of each slot's engine ("": the default slot's).
+    last: std::collections::HashMap<String, [u64; 4]>,
     last_cpu_ticks: Option<(u64, Instant)>,
     /// The reporting interval in force, in seconds (said in each report).
     pub interval_s: Option<u64>,
@@ -77,12 +77,14 @@ impl Reporter {
 
     /// One engine's figures for the interval since the last report.
     fn inference(&mut self, slot: &str, engine: &Engine) -> InferenceStats {
-        let (requests, errors, rejected) = engine.own_counts();
-        let last = self.last.insert(slot.to_string(), (requests, errors, rejected)).unwrap_or_default();
+        let now = engine.own_counts();
+        let last = self.last.insert(slot.to_string(), now).unwrap_or_default();
+        let [requests, errors, rejected, model_errors] = [0, 1, 2, 3].map(|i| now[i] - last[i]);
         InferenceStats {
-            requests: requests - last.0,
-            errors: errors - last.1,
-            rejected: rejected - last.2,
+            requests,
+            errors,
+            rejected,
+            model_errors: Some(model_errors),
             latency_us: engine.latencies.take(),
         }
     }

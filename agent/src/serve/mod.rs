@@ -195,7 +195,7 @@ pub struct Engine {
     pub metrics_source: std::sync::OnceLock<Box<dyn metrics::Source>>,
     /// This engine's own requests, errors and refusals as overloaded (the
     /// shared `counters` count the device's): its slot's telemetry.
-    pub(crate) own: [AtomicU64; 3],
+    pub(crate) own: [AtomicU64; 4],
     /// The candidate scored in shadow beside the active model, if any.
     shadow: ArcSwapOption<shadow::Shadow>,
 }
@@ -471,11 +471,10 @@ impl Engine {
         self.counters.tally.error(transport, code);
     }
 
-    /// This engine's requests, errors other than `overloaded`, and
-    /// `overloaded` refusals since start.
-    pub fn own_counts(&self) -> (u64, u64, u64) {
-        let [r, e, o] = &self.own;
-        (r.load(Ordering::Relaxed), e.load(Ordering::Relaxed), o.load(Ordering::Relaxed))
+    /// This engine's requests, errors other than `overloaded`, `overloaded`
+    /// refusals, and requests the model failed (`inference_failed`) since start.
+    pub fn own_counts(&self) -> [u64; 4] {
+        self.own.each_ref().map(|c| c.load(Ordering::Relaxed))
     }
 
     fn count_request(&self, transport: Transport) {
@@ -487,6 +486,9 @@ impl Engine {
     fn count_error(&self, code: ErrorCode, transport: Transport) {
         // Errors other than `overloaded`, and `overloaded`, as telemetry reports them.
         self.own[if code == ErrorCode::Overloaded { 2 } else { 1 }].fetch_add(1, Ordering::Relaxed);
+        if code == ErrorCode::InferenceFailed {
+            self.own[3].fetch_add(1, Ordering::Relaxed);
+        }
         self.counters.tally.error(transport, code);
     }
 
