@@ -14,9 +14,13 @@ async fn telemetry_reports_traffic_latency_memory_and_store() {
     for i in 0..5 {
         w.infer(&format!("t-{i}"), digits_request(10)).await;
     }
-    let mut requests = 0;
+    // Two client mistakes: errors, not the model's.
+    for i in 0..2 {
+        w.infer_raw(&format!("bad-{i}"), format!(r#"{{"id": "bad-{i}", "inputs": []}}"#).into_bytes()).await;
+    }
+    let (mut requests, mut errors, mut model_errors) = (0, 0, 0);
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while requests < 5 && std::time::Instant::now() < deadline {
+    while requests < 7 && std::time::Instant::now() < deadline {
         let Some(m) = t.next(Duration::from_secs(2)).await else { continue };
         let r: outpost_protocol::Telemetry = serde_json::from_slice(&m.payload).unwrap();
         assert_eq!(r.schema, "outpost.telemetry.v1");
@@ -31,8 +35,11 @@ async fn telemetry_reports_traffic_latency_memory_and_store() {
             );
         }
         requests += r.inference.requests;
+        errors += r.inference.errors;
+        model_errors += r.inference.model_errors.expect("model_errors is reported");
+        assert_eq!(r.interval_s, Some(1));
     }
-    assert_eq!(requests, 5, "every request counted once across intervals");
+    assert_eq!((requests, errors, model_errors), (7, 2, 0), "every request counted once across intervals");
 }
 
 /// Under systemd (`Type=notify`): READY once serving, watchdog pings from
