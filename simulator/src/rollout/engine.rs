@@ -51,6 +51,8 @@ pub(super) struct Engine {
     pub(super) collect: Option<Collect>,
     /// The shadow step's latest candidate statistics, by device.
     pub(super) shadow: Option<BTreeMap<String, Option<ShadowStats>>>,
+    /// Each device's last cumulative shadow report of the candidate.
+    pub(super) shadow_last: BTreeMap<String, ShadowStats>,
     /// Stop when another run marks this rollout aborted.
     pub(super) guard: bool,
 }
@@ -261,6 +263,7 @@ impl Engine {
         self.save().await?;
         let devices = self.stage_devices();
         self.shadow = Some(devices.iter().map(|d| (d.clone(), None)).collect());
+        self.shadow_last.clear();
         let mut d = prev.clone();
         d.deployment_id = id.clone();
         d.policy.allow_downgrade = None;
@@ -570,12 +573,15 @@ impl Engine {
     fn route_samples(&mut self) {
         let cand = self.rec.candidate.clone();
         for s in self.w.take_samples() {
+            // Shadow statistics are cumulative: the step sums what each
+            // report of the device's own topic adds to its previous one.
             if let (Some(sh), Some(map)) = (&s.shadow, &mut self.shadow)
                 && same_model(&sh.model, &cand)
                 && let Some(slot) = map.get_mut(&s.device)
-                && slot.as_ref().is_none_or(|old| sh.compared >= old.compared)
+                && let Some(d) = health::shadow_delta(self.shadow_last.get(&s.device), sh)
             {
-                *slot = Some(sh.clone());
+                health::add_shadow(slot.get_or_insert_with(ShadowStats::default), &d);
+                self.shadow_last.insert(s.device.clone(), sh.clone());
             }
             let (Some(model), Some(inf)) = (&s.model, &s.inference) else { continue };
             // A device's baseline is taken before it moves, once: what it

@@ -68,13 +68,27 @@ pub struct Traffic {
     pub reports: u64,
 }
 
+/// The most requests one telemetry report is believed to count: a report
+/// over it is clamped (figures come from whoever can publish on the
+/// device's topic; sums must neither overflow nor be swamped).
+pub const MAX_REPORT_REQUESTS: u64 = 1_000_000_000;
+/// The highest p99 one report is believed to carry (an hour, in µs).
+pub const MAX_REPORT_P99_US: u64 = 3_600_000_000;
+
 impl Traffic {
     /// Adds one telemetry report (its counts are for its own interval).
+    /// The errors counted are the model's own (`model_errors`) when the
+    /// agent reports them, else every error (older agents): a client's bad
+    /// input is not the candidate's fault. Counts are clamped to what one
+    /// report can plausibly hold, and sums saturate.
     pub fn add(&mut self, s: &InferenceStats) {
-        self.requests += s.requests;
-        self.errors += s.errors;
-        self.p99_weight += u128::from(s.latency_us.p99) * u128::from(s.requests);
-        self.reports += 1;
+        let requests = s.requests.min(MAX_REPORT_REQUESTS);
+        let errors = s.model_errors.unwrap_or(s.errors).min(requests);
+        let p99 = s.latency_us.p99.min(MAX_REPORT_P99_US);
+        self.requests = self.requests.saturating_add(requests);
+        self.errors = self.errors.saturating_add(errors).min(self.requests);
+        self.p99_weight = self.p99_weight.saturating_add(u128::from(p99) * u128::from(requests));
+        self.reports = self.reports.saturating_add(1);
     }
 
     /// The request-weighted mean of the reports' p99 (None without requests).
@@ -128,10 +142,11 @@ pub fn judge_soak(
     let (mut weight, mut base_weight, mut base_requests) = (0u128, 0u128, 0u64);
     // Without a limit on them, the figures are reported, not judged: nothing to say.
     let limited = limits.max_error_rate.is_some() || limits.max_p99_ratio.is_some();
+    let mut judged = 0usize;
     for (device, t) in traffic {
-        v.requests += t.requests;
-        v.errors += t.errors;
-        weight += t.p99_weight;
+        v.requests = v.requests.saturating_add(t.requests);
+        v.errors = v.errors.saturating_add(t.errors).min(v.requests);
+        weight = weight.saturating_add(t.p99_weight);
         if !limited {
             continue;
         }
@@ -152,6 +167,7 @@ pub fn judge_soak(
             ));
             continue;
         }
+        judged += 1;
         let rate = t.errors as f64 / t.requests as f64;
         if let Some(max) = limits.max_error_rate
             && rate > max
@@ -172,8 +188,8 @@ pub fn judge_soak(
         let p99 = t.p99_us().unwrap_or(0);
         match baseline.get(device) {
             Some(&before) => {
-                base_weight += u128::from(before) * u128::from(t.requests);
-                base_requests += t.requests;
+                base_weight = base_weight.saturating_add(u128::from(before) * u128::from(t.requests));
+                base_requests = base_requests.saturating_add(t.requests);
                 let ratio = p99 as f64 / (before.max(1)) as f64;
                 v.worst_p99_ratio = Some(v.worst_p99_ratio.map_or(ratio, |w: f64| w.max(ratio)));
                 if let Some(max) = limits.max_p99_ratio
@@ -196,6 +212,42 @@ pub fn judge_soak(
             )),
             None => {}
         }
+    }
+    // The stage as a whole: many devices each under --min-requests can
+    // together show an error rate no single one could.
+    let combined = limited && v.requests >= limits.min_requests.max(1);
+    if combined
+        && let Some(max) = limits.max_error_rate
+        && v.breach.is_none()
+    {
+        let rate = v.errors as f64 / v.requests as f64;
+        if rate > max {
+            let device = traffic.keys().next().cloned().unwrap_or_default();
+            v.breach = Some(Breach::new(
+                &device,
+                "error_rate",
+                format!(
+                    "the stage's {} device(s): error rate {} ({} error(s) in {} requests) over --max-error-rate {}",
+                    traffic.len(),
+                    percent(rate),
+                    v.errors,
+                    v.requests,
+                    percent(max)
+                ),
+            ));
+        }
+    }
+    if limited && judged == 0 && !combined && v.breach.is_none() && !traffic.is_empty() {
+        let device = traffic.keys().next().cloned().unwrap_or_default();
+        v.breach = Some(Breach::new(
+            &device,
+            "no_evidence",
+            format!(
+                "no device of the stage served {} request(s) during the soak ({} in all): the limits cannot be judged, so the stage does not pass (is there traffic? lower --min-requests, lengthen --soak, or drop the limits)",
+                limits.min_requests.max(1),
+                v.requests
+            ),
+        ));
     }
     if v.requests > 0 {
         v.p99_us = Some((weight / u128::from(v.requests)) as u64);
@@ -252,6 +304,61 @@ pub fn judge_event(ev: &DeploymentEvent, id: &str) -> Option<Breach> {
     }
 }
 
+/// The rows one shadow request is believed to hold at most (a batch).
+pub const MAX_ROWS_PER_REQUEST: u64 = 4096;
+
+/// What a device's shadow statistics gained since its previous report of
+/// the same candidate (they are cumulative): `None` for a report to drop,
+/// one whose counts are inconsistent or jump past what one interval can
+/// hold. A report below the previous one (the candidate restarted) counts
+/// from zero.
+pub fn shadow_delta(last: Option<&ShadowStats>, now: &ShadowStats) -> Option<ShadowStats> {
+    let consistent = now.top1_agree <= now.rows
+        && now.errors <= now.compared
+        && now.rows <= now.compared.saturating_mul(MAX_ROWS_PER_REQUEST)
+        && now.max_abs_diff.is_finite();
+    if !consistent {
+        return None;
+    }
+    let base = match last {
+        Some(l)
+            if now.compared >= l.compared
+                && now.rows >= l.rows
+                && now.top1_agree >= l.top1_agree
+                && now.errors >= l.errors =>
+        {
+            l.clone()
+        }
+        _ => ShadowStats::default(),
+    };
+    let d = ShadowStats {
+        model: now.model.clone(),
+        compared: now.compared - base.compared,
+        rows: now.rows - base.rows,
+        top1_agree: now.top1_agree - base.top1_agree,
+        errors: now.errors - base.errors,
+        skipped: now.skipped.saturating_sub(base.skipped),
+        max_abs_diff: now.max_abs_diff,
+        ..Default::default()
+    };
+    if d.compared > MAX_REPORT_REQUESTS || d.top1_agree > d.rows || d.errors > d.compared {
+        return None;
+    }
+    Some(d)
+}
+
+/// Adds a [`shadow_delta`] to a device's sum over the step.
+pub fn add_shadow(sum: &mut ShadowStats, d: &ShadowStats) {
+    sum.model = d.model.clone();
+    sum.compared = sum.compared.saturating_add(d.compared);
+    sum.rows = sum.rows.saturating_add(d.rows);
+    sum.top1_agree = sum.top1_agree.saturating_add(d.top1_agree).min(sum.rows);
+    sum.errors = sum.errors.saturating_add(d.errors).min(sum.compared);
+    sum.skipped = sum.skipped.saturating_add(d.skipped);
+    sum.max_abs_diff = sum.max_abs_diff.max(d.max_abs_diff);
+    sum.agreement = if sum.rows == 0 { 0.0 } else { sum.top1_agree as f64 / sum.rows as f64 };
+}
+
 /// What the shadow step of a stage showed.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct ShadowVerdict {
@@ -281,7 +388,7 @@ pub fn judge_shadow(latest: &BTreeMap<String, Option<ShadowStats>>, limits: &Lim
             v.not_judged.push(format!("{device}: no shadow statistics for the candidate: agreement not judged"));
             continue;
         };
-        v.compared += s.compared;
+        v.compared = v.compared.saturating_add(s.compared);
         if s.compared < need {
             v.not_judged.push(format!(
                 "{device}: the candidate ran on {} request(s) in shadow, fewer than --min-requests {need}: agreement not judged",
@@ -348,7 +455,66 @@ mod tests {
     use outpost_protocol::telemetry::{Latency, ModelId};
 
     fn report(requests: u64, errors: u64, p99: u64) -> InferenceStats {
-        InferenceStats { requests, errors, rejected: 0, latency_us: Latency { p50: p99 / 2, p90: p99, p99, max: p99 } }
+        InferenceStats {
+            requests,
+            errors,
+            rejected: 0,
+            latency_us: Latency { p50: p99 / 2, p90: p99, p99, max: p99 },
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn device_supplied_counts_cannot_overflow() {
+        let mut t = Traffic::default();
+        for _ in 0..3 {
+            t.add(&report(u64::MAX, u64::MAX, u64::MAX));
+        }
+        assert!(t.requests >= t.errors, "{t:?}");
+        let soak = BTreeMap::from([("cam-0".to_string(), t), ("cam-1".to_string(), t)]);
+        let base = BTreeMap::from([("cam-0".to_string(), u64::MAX), ("cam-1".to_string(), u64::MAX)]);
+        let v = judge_soak(&soak, &base, &limits());
+        assert!(v.requests >= v.errors);
+        let big = Some(ShadowStats { compared: u64::MAX, rows: u64::MAX, top1_agree: u64::MAX, ..Default::default() });
+        let v = judge_shadow(&BTreeMap::from([("a".to_string(), big.clone()), ("b".to_string(), big)]), &limits());
+        assert!(v.compared > 0);
+    }
+
+    #[test]
+    fn a_soak_with_limits_and_no_judged_device_halts() {
+        // No device had enough traffic: there is no evidence the candidate is healthy.
+        let soak = BTreeMap::from([
+            ("cam-0".to_string(), traffic(&[(3, 0, 1000)])),
+            ("cam-1".to_string(), traffic(&[(0, 0, 0)])),
+        ]);
+        let b = judge_soak(&soak, &BTreeMap::new(), &limits()).breach.expect("no evidence is a breach");
+        assert_eq!(b.check, "no_evidence");
+        // Without limits, nothing to judge: passes.
+        assert_eq!(judge_soak(&soak, &BTreeMap::new(), &Limits::default()).breach, None);
+    }
+
+    #[test]
+    fn the_stage_s_combined_figures_are_judged_too() {
+        // 100 devices of 10 requests at 50% errors: each under --min-requests, together 1,000 requests.
+        let soak: BTreeMap<String, Traffic> =
+            (0..100).map(|i| (format!("cam-{i:03}"), traffic(&[(10, 5, 1000)]))).collect();
+        let b = judge_soak(&soak, &BTreeMap::new(), &Limits { max_p99_ratio: None, ..limits() }).breach.unwrap();
+        assert_eq!(b.check, "error_rate");
+        assert!(b.message.starts_with("the stage's 100 device(s): error rate 50.0%"), "{}", b.message);
+    }
+
+    #[test]
+    fn model_errors_are_judged_when_reported_not_client_errors() {
+        let mut r = report(100, 40, 1000);
+        r.model_errors = Some(1);
+        let mut t = Traffic::default();
+        t.add(&r);
+        let soak = BTreeMap::from([("cam-0".to_string(), t)]);
+        let v = judge_soak(&soak, &BTreeMap::new(), &Limits { max_p99_ratio: None, ..limits() });
+        assert_eq!(v.breach, None, "40 client errors, 1 model error: {v:?}");
+        // An older agent without model_errors: all its errors count.
+        let soak = BTreeMap::from([("cam-0".to_string(), traffic(&[(100, 40, 1000)]))]);
+        assert_eq!(judge_soak(&soak, &BTreeMap::new(), &limits()).breach.unwrap().check, "error_rate");
     }
 
     fn traffic(reports: &[(u64, u64, u64)]) -> Traffic {
@@ -525,6 +691,25 @@ mod tests {
             judge_shadow(&BTreeMap::from([("cam-0".to_string(), forged)]), &l).breach.unwrap().check,
             "agreement"
         );
+    }
+
+    #[test]
+    fn shadow_figures_are_summed_deltas_of_plausible_reports() {
+        let st = |compared, rows, agree| ShadowStats { compared, rows, top1_agree: agree, ..Default::default() };
+        let mut sum = ShadowStats::default();
+        let mut last: Option<ShadowStats> = None;
+        for r in [st(10, 10, 2), st(30, 30, 4), st(u64::MAX, 1000, 1000), st(20, 20, 20), st(40, 40, 22)] {
+            if let Some(d) = shadow_delta(last.as_ref(), &r) {
+                add_shadow(&mut sum, &d);
+                last = Some(r);
+            }
+        }
+        // 10 + 20 (then the implausible claim is dropped), a restart from 20, then 20 more.
+        assert_eq!((sum.compared, sum.rows, sum.top1_agree), (70, 70, 26), "{sum:?}");
+        assert_eq!(shadow_delta(None, &st(5, 5, 6)), None, "more agreeing rows than rows");
+        // One report claiming the largest count no longer wins the gate.
+        let v = judge_shadow(&BTreeMap::from([("cam-0".to_string(), Some(sum))]), &limits());
+        assert_eq!(v.breach.unwrap().check, "agreement");
     }
 
     #[test]

@@ -51,8 +51,13 @@ impl Stage {
         match self {
             Stage::Count(n) => n.min(members),
             Stage::Percent(p) => {
-                // 100% is everyone, whatever the float rounding of p / 100 x n.
-                if p >= 100.0 { members } else { ((p / 100.0 * members as f64).ceil() as usize).clamp(1, members) }
+                // Integer maths on thousandths of a percent: 7% of 100 is
+                // exactly 7 (p / 100.0 * n in floats gives 7.000000000000001,
+                // which rounded up to 8).
+                let milli = (p * 1000.0).round() as u128;
+                let n = members as u128;
+                let share = (milli * n).div_ceil(100_000);
+                (share as usize).clamp(1, members.max(1)).min(members)
             }
         }
     }
@@ -154,6 +159,14 @@ mod tests {
         assert_eq!(Stage::Count(10).cumulative(3), 3);
         assert_eq!(Stage::Percent(100.0).cumulative(7), 7);
         assert_eq!(Stage::Percent(0.1).cumulative(7), 1, "a stage moves at least one device");
+        // Integer maths: no float rounding past the exact share.
+        assert_eq!(Stage::Percent(7.0).cumulative(100), 7, "7% of 100 is 7, not 8");
+        for p in [1.0, 3.0, 7.0, 14.0, 28.0, 29.0, 57.0, 58.0] {
+            assert_eq!(Stage::Percent(p).cumulative(100), p as usize, "{p}% of 100");
+        }
+        assert_eq!(Stage::Percent(7.0).cumulative(10_000), 700);
+        assert_eq!(Stage::Percent(12.5).cumulative(8), 1);
+        assert_eq!(Stage::Percent(12.5).cumulative(9), 2, "rounds up");
     }
 
     #[test]

@@ -80,6 +80,7 @@ pub(super) async fn run(p: Params) -> Result<Report, Error> {
         baseline: BTreeMap::new(),
         collect: None,
         shadow: None,
+        shadow_last: BTreeMap::new(),
         guard: true,
     };
     let report = if by_abort { engine.abort().await } else { engine.go().await };

@@ -53,9 +53,27 @@ impl Watch {
     /// Subscribes and returns once every retained message is in: a marker
     /// published after the subscriptions comes back after them.
     pub async fn start(op: &mut Operator, group: &str, slot: Option<&str>) -> Result<Watch, String> {
-        let topics = op.topics.clone();
-        let p = topics.prefix().to_string();
-        let mut w = Watch {
+        let mut w = Watch::new(op.topics.clone(), group, slot);
+        let p = w.topics.prefix().to_string();
+        let desired = match slot {
+            Some(s) => format!("{p}/devices/+/models/{s}/desired"),
+            None => format!("{p}/devices/+/desired"),
+        };
+        for leaf in ["state", "availability", "events", "telemetry"] {
+            op.subscribe_with(&format!("{p}/devices/+/{leaf}"), QoS::AtMostOnce).await?;
+        }
+        op.subscribe_with(&desired, QoS::AtMostOnce).await?;
+        op.subscribe(&w.group_topic.clone()).await?;
+        op.subscribe(&w.record_topic.clone()).await?;
+        op.subscribe(&w.barrier.clone()).await?;
+        w.sync(op).await?;
+        w.record_changed = false;
+        Ok(w)
+    }
+
+    /// Nothing seen yet.
+    pub fn new(topics: Topics, group: &str, slot: Option<&str>) -> Watch {
+        Watch {
             group_topic: topics.group_desired_in(group, slot),
             record_topic: topics.rollout(group, slot),
             barrier: format!("{}rollout-{}-{}", topics.replies(), std::process::id(), crate::rollout::record::now_ms()),
@@ -71,21 +89,7 @@ impl Watch {
             record_changed: false,
             events: Vec::new(),
             samples: Vec::new(),
-        };
-        let desired = match slot {
-            Some(s) => format!("{p}/devices/+/models/{s}/desired"),
-            None => format!("{p}/devices/+/desired"),
-        };
-        for leaf in ["state", "availability", "events", "telemetry"] {
-            op.subscribe_with(&format!("{p}/devices/+/{leaf}"), QoS::AtMostOnce).await?;
         }
-        op.subscribe_with(&desired, QoS::AtMostOnce).await?;
-        op.subscribe(&w.group_topic.clone()).await?;
-        op.subscribe(&w.record_topic.clone()).await?;
-        op.subscribe(&w.barrier.clone()).await?;
-        w.sync(op).await?;
-        w.record_changed = false;
-        Ok(w)
     }
 
     /// Returns once the broker handled everything published before: a
@@ -135,10 +139,14 @@ impl Watch {
                 self.online.insert(device, &m.payload[..] == b"online");
             }
             "events" => {
-                if let Ok(ev) = DeploymentEvent::from_json(&m.payload) {
-                    if let Some(s) = &ev.shadow
-                        && ev.slot == self.slot
-                    {
+                // The device is the topic's: a device (or anyone with its
+                // topic) cannot speak for another; other slots' events are
+                // not the rollout's.
+                if let Ok(ev) = DeploymentEvent::from_json(&m.payload)
+                    && ev.device == device
+                    && ev.slot == self.slot
+                {
+                    if let Some(s) = &ev.shadow {
                         self.samples.push(Sample {
                             device: ev.device.clone(),
                             model: None,
@@ -150,7 +158,9 @@ impl Watch {
                 }
             }
             "telemetry" => {
-                if let Ok(t) = serde_json::from_slice::<Telemetry>(&m.payload) {
+                if let Ok(t) = serde_json::from_slice::<Telemetry>(&m.payload)
+                    && t.device == device
+                {
                     self.samples.push(slot_sample(device, t, self.slot.as_deref()));
                 }
             }
@@ -247,6 +257,39 @@ pub fn slot_sample(device: String, t: Telemetry, slot: Option<&str>) -> Sample {
 mod tests {
     use super::*;
     use outpost_protocol::telemetry::SlotTelemetry;
+
+    fn publish(topic: &str, payload: Vec<u8>) -> Publish {
+        Publish::new(topic, QoS::AtMostOnce, payload)
+    }
+
+    #[test]
+    fn a_device_speaks_only_for_itself() {
+        let mut w = Watch::new(Topics::default(), "cams", None);
+        let ev = |device: &str| {
+            let mut e: DeploymentEvent =
+                DeploymentEvent::from_json(include_bytes!("../../../protocol/golden/event.json")).expect("golden");
+            e.device = device.into();
+            e.deployment_id = "cand".into();
+            serde_json::to_vec(&e).unwrap()
+        };
+        // dev-c claims to be dev-a: dropped.
+        w.ingest(publish("outpost/devices/dev-c/events", ev("dev-a")));
+        w.ingest(publish("outpost/devices/dev-a/events", ev("dev-a")));
+        let got: Vec<String> = w.take_events().into_iter().map(|e| e.device).collect();
+        assert_eq!(got, ["dev-a"]);
+        let mut t: Telemetry =
+            serde_json::from_slice(include_bytes!("../../../protocol/golden/telemetry.json")).expect("golden");
+        t.device = "dev-a".into();
+        w.ingest(publish("outpost/devices/dev-c/telemetry", serde_json::to_vec(&t).unwrap()));
+        w.ingest(publish("outpost/devices/dev-a/telemetry", serde_json::to_vec(&t).unwrap()));
+        let got: Vec<String> = w.take_samples().into_iter().map(|s| s.device).collect();
+        assert_eq!(got, ["dev-a"]);
+        // Events of another slot are not the rollout's.
+        let mut other = DeploymentEvent::from_json(&ev("dev-a")).unwrap();
+        other.slot = Some("det".into());
+        w.ingest(publish("outpost/devices/dev-a/events", serde_json::to_vec(&other).unwrap()));
+        assert!(w.take_events().is_empty());
+    }
 
     #[test]
     fn a_slot_s_figures_come_from_its_own_entry() {
