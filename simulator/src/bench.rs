@@ -592,6 +592,7 @@ pub async fn run(spec: BenchSpec) -> Result<Value, String> {
         work_dir: None,
         seed: 1,
         progress: false,
+        ..Default::default()
     })
     .await?;
     results["fleet"] = serde_json::to_value(&fleet).unwrap_or_default();

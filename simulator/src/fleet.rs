@@ -6,20 +6,25 @@
 
 use crate::operator::{Operator, deployment};
 use crate::registry::{RegisterSpec, register, splitmix, unit};
-use outpost_agent::deploy::fetch::FetchConfig;
-use outpost_agent::link::{BrokerUrl, SessionConfig};
+use outpost_agent::link::BrokerUrl;
 use outpost_protocol::{DeploymentEvent, Phase, Topics};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
-use tokio::sync::oneshot;
+
+mod hosts;
+pub use hosts::{DEVICES_PER_PROCESS, worker};
 
 /// What to simulate.
 #[derive(Debug, Clone)]
 pub struct FleetSpec {
     pub devices: usize,
-    /// A broker to use (Mosquitto in the benchmark); None: the embedded one.
+    /// A broker to use (Mosquitto in the benchmark); None: the embedded one,
+    /// or a Mosquitto of its own with `mosquitto`.
     pub broker: Option<BrokerUrl>,
+    /// Without `broker`: start a Mosquitto for the run (its open-file limit
+    /// raised with this process's, no connection limit) and report its memory and CPU.
+    pub mosquitto: bool,
     /// Share of model-file downloads that fail (503 or a cut body).
     pub flaky: f64,
     /// Share of devices that start 1-8 s after the deployment is published.
@@ -34,18 +39,46 @@ pub struct FleetSpec {
     pub seed: u64,
     /// Print a live progress line.
     pub progress: bool,
+    /// Processes the agents run in: 1, this one; more, worker processes of
+    /// `outpost-sim` (this executable) that the fleet drives; 0: one per
+    /// [`DEVICES_PER_PROCESS`] devices.
+    pub processes: usize,
+}
+
+impl Default for FleetSpec {
+    fn default() -> FleetSpec {
+        FleetSpec {
+            devices: 100,
+            broker: None,
+            mosquitto: false,
+            flaky: 0.1,
+            late: 0.05,
+            offline: 0.05,
+            model: None,
+            timeout: Duration::from_secs(120),
+            work_dir: None,
+            seed: 1,
+            progress: false,
+            processes: 1,
+        }
+    }
 }
 
 /// The outcome, as printed and as JSON.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct FleetReport {
     pub devices: usize,
+    /// Processes the agents ran in (1: the fleet's own).
+    pub processes: usize,
     pub broker: String,
     pub active: usize,
     pub failed: usize,
-    /// Seconds from publishing the group deployment to 50 / 90 / 100 % of the devices active.
+    /// Seconds from publishing the group deployment to the first device
+    /// active, and to 50 / 90 / 99 / 100 % of the devices active.
+    pub t_first_s: Option<f64>,
     pub t50_s: Option<f64>,
     pub t90_s: Option<f64>,
+    pub t99_s: Option<f64>,
     pub t100_s: Option<f64>,
     /// Seconds for the devices started up front to connect (availability `online`).
     pub connect_s: f64,
@@ -61,9 +94,18 @@ pub struct FleetReport {
     /// Devices not active at the end: id, role and the last phase seen.
     pub stragglers: Vec<String>,
     pub rss_before_mb: f64,
+    /// This process's RSS once the last device is active (or at the timeout).
     pub rss_after_mb: f64,
     pub rss_per_device_kb: f64,
+    /// Its peak RSS (VmHWM) and the most threads it ran at once.
+    pub peak_rss_mb: f64,
+    pub peak_threads: u64,
+    /// CPU seconds of this process (every simulated device, the registry and the observer).
     pub cpu_s: f64,
+    /// The open-file limit the run had (raised to fit the devices).
+    pub open_files_limit: u64,
+    /// The Mosquitto this run started (`mosquitto`): its memory and CPU.
+    pub mosquitto: Option<BrokerFigures>,
     /// Seconds from publishing to each device's activation, sorted (the
     /// activation curve; not in the JSON, which stays a summary).
     #[serde(skip)]
@@ -71,6 +113,14 @@ pub struct FleetReport {
     /// The same for the devices that ended failed.
     #[serde(skip)]
     pub failed_at_s: Vec<f64>,
+}
+
+/// What the broker process cost, from /proc.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct BrokerFigures {
+    pub rss_mb: f64,
+    pub peak_rss_mb: f64,
+    pub cpu_s: f64,
 }
 
 impl FleetReport {
@@ -107,90 +157,123 @@ struct Device {
     seen: Seen,
     active_at: Option<Duration>,
     failed_at: Option<Duration>,
-    stop: Option<oneshot::Sender<()>>,
-    /// The agent's task, awaited at the end so its store outlives it.
-    task: Option<tokio::task::JoinHandle<()>>,
     went_offline: bool,
 }
 
-fn agent_config(id: &str, group: &str, broker: &BrokerUrl, data: &std::path::Path) -> outpost_agent::Config {
-    outpost_agent::Config {
-        device: id.to_string(),
-        groups: vec![group.to_string()],
-        data_dir: data.join(id),
-        topics: Topics::default(),
-        session: SessionConfig {
-            broker: broker.clone(),
-            client_id: format!("outpost-{id}"),
-            keep_alive: Duration::from_secs(30),
-            max_packet_size: 1 << 20,
-            tls: None,
-            credentials: None,
-            persistent_session: false,
-            protocol: Default::default(),
-            read_oversize: false,
-        },
-        fetch: FetchConfig {
-            backoff_base: Duration::from_millis(200),
-            backoff_max: Duration::from_secs(2),
-            attempts: 8,
-            ..FetchConfig::default()
-        },
-        http_bind: None,
-        metrics_bind: None,
-        isolation: outpost_agent::deploy::isolate::Isolation::InProcess,
-        http_limits: Default::default(),
-        trust: Default::default(),
-        reply_prefixes: vec!["outpost/replies/".into()],
-        mqtt_max_inflight_bytes: 64 << 20,
-        journal_max_bytes: 16 << 20,
-        live: outpost_agent::config::Live {
-            workers: 1,
-            max_queue: 4,
-            telemetry_interval: Duration::from_secs(3600),
-            shutdown_grace: Duration::from_millis(200),
-            ..Default::default()
-        },
+/// A field of /proc/PID/status (`VmHWM`, `Threads`): its number (kB for sizes).
+fn proc_status(pid: &str, field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))?;
+    line.split_whitespace().next()?.parse().ok()
+}
+
+/// utime + stime of a process, in seconds (Linux counts ticks of 1/100 s).
+fn proc_cpu_s(pid: &str) -> f64 {
+    let ticks = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok().and_then(|stat| {
+        let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+        Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
+    });
+    ticks.map_or(0.0, |t| t as f64 / 100.0)
+}
+
+/// Memory and CPU of another process (the broker).
+fn broker_figures(pid: u32) -> BrokerFigures {
+    let pid = pid.to_string();
+    BrokerFigures {
+        rss_mb: proc_status(&pid, "VmRSS").map_or(0.0, |kb| kb as f64 / 1000.0),
+        peak_rss_mb: proc_status(&pid, "VmHWM").map_or(0.0, |kb| kb as f64 / 1000.0),
+        cpu_s: proc_cpu_s(&pid),
     }
 }
 
-/// Starts one agent; dropping or firing the sender stops it.
-fn start_agent(
-    id: &str,
-    group: &str,
-    broker: &BrokerUrl,
-    data: &std::path::Path,
-) -> (oneshot::Sender<()>, tokio::task::JoinHandle<()>) {
-    let (tx, rx) = oneshot::channel::<()>();
-    let config = agent_config(id, group, broker, data);
-    let id = id.to_string();
-    let task = tokio::spawn(async move {
-        let (_reload, reload_rx) = tokio::sync::mpsc::unbounded_channel();
-        if let Err(e) = outpost_agent::run(
-            config,
-            async {
-                let _ = rx.await;
-            },
-            reload_rx,
-        )
-        .await
-        {
-            eprintln!("outpost-sim fleet: {id}: {e}");
+/// What the fleet's processes (this one and its workers) hold together.
+#[derive(Debug, Clone, Copy, Default)]
+struct Usage {
+    rss_mb: f64,
+    peak_rss_mb: f64,
+    threads: u64,
+    cpu_s: f64,
+}
+
+fn usage(workers: &[u32]) -> Usage {
+    let mut u = Usage::default();
+    for pid in std::iter::once("self".to_string()).chain(workers.iter().map(u32::to_string)) {
+        u.rss_mb += proc_status(&pid, "VmRSS").map_or(0.0, |kb| kb as f64 / 1000.0);
+        u.peak_rss_mb += proc_status(&pid, "VmHWM").map_or(0.0, |kb| kb as f64 / 1000.0);
+        u.threads += proc_status(&pid, "Threads").unwrap_or(0);
+        u.cpu_s += proc_cpu_s(&pid);
+    }
+    u
+}
+
+/// Raises the open-file limit to `want` if it is lower: each device holds
+/// an MQTT connection and, while it downloads, an HTTP connection whose
+/// both ends are in this process (the registry runs here too). The hard
+/// limit is raised too where the process may (root); otherwise the soft
+/// limit goes up to the hard one. Returns the limit in force.
+fn raise_open_files(want: u64) -> u64 {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let now = getrlimit(Resource::Nofile);
+    let current = now.current.unwrap_or(u64::MAX);
+    if current >= want {
+        return current;
+    }
+    let hard = now.maximum.unwrap_or(u64::MAX);
+    let raised = Rlimit { current: Some(want), maximum: Some(hard.max(want)) };
+    if setrlimit(Resource::Nofile, raised).is_err() {
+        let _ = setrlimit(Resource::Nofile, Rlimit { current: Some(hard.min(want)), maximum: now.maximum });
+    }
+    getrlimit(Resource::Nofile).current.unwrap_or(u64::MAX)
+}
+
+/// A Mosquitto started for the run, stopped when dropped.
+struct Mosquitto {
+    child: std::process::Child,
+    url: BrokerUrl,
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts Mosquitto on a free port of 127.0.0.1 with no connection limit;
+/// it inherits this process's open-file limit.
+fn start_mosquitto(dir: &std::path::Path) -> Result<Mosquitto, String> {
+    let port = crate::broker::free_port().map_err(|e| format!("no free port: {e}"))?;
+    let conf = dir.join("mosquitto.conf");
+    let text = format!(
+        "listener {port} 127.0.0.1\nallow_anonymous true\nmax_connections -1\npersistence false\nset_tcp_nodelay true\nlog_dest none\n"
+    );
+    std::fs::write(&conf, text).map_err(|e| format!("{}: {e}", conf.display()))?;
+    // Debian installs it in /usr/sbin, which a user's PATH may not hold.
+    let bin = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).is_file())
+        .unwrap_or("mosquitto");
+    let child = std::process::Command::new(bin)
+        .arg("-c")
+        .arg(&conf)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .map_err(|e| format!("mosquitto: {e} (apt-get install mosquitto)"))?;
+    let mosquitto = Mosquitto { child, url: BrokerUrl { host: "127.0.0.1".into(), port, tls: false } };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if Instant::now() > deadline {
+            return Err(format!("mosquitto did not listen on port {port} within 10 s"));
         }
-    });
-    (tx, task)
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(mosquitto)
 }
 
-fn rss_mb() -> f64 {
-    outpost_agent::report::telemetry::rss_bytes().map_or(0.0, |b| b as f64 / 1e6)
-}
-
-fn cpu_s() -> f64 {
-    // Linux reports CPU time in ticks of 1/100 s.
-    outpost_agent::report::telemetry::cpu_ticks().map_or(0.0, |t| t as f64 / 100.0)
-}
-
-/// Runs the simulation; Err only when it cannot be set up.
+/// Runs the simulation; Err only when it cannot be set up (or a worker
+/// process cannot be driven).
 ///
 /// Every simulated agent holds a blocking thread while it deploys (its
 /// pipeline waits for its deployer, which persists on another blocking
@@ -198,6 +281,7 @@ fn cpu_s() -> f64 {
 /// (`outpost-sim`'s allows 8192; tokio's default of 512 deadlocks a fleet
 /// of more than about 500 devices).
 pub async fn run(spec: FleetSpec) -> Result<FleetReport, String> {
+    let open_files_limit = raise_open_files(spec.devices as u64 * 4 + 1024);
     let scratch = match &spec.work_dir {
         Some(d) => {
             std::fs::create_dir_all(d).map_err(|e| format!("{}: {e}", d.display()))?;
@@ -237,9 +321,14 @@ pub async fn run(spec: FleetSpec) -> Result<FleetReport, String> {
     let faulted = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
     tokio::spawn(crate::registry::serve_http_flaky(registry.clone(), listener, spec.flaky, spec.seed, faulted.clone()));
 
-    let broker = match &spec.broker {
-        Some(b) => b.clone(),
-        None => {
+    let mosquitto = match (&spec.broker, spec.mosquitto) {
+        (None, true) => Some(start_mosquitto(scratch.path())?),
+        _ => None,
+    };
+    let broker = match (&spec.broker, &mosquitto) {
+        (Some(b), _) => b.clone(),
+        (None, Some(m)) => m.url.clone(),
+        (None, None) => {
             let addr = crate::broker::start([127, 0, 0, 1].into(), 0)?;
             BrokerUrl { host: addr.ip().to_string(), port: addr.port(), tls: false }
         }
@@ -271,22 +360,25 @@ pub async fn run(spec: FleetSpec) -> Result<FleetReport, String> {
                 seen: Seen::Nothing,
                 active_at: None,
                 failed_at: None,
-                stop: None,
-                task: None,
                 went_offline: false,
             }
         })
         .collect();
     let index: BTreeMap<String, usize> = devices.iter().enumerate().map(|(i, d)| (d.id.clone(), i)).collect();
-    let rss_before = rss_mb();
-    let cpu_before = cpu_s();
+    let processes = match spec.processes {
+        0 => spec.devices.div_ceil(DEVICES_PER_PROCESS).max(1),
+        n => n,
+    };
+    let exe = std::env::current_exe().map_err(|e| format!("this executable: {e}"))?;
+    let mut hosts = hosts::Hosts::new(processes, &exe, &group, &broker, &stores)?;
+    let workers = hosts.pids();
+    let before = usage(&workers);
 
     // Start everyone but the late ones, and wait until they are online.
     let started = Instant::now();
     let upfront = devices.iter().filter(|d| !matches!(d.role, Role::Late(_))).count();
-    for d in devices.iter_mut().filter(|d| !matches!(d.role, Role::Late(_))) {
-        let (stop, task) = start_agent(&d.id, &group, &broker, &stores);
-        (d.stop, d.task) = (Some(stop), Some(task));
+    for (i, d) in devices.iter().enumerate().filter(|(_, d)| !matches!(d.role, Role::Late(_))) {
+        hosts.start(i, &d.id)?;
     }
     let mut observed: u64 = 0;
     let mut online = std::collections::HashSet::new();
@@ -331,12 +423,15 @@ pub async fn run(spec: FleetSpec) -> Result<FleetReport, String> {
     let mut failures: BTreeMap<String, usize> = BTreeMap::new();
     let mut last_print = Instant::now();
     let mut progress = spec.progress.then(|| crate::progress::Counts::new(spec.devices as u64, "active"));
-    let done = |devices: &[Device]| devices.iter().filter(|d| d.seen >= Seen::Active).count();
-    while done(&devices) < spec.devices && t0.elapsed() < spec.timeout {
+    // Devices that ended (active or failed), kept as a count: counting them
+    // at every message costs O(devices) each, which a 10,000-device fleet's
+    // ~200,000 messages cannot afford.
+    let mut ended = 0usize;
+    let mut peak_threads = 0u64;
+    while ended < spec.devices && t0.elapsed() < spec.timeout {
         while late.first().is_some_and(|(after, _)| t0.elapsed() >= *after) {
             let (_, i) = late.remove(0);
-            let (stop, task) = start_agent(&devices[i].id, &group, &broker, &stores);
-            (devices[i].stop, devices[i].task) = (Some(stop), Some(task));
+            hosts.start(i, &devices[i].id)?;
         }
         let mut postponed = Vec::new();
         while restarts.first().is_some_and(|(at, _)| Instant::now() >= *at) {
@@ -344,12 +439,11 @@ pub async fn run(spec: FleetSpec) -> Result<FleetReport, String> {
             // A device comes back once its previous run has ended, as a real
             // one does: two runs on one store would race on its record (the
             // old run's install marker read by the new one as a crash).
-            if devices[i].task.as_ref().is_some_and(|t| !t.is_finished()) {
+            if hosts.running(&devices[i].id) {
                 postponed.push((Instant::now() + Duration::from_millis(200), i));
                 continue;
             }
-            let (stop, task) = start_agent(&devices[i].id, &group, &broker, &stores);
-            (devices[i].stop, devices[i].task) = (Some(stop), Some(task));
+            hosts.start(i, &devices[i].id)?;
         }
         if !postponed.is_empty() {
             restarts.extend(postponed);
@@ -364,6 +458,7 @@ pub async fn run(spec: FleetSpec) -> Result<FleetReport, String> {
                 && devices[i].active_at.is_none()
             {
                 devices[i].active_at = Some(t0.elapsed());
+                ended += usize::from(devices[i].seen < Seen::Active);
                 devices[i].seen = Seen::Active;
             }
             if m.topic.ends_with("/events")
@@ -397,25 +492,25 @@ pub async fn run(spec: FleetSpec) -> Result<FleetReport, String> {
                     dev.failed_at = Some(t0.elapsed());
                 }
                 if now > dev.seen || now == Seen::Active {
+                    ended += usize::from(dev.seen < Seen::Active && now >= Seen::Active);
                     dev.seen = now;
                 }
                 // An offline device drops off the network as soon as it starts downloading.
                 if dev.role == Role::Offline && now == Seen::Downloading && !dev.went_offline {
                     dev.went_offline = true;
-                    if let Some(stop) = dev.stop.take() {
-                        let _ = stop.send(());
-                    }
+                    hosts.stop(i, &dev.id)?;
                     restarts.push((Instant::now() + Duration::from_secs(3), i));
                     restarts.sort();
                 }
             }
         }
-        if let Some(p) = progress.as_mut()
-            && last_print.elapsed() >= Duration::from_millis(500)
-        {
+        if last_print.elapsed() >= Duration::from_millis(500) {
             last_print = Instant::now();
-            let (active, text) = progress_counts(&devices);
-            p.update(active, &text);
+            peak_threads = peak_threads.max(usage(&workers).threads);
+            if let Some(p) = progress.as_mut() {
+                let (active, text) = progress_counts(&devices);
+                p.update(active, &text);
+            }
         }
     }
     if let Some(mut p) = progress {
@@ -429,14 +524,18 @@ pub async fn run(spec: FleetSpec) -> Result<FleetReport, String> {
         let need = ((spec.devices as f64) * share).ceil() as usize;
         times.get(need.max(1) - 1).copied()
     };
-    let rss_after = rss_mb();
+    let after = usage(&workers);
+    let mosquitto_figures = mosquitto.as_ref().map(|m| broker_figures(m.child.id()));
     let report = FleetReport {
         devices: spec.devices,
+        processes,
         broker: broker.to_string(),
         active: times.len(),
         failed: devices.iter().filter(|d| d.seen == Seen::Failed).count(),
+        t_first_s: times.first().copied(),
         t50_s: at(0.5),
         t90_s: at(0.9),
+        t99_s: at(0.99),
         t100_s: at(1.0),
         connect_s,
         failures_by_code: failures,
@@ -452,10 +551,14 @@ pub async fn run(spec: FleetSpec) -> Result<FleetReport, String> {
             .take(20)
             .map(|d| format!("{} ({:?}, last seen {:?})", d.id, d.role, d.seen))
             .collect(),
-        rss_before_mb: rss_before,
-        rss_after_mb: rss_after,
-        rss_per_device_kb: (rss_after - rss_before).max(0.0) * 1000.0 / spec.devices.max(1) as f64,
-        cpu_s: cpu_s() - cpu_before,
+        rss_before_mb: before.rss_mb,
+        rss_after_mb: after.rss_mb,
+        rss_per_device_kb: (after.rss_mb - before.rss_mb).max(0.0) * 1000.0 / spec.devices.max(1) as f64,
+        peak_rss_mb: after.peak_rss_mb,
+        peak_threads: peak_threads.max(after.threads),
+        cpu_s: after.cpu_s - before.cpu_s,
+        open_files_limit,
+        mosquitto: mosquitto_figures,
         active_at_s: times.clone(),
         failed_at_s: {
             let failed = devices.iter().filter(|d| d.seen == Seen::Failed).filter_map(|d| d.failed_at);
@@ -465,18 +568,11 @@ pub async fn run(spec: FleetSpec) -> Result<FleetReport, String> {
         },
     };
     // Stop the agents (each says `offline` and records its clean stop),
-    // wait for them, then drop the scratch directory.
-    for d in devices.iter_mut() {
-        if let Some(stop) = d.stop.take() {
-            let _ = stop.send(());
-        }
-    }
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    for d in devices.iter_mut() {
-        if let Some(task) = d.task.take() {
-            let _ = tokio::time::timeout_at(deadline, task).await;
-        }
-    }
+    // wait for them, then drop the scratch directory. (10,000 agents
+    // stopping at once take a while on two cores.)
+    let deadline =
+        tokio::time::Instant::now() + Duration::from_secs(30) + Duration::from_millis(10) * spec.devices as u32;
+    hosts.finish(deadline).await;
     // Leave no retained desired state behind on the broker.
     let _ = observer.publish(&Topics::default().group_desired(&group), Vec::new(), true).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -499,10 +595,22 @@ fn progress_counts(devices: &[Device]) -> (u64, String) {
 impl std::fmt::Display for FleetReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let t = |v: Option<f64>| v.map(|s| format!("{s:.2} s")).unwrap_or_else(|| "never".into());
-        writeln!(f, "fleet of {} devices against {}", self.devices, self.broker)?;
+        let hosts = match self.processes {
+            1 => "one process".to_string(),
+            n => format!("{n} worker processes"),
+        };
+        writeln!(f, "fleet of {} devices ({hosts}) against {}", self.devices, self.broker)?;
         writeln!(f, "  connected (up-front devices):  {:.2} s", self.connect_s)?;
         writeln!(f, "  active:                        {} of {} ({} failed)", self.active, self.devices, self.failed)?;
-        writeln!(f, "  time to 50% / 90% / 100%:      {} / {} / {}", t(self.t50_s), t(self.t90_s), t(self.t100_s))?;
+        writeln!(
+            f,
+            "  time to first / 50% / 90% / 99% / 100%: {} / {} / {} / {} / {}",
+            t(self.t_first_s),
+            t(self.t50_s),
+            t(self.t90_s),
+            t(self.t99_s),
+            t(self.t100_s)
+        )?;
         writeln!(
             f,
             "  fault mix:                     {} late starters, {} offline mid-deployment ({} resumed), {} downloads faulted, {} retries",
@@ -517,9 +625,19 @@ impl std::fmt::Display for FleetReport {
         }
         writeln!(
             f,
-            "  memory:                        {:.0} MB -> {:.0} MB RSS ({:.0} KB per device)",
-            self.rss_before_mb, self.rss_after_mb, self.rss_per_device_kb
+            "  memory (the fleet's processes): {:.0} MB -> {:.0} MB RSS ({:.0} KB per device; peak {:.0} MB, {} threads at most)",
+            self.rss_before_mb, self.rss_after_mb, self.rss_per_device_kb, self.peak_rss_mb, self.peak_threads
         )?;
-        write!(f, "  CPU:                           {:.1} s", self.cpu_s)
+        if let Some(m) = &self.mosquitto {
+            writeln!(
+                f,
+                "  Mosquitto:                     {:.0} MB RSS (peak {:.0} MB, {:.0} KB per device), {:.1} s CPU",
+                m.rss_mb,
+                m.peak_rss_mb,
+                m.peak_rss_mb * 1000.0 / self.devices.max(1) as f64,
+                m.cpu_s
+            )?;
+        }
+        write!(f, "  CPU:                           {:.1} s (open-file limit {})", self.cpu_s, self.open_files_limit)
     }
 }

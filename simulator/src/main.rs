@@ -497,6 +497,10 @@ enum Command {
         /// A broker to use, e.g. mqtt://127.0.0.1:1883 (Mosquitto); default: an embedded one.
         #[arg(long)]
         broker: Option<BrokerUrl>,
+        /// Start a Mosquitto for the run instead (no connection limit, this
+        /// process's raised open-file limit) and report its memory and CPU.
+        #[arg(long, conflicts_with = "broker")]
+        mosquitto: bool,
         /// Share of model downloads that fail (503 or a cut body) and are retried.
         #[arg(long, default_value_t = 0.1)]
         flaky: f64,
@@ -524,6 +528,25 @@ enum Command {
         /// Seed of which devices are flaky, late or offline: the same seed, the same fleet.
         #[arg(long, default_value_t = 1)]
         seed: u64,
+        /// Processes the agents run in: 1, this one; more, worker processes
+        /// this one drives (each with its own open-file limit and threads);
+        /// 0, one per 2,500 devices.
+        #[arg(long, default_value_t = 0)]
+        processes: usize,
+    },
+    /// Runs the agents `outpost-sim fleet` starts and stops on this
+    /// process's standard input (`start ID`, `stop ID`, `quit`); internal.
+    #[command(hide = true)]
+    FleetWorker {
+        /// The broker the agents connect to.
+        #[arg(long)]
+        broker: BrokerUrl,
+        /// The group every agent belongs to.
+        #[arg(long)]
+        group: String,
+        /// The directory holding one store per device.
+        #[arg(long)]
+        stores: PathBuf,
     },
 }
 
@@ -564,7 +587,7 @@ fn main() -> ExitCode {
     };
     let default_level = match cli.command {
         Command::Demo => "error",
-        Command::Fleet { .. } | Command::Bench { .. } => "error",
+        Command::Fleet { .. } | Command::FleetWorker { .. } | Command::Bench { .. } => "error",
         _ => "info",
     };
     let filter = tracing_subscriber::EnvFilter::try_from_env("OUTPOST_LOG").unwrap_or_else(|_| {
@@ -1059,7 +1082,26 @@ async fn run(command: Command) -> ExitCode {
                 Err(e) => fail(EXIT_FAILED, &e),
             }
         }
-        Command::Fleet { devices, broker, flaky, late, offline, model, timeout, json, svg, work_dir, seed } => {
+        Command::FleetWorker { broker, group, stores } => match outpost_sim::fleet::worker(broker, group, stores).await
+        {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fail(EXIT_FAILED, &e),
+        },
+        Command::Fleet {
+            devices,
+            broker,
+            mosquitto,
+            flaky,
+            late,
+            offline,
+            model,
+            timeout,
+            json,
+            svg,
+            work_dir,
+            seed,
+            processes,
+        } => {
             for (what, v) in [("--flaky", flaky), ("--late", late), ("--offline", offline)] {
                 if !(0.0..=1.0).contains(&v) {
                     return fail(EXIT_USAGE, &format!("{what}: expected a share from 0 to 1, found {v}"));
@@ -1074,6 +1116,7 @@ async fn run(command: Command) -> ExitCode {
             let spec = outpost_sim::fleet::FleetSpec {
                 devices,
                 broker,
+                mosquitto,
                 flaky,
                 late,
                 offline,
@@ -1082,6 +1125,7 @@ async fn run(command: Command) -> ExitCode {
                 work_dir,
                 seed,
                 progress: true,
+                processes,
             };
             match outpost_sim::fleet::run(spec).await {
                 Ok(report) => {

@@ -214,13 +214,18 @@ pub fn fleet_activation(devices: usize, active_s: &[f64], failed_s: &[f64], titl
         pts.push((end, share(times.len())));
         pts
     };
-    let marks: Vec<(f64, f64, String)> = [0.5, 0.9, 1.0]
-        .iter()
-        .filter_map(|q| {
-            let need = ((devices as f64 * q).ceil() as usize).max(1);
-            active.get(need - 1).map(|t| (*t, q * 100.0, format!("{:.0} % at {t:.1} s", q * 100.0)))
-        })
-        .collect();
+    // The first device, then 50 / 90 / 99 / 100 % of the fleet. The labels
+    // of the first and of 99 % go above their point: in a large fleet 99 and
+    // 100 % are a few pixels apart.
+    let first = active.first().map(|t| (*t, share(1), format!("first at {t:.1} s"), true));
+    let need = |q: f64| ((devices as f64 * q).ceil() as usize).max(1);
+    // (A fleet of under 100 devices has its 99 % at its 100 %: one mark.)
+    let quantiles = [0.5, 0.9, 0.99, 1.0].into_iter().filter(|&q| q != 0.99 || need(q) < devices);
+    let quantiles = quantiles.filter_map(|q| {
+        let label = if q == 0.99 { "99".to_string() } else { format!("{:.0}", q * 100.0) };
+        active.get(need(q) - 1).map(|t| (*t, q * 100.0, format!("{label} % at {t:.1} s"), q == 0.99))
+    });
+    let marks: Vec<(f64, f64, String, bool)> = first.into_iter().chain(quantiles).collect();
 
     svg((1000, 520), |root| {
         let root = root.titled(title, ("sans-serif", 20)).map_err(err)?;
@@ -237,16 +242,17 @@ pub fn fleet_activation(devices: usize, active_s: &[f64], failed_s: &[f64], titl
         line(&mut chart, steps(&active), GREEN, format!("active ({} of {devices})", active.len()))?;
         line(&mut chart, steps(&failed), FAILED, format!("failed ({})", failed.len()))?;
         chart
-            .draw_series(marks.iter().map(|(t, pct, text)| {
+            .draw_series(marks.iter().map(|(t, pct, text, above)| {
                 // Labels right of their point, or left of it near the right edge.
                 let (dx, h) = if *t > end * 0.7 { (-8, HPos::Right) } else { (8, HPos::Left) };
-                let style = TextStyle::from(("sans-serif", 13).into_font()).pos(Pos::new(h, VPos::Top));
+                let (dy, v) = if *above { (-6, VPos::Bottom) } else { (6, VPos::Top) };
+                let style = TextStyle::from(("sans-serif", 13).into_font()).pos(Pos::new(h, v));
                 EmptyElement::at((*t, *pct))
                     + Circle::new((0, 0), 4, BLACK.filled())
-                    + Text::new(text.clone(), (dx, 6), style)
+                    + Text::new(text.clone(), (dx, dy), style)
             }))
             .map_err(err)?
-            .label("50 / 90 / 100 % of the fleet active")
+            .label("first device, 50 / 90 / 99 / 100 % of the fleet active")
             .legend(|(x, y)| Circle::new((x + 8, y), 4, BLACK.filled()));
         legend(&mut chart, SeriesLabelPosition::LowerRight)
     })

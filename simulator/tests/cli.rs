@@ -97,6 +97,46 @@ fn a_small_fleet_converges_through_the_fault_mix() {
     assert!(svg.contains("active (24 of 24)") && svg.contains("100 % at "), "{svg}");
 }
 
+/// The 10,000-device set-up in small (BENCHMARKS.md section 8): the agents
+/// spread over worker processes the fleet drives (start, stop mid-download,
+/// start again once the previous run ended) against a Mosquitto of the
+/// run's own; every device converges and the broker's figures are reported.
+#[test]
+fn a_fleet_over_worker_processes_converges_on_its_own_mosquitto() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let json = dir.path().join("fleet.json");
+    let json_arg = json.display().to_string();
+    let args = [
+        "fleet",
+        "--devices",
+        "36",
+        "--processes",
+        "3",
+        "--mosquitto",
+        "--flaky",
+        "0.2",
+        "--late",
+        "0.1",
+        "--offline",
+        "0.2",
+        "--timeout",
+        "90",
+        "--json",
+        &json_arg,
+    ];
+    let (status, out) = sim_within(&args, std::time::Duration::from_secs(180));
+    assert!(status.success(), "{out}");
+    assert!(out.contains("fleet of 36 devices (3 worker processes)"), "{out}");
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&json).expect("the JSON report")).expect("JSON");
+    assert_eq!((report["active"].as_u64(), report["failed"].as_u64()), (Some(36), Some(0)), "{report}");
+    assert_eq!(report["processes"], 3, "{report}");
+    // The devices that went offline were stopped in their worker and started again.
+    assert!(report["offline_devices"].as_u64().unwrap_or(0) > 0 && report["resumed"].as_u64().unwrap_or(0) > 0);
+    assert!(report["mosquitto"]["peak_rss_mb"].as_f64().unwrap_or(0.0) > 0.0, "{report}");
+    assert!(report["t_first_s"].as_f64() <= report["t99_s"].as_f64() && report["t99_s"].as_f64().is_some());
+}
+
 /// The smoke of `outpost-sim bench`: every section runs against real
 /// processes (Mosquitto, the agent) and the report holds each figure. The
 /// peer and the large models are skipped here (not set up in CI), and say so.
