@@ -55,23 +55,29 @@ be reached.";
 
 /// `rollout --help`: what a run judges and what its exit status means (README.md, "Staged rollouts").
 const ROLLOUT_HELP: &str = "\
-Breaches: a stage device that fails, rolls back or does not apply the candidate, refuses
-its signature, is not active within --timeout, goes offline after it moved, or whose soak
-figures pass --max-error-rate / --max-p99-ratio / --min-agreement. Offline devices are
-passed over when a stage picks its devices (the group's desired state reaches them at the
-end). A device with its own desired state is left out. Devices without traffic are not
-judged on figures, and the report says so.
+Failed devices: a stage device that fails, rolls back or does not apply the candidate,
+refuses a signature on the slot, is not active within --timeout, or goes offline after it
+moved and is not back on the same deployment within --offline-grace. Within --max-failed
+they go back to the previous version and the stage goes on. Breaches: a failure past
+--max-failed, or soak figures (the devices' and the stage's) past --max-error-rate /
+--max-p99-ratio / --min-agreement, or limits set and no figure to judge them by. Offline
+devices are passed over when a stage picks its devices (the group's desired state reaches
+them at the end). A device with its own desired state is left out. Devices without
+enough traffic are not judged on figures, and the report says so.
 
 Exit codes:
   0   every stage passed and every online member serves the group's new desired state;
       with --abort: the devices moved are back on the previous version
   1   a stage breached: it halted and the devices moved went back to the previous version
       (the reason is printed and kept in the record); a device failed the group's
-      deployment at the end; another run's --abort stopped this one
+      deployment at the end; another run's --abort stopped this one or took it over
   64  usage: a bad flag, key or file; a version the registry does not have; a rollout
-      already running for the group and slot (--resume or --abort it); nothing to resume
-  69  unavailable: the broker or registry cannot be reached, or devices did not confirm
-      their last move within --timeout (a running rollout stays recorded: --resume it)";
+      already running for the group and slot (--resume or --abort it); nothing to resume;
+      a record refused (another group or slot, inconsistent, not signed by --sign-key);
+      with --sign-key, a group deployment signed by neither it nor a --trust-key
+  69  unavailable: the broker or registry cannot be reached (a running rollout stays
+      recorded: --resume it), or devices did not confirm their last move within --timeout
+      (the rollout itself ended: the report lists them)";
 
 #[derive(Parser, Debug)]
 #[command(name = "outpost-sim", version, about = "Outpost's operator side and lab")]
@@ -351,10 +357,16 @@ enum Command {
         /// Allow the candidate to be an older version than the one serving.
         #[arg(long)]
         allow_downgrade: bool,
-        /// Sign every desired state it publishes with this ed25519 private key (PKCS#8 PEM);
-        /// give it again with --resume and --abort.
+        /// Sign every desired state it publishes, and its record, with this ed25519 private key
+        /// (PKCS#8 PEM); give it again with --resume and --abort (a record it did not sign is
+        /// refused). The group's current desired state must then be signed by this key or a
+        /// --trust-key.
         #[arg(long)]
         sign_key: Option<PathBuf>,
+        /// With --sign-key: a key (PEM file or ed25519:<base64>, as the agent's --trust-key)
+        /// whose signature on the group's current desired state is trusted too; repeat for several.
+        #[arg(long = "trust-key", requires = "sign_key")]
+        trust_keys: Vec<String>,
         /// The signing key's certificate from a root (`certify`), when it is a deploy key.
         #[arg(long, requires = "sign_key")]
         certificate: Option<PathBuf>,
@@ -362,11 +374,21 @@ enum Command {
         /// e.g. 120s.
         #[arg(long, value_parser = parse_wait, default_value = "120s")]
         timeout: Duration,
-        /// Continue the rollout recorded for the group (and slot), with its recorded options.
-        #[arg(long, conflicts_with_all = ["abort", "model", "registry_url", "stages", "soak"])]
+        /// Devices of a stage that may fail or time out before it halts (they are returned to
+        /// the previous version, the stage goes on).
+        #[arg(long, default_value_t = 0)]
+        max_failed: usize,
+        /// A soaking device offline for less than this that comes back on the same deployment
+        /// is not a breach (e.g. 60s; 0: any offline moment is).
+        #[arg(long, value_parser = parse_wait, default_value = "60s")]
+        offline_grace: Duration,
+        /// Continue the rollout recorded for the group (and slot), with its recorded options
+        /// (--registry-url: look its candidate up there again instead of in the registry its
+        /// manifest URL names).
+        #[arg(long, conflicts_with_all = ["abort", "model", "stages", "soak", "max_error_rate", "max_p99_ratio", "min_requests", "min_agreement", "shadow_sample", "allow_downgrade", "max_failed", "offline_grace"])]
         resume: bool,
         /// Return every device the recorded rollout moved to the previous version; mark it aborted.
-        #[arg(long, conflicts_with_all = ["model", "registry_url", "stages", "soak"])]
+        #[arg(long, conflicts_with_all = ["model", "registry_url", "stages", "soak", "max_error_rate", "max_p99_ratio", "min_requests", "min_agreement", "shadow_sample", "allow_downgrade", "max_failed", "offline_grace"])]
         abort: bool,
         /// Print the final report as JSON (progress stays on stderr).
         #[arg(long)]
@@ -943,8 +965,11 @@ async fn run(command: Command) -> ExitCode {
             shadow_sample,
             allow_downgrade,
             sign_key,
+            trust_keys,
             certificate,
             timeout,
+            max_failed,
+            offline_grace,
             resume,
             abort,
             json,
@@ -955,6 +980,21 @@ async fn run(command: Command) -> ExitCode {
                 Ok(s) => s,
                 Err(e) => return fail(EXIT_USAGE, &e),
             };
+            let mut trusted = Vec::new();
+            for k in &trust_keys {
+                let keys = if k.trim_start().starts_with("ed25519:") {
+                    outpost_protocol::trust::PublicKey::parse(k).map(|k| vec![k])
+                } else {
+                    std::fs::read_to_string(k)
+                        .map_err(|e| format!("cannot read it: {e}"))
+                        .and_then(|t| outpost_protocol::trust::PublicKey::parse_all(&t))
+                };
+                match keys {
+                    Ok(keys) => trusted.extend(keys),
+                    Err(e) => return fail(EXIT_USAGE, &format!("--trust-key {k}: {e}")),
+                }
+            }
+            let resume_registry = if resume { registry_url.clone() } else { None };
             let tls = match tls.config(&broker) {
                 Ok(c) => c,
                 Err(e) => return fail(EXIT_USAGE, &e),
@@ -967,7 +1007,14 @@ async fn run(command: Command) -> ExitCode {
                         Ok(s) => s,
                         Err(e) => return fail(EXIT_USAGE, &e),
                     };
-                    let limits = Limits { max_error_rate, max_p99_ratio, min_requests, min_agreement };
+                    let limits = Limits {
+                        max_error_rate,
+                        max_p99_ratio,
+                        min_requests,
+                        min_agreement,
+                        max_failed,
+                        offline_grace_s: offline_grace.as_secs_f64(),
+                    };
                     Action::Start(Start {
                         model,
                         version,
@@ -989,6 +1036,7 @@ async fn run(command: Command) -> ExitCode {
             let mut params = Params::new(broker, &group, action);
             (params.tls, params.slot, params.signer, params.timeout, params.progress) =
                 (tls, slot, signer, timeout, true);
+            (params.trust_keys, params.registry_url) = (trusted, resume_registry);
             match rollout::run(params).await {
                 Ok(report) => {
                     if json {

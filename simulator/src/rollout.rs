@@ -73,6 +73,8 @@ use std::time::Duration;
 
 /// What to do.
 #[derive(Debug)]
+// One value per run: boxing `Start` would only make callers' code noisier.
+#[allow(clippy::large_enum_variant)]
 pub enum Action {
     /// A new rollout (refused while one runs for the group and slot).
     Start(Start),
@@ -115,8 +117,17 @@ pub struct Params {
     /// The model slot (None: the default `desired` topics).
     pub slot: Option<String>,
     pub action: Action,
-    /// Signs every desired state the rollout publishes (devices with `trust.keys`).
+    /// Signs every desired state the rollout publishes (devices with
+    /// `trust.keys`), and its record; a resumed or aborted rollout's record
+    /// must be signed by the same key.
     pub signer: Option<Signer>,
+    /// With a signer: keys besides its own whose signature makes the
+    /// group's current desired state trusted (`--trust-key`); nothing
+    /// unverified is ever copied into what the rollout signs.
+    pub trust_keys: Vec<outpost_protocol::trust::PublicKey>,
+    /// For `--resume`: the registry the candidate is looked up in again
+    /// (default: the one its recorded manifest URL names).
+    pub registry_url: Option<String>,
     /// How long a stage's devices get to go `active` (and returned devices to come back).
     pub timeout: Duration,
     /// Live progress on stderr.
@@ -134,6 +145,8 @@ impl Params {
             slot: None,
             action,
             signer: None,
+            trust_keys: Vec::new(),
+            registry_url: None,
             timeout: Duration::from_secs(120),
             progress: false,
         }
@@ -283,6 +296,9 @@ impl Report {
             }
             for n in &s.not_judged {
                 writeln!(f, "         not judged: {n}")?;
+            }
+            for n in &s.failed {
+                writeln!(f, "         failed (returned, within --max-failed): {n}")?;
             }
         }
         for e in &self.excluded {

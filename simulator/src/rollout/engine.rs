@@ -27,6 +27,8 @@ pub(super) enum Stop {
     Aborted(String),
     /// The broker connection failed.
     Broker(String),
+    /// Another run took the rollout over (its record names another owner).
+    TakenOver(String),
 }
 
 /// What the stage's devices report on the candidate, from the moment each is active.
@@ -88,9 +90,8 @@ impl Engine {
             return Ok(self.report(moves, false));
         }
         self.say_start();
-        if self.rec.step == Step::Pending && self.rec.stage == 0 && self.rec.done.is_empty() {
-            self.save().await.map_err(broker_error)?;
-        }
+        // A new rollout's record, or a resumed one's new owner, before anything else.
+        self.save().await.map_err(broker_error)?;
         match self.stages().await {
             Ok(()) => match self.complete().await {
                 Ok(moves) => Ok(self.report(moves, false)),
@@ -117,6 +118,11 @@ impl Engine {
                 "{e}; rollout {} stays recorded as running: --resume it once the broker is back",
                 self.rec.id
             ))),
+            Stop::TakenOver(why) => {
+                self.ui.say(&format!("stopped: {why}"));
+                self.rec.reason = Some(why);
+                Ok(self.report(Moves::default(), true))
+            }
         }
     }
 
@@ -270,6 +276,7 @@ impl Engine {
         d.shadow = Some(Shadow { model: self.rec.candidate.clone(), sample_rate: rate });
         for dev in &devices {
             if self.w.override_id(dev).as_deref() != Some(id.as_str()) {
+                self.refresh().await?;
                 self.publish_override(dev, d.clone()).await?;
             }
         }
@@ -307,6 +314,7 @@ impl Engine {
         let d = self.candidate_deployment(&id);
         for dev in self.stage_devices() {
             if self.w.override_id(&dev).as_deref() != Some(id.as_str()) {
+                self.refresh().await?;
                 self.publish_override(&dev, d.clone()).await?;
             }
         }
@@ -349,7 +357,9 @@ impl Engine {
     }
 
     /// Waits until every device of the stage serves deployment `id`; a
-    /// failure, a refusal or the timeout is a breach. Seconds it took.
+    /// failure, a refusal or the timeout is a failure of the device (within
+    /// `--max-failed`, it is returned and the stage goes on; past it, a
+    /// breach). Seconds it took.
     async fn wait_active(&mut self, id: &str, what: &str) -> Result<f64, Stop> {
         let devices: BTreeSet<String> = self.stage_devices().into_iter().collect();
         let started = Instant::now();
@@ -362,16 +372,21 @@ impl Engine {
             // The retained state: verdicts reached before this run (a
             // resume), or whose event was lost.
             let mut serving = Vec::new();
+            let mut failed = Vec::new();
             for d in &pending {
                 match self.w.slot_state(d) {
                     Some((Some(a), _)) if a.deployment_id == id => serving.push(d.clone()),
                     Some((_, Some(l)))
                         if l.deployment_id == id && matches!(l.outcome, Outcome::Failed | Outcome::RolledBack) =>
                     {
-                        return Err(Stop::Breach(state_breach(d, id, l)));
+                        failed.push(state_breach(d, id, l));
                     }
                     _ => {}
                 }
+            }
+            for b in failed {
+                pending.remove(&b.device);
+                self.fail_device(b).await?;
             }
             for d in serving {
                 pending.remove(&d);
@@ -389,25 +404,30 @@ impl Engine {
             }
             if now >= deadline {
                 self.ui.end();
-                let d = pending.first().cloned().unwrap_or_default();
-                let state = if self.w.is_online(&d) { "online, no verdict yet" } else { "offline" };
-                return Err(Stop::Breach(Breach::new(
-                    &d,
-                    "timeout",
-                    format!(
-                        "{d} did not go active on {what} ({id}) within {} s ({state}); {done} of {} device(s) did",
-                        self.timeout.as_secs(),
-                        devices.len()
-                    ),
-                )));
+                for d in std::mem::take(&mut pending) {
+                    let state = if self.w.is_online(&d) { "online, no verdict yet" } else { "offline" };
+                    self.fail_device(Breach::new(
+                        &d,
+                        "timeout",
+                        format!(
+                            "{d} did not go active on {what} ({id}) within {} s ({state}); {done} of {} device(s) did",
+                            self.timeout.as_secs(),
+                            devices.len()
+                        ),
+                    ))
+                    .await?;
+                }
+                return Ok(started.elapsed().as_secs_f64());
             }
             for ev in self.pump(deadline.saturating_duration_since(now).min(Duration::from_millis(250))).await? {
-                if !devices.contains(&ev.device) {
+                if !pending.contains(&ev.device) {
                     continue;
                 }
                 if let Some(b) = health::judge_event(&ev, id) {
                     self.ui.say(&event_line(&ev, None));
-                    return Err(Stop::Breach(b));
+                    pending.remove(&ev.device);
+                    self.fail_device(b).await?;
+                    continue;
                 }
                 if ev.deployment_id == id && ev.phase == outpost_protocol::Phase::Active && pending.remove(&ev.device) {
                     if verbose {
@@ -419,6 +439,38 @@ impl Engine {
         }
     }
 
+    /// A device of the stage failed: within `--max-failed` (and while
+    /// others remain), it goes back to the previous version and the stage
+    /// goes on without it; otherwise the stage breaches.
+    async fn fail_device(&mut self, b: Breach) -> Result<(), Stop> {
+        let c = &self.rec.current;
+        let others = c.devices.iter().any(|d| *d != b.device);
+        if c.failed.len() >= self.rec.limits.max_failed || !others {
+            return Err(Stop::Breach(b));
+        }
+        self.ui.say(&format!(
+            "  {} (failure {} of --max-failed {}): it goes back to {}, the stage goes on",
+            b.message,
+            c.failed.len() + 1,
+            self.rec.limits.max_failed,
+            self.rec.previous_name()
+        ));
+        let d = b.device.clone();
+        self.rec.current.failed.push(b.message);
+        self.rec.current.devices.retain(|x| *x != d);
+        self.save().await?;
+        self.clear_override(&d).await?;
+        self.rec.moved.retain(|x| *x != d);
+        if let Some(c) = &mut self.collect {
+            c.active.remove(&d);
+            c.traffic.remove(&d);
+        }
+        if let Some(s) = &mut self.shadow {
+            s.remove(&d);
+        }
+        self.save().await
+    }
+
     fn activated(&mut self, device: &str) {
         if let Some(c) = &mut self.collect {
             c.active.entry(device.to_string()).or_insert(true);
@@ -427,31 +479,61 @@ impl Engine {
 
     /// Watches the stage's devices on deployment `id` for the rest of the
     /// soak (the record says when it began): a failure, a rollback or a
-    /// device going offline ends it at once.
+    /// device offline past `--offline-grace` (or back on another
+    /// deployment) is a failure of the device.
     async fn soak(&mut self, id: &str, what: &str) -> Result<(), Stop> {
-        let devices: BTreeSet<String> = self.stage_devices().into_iter().collect();
         let total_ms = (self.rec.soak_s * 1000.0) as u64;
         let end_ms = self.rec.step_since_ms + total_ms;
         let until = Instant::now() + Duration::from_millis(end_ms.saturating_sub(record::now_ms()).min(total_ms));
         let started = until.checked_sub(Duration::from_millis(total_ms)).unwrap_or_else(Instant::now);
+        let grace = Duration::from_secs_f64(self.rec.limits.offline_grace_s);
+        let mut offline: BTreeMap<String, Instant> = BTreeMap::new();
         self.ui.begin(self.rec.soak_s.ceil() as u64, &format!("s soaked on {what}"));
         loop {
+            let devices: BTreeSet<String> = self.stage_devices().into_iter().collect();
+            let now = Instant::now();
+            let mut failed = Vec::new();
             for d in &devices {
-                if let Some((_, Some(l))) = self.w.slot_state(d)
+                let serving = self.w.slot_state(d).map(|(a, l)| (a.map(|a| a.deployment_id.clone()), l.cloned()));
+                if let Some((_, Some(l))) = &serving
                     && l.deployment_id == id
                     && matches!(l.outcome, Outcome::Failed | Outcome::RolledBack)
                 {
-                    return Err(Stop::Breach(state_breach(d, id, l)));
+                    failed.push(state_breach(d, id, l));
+                    continue;
                 }
                 if !self.w.is_online(d) {
-                    return Err(Stop::Breach(Breach::new(
-                        d,
-                        "offline",
-                        format!("{d} went offline during the soak on {what}"),
-                    )));
+                    let since = *offline.entry(d.clone()).or_insert(now);
+                    if now.saturating_duration_since(since) >= grace || now >= until {
+                        failed.push(Breach::new(
+                            d,
+                            "offline",
+                            format!(
+                                "{d} went offline during the soak on {what} and was not back within --offline-grace {} s",
+                                grace.as_secs()
+                            ),
+                        ));
+                    }
+                } else if offline.remove(d).is_some() {
+                    let back_on = serving.and_then(|(a, _)| a);
+                    if back_on.as_deref() != Some(id) {
+                        failed.push(Breach::new(
+                            d,
+                            "offline",
+                            format!(
+                                "{d} went offline during the soak on {what} and came back on {} instead",
+                                back_on.unwrap_or_else(|| "nothing".into())
+                            ),
+                        ));
+                    } else {
+                        self.ui.say(&format!("  {d} is back on {what} within --offline-grace"));
+                    }
                 }
             }
-            let now = Instant::now();
+            for b in failed {
+                offline.remove(&b.device);
+                self.fail_device(b).await?;
+            }
             if now >= until {
                 break;
             }
@@ -459,10 +541,12 @@ impl Engine {
             self.ui.update(now.saturating_duration_since(started).as_secs(), &text);
             for ev in self.pump(until.saturating_duration_since(now).min(Duration::from_millis(250))).await? {
                 if devices.contains(&ev.device)
+                    && self.rec.current.devices.contains(&ev.device)
                     && let Some(b) = health::judge_event(&ev, id)
                 {
                     self.ui.say(&event_line(&ev, None));
-                    return Err(Stop::Breach(b));
+                    offline.remove(&b.device);
+                    self.fail_device(b).await?;
                 }
             }
         }
@@ -540,10 +624,58 @@ impl Engine {
         Ok(())
     }
 
+    /// Writes the record (signed when signing), unless another run took the rollout over.
     pub(super) async fn save(&mut self) -> Result<(), Stop> {
+        self.refresh().await?;
         self.rec.updated_at = record::now_rfc3339();
         let topic = self.op.topics.rollout(&self.rec.group, self.rec.slot.as_deref());
-        self.op.publish(&topic, self.rec.to_json(), true).await.map_err(Stop::Broker)
+        let payload = match &self.signer {
+            Some(s) => self.rec.sealed(&s.key),
+            None => self.rec.to_json(),
+        };
+        self.op.publish(&topic, payload, true).await.map_err(Stop::Broker)
+    }
+
+    /// Takes in what already arrived (events stay for the next
+    /// [`pump`](Engine::pump)) and stops when the record changed hands.
+    pub(super) async fn refresh(&mut self) -> Result<(), Stop> {
+        for _ in 0..10_000 {
+            let Some(m) = self.op.next(Duration::ZERO).await else { break };
+            self.w.ingest(m);
+        }
+        self.check_record()
+    }
+
+    /// Another run's record on the topic: `--abort` (state aborted), or a
+    /// run that took the rollout over (another id or owner). Our own
+    /// writes come back unchanged. With a key, records it did not sign are
+    /// ignored.
+    fn check_record(&mut self) -> Result<(), Stop> {
+        if !self.guard || !std::mem::take(&mut self.w.record_changed) {
+            return Ok(());
+        }
+        let key = self.signer.as_ref().map(|s| s.key.public());
+        let Ok(r) = Record::open(&self.w.record, key.as_ref()) else { return Ok(()) };
+        if r.id == self.rec.id && r.state == State::Aborted {
+            return Err(Stop::Aborted(r.reason.unwrap_or_else(|| "aborted".into())));
+        }
+        if r.id != self.rec.id || r.owner != self.rec.owner {
+            return Err(Stop::TakenOver(format!(
+                "another run took rollout {} over (the record on the broker is rollout {}, {}, owner {}): this one stops without changing anything more",
+                self.rec.id,
+                r.id,
+                r.state.as_str(),
+                r.owner.as_deref().unwrap_or("none")
+            )));
+        }
+        if r.state != State::Running && self.rec.state == State::Running {
+            return Err(Stop::TakenOver(format!(
+                "rollout {} is recorded as {} by another run: this one stops",
+                self.rec.id,
+                r.state.as_str()
+            )));
+        }
+        Ok(())
     }
 
     /// Takes in what arrived within `wait` (and whatever else is already
@@ -556,14 +688,7 @@ impl Engine {
             wait = Duration::ZERO;
         }
         self.route_samples();
-        if self.guard
-            && std::mem::take(&mut self.w.record_changed)
-            && let Ok(r) = Record::from_json(&self.w.record)
-            && r.id == self.rec.id
-            && r.state == State::Aborted
-        {
-            return Err(Stop::Aborted(r.reason.unwrap_or_else(|| "aborted".into())));
-        }
+        self.check_record()?;
         Ok(self.w.take_events())
     }
 
@@ -635,7 +760,7 @@ pub(super) fn broker_error(e: Stop) -> Error {
     match e {
         Stop::Broker(e) => Error::Unavailable(e),
         Stop::Breach(b) => Error::Unavailable(b.message),
-        Stop::Aborted(why) => Error::Unavailable(why),
+        Stop::Aborted(why) | Stop::TakenOver(why) => Error::Unavailable(why),
     }
 }
 

@@ -27,11 +27,46 @@ pub struct Limits {
     pub min_requests: u64,
     /// Lowest top-1 agreement of the candidate in shadow, when the stage runs a shadow step.
     pub min_agreement: Option<f64>,
+    /// Devices of a stage that may fail (or time out, or stay offline) before it halts.
+    #[serde(default)]
+    pub max_failed: usize,
+    /// Seconds a soaking device may be offline and come back on the same deployment.
+    #[serde(default)]
+    pub offline_grace_s: f64,
+}
+
+impl Limits {
+    /// Refuses limits out of range: shares from 0 to 1, a positive ratio.
+    pub fn check(&self) -> Result<(), String> {
+        for (what, v) in [("max_error_rate", self.max_error_rate), ("min_agreement", self.min_agreement)] {
+            if let Some(x) = v
+                && !(0.0..=1.0).contains(&x)
+            {
+                return Err(format!("{what}: expected a share from 0 to 1, found {x}"));
+            }
+        }
+        if let Some(r) = self.max_p99_ratio
+            && !(r > 0.0 && r.is_finite())
+        {
+            return Err(format!("max_p99_ratio: expected a positive multiple, found {r}"));
+        }
+        if !(self.offline_grace_s.is_finite() && (0.0..=86_400.0).contains(&self.offline_grace_s)) {
+            return Err(format!("offline_grace_s: expected 0 to 86400 seconds, found {}", self.offline_grace_s));
+        }
+        Ok(())
+    }
 }
 
 impl Default for Limits {
     fn default() -> Limits {
-        Limits { max_error_rate: None, max_p99_ratio: None, min_requests: 20, min_agreement: None }
+        Limits {
+            max_error_rate: None,
+            max_p99_ratio: None,
+            min_requests: 20,
+            min_agreement: None,
+            max_failed: 0,
+            offline_grace_s: 60.0,
+        }
     }
 }
 
@@ -526,7 +561,13 @@ mod tests {
     }
 
     fn limits() -> Limits {
-        Limits { max_error_rate: Some(0.05), max_p99_ratio: Some(2.0), min_requests: 20, min_agreement: Some(0.95) }
+        Limits {
+            max_error_rate: Some(0.05),
+            max_p99_ratio: Some(2.0),
+            min_requests: 20,
+            min_agreement: Some(0.95),
+            ..Limits::default()
+        }
     }
 
     #[test]

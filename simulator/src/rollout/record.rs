@@ -8,10 +8,16 @@
 //! may have left.
 
 use super::health::{Breach, Limits};
+use outpost_protocol::topics::validate_name;
+use outpost_protocol::trust::{self, Envelope, PublicKey, SigningKey};
 use outpost_protocol::{Deployment, ModelRef};
 use serde::{Deserialize, Serialize};
 
 pub const SCHEMA: &str = "outpost.rollout.v1";
+/// The DSSE payload type of a signed record (`--sign-key`).
+pub const ROLLOUT_TYPE: &str = "application/vnd.outpost.rollout+json";
+/// The longest soak a record may ask for (30 days).
+pub const MAX_SOAK_S: f64 = 30.0 * 86_400.0;
 
 /// Where a rollout stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -123,6 +129,9 @@ pub struct StageReport {
     pub not_judged: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub breach: Option<Breach>,
+    /// Devices that failed within `--max-failed` (returned to the previous version), and why.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub failed: Vec<String>,
     /// `passed`, `breached`, `empty` (no new device to move), `aborted`.
     pub verdict: String,
 }
@@ -192,10 +201,132 @@ pub struct Record {
     pub updated_at: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub finished_at: Option<String>,
+    /// The run driving it now (a token each run draws): a run that sees
+    /// another owner, or a state other than running, stops.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
 }
 
 impl Record {
+    /// A record, plain or in a signed envelope, WITHOUT checking any
+    /// signature: for display, never for acting on it (see [`Record::open`]).
     pub fn from_json(bytes: &[u8]) -> Result<Record, String> {
+        if trust::is_envelope(bytes) {
+            let env: Envelope = serde_json::from_slice(bytes).map_err(|e| format!("not an envelope: {e}"))?;
+            if env.payload_type != ROLLOUT_TYPE {
+                return Err(format!("an envelope of type {:?}, expected {ROLLOUT_TYPE:?}", env.payload_type));
+            }
+            return Record::plain(&trust::base64_decode(&env.payload)?);
+        }
+        Record::plain(bytes)
+    }
+
+    /// A record to act on. With `key` (the public half of `--sign-key`)
+    /// it must be an envelope of [`ROLLOUT_TYPE`] one of whose signatures
+    /// that key made; without, the record as it is (unsigned rollouts
+    /// trust whoever can write the record's topic: the broker's ACL must
+    /// keep others out).
+    pub fn open(bytes: &[u8], key: Option<&PublicKey>) -> Result<Record, String> {
+        let Some(key) = key else { return Record::from_json(bytes) };
+        if !trust::is_envelope(bytes) {
+            return Err(format!(
+                "the record is not signed (expected a {ROLLOUT_TYPE} envelope signed by {})",
+                key.to_text()
+            ));
+        }
+        let env: Envelope = serde_json::from_slice(bytes).map_err(|e| format!("not an envelope: {e}"))?;
+        if env.payload_type != ROLLOUT_TYPE {
+            return Err(format!("an envelope of type {:?}, expected {ROLLOUT_TYPE:?}", env.payload_type));
+        }
+        let body = trust::base64_decode(&env.payload)?;
+        let message = trust::pae(&env.payload_type, &body);
+        let signed = env
+            .signatures
+            .iter()
+            .take(8)
+            .filter_map(|s| trust::base64_decode(&s.sig).ok())
+            .any(|sig| key.verify(&message, &sig));
+        if !signed {
+            return Err(format!("the record is not signed by {} (the key of --sign-key)", key.to_text()));
+        }
+        Record::plain(&body)
+    }
+
+    /// The record in a DSSE envelope signed by `key`.
+    pub fn sealed(&self, key: &SigningKey) -> Vec<u8> {
+        serde_json::to_vec(&key.seal(ROLLOUT_TYPE, &self.to_json(), None)).unwrap_or_default()
+    }
+
+    /// Refuses a record that is not for `group` and `slot`, or whose
+    /// fields do not hold together: names that are not device names,
+    /// moved or current devices that are not members, numbers out of range.
+    pub fn check(&self, group: &str, slot: Option<&str>) -> Result<(), String> {
+        if self.group != group {
+            return Err(format!("it is for group {:?}, not --group {group}", self.group));
+        }
+        if self.slot.as_deref() != slot {
+            return Err(format!(
+                "it is for slot {}, not {}",
+                self.slot.as_deref().unwrap_or("(default)"),
+                slot.map(|s| format!("--slot {s}")).unwrap_or_else(|| "the default slot".into())
+            ));
+        }
+        let id_ok = |what: &str, id: &str| match !id.is_empty() && id.len() <= 128 && !id.chars().any(char::is_control)
+        {
+            true => Ok(()),
+            false => Err(format!("{what}: {id:?} is not a deployment id")),
+        };
+        validate_name("candidate.name", &self.candidate.name).map_err(|e| e.to_string())?;
+        validate_name("candidate.version", &self.candidate.version).map_err(|e| e.to_string())?;
+        id_ok("id", &self.id)?;
+        id_ok("ids.candidate", &self.ids.candidate)?;
+        id_ok("ids.group", &self.ids.group)?;
+        if let Some(s) = &self.ids.shadow {
+            id_ok("ids.shadow", s)?;
+        }
+        let mut members = std::collections::HashSet::new();
+        for m in &self.members {
+            validate_name("device", m).map_err(|e| format!("members: {e}"))?;
+            if !members.insert(m.as_str()) {
+                return Err(format!("members: {m} is listed twice"));
+            }
+        }
+        for e in &self.excluded {
+            validate_name("device", &e.device).map_err(|e| format!("excluded: {e}"))?;
+        }
+        let member = |what: &str, list: &[String]| {
+            list.iter().try_for_each(|d| match members.contains(d.as_str()) {
+                true => Ok(()),
+                false => Err(format!("{what}: {} is not one of its members", super::ui::escape(d, false))),
+            })
+        };
+        member("moved", &self.moved)?;
+        member("current.devices", &self.current.devices)?;
+        let keys: Vec<String> = self.baseline_p99_us.keys().cloned().collect();
+        member("baseline_p99_us", &keys)?;
+        if !(self.soak_s.is_finite() && (0.0..=MAX_SOAK_S).contains(&self.soak_s)) {
+            return Err(format!("soak_s {} is not a number of seconds from 0 to {MAX_SOAK_S}", self.soak_s));
+        }
+        if self.stages.is_empty() || self.stages.len() > 100 {
+            return Err(format!("stages: expected 1 to 100 stages, found {}", self.stages.len()));
+        }
+        super::plan::parse_stages(&self.stages.join(",")).map_err(|e| format!("stages: {e}"))?;
+        if self.stage > self.stages.len() {
+            return Err(format!("stage {} is past its {} stages", self.stage, self.stages.len()));
+        }
+        self.limits.check().map_err(|e| format!("limits: {e}"))?;
+        if let Some(x) = self.shadow_sample
+            && !(x > 0.0 && x <= 1.0)
+        {
+            return Err(format!("shadow_sample {x} is not a share above 0 up to 1"));
+        }
+        if self.shadow_sample.is_some() != (self.ids.shadow.is_some() && self.previous.is_some()) {
+            return Err("shadow_sample, ids.shadow and previous do not go together".into());
+        }
+        Ok(())
+    }
+
+    fn plain(bytes: &[u8]) -> Result<Record, String> {
         let v: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| format!("not JSON: {e}"))?;
         match v.get("schema").and_then(|s| s.as_str()) {
             Some(SCHEMA) => serde_json::from_value(v).map_err(|e| e.to_string()),
@@ -235,10 +366,65 @@ pub fn now_ms() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use outpost_protocol::trust::SigningKey;
 
     #[test]
     fn a_record_round_trips_and_other_schemas_are_refused() {
-        let r = Record {
+        let r = sample();
+        let json = r.to_json();
+        assert_eq!(Record::from_json(&json).unwrap(), r);
+        let v: serde_json::Value = serde_json::from_slice(&json).unwrap();
+        assert_eq!((v["state"].as_str(), v["step"].as_str()), (Some("running"), Some("soaking")));
+        assert_eq!(r.previous_name(), "nothing");
+        assert_eq!(r.candidate_name(), "digits@2");
+        let other = String::from_utf8(json).unwrap().replace(SCHEMA, "outpost.rollout.v9");
+        assert!(Record::from_json(other.as_bytes()).unwrap_err().contains("outpost.rollout.v9"));
+    }
+
+    #[test]
+    fn a_record_is_checked_against_the_flags_before_it_is_acted_on() {
+        let ok = sample();
+        assert_eq!(ok.check("cameras", None), Ok(()));
+        let refused = |r: Record, group: &str, slot: Option<&str>, words: &str| {
+            let e = r.check(group, slot).expect_err(words);
+            assert!(e.contains(words), "{e:?} lacks {words:?}");
+        };
+        refused(ok.clone(), "victims", None, "group");
+        refused(Record { group: "victims".into(), ..ok.clone() }, "cameras", None, "group");
+        refused(ok.clone(), "cameras", Some("det"), "slot");
+        refused(Record { moved: vec!["cam-0".into(), "other-dev".into()], ..ok.clone() }, "cameras", None, "other-dev");
+        let mut current = ok.clone();
+        current.current.devices.push("pinned-1".into());
+        refused(current, "cameras", None, "pinned-1");
+        refused(Record { members: vec!["cam-0".into(), "../x".into()], ..ok.clone() }, "cameras", None, "../x");
+        refused(Record { members: vec!["cam-0".into(), "cam-0".into()], ..ok.clone() }, "cameras", None, "twice");
+        for soak in [-1.0, f64::NAN, f64::INFINITY, 1e12] {
+            refused(Record { soak_s: soak, ..ok.clone() }, "cameras", None, "soak_s");
+        }
+        refused(Record { stages: vec![], ..ok.clone() }, "cameras", None, "stages");
+        refused(Record { stages: vec!["50%".into(), "10%".into()], ..ok.clone() }, "cameras", None, "stages");
+        refused(Record { stage: 3, ..ok.clone() }, "cameras", None, "stage");
+        let bad_limits = Limits { max_error_rate: Some(2.0), ..Limits::default() };
+        refused(Record { limits: bad_limits, ..ok.clone() }, "cameras", None, "max_error_rate");
+        refused(Record { shadow_sample: Some(0.5), ..ok.clone() }, "cameras", None, "shadow");
+    }
+
+    #[test]
+    fn a_signed_record_opens_only_with_its_key() {
+        let key = SigningKey::generate().unwrap();
+        let other = SigningKey::generate().unwrap();
+        let r = sample();
+        let sealed = r.sealed(&key);
+        assert_eq!(Record::open(&sealed, Some(&key.public())).unwrap(), r);
+        assert!(Record::open(&sealed, Some(&other.public())).unwrap_err().contains("not signed by"));
+        assert!(Record::open(&r.to_json(), Some(&key.public())).unwrap_err().contains("not signed"));
+        // Anyone may read one (the tests, --abort's refusal without a key).
+        assert_eq!(Record::from_json(&sealed).unwrap(), r);
+        assert_eq!(Record::open(&r.to_json(), None).unwrap(), r);
+    }
+
+    fn sample() -> Record {
+        Record {
             schema: SCHEMA.into(),
             id: "rollout-1".into(),
             group: "cameras".into(),
@@ -257,7 +443,7 @@ mod tests {
             shadow_sample: None,
             allow_downgrade: false,
             signed: false,
-            members: vec!["cam-0".into()],
+            members: vec!["cam-0".into(), "cam-1".into()],
             excluded: vec![],
             state: State::Running,
             stage: 0,
@@ -272,14 +458,7 @@ mod tests {
             started_at: "2026-01-01T00:00:00Z".into(),
             updated_at: "2026-01-01T00:00:00Z".into(),
             finished_at: None,
-        };
-        let json = r.to_json();
-        assert_eq!(Record::from_json(&json).unwrap(), r);
-        let v: serde_json::Value = serde_json::from_slice(&json).unwrap();
-        assert_eq!((v["state"].as_str(), v["step"].as_str()), (Some("running"), Some("soaking")));
-        assert_eq!(r.previous_name(), "nothing");
-        assert_eq!(r.candidate_name(), "digits@2");
-        let other = String::from_utf8(json).unwrap().replace(SCHEMA, "outpost.rollout.v9");
-        assert!(Record::from_json(other.as_bytes()).unwrap_err().contains("outpost.rollout.v9"));
+            owner: None,
+        }
     }
 }

@@ -37,19 +37,37 @@ pub(super) async fn run(p: Params) -> Result<Report, Error> {
     };
     let ui = Ui::new(p.progress);
     let by_abort = matches!(p.action, Action::Abort);
-    let rec = match p.action {
+    let key = p.signer.as_ref().map(|s| s.key.public());
+    let mut rec = match p.action {
         Action::Start(s) => {
-            new_record(&w, &p.group, p.slot.as_deref(), &s, existing.as_ref(), p.signer.is_some()).await?
+            let trust = key.map(|k| trust::Trust { roots: [vec![k], p.trust_keys.clone()].concat() });
+            new_record(&w, &p.group, p.slot.as_deref(), &s, existing.as_ref(), trust.as_ref()).await?
         }
         Action::Resume | Action::Abort => {
             let what = if by_abort { "abort" } else { "resume" };
             let rec = existing
                 .ok_or_else(|| Error::Usage(format!("no rollout is recorded on {record_topic}: nothing to {what}")))?;
-            if rec.signed && p.signer.is_none() {
+            if (rec.signed || trust::is_envelope(&w.record)) && p.signer.is_none() {
                 return Err(Error::Usage(format!(
                     "rollout {} signs its desired states: give --sign-key (and --certificate) again",
                     rec.id
                 )));
+            }
+            // The record is input from the broker: with a key, only one it
+            // signed is acted on; in any case its fields must hold together
+            // and match the flags.
+            let refused = |e: String| {
+                Error::Usage(format!(
+                    "{record_topic}: refused to {what} the rollout it holds: {e} (nothing was changed)"
+                ))
+            };
+            let rec = Record::open(&w.record, key.as_ref()).map_err(refused)?;
+            rec.check(&p.group, p.slot.as_deref()).map_err(refused)?;
+            if !rec.signed && p.signer.is_some() {
+                return Err(refused("it was started without --sign-key: resume or abort it without one".into()));
+            }
+            if !by_abort && rec.state == State::Running {
+                recheck_candidate(&rec, p.registry_url.as_deref()).await?;
             }
             if rec.state != State::Running && rec.moved.is_empty() {
                 return Err(Error::Usage(format!(
@@ -63,6 +81,8 @@ pub(super) async fn run(p: Params) -> Result<Report, Error> {
             rec
         }
     };
+    // This run owns the rollout now: another run that sees the token change stops.
+    rec.owner = Some(owner_token());
     let stages = rec
         .stages
         .iter()
@@ -97,6 +117,41 @@ pub(super) async fn run(p: Params) -> Result<Report, Error> {
     })
 }
 
+/// A token for this run: pid, clock and randomness.
+fn owner_token() -> String {
+    format!("{}-{}-{:x}", std::process::id(), record::now_ms(), outpost_agent::sys::jitter().to_bits())
+}
+
+/// The candidate of a rollout to resume, looked up again: the registry
+/// (`--registry-url`, or the one its manifest URL names) must serve the
+/// same manifest, byte for byte.
+async fn recheck_candidate(rec: &Record, registry: Option<&str>) -> Result<(), Error> {
+    let c = &rec.candidate;
+    let suffix = format!("/{}/{}/manifest.json", c.name, c.version);
+    let registry = match registry {
+        Some(r) => r.trim_end_matches('/').to_string(),
+        None => c.manifest_url.strip_suffix(&suffix).map(str::to_string).ok_or_else(|| {
+            Error::Usage(format!(
+                "rollout {}: its candidate's manifest URL {} is not a registry's {suffix}: refused",
+                rec.id, c.manifest_url
+            ))
+        })?,
+    };
+    let (url, sha) = operator::lookup_manifest(&registry, &c.name, &c.version, Duration::from_secs(60))
+        .await
+        .map_err(|e| if e.permanent { Error::Usage(e.message) } else { Error::Unavailable(e.message) })?;
+    if url != c.manifest_url || sha != c.manifest_sha256 {
+        return Err(Error::Usage(format!(
+            "rollout {}: its candidate {} is {} (sha256 {}) in the record, but the registry has {url} (sha256 {sha}): refused (nothing was changed)",
+            rec.id,
+            rec.candidate_name(),
+            c.manifest_url,
+            c.manifest_sha256
+        )));
+    }
+    Ok(())
+}
+
 fn check_start(s: &Start) -> Result<(), Error> {
     let share = |what: &str, v: Option<f64>, low_open: bool| match v {
         Some(x) if !(x <= 1.0 && if low_open { x > 0.0 } else { x >= 0.0 }) => {
@@ -123,10 +178,39 @@ fn check_start(s: &Start) -> Result<(), Error> {
 }
 
 /// The group's desired state from its topic's payload: a deployment (plain
-/// or signed), or nothing (empty, or a signed undeployment).
-fn previous_deployment(payload: &[u8]) -> Result<Option<Deployment>, String> {
+/// or signed), or nothing (empty, or a signed undeployment). With `trust`
+/// (a signing rollout), only an envelope one of its keys verifies (for
+/// this group and slot) is taken: its model, serving settings and policy
+/// go into what the rollout signs.
+fn previous_deployment(
+    payload: &[u8],
+    group: &str,
+    slot: Option<&str>,
+    trust: Option<&trust::Trust>,
+) -> Result<Option<Deployment>, String> {
     if payload.is_empty() {
         return Ok(None);
+    }
+    if let Some(t) = trust {
+        if !trust::is_envelope(payload) {
+            return Err("it is not signed, and a signing rollout copies the group's model, serving settings and policy into what it signs: sign it (deploy --sign-key), or give the key that did with --trust-key".into());
+        }
+        let now = std::time::SystemTime::now();
+        let target = trust::Target::Group(group.into());
+        let opened = t.open_in(payload, &target, slot, now).or_else(|first| {
+            // A deploy key's own signature: its certificate aside, the key is one of ours.
+            let mut env: trust::Envelope = serde_json::from_slice(payload).map_err(|_| first.clone())?;
+            env.signatures.iter_mut().for_each(|s| s.certificate = None);
+            t.open_in(&serde_json::to_vec(&env).unwrap_or_default(), &target, slot, now).map_err(|_| first)
+        });
+        return match opened {
+            Ok((trust::Desired::Deploy(d), _)) => Ok(Some(*d)),
+            Ok((trust::Desired::Undeploy { .. }, _)) => Ok(None),
+            Err(r) => Err(format!(
+                "its signature does not verify against --sign-key's key or a --trust-key ({}: {})",
+                r.error.code, r.error.message
+            )),
+        };
     }
     let inner = match serde_json::from_slice::<trust::Envelope>(payload) {
         Ok(env) if env.payload_type == trust::UNDEPLOY_TYPE => return Ok(None),
@@ -143,8 +227,9 @@ async fn new_record(
     slot: Option<&str>,
     s: &Start,
     existing: Option<&Record>,
-    signed: bool,
+    trust: Option<&trust::Trust>,
 ) -> Result<Record, Error> {
+    let signed = trust.is_some();
     if let Some(r) = existing
         && (r.state == State::Running || !r.moved.is_empty())
     {
@@ -164,8 +249,8 @@ async fn new_record(
         .await
         .map_err(|e| if e.permanent { Error::Usage(e.message) } else { Error::Unavailable(e.message) })?;
     let topics_group = w_group_topic(w, group, slot);
-    let previous = previous_deployment(&w.group_desired)
-        .map_err(|e| Error::Usage(format!("{topics_group} holds no deployment this tool can read: {e}")))?;
+    let previous = previous_deployment(&w.group_desired, group, slot, trust)
+        .map_err(|e| Error::Usage(format!("{topics_group} holds no deployment this rollout can start from: {e}")))?;
     if let Some(p) = &previous
         && p.model.name == s.model
         && p.model.version == s.version
@@ -250,6 +335,7 @@ async fn new_record(
         started_at: now.clone(),
         updated_at: now,
         finished_at: None,
+        owner: None,
     })
 }
 

@@ -79,11 +79,18 @@ impl Ui {
     }
 }
 
-/// `text` with its control characters escaped (newlines kept with `keep_newlines`).
+/// `text` with its control characters and its invisible bidirectional and
+/// zero-width marks escaped, as `status` does (newlines kept with `keep_newlines`).
 pub fn escape(text: &str, keep_newlines: bool) -> String {
     text.chars()
         .map(|c| {
-            if c.is_control() && !(keep_newlines && c == '\n') { c.escape_default().to_string() } else { c.to_string() }
+            let invisible =
+                matches!(c, '\u{200b}'..='\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}' | '\u{feff}');
+            if (c.is_control() && !(keep_newlines && c == '\n')) || invisible {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
         })
         .collect()
 }
@@ -100,5 +107,8 @@ mod tests {
     fn devices_words_cannot_drive_the_terminal() {
         assert_eq!(super::escape("cam\u{1b}[2J\rx\ny", false), "cam\\u{1b}[2J\\rx\\ny");
         assert_eq!(super::escape("a\u{7}\nb", true), "a\\u{7}\nb");
+        // Bidirectional overrides and zero-width marks reorder or hide text: escaped too.
+        assert_eq!(super::escape("cam\u{202e}1-mac\u{200b}", false), "cam\\u{202e}1-mac\\u{200b}");
+        assert_eq!(super::escape("\u{2066}x\u{feff}", true), "\\u{2066}x\\u{feff}");
     }
 }

@@ -121,6 +121,13 @@ impl Fleet {
         }
     }
 
+    /// What the group's desired topic holds, signed (the envelope's payload, not verified).
+    async fn group_desired_signed(&self) -> Deployment {
+        let raw = self.retained(&Topics::default().group_desired(GROUP)).await.unwrap();
+        let env: outpost_protocol::trust::Envelope = serde_json::from_slice(&raw).unwrap();
+        Deployment::from_json(&outpost_protocol::trust::base64_decode(&env.payload).unwrap()).unwrap()
+    }
+
     /// What the group's desired topic holds.
     async fn group_desired(&self) -> Deployment {
         Deployment::from_json(&self.retained(&Topics::default().group_desired(GROUP)).await.unwrap()).unwrap()
@@ -328,4 +335,170 @@ async fn a_stage_promotes_only_a_candidate_that_agrees_in_shadow() {
     f.assert_no_overrides().await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     traffic.await.unwrap();
+}
+
+/// `outpost-sim keygen DIR/NAME`: the private key's path, and the public key's.
+fn keygen(dir: &std::path::Path, name: &str) -> (String, String) {
+    let base = dir.join(name).display().to_string();
+    let (code, out, err) = sim(&["keygen", &base]);
+    assert_eq!(code, 0, "{out}{err}");
+    (format!("{base}.pem"), format!("{base}.pub.pem"))
+}
+
+/// The group's v1, signed by `key` (PEM path), published on the group's topic.
+async fn sign_group_v1(f: &mut Fleet, key: &str) {
+    let signer = outpost_sim::signing::Signer::load(std::path::Path::new(key), None).unwrap();
+    let mut d = f.v1.clone();
+    d.revision += 1;
+    d.target = Some(outpost_protocol::trust::Target::Group(GROUP.into()));
+    let topic = Topics::default().group_desired(GROUP);
+    f.watchers[0].op.publish(&topic, signer.deployment(&d), true).await.unwrap();
+}
+
+/// The record is input from the broker: a forged one is refused before
+/// anything is published (another group, devices that are not members, a
+/// negative soak), and with --sign-key only a record that key signed is
+/// resumed. A signing rollout starts only from a group deployment signed by
+/// its key or a --trust-key, and signs its record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_records_and_unverified_group_deployments_are_refused() {
+    let mut f = fleet_on_v1("rf", 2).await;
+    f.reg.register("digits-cnn.onnx", "digits", "2");
+    let record_topic = Topics::default().rollout(GROUP, None);
+    let (url, sha) = outpost_sim::operator::resolve_manifest(&f.reg.url, "digits", "2").await.unwrap();
+    let forged = |edit: &dyn Fn(&mut serde_json::Value)| {
+        let mut v = serde_json::json!({
+            "schema": "outpost.rollout.v1", "id": "rollout-1", "group": GROUP,
+            "candidate": {"name": "digits", "version": "2", "manifest_url": url, "manifest_sha256": sha},
+            "previous": f.v1, "ids": {"candidate": "evil-canary", "group": "evil"},
+            "stages": ["1", "100%"], "soak_s": 1.0,
+            "limits": {"max_error_rate": null, "max_p99_ratio": null, "min_requests": 20, "min_agreement": null},
+            "members": ["rf-0", "rf-1"], "state": "running", "stage": 1, "step": "completing",
+            "step_since_ms": 1, "moved": ["rf-0"], "started_at": "2026-01-01T00:00:00Z",
+            "updated_at": "2026-01-01T00:00:00Z"
+        });
+        edit(&mut v);
+        serde_json::to_vec(&v).unwrap()
+    };
+    let victims = Topics::default().group_desired("victims");
+    for (what, edit) in [
+        (
+            "group",
+            Box::new(|v: &mut serde_json::Value| v["group"] = "victims".into()) as Box<dyn Fn(&mut serde_json::Value)>,
+        ),
+        ("other-dev", Box::new(|v: &mut serde_json::Value| v["moved"] = serde_json::json!(["rf-0", "other-dev"]))),
+        ("soak_s", Box::new(|v: &mut serde_json::Value| v["soak_s"] = (-1.0).into())),
+        ("sha256", Box::new(|v: &mut serde_json::Value| v["candidate"]["manifest_sha256"] = "ab".repeat(32).into())),
+    ] {
+        f.watchers[0].op.publish(&record_topic, forged(&*edit), true).await.unwrap();
+        let (code, out, err) = f.rollout(&["--resume"]).await;
+        assert_eq!(code, 64, "{what}: {out}{err}");
+        assert!(err.contains("refused") && err.contains(what), "{what}: {err}");
+        assert_eq!(f.retained(&victims).await, None, "{what}");
+        assert_eq!(f.group_desired().await.deployment_id, f.v1.deployment_id, "{what}");
+        f.assert_no_overrides().await;
+    }
+    f.watchers[0].op.publish(&record_topic, Vec::new(), true).await.unwrap();
+
+    // Signing: the group's unsigned v1 is not carried into signed deployments.
+    let keys = tempfile::tempdir().unwrap();
+    let (k1, _) = keygen(keys.path(), "op");
+    let (k2, k2_pub) = keygen(keys.path(), "other");
+    let start = ["--model", "digits@2", "--stages", "1,100%", "--soak", "2s", "--sign-key", &k1];
+    let (code, out, err) = f.rollout(&start).await;
+    assert_eq!(code, 64, "{out}{err}");
+    assert!(err.contains("is not signed"), "{err}");
+    // Signed by another key: refused, unless that key is trusted.
+    sign_group_v1(&mut f, &k2).await;
+    let (code, out, err) = f.rollout(&start).await;
+    assert_eq!(code, 64, "{out}{err}");
+    assert!(err.contains("does not verify"), "{err}");
+    let (code, out, err) = f.rollout(&[&start[..], &["--trust-key", &k2_pub]].concat()).await;
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains(": done"), "{out}");
+    // The record is signed by the rollout's key.
+    let raw = f.retained(&record_topic).await.unwrap();
+    let pubkey = outpost_sim::signing::Signer::load(std::path::Path::new(&k1), None).unwrap().key.public();
+    let rec = Record::open(&raw, Some(&pubkey)).unwrap();
+    assert_eq!(rec.state, State::Done);
+    let group = f.group_desired_signed().await;
+    assert_eq!(group.model.version, "2");
+    // A forged copy (unsigned, running again) is not resumed with the key.
+    let mut again = rec.clone();
+    (again.state, again.moved) = (State::Running, vec!["rf-1".into()]);
+    f.watchers[0].op.publish(&record_topic, again.to_json(), true).await.unwrap();
+    let (code, out, err) = f.rollout(&["--resume", "--sign-key", &k1]).await;
+    assert_eq!(code, 64, "{out}{err}");
+    assert!(err.contains("not signed"), "{err}");
+    // Limits cannot be changed on a resume.
+    let (code, _, err) = f.rollout(&["--resume", "--sign-key", &k1, "--max-error-rate", "0.5"]).await;
+    assert_eq!(code, 64, "{err}");
+}
+
+/// Two runs never drive one rollout: a `--resume` while the first run is
+/// still soaking takes it over, and the first stops without changing
+/// anything more (exit 1, saying why).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_run_takes_a_rollout_over_and_the_first_stops() {
+    let f = fleet_on_v1("ro", 2).await;
+    f.reg.register("digits-cnn.onnx", "digits", "2");
+    let run = |args: &[&str]| {
+        std::process::Command::new(sim_binary())
+            .args(["rollout", "--broker", &f.url(), "--group", GROUP])
+            .args(args)
+            .env("OUTPOST_LOG", "warn")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let first = run(&["--registry-url", &f.reg.url, "--model", "digits@2", "--stages", "1,100%", "--soak", "60s"]);
+    let rec = f.record_until(|r| r.step == Step::Soaking).await;
+    let mut second = run(&["--resume"]);
+    let out = tokio::task::spawn_blocking(move || first.wait_with_output().unwrap()).await.unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains(&format!("another run took rollout {} over", rec.id)), "{err}");
+    // The second owns it (its token is on the record); it is stopped in turn and the rollout aborted.
+    let taken = f.record_until(|r| r.owner.is_some() && r.owner != rec.owner).await;
+    assert_eq!(taken.state, State::Running);
+    second.kill().unwrap();
+    second.wait().unwrap();
+    let (code, out, err) = f.rollout(&["--abort"]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    let rec = f.record().await;
+    assert_eq!(rec.state, State::Aborted);
+    assert!(rec.moved.is_empty());
+    f.assert_no_overrides().await;
+}
+
+/// A soaking device that drops off the broker and comes back on the
+/// candidate within --offline-grace is not a breach (a link blip); the
+/// rollout completes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_back_within_the_offline_grace_does_not_halt_the_stage() {
+    let mut f = fleet_on_v1("rg", 2).await;
+    f.reg.register("digits-cnn.onnx", "digits", "2");
+    let tool =
+        f.spawn_rollout(&["--model", "digits@2", "--stages", "1,100%", "--soak", "20s", "--offline-grace", "120s"]);
+    let rec = f.record_until(|r| r.step == Step::Soaking && r.stage == 0).await;
+    assert_eq!(rec.current.devices, ["rg-0"]);
+    // A power cut: the broker says offline (its will), the rollout sees it for a while, then it is back.
+    f.agents[0].kill();
+    let availability = Topics::default().availability("rg-0");
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while f.retained(&availability).await.as_deref() != Some(&b"offline"[..]) {
+        assert!(std::time::Instant::now() < deadline, "rg-0 never showed offline");
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    f.agents[0].kill_and_restart();
+    let mut tool = tool;
+    let status = tokio::task::spawn_blocking(move || tool.wait().unwrap()).await.unwrap();
+    assert_eq!(status.code(), Some(0), "the rollout halted on a device back within the grace");
+    let rec = f.record().await;
+    assert_eq!(rec.state, State::Done, "{rec:?}");
+    let group = f.group_desired().await;
+    for i in 0..2 {
+        f.state(i, |s| s.active.as_ref().is_some_and(|a| a.deployment_id == group.deployment_id)).await;
+    }
 }
