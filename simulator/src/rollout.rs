@@ -40,11 +40,15 @@
 //! How a rollout judges devices:
 //! - Members are the devices whose retained state lists the group, in name
 //!   order. A member whose own desired topic already holds a desired state
-//!   is left out (it outranks the group's; the rollout would erase it).
+//!   is left out (it outranks the group's; the rollout would erase it), and
+//!   so is one that does not serve the group's current deployment (it
+//!   follows another group, or failed the group's).
 //! - Offline members are passed over when a stage picks its devices (a
 //!   later stage takes them if they are back; the group's desired state
 //!   reaches them at the end). A device that goes offline after it moved
-//!   is a breach: a crashing model looks exactly like that.
+//!   and is not back on the same deployment within `offline_grace_s` is a
+//!   failure: a crashing model looks exactly like that.
+//! - Failures within `max_failed` return the device and the stage goes on.
 //! - Breaches: a `failed`, `rolled_back`, `superseded` or `undeployed`
 //!   verdict for the stage's deployment, a refused signature, a device not
 //!   `active` within `timeout`, the error rate or p99 limits over the soak,

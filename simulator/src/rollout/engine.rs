@@ -327,6 +327,14 @@ impl Engine {
 
     /// Soaks the stage on the candidate and judges its figures.
     async fn soak_candidate(&mut self) -> Result<(), Stop> {
+        if self.collect.is_none() {
+            // Resumed mid-soak: the figures collected so far died with the
+            // run that collected them; judging what is left of the soak on
+            // a few seconds would pass a stage on no evidence.
+            self.ui.say("  resumed mid-soak: the soak starts again in full (the figures so far were not kept)");
+            self.rec.step_since_ms = record::now_ms();
+            self.save().await?;
+        }
         let devices = self.stage_devices();
         let collect = self.collect.get_or_insert_with(Collect::default);
         // Resumed mid-soak: they were active before this run began.
@@ -491,6 +499,20 @@ impl Engine {
         self.ui.begin(self.rec.soak_s.ceil() as u64, &format!("s soaked on {what}"));
         loop {
             let devices: BTreeSet<String> = self.stage_devices().into_iter().collect();
+            if std::mem::take(&mut self.w.overrides_changed) {
+                // Someone else's desired state on a stage device's own topic: not ours to judge or undo.
+                for d in &devices {
+                    if let Some(Err(other)) = self.topic_holds(d) {
+                        return Err(Stop::Breach(Breach::new(
+                            d,
+                            "changed",
+                            format!(
+                                "{d}'s own desired topic now holds {other}, which someone else published during the soak on {what}: the rollout halts (and leaves it as it is)"
+                            ),
+                        )));
+                    }
+                }
+            }
             let now = Instant::now();
             let mut failed = Vec::new();
             for d in &devices {
@@ -594,8 +616,29 @@ impl Engine {
         }
     }
 
-    /// Publishes `d` on `device`'s own desired topic, retained, above the revision it holds.
+    /// What `device`'s own desired topic holds: nothing (None), one of this
+    /// rollout's desired states (`Ok`), or someone else's (`Err` with its id).
+    pub(super) fn topic_holds(&self, device: &str) -> Option<Result<(), String>> {
+        let p = self.w.override_of(device)?;
+        let id = operator::revision_of(p).and_then(|(_, id)| id);
+        let ours =
+            id.as_deref().is_some_and(|i| i == self.rec.ids.candidate || Some(i) == self.rec.ids.shadow.as_deref());
+        Some(if ours { Ok(()) } else { Err(id.unwrap_or_else(|| "something unreadable".into())) })
+    }
+
+    /// Publishes `d` on `device`'s own desired topic, retained, above the
+    /// revision it holds; a desired state someone else put there during
+    /// the rollout is never overwritten: the stage breaches instead.
     pub(super) async fn publish_override(&mut self, device: &str, mut d: Deployment) -> Result<(), Stop> {
+        if let Some(Err(id)) = self.topic_holds(device) {
+            return Err(Stop::Breach(Breach::new(
+                device,
+                "changed",
+                format!(
+                    "{device}'s own desired topic now holds {id}, which someone else published during the rollout: not overwritten, the rollout halts"
+                ),
+            )));
+        }
         let held = self.w.raw_override(device).and_then(operator::revision_of).map(|(r, _)| r);
         d.revision = record::now_ms().max(held.map_or(0, |r| r + 1));
         d.target = Some(Target::Device(device.into()));
@@ -608,8 +651,15 @@ impl Engine {
     }
 
     /// Withdraws `device`'s own desired state: an empty retained payload,
-    /// or a signed undeployment when signing.
-    pub(super) async fn clear_override(&mut self, device: &str) -> Result<(), Stop> {
+    /// or a signed undeployment when signing. A desired state someone else
+    /// put there is left as it is (false).
+    pub(super) async fn clear_override(&mut self, device: &str) -> Result<bool, Stop> {
+        if let Some(Err(id)) = self.topic_holds(device) {
+            self.ui.say(&format!(
+                "  {device}'s own desired topic holds {id}, published by someone else during the rollout: left as it is"
+            ));
+            return Ok(false);
+        }
         let payload = match &self.signer {
             Some(s) => {
                 let held = self.w.raw_override(device).and_then(operator::revision_of).map(|(r, _)| r);
@@ -621,7 +671,7 @@ impl Engine {
         let topic = self.op.topics.device_desired_in(device, self.rec.slot.as_deref());
         self.op.publish(&topic, payload.clone(), true).await.map_err(Stop::Broker)?;
         self.w.overrides.insert(device.into(), payload);
-        Ok(())
+        Ok(true)
     }
 
     /// Writes the record (signed when signing), unless another run took the rollout over.
@@ -771,6 +821,9 @@ pub(super) fn state_breach(d: &str, id: &str, l: &outpost_protocol::LastDeployme
         _ => ("failed", "failed"),
     };
     let why = l.error.as_ref().map(|e| format!(": {}: {}", e.code, e.message)).unwrap_or_default();
+    if l.error.as_ref().is_some_and(|e| e.code == outpost_protocol::ErrorCode::StaleRevision) {
+        return health::stale_revision(d, id, &format!("its retained state{why}"));
+    }
     Breach::new(d, check, format!("{d} {verb} {id} (its retained state){why}"))
 }
 

@@ -328,6 +328,9 @@ pub fn judge_event(ev: &DeploymentEvent, id: &str) -> Option<Breach> {
         return None;
     }
     match ev.phase {
+        Phase::Failed if ev.error.as_ref().is_some_and(|e| e.code == ErrorCode::StaleRevision) => {
+            Some(stale_revision(d, id, &words()))
+        }
         Phase::Failed => Some(Breach::new(d, "failed", format!("{d} failed {id}: {}", words()))),
         Phase::RolledBack => Some(Breach::new(d, "rolled_back", format!("{d} rolled {id} back: {}", words()))),
         Phase::Superseded | Phase::Undeployed => Some(Breach::new(
@@ -392,6 +395,18 @@ pub fn add_shadow(sum: &mut ShadowStats, d: &ShadowStats) {
     sum.skipped = sum.skipped.saturating_add(d.skipped);
     sum.max_abs_diff = sum.max_abs_diff.max(d.max_abs_diff);
     sum.agreement = if sum.rows == 0 { 0.0 } else { sum.top1_agree as f64 / sum.rows as f64 };
+}
+
+/// A device refused the rollout's desired state as older than one it saw:
+/// a clock or revision problem, not the candidate's fault.
+pub fn stale_revision(d: &str, id: &str, words: &str) -> Breach {
+    Breach::new(
+        d,
+        "stale_revision",
+        format!(
+            "{d} refused {id} as stale ({words}): it remembers a higher revision than the rollout's, which comes from this machine's clock; not the candidate's fault: set the clock right (or withdraw the device's topic) and run the rollout again"
+        ),
+    )
 }
 
 /// What the shadow step of a stage showed.
@@ -655,6 +670,13 @@ mod tests {
             slot: None,
             shadow: None,
         }
+    }
+
+    #[test]
+    fn a_stale_revision_is_not_blamed_on_the_candidate() {
+        let b = judge_event(&event("cam-0", "d", Phase::Failed, Some(ErrorCode::StaleRevision)), "d").unwrap();
+        assert_eq!(b.check, "stale_revision");
+        assert!(b.message.contains("not the candidate's fault") && b.message.contains("clock"), "{}", b.message);
     }
 
     #[test]

@@ -33,7 +33,21 @@ impl Engine {
         let slot = self.rec.slot.clone();
         let topic = self.op.topics.group_desired_in(&self.rec.group, slot.as_deref());
         let held = operator::revision_of(&self.w.group_desired);
-        if held.as_ref().and_then(|(_, i)| i.as_deref()) != Some(id.as_str()) {
+        let held_id = held.as_ref().and_then(|(_, i)| i.clone());
+        let started_from = self.rec.previous.as_ref().map(|p| p.deployment_id.clone());
+        if held_id.as_deref() != Some(id.as_str()) && held_id != started_from {
+            // Someone moved the group meanwhile (an emergency rollback?): not overwritten.
+            return Err(Stop::Breach(Breach::new(
+                "",
+                "changed",
+                format!(
+                    "{topic} now holds {}, not {} the rollout started from: someone changed the group during the rollout, and it is not overwritten",
+                    held_id.unwrap_or_else(|| "nothing".into()),
+                    started_from.unwrap_or_else(|| "the nothing".into())
+                ),
+            )));
+        }
+        if held_id.as_deref() != Some(id.as_str()) {
             let mut d = self.candidate_deployment(&id);
             d.revision = record::now_ms().max(held.map_or(0, |(r, _)| r + 1));
             d.target = Some(Target::Group(self.rec.group.clone()));
@@ -219,10 +233,15 @@ impl Engine {
             self.rec.previous_name(),
             names(&devices)
         ));
+        let mut left = Vec::new();
         for d in &devices {
-            self.clear_override(d).await?;
+            if !self.clear_override(d).await? {
+                left.push(d.clone());
+            }
         }
+        let devices: Vec<String> = devices.into_iter().filter(|d| !left.contains(d)).collect();
         let prev = self.rec.previous.as_ref().map(|p| p.deployment_id.clone());
+        let group_now = operator::revision_of(&self.w.group_desired).and_then(|(_, id)| id);
         let ours: Vec<String> =
             [Some(self.rec.ids.candidate.clone()), self.rec.ids.shadow.clone()].into_iter().flatten().collect();
         let what = self.rec.previous_name();
@@ -238,6 +257,8 @@ impl Engine {
                     }
                     match (&prev, active) {
                         (Some(p), Some(a)) if &a.deployment_id == p => Some(true),
+                        // The group's desired state changed meanwhile: back on the group is back.
+                        (_, Some(a)) if group_now.as_deref() == Some(a.deployment_id.as_str()) => Some(true),
                         (None, None) => Some(true),
                         _ => None,
                     }
@@ -245,6 +266,12 @@ impl Engine {
                 None,
             )
             .await?;
+        let mut moves = moves;
+        for d in left {
+            moves
+                .unconfirmed
+                .push(format!("{d}: its own desired topic holds someone else's desired state: left as it is"));
+        }
         self.rec.moved.clear();
         self.save().await?;
         Ok(moves)

@@ -178,7 +178,7 @@ pub struct Record {
     /// Index of the current stage in `stages` (`stages.len()` once they all passed).
     pub stage: usize,
     pub step: Step,
-    /// When the step began (milliseconds since 1970): a resumed soak runs what is left of it.
+    /// When the step began (milliseconds since 1970); a resumed soak starts again.
     pub step_since_ms: u64,
     /// The current stage so far: its devices, and its figures as they come.
     #[serde(default)]

@@ -271,21 +271,7 @@ async fn new_record(
             "no device's retained state lists group {group} (its `groups`): nothing to roll out to"
         )));
     }
-    let (mut members, mut excluded) = (Vec::new(), Vec::new());
-    for m in all {
-        match w.override_of(&m) {
-            Some(o) => {
-                let id = operator::revision_of(o).and_then(|(_, id)| id).unwrap_or_else(|| "unreadable".into());
-                excluded.push(Excluded {
-                    device: m,
-                    why: format!(
-                        "its own desired topic holds {id}, which outranks the group's: left as it is (withdraw it to include the device)"
-                    ),
-                });
-            }
-            None => members.push(m),
-        }
-    }
+    let (members, excluded) = split_members(w, all, previous.as_ref());
     if members.is_empty() {
         return Err(Error::Usage(format!(
             "every device of group {group} has its own desired state, which outranks the group's: nothing to roll out to"
@@ -339,6 +325,77 @@ async fn new_record(
     })
 }
 
+/// The members a rollout takes, and those it leaves out: a device whose
+/// own desired topic holds a desired state (it outranks the group's), and
+/// one that does not serve the group's current deployment (it follows
+/// another desired state, e.g. a group listed before this one: moving it
+/// would take it from there, and it would go back at the end).
+fn split_members(w: &Watch, all: Vec<String>, previous: Option<&Deployment>) -> (Vec<String>, Vec<Excluded>) {
+    let (mut members, mut excluded) = (Vec::new(), Vec::new());
+    let want = previous.map(|p| p.deployment_id.as_str());
+    for m in all {
+        if let Some(o) = w.override_of(&m) {
+            let id = operator::revision_of(o).and_then(|(_, id)| id).unwrap_or_else(|| "unreadable".into());
+            excluded.push(Excluded {
+                device: m,
+                why: format!(
+                    "its own desired topic holds {id}, which outranks the group's: left as it is (withdraw it to include the device)"
+                ),
+            });
+            continue;
+        }
+        let serving = w.slot_state(&m).and_then(|(a, _)| a).map(|a| a.deployment_id.clone());
+        if serving.as_deref() != want {
+            excluded.push(Excluded {
+                why: format!(
+                    "it serves {}, not the group's {}: it follows another desired state (a group listed before this one, or it failed the group's): left as it is",
+                    serving.as_deref().unwrap_or("nothing"),
+                    want.unwrap_or("nothing")
+                ),
+                device: m,
+            });
+            continue;
+        }
+        members.push(m);
+    }
+    (members, excluded)
+}
+
 fn w_group_topic(w: &Watch, group: &str, slot: Option<&str>) -> String {
     w.topics().group_desired_in(group, slot)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use outpost_protocol::{DeviceState, Topics};
+
+    #[test]
+    fn members_serving_another_desired_state_are_left_out() {
+        let mut w = Watch::new(Topics::default(), "cameras", None);
+        let golden: DeviceState =
+            DeviceState::from_json(include_bytes!("../../../protocol/golden/state.json")).expect("golden");
+        for (name, groups, active) in [
+            ("cam-a", vec!["cameras"], Some("g-1")),
+            ("cam-b", vec!["vip", "cameras"], Some("vip-7")),
+            ("cam-c", vec!["cameras"], None),
+        ] {
+            let mut s = golden.clone();
+            s.device = name.into();
+            s.groups = groups.into_iter().map(String::from).collect();
+            match active {
+                Some(id) => s.active.as_mut().unwrap().deployment_id = id.into(),
+                None => s.active = None,
+            }
+            let topic = format!("outpost/devices/{name}/state");
+            w.ingest(rumqttc::Publish::new(topic, rumqttc::QoS::AtMostOnce, serde_json::to_vec(&s).unwrap()));
+        }
+        let mut prev = Deployment::from_json(include_bytes!("../../../protocol/golden/deployment.json")).unwrap();
+        prev.deployment_id = "g-1".into();
+        let (members, excluded) = split_members(&w, w.members("cameras"), Some(&prev));
+        assert_eq!(members, ["cam-a"]);
+        let out: Vec<&str> = excluded.iter().map(|e| e.device.as_str()).collect();
+        assert_eq!(out, ["cam-b", "cam-c"]);
+        assert!(excluded[0].why.starts_with("it serves vip-7, not the group's g-1"), "{:?}", excluded[0]);
+    }
 }

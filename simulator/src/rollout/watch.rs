@@ -39,6 +39,8 @@ pub struct Watch {
     /// What each device's own desired topic (for the slot) holds; absent or
     /// empty: nothing.
     pub overrides: HashMap<String, Vec<u8>>,
+    /// A device's own desired topic changed since the last look.
+    pub overrides_changed: bool,
     /// What the group's desired topic holds (empty: nothing).
     pub group_desired: Vec<u8>,
     /// The rollout record last seen on its topic (empty: none).
@@ -84,6 +86,7 @@ impl Watch {
             states: HashMap::new(),
             online: HashMap::new(),
             overrides: HashMap::new(),
+            overrides_changed: false,
             group_desired: Vec::new(),
             record: Vec::new(),
             record_changed: false,
@@ -165,6 +168,7 @@ impl Watch {
                 }
             }
             _ if self.is_desired_leaf(leaf) => {
+                self.overrides_changed = true;
                 self.overrides.insert(device, m.payload.to_vec());
             }
             _ => {}

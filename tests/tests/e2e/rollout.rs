@@ -229,10 +229,12 @@ async fn a_good_version_reaches_the_group_and_a_killed_rollout_resumes_or_aborts
     let (code, _, err) = f.rollout(&["--model", "digits@2", "--stages", "1", "--soak", "1s"]).await;
     assert_eq!(code, 64, "{err}");
     assert!(err.contains("is running") && err.contains("--resume or --abort"), "{err}");
-    // and --resume takes it to the end with its recorded options.
+    // and --resume takes it to the end with its recorded options, soaking
+    // the stage again in full (the killed run's figures died with it).
     let (code, out, err) = f.rollout(&["--resume"]).await;
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.contains(": done"), "{out}");
+    assert!(err.contains("the soak starts again in full"), "{err}");
     let group = f.group_desired().await;
     assert_eq!(group.model.version, "3");
     for i in 0..4 {
@@ -501,4 +503,58 @@ async fn a_device_back_within_the_offline_grace_does_not_halt_the_stage() {
     for i in 0..2 {
         f.state(i, |s| s.active.as_ref().is_some_and(|a| a.deployment_id == group.deployment_id)).await;
     }
+}
+
+/// What someone else publishes during a rollout is never overwritten: a
+/// device pinned mid-rollout keeps its pin when the rollout halts, and a
+/// group moved mid-rollout (an emergency rollback) halts it before
+/// completion instead of being replaced by the candidate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pin_or_a_group_change_made_during_the_rollout_is_left_alone() {
+    let mut f = fleet_on_v1("rc", 2).await;
+    f.reg.register("digits-cnn.onnx", "digits", "2");
+    let mut other = f.v1.clone();
+
+    // (a) rc-0 pinned by hand while it soaks the candidate.
+    let (url, reg) = (f.url(), f.reg.url.clone());
+    let run = |args: &[&str]| {
+        std::process::Command::new(sim_binary())
+            .args(["rollout", "--broker", &url, "--group", GROUP, "--registry-url", &reg])
+            .args(args)
+            .env("OUTPOST_LOG", "warn")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let tool = run(&["--model", "digits@2", "--stages", "1,100%", "--soak", "30s"]);
+    f.record_until(|r| r.step == Step::Soaking && r.stage == 0).await;
+    other.deployment_id = "pinned-by-hand".into();
+    other.revision = outpost_sim::operator::clock_revision() + 1000;
+    let pin = Topics::default().device_desired("rc-0");
+    f.watchers[0].op.publish(&pin, other.to_json(), true).await.unwrap();
+    let out = tokio::task::spawn_blocking(move || tool.wait_with_output().unwrap()).await.unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    let rec = f.record().await;
+    assert_eq!(rec.state, State::Halted, "{rec:?}");
+    let held = Deployment::from_json(&f.retained(&pin).await.expect("the pin is kept")).unwrap();
+    assert_eq!(held.deployment_id, "pinned-by-hand");
+    f.watchers[0].op.publish(&pin, Vec::new(), true).await.unwrap();
+    let v1 = f.v1.deployment_id.clone();
+    f.state(0, |s| s.active.as_ref().is_some_and(|a| a.deployment_id == v1)).await;
+
+    // (b) The group moved during the last stage's soak: the rollout halts rather than replace it.
+    let tool = run(&["--model", "digits@2", "--stages", "1", "--soak", "10s"]);
+    f.record_until(|r| r.step == Step::Soaking && r.ids.candidate != rec.ids.candidate).await;
+    other.deployment_id = "emergency".into();
+    other.revision = outpost_sim::operator::clock_revision() + 1000;
+    f.watchers[0].op.publish(&Topics::default().group_desired(GROUP), other.to_json(), true).await.unwrap();
+    let out = tokio::task::spawn_blocking(move || tool.wait_with_output().unwrap()).await.unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    let rec = f.record().await;
+    assert_eq!((rec.state, rec.breach.as_ref().map(|b| b.check.as_str())), (State::Halted, Some("changed")), "{rec:?}");
+    assert_eq!(f.group_desired().await.deployment_id, "emergency");
+    f.assert_no_overrides().await;
 }
