@@ -558,3 +558,43 @@ async fn a_pin_or_a_group_change_made_during_the_rollout_is_left_alone() {
     assert_eq!(f.group_desired().await.deployment_id, "emergency");
     f.assert_no_overrides().await;
 }
+
+/// A rollout in a model slot moves that slot only: the group's `det` slot
+/// goes from digits@1 to digits@2 stage by stage while the default slot
+/// keeps serving the group's digits@1; the record sits on the slot's topic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollout_in_a_slot_moves_that_slot_only() {
+    let mut f = fleet_on_v1("rz", 2).await;
+    f.reg.register("digits-cnn.onnx", "digits", "2");
+    let mut det = f.v1.clone();
+    det.deployment_id = "det-v1".into();
+    det.slot = Some("det".into());
+    let topic = Topics::default().group_model_desired(GROUP, "det");
+    f.watchers[0].op.publish(&topic, det.to_json(), true).await.unwrap();
+    for i in 0..2 {
+        f.state(i, |s| {
+            s.models.get("det").and_then(|m| m.active.as_ref()).is_some_and(|a| a.deployment_id == "det-v1")
+        })
+        .await;
+    }
+    let (code, out, err) =
+        f.rollout(&["--slot", "det", "--model", "digits@2", "--stages", "1,100%", "--soak", "2s"]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("slot det") && out.contains(": done"), "{out}");
+    let rec = Record::from_json(&f.retained(&Topics::default().rollout(GROUP, Some("det"))).await.unwrap()).unwrap();
+    assert_eq!((rec.state, rec.slot.as_deref()), (State::Done, Some("det")));
+    let group = Deployment::from_json(&f.retained(&topic).await.unwrap()).unwrap();
+    assert_eq!((group.model.version.as_str(), group.deployment_id.as_str()), ("2", rec.ids.group.as_str()));
+    let v1 = f.v1.deployment_id.clone();
+    for i in 0..2 {
+        let id = group.deployment_id.clone();
+        let s = f
+            .state(i, |s| s.models.get("det").and_then(|m| m.active.as_ref()).is_some_and(|a| a.deployment_id == id))
+            .await;
+        assert_eq!(s.active.as_ref().map(|a| a.deployment_id.as_str()), Some(v1.as_str()), "the default slot moved");
+        let pin = f.retained(&Topics::default().device_model_desired(&f.names[i], "det")).await;
+        assert_eq!(pin, None, "{} keeps a det override", f.names[i]);
+    }
+    // Nothing was recorded on the default slot's rollout topic.
+    assert_eq!(f.retained(&Topics::default().rollout(GROUP, None)).await, None);
+}
