@@ -191,6 +191,27 @@ async fn a_broken_bundle_halts_at_the_first_stage_with_one_device_touched() {
     let (code, _, err) = f.rollout(&["--model", "digits@1", "--stages", "1", "--soak", "1s"]).await;
     assert_eq!(code, 64, "{err}");
     assert!(err.contains("group fleet already desires digits@1"), "{err}");
+
+    // --max-failed 1: the first of a stage's two devices to fail goes back
+    // and the stage goes on; the second is past the budget and halts it.
+    let (code, out, err) =
+        f.rollout(&["--model", "digits@2", "--stages", "2,100%", "--soak", "3s", "--max-failed", "1"]).await;
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(out.contains("failed (returned, within --max-failed)"), "{out}");
+    let rec = f.record().await;
+    assert_eq!(rec.state, State::Halted, "{rec:?}");
+    let stage = &rec.done[0];
+    assert_eq!(stage.failed.len(), 1, "{rec:?}");
+    let breach = rec.breach.clone().unwrap();
+    assert_eq!(breach.check, "failed", "{breach:?}");
+    let first =
+        ["ra-0", "ra-1"].into_iter().find(|d| stage.failed[0].starts_with(d)).expect("ra-0 or ra-1 failed first");
+    assert_ne!(breach.device, first, "{rec:?}");
+    for i in 0..4 {
+        let s = f.state(i, |s| s.active.as_ref().is_some_and(|a| a.deployment_id == v1)).await;
+        assert_eq!(s.active.unwrap().version, "1");
+    }
+    f.assert_no_overrides().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
