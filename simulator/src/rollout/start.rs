@@ -174,7 +174,13 @@ fn check_start(s: &Start) -> Result<(), Error> {
     if s.stages.is_empty() {
         return Err(Error::Usage("--stages: expected at least one stage".into()));
     }
-    Ok(())
+    if s.limits.offline_grace_s > 86_400.0 {
+        return Err(Error::Usage("--offline-grace: at most a day (86400 s)".into()));
+    }
+    if s.soak.as_secs_f64() > record::MAX_SOAK_S {
+        return Err(Error::Usage("--soak: at most 30 days".into()));
+    }
+    s.limits.check().map_err(Error::Usage)
 }
 
 /// The group's desired state from its topic's payload: a deployment (plain
