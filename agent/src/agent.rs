@@ -114,7 +114,8 @@ struct SlotParts {
     store: Arc<Store>,
     reporter: Arc<Reporter>,
     counters: Arc<crate::serve::Counters>,
-    fetch: FetchConfig,
+    /// The default slot's: one HTTP client (root store, connection pool) for every slot.
+    fetcher: Fetcher,
     isolation: crate::deploy::isolate::Isolation,
     authority: crate::deploy::Authority,
     max_packet_size: usize,
@@ -129,7 +130,7 @@ impl SlotParts {
         let reporter = Arc::new(self.reporter.for_slot(name));
         let pipeline = Arc::new(Pipeline {
             store: self.store.clone(),
-            fetcher: Fetcher::new(self.fetch.clone()),
+            fetcher: self.fetcher.clone(),
             engine: engine.clone(),
             reporter: reporter.clone(),
             limits: arc_swap::ArcSwap::from_pointee(limits(live)),
@@ -230,7 +231,7 @@ impl Agent {
             store: store.clone(),
             reporter: reporter.clone(),
             counters: engine.counters.clone(),
-            fetch: config.fetch.clone(),
+            fetcher: pipeline.fetcher.clone(),
             isolation: config.isolation.clone(),
             authority,
             max_packet_size: config.session.max_packet_size,
