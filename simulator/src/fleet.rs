@@ -13,7 +13,9 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 mod hosts;
+mod rollout;
 pub use hosts::{DEVICES_PER_PROCESS, worker};
+pub use rollout::{Candidate, Requests, RolloutOutcome, RolloutSpec};
 
 /// What to simulate.
 #[derive(Debug, Clone)]
@@ -43,6 +45,8 @@ pub struct FleetSpec {
     /// `outpost-sim` (this executable) that the fleet drives; 0: one per
     /// [`DEVICES_PER_PROCESS`] devices.
     pub processes: usize,
+    /// Once every device is active: roll version 2 out to the group under load.
+    pub rollout: Option<RolloutSpec>,
 }
 
 impl Default for FleetSpec {
@@ -60,6 +64,7 @@ impl Default for FleetSpec {
             seed: 1,
             progress: false,
             processes: 1,
+            rollout: None,
         }
     }
 }
@@ -106,6 +111,11 @@ pub struct FleetReport {
     pub open_files_limit: u64,
     /// The Mosquitto this run started (`mosquitto`): its memory and CPU.
     pub mosquitto: Option<BrokerFigures>,
+    /// The rollout of version 2 ([`FleetSpec::rollout`]), or why it could not run.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<RolloutOutcome>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rollout_error: Option<String>,
     /// Seconds from publishing to each device's activation, sorted (the
     /// activation curve; not in the JSON, which stays a summary).
     #[serde(skip)]
@@ -124,6 +134,14 @@ pub struct BrokerFigures {
 }
 
 impl FleetReport {
+    /// Every device active, and the rollout (if one was asked for) ended as
+    /// its candidate should with no failed request.
+    pub fn succeeded(&self) -> bool {
+        self.active == self.devices
+            && self.rollout_error.is_none()
+            && self.rollout.as_ref().is_none_or(|r| r.as_expected(self.devices))
+    }
+
     /// The activation curve as SVG: devices active over time after the group deployment.
     pub fn activation_svg(&self) -> Result<String, String> {
         let title = format!(
@@ -526,7 +544,7 @@ pub async fn run(spec: FleetSpec) -> Result<FleetReport, String> {
     };
     let after = usage(&workers);
     let mosquitto_figures = mosquitto.as_ref().map(|m| broker_figures(m.child.id()));
-    let report = FleetReport {
+    let mut report = FleetReport {
         devices: spec.devices,
         processes,
         broker: broker.to_string(),
@@ -559,6 +577,8 @@ pub async fn run(spec: FleetSpec) -> Result<FleetReport, String> {
         cpu_s: after.cpu_s - before.cpu_s,
         open_files_limit,
         mosquitto: mosquitto_figures,
+        rollout: None,
+        rollout_error: None,
         active_at_s: times.clone(),
         failed_at_s: {
             let failed = devices.iter().filter(|d| d.seen == Seen::Failed).filter_map(|d| d.failed_at);
@@ -567,6 +587,30 @@ pub async fn run(spec: FleetSpec) -> Result<FleetReport, String> {
             t
         },
     };
+    if let Some(r) = &spec.rollout {
+        if report.active < spec.devices {
+            report.rollout_error = Some(format!("not run: {} of {} devices active", report.active, spec.devices));
+        } else {
+            let converged = rollout::Converged {
+                observer: &mut observer,
+                broker: &broker,
+                registry: &registry,
+                registry_url: &registry_url,
+                scratch: scratch.path(),
+                group: &group,
+                model: "fleet-model",
+                v1: &d.deployment_id,
+                devices: devices.iter().map(|d| d.id.clone()).collect(),
+                run_id,
+                timeout: spec.timeout,
+                progress: spec.progress,
+            };
+            match rollout::run(converged, r).await {
+                Ok(outcome) => report.rollout = Some(outcome),
+                Err(e) => report.rollout_error = Some(e),
+            }
+        }
+    }
     // Stop the agents (each says `offline` and records its clean stop),
     // wait for them, then drop the scratch directory. (10,000 agents
     // stopping at once take a while on two cores.)
@@ -638,6 +682,13 @@ impl std::fmt::Display for FleetReport {
                 m.cpu_s
             )?;
         }
-        write!(f, "  CPU:                           {:.1} s (open-file limit {})", self.cpu_s, self.open_files_limit)
+        write!(f, "  CPU:                           {:.1} s (open-file limit {})", self.cpu_s, self.open_files_limit)?;
+        if let Some(r) = &self.rollout {
+            write!(f, "\n{r}")?;
+        }
+        if let Some(e) = &self.rollout_error {
+            write!(f, "\nrollout: {e}")?;
+        }
+        Ok(())
     }
 }

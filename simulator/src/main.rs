@@ -511,7 +511,8 @@ enum Command {
     /// Simulate a fleet: N agents (the agent library, each with its own MQTT
     /// session, store and state) receive one group deployment, with flaky
     /// downloads, late starters and devices that drop offline; prints
-    /// progress and a report. Exit 0 when every device is active.
+    /// progress and a report. Exit 0 when every device is active (and a
+    /// --rollout ended as its candidate should, with no failed request).
     Fleet {
         /// How many simulated devices.
         #[arg(long, default_value_t = 100)]
@@ -555,6 +556,27 @@ enum Command {
         /// 0, one per 2,500 devices.
         #[arg(long, default_value_t = 0)]
         processes: usize,
+        /// Once every device is active: roll version 2 out to the group with
+        /// the engine of `outpost-sim rollout`, under --load. `good`: the
+        /// digits CNN; `broken`: a golden sample no device reproduces. Exit 0
+        /// when a good one reaches every device, or a broken one halts in its
+        /// first stage touching no other device, with no failed request.
+        #[arg(long, value_name = "good|broken")]
+        rollout: Option<outpost_sim::fleet::Candidate>,
+        /// The rollout's stages (counts or shares of the group), as `rollout --stages`.
+        #[arg(long, default_value = "1%,10%,50%,100%", requires = "rollout")]
+        stages: String,
+        /// How long each stage's devices are watched once active, e.g. 10s.
+        #[arg(long, value_parser = parse_wait, default_value = "10s", requires = "rollout")]
+        soak: Duration,
+        /// Inference requests per second over MQTT across the fleet during the rollout
+        /// (each device in turn); every answer is counted.
+        #[arg(long, default_value_t = 100.0, requires = "rollout")]
+        load: f64,
+        /// Draw the rollout (devices touched and serving version 2, requests answered by
+        /// each version and failed, per second) as SVG here.
+        #[arg(long, requires = "rollout")]
+        rollout_svg: Option<PathBuf>,
     },
     /// Runs the agents `outpost-sim fleet` starts and stops on this
     /// process's standard input (`start ID`, `stop ID`, `quit`); internal.
@@ -1149,6 +1171,11 @@ async fn run(command: Command) -> ExitCode {
             work_dir,
             seed,
             processes,
+            rollout,
+            stages,
+            soak,
+            load,
+            rollout_svg,
         } => {
             for (what, v) in [("--flaky", flaky), ("--late", late), ("--offline", offline)] {
                 if !(0.0..=1.0).contains(&v) {
@@ -1161,6 +1188,21 @@ async fn run(command: Command) -> ExitCode {
             if devices == 0 {
                 return fail(EXIT_USAGE, "--devices: expected at least 1");
             }
+            if !(load.is_finite() && load > 0.0) {
+                return fail(EXIT_USAGE, &format!("--load: expected requests per second above 0, found {load}"));
+            }
+            let rollout = match rollout.map(|candidate| {
+                outpost_sim::rollout::plan::parse_stages(&stages).map(|stages| outpost_sim::fleet::RolloutSpec {
+                    candidate,
+                    stages,
+                    soak,
+                    load_rps: load,
+                })
+            }) {
+                None => None,
+                Some(Ok(r)) => Some(r),
+                Some(Err(e)) => return fail(EXIT_USAGE, &e),
+            };
             let spec = outpost_sim::fleet::FleetSpec {
                 devices,
                 broker,
@@ -1174,6 +1216,7 @@ async fn run(command: Command) -> ExitCode {
                 seed,
                 progress: true,
                 processes,
+                rollout,
             };
             match outpost_sim::fleet::run(spec).await {
                 Ok(report) => {
@@ -1191,7 +1234,14 @@ async fn run(command: Command) -> ExitCode {
                     {
                         return fail(EXIT_FAILED, &e);
                     }
-                    if report.active == report.devices { ExitCode::SUCCESS } else { ExitCode::from(EXIT_FAILED) }
+                    if let (Some(path), Some(r)) = (rollout_svg, &report.rollout)
+                        && let Err(e) = r
+                            .svg(report.devices)
+                            .and_then(|s| std::fs::write(&path, s).map_err(|e| format!("{}: {e}", path.display())))
+                    {
+                        return fail(EXIT_FAILED, &e);
+                    }
+                    if report.succeeded() { ExitCode::SUCCESS } else { ExitCode::from(EXIT_FAILED) }
                 }
                 Err(e) => fail(EXIT_UNAVAILABLE, &e),
             }

@@ -258,6 +258,73 @@ pub fn fleet_activation(devices: usize, active_s: &[f64], failed_s: &[f64], titl
     })
 }
 
+/// A rollout across a simulated fleet (`fleet --rollout`): above, the
+/// devices that heard of the candidate and those serving it; below, the
+/// requests answered each second by the previous version, by the candidate,
+/// and those that failed. `timeline`: (seconds, serving, touched);
+/// `answers`: the seconds at which each request was answered, by kind;
+/// `rollout`: when the rollout started and ended (shaded).
+pub fn fleet_rollout(
+    devices: usize,
+    timeline: &[(f64, usize, usize)],
+    answers: [&[f64]; 3],
+    rollout: (f64, f64),
+    title: &str,
+) -> Result<String, String> {
+    let end = headroom(timeline.iter().map(|t| t.0).chain(answers.iter().flat_map(|a| a.iter().copied())), 1.0);
+    // Answers per second, bucketed by the second they came in.
+    let buckets = end.ceil() as usize + 1;
+    let per_second = |times: &[f64]| {
+        let mut n = vec![0.0; buckets];
+        for t in times.iter().filter(|t| t.is_finite() && **t >= 0.0) {
+            n[(*t as usize).min(buckets - 1)] += 1.0;
+        }
+        n.iter().enumerate().map(|(i, v)| (i as f64 + 0.5, *v)).collect::<Vec<_>>()
+    };
+    let [previous, candidate, failed] = answers.map(per_second);
+    let top_rate = headroom(previous.iter().chain(&candidate).chain(&failed).map(|p| p.1), 1.0);
+    let counts = |f: fn(&(f64, usize, usize)) -> usize| timeline.iter().map(|t| (t.0, f(t) as f64)).collect::<Vec<_>>();
+    // The devices axis goes as high as the rollout went: a halted one's few
+    // devices stay visible.
+    let most = timeline.iter().map(|t| t.1.max(t.2)).max().unwrap_or(0);
+    let top_devices = headroom(std::iter::once(most as f64), 1.0).min(devices.max(1) as f64 * 1.05);
+    let last = timeline.last().copied().unwrap_or_default();
+    svg((1000, 680), |root| {
+        let root = root.titled(title, ("sans-serif", 20)).map_err(err)?;
+        let (upper, lower) = root.split_vertically(360);
+        let mut chart = ChartBuilder::on(&upper)
+            .margin(15)
+            .x_label_area_size(40)
+            .y_label_area_size(70)
+            .build_cartesian_2d(0.0..end, 0.0..top_devices)
+            .map_err(err)?;
+        let x = format!(
+            "time since the load started (s); the rollout ran from {:.1} to {:.1} s (shaded)",
+            rollout.0, rollout.1
+        );
+        let shade = |top: f64| Rectangle::new([(rollout.0, 0.0), (rollout.1, top)], QUIET.filled());
+        chart.draw_series([shade(top_devices)]).map_err(err)?;
+        axes(&mut chart, &x, Some(&format!("devices (of {devices})")))?;
+        let touched = format!("touched by the candidate (an event for it): {} at the end", last.2);
+        line(&mut chart, counts(|t| t.2), ORANGE, touched)?;
+        line(&mut chart, counts(|t| t.1), GREEN, format!("serving the candidate: {} at the end", last.1))?;
+        legend(&mut chart, SeriesLabelPosition::UpperLeft)?;
+        let mut chart = ChartBuilder::on(&lower)
+            .margin(15)
+            .x_label_area_size(45)
+            .y_label_area_size(70)
+            .build_cartesian_2d(0.0..end, 0.0..top_rate)
+            .map_err(err)?;
+        chart.draw_series([shade(top_rate)]).map_err(err)?;
+        axes(&mut chart, &x, Some("requests answered per second"))?;
+        let total = |v: &[(f64, f64)]| v.iter().map(|p| p.1).sum::<f64>();
+        line(&mut chart, previous.clone(), BLUE, format!("by the previous version ({:.0})", total(&previous)))?;
+        line(&mut chart, candidate.clone(), GREEN, format!("by the candidate ({:.0})", total(&candidate)))?;
+        line(&mut chart, failed.clone(), FAILED, format!("failed ({:.0})", total(&failed)))?;
+        legend(&mut chart, SeriesLabelPosition::UpperRight)
+    })
+}
+
 /// The colour of a version in the chaos timeline.
 fn version_colour(v: &str) -> RGBColor {
     match v {

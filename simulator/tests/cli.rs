@@ -137,6 +137,64 @@ fn a_fleet_over_worker_processes_converges_on_its_own_mosquitto() {
     assert!(report["t_first_s"].as_f64() <= report["t99_s"].as_f64() && report["t99_s"].as_f64().is_some());
 }
 
+/// `fleet --rollout` (BENCHMARKS.md section 8b in small): the fleet's
+/// converged devices get version 2 from the rollout engine under inference
+/// load; the JSON report of a run with `kind`.
+fn fleet_rollout(kind: &str, stages: &str) -> serde_json::Value {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (json, svg) = (dir.path().join("fleet.json"), dir.path().join("rollout.svg"));
+    let (json_arg, svg_arg) = (json.display().to_string(), svg.display().to_string());
+    let args = [
+        "fleet",
+        "--devices",
+        "12",
+        "--mosquitto",
+        "--rollout",
+        kind,
+        "--stages",
+        stages,
+        "--soak",
+        "1s",
+        "--load",
+        "20",
+        "--json",
+        &json_arg,
+        "--rollout-svg",
+        &svg_arg,
+    ];
+    let (status, out) = sim_within(&args, std::time::Duration::from_secs(240));
+    assert!(status.success(), "{out}");
+    let svg = std::fs::read_to_string(&svg).expect("the rollout's plot");
+    assert!(svg.contains("serving the candidate") && svg.contains("failed (0)"), "{svg}");
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&json).expect("the JSON report")).expect("JSON");
+    let r = report["rollout"].clone();
+    // Requests went out and every one was answered with a prediction.
+    assert!(r["requests"]["sent"].as_u64().unwrap_or(0) > 0, "{r:#}");
+    assert_eq!(r["requests"]["failed_by_code"], serde_json::json!({}), "{r:#}");
+    assert_eq!(r["requests"]["unanswered"], 0, "{r:#}");
+    r
+}
+
+#[test]
+fn a_broken_version_halts_in_the_fleets_first_stage_and_no_request_fails() {
+    let r = fleet_rollout("broken", "1,50%,100%");
+    assert_eq!(r["report"]["state"], "halted", "{r:#}");
+    assert_eq!((r["first_stage"].as_u64(), r["touched"].as_u64()), (Some(1), Some(1)), "{r:#}");
+    assert_eq!(r["serving_candidate"], 0, "{r:#}");
+    assert!(r["report"]["reason"].as_str().unwrap_or_default().contains("validation_failed"), "{r:#}");
+    let answered = r["requests"]["answered_by_version"].as_object().cloned().unwrap_or_default();
+    assert_eq!(answered.keys().collect::<Vec<_>>(), ["1"], "only version 1 answered: {r:#}");
+}
+
+#[test]
+fn a_good_version_reaches_the_whole_fleet_and_no_request_fails() {
+    let r = fleet_rollout("good", "1,50%,100%");
+    assert_eq!(r["report"]["state"], "done", "{r:#}");
+    assert_eq!((r["touched"].as_u64(), r["serving_candidate"].as_u64()), (Some(12), Some(12)), "{r:#}");
+    assert!(r["requests"]["answered_by_version"]["2"].as_u64().unwrap_or(0) > 0, "{r:#}");
+}
+
 /// The smoke of `outpost-sim bench`: every section runs against real
 /// processes (Mosquitto, the agent) and the report holds each figure. The
 /// peer and the large models are skipped here (not set up in CI), and say so.
