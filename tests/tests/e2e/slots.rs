@@ -242,8 +242,11 @@ async fn a_shadow_candidate_is_scored_on_live_requests_without_answering_them() 
     // Promotion: a deployment of the candidate ends the scoring, with a final report.
     let mut promoted = candidate.clone();
     promoted.deployment_id = "promoted".into();
+    // Both came from the clock, maybe within one millisecond.
+    promoted.revision = d.revision + 1;
     w.publish_desired(promoted.to_json()).await;
-    assert_eq!(w.events_until_final("promoted").await.0.phase, Phase::Active);
+    let (last, events) = w.events_until_final("promoted").await;
+    assert_eq!(last.phase, Phase::Active, "{events:?}");
     assert_eq!(infer_http(port, "digits", "after").await.1["model_version"], "2");
     let state = w.state(&broker, |s: &DeviceState| s.active.as_ref().is_some_and(|a| a.version == "2")).await;
     assert!(state.models.is_empty());
