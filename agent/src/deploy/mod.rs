@@ -655,6 +655,9 @@ impl Deployer {
     }
 
     async fn launch(&mut self, source: Source, d: Deployment) {
+        if self.relabel(source, &d).await {
+            return;
+        }
         self.set_outcome(&d, Outcome::InProgress, None);
         let _ = self.persist().await;
         let cancel = Cancel::default();
@@ -692,6 +695,33 @@ impl Deployer {
             prepared
         });
         self.running = Some(Running { source, deployment: d, cancel, job });
+    }
+
+    /// A new deployment of the very version that serves (same manifest,
+    /// same serving settings, no shadow on either side, nothing on
+    /// probation): recorded as the active deployment without reloading
+    /// anything (a rollout's completion hands every device the group's
+    /// deployment of the version its own override already serves).
+    async fn relabel(&mut self, source: Source, d: &Deployment) -> bool {
+        let Some(serving) = self.serving.clone() else { return false };
+        let s = &serving.deployment;
+        let same = s.model == d.model && s.serving == d.serving && s.shadow.is_none() && d.shadow.is_none();
+        if !same || self.probation.is_some() || self.engine.active().is_none() {
+            return false;
+        }
+        let record =
+            ActiveRecord { source, deployment: d.clone(), since: serving.since.clone(), settled: serving.settled };
+        self.record.active = Some(record.clone());
+        self.serving = Some(record);
+        self.set_outcome(d, Outcome::Active, None);
+        self.record.push_history(&d.model.manifest_sha256, d.policy.keep_versions.unwrap_or(DEFAULT_KEEP_VERSIONS));
+        let _ = self.persist().await;
+        let detail = format!(
+            "{}@{} serves already (deployment {}): recorded as this deployment, nothing reloaded",
+            d.model.name, d.model.version, s.deployment_id
+        );
+        self.reporter.active_event(d, detail, outpost_protocol::Timings::default());
+        true
     }
 
     async fn on_job_ended(&mut self, ended: Result<Result<Prepared, Ended>, tokio::task::JoinError>) {

@@ -539,3 +539,36 @@ async fn a_group_of_five_converges_with_an_override_and_a_latecomer() {
         assert_eq!(answer["model_version"], "1", "{}: {answer}", names[i]);
     }
 }
+
+/// A new deployment of the very version that serves, with the same serving
+/// settings (a rollout's completion: the group's deployment replaces each
+/// device's own override of the same version): recorded as active without
+/// reloading the model, so answers do not stall while every device loads
+/// what it already serves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_deployment_of_the_serving_version_is_recorded_without_a_reload() {
+    let (broker, reg, _data, mut w, agent) =
+        Lab::device("dev-relabel").groups(&["lobby"]).model("digits-mlp.onnx", "digits", "1").start().await;
+    assert_eq!(w.deploy(&reg, "digits", "1").await.0.phase, Phase::Active);
+    // The group's deployment of the same version, then the device's own withdrawn.
+    let (url, sha) = outpost_sim::operator::resolve_manifest(&reg.url, "digits", "1").await.unwrap();
+    let mut group = outpost_sim::operator::deployment("digits", "1", &url, &sha, None, Some("group-1".into()));
+    group.policy.allow_downgrade = Some(true);
+    w.op.publish(&w.topics.group_desired("lobby"), group.to_json(), true).await.unwrap();
+    // Shadowed by the device's own desired state until that is withdrawn.
+    assert_eq!(w.events_until_final("group-1").await.0.phase, Phase::Unchanged);
+    w.publish_desired(Vec::new()).await;
+    let (last, events) = w.events_until_final("group-1").await;
+    assert_eq!(last.phase, Phase::Active, "{events:?}");
+    assert!(last.detail.as_deref().unwrap().contains("nothing reloaded"), "{last:?}");
+    assert_eq!(phase_names(&events), vec![Phase::Received, Phase::Active], "no download, load or validation");
+    let state = w.state(&broker, |s| s.active.as_ref().is_some_and(|a| a.deployment_id == "group-1")).await;
+    assert_eq!(state.active.unwrap().version, "1");
+    let (status, answer) = http(
+        "POST",
+        format!("http://127.0.0.1:{}/v2/models/digits/infer", agent.http_port),
+        Some(serde_json::to_vec(&digits_request(2)).unwrap()),
+    )
+    .await;
+    assert_eq!((status, answer["model_version"].as_str()), (200, Some("1")), "{answer}");
+}
