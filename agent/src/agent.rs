@@ -114,6 +114,9 @@ struct SlotParts {
     store: Arc<Store>,
     reporter: Arc<Reporter>,
     counters: Arc<crate::serve::Counters>,
+    /// What answers a request for a slot the device does not have (one
+    /// empty engine, not one per request).
+    no_slot: Arc<Engine>,
     /// The default slot's: one HTTP client (root store, connection pool) for every slot.
     fetcher: Fetcher,
     isolation: crate::deploy::isolate::Isolation,
@@ -231,6 +234,7 @@ impl Agent {
             store: store.clone(),
             reporter: reporter.clone(),
             counters: engine.counters.clone(),
+            no_slot: Arc::new(Engine::sharing(1, 1, engine.counters.clone())),
             fetcher: pipeline.fetcher.clone(),
             isolation: config.isolation.clone(),
             authority,
@@ -598,7 +602,6 @@ impl Agent {
                     return;
                 }
                 Err(refused) => {
-                    self.engine.counters.desired_refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     self.engine.counters.tally.desired_refused(refused.error.code);
                     tracing::warn!(topic = %target, slot, error = %refused.error, "desired state refused");
                     self.reporter.for_slot(slot).refused_message(m.payload(), &refused);
@@ -634,10 +637,8 @@ impl Agent {
     fn on_infer(&mut self, request: Message, slot: Option<&str>) {
         let engine = match slot {
             None => self.engine.clone(),
-            Some(s) => self.models.slot(s).unwrap_or_else(|| {
-                // No such slot: answered `no_model` by an engine with nothing in it.
-                Arc::new(Engine::sharing(1, 1, self.engine.counters.clone()))
-            }),
+            // No such slot: answered `no_model` by the engine with nothing in it.
+            Some(s) => self.models.slot(s).unwrap_or_else(|| self.slot_parts.no_slot.clone()),
         };
         let out = self.outbox.clone();
         let predictions = self.config.topics.predictions(&self.config.device);

@@ -572,7 +572,6 @@ impl Deployer {
     }
 
     fn count_refused(&self, code: ErrorCode) -> &Self {
-        self.engine.counters.desired_refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.engine.counters.tally.desired_refused(code);
         self
     }

@@ -69,9 +69,6 @@ pub struct Counters {
     pub running: AtomicU64,
     /// Automatic rollbacks after a failed probation.
     pub rollbacks: AtomicU64,
-    /// Desired states refused (unsigned, bad signature, wrong target,
-    /// invalid, stale, downgrade): counted by the deployer.
-    pub desired_refused: AtomicU64,
     /// MQTT requests whose reply topic is outside the reply prefixes.
     pub reply_refused: AtomicU64,
     /// Latencies of answered requests since start (for `/metrics`).

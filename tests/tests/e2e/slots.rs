@@ -461,3 +461,24 @@ async fn failed_starts_and_crashes_are_not_blamed_on_every_slot() {
         serde_json::from_slice(&std::fs::read(agent.data_dir.join("agent.json")).unwrap()).unwrap();
     assert!(record["quarantined"].is_null(), "the default slot was blamed: {record}");
 }
+
+/// A 17th model slot is refused `slot_limit` under the deployment's own id;
+/// the slots the device has keep serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_seventeenth_slot_is_refused_and_the_others_keep_serving() {
+    let (_broker, reg, _data, mut w, agent) =
+        Lab::device("cam-7").model("digits-mlp.onnx", "digits", "1").start().await;
+    for i in 0..16 {
+        let d = slot_deployment(&reg, &format!("s{i}"), "digits", "1").await;
+        assert_eq!(deploy_slot(&mut w, &format!("s{i}"), &d).await.0.phase, Phase::Active, "slot s{i}");
+    }
+    let d = slot_deployment(&reg, "s16", "digits", "1").await;
+    let (last, _) = deploy_slot(&mut w, "s16", &d).await;
+    assert_eq!((last.phase, last.slot.as_deref()), (Phase::Failed, Some("s16")), "{last:?}");
+    assert_eq!(last.error.as_ref().map(|e| e.code), Some(ErrorCode::SlotLimit), "{last:?}");
+    assert!(last.error.as_ref().unwrap().message.contains("at most 16"), "{last:?}");
+    assert_eq!(infer_http(agent.http_port, "s15", "still").await.0, 200);
+    assert_eq!(infer_http(agent.http_port, "s16", "none").await.0, 404);
+    let (_, metrics) = http("GET", format!("http://127.0.0.1:{}/metrics", agent.http_port), None).await;
+    assert!(metrics.as_str().unwrap().contains("outpost_desired_refused_total{code=\"slot_limit\"} 1"), "{metrics}");
+}
