@@ -258,6 +258,18 @@ pub const KEYS: &[Key] = &[
         "a list of ed25519 public keys: PEM files (openssl pkey -pubout) or ed25519:<base64>",
         "[]",
     ),
+    key(
+        "runtime.default",
+        "--set",
+        "auto, tract or onnxruntime: the engine of models whose manifest sets no model.runtime",
+        "auto",
+    ),
+    key(
+        "runtime.onnxruntime_library",
+        "--set",
+        "the path of libonnxruntime.so (1.17 or newer; agents built with the onnxruntime feature); unset: tract only",
+        "",
+    ),
     key("download.attempts", "--download-attempts", "1 to 100", "4"),
     key("download.stall_timeout", "--stall-timeout", "1 to 3600 seconds", "30"),
 ];
@@ -493,6 +505,11 @@ impl Layers {
                 window: Duration::from_secs(r.int("limits.crash_loop_window", 1, 86_400)?.unwrap_or(600)),
             },
             download_attempts: r.int("download.attempts", 1, 100)?.unwrap_or(4) as u32,
+            runtime_default: match r.string("runtime.default")? {
+                None => outpost_protocol::Runtime::Auto,
+                Some(s) => s.parse().map_err(|_| r.error("runtime.default", ""))?,
+            },
+            onnxruntime_library: r.string("runtime.onnxruntime_library")?.filter(|s| !s.is_empty()).map(PathBuf::from),
             stall_timeout: Duration::from_secs(r.int("download.stall_timeout", 1, 3600)?.unwrap_or(30)),
         };
         if settings.http_limits.max_inflight_bytes
@@ -578,6 +595,21 @@ impl Settings {
                 "download.file_root = {}: deployments may read files under it (file:// URLs)",
                 root.display()
             ));
+        }
+        match (&self.onnxruntime_library, cfg!(feature = "onnxruntime")) {
+            (Some(lib), false) => w.push(format!(
+                "runtime.onnxruntime_library = {}: {}; models run on tract",
+                lib.display(),
+                crate::serve::backend::NOT_BUILT
+            )),
+            (Some(lib), true) if !lib.is_file() => w.push(format!(
+                "runtime.onnxruntime_library = {}: no such file; models run on tract (onnxruntime unavailable)",
+                lib.display()
+            )),
+            (None, _) if self.runtime_default == outpost_protocol::Runtime::Onnxruntime => w.push(
+                "runtime.default = onnxruntime but runtime.onnxruntime_library is not set: models run on tract".into(),
+            ),
+            _ => {}
         }
         w
     }
@@ -762,6 +794,10 @@ pub struct Settings {
     pub disk_reserve: u64,
     pub breaker: crate::deploy::breaker::Policy,
     pub download_attempts: u32,
+    /// `runtime.default`: the engine when a manifest names none.
+    pub runtime_default: outpost_protocol::Runtime,
+    /// `runtime.onnxruntime_library`.
+    pub onnxruntime_library: Option<PathBuf>,
     pub stall_timeout: Duration,
 }
 

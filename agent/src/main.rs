@@ -65,6 +65,12 @@ struct ValidateArgs {
     /// The agent's pid: the validation stops if its parent is another process.
     #[arg(long)]
     parent_pid: Option<u32>,
+    /// The agent's runtime.default (auto, tract or onnxruntime).
+    #[arg(long, default_value = "auto")]
+    runtime_default: outpost_protocol::Runtime,
+    /// The agent's runtime.onnxruntime_library.
+    #[arg(long)]
+    onnxruntime_library: Option<PathBuf>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -274,6 +280,10 @@ fn main() -> ExitCode {
         Command::CheckBundle(a) => return check_bundle(a),
         Command::CheckConfig(args) => return check_config(&args),
         Command::ValidateModel(a) => {
+            outpost_agent::serve::backend::configure(outpost_agent::serve::backend::Runtimes {
+                default: a.runtime_default,
+                onnxruntime_library: a.onnxruntime_library,
+            });
             return ExitCode::from(outpost_agent::deploy::isolate::child(
                 &a.dir,
                 &a.manifest_sha256,
@@ -294,6 +304,12 @@ fn main() -> ExitCode {
     for w in settings.warnings() {
         tracing::warn!("{w}");
     }
+    // The library is opened later, by the first validation child that uses
+    // it (a library that crashes while loading ends that child, not the agent).
+    outpost_agent::serve::backend::configure(outpost_agent::serve::backend::Runtimes {
+        default: settings.runtime_default,
+        onnxruntime_library: settings.onnxruntime_library.clone(),
+    });
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(r) => r,
         Err(e) => {

@@ -96,6 +96,25 @@ pub struct DeploymentEvent {
     /// On `shadow`: how the candidate scored so far.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shadow: Option<crate::telemetry::ShadowStats>,
+    /// On `active`: which inference engine serves the model and why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backend: Option<Backend>,
+}
+
+/// The inference engine a deployment settled on (`model.runtime`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Backend {
+    /// `tract` or `onnxruntime`.
+    pub runtime: String,
+    /// Threads one request runs on (1, or every core).
+    pub threads: usize,
+    /// Why this engine: e.g. "faster: 8.41 ms vs 106.2 ms for tract",
+    /// "tract cannot load the model: ...", "onnxruntime unavailable: ...".
+    pub reason: String,
+    /// The golden sample's best run time on each engine that ran it, in
+    /// milliseconds (`tract`, `onnxruntime`).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub golden_ms: std::collections::BTreeMap<String, f64>,
 }
 
 /// Milliseconds spent in each step of a deployment (on `active`).

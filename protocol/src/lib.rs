@@ -28,11 +28,13 @@ pub mod trust;
 
 pub use deployment::{Deployment, ModelRef, Policy, Probation, Serving, Shadow};
 pub use error::{ErrorCode, ErrorInfo, ProtocolError};
-pub use event::{DeploymentEvent, Phase, Progress, Timings};
+pub use event::{Backend, DeploymentEvent, Phase, Progress, Timings};
 pub use infer::{
     Datatype, InferError, InferReply, InferRequest, InferResponse, OutData, TensorData, TensorIn, TensorOut,
 };
-pub use manifest::{Executor, FileEntry, Manifest, ModelSpec, Postprocess, Preprocess, TensorSpec, Validation};
+pub use manifest::{
+    Executor, FileEntry, Manifest, ModelSpec, Postprocess, Preprocess, Runtime, TensorSpec, Validation,
+};
 pub use state::{ActiveModel, DeviceState, LastDeployment, Outcome, SlotState};
 pub use telemetry::Telemetry;
 pub use topics::Topics;

@@ -48,6 +48,51 @@ pub struct ModelSpec {
     /// the faster.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub executor: Option<Executor>,
+    /// Which inference engine runs the model: `tract` (built into every
+    /// agent), `onnxruntime` (agents built with it and given the library),
+    /// or `auto` (the default, unless the device's `runtime.default` says
+    /// otherwise): each available engine loads the model and runs the golden
+    /// sample, and the faster one that reproduces it serves.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runtime: Option<Runtime>,
+}
+
+/// The inference engine a model runs on (`model.runtime`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Runtime {
+    #[default]
+    Auto,
+    Tract,
+    Onnxruntime,
+}
+
+impl Runtime {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Runtime::Auto => "auto",
+            Runtime::Tract => "tract",
+            Runtime::Onnxruntime => "onnxruntime",
+        }
+    }
+}
+
+impl std::fmt::Display for Runtime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Runtime {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Runtime, String> {
+        match s {
+            "auto" => Ok(Runtime::Auto),
+            "tract" => Ok(Runtime::Tract),
+            "onnxruntime" => Ok(Runtime::Onnxruntime),
+            other => Err(format!("unknown runtime '{other}': expected auto, tract or onnxruntime")),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

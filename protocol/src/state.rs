@@ -48,6 +48,10 @@ pub struct ActiveModel {
     pub revision: u64,
     /// RFC 3339 UTC time the model started serving.
     pub since: String,
+    /// The inference engine serving it (`tract`, `onnxruntime`); absent
+    /// from agents older than the choice.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runtime: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

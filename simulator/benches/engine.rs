@@ -40,6 +40,7 @@ fn load(
         tolerance: 1e-3,
         top_k: 0,
         scale: None,
+        runtime: None,
     })
     .unwrap();
     let dir = registry.join("bench").join(version);

@@ -453,6 +453,7 @@ pub async fn run(spec: BenchSpec) -> Result<Value, String> {
         tolerance: 1e-3,
         top_k: 0,
         scale: None,
+        runtime: None,
     };
     let mut specs = vec![
         reg(fixtures.join("digits-mlp.onnx"), "digits", "1"),

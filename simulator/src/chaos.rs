@@ -791,6 +791,7 @@ fn reg_spec(
         tolerance: 1e-4,
         top_k: 3,
         scale: None,
+        runtime: None,
     }
 }
 

@@ -89,6 +89,7 @@ pub async fn run() -> Result<(), String> {
             tolerance: 1e-4,
             top_k: 3,
             scale: None,
+            runtime: None,
         })?;
         println!(
             "[2] registered digits@{version}, a {what}: {} (sha256 {}..)",

@@ -332,6 +332,7 @@ pub async fn run(spec: FleetSpec) -> Result<FleetReport, String> {
         tolerance: 1e-4,
         top_k: 3,
         scale: None,
+        runtime: None,
     };
     let registered = tokio::task::spawn_blocking(move || register(&spec_reg)).await.map_err(|e| e.to_string())??;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.map_err(|e| format!("registry: {e}"))?;

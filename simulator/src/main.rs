@@ -157,6 +157,13 @@ enum Command {
         /// Multiply the first input by this on the device before the model sees it.
         #[arg(long)]
         scale: Option<f64>,
+        /// The manifest's model.runtime: auto, tract or onnxruntime (default: unset, the device's runtime.default).
+        /// With onnxruntime (or a model tract cannot read) ONNX Runtime reads the model and computes the golden sample.
+        #[arg(long)]
+        runtime: Option<outpost_protocol::Runtime>,
+        /// libonnxruntime.so to run models on (default: $OUTPOST_ONNXRUNTIME_LIBRARY).
+        #[arg(long)]
+        onnxruntime_library: Option<PathBuf>,
     },
     /// Run an embedded MQTT broker and a static HTTP server for a registry until Ctrl-C.
     Serve {
@@ -660,8 +667,38 @@ fn main() -> ExitCode {
 
 async fn run(command: Command) -> ExitCode {
     match command {
-        Command::Register { model, name, version, registry, labels, sample, shapes, tolerance, top_k, scale } => {
-            let spec = RegisterSpec { model, name, version, registry, labels, sample, shapes, tolerance, top_k, scale };
+        Command::Register {
+            model,
+            name,
+            version,
+            registry,
+            labels,
+            sample,
+            shapes,
+            tolerance,
+            top_k,
+            scale,
+            runtime,
+            onnxruntime_library,
+        } => {
+            outpost_agent::serve::backend::configure(outpost_agent::serve::backend::Runtimes {
+                default: outpost_protocol::Runtime::Auto,
+                onnxruntime_library: onnxruntime_library
+                    .or_else(|| std::env::var_os("OUTPOST_ONNXRUNTIME_LIBRARY").map(PathBuf::from)),
+            });
+            let spec = RegisterSpec {
+                model,
+                name,
+                version,
+                registry,
+                labels,
+                sample,
+                shapes,
+                tolerance,
+                top_k,
+                scale,
+                runtime,
+            };
             match tokio::task::spawn_blocking(move || register(&spec)).await {
                 Ok(Ok(r)) => {
                     println!("registered {}@{}", r.manifest.name, r.manifest.version);

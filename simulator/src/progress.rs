@@ -433,6 +433,7 @@ mod tests {
             timings_ms: None,
             slot: None,
             shadow: None,
+            backend: None,
         }
     }
 

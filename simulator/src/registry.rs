@@ -6,7 +6,7 @@
 //! REGISTRY/{name}/{version}/model.onnx, labels.txt, sample/input.json, sample/expected.json
 //! ```
 
-use outpost_agent::serve::model::{self, ExpectedOutputs, Model};
+use outpost_agent::serve::model::{ExpectedOutputs, Model};
 use outpost_protocol::infer::TensorData;
 use outpost_protocol::manifest::{ModelSpec, Postprocess, TensorSpec, Validation};
 use outpost_protocol::{Datatype, FileEntry, InferRequest, Manifest, TensorIn, hex};
@@ -29,6 +29,11 @@ pub struct RegisterSpec {
     pub top_k: usize,
     /// Pre-processing to apply to the (first) input on the device.
     pub scale: Option<f64>,
+    /// `model.runtime` of the manifest (absent: the device's default). With
+    /// `onnxruntime`, or when tract cannot read the model, ONNX Runtime
+    /// (the library `backend::configure` names) reads the signature and
+    /// computes the golden sample's expected outputs.
+    pub runtime: Option<outpost_protocol::Runtime>,
 }
 
 #[derive(Debug, Clone)]
@@ -90,7 +95,9 @@ pub fn register(spec: &RegisterSpec) -> Result<Registered, String> {
     for (what, v) in [("--name", &spec.name), ("--version", &spec.version)] {
         outpost_protocol::topics::validate_name(what, v).map_err(|e| e.to_string())?;
     }
-    let sig = model::read_signature(&spec.model, &spec.shapes).map_err(|e| {
+    let asked = spec.runtime.unwrap_or_default();
+    let read = outpost_agent::serve::backend::read_signature(&spec.model, &spec.shapes, asked);
+    let (sig, reader) = read.map_err(|e| {
         // Named once: most of these errors already start with the file.
         let (file, e) = (spec.model.display().to_string(), e.to_string());
         if e.starts_with(&file) { e } else { format!("{file}: {e}") }
@@ -162,11 +169,20 @@ pub fn register(spec: &RegisterSpec) -> Result<Registered, String> {
         name: spec.name.clone(),
         version: spec.version.clone(),
         files: files.clone(),
-        model: ModelSpec { format: "onnx".into(), file: "model.onnx".into(), inputs, outputs, executor: None },
+        model: ModelSpec {
+            format: "onnx".into(),
+            file: "model.onnx".into(),
+            inputs,
+            outputs,
+            executor: None,
+            runtime: spec.runtime,
+        },
         validation: None,
     };
     manifest.validate().map_err(|e| e.to_string())?;
-    let model = Model::load(&dir, &manifest, "").map_err(|e| format!("{}: {e}", spec.model.display()))?;
+    // The engine that read the model computes the expected outputs.
+    let how = outpost_agent::serve::model::LoadAs { runtime: reader, ..outpost_agent::serve::model::LoadAs::TRACT };
+    let model = Model::load_as(&dir, &manifest, "", how).map_err(|e| format!("{}: {e}", spec.model.display()))?;
     let response = model.infer(&request).map_err(|e| format!("golden sample: {e}"))?;
     let mut expected =
         serde_json::to_vec_pretty(&ExpectedOutputs { outputs: response.outputs }).map_err(|e| e.to_string())?;

@@ -712,6 +712,7 @@ mod tests {
             deployment_id: format!("{name}-{version}"),
             revision: 1,
             since: "2026-01-01T00:00:00Z".into(),
+            runtime: None,
         }
     }
 
@@ -873,6 +874,7 @@ mod tests {
             timings_ms: None,
             slot: Some("detector".into()),
             shadow: Some(ShadowStats { compared: 400, agreement: 0.5, ..candidate }),
+            backend: None,
         };
         put(&mut fleet, "cam-1", "events", &json_of(&ev), false, t0 + Duration::from_secs(1));
         let det = fleet.rows(t0 + Duration::from_secs(1)).remove(2);

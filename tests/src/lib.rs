@@ -249,6 +249,7 @@ impl Registry {
             tolerance: 1e-4,
             top_k: 3,
             scale: None,
+            runtime: None,
         })
         .unwrap();
         r.manifest_sha256
@@ -361,6 +362,11 @@ impl Agent {
             std::fs::write(cg.join("cgroup.procs"), child.id().to_string()).unwrap();
         }
         self.child = Some(child);
+    }
+
+    /// The agent's process id (0 when it is not running).
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, |c| c.id())
     }
 
     pub fn is_running(&mut self) -> bool {

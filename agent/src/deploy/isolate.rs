@@ -10,12 +10,19 @@
 //!
 //! The child speaks one JSON object per line on stdout (`Said`); how it
 //! ended is judged by its exit status, never by the text it printed.
+//!
+//! The child also chooses the engine (`serve::backend`): with `auto` it
+//! says when tract passed (`Candidate`) before it first touches ONNX
+//! Runtime (`Trying`), so a library or model that crashes ONNX Runtime
+//! leaves tract serving, and the agent opens the library only after a
+//! child used it.
 
 use crate::deploy::fetch::{Cancel, FetchError};
-use crate::serve::model::{Model, Settled};
+use crate::serve::backend::Step;
+use crate::serve::model::Settled;
 use crate::sys::alloc::EXIT_ALLOC_REFUSED;
 use outpost_protocol::manifest::MANIFEST_FILE;
-use outpost_protocol::{ErrorCode, ErrorInfo, Manifest};
+use outpost_protocol::{ErrorCode, ErrorInfo, Manifest, Runtime};
 use serde::{Deserialize, Serialize};
 use std::io::Read;
 use std::os::unix::process::ExitStatusExt;
@@ -94,6 +101,14 @@ impl Stage {
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 enum Said {
+    /// About to load the model on this engine.
+    Trying {
+        runtime: Runtime,
+    },
+    /// Passed on tract; serves if trying ONNX Runtime next ends the child.
+    Candidate {
+        settled: Settled,
+    },
     Loaded {
         load_ms: f64,
         notes: Vec<String>,
@@ -134,6 +149,11 @@ pub fn validate(
     cmd.arg("--parent-pid").arg(std::process::id().to_string());
     if let Some(m) = bounds.memory {
         cmd.arg("--memory-limit").arg(m.to_string());
+    }
+    let runtimes = crate::serve::backend::config();
+    cmd.arg("--runtime-default").arg(runtimes.default.as_str());
+    if let Some(lib) = &runtimes.onnxruntime_library {
+        cmd.arg("--onnxruntime-library").arg(lib);
     }
     // The child needs nothing from the environment: not the broker's
     // password, not systemd's notify socket.
@@ -193,11 +213,64 @@ pub fn validate(
     let out = stdout.and_then(|t| t.join().ok()).unwrap_or_default();
     let err = stderr.and_then(|t| t.join().ok()).unwrap_or_default();
     let said: Vec<Said> = out.split(|b| *b == b'\n').filter_map(|l| serde_json::from_slice(l).ok()).collect();
-    let loaded = said.iter().find_map(|s| match s {
+    let loaded = said.iter().rev().find_map(|s| match s {
         Said::Loaded { load_ms, notes } => Some((*load_ms, notes.clone())),
         _ => None,
     });
-    let stage = if loaded.is_some() { Stage::Validating } else { Stage::Loading };
+    // Where the child was: the last engine it tried, and whether it loaded there.
+    let trying = said.iter().rposition(|s| matches!(s, Said::Trying { .. }));
+    let loaded_at = said.iter().rposition(|s| matches!(s, Said::Loaded { .. }));
+    let stage = match (trying, loaded_at) {
+        (Some(t), Some(l)) if l > t => Stage::Validating,
+        (Some(_), _) => Stage::Loading,
+        (None, Some(_)) => Stage::Validating,
+        (None, None) => Stage::Loading,
+    };
+    // Tract passed, then trying ONNX Runtime ended the child without a
+    // verdict: tract serves (a verdict, even a failure, is the child's).
+    let on_ort = trying.is_some_and(|t| matches!(said[t], Said::Trying { runtime: Runtime::Onnxruntime }));
+    let candidate = said.iter().find_map(|s| match s {
+        Said::Candidate { settled } => Some(settled.clone()),
+        _ => None,
+    });
+    let verdict = said.iter().any(|s| matches!(s, Said::Valid { .. } | Said::Failed { .. }));
+    let fallback = candidate.filter(|_| on_ort && !verdict);
+    let judged = judge(&said, &err, status, stage, peak, seconds, timed_out, bounds, loaded);
+    match (judged, fallback) {
+        (Err(FetchError::Failed(e)), Some(mut settled)) => {
+            // The first engine's load notes and timing stand.
+            let (load_ms, load_notes) = said
+                .iter()
+                .find_map(|s| match s {
+                    Said::Loaded { load_ms, notes } => Some((*load_ms, notes.clone())),
+                    _ => None,
+                })
+                .unwrap_or_default();
+            let why = format!("failed: {} ({})", e.code, e.message);
+            if let Some(b) = settled.backend.as_mut() {
+                b.reason = format!("onnxruntime {why}: tract serves");
+            }
+            settled.validation = format!("{}; tract serves (onnxruntime {why})", settled.validation);
+            Ok(Validated { settled, load_notes, load_ms, validate_ms: 0.0, peak_bytes: peak })
+        }
+        (judged, _) => judged,
+    }
+}
+
+/// The verdict on a child that ended (or was stopped): what it said, else
+/// how it ended.
+#[allow(clippy::too_many_arguments)]
+fn judge(
+    said: &[Said],
+    err: &[u8],
+    status: std::process::ExitStatus,
+    stage: Stage,
+    peak: u64,
+    seconds: f64,
+    timed_out: bool,
+    bounds: Bounds,
+    loaded: Option<(f64, Vec<String>)>,
+) -> Result<Validated, FetchError> {
     // A child that ends within the first poll shows no peak: the refused size is the evidence then.
     let evidence = match peak {
         p if p < 1 << 20 => format!("after {seconds:.1} s"),
@@ -215,7 +288,7 @@ pub fn validate(
             ),
         );
     }
-    for s in &said {
+    for s in said {
         match s {
             Said::AllocRefused { bytes } => {
                 return failed(
@@ -251,7 +324,7 @@ pub fn validate(
             _ => {}
         }
     }
-    let tail = String::from_utf8_lossy(&err).trim().to_string();
+    let tail = String::from_utf8_lossy(err).trim().to_string();
     let tail = if tail.is_empty() { String::new() } else { format!("; its last words: {tail}") };
     match (status.signal(), status.code()) {
         // Not our timer: the kernel's OOM killer (the child is first in line).
@@ -399,18 +472,24 @@ pub fn child(dir: &Path, manifest_sha256: &str, memory: Option<u64>, parent: Opt
     };
     STAGE.store(1, Ordering::SeqCst);
     let t = Instant::now();
-    let mut model = match Model::load(dir, &manifest, manifest_sha256) {
-        Ok(m) => m,
-        Err(e) => {
-            say(&Said::Failed { error: e.into() });
-            return 0;
+    let mut loaded_at = t;
+    let prepared = crate::serve::backend::prepare(dir, &manifest, manifest_sha256, &mut |step| match step {
+        Step::Trying(runtime) => {
+            STAGE.store(1, Ordering::SeqCst);
+            say(&Said::Trying { runtime });
         }
-    };
-    say(&Said::Loaded { load_ms: crate::deploy::pipeline::ms(t.elapsed()), notes: model.load_notes.clone() });
-    STAGE.store(2, Ordering::SeqCst);
-    let t = Instant::now();
-    match model.validate(dir, &manifest) {
-        Ok(_) => say(&Said::Valid { settled: model.settled(), validate_ms: crate::deploy::pipeline::ms(t.elapsed()) }),
+        Step::Loaded { load_ms, notes } => {
+            say(&Said::Loaded { load_ms, notes: notes.to_vec() });
+            STAGE.store(2, Ordering::SeqCst);
+            loaded_at = Instant::now();
+        }
+        Step::Candidate(settled) => say(&Said::Candidate { settled }),
+    });
+    match prepared {
+        Ok(model) => say(&Said::Valid {
+            settled: model.settled(),
+            validate_ms: crate::deploy::pipeline::ms(loaded_at.elapsed()),
+        }),
         Err(e) => say(&Said::Failed { error: e.into() }),
     }
     0

@@ -719,7 +719,8 @@ impl Deployer {
             "{}@{} serves already (deployment {}): recorded as this deployment, nothing reloaded",
             d.model.name, d.model.version, s.deployment_id
         );
-        self.reporter.active_event(d, detail, outpost_protocol::Timings::default());
+        let backend = self.engine.active().and_then(|m| m.backend.clone());
+        self.reporter.active_event(d, detail, outpost_protocol::Timings::default(), backend);
         true
     }
 
@@ -891,7 +892,7 @@ impl Deployer {
         }
         timings.activate = pipeline::ms(activating.elapsed());
         timings.total = pipeline::ms(started.elapsed());
-        self.reporter.active_event(d, detail, timings);
+        self.reporter.active_event(d, detail, timings, model.backend.clone());
         tracing::info!(model = %model.name, version = %model.version, "active");
     }
 

@@ -238,27 +238,26 @@ impl Pipeline {
                 // The same bytes just loaded within the limit: load them here,
                 // and run them the way the validation settled.
                 installing()?;
-                let mut model = Model::load(&dir, &manifest, sha)?;
-                model.settle(&v.settled);
-                model
+                Model::load_settled(&dir, &manifest, sha, &v.settled)?
             }
             Isolation::InProcess => {
                 installing()?;
                 let t = Instant::now();
-                let mut model = Model::load(&dir, &manifest, sha)?;
-                timings.load = ms(t.elapsed());
-                let load_detail = format!(
-                    "loaded in {} ms{}",
-                    t.elapsed().as_millis(),
-                    model.load_notes.iter().map(|n| format!("; {n}")).collect::<String>()
-                );
+                let mut load_detail = String::new();
+                let model = crate::serve::backend::prepare(&dir, &manifest, sha, &mut |step| {
+                    if let crate::serve::backend::Step::Loaded { load_ms, notes } = step {
+                        timings.load = load_ms;
+                        load_detail = format!(
+                            "loaded in {load_ms:.0} ms{}",
+                            notes.iter().map(|n| format!("; {n}")).collect::<String>()
+                        );
+                    }
+                })?;
                 if cancel.is_cancelled() {
                     return Err(FetchError::Cancelled);
                 }
                 self.reporter.event(d, Phase::Validating, None, None, Some(load_detail));
-                let t = Instant::now();
-                model.validate(&dir, &manifest)?;
-                timings.validate = ms(t.elapsed());
+                timings.validate = (ms(t.elapsed()) - timings.load).max(0.0);
                 model
             }
         };
@@ -490,11 +489,11 @@ impl Pipeline {
             }
             _ => active.settled.clone(),
         };
-        let mut model = Model::load(&dir, &manifest, sha)?;
-        // A record from before settlements were kept: single-threaded.
-        if let Some(s) = &settled {
-            model.settle(s);
-        }
+        // A record from before settlements were kept: tract, single-threaded.
+        let model = match &settled {
+            Some(s) => Model::load_settled(&dir, &manifest, sha, s)?,
+            None => Model::load(&dir, &manifest, sha)?,
+        };
         tracing::info!(model = %model.name, version = %model.version, "serving the last active version from the store");
         let serving = &d.serving;
         self.engine.resize(
@@ -511,6 +510,9 @@ impl Pipeline {
     pub fn restore_shadow(&self, d: &Deployment) -> Result<Arc<Model>, FetchError> {
         let sd = shadow_deployment(d).ok_or_else(|| ErrorInfo::new(ErrorCode::Internal, "no shadow"))?;
         let (dir, manifest, _) = self.store.verify_version(&sd.model.manifest_sha256)?;
-        Ok(Arc::new(Model::load(&dir, &manifest, &sd.model.manifest_sha256)?))
+        // Its golden sample passed when it was deployed; its engine is
+        // chosen again (the settlement of a candidate is not kept).
+        let model = crate::serve::backend::prepare(&dir, &manifest, &sd.model.manifest_sha256, &mut |_| {})?;
+        Ok(Arc::new(model))
     }
 }

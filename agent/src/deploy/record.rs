@@ -230,6 +230,7 @@ impl Record {
                 deployment_id: a.deployment.deployment_id.clone(),
                 revision: a.deployment.revision,
                 since: a.since.clone(),
+                runtime: a.settled.as_ref().map(|s| s.runtime.to_string()),
             }),
             last_deployment: self.last_deployment.clone(),
         }

@@ -125,7 +125,7 @@ impl Reporter {
         if phase.is_final() && !stale {
             self.count_outcome(phase);
         }
-        self.emit(&d.deployment_id, d.revision, phase, progress, error, detail, None, None);
+        self.emit(&d.deployment_id, d.revision, phase, progress, error, detail, None, None, None);
     }
 
     /// A `shadow` event: how the candidate scored so far.
@@ -135,7 +135,7 @@ impl Reporter {
             "{detail}: {}@{} agreed on the top-1 class of {} of {} rows in {} sampled requests, max abs diff {}",
             stats.model.name, stats.model.version, stats.top1_agree, stats.rows, stats.compared, stats.max_abs_diff
         );
-        self.emit(&s.deployment_id, s.revision, Phase::Shadow, None, None, Some(detail), None, Some(stats));
+        self.emit(&s.deployment_id, s.revision, Phase::Shadow, None, None, Some(detail), None, Some(stats), None);
     }
 
     fn count_outcome(&self, phase: Phase) {
@@ -145,9 +145,15 @@ impl Reporter {
     }
 
     /// The `active` event, with where the deployment's time went.
-    pub fn active_event(&self, d: &Deployment, detail: String, timings: outpost_protocol::Timings) {
+    pub fn active_event(
+        &self,
+        d: &Deployment,
+        detail: String,
+        timings: outpost_protocol::Timings,
+        backend: Option<outpost_protocol::Backend>,
+    ) {
         self.count_outcome(Phase::Active);
-        self.emit(&d.deployment_id, d.revision, Phase::Active, None, None, Some(detail), Some(timings), None);
+        self.emit(&d.deployment_id, d.revision, Phase::Active, None, None, Some(detail), Some(timings), None, backend);
     }
 
     /// A desired message that is not a valid deployment: reported under the
@@ -188,7 +194,17 @@ impl Reporter {
     /// A refused desired state, as far as it can be named.
     pub fn refused(&self, deployment_id: Option<&str>, revision: u64, e: &ErrorInfo) {
         let detail = Some("desired state refused; the active model keeps serving".into());
-        self.emit(deployment_id.unwrap_or(""), revision, Phase::Failed, None, Some(e.clone()), detail, None, None);
+        self.emit(
+            deployment_id.unwrap_or(""),
+            revision,
+            Phase::Failed,
+            None,
+            Some(e.clone()),
+            detail,
+            None,
+            None,
+            None,
+        );
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -202,6 +218,7 @@ impl Reporter {
         detail: Option<String>,
         timings_ms: Option<outpost_protocol::Timings>,
         shadow: Option<outpost_protocol::telemetry::ShadowStats>,
+        backend: Option<outpost_protocol::Backend>,
     ) {
         let _order = self.order.lock().unwrap_or_else(|p| p.into_inner());
         let ev = DeploymentEvent {
@@ -218,6 +235,7 @@ impl Reporter {
             timings_ms,
             slot: self.slot.clone(),
             shadow,
+            backend,
         };
         let slot = self.slot.as_deref().unwrap_or("");
         match (&ev.error, phase) {

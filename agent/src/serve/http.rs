@@ -227,7 +227,7 @@ async fn metadata(State(models): State<Arc<Models>>, name: String, version: Opti
     axum::Json(json!({
         "name": name,
         "versions": [model.version],
-        "platform": "onnx_tract",
+        "platform": model.platform(),
         "inputs": tensors(model.input_signature()),
         "outputs": tensors(model.output_signature()),
     }))

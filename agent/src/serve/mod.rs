@@ -6,12 +6,15 @@
 //! request ends. When every worker is busy and the queue is full, a request
 //! is refused at once with `overloaded` instead of queueing without bound.
 
+pub mod backend;
 pub(crate) mod http;
 pub(crate) mod latency;
 pub mod metrics;
 pub mod model;
 pub mod models;
 pub(crate) mod mqtt;
+#[cfg(feature = "onnxruntime")]
+pub mod onnxruntime;
 pub(crate) mod probation;
 pub mod shadow;
 

@@ -1,5 +1,6 @@
-//! Scoring engine: loads an ONNX model with tract, checks it reproduces its
-//! golden sample, and runs Open Inference Protocol requests against it.
+//! Scoring engine: loads an ONNX model with tract (or ONNX Runtime, see
+//! [`crate::serve::backend`]), checks it reproduces its golden sample, and
+//! runs Open Inference Protocol requests against it.
 //!
 //! A [`Model`] is immutable once loaded: its optimised plan is `Send + Sync`
 //! and `run()` builds fresh state per call, so many worker threads share one
@@ -7,7 +8,7 @@
 
 use outpost_protocol::infer::{OutData, TensorData};
 use outpost_protocol::{Datatype, ErrorCode, ErrorInfo, InferRequest, InferResponse, Manifest, TensorOut};
-use outpost_protocol::{Postprocess, Preprocess};
+use outpost_protocol::{Postprocess, Preprocess, Runtime};
 use std::path::Path;
 use std::sync::Arc;
 use tract_linalg::multithread::Executor;
@@ -28,6 +29,11 @@ pub const MULTITHREAD: bool = cfg!(feature = "multithread");
 /// `multithread` feature.
 const NO_POOL: &str =
     "single-threaded: the manifest asks for multi_thread but this agent was built without the `multithread` feature";
+
+/// The cores this process may use.
+fn cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
 
 /// A pool of `cores` threads that one request's matrix products are split
 /// over, in builds with the `multithread` feature.
@@ -63,7 +69,7 @@ impl InferFailure {
         InferFailure::new(ErrorCode::BadInput, message)
     }
 
-    fn model(message: impl Into<String>) -> Self {
+    pub(crate) fn model(message: impl Into<String>) -> Self {
         InferFailure::new(ErrorCode::InferenceFailed, message)
     }
 
@@ -108,6 +114,21 @@ pub enum ModelError {
 }
 
 impl ModelError {
+    /// The same kind of error, saying `message`.
+    pub fn with_message(self, message: String) -> ModelError {
+        match self {
+            ModelError::Load(_) => ModelError::Load(message),
+            ModelError::Manifest(_) => ModelError::Manifest(message),
+            ModelError::Validation(_) => ModelError::Validation(message),
+        }
+    }
+
+    /// The same error with `note` added in parentheses.
+    pub fn with_note(self, note: &str) -> ModelError {
+        let message = format!("{self} ({note})");
+        self.with_message(message)
+    }
+
     pub fn code(&self) -> ErrorCode {
         match self {
             ModelError::Load(_) => ErrorCode::ModelLoadFailed,
@@ -161,7 +182,7 @@ pub struct Model {
     pub version: String,
     /// Identifies the exact bundle (the manifest's sha256).
     pub manifest_sha256: String,
-    plan: Arc<TypedRunnableModel>,
+    runner: Runner,
     inputs: Vec<InputSlot>,
     outputs: Vec<OutputSlot>,
     /// How loading went, for the log and events (e.g. "value_info ignored").
@@ -170,10 +191,12 @@ pub struct Model {
     pub load_time: std::time::Duration,
     /// What the golden-sample check and the executor choice found (after `validate`).
     pub validation: String,
-    /// Single-threaded unless the manifest or a measurement chose otherwise.
-    executor: Executor,
-    /// The same model with a dynamic batch fixed to 1, for one-sample requests.
-    plan_one: Option<Arc<TypedRunnableModel>>,
+    /// The golden sample's best run time (after `validate`, when it ran).
+    pub golden: Option<std::time::Duration>,
+    /// Which engine serves and why (after `backend::prepare`, or from a settlement).
+    pub backend: Option<outpost_protocol::Backend>,
+    /// The golden sample's time on the engine `auto` did not pick (ms).
+    pub(crate) golden_other: Option<(&'static str, f64)>,
     output_specs: Vec<(String, &'static str, Vec<i64>)>,
     /// Requests with at most this many input elements run on the calling
     /// thread instead of a blocking-pool thread (two thread hand-offs cost
@@ -194,9 +217,58 @@ fn max_body(inputs: &[InputSlot]) -> Option<usize> {
     elements.checked_mul(64)?.checked_add(64 << 10)
 }
 
+/// What runs a model's requests.
+enum Runner {
+    Tract {
+        plan: Arc<TypedRunnableModel>,
+        /// The same model with a dynamic batch fixed to 1, for one-sample requests.
+        plan_one: Option<Arc<TypedRunnableModel>>,
+        /// Single-threaded unless the manifest or a measurement chose otherwise.
+        executor: Executor,
+    },
+    #[cfg(feature = "onnxruntime")]
+    Onnxruntime(crate::serve::onnxruntime::Sessions),
+}
+
+impl std::fmt::Debug for Runner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Runner::Tract { plan_one, .. } => write!(f, "tract (batch-1 plan: {})", plan_one.is_some()),
+            #[cfg(feature = "onnxruntime")]
+            Runner::Onnxruntime(s) => write!(f, "onnxruntime {s:?}"),
+        }
+    }
+}
+
+/// How to load a model: on which engine, with how many threads per request
+/// and (onnxruntime) how many sessions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LoadAs {
+    /// `Tract` or `Onnxruntime` (`Auto` is [`crate::serve::backend::prepare`]'s to settle).
+    pub runtime: Runtime,
+    /// Threads one request runs on (tract: 1, or a pool of every core).
+    pub threads: usize,
+    /// onnxruntime: sessions, each running one request at a time.
+    pub sessions: usize,
+}
+
+impl LoadAs {
+    pub const TRACT: LoadAs = LoadAs { runtime: Runtime::Tract, threads: 1, sessions: 1 };
+}
+
+fn tract_runtime() -> Runtime {
+    Runtime::Tract
+}
+
 /// What a validation settled about how a model runs (see [`Model::settled`]).
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Settled {
+    /// The engine (records from before the choice: tract).
+    #[serde(default = "tract_runtime")]
+    pub runtime: Runtime,
+    /// Why that engine, and the golden sample's time on each (the `active` event's `backend`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backend: Option<outpost_protocol::Backend>,
     /// Requests split over a pool of every core (else one thread each).
     pub multi_thread: bool,
     /// See `Model::inline_max_elements`.
@@ -368,49 +440,22 @@ fn fix_input(model: &mut InferenceModel, i: usize, dt: DatumType, shape: &[i64])
 }
 
 impl Model {
-    /// Loads the model of a verified bundle in `dir` and readies it to serve.
-    /// Does not run the golden sample: see [`Model::validate`].
+    /// Loads the model of a verified bundle in `dir` with tract, one thread
+    /// per request. Does not run the golden sample: see [`Model::validate`].
     pub fn load(dir: &Path, manifest: &Manifest, manifest_sha256: &str) -> Result<Model, LoadError> {
+        Model::load_as(dir, manifest, manifest_sha256, LoadAs::TRACT)
+    }
+
+    /// Loads the model of a verified bundle in `dir` on the engine `how`
+    /// names. Does not run the golden sample: see [`Model::validate`].
+    pub fn load_as(dir: &Path, manifest: &Manifest, manifest_sha256: &str, how: LoadAs) -> Result<Model, LoadError> {
         let started = std::time::Instant::now();
         let file = &manifest.model.file;
         let path = dir.join(file);
         let mut notes = Vec::new();
-        let first = build_plan(&path, manifest, false, false);
-        let mut ignore_value_info = false;
-        let (plan, outputs_named) = match first {
-            Ok(p) => p,
-            Err(first_err) => {
-                // Third-party exports often carry value_info shapes that clash with
-                // concrete inputs ("Impossible to unify ..."); they load without it.
-                match build_plan(&path, manifest, true, false) {
-                    Ok(p) => {
-                        notes.push(format!("loaded with the file's value_info ignored (it clashed: {})", first_err));
-                        ignore_value_info = true;
-                        p
-                    }
-                    Err(_) => return Err(first_err),
-                }
-            }
-        };
-        // One-sample requests are the common case at the edge: a second plan
-        // with the batch fixed to 1 serves them (for models small enough that
-        // two plans are cheap).
-        let batched = manifest
-            .model
-            .inputs
-            .iter()
-            .any(|t| t.preprocess.as_ref().and_then(|p| p.shape.as_ref()).unwrap_or(&t.shape).first() == Some(&-1));
-        let model_bytes = manifest.file(file).map_or(u64::MAX, |f| f.size);
-        let plan_one = if batched && model_bytes <= BATCH_ONE_PLAN_MAX_BYTES {
-            match build_plan(&path, manifest, ignore_value_info, true) {
-                Ok((p, _)) => Some(p),
-                Err(e) => {
-                    notes.push(format!("no batch-1 plan ({})", e));
-                    None
-                }
-            }
-        } else {
-            None
+        let (runner, outputs_named) = match how.runtime {
+            Runtime::Onnxruntime => onnxruntime_runner(&path, manifest, how)?,
+            _ => tract_runner(&path, manifest, how, &mut notes)?,
         };
         let inputs: Vec<InputSlot> = manifest
             .model
@@ -447,15 +492,16 @@ impl Model {
             name: manifest.name.clone(),
             version: manifest.version.clone(),
             manifest_sha256: manifest_sha256.to_string(),
-            plan,
+            runner,
             max_body: max_body(&inputs),
             inputs,
             outputs,
             load_notes: notes,
             load_time: started.elapsed(),
             validation: String::new(),
-            executor: Executor::SingleThread,
-            plan_one,
+            golden: None,
+            backend: None,
+            golden_other: None,
             inline_max_elements: 0,
             output_specs: output_specs(manifest),
         })
@@ -504,21 +550,97 @@ impl Model {
     /// validation) or after a restart (which does not revalidate).
     pub fn settled(&self) -> Settled {
         Settled {
-            multi_thread: !matches!(self.executor, Executor::SingleThread),
+            runtime: self.runtime(),
+            backend: self.backend.clone(),
+            multi_thread: self.threads() > 1,
             inline_max_elements: self.inline_max_elements,
             validation: self.validation.clone(),
         }
     }
 
-    /// Applies what a validation of this same bundle settled.
-    pub fn settle(&mut self, s: &Settled) {
-        self.executor = match s.multi_thread {
-            true => thread_pool(std::thread::available_parallelism().map_or(1, |n| n.get()))
-                .unwrap_or(Executor::SingleThread),
-            false => Executor::SingleThread,
+    /// Loads the bundle in `dir` the way a validation of it settled (its
+    /// engine, its threads) without running it.
+    pub fn load_settled(
+        dir: &Path,
+        manifest: &Manifest,
+        manifest_sha256: &str,
+        s: &Settled,
+    ) -> Result<Model, LoadError> {
+        let cores = cores();
+        let how = LoadAs {
+            runtime: s.runtime,
+            threads: if s.multi_thread { cores } else { 1 },
+            // Single-threaded requests run side by side, one per session.
+            sessions: if s.multi_thread { 1 } else { cores },
         };
+        let mut model = Model::load_as(dir, manifest, manifest_sha256, how)?;
+        model.settle(s);
+        Ok(model)
+    }
+
+    /// Applies what a validation of this same bundle settled.
+    // One variant in builds without the `onnxruntime` feature.
+    #[allow(irrefutable_let_patterns)]
+    pub fn settle(&mut self, s: &Settled) {
+        if let Runner::Tract { executor, .. } = &mut self.runner {
+            *executor = match s.multi_thread {
+                true => thread_pool(cores()).unwrap_or(Executor::SingleThread),
+                false => Executor::SingleThread,
+            };
+        }
         self.inline_max_elements = s.inline_max_elements;
         self.validation = s.validation.clone();
+        self.backend = s.backend.clone();
+    }
+
+    /// The engine running this model.
+    pub fn runtime(&self) -> Runtime {
+        match &self.runner {
+            Runner::Tract { .. } => Runtime::Tract,
+            #[cfg(feature = "onnxruntime")]
+            Runner::Onnxruntime(_) => Runtime::Onnxruntime,
+        }
+    }
+
+    /// Threads one request runs on.
+    pub fn threads(&self) -> usize {
+        match &self.runner {
+            Runner::Tract { executor, .. } if matches!(executor, Executor::SingleThread) => 1,
+            Runner::Tract { .. } => cores(),
+            #[cfg(feature = "onnxruntime")]
+            Runner::Onnxruntime(s) => s.threads,
+        }
+    }
+
+    /// The OIP `platform` of the model metadata (Triton's names).
+    pub fn platform(&self) -> &'static str {
+        match self.runtime() {
+            Runtime::Onnxruntime => "onnxruntime_onnx",
+            _ => "onnx_tract",
+        }
+    }
+
+    /// Runs requests on every core (`multi`) or one thread each; false when
+    /// this build cannot (tract without the `multithread` feature).
+    fn set_multi(&mut self, multi: bool, dir: &Path, manifest: &Manifest) -> bool {
+        let threads = if multi { cores() } else { 1 };
+        match &mut self.runner {
+            Runner::Tract { executor, .. } => match (multi, thread_pool(threads)) {
+                (false, _) => *executor = Executor::SingleThread,
+                (true, Some(pool)) => *executor = pool,
+                (true, None) => return false,
+            },
+            #[cfg(feature = "onnxruntime")]
+            Runner::Onnxruntime(_) => {
+                let how = LoadAs { runtime: Runtime::Onnxruntime, threads, sessions: 1 };
+                match onnxruntime_runner(&dir.join(&manifest.model.file), manifest, how) {
+                    Ok((runner, _)) => self.runner = runner,
+                    Err(_) => return false,
+                }
+            }
+        }
+        let _ = (dir, manifest);
+        true
     }
 
     /// Whether `req` is small enough to run on the calling thread (see `inline_max_elements`).
@@ -529,59 +651,71 @@ impl Model {
 
     /// Drops the batch-1 plan, so every request runs on the symbolic-batch
     /// plan (for measuring what the batch-1 plan buys).
+    #[allow(irrefutable_let_patterns)]
     pub fn without_batch_one_plan(mut self) -> Model {
-        self.plan_one = None;
+        if let Runner::Tract { plan_one, .. } = &mut self.runner {
+            *plan_one = None;
+        }
         self
     }
 
     /// How requests run. `auto`: when one golden-sample run takes over
-    /// [`MEASURE_ABOVE`] single-threaded, time it on a pool of every core too
-    /// and keep the pool only if it is clearly faster (small models lose to
-    /// the dispatch cost, big convnets win).
+    /// [`MEASURE_ABOVE`] single-threaded, time it on every core too (tract's
+    /// thread pool, onnxruntime's intra-op threads) and keep that only if it
+    /// is clearly faster (small models lose to the dispatch cost, big
+    /// convnets win). Records the golden sample's best time.
     fn choose_executor(&mut self, choice: outpost_protocol::Executor, dir: &Path, manifest: &Manifest) -> String {
         use outpost_protocol::Executor as Choice;
-        let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-        match choice {
-            Choice::SingleThread => return "single-threaded (manifest)".into(),
-            Choice::MultiThread => {
-                let Some(pool) = thread_pool(cores) else { return NO_POOL.into() };
-                self.executor = pool;
-                return format!("multi-threaded on {cores} cores (manifest)");
-            }
-            Choice::Auto => {}
-        }
+        let cores = cores();
         let sample = manifest
             .validation
             .as_ref()
             .and_then(|v| std::fs::read(dir.join(&v.input)).ok())
             .and_then(|b| InferRequest::from_json(&b).ok());
-        let (Some(req), true) = (sample, cores > 1) else { return "single-threaded".into() };
         let time = |m: &Model| -> Option<std::time::Duration> {
+            let req = sample.as_ref()?;
             let mut best = std::time::Duration::MAX;
             for _ in 0..3 {
                 let t = std::time::Instant::now();
-                m.infer(&req).ok()?;
+                m.infer(req).ok()?;
                 best = best.min(t.elapsed());
             }
             Some(best)
         };
+        match choice {
+            Choice::SingleThread => {
+                self.golden = time(self);
+                return "single-threaded (manifest)".into();
+            }
+            Choice::MultiThread => {
+                if !self.set_multi(true, dir, manifest) {
+                    self.golden = time(self);
+                    return NO_POOL.into();
+                }
+                self.golden = time(self);
+                return format!("multi-threaded on {cores} cores (manifest)");
+            }
+            Choice::Auto => {}
+        }
         let Some(single) = time(self) else { return "single-threaded".into() };
-        if single < INLINE_BELOW {
+        self.golden = Some(single);
+        if single < INLINE_BELOW
+            && let Some(req) = &sample
+        {
             // Up to 8 times the sample's size: at most ~0.8 ms on the calling thread.
             self.inline_max_elements = req.inputs.iter().map(|t| t.data.len().max(1)).sum::<usize>() * 8;
         }
         let single_only = || format!("single-threaded ({:.2} ms per golden sample)", single.as_secs_f64() * 1e3);
-        if single < MEASURE_ABOVE {
+        if single < MEASURE_ABOVE || cores < 2 || !self.set_multi(true, dir, manifest) {
             return single_only();
         }
-        let Some(pool) = thread_pool(cores) else { return single_only() };
-        self.executor = pool;
         let multi = time(self).unwrap_or(std::time::Duration::MAX);
         let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
         if multi.as_secs_f64() * 1.2 < single.as_secs_f64() {
+            self.golden = Some(multi);
             format!("multi-threaded on {cores} cores: {:.1} ms vs {:.1} ms single-threaded", ms(multi), ms(single))
         } else {
-            self.executor = Executor::SingleThread;
+            self.set_multi(false, dir, manifest);
             format!("single-threaded: {:.1} ms vs {:.1} ms on {cores} cores", ms(single), ms(multi))
         }
     }
@@ -621,12 +755,18 @@ impl Model {
                 }
             }
         }
-        let plan = match &self.plan_one {
-            Some(one) if values.iter().all(|v| v.shape().first() == Some(&1)) => one,
-            _ => &self.plan,
+        let results = match &self.runner {
+            Runner::Tract { plan, plan_one, executor } => {
+                let plan = match plan_one {
+                    Some(one) if values.iter().all(|v| v.shape().first() == Some(&1)) => one,
+                    _ => plan,
+                };
+                tract_linalg::multithread::multithread_tract_scope(executor.clone(), || plan.run(values))
+                    .map_err(|e| InferFailure::model(format!("model run failed: {e:#}")))?
+            }
+            #[cfg(feature = "onnxruntime")]
+            Runner::Onnxruntime(sessions) => sessions.run(values)?,
         };
-        let results = tract_linalg::multithread::multithread_tract_scope(self.executor.clone(), || plan.run(values))
-            .map_err(|e| InferFailure::model(format!("model run failed: {e:#}")))?;
         let mut outputs = Vec::new();
         for slot in &self.outputs {
             let value = results
@@ -807,6 +947,85 @@ fn build_plan(
         .map_err(|e| load_failed(format!("{file}: cannot type and optimise the model: {e:#}")))?;
     let plan = optimized.into_runnable().map_err(|e| load_failed(format!("{file}: cannot plan the model: {e:#}")))?;
     Ok((plan, names))
+}
+
+/// tract's plans for a model: the one for any batch and, for one-sample
+/// requests, one with the batch fixed to 1; and the model's output names.
+fn tract_runner(
+    path: &Path,
+    manifest: &Manifest,
+    how: LoadAs,
+    notes: &mut Vec<String>,
+) -> Result<(Runner, Vec<String>), ModelError> {
+    let file = &manifest.model.file;
+    let first = build_plan(path, manifest, false, false);
+    let mut ignore_value_info = false;
+    let (plan, outputs_named) = match first {
+        Ok(p) => p,
+        Err(first_err) => {
+            // Third-party exports often carry value_info shapes that clash with
+            // concrete inputs ("Impossible to unify ..."); they load without it.
+            match build_plan(path, manifest, true, false) {
+                Ok(p) => {
+                    notes.push(format!("loaded with the file's value_info ignored (it clashed: {})", first_err));
+                    ignore_value_info = true;
+                    p
+                }
+                Err(_) => return Err(first_err),
+            }
+        }
+    };
+    // One-sample requests are the common case at the edge: a second plan
+    // with the batch fixed to 1 serves them (for models small enough that
+    // two plans are cheap).
+    let batched = manifest
+        .model
+        .inputs
+        .iter()
+        .any(|t| t.preprocess.as_ref().and_then(|p| p.shape.as_ref()).unwrap_or(&t.shape).first() == Some(&-1));
+    let model_bytes = manifest.file(file).map_or(u64::MAX, |f| f.size);
+    let plan_one = if batched && model_bytes <= BATCH_ONE_PLAN_MAX_BYTES {
+        match build_plan(path, manifest, ignore_value_info, true) {
+            Ok((p, _)) => Some(p),
+            Err(e) => {
+                notes.push(format!("no batch-1 plan ({})", e));
+                None
+            }
+        }
+    } else {
+        None
+    };
+    let executor = match how.threads > 1 {
+        true => thread_pool(how.threads).unwrap_or(Executor::SingleThread),
+        false => Executor::SingleThread,
+    };
+    Ok((Runner::Tract { plan, plan_one, executor }, outputs_named))
+}
+
+/// ONNX Runtime sessions for a model (the library from `runtime.onnxruntime_library`).
+#[cfg(feature = "onnxruntime")]
+fn onnxruntime_runner(path: &Path, manifest: &Manifest, how: LoadAs) -> Result<(Runner, Vec<String>), ModelError> {
+    let library = crate::serve::backend::library().map_err(|e| load_failed(format!("onnxruntime unavailable: {e}")))?;
+    let inputs: Vec<(String, Datatype, usize)> = manifest
+        .model
+        .inputs
+        .iter()
+        .map(|t| {
+            let pre = t.preprocess.as_ref();
+            let dt = pre.and_then(|p| p.datatype).unwrap_or(t.datatype);
+            (t.name.clone(), dt, pre.and_then(|p| p.shape.as_ref()).map_or(t.shape.len(), Vec::len))
+        })
+        .collect();
+    let outputs: Vec<String> = manifest.model.outputs.iter().map(|t| t.name.clone()).collect();
+    let sessions =
+        crate::serve::onnxruntime::Sessions::load(&library, path, &inputs, &outputs, how.threads, how.sessions)?;
+    let names = sessions.outputs.clone();
+    Ok((Runner::Onnxruntime(sessions), names))
+}
+
+#[cfg(not(feature = "onnxruntime"))]
+fn onnxruntime_runner(_: &Path, _: &Manifest, _: LoadAs) -> Result<(Runner, Vec<String>), ModelError> {
+    Err(load_failed(format!("onnxruntime unavailable: {}", crate::serve::backend::NOT_BUILT)))
 }
 
 /// The model's input tensor for a request tensor: checked against what

@@ -196,6 +196,7 @@ fn register_candidate(candidate: Candidate, name: &str, registry: &Path, scratch
         tolerance: 1e-4,
         top_k: 3,
         scale: None,
+        runtime: None,
     })?;
     if candidate == Candidate::Broken {
         // One expected probability changed, the manifest's sha256 and size

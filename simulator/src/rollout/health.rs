@@ -669,6 +669,7 @@ mod tests {
             timings_ms: None,
             slot: None,
             shadow: None,
+            backend: None,
         }
     }
 

@@ -215,6 +215,7 @@ fn register_refuses_a_model_tract_cannot_run_and_names_the_operator() {
         tolerance: 1e-4,
         top_k: 3,
         scale: None,
+        runtime: None,
     })
     .unwrap_err();
     assert!(err.contains("TreeEnsembleRegressor"), "{err}");

@@ -15,6 +15,7 @@ mod download;
 mod fleet;
 mod hostile;
 mod lifecycle;
+mod onnxruntime;
 mod packaging;
 mod rabbitmq;
 mod rollout;

@@ -317,6 +317,7 @@ async fn a_stage_promotes_only_a_candidate_that_agrees_in_shadow() {
         tolerance: 1e-4,
         top_k: 3,
         scale: Some(0.0),
+        runtime: None,
     })
     .unwrap();
     // digits@3 is the same MLP as digits@1.
