@@ -293,6 +293,7 @@ fn main() -> ExitCode {
         }
     };
     let _ = rustls::crypto::ring::default_provider().install_default();
+    outpost_agent::sys::alloc::keep_large_buffers();
     let (layers, settings, config) = match configure(&args) {
         Ok(c) => c,
         Err(msg) => {

@@ -1082,6 +1082,12 @@ fn build_tensor(slot: &InputSlot, t: &outpost_protocol::TensorIn) -> Result<Tens
         check_ints(name, slot.datatype, &t.data)?;
     }
     let dt = slot.model_datatype;
+    // FP32 in, FP32 to the model, nothing to do to it (binary tensors, big
+    // images): one copy, no pass through f64.
+    if let (TensorData::F32(x), None, Datatype::Fp32) = (&t.data, &slot.preprocess, dt) {
+        return tensor_of(&shape, x.clone())
+            .map_err(|e| InferFailure::new(ErrorCode::Internal, format!("input '{name}': {e:#}")));
+    }
     let tensor = if dt.is_float() {
         // One pass from the request's numbers to the model's type; a copy in
         // f64 only when pre-processing needs one.

@@ -83,11 +83,13 @@ impl std::fmt::Debug for Sessions {
 fn session(env: &ort::environment::Environment, path: &Path, threads: usize) -> Result<Session, ModelError> {
     let file = path.display();
     let failed = |e: ort::Error| ModelError::Load(format!("{file}: onnxruntime cannot load the model: {e}"));
-    // A builder error carries the builder back: only its message is kept.
+    // Every graph optimisation, as ONNX Runtime's own default (ORT_ENABLE_ALL)
+    // and Python's. A builder error carries the builder back: only its
+    // message is kept.
     let failed_with = |e: ort::Error<ort::session::builder::SessionBuilder>| failed(e.into());
     let mut builder = Session::builder(env)
         .map_err(failed)?
-        .with_optimization_level(GraphOptimizationLevel::Level3)
+        .with_optimization_level(GraphOptimizationLevel::All)
         .map_err(failed_with)?
         .with_intra_threads(threads)
         .map_err(failed_with)?
