@@ -37,11 +37,36 @@ pub struct BenchSpec {
     /// Run only these sections (see [`SECTIONS`]) and print their report
     /// instead of writing the whole one; empty: everything.
     pub only: Vec<String>,
+    /// libonnxruntime.so for the agent (section 7 measures both engines);
+    /// default: the one in the peer's virtualenv.
+    pub onnxruntime_library: Option<PathBuf>,
+}
+
+/// The ONNX Runtime library of a virtualenv with the `onnxruntime` wheel
+/// (`VENV/lib/python3.X/site-packages/onnxruntime/capi/libonnxruntime.so.VERSION`).
+pub fn venv_onnxruntime_library(venv: &Path) -> Option<PathBuf> {
+    std::fs::read_dir(venv.join("lib")).ok()?.flatten().find_map(|python| {
+        let capi = python.path().join("site-packages/onnxruntime/capi");
+        std::fs::read_dir(capi)
+            .ok()?
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("libonnxruntime.so.")))
+    })
+}
+
+/// The library the bench gives the agent, if any.
+fn onnxruntime_library(spec: &BenchSpec) -> Option<PathBuf> {
+    spec.onnxruntime_library.clone().filter(|p| p.is_file()).or_else(|| {
+        let python = spec.peer_python.clone().unwrap_or_else(|| spec.root.join("simulator/bench/.venv/bin/python"));
+        venv_onnxruntime_library(python.parent()?.parent()?)
+    })
 }
 
 /// The sections `--only` can pick: `http` (1, with wrk), `mqtt` (2 and 2b,
-/// the default and the tuned Mosquitto), `swap` (3, and its SVG).
-pub const SECTIONS: &[&str] = &["http", "mqtt", "swap"];
+/// the default and the tuned Mosquitto), `swap` (3, and its SVG),
+/// `detector` (7: the convnet on both engines).
+pub const SECTIONS: &[&str] = &["http", "mqtt", "swap", "detector"];
 
 /// Latency figures of one series, in microseconds, and its throughput.
 #[derive(Debug, Clone, Default, serde::Serialize)]
@@ -402,9 +427,17 @@ fn start_device(
 
 fn start_agent(spec: &BenchSpec, broker: u16, data: &Path) -> Result<(Proc, u16), String> {
     let http = free_port()?;
-    let child = Command::new(&spec.agent)
-        .args(["run", "--broker", &format!("mqtt://127.0.0.1:{broker}"), "--device", "bench"])
-        .args(["--data-dir", &data.display().to_string(), "--http-bind", &format!("127.0.0.1:{http}")])
+    let mut cmd = Command::new(&spec.agent);
+    cmd.args(["run", "--broker", &format!("mqtt://127.0.0.1:{broker}"), "--device", "bench"]).args([
+        "--data-dir",
+        &data.display().to_string(),
+        "--http-bind",
+        &format!("127.0.0.1:{http}"),
+    ]);
+    if let Some(lib) = onnxruntime_library(spec) {
+        cmd.args(["--set", &format!("runtime.onnxruntime_library={}", lib.display())]);
+    }
+    let child = cmd
         .env("OUTPOST_LOG", "warn")
         .env_remove("OUTPOST_CONFIG")
         .stdout(Stdio::null())
@@ -467,8 +500,32 @@ pub async fn run(spec: BenchSpec) -> Result<Value, String> {
     if dense.is_file() {
         specs.push(reg(dense.clone(), "dense", "1"));
     }
+    let library = onnxruntime_library(&spec);
+    if let Some(lib) = &library {
+        outpost_agent::serve::backend::configure(outpost_agent::serve::backend::Runtimes {
+            default: outpost_protocol::Runtime::Auto,
+            onnxruntime_library: Some(lib.clone()),
+        });
+    }
     if detector.is_file() {
+        // 1: the agent's choice (auto); 2: tract; 3: onnxruntime (section 7).
         specs.push(reg(detector.clone(), "detector", "1"));
+        specs.push(RegisterSpec {
+            runtime: Some(outpost_protocol::Runtime::Tract),
+            ..reg(detector.clone(), "detector", "2")
+        });
+        if library.is_some() {
+            specs.push(RegisterSpec {
+                runtime: Some(outpost_protocol::Runtime::Onnxruntime),
+                ..reg(detector.clone(), "detector", "3")
+            });
+        }
+    }
+    if library.is_none() {
+        skipped.push(
+            "onnxruntime in the agent (section 7): run simulator/bench/setup_peer.sh, or pass --onnxruntime-library"
+                .into(),
+        );
     }
     if !dense.is_file() || !detector.is_file() {
         skipped.push(format!(
@@ -662,6 +719,41 @@ async fn http_scoring(
     Ok((scoring, peer_rss_kb))
 }
 
+/// Section 7: the detector on each engine, beside the engines in-process.
+fn section_detector(r: &Value) -> String {
+    let Some(d) = r.get("detector") else { return String::new() };
+    let (f, row) = (cell, latency_row);
+    let threads = f(&d["onnxruntime_threads"]);
+    let mut md = String::from(
+        "## 7. A detector-sized convnet on both engines (480×640, binary tensors over HTTP)\n\n| | p50 µs | p99 µs | req/s | failed |\n|---|---|---|---|---|\n",
+    );
+    md.push_str(&row("outpost, model.runtime = onnxruntime, over HTTP", &d["outpost_http_onnxruntime"]));
+    md.push_str(&row("outpost, model.runtime = tract, over HTTP", &d["outpost_http"]));
+    md.push_str(&row("tract in-process", &d["tract_in_process"]));
+    let auto = &d["auto_backend"];
+    md.push_str(&format!(
+        "\nonnxruntime in-process (Python) p50 with the agent's {threads} thread(s) per request: {} ms; with its defaults (every core, spinning): {} ms (alternating rounds of 5 requests with the agent on onnxruntime).\n\n\
+         - **outpost on onnxruntime / onnxruntime in-process: {}** (goal ≤ 1.15)\n\
+         - outpost on tract / outpost on onnxruntime: {}\n\
+         - outpost on tract / tract in-process: {}\n\
+         - `model.runtime = auto` chose **{}**: {} (golden sample: {})\n\n{}\n\n",
+        f(&d["onnxruntime_in_process_p50_ms"]),
+        f(&d["onnxruntime_in_process_default_threads_p50_ms"]),
+        f(&d["outpost_onnxruntime_over_onnxruntime"]),
+        f(&d["tract_over_outpost_onnxruntime"]),
+        f(&d["outpost_over_tract"]),
+        f(&auto["runtime"]),
+        f(&auto["reason"]),
+        f(&auto["golden_ms"]),
+        if r["agent_version"].as_str().is_some_and(|v| v.contains("multithread")) {
+            "The agent is built with `multithread`: its deployment timed the golden sample on one thread and on every core and kept the faster; tract in-process runs on one thread."
+        } else {
+            "tract runs each request on one thread (the agent is built without `multithread`, as packaged); onnxruntime's threads per request are what the deployment measured as faster on the golden sample (one, or every core)."
+        },
+    ));
+    md
+}
+
 const WRK_MISSING: &str =
     "wrk: not installed (`apt-get install wrk`); the HTTP figures are this benchmark's client only";
 
@@ -701,6 +793,17 @@ async fn only(
         let svg_path = spec.report.with_file_name("bench-swap-timeline.svg");
         std::fs::write(&svg_path, timeline_svg(&timeline)?).map_err(|e| format!("{}: {e}", svg_path.display()))?;
         md.push_str(&section_swap(&results, &svg_path));
+    }
+    if want("detector") {
+        let detector = spec.large_models.join("detector-480x640.onnx");
+        if detector.is_file() {
+            eprintln!("[bench] detector on both engines");
+            results["detector"] = detector_bench(lab, http, &detector, spec, if spec.quick { 3 } else { 30 }).await?;
+            md.push_str(&section_detector(&results));
+        } else {
+            skipped
+                .push(format!("detector: run `python3 fixtures/make_large_models.py {}`", spec.large_models.display()));
+        }
     }
     results["skipped"] = json!(skipped);
     if !skipped.is_empty() {
@@ -1332,9 +1435,79 @@ fn timeline_svg(t: &Timeline) -> Result<String, String> {
     crate::plot::swap_timeline(&requests, &t.windows, t.seconds, &title)
 }
 
-/// The detector end to end (binary tensors over HTTP) vs tract and onnxruntime in-process.
+/// The detector end to end (binary tensors over HTTP) on each engine of
+/// the agent, against tract and onnxruntime in-process with the same
+/// threads per request. The agent on onnxruntime and onnxruntime in Python
+/// are measured in alternating rounds of 5 requests (this machine is
+/// shared: noise falls on both alike).
 async fn detector_bench(lab: &mut Lab, http: u16, model: &Path, spec: &BenchSpec, n: usize) -> Result<Value, String> {
-    lab.deploy("bench", "detector", "1").await?;
+    // The agent's own choice first (auto: both engines timed on the golden sample).
+    let (auto, _) = lab.deploy("bench", "detector", "1").await?;
+    lab.deploy("bench", "detector", "2").await?;
+    let tract_http = tokio::task::spawn_blocking(move || {
+        let mut c = Http::new(http);
+        let _ = detector_requests(&mut c, 1);
+        let started = Instant::now();
+        let (lat, failed) = detector_requests(&mut c, n);
+        series(lat, started.elapsed(), failed)
+    })
+    .await
+    .map_err(|e| e.to_string())?;
+    let (m, nn) = (model.to_path_buf(), n);
+    let (floor, _) = tokio::task::spawn_blocking(move || tract_floor(&m, &[1, 3, 480, 640], nn))
+        .await
+        .map_err(|e| e.to_string())??;
+    let mut out = json!({
+        "outpost_http": tract_http, "tract_in_process": floor, "auto_backend": auto.backend,
+        "outpost_over_tract": round2(tract_http.p50_us / floor.p50_us.max(1e-9)),
+    });
+    let onnxruntime = match lab.deploy("bench", "detector", "3").await {
+        Ok((ev, _)) => ev.backend.filter(|b| b.runtime == "onnxruntime"),
+        Err(_) => None,
+    };
+    let Some(backend) = onnxruntime else { return Ok(out) };
+    let threads = backend.threads;
+    let (python, model) = (peer_python(spec), model.to_path_buf());
+    let rounds = (n * 3 / 5).max(1);
+    let measured = tokio::task::spawn_blocking(move || -> Result<_, String> {
+        let mut same = PythonOnnxruntime::start(&python, &model, Some(threads))?;
+        let mut default = PythonOnnxruntime::start(&python, &model, None)?;
+        let mut c = Http::new(http);
+        let _ = detector_requests(&mut c, 3);
+        let (mut agent, mut failed, mut py, mut py_default) = (Vec::new(), 0, Vec::new(), Vec::new());
+        let started = Instant::now();
+        for _ in 0..rounds {
+            let (lat, f) = detector_requests(&mut c, 5);
+            agent.extend(lat);
+            failed += f;
+            py.extend(same.run(5)?);
+            py_default.extend(default.run(5)?);
+        }
+        let wall = started.elapsed();
+        Ok((series(agent, wall, failed), series(py, wall, 0), series(py_default, wall, 0)))
+    })
+    .await
+    .map_err(|e| e.to_string())?;
+    match measured {
+        Ok((agent, py, py_default)) => {
+            out["outpost_http_onnxruntime"] = json!(agent);
+            out["onnxruntime_in_process"] = json!(py);
+            out["onnxruntime_in_process_default_threads"] = json!(py_default);
+            out["onnxruntime_in_process_p50_ms"] = json!(round2(py.p50_us / 1e3));
+            out["onnxruntime_in_process_default_threads_p50_ms"] = json!(round2(py_default.p50_us / 1e3));
+            out["outpost_onnxruntime_over_onnxruntime"] = json!(round2(agent.p50_us / py.p50_us.max(1e-9)));
+            out["outpost_over_onnxruntime"] = json!(round2(tract_http.p50_us / py.p50_us.max(1e-9)));
+            out["tract_over_outpost_onnxruntime"] = json!(round2(tract_http.p50_us / agent.p50_us.max(1e-9)));
+        }
+        Err(e) => out["onnxruntime_in_process_error"] = json!(e),
+    }
+    out["onnxruntime_threads"] = json!(threads);
+    Ok(out)
+}
+
+/// `n` detector requests over HTTP with binary tensors, one at a time:
+/// their latencies and how many failed.
+fn detector_requests(c: &mut Http, n: usize) -> (Vec<Duration>, usize) {
     let count = 3 * 480 * 640;
     let raw: Vec<u8> = (0..count).flat_map(|i| ((i % 17) as f32 / 17.0).to_le_bytes()).collect();
     let header = serde_json::to_vec(&json!({
@@ -1345,54 +1518,81 @@ async fn detector_bench(lab: &mut Lab, http: u16, model: &Path, spec: &BenchSpec
     .unwrap_or_default();
     let mut body = header.clone();
     body.extend_from_slice(&raw);
-    let hlen = header.len().to_string();
-    let agent = tokio::task::spawn_blocking(move || {
-        let mut c = Http::new(http);
-        let h = [("Inference-Header-Content-Length", hlen)];
-        let _ = c.post("/v2/models/detector/infer", &h, &body);
-        let started = Instant::now();
-        let (mut lat, mut failed) = (Vec::new(), 0);
-        for _ in 0..n {
-            let t = Instant::now();
-            match c.post("/v2/models/detector/infer", &h, &body) {
-                Ok((200, _)) => lat.push(t.elapsed()),
-                _ => failed += 1,
-            }
+    let h = [("Inference-Header-Content-Length", header.len().to_string())];
+    let (mut lat, mut failed) = (Vec::new(), 0);
+    for _ in 0..n {
+        let t = Instant::now();
+        match c.post("/v2/models/detector/infer", &h, &body) {
+            Ok((200, _)) => lat.push(t.elapsed()),
+            _ => failed += 1,
         }
-        series(lat, started.elapsed(), failed)
-    })
-    .await
-    .map_err(|e| e.to_string())?;
-    let (m, nn) = (model.to_path_buf(), n);
-    let (floor, _) = tokio::task::spawn_blocking(move || tract_floor(&m, &[1, 3, 480, 640], nn))
-        .await
-        .map_err(|e| e.to_string())??;
-    let ort = onnxruntime_p50_ms(spec, model, n);
-    Ok(json!({
-        "outpost_http": agent, "tract_in_process": floor, "onnxruntime_in_process_p50_ms": ort,
-        "outpost_over_tract": round2(agent.p50_us / floor.p50_us.max(1e-9)),
-        "outpost_over_onnxruntime": ort.map(|o| round2(agent.p50_us / 1e3 / o)),
-    }))
+    }
+    (lat, failed)
 }
 
-/// onnxruntime in Python on the same input, for context: p50 in ms.
-fn onnxruntime_p50_ms(spec: &BenchSpec, model: &Path, n: usize) -> Option<f64> {
-    let python = spec
-        .peer_python
+/// The peer virtualenv's Python (it has onnxruntime), else `python3`.
+fn peer_python(spec: &BenchSpec) -> PathBuf {
+    spec.peer_python
         .clone()
         .filter(|p| p.is_file())
         .or_else(|| Some(spec.root.join("simulator/bench/.venv/bin/python")).filter(|p| p.is_file()))
-        .unwrap_or_else(|| PathBuf::from("python3"));
-    let script = "import sys, time, numpy as np, onnxruntime as ort\n\
-        s = ort.InferenceSession(sys.argv[1], providers=['CPUExecutionProvider'])\n\
+        .unwrap_or_else(|| PathBuf::from("python3"))
+}
+
+/// onnxruntime in a Python process, on the detector's input: runs it on
+/// demand and reports each run's time. `threads`: intra-op threads (idle
+/// ones sleeping, as the agent sets them); `None`: its defaults (every
+/// core, spinning).
+struct PythonOnnxruntime {
+    _child: Proc,
+    stdin: std::process::ChildStdin,
+    stdout: std::io::BufReader<std::process::ChildStdout>,
+}
+
+impl PythonOnnxruntime {
+    const SCRIPT: &str = "import sys, time, numpy as np, onnxruntime as ort\n\
+        o = ort.SessionOptions()\n\
+        t = int(sys.argv[2])\n\
+        if t > 0:\n    o.intra_op_num_threads = t; o.inter_op_num_threads = 1; o.add_session_config_entry('session.intra_op.allow_spinning', '0')\n\
+        s = ort.InferenceSession(sys.argv[1], o, providers=['CPUExecutionProvider'])\n\
         x = (np.arange(3*480*640) % 17 / 17.0).astype(np.float32).reshape(1, 3, 480, 640)\n\
         name = s.get_inputs()[0].name\n\
         [s.run(None, {name: x}) for _ in range(3)]\n\
-        t = []\n\
-        for _ in range(int(sys.argv[2])):\n    a = time.perf_counter(); s.run(None, {name: x}); t.append(time.perf_counter() - a)\n\
-        t.sort(); print(t[len(t)//2] * 1e3)\n";
-    let out = Command::new(python).args(["-c", script, &model.display().to_string(), &n.to_string()]).output().ok()?;
-    String::from_utf8_lossy(&out.stdout).trim().parse::<f64>().ok().map(round2)
+        print('ready', flush=True)\n\
+        for line in sys.stdin:\n    out = []\n    for _ in range(int(line)):\n        a = time.perf_counter(); s.run(None, {name: x}); out.append(time.perf_counter() - a)\n    print(' '.join(map(str, out)), flush=True)\n";
+
+    fn start(python: &Path, model: &Path, threads: Option<usize>) -> Result<PythonOnnxruntime, String> {
+        let mut child = Command::new(python)
+            .args(["-c", Self::SCRIPT, &model.display().to_string(), &threads.unwrap_or(0).to_string()])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| format!("{}: {e}", python.display()))?;
+        let (stdin, stdout) = match (child.stdin.take(), child.stdout.take()) {
+            (Some(i), Some(o)) => (i, std::io::BufReader::new(o)),
+            _ => return Err("python: no pipes".into()),
+        };
+        let mut p = PythonOnnxruntime { _child: Proc(child), stdin, stdout };
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut p.stdout, &mut line).map_err(|e| e.to_string())?;
+        if line.trim() != "ready" {
+            return Err(format!(
+                "onnxruntime in {}: did not start (numpy and onnxruntime installed?)",
+                python.display()
+            ));
+        }
+        Ok(p)
+    }
+
+    fn run(&mut self, n: usize) -> Result<Vec<Duration>, String> {
+        writeln!(self.stdin, "{n}").map_err(|e| e.to_string())?;
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut self.stdout, &mut line).map_err(|e| e.to_string())?;
+        line.split_whitespace()
+            .map(|s| s.parse::<f64>().map(Duration::from_secs_f64).map_err(|e| e.to_string()))
+            .collect()
+    }
 }
 
 /// sha256 of a file: the agent's code (as used on downloads) vs `sha256sum`.
@@ -1731,22 +1931,7 @@ fn markdown(r: &Value, svg: &Path) -> String {
         f(&h["agent_over_sha256sum"]),
         f(&h["digests_agree"])
     ));
-    if let Some(d) = r.get("detector") {
-        md.push_str("## 7. A detector-sized convnet (480×640, binary tensors over HTTP)\n\n| | p50 µs | p99 µs | req/s | failed |\n|---|---|---|---|---|\n");
-        md.push_str(&row("outpost over HTTP", &d["outpost_http"]));
-        md.push_str(&row("tract in-process", &d["tract_in_process"]));
-        md.push_str(&format!(
-            "\n{}\n\nonnxruntime in-process (Python) p50: {} ms. outpost / tract: {}; outpost / onnxruntime: {}.\n\n",
-            if r["agent_version"].as_str().is_some_and(|v| v.contains("multithread")) {
-                "The agent is built with `multithread`: its deployment timed the golden sample on one thread and on every core and kept the faster; tract in-process runs on one thread."
-            } else {
-                "Both run each request on one thread (the agent is built without `multithread`, as packaged; `cargo build --release --features outpost-agent/multithread` measures the other)."
-            },
-            f(&d["onnxruntime_in_process_p50_ms"]),
-            f(&d["outpost_over_tract"]),
-            f(&d["outpost_over_onnxruntime"])
-        ));
-    }
+    md.push_str(&section_detector(r));
     if let Some(fl) = r.get("fleet") {
         md.push_str(&format!(
             "## 8. A fleet of {} devices on the same Mosquitto (`outpost-sim fleet`)\n\nOne group deployment with {} late starters, {} devices going offline mid-download and a tenth of the downloads cut or refused: {} of {} active, {} failed; 50 % / 90 % / 100 % active after {} / {} / {} s; {} download retries; {} deployments resumed after an offline period; {:.0} KB of memory per simulated device.\n\n",

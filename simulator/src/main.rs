@@ -482,6 +482,9 @@ enum Command {
         /// timeline SVG is still written next to --report).
         #[arg(long, value_delimiter = ',', value_parser = clap::builder::PossibleValuesParser::new(outpost_sim::bench::SECTIONS))]
         only: Vec<String>,
+        /// libonnxruntime.so given to the agent (section 7 measures both engines); default: the peer virtualenv's.
+        #[arg(long)]
+        onnxruntime_library: Option<PathBuf>,
     },
     /// A seeded soak: real agent processes against Mosquitto and a registry
     /// under a reproducible schedule of faults (kills mid-install and
@@ -1165,7 +1168,16 @@ async fn run(command: Command) -> ExitCode {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => fail(EXIT_FAILED, &e),
         },
-        Command::Bench { agent, quick, report, peer_python, large_models, baseline_agent, only } => {
+        Command::Bench {
+            agent,
+            quick,
+            report,
+            peer_python,
+            large_models,
+            baseline_agent,
+            only,
+            onnxruntime_library,
+        } => {
             let root = std::env::current_dir().unwrap_or_default();
             if !root.join("fixtures/digits-mlp.onnx").is_file() {
                 return fail(EXIT_USAGE, "run outpost-sim bench from the repository root (it uses fixtures/)");
@@ -1179,6 +1191,7 @@ async fn run(command: Command) -> ExitCode {
                 root,
                 baseline_agent,
                 only: only.clone(),
+                onnxruntime_library,
             };
             match outpost_sim::bench::run(spec).await {
                 Ok(_) if !only.is_empty() => ExitCode::SUCCESS,
