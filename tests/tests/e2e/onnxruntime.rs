@@ -285,3 +285,27 @@ async fn a_library_that_crashes_is_contained_in_the_validation_child() {
     let answer = w.infer("still", reference_request("convnet")).await;
     assert_eq!(answer["model_name"], "convnet", "{answer}");
 }
+
+/// The library `OUTPOST_ONNXRUNTIME_LIBRARY` names on this device (the aarch64
+/// smoke runs it with the aarch64 wheel's library under qemu-user, where it
+/// crashes while loading): the convnet serves either on onnxruntime or, the
+/// crash contained in the validation child, on tract; both answer as Python's
+/// onnxruntime does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_devices_library_serves_or_its_crash_is_contained() {
+    let Some(lib) = library() else { return };
+    let lib_flag = format!("runtime.onnxruntime_library={}", lib.display());
+    let (_broker, reg, _data, mut w, mut agent) = Lab::device("ort-5").flags(&["--set", &lib_flag]).start().await;
+    register(&reg, "convnet", "convnet", "1", None);
+    let (ev, _) = w.deploy(&reg, "convnet", "1").await;
+    assert_eq!(ev.phase, Phase::Active, "{ev:?}");
+    let b = backend(&ev);
+    eprintln!("convnet with {}: {} ({})", lib.display(), b.runtime, b.reason);
+    match b.runtime.as_str() {
+        "onnxruntime" => assert!(b.reason.starts_with("faster: "), "{b:?}"),
+        _ => assert!(b.reason.starts_with("onnxruntime failed: model_crashed ("), "{b:?}"),
+    }
+    let answer = w.infer("convnet-1", reference_request("convnet")).await;
+    assert_matches_python("convnet", &answer, 1e-4);
+    assert!(agent.is_running());
+}
