@@ -83,6 +83,9 @@ struct CheckArgs {
     /// PEM file of the CAs trusted for an https:// registry.
     #[arg(long)]
     ca_file: Option<PathBuf>,
+    /// libonnxruntime.so to check ONNX Runtime with, as runtime.onnxruntime_library would (default: tract only).
+    #[arg(long)]
+    onnxruntime_library: Option<PathBuf>,
 }
 
 /// Flags of `run` and `check-config`. Each sets the configuration key named
@@ -458,6 +461,10 @@ async fn reload_on_sighup(
 
 fn check_bundle(a: CheckArgs) -> ExitCode {
     let _ = rustls::crypto::ring::default_provider().install_default();
+    outpost_agent::serve::backend::configure(outpost_agent::serve::backend::Runtimes {
+        default: outpost_protocol::Runtime::Auto,
+        onnxruntime_library: a.onnxruntime_library.clone(),
+    });
     let roots = match a.ca_file.as_deref().map(outpost_agent::sys::tls::load_certs).transpose() {
         Ok(r) => r,
         Err(m) => {

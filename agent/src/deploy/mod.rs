@@ -265,7 +265,14 @@ impl Deployer {
             .await
             .unwrap_or_else(|e| Err(ErrorInfo::new(ErrorCode::Internal, format!("restoring panicked: {e}"))));
             match loaded {
-                Ok(()) => {
+                Ok(settled) => {
+                    // Settled again (on ONNX Runtime, by a child): what serves now.
+                    let mut active = active;
+                    if settled.is_some() && settled != active.settled {
+                        active.settled = settled;
+                        self.record.active = Some(active.clone());
+                        let _ = self.persist().await;
+                    }
                     http_port = active.deployment.serving.http_port;
                     if active.deployment.shadow.is_some() {
                         let (p, d) = (self.pipeline.clone(), active.deployment.clone());

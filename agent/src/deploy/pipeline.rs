@@ -10,7 +10,7 @@ use crate::deploy::store::Store;
 use crate::report::Reporter;
 use crate::serve::Engine;
 use crate::serve::model::Model;
-use outpost_protocol::{Deployment, ErrorCode, ErrorInfo, Manifest, Phase, Progress};
+use outpost_protocol::{Deployment, ErrorCode, ErrorInfo, Manifest, Phase, Progress, Runtime};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -479,11 +479,19 @@ impl Pipeline {
     /// and without any network: its files are re-verified against their
     /// digests, it is loaded and run the way its validation settled. Its
     /// golden sample runs again (isolated) only with `limits.revalidate_at_start`.
-    pub fn restore(&self, active: &crate::deploy::record::ActiveRecord) -> Result<(), FetchError> {
+    /// Returns how it runs now (its settlement, when there is one).
+    pub fn restore(
+        &self,
+        active: &crate::deploy::record::ActiveRecord,
+    ) -> Result<Option<crate::serve::model::Settled>, FetchError> {
         let d = &active.deployment;
         let sha = &d.model.manifest_sha256;
         let (dir, manifest, _) = self.store.verify_version(sha)?;
-        let settled = match (&self.isolation, self.limits.load().revalidate_at_start) {
+        // On ONNX Runtime: the library is opened by a child first, as at
+        // deployment (it may be gone, replaced, or crash since): the child
+        // settles again, on tract when ONNX Runtime cannot serve.
+        let on_onnxruntime = active.settled.as_ref().is_some_and(|s| s.runtime == Runtime::Onnxruntime);
+        let settled = match (&self.isolation, self.limits.load().revalidate_at_start || on_onnxruntime) {
             (Isolation::Child(exe), true) => {
                 Some(crate::deploy::isolate::validate(exe, &dir, sha, self.bounds(), &Cancel::default())?.settled)
             }
@@ -502,7 +510,7 @@ impl Pipeline {
         );
         self.engine.swap(Some(Arc::new(model)));
         self.engine.set_capture_rate(serving.capture_rate.unwrap_or(0.0));
-        Ok(())
+        Ok(settled)
     }
 
     /// The shadow candidate of the restored deployment, from the store
@@ -510,9 +518,16 @@ impl Pipeline {
     pub fn restore_shadow(&self, d: &Deployment) -> Result<Arc<Model>, FetchError> {
         let sd = shadow_deployment(d).ok_or_else(|| ErrorInfo::new(ErrorCode::Internal, "no shadow"))?;
         let (dir, manifest, _) = self.store.verify_version(&sd.model.manifest_sha256)?;
-        // Its golden sample passed when it was deployed; its engine is
-        // chosen again (the settlement of a candidate is not kept).
-        let model = crate::serve::backend::prepare(&dir, &manifest, &sd.model.manifest_sha256, &mut |_| {})?;
+        // Its settlement is not kept: it is validated again, in a child as
+        // at deployment (the agent itself never opens ONNX Runtime first).
+        let sha = &sd.model.manifest_sha256;
+        let model = match &self.isolation {
+            Isolation::Child(exe) => {
+                let v = crate::deploy::isolate::validate(exe, &dir, sha, self.bounds(), &Cancel::default())?;
+                Model::load_settled(&dir, &manifest, sha, &v.settled)?
+            }
+            Isolation::InProcess => crate::serve::backend::prepare(&dir, &manifest, sha, &mut |_| {})?,
+        };
         Ok(Arc::new(model))
     }
 }

@@ -547,12 +547,17 @@ impl Engine {
         let inline = model.runs_inline(&req);
         let work = move || {
             let t = std::time::Instant::now();
-            let first = m.infer(&req);
+            // Without a fallback the request is not needed again: its big
+            // inputs move into the model instead of being copied.
+            let (first, kept) = match &fallback {
+                Some(_) => (m.infer(&req), Some(req)),
+                None => (m.infer_owned(req), None),
+            };
             let took = t.elapsed();
             // A version on probation that fails a valid request: the version
             // it replaced answers instead, so the client sees no failure.
-            let second = match (&first, fallback) {
-                (Err(e), Some(previous)) if e.is_model_failure() => Some(previous.infer(&req)),
+            let second = match (&first, fallback, kept) {
+                (Err(e), Some(previous), Some(req)) if e.is_model_failure() => Some(previous.infer(&req)),
                 _ => None,
             };
             (first, took, second)

@@ -15,6 +15,9 @@ use tract_linalg::multithread::Executor;
 use tract_onnx::prelude::*;
 use tract_onnx::tract_hir::infer::Factoid;
 
+/// onnxruntime models up to this size get a session per core (up to 4).
+const SESSION_COPIES_MAX_BYTES: u64 = 16 << 20;
+
 /// Models up to this size get a second plan for one-sample requests.
 const BATCH_ONE_PLAN_MAX_BYTES: u64 = 64 << 20;
 
@@ -81,8 +84,10 @@ impl InferFailure {
 
 /// An output holding NaN or infinity: the client's fault when its input held
 /// one too, the model's otherwise.
-fn non_finite(output: &str, at: usize, req: &InferRequest) -> InferFailure {
-    let bad_in = req.inputs.iter().find_map(|t| t.data.first_non_finite().map(|j| (t.name.as_str(), j)));
+/// `moved`: what inputs moved out of `req` held (see [`Model::infer_owned`]).
+fn non_finite(output: &str, at: usize, req: &InferRequest, moved: Option<(&str, usize)>) -> InferFailure {
+    let bad_in =
+        moved.or_else(|| req.inputs.iter().find_map(|t| t.data.first_non_finite().map(|j| (t.name.as_str(), j))));
     match bad_in {
         Some((input, j)) => InferFailure::bad_input(format!(
             "input '{input}' holds NaN or infinity at element {j}, which this model cannot take (its output '{output}' is not finite)"
@@ -457,7 +462,8 @@ impl Model {
             Runtime::Onnxruntime => onnxruntime_runner(&path, manifest, how)?,
             _ => tract_runner(&path, manifest, how, &mut notes)?,
         };
-        let inputs: Vec<InputSlot> = manifest
+        #[cfg_attr(not(feature = "onnxruntime"), allow(unused_mut))]
+        let mut inputs: Vec<InputSlot> = manifest
             .model
             .inputs
             .iter()
@@ -470,6 +476,19 @@ impl Model {
                 preprocess: t.preprocess.clone(),
             })
             .collect();
+        // A size the model fixes where the manifest says any: the model's
+        // (a client sending another gets bad_input, not a model failure).
+        #[cfg(feature = "onnxruntime")]
+        if let Runner::Onnxruntime(sessions) = &runner {
+            for slot in inputs.iter_mut().filter(|s| s.reshape.is_none()) {
+                let Some((_, dims)) = sessions.input_dims.iter().find(|(n, _)| *n == slot.name) else { continue };
+                for (d, m) in slot.dims.iter_mut().zip(dims) {
+                    if d.is_none() && *m >= 0 {
+                        *d = Some(*m as usize);
+                    }
+                }
+            }
+        }
         let mut outputs = Vec::new();
         for spec in &manifest.model.outputs {
             let index = outputs_named.iter().position(|n| n == &spec.name).ok_or_else(|| {
@@ -567,12 +586,15 @@ impl Model {
         s: &Settled,
     ) -> Result<Model, LoadError> {
         let cores = cores();
-        let how = LoadAs {
-            runtime: s.runtime,
-            threads: if s.multi_thread { cores } else { 1 },
-            // Single-threaded requests run side by side, one per session.
-            sessions: if s.multi_thread { 1 } else { cores },
+        // Single-threaded requests run side by side, one per onnxruntime
+        // session; each session holds its own copy of the weights, so a big
+        // model gets one (requests then take turns).
+        let model_bytes = manifest.file(&manifest.model.file).map_or(u64::MAX, |f| f.size);
+        let sessions = match s.multi_thread || model_bytes > SESSION_COPIES_MAX_BYTES {
+            true => 1,
+            false => cores.min(4),
         };
+        let how = LoadAs { runtime: s.runtime, threads: if s.multi_thread { cores } else { 1 }, sessions };
         let mut model = Model::load_as(dir, manifest, manifest_sha256, how)?;
         model.settle(s);
         Ok(model)
@@ -723,6 +745,41 @@ impl Model {
     /// Runs one request: checks names, types and shapes against the model,
     /// pre-processes, runs, post-processes.
     pub fn infer(&self, req: &InferRequest) -> Result<InferResponse, InferFailure> {
+        self.run(req, Vec::new(), None)
+    }
+
+    /// [`Model::infer`] for a request the caller no longer needs: FP32
+    /// inputs that go to the model as they are move into it instead of
+    /// being copied (a 480x640 image is 3.7 MB).
+    pub fn infer_owned(&self, mut req: InferRequest) -> Result<InferResponse, InferFailure> {
+        let mut moved = Vec::with_capacity(req.inputs.len());
+        let mut bad: Option<(String, usize)> = None;
+        for t in req.inputs.iter_mut() {
+            let slot = self.inputs.iter().find(|s| s.name == t.name);
+            match (slot, &mut t.data) {
+                (Some(slot), TensorData::F32(v)) if movable(slot, t.datatype, &t.shape, v.len()) => {
+                    // Checked now: the data leaves the request.
+                    if bad.is_none()
+                        && let Some(j) = v.iter().position(|x| !x.is_finite())
+                    {
+                        bad = Some((t.name.clone(), j));
+                    }
+                    moved.push(Some(std::mem::take(v)));
+                }
+                _ => moved.push(None),
+            }
+        }
+        let bad = bad.as_ref().map(|(n, j)| (n.as_str(), *j));
+        self.run(&req, moved, bad)
+    }
+
+    /// Runs `req`; `moved[i]` is input i's data when it was moved out of it.
+    fn run(
+        &self,
+        req: &InferRequest,
+        mut moved: Vec<Option<Vec<f32>>>,
+        moved_bad: Option<(&str, usize)>,
+    ) -> Result<InferResponse, InferFailure> {
         for t in &req.inputs {
             if !self.inputs.iter().any(|s| s.name == t.name) {
                 let names: Vec<&str> = self.inputs.iter().map(|s| s.name.as_str()).collect();
@@ -734,7 +791,7 @@ impl Model {
         }
         let mut values = TVec::new();
         for slot in &self.inputs {
-            let t = req.inputs.iter().find(|t| t.name == slot.name).ok_or_else(|| {
+            let i = req.inputs.iter().position(|t| t.name == slot.name).ok_or_else(|| {
                 InferFailure::bad_input(format!(
                     "missing input '{}' ({} {})",
                     slot.name,
@@ -742,7 +799,16 @@ impl Model {
                     shape_text(&slot.dims)
                 ))
             })?;
-            values.push(to_tensor(slot, t)?.into_tvalue());
+            let t = &req.inputs[i];
+            let tensor = match moved.get_mut(i).and_then(Option::take) {
+                Some(data) => {
+                    let shape: Vec<usize> = t.shape.iter().map(|d| *d as usize).collect();
+                    tensor_of(&shape, data)
+                        .map_err(|e| InferFailure::new(ErrorCode::Internal, format!("input '{}': {e:#}", t.name)))?
+                }
+                None => to_tensor(slot, t)?,
+            };
+            values.push(tensor.into_tvalue());
         }
         let requested: Option<Vec<&str>> = req.outputs.as_ref().map(|o| o.iter().map(|r| r.name.as_str()).collect());
         if let Some(names) = &requested {
@@ -776,7 +842,7 @@ impl Model {
             if let OutData::Numbers(data) = &out.data
                 && let Some(at) = data.first_non_finite()
             {
-                return Err(non_finite(&slot.name, at, req));
+                return Err(non_finite(&slot.name, at, req, moved_bad));
             }
             if let Some(post) = &slot.postprocess {
                 if post.softmax {
@@ -1006,14 +1072,14 @@ fn tract_runner(
 #[cfg(feature = "onnxruntime")]
 fn onnxruntime_runner(path: &Path, manifest: &Manifest, how: LoadAs) -> Result<(Runner, Vec<String>), ModelError> {
     let library = crate::serve::backend::library().map_err(|e| load_failed(format!("onnxruntime unavailable: {e}")))?;
-    let inputs: Vec<(String, Datatype, usize)> = manifest
+    let inputs: Vec<(String, Datatype, Vec<i64>)> = manifest
         .model
         .inputs
         .iter()
         .map(|t| {
             let pre = t.preprocess.as_ref();
             let dt = pre.and_then(|p| p.datatype).unwrap_or(t.datatype);
-            (t.name.clone(), dt, pre.and_then(|p| p.shape.as_ref()).map_or(t.shape.len(), Vec::len))
+            (t.name.clone(), dt, pre.and_then(|p| p.shape.clone()).unwrap_or_else(|| t.shape.clone()))
         })
         .collect();
     let outputs: Vec<String> = manifest.model.outputs.iter().map(|t| t.name.clone()).collect();
@@ -1026,6 +1092,21 @@ fn onnxruntime_runner(path: &Path, manifest: &Manifest, how: LoadAs) -> Result<(
 #[cfg(not(feature = "onnxruntime"))]
 fn onnxruntime_runner(_: &Path, _: &Manifest, _: LoadAs) -> Result<(Runner, Vec<String>), ModelError> {
     Err(load_failed(format!("onnxruntime unavailable: {}", crate::serve::backend::NOT_BUILT)))
+}
+
+/// Whether a request's FP32 data of this type and shape goes to the model
+/// as it is (no cast, pre-processing or new layout): what `build_tensor`
+/// would accept unchanged.
+fn movable(slot: &InputSlot, datatype: Datatype, shape: &[i64], len: usize) -> bool {
+    let fits = shape.len() == slot.dims.len()
+        && shape.iter().zip(&slot.dims).all(|(g, e)| *g >= 0 && e.is_none_or(|e| *g as usize == e));
+    let count = shape.iter().try_fold(1usize, |a, d| a.checked_mul(usize::try_from(*d).ok()?));
+    datatype == slot.datatype
+        && slot.model_datatype == Datatype::Fp32
+        && slot.preprocess.is_none()
+        && slot.reshape.is_none()
+        && fits
+        && count == Some(len)
 }
 
 /// The model's input tensor for a request tensor: checked against what

@@ -16,6 +16,7 @@
 use crate::serve::model::{InferFailure, ModelError};
 use ort::session::Session;
 use ort::session::builder::GraphOptimizationLevel;
+use ort::session::{HasSelectedOutputs, OutputSelector, RunOptions};
 use ort::value::{DynValue, TensorElementType, TensorRef, ValueType};
 use outpost_protocol::Datatype;
 use std::path::{Path, PathBuf};
@@ -64,12 +65,15 @@ pub fn version() -> Option<String> {
 /// A model's sessions: each runs one request at a time; requests beyond
 /// the pool wait for one to be free.
 pub struct Sessions {
-    free: Mutex<Vec<Session>>,
+    /// Idle sessions, each with its run options (which outputs to compute).
+    free: Mutex<Vec<(Session, RunOptions<HasSelectedOutputs>)>>,
     returned: Condvar,
     /// Input names in the order of the manifest's inputs (as `infer` passes them).
     inputs: Vec<String>,
-    /// The model's output names, in its order.
+    /// The outputs the manifest names, in its order: the only ones computed.
     pub outputs: Vec<String>,
+    /// Each input's dimensions as the model declares them (-1: any).
+    pub input_dims: Vec<(String, Vec<i64>)>,
     /// Threads one request runs on.
     pub threads: usize,
 }
@@ -132,16 +136,20 @@ fn describe(s: &Session, file: &Path) -> Result<Signature, ModelError> {
         for o in list {
             let name = o.name().to_string();
             match o.dtype() {
-                ValueType::Tensor { ty, shape, .. } => {
-                    let dt = datatype(*ty).ok_or_else(|| {
-                        ModelError::Load(format!(
+                ValueType::Tensor { ty, shape, .. } => match datatype(*ty) {
+                    Some(dt) => {
+                        let dims = shape.iter().map(|d| if *d < 0 { -1 } else { *d }).collect();
+                        sides[side].push((name, dt, dims));
+                    }
+                    // An output no manifest names may be of any type: marked, refused where used.
+                    None if side == 1 => sides[side].push((name, Datatype::Fp32, vec![i64::MIN])),
+                    None => {
+                        return Err(ModelError::Load(format!(
                             "{}: {what} '{name}' has type {ty:?}, which Outpost cannot serve",
                             file.display()
-                        ))
-                    })?;
-                    let dims = shape.iter().map(|d| if *d < 0 { -1 } else { *d }).collect();
-                    sides[side].push((name, dt, dims));
-                }
+                        )));
+                    }
+                },
                 // A sequence or a map: marked, refused where it is used.
                 _ => sides[side].push((name, Datatype::Fp32, vec![i64::MIN])),
             }
@@ -159,7 +167,7 @@ pub fn read_signature(library: &Path, path: &Path) -> Result<Signature, ModelErr
     let file = path.display();
     if let Some((name, ..)) = inputs.iter().chain(&outputs).find(|(_, _, d)| d.first() == Some(&i64::MIN)) {
         return Err(ModelError::Load(format!(
-            "{file}: '{name}' is not a tensor (a sequence or map, e.g. skl2onnx's ZipMap: convert with options={{id(model): {{'zipmap': False}}}})"
+            "{file}: '{name}' is not a tensor of a type Outpost serves (a string, or a sequence or map such as skl2onnx's ZipMap: convert with options={{id(model): {{'zipmap': False}}}})"
         )));
     }
     Ok((inputs, outputs))
@@ -167,12 +175,12 @@ pub fn read_signature(library: &Path, path: &Path) -> Result<Signature, ModelErr
 
 impl Sessions {
     /// Loads the model at `path` into `pool` sessions of `threads` threads,
-    /// checked against the manifest's inputs (`(name, datatype the model
-    /// takes, rank)`) and the outputs it names.
+    /// checked against the manifest's inputs (`(name, datatype and shape
+    /// the model takes)`) and the outputs it names.
     pub fn load(
         library: &Path,
         path: &Path,
-        inputs: &[(String, Datatype, usize)],
+        inputs: &[(String, Datatype, Vec<i64>)],
         outputs: &[String],
         threads: usize,
         pool: usize,
@@ -188,7 +196,7 @@ impl Sessions {
                 "{file}: the manifest lists inputs {listed:?}, the model has {names:?}"
             )));
         }
-        for (name, want, rank) in inputs {
+        for (name, want, shape) in inputs {
             let Some((_, dt, dims)) = declared.iter().find(|(n, ..)| n == name) else { continue };
             if dims.first() == Some(&i64::MIN) {
                 return Err(ModelError::Load(format!("{file}: input '{name}' is not a tensor")));
@@ -198,10 +206,19 @@ impl Sessions {
                     "{file}: input '{name}' is {dt} in the model, {want} in the manifest (preprocess.datatype)"
                 )));
             }
-            if dims.len() != *rank {
+            if dims.len() != shape.len() {
                 return Err(ModelError::Manifest(format!(
-                    "{file}: input '{name}' has rank {} in the model, {rank} in the manifest",
-                    dims.len()
+                    "{file}: input '{name}' has rank {} in the model, {} in the manifest",
+                    dims.len(),
+                    shape.len()
+                )));
+            }
+            // A size the model fixes must be the manifest's (a -1 there is
+            // narrowed to it: clients get bad_input, not a model failure).
+            if let Some(j) = (0..dims.len()).find(|j| dims[*j] >= 0 && shape[*j] >= 0 && dims[*j] != shape[*j]) {
+                return Err(ModelError::Manifest(format!(
+                    "{file}: input '{name}' dimension {j} is {} in the model, {} in the manifest",
+                    dims[j], shape[j]
                 )));
             }
         }
@@ -215,21 +232,28 @@ impl Sessions {
                 }
                 Some((_, _, d)) if d.first() == Some(&i64::MIN) => {
                     return Err(ModelError::Load(format!(
-                        "{file}: output '{name}' is not a tensor (a sequence or map, e.g. skl2onnx's ZipMap: convert with options={{id(model): {{'zipmap': False}}}})"
+                        "{file}: output '{name}' is not a tensor of a type Outpost serves (a string, or a sequence or map such as skl2onnx's ZipMap: convert with options={{id(model): {{'zipmap': False}}}})"
                     )));
                 }
                 Some(_) => {}
             }
         }
-        let mut free = vec![first];
+        let options = || -> Result<RunOptions<HasSelectedOutputs>, ModelError> {
+            let selector = outputs.iter().fold(OutputSelector::no_default(), |s, name| s.with(name.clone()));
+            Ok(RunOptions::new()
+                .map_err(|e| ModelError::Load(format!("{file}: onnxruntime: {e}")))?
+                .with_outputs(selector))
+        };
+        let mut free = vec![(first, options()?)];
         for _ in 1..pool.max(1) {
-            free.push(session(env, path, threads)?);
+            free.push((session(env, path, threads)?, options()?));
         }
         Ok(Sessions {
             free: Mutex::new(free),
             returned: Condvar::new(),
             inputs: inputs.iter().map(|(n, ..)| n.clone()).collect(),
-            outputs: produced_names,
+            outputs: outputs.to_vec(),
+            input_dims: declared.into_iter().map(|(n, _, d)| (n, d)).collect(),
             threads,
         })
     }
@@ -237,34 +261,56 @@ impl Sessions {
     /// Runs one request: `values` in the manifest's input order; the
     /// outputs come back in the model's output order.
     pub fn run(&self, values: TVec<TValue>) -> Result<TVec<TValue>, InferFailure> {
-        let mut session = {
+        let mut lent = Lent { pool: self, session: None };
+        {
             let mut free = self.free.lock().unwrap_or_else(|p| p.into_inner());
-            loop {
-                if let Some(s) = free.pop() {
-                    break s;
+            while lent.session.is_none() {
+                match free.pop() {
+                    Some(s) => lent.session = Some(s),
+                    None => free = self.returned.wait(free).unwrap_or_else(|p| p.into_inner()),
                 }
-                free = self.returned.wait(free).unwrap_or_else(|p| p.into_inner());
             }
-        };
-        let result = run_on(&mut session, &self.inputs, &values);
-        self.free.lock().unwrap_or_else(|p| p.into_inner()).push(session);
-        self.returned.notify_one();
-        result
+        }
+        let (session, options) = lent.session.as_mut().ok_or_else(|| InferFailure::model("no onnxruntime session"))?;
+        self.run_on(session, options, &values)
+    }
+
+    fn run_on(
+        &self,
+        session: &mut Session,
+        options: &RunOptions<HasSelectedOutputs>,
+        values: &[TValue],
+    ) -> Result<TVec<TValue>, InferFailure> {
+        let failed = |e: ort::Error| InferFailure::model(format!("model run failed: {e}"));
+        let mut inputs: Vec<(&str, ort::session::SessionInputValue<'_>)> = Vec::with_capacity(values.len());
+        for (name, v) in self.inputs.iter().zip(values) {
+            inputs.push((name.as_str(), input(v).map_err(failed)?));
+        }
+        let outputs = session.run_with_options(inputs, options).map_err(failed)?;
+        let mut out = TVec::new();
+        for name in &self.outputs {
+            let v = outputs
+                .get(name.as_str())
+                .ok_or_else(|| InferFailure::model(format!("model run failed: no output '{name}'")))?;
+            out.push(output(v).map_err(failed)?.into_tvalue());
+        }
+        Ok(out)
     }
 }
 
-fn run_on(session: &mut Session, names: &[String], values: &[TValue]) -> Result<TVec<TValue>, InferFailure> {
-    let failed = |e: ort::Error| InferFailure::model(format!("model run failed: {e}"));
-    let mut inputs: Vec<(&str, ort::session::SessionInputValue<'_>)> = Vec::with_capacity(values.len());
-    for (name, v) in names.iter().zip(values) {
-        inputs.push((name.as_str(), input(v).map_err(failed)?));
+/// A session out of the pool, given back however the run ends (a panic too).
+struct Lent<'a> {
+    pool: &'a Sessions,
+    session: Option<(Session, RunOptions<HasSelectedOutputs>)>,
+}
+
+impl Drop for Lent<'_> {
+    fn drop(&mut self) {
+        if let Some(s) = self.session.take() {
+            self.pool.free.lock().unwrap_or_else(|p| p.into_inner()).push(s);
+            self.pool.returned.notify_one();
+        }
     }
-    let outputs = session.run(inputs).map_err(failed)?;
-    let mut out = TVec::new();
-    for (_, v) in outputs.iter() {
-        out.push(output(&v).map_err(failed)?.into_tvalue());
-    }
-    Ok(out)
 }
 
 /// A borrowed view of a tract tensor for ONNX Runtime (no copy).

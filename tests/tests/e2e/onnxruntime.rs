@@ -309,3 +309,84 @@ async fn the_devices_library_serves_or_its_crash_is_contained() {
     assert_matches_python("convnet", &answer, 1e-4);
     assert!(agent.is_running());
 }
+
+/// A crashing "libonnxruntime" built with `cc` in `dir`.
+fn crash_library(dir: &Path) -> PathBuf {
+    let src = dir.join("crash.c");
+    std::fs::write(&src, "__attribute__((constructor)) static void boom(void) { *(volatile int *)0 = 1; }\n").unwrap();
+    let crash = dir.join("libonnxruntime.so.1.99.0");
+    let cc = std::process::Command::new("cc").args(["-shared", "-fPIC", "-o"]).arg(&crash).arg(&src).status().unwrap();
+    assert!(cc.success());
+    crash
+}
+
+/// Found by review: after a restart the agent itself opened the library the
+/// record named (no child first); replaced by one that crashes, the agent
+/// crash-looped and the crash-loop breaker quarantined a model tract serves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_restart_a_library_that_now_crashes_costs_a_child_and_tract_serves() {
+    let Some(lib) = library() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let crash = crash_library(dir.path());
+    // The configured path is a link: the device's library changes under it.
+    let link = dir.path().join("libonnxruntime.so");
+    std::os::unix::fs::symlink(&lib, &link).unwrap();
+    let lib_flag = format!("runtime.onnxruntime_library={}", link.display());
+    let (broker, reg, _data, mut w, mut agent) = Lab::device("ort-6").flags(&["--set", &lib_flag]).start().await;
+    register(&reg, "convnet", "convnet", "1", None);
+    let (ev, _) = w.deploy(&reg, "convnet", "1").await;
+    assert_eq!((ev.phase, backend(&ev).runtime.as_str()), (Phase::Active, "onnxruntime"), "{ev:?}");
+
+    std::fs::remove_file(&link).unwrap();
+    std::os::unix::fs::symlink(&crash, &link).unwrap();
+    agent.kill_and_restart();
+    let port = agent.http_port;
+    let mut answer = None;
+    for _ in 0..300 {
+        if let Ok((200, a)) = try_http(
+            "POST",
+            format!("http://127.0.0.1:{port}/v2/models/convnet/infer"),
+            Some(reference_request("convnet").to_string().into_bytes()),
+        )
+        .await
+        {
+            answer = Some(a);
+            break;
+        }
+        assert!(agent.is_running(), "the agent died restoring its onnxruntime model");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_matches_python("convnet", &answer.expect("convnet serves after the restart"), 1e-4);
+    assert!(agent.is_running());
+    assert!(!maps_library(&agent), "the agent opened the library itself");
+    w.online().await;
+    let state = w.state(&broker, |s| s.active.as_ref().is_some_and(|a| a.runtime.as_deref() == Some("tract"))).await;
+    assert_eq!(state.active.unwrap().name, "convnet");
+}
+
+/// Found by review: a manifest that allows any batch for a model that fixes
+/// it made every other batch an onnxruntime failure, counted against the
+/// model (a client could roll back a deployment on probation): now the
+/// model's size narrows the manifest's -1 and such requests are bad_input.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_size_the_model_fixes_is_the_clients_to_respect_on_onnxruntime() {
+    let Some(lib) = library() else { return };
+    let lib_flag = format!("runtime.onnxruntime_library={}", lib.display());
+    let (_broker, reg, _data, mut w, agent) = Lab::device("ort-7").flags(&["--set", &lib_flag]).start().await;
+    register(&reg, "convnet", "convnet", "1", Some(outpost_protocol::Runtime::Onnxruntime));
+    let manifest = reg.root().join("convnet/1/manifest.json");
+    let mut m: serde_json::Value = serde_json::from_slice(&std::fs::read(&manifest).unwrap()).unwrap();
+    m["model"]["inputs"][0]["shape"][0] = (-1).into();
+    std::fs::write(&manifest, serde_json::to_vec_pretty(&m).unwrap()).unwrap();
+    reg.rehash("convnet", "1");
+    let (ev, _) = w.deploy(&reg, "convnet", "1").await;
+    assert_eq!((ev.phase, backend(&ev).runtime.as_str()), (Phase::Active, "onnxruntime"), "{ev:?}");
+    let two = serde_json::json!({"inputs": [{"name": "image", "datatype": "FP32", "shape": [2, 3, 96, 96],
+        "data": image_data(2 * 3 * 96 * 96)}]});
+    let url = format!("http://127.0.0.1:{}/v2/models/convnet/infer", agent.http_port);
+    let (status, e) = http("POST", url.clone(), Some(two.to_string().into_bytes())).await;
+    assert_eq!(status, 400, "{e}");
+    assert!(e["error"].as_str().unwrap().contains("expected shape [1, 3, 96, 96]"), "{e}");
+    let (_, meta) = http("GET", url.trim_end_matches("/infer").to_string(), None).await;
+    assert_eq!(meta["inputs"][0]["shape"], serde_json::json!([1, 3, 96, 96]), "{meta}");
+}
