@@ -390,3 +390,35 @@ async fn a_size_the_model_fixes_is_the_clients_to_respect_on_onnxruntime() {
     let (_, meta) = http("GET", url.trim_end_matches("/infer").to_string(), None).await;
     assert_eq!(meta["inputs"][0]["shape"], serde_json::json!([1, 3, 96, 96]), "{meta}");
 }
+
+/// Found by review: after a restart the shadow candidate of the serving
+/// deployment was chosen an engine again inside the agent, which opened a
+/// crashing library itself: exit 139 on every start, then quarantine.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_restart_the_shadow_candidate_is_settled_in_a_child_too() {
+    if library().is_none() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let crash = crash_library(dir.path());
+    let lib_flag = format!("runtime.onnxruntime_library={}", crash.display());
+    let (_broker, reg, _data, mut w, mut agent) = Lab::device("ort-8").flags(&["--set", &lib_flag]).start().await;
+    register(&reg, "convnet", "convnet", "1", None);
+    register(&reg, "convnet", "convnet", "2", None);
+    let resolve = |v: &'static str| outpost_sim::operator::resolve_manifest(&reg.url, "convnet", v);
+    let ((url, sha), (url2, sha2)) = (resolve("1").await.unwrap(), resolve("2").await.unwrap());
+    let mut d = outpost_sim::operator::deployment("convnet", "1", &url, &sha, None, Some("shadowed".into()));
+    let candidate = outpost_sim::operator::deployment("convnet", "2", &url2, &sha2, None, None);
+    d.shadow = Some(outpost_protocol::Shadow { model: candidate.model.clone(), sample_rate: 1.0 });
+    w.publish_desired(d.to_json()).await;
+    let (last, events) = w.events_until_final("shadowed").await;
+    assert_eq!((last.phase, backend(&last).runtime.as_str()), (Phase::Active, "tract"), "{events:?}");
+
+    agent.kill_and_restart();
+    w.online().await;
+    let answer = w.infer("after", reference_request("convnet")).await;
+    assert_eq!(answer["model_version"], "1", "{answer}");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(agent.is_running(), "the agent died restoring its shadow candidate");
+    assert!(!maps_library(&agent));
+}
