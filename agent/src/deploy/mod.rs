@@ -882,6 +882,8 @@ impl Deployer {
                 }
                 None => tracing::info!("store retention deferred: another model slot is deploying"),
             }
+            // The load's temporaries and the replaced model: back to the system.
+            crate::sys::alloc::release_free_memory();
         })
         .await;
         let mut detail =

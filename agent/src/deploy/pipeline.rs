@@ -510,6 +510,7 @@ impl Pipeline {
         );
         self.engine.swap(Some(Arc::new(model)));
         self.engine.set_capture_rate(serving.capture_rate.unwrap_or(0.0));
+        crate::sys::alloc::release_free_memory();
         Ok(settled)
     }
 

@@ -119,3 +119,13 @@ pub fn keep_large_buffers() {
         libc::mallopt(libc::M_TRIM_THRESHOLD, 32 << 20);
     }
 }
+
+/// Gives free heap memory back to the system (after a model load: its
+/// temporaries would otherwise stay under the raised trim threshold).
+pub fn release_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only returns free memory; the allocator stays consistent.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
