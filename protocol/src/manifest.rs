@@ -388,6 +388,21 @@ mod tests {
     }
 
     #[test]
+    fn the_runtime_is_one_of_the_engines_and_a_typo_names_the_field() {
+        for (r, want) in [("auto", Runtime::Auto), ("tract", Runtime::Tract), ("onnxruntime", Runtime::Onnxruntime)] {
+            let mut v = good();
+            v["model"]["runtime"] = serde_json::json!(r);
+            assert_eq!(parse(v).unwrap().model.runtime, Some(want));
+        }
+        assert_eq!(parse(good()).unwrap().model.runtime, None);
+        let mut v = good();
+        v["model"]["runtime"] = serde_json::json!("onnx-runtime");
+        let e = parse(v).unwrap_err();
+        assert_eq!((e.code, e.path.as_str()), (ErrorCode::InvalidManifest, "model.runtime"), "{e}");
+        assert!(e.to_string().contains("auto") && e.to_string().contains("onnxruntime"), "{e}");
+    }
+
+    #[test]
     fn unsafe_paths_are_refused() {
         for (p, code) in [
             ("../etc/passwd", ErrorCode::UnsafePath),
