@@ -108,13 +108,13 @@ pub fn prepare(
         },
         Runtime::Auto => {
             let tract = attempt(Runtime::Tract, step);
-            if let Ok(t) = &tract {
-                step(Step::Candidate(Settled { backend: Some(backend(t, "tract")), ..t.settled() }));
-            }
             // Not configured: nothing to open (and no step a crash could be blamed on).
             let ort = match library() {
                 Err(why) => Err(Unavailable(why)),
                 Ok(_) => {
+                    if let Ok(t) = &tract {
+                        step(Step::Candidate(Settled { backend: Some(backend(t, "tract")), ..t.settled() }));
+                    }
                     step(Step::Trying(Runtime::Onnxruntime));
                     match available() {
                         Err(why) => Err(Unavailable(why)),

@@ -54,14 +54,6 @@ fn open(path: &Path) -> Result<ort::environment::Environment, String> {
     builder.with_name("outpost").build().map_err(|e| format!("{}: cannot start ONNX Runtime: {e}", path.display()))
 }
 
-/// The library's version, once opened.
-pub fn version() -> Option<String> {
-    match LIBRARY.get() {
-        Some((_, Ok(_))) => Some(ort::info().to_string()),
-        _ => None,
-    }
-}
-
 /// A model's sessions: each runs one request at a time; requests beyond
 /// the pool wait for one to be free.
 pub struct Sessions {

@@ -11,16 +11,10 @@ use std::path::{Path, PathBuf};
 /// The library, with the test process configured to use it too (its
 /// in-process `register` reads and runs models on it). `None`: skip.
 fn library() -> Option<PathBuf> {
-    let found =
-        std::env::var_os("OUTPOST_ONNXRUNTIME_LIBRARY").map(PathBuf::from).or_else(|| {
-            let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/ort-venv/lib");
-            std::fs::read_dir(venv).ok()?.flatten().find_map(|python| {
-                let capi = python.path().join("site-packages/onnxruntime/capi");
-                std::fs::read_dir(capi).ok()?.flatten().map(|e| e.path()).find(|p| {
-                    p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("libonnxruntime.so."))
-                })
-            })
-        });
+    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/ort-venv");
+    let found = std::env::var_os("OUTPOST_ONNXRUNTIME_LIBRARY")
+        .map(PathBuf::from)
+        .or_else(|| outpost_sim::bench::venv_onnxruntime_library(&venv));
     match found {
         Some(lib) if lib.is_file() => {
             outpost_agent::serve::backend::configure(outpost_agent::serve::backend::Runtimes {
@@ -108,6 +102,21 @@ fn assert_matches_python(stem: &str, answer: &serde_json::Value, tolerance: f64)
     }
 }
 
+/// The answer of `model` to the reference request of `stem` once the
+/// restarted agent serves it again (30 s at most); the agent must not die.
+async fn answer_after_restart(agent: &mut Agent, model: &str, stem: &str) -> serde_json::Value {
+    let url = format!("http://127.0.0.1:{}/v2/models/{model}/infer", agent.http_port);
+    let body = reference_request(stem).to_string().into_bytes();
+    for _ in 0..300 {
+        if let Ok((200, a)) = try_http("POST", url.clone(), Some(body.clone())).await {
+            return a;
+        }
+        assert!(agent.is_running(), "the agent died restoring {model}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("{model} does not serve 30 s after the restart");
+}
+
 fn backend(ev: &DeploymentEvent) -> Backend {
     ev.backend.clone().unwrap_or_else(|| panic!("no backend in the active event: {ev:?}"))
 }
@@ -165,18 +174,8 @@ async fn models_tract_refuses_are_served_by_onnxruntime_as_python_onnxruntime_an
     assert_eq!(state.active.unwrap().runtime.as_deref(), Some("onnxruntime"));
     agent.kill_and_restart();
     w.online().await;
-    let mut answer = None;
-    for _ in 0..100 {
-        if let Ok((200, a)) =
-            try_http("POST", url("gate") + "/infer", Some(reference_request("if-shapes").to_string().into_bytes()))
-                .await
-        {
-            answer = Some(a);
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert_matches_python("if-shapes", &answer.expect("gate serves after the restart"), 1e-6);
+    let answer = answer_after_restart(&mut agent, "gate", "if-shapes").await;
+    assert_matches_python("if-shapes", &answer, 1e-6);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -252,14 +251,8 @@ async fn a_library_that_crashes_is_contained_in_the_validation_child() {
     if library().is_none() {
         return;
     }
-    // A "libonnxruntime" whose initialiser dereferences NULL, like the aarch64
-    // wheel's under qemu-user: it kills whoever loads it.
     let dir = tempfile::tempdir().unwrap();
-    let src = dir.path().join("crash.c");
-    std::fs::write(&src, "__attribute__((constructor)) static void boom(void) { *(volatile int *)0 = 1; }\n").unwrap();
-    let crash = dir.path().join("libonnxruntime.so.1.99.0");
-    let cc = std::process::Command::new("cc").args(["-shared", "-fPIC", "-o"]).arg(&crash).arg(&src).status().unwrap();
-    assert!(cc.success());
+    let crash = crash_library(dir.path());
     let lib_flag = format!("runtime.onnxruntime_library={}", crash.display());
     let (_broker, reg, _data, mut w, mut agent) = Lab::device("ort-4").flags(&["--set", &lib_flag]).start().await;
 
@@ -310,7 +303,9 @@ async fn the_devices_library_serves_or_its_crash_is_contained() {
     assert!(agent.is_running());
 }
 
-/// A crashing "libonnxruntime" built with `cc` in `dir`.
+/// A "libonnxruntime" built with `cc` in `dir` whose initialiser
+/// dereferences NULL, like the aarch64 wheel's under qemu-user: it kills
+/// whoever loads it.
 fn crash_library(dir: &Path) -> PathBuf {
     let src = dir.join("crash.c");
     std::fs::write(&src, "__attribute__((constructor)) static void boom(void) { *(volatile int *)0 = 1; }\n").unwrap();
@@ -340,23 +335,8 @@ async fn after_a_restart_a_library_that_now_crashes_costs_a_child_and_tract_serv
     std::fs::remove_file(&link).unwrap();
     std::os::unix::fs::symlink(&crash, &link).unwrap();
     agent.kill_and_restart();
-    let port = agent.http_port;
-    let mut answer = None;
-    for _ in 0..300 {
-        if let Ok((200, a)) = try_http(
-            "POST",
-            format!("http://127.0.0.1:{port}/v2/models/convnet/infer"),
-            Some(reference_request("convnet").to_string().into_bytes()),
-        )
-        .await
-        {
-            answer = Some(a);
-            break;
-        }
-        assert!(agent.is_running(), "the agent died restoring its onnxruntime model");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert_matches_python("convnet", &answer.expect("convnet serves after the restart"), 1e-4);
+    let answer = answer_after_restart(&mut agent, "convnet", "convnet").await;
+    assert_matches_python("convnet", &answer, 1e-4);
     assert!(agent.is_running());
     assert!(!maps_library(&agent), "the agent opened the library itself");
     w.online().await;
